@@ -1,0 +1,33 @@
+# `make demo` and `make test` set everything up on a fresh machine with Python 3.11 + pip.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-all demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-all: setup
+	$(BIN)/python -m pytest -m ""
+
+demo: setup
+	$(BIN)/mpolstm demo
+
+bench: setup
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m pip install -q --no-deps --ignore-requires-python torch-mpo
+	$(BIN)/python benchmarks/bench_mpo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache results

@@ -1,0 +1,5 @@
+"""nn.Module layers whose weights are Matrix Product Operators."""
+
+from .linear import MPOLinear
+
+__all__ = ["MPOLinear"]
