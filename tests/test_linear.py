@@ -66,3 +66,19 @@ def test_forward_rejects_wrong_feature_size():
     m = MPOLinear(64, 32, bond_dim=4)
     with pytest.raises(ValueError, match="last dimension 64"):
         m(torch.randn(3, 63))
+
+
+def test_from_linear_with_given_mpo_and_config_round_trip():
+    from mpolstm import mpo
+
+    lin = nn.Linear(32, 48).double()
+    given = mpo.decompose(lin.weight.detach().T, (2, 4, 4), (4, 4, 3), max_bond=3)
+    m = MPOLinear.from_linear(lin, mpos={"weight": given})
+    assert torch.allclose(m.weight, given.to_matrix(transpose=True))
+    assert m.reports["weight"].rel_error == given.report.rel_error
+    rebuilt = MPOLinear.from_config(m.mpo_config()).double()
+    rebuilt.load_state_dict(m.state_dict())
+    x = torch.randn(3, 32, dtype=torch.float64)
+    assert torch.equal(rebuilt(x), m(x))
+    with pytest.raises(ValueError, match="expected \\(32, 48\\)"):
+        MPOLinear.from_linear(lin, mpos={"weight": mpo.decompose(lin.weight.detach(), (4, 4, 3), (2, 4, 4))})

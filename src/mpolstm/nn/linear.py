@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -117,17 +117,28 @@ class MPOLinear(nn.Module):
         in_factors: Sequence[int] | None = None,
         out_factors: Sequence[int] | None = None,
         num_cores: int = 4,
+        mpos: Mapping[str, MPO] | None = None,
     ) -> "MPOLinear":
         """Decompose a trained nn.Linear by TT-SVD; with neither ``max_bond`` nor ``rel_tol``
-        the result reproduces it exactly. The achieved error is in ``.report``."""
+        the result reproduces it exactly. ``mpos={"weight": mpo}`` uses an already decomposed
+        MPO of W^T (in_features, out_features) instead. The achieved error is in ``.report``."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        in_f, out_f = resolve_factors(linear.in_features, linear.out_features, in_factors, out_factors, num_cores)
-        with torch.no_grad():
-            decomposed = mpo_math.decompose(linear.weight.T, in_f, out_f, max_bond=max_bond, rel_tol=rel_tol)
+        if mpos is not None:
+            decomposed = mpos["weight"]
+            if decomposed.shape != (linear.in_features, linear.out_features):
+                raise ValueError(
+                    f"mpos['weight'] has shape {decomposed.shape}, expected "
+                    f"{(linear.in_features, linear.out_features)} (the transposed weight)"
+                )
+            in_f, out_f = decomposed.in_factors, decomposed.out_factors
+        else:
+            in_f, out_f = resolve_factors(linear.in_features, linear.out_features, in_factors, out_factors, num_cores)
+            with torch.no_grad():
+                decomposed = mpo_math.decompose(linear.weight.T, in_f, out_f, max_bond=max_bond, rel_tol=rel_tol)
         layer = cls(linear.in_features, linear.out_features, 1, in_factors=in_f, out_factors=out_f,
                     bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
-        layer.cores = nn.ParameterList(nn.Parameter(c.contiguous()) for c in decomposed.cores)
+        layer.cores = nn.ParameterList(nn.Parameter(c.detach().contiguous()) for c in decomposed.cores)
         if linear.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
@@ -144,6 +155,41 @@ class MPOLinear(nn.Module):
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
+
+    # -- MPO-module protocol (used by compress and io) ---------------------------------
+    def mpo_weights(self) -> dict[str, nn.ParameterList]:
+        """torch weight name -> its cores (the MPO of W^T, input side i, output side j)."""
+        return {"weight": self.cores}
+
+    @property
+    def reports(self) -> dict[str, TruncationReport]:
+        return {} if self.report is None else {"weight": self.report}
+
+    def mpo_config(self) -> dict[str, Any]:
+        """JSON-serialisable description from which ``from_config`` rebuilds the module."""
+        return {
+            "class": type(self).__name__,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "in_factors": list(self.in_factors),
+            "out_factors": list(self.out_factors),
+            "bond_dims": [c.shape[3] for c in list(self.cores)[:-1]],
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "MPOLinear":
+        """A module with cores of exactly the configured shapes (values from the default init)."""
+        in_f, out_f = tuple(config["in_factors"]), tuple(config["out_factors"])
+        layer = cls(int(config["in_features"]), int(config["out_features"]), 1,
+                    in_factors=in_f, out_factors=out_f, bias=bool(config["bias"]))
+        bonds = (1, *[int(b) for b in config["bond_dims"]], 1)
+        if len(bonds) != len(in_f) + 1:
+            raise ValueError(f"bond_dims {config['bond_dims']} must have {len(in_f) - 1} entries for {len(in_f)} cores")
+        cores = [torch.empty(bonds[k], i, j, bonds[k + 1]) for k, (i, j) in enumerate(zip(in_f, out_f))]
+        init_cores_(cores, 1.0 / math.sqrt(3 * layer.in_features))
+        layer.cores = nn.ParameterList(nn.Parameter(c) for c in cores)
+        return layer
 
     # -- use ------------------------------------------------------------------------
     def mpo(self) -> MPO:
