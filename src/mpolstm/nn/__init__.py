@@ -5,6 +5,8 @@ reports, mpo_config/from_config, from_<torch>(..., mpos=...), to_<torch>), which
 compress.py and io.py rely on. Read it before adding a layer.
 """
 
+from .embedding import MPOEmbedding
 from .linear import MPOLinear
+from .rnn import MPOGRU, MPOLSTM
 
-__all__ = ["MPOLinear"]
+__all__ = ["MPOEmbedding", "MPOLinear", "MPOLSTM", "MPOGRU"]

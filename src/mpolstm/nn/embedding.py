@@ -1,0 +1,307 @@
+"""MPOEmbedding: a drop-in nn.Embedding whose table is a Matrix Product Operator.
+
+The MPO represents the table itself (not transposed): rows (the vocabulary) are the
+MPO's i side and the embedding dimension its j side, so ``cores_to_matrix(cores)`` gives
+the (padded) table (num_rows, embedding_dim). A lookup splits each index into its digits
+(i_1..i_n) and contracts the selected core slices, never forming the table.
+
+Vocabulary padding: a vocabulary whose size factors badly (e.g. a prime) is padded with
+unused rows up to the nearest size whose balanced factors are all at most twice the ideal
+V^(1/n) (10007 -> 10010 = 13*11*7*10 with 4 cores). The extra rows are never looked up;
+indices >= num_embeddings are rejected.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import mpo as mpo_math
+from ..mpo import MPO, TruncationReport
+from .linear import init_cores_
+
+__all__ = ["MPOEmbedding", "embedding_factors"]
+
+
+def _int_root_ceil(n: int, k: int) -> int:
+    r = max(1, round(n ** (1.0 / k)))
+    while r**k < n:
+        r += 1
+    while r > 1 and (r - 1) ** k >= n:
+        r -= 1
+    return r
+
+
+def _padded_rows(num_embeddings: int, num_cores: int) -> int:
+    """Smallest V' >= V whose balanced factorisation has no factor above 2 * ceil(V^(1/n))."""
+    limit = 2 * _int_root_ceil(num_embeddings, num_cores)
+    rows = num_embeddings
+    while max(mpo_math.factorize(rows, num_cores)) > limit:
+        rows += 1
+    return rows
+
+
+def embedding_factors(
+    num_embeddings: int,
+    embedding_dim: int,
+    num_cores: int = 4,
+    row_factors: Sequence[int] | None = None,
+    dim_factors: Sequence[int] | None = None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Default or validate the (row, dim) factors of an embedding table.
+
+    ``prod(row_factors)`` may exceed ``num_embeddings`` (padding rows); ``prod(dim_factors)``
+    must equal ``embedding_dim``. Raises ValueError when the factors are invalid or leave all
+    but one core trivial."""
+    for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim), ("num_cores", num_cores)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    rows = tuple(row_factors) if row_factors is not None else mpo_math.factorize(
+        _padded_rows(num_embeddings, num_cores), num_cores)
+    dims = tuple(dim_factors) if dim_factors is not None else mpo_math.factorize(embedding_dim, len(rows))
+    for name, factors in (("row_factors", rows), ("dim_factors", dims)):
+        if not factors or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in factors):
+            raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {factors!r}")
+    if math.prod(rows) < num_embeddings:
+        raise ValueError(f"row_factors={rows} multiply to {math.prod(rows)}, expected at least "
+                         f"num_embeddings={num_embeddings}")
+    if math.prod(dims) != embedding_dim:
+        raise ValueError(f"dim_factors={dims} multiply to {math.prod(dims)}, expected embedding_dim={embedding_dim}")
+    if len(rows) != len(dims):
+        raise ValueError(f"row_factors {rows} and dim_factors {dims} must have the same length")
+    if len(rows) > 1 and sum(i * j > 1 for i, j in zip(rows, dims)) < 2:
+        raise ValueError(f"factors rows={rows} dims={dims} leave all but one core trivial, so the MPO "
+                         "cannot compress; pass factors explicitly or use fewer cores")
+    return rows, dims
+
+
+class MPOEmbedding(nn.Module):
+    """Lookup table (num_embeddings, embedding_dim) stored as an MPO.
+
+    Args:
+        num_embeddings, embedding_dim, padding_idx: as nn.Embedding (negative padding_idx
+            counts from the end).
+        bond_dim: cap on every internal bond (clipped to the largest useful value).
+        row_factors, dim_factors: factorisations of the (padded) row count and of
+            embedding_dim (default: balanced, ``num_cores`` each; see the module docstring
+            for row padding).
+
+    Shapes: input LongTensor/IntTensor of any shape (...) -> output (..., embedding_dim).
+    Out-of-range indices raise ValueError. The padding row is a fixed buffer
+    ``padding_row`` (zeros from the constructor, the source row in ``from_embedding``): the
+    output at ``padding_idx`` is that vector and passes no gradient, as in nn.Embedding.
+    From-scratch init: every table entry has variance 1 (nn.Embedding's N(0, 1)).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        bond_dim: int,
+        *,
+        padding_idx: int | None = None,
+        row_factors: Sequence[int] | None = None,
+        dim_factors: Sequence[int] | None = None,
+        num_cores: int = 4,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if isinstance(bond_dim, bool) or not isinstance(bond_dim, int) or bond_dim < 1:
+            raise ValueError(f"bond_dim must be a positive integer, got {bond_dim!r}")
+        self.row_factors, self.dim_factors = embedding_factors(
+            num_embeddings, embedding_dim, num_cores, row_factors, dim_factors)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        if padding_idx is not None:
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not (
+                    -num_embeddings <= padding_idx < num_embeddings):
+                raise ValueError(f"padding_idx must be an integer in [-{num_embeddings}, {num_embeddings}), "
+                                 f"got {padding_idx!r}")
+            padding_idx %= num_embeddings
+        self.padding_idx = padding_idx
+        kw = {"device": device, "dtype": dtype}
+        bonds = (1, *mpo_math.capped_bond_dims(self.row_factors, self.dim_factors, bond_dim), 1)
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(bonds[k], i, j, bonds[k + 1], **kw))
+            for k, (i, j) in enumerate(zip(self.row_factors, self.dim_factors)))
+        init_cores_(list(self.cores), 1.0)
+        if padding_idx is not None:
+            self.register_buffer("padding_row", torch.zeros(embedding_dim, **kw))
+        else:
+            self.padding_row = None
+        self.report: TruncationReport | None = None
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the MPO table: num_embeddings plus padding rows."""
+        return math.prod(self.row_factors)
+
+    # -- conversion -----------------------------------------------------------------
+    @classmethod
+    def from_embedding(
+        cls,
+        embedding: nn.Embedding,
+        max_bond: int | None = None,
+        rel_tol: float | None = None,
+        *,
+        row_factors: Sequence[int] | None = None,
+        dim_factors: Sequence[int] | None = None,
+        num_cores: int = 4,
+        mpos: Mapping[str, MPO] | None = None,
+    ) -> "MPOEmbedding":
+        """Decompose an nn.Embedding's table by TT-SVD (exact with neither ``max_bond`` nor
+        ``rel_tol``). The table is zero-padded to ``num_rows`` and its padding row is zeroed
+        before the decomposition (the row is kept exactly in ``padding_row``), so
+        ``report.rel_error`` is measured on the other rows. ``mpos={"weight": mpo}`` uses an
+        already decomposed MPO of the padded table (num_rows, embedding_dim) instead."""
+        if not isinstance(embedding, nn.Embedding):
+            raise ValueError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
+        for flag in ("max_norm", "sparse", "scale_grad_by_freq"):
+            if getattr(embedding, flag):
+                raise ValueError(f"nn.Embedding with {flag}={getattr(embedding, flag)!r} is not supported by "
+                                 "MPOEmbedding (its rows are not stored separately)")
+        weight = embedding.weight
+        v, d = weight.shape
+        if mpos is not None:
+            decomposed = mpos["weight"]
+            rows, dims = embedding_factors(v, d, decomposed.num_cores, decomposed.in_factors, decomposed.out_factors)
+        else:
+            rows, dims = embedding_factors(v, d, num_cores, row_factors, dim_factors)
+            with torch.no_grad():
+                decomposed = mpo_math.decompose(
+                    cls.table_for_decomposition(embedding, math.prod(rows)), rows, dims,
+                    max_bond=max_bond, rel_tol=rel_tol)
+        layer = cls(v, d, 1, padding_idx=embedding.padding_idx, row_factors=rows, dim_factors=dims,
+                    device=weight.device, dtype=weight.dtype)
+        layer.cores = nn.ParameterList(
+            nn.Parameter(c.detach().to(device=weight.device, dtype=weight.dtype).contiguous())
+            for c in decomposed.cores)
+        if layer.padding_row is not None:
+            layer.padding_row.copy_(weight.detach()[layer.padding_idx])
+        layer.report = decomposed.report
+        return layer
+
+    @staticmethod
+    def table_for_decomposition(embedding: nn.Embedding, num_rows: int) -> Tensor:
+        """The table the MPO approximates: (num_rows, dim), padding row and extra rows zero."""
+        weight = embedding.weight.detach()
+        table = torch.zeros(num_rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        table[: weight.shape[0]] = weight
+        if embedding.padding_idx is not None:
+            table[embedding.padding_idx] = 0
+        return table
+
+    def to_embedding(self) -> nn.Embedding:
+        """A plain nn.Embedding with the rebuilt table."""
+        first = self.cores[0]
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                           device=first.device, dtype=first.dtype)
+        with torch.no_grad():
+            emb.weight.copy_(self.weight)
+        return emb
+
+    # -- MPO-module protocol (used by compress and io) ---------------------------------
+    def mpo_weights(self) -> dict[str, nn.ParameterList]:
+        """"weight" -> the cores of the padded table (rows on the i side, not transposed)."""
+        return {"weight": self.cores}
+
+    @property
+    def reports(self) -> dict[str, TruncationReport]:
+        return {} if self.report is None else {"weight": self.report}
+
+    def mpo_config(self) -> dict[str, Any]:
+        """JSON-serialisable description from which ``from_config`` rebuilds the module."""
+        return {
+            "class": type(self).__name__,
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "padding_idx": self.padding_idx,
+            "row_factors": list(self.row_factors),
+            "dim_factors": list(self.dim_factors),
+            "bond_dims": [c.shape[3] for c in list(self.cores)[:-1]],
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "MPOEmbedding":
+        """A module with cores of exactly the configured shapes (values from the default init)."""
+        rows, dims = tuple(config["row_factors"]), tuple(config["dim_factors"])
+        layer = cls(int(config["num_embeddings"]), int(config["embedding_dim"]), 1,
+                    padding_idx=config["padding_idx"], row_factors=rows, dim_factors=dims)
+        bonds = (1, *[int(b) for b in config["bond_dims"]], 1)
+        if len(bonds) != len(rows) + 1 or any(b < 1 for b in bonds):
+            raise ValueError(f"bond_dims {config['bond_dims']} must be {len(rows) - 1} positive integers "
+                             f"for {len(rows)} cores")
+        cores = [torch.empty(bonds[k], i, j, bonds[k + 1]) for k, (i, j) in enumerate(zip(rows, dims))]
+        init_cores_(cores, 1.0)
+        layer.cores = nn.ParameterList(nn.Parameter(c) for c in cores)
+        return layer
+
+    # -- use ------------------------------------------------------------------------
+    def mpo(self) -> MPO:
+        """The MPO of the padded table (num_rows, embedding_dim), sharing the parameters."""
+        return MPO(list(self.cores), self.report)
+
+    @property
+    def weight(self) -> Tensor:
+        """The rebuilt table (num_embeddings, embedding_dim) with the padding row, differentiable."""
+        table = mpo_math.cores_to_matrix(list(self.cores))[: self.num_embeddings]
+        if self.padding_row is None:
+            return table
+        keep = torch.ones(self.num_embeddings, 1, dtype=table.dtype, device=table.device)
+        keep[self.padding_idx] = 0
+        return table * keep + (1 - keep) * self.padding_row
+
+    @property
+    def num_params(self) -> int:
+        return sum(c.numel() for c in self.cores)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Dense table entries / MPO core entries."""
+        return self.num_embeddings * self.embedding_dim / self.num_params
+
+    def _gather(self, flat: Tensor) -> Tensor:
+        """Rows of the MPO table for indices ``flat`` (N,) -> (N, embedding_dim)."""
+        digits = []
+        rest = flat
+        for i in reversed(self.row_factors):
+            digits.append(rest % i)
+            rest = rest // i
+        digits.reverse()
+        cores = list(self.cores)
+        if flat.numel() == 0:
+            return cores[0].new_zeros(0, self.embedding_dim)
+        out = cores[0][0].index_select(0, digits[0])  # (N, j_1, D_1)
+        for core, digit in zip(cores[1:], digits[1:]):
+            d, i, j, e = core.shape
+            sliced = core.permute(1, 0, 2, 3).reshape(i, d, j * e).index_select(0, digit)  # (N, D, j E)
+            out = torch.bmm(out.reshape(flat.shape[0], -1, d), sliced)
+        return out.reshape(flat.shape[0], self.embedding_dim)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not isinstance(input, Tensor) or input.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"MPOEmbedding expects an integer tensor (int64 or int32) of indices, got "
+                             f"{getattr(input, 'dtype', type(input).__name__)}")
+        flat = input.reshape(-1).long()
+        if flat.numel() > 0:
+            low, high = int(flat.min()), int(flat.max())
+            if low < 0 or high >= self.num_embeddings:
+                bad = low if low < 0 else high
+                raise ValueError(f"index {bad} is out of range for MPOEmbedding with num_embeddings="
+                                 f"{self.num_embeddings}; expected indices in [0, {self.num_embeddings})")
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        rows = self._gather(unique).index_select(0, inverse)
+        if self.padding_row is not None:
+            is_pad = (flat == self.padding_idx).unsqueeze(1)
+            rows = torch.where(is_pad, self.padding_row.to(rows.dtype), rows)
+        return rows.reshape(*input.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        bonds = tuple(c.shape[3] for c in list(self.cores)[:-1])
+        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return (f"{self.num_embeddings}, {self.embedding_dim}{pad}, row_factors={self.row_factors}, "
+                f"dim_factors={self.dim_factors}, bond_dims={bonds}, params={self.num_params}, "
+                f"compression={self.compression_ratio:.1f}x")
