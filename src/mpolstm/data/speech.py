@@ -76,8 +76,8 @@ class Preset:
 
 PRESETS = {
     "tiny": Preset(train=8, val=2, test=2, min_words=4, max_words=8),
-    "quick": Preset(train=240, val=16, test=24, min_words=5, max_words=14),
-    "standard": Preset(train=1200, val=60, test=120, min_words=5, max_words=18),
+    "quick": Preset(train=160, val=12, test=16, min_words=5, max_words=12),
+    "standard": Preset(train=800, val=40, test=80, min_words=5, max_words=16),
 }
 
 
