@@ -105,10 +105,11 @@ def _matches(selector: str | Sequence[str], name: str) -> bool:
 class CompressionConfig:
     """What to compress and how.
 
-    target_modules: dotted names (a name also matches as a dotted suffix) or one regex
-        matched against the whole name; None selects every nn.Linear, nn.Embedding,
-        nn.LSTM and nn.GRU (modules whose sizes cannot be factorised are then skipped and
-        listed in the report; explicitly named ones raise).
+    target_modules: a list of dotted names (an entry also matches as a dotted suffix) or
+        one regex matched against the whole name; None selects every nn.Linear,
+        nn.Embedding, nn.LSTM and nn.GRU. Listed names must exist and be of those types;
+        modules selected by the default or a regex are skipped (and listed in the report)
+        when they are of another type or cannot be factorised; listed ones raise.
     exclude_modules: same forms; removed from the selection.
     max_bond, rel_tol: truncation per weight (with neither and no budget: exact).
     num_cores: cores per MPO.
@@ -283,16 +284,18 @@ def _converter(module: nn.Module, name: str):
                 raise ValueError(f"module {name!r} is an nn.{torch_cls.__name__}; compressing it needs "
                                  f"mpolstm.nn.{mpo_name}, which this installation does not provide")
             return getattr(mpo_cls, method)
-    raise ValueError(f"module {name!r} is an {type(module).__name__}; compress handles "
+    raise ValueError(f"module {name!r} is of type {type(module).__name__}; compress handles "
                      "nn.Linear, nn.Embedding, nn.LSTM and nn.GRU")
 
 
 def _select(model: nn.Module, config: CompressionConfig) -> list[tuple[str, nn.Module, bool]]:
-    """(name, module, explicitly targeted) for every module to replace."""
+    """(name, module, named in a target list) for every module to replace. Modules matched
+    only by the default or a regex are skipped (and reported) when they cannot be factorised;
+    named ones raise."""
     named = [(n, m) for n, m in model.named_modules() if n]
     supported = tuple(c for c, _, _ in _CONVERTERS)
     if isinstance(model, supported):
-        raise ValueError(f"compress replaces submodules of a model; the model itself is an {type(model).__name__}: "
+        raise ValueError(f"compress replaces submodules of a model; the model itself is of type {type(model).__name__}: "
                          f"use mpolstm.nn.MPO* .from_<torch>() for a single layer")
     target = config.target_modules
     if isinstance(target, (list, tuple)):
@@ -304,14 +307,14 @@ def _select(model: nn.Module, config: CompressionConfig) -> list[tuple[str, nn.M
     for name, module in named:
         if is_mpo_module(module) or any(name.startswith(c + ".") for c, _, _ in chosen):
             continue
-        explicit = target is not None and _matches(target, name)
-        if target is not None and not explicit:
+        if target is not None and not _matches(target, name):
             continue
+        explicit = isinstance(target, (list, tuple))  # named, not matched by a pattern
         if config.exclude_modules is not None and _matches(config.exclude_modules, name):
             continue
         if not isinstance(module, supported):
             if explicit:
-                raise ValueError(f"target module {name!r} is an {type(module).__name__}; compress handles "
+                raise ValueError(f"target module {name!r} is of type {type(module).__name__}; compress handles "
                                  f"nn.Linear, nn.Embedding, nn.LSTM and nn.GRU")
             continue
         chosen.append((name, module, explicit))

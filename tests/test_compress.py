@@ -1,0 +1,236 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import mpolstm.nn as mpo_nn
+from mpolstm import mpo as M
+from mpolstm.compress import (
+    CompressionConfig,
+    compress,
+    freeze_central,
+    print_trainable_parameters,
+)
+from mpolstm.nn import MPOEmbedding, MPOLinear
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(120, 16)
+        self.body = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64))
+        self.head = nn.Linear(64, 12)
+
+    def forward(self, idx):
+        return self.head(self.body(self.emb(idx)))
+
+
+def weight_error(module, dense):
+    with torch.no_grad():
+        return float((module.weight - dense).norm() / dense.norm())
+
+
+def test_default_config_converts_everything_exactly():
+    torch.manual_seed(0)
+    net = Net().double()
+    idx = torch.randint(0, 120, (3, 5))
+    expected = net(idx)
+    out, report = compress(net, CompressionConfig(num_cores=2))
+    assert out is net
+    assert isinstance(net.emb, MPOEmbedding) and isinstance(net.head, MPOLinear)
+    assert isinstance(net.body[0], MPOLinear) and isinstance(net.body[2], MPOLinear)
+    assert torch.allclose(net(idx), expected, atol=1e-10)
+    assert [m.name for m in report.modules] == ["emb", "body.0", "body.2", "head"]
+    assert all(w.rel_error < 1e-12 for m in report.modules for w in m.weights.values())
+
+
+def test_selection_by_names_regex_exclude_and_overrides():
+    net = Net()
+    _, report = compress(net, CompressionConfig(target_modules=["0", "head"], max_bond=2, num_cores=2))
+    assert [m.name for m in report.modules] == ["body.0", "head"]
+    assert isinstance(net.emb, nn.Embedding) and isinstance(net.body[2], nn.Linear)
+
+    net = Net()
+    cfg = CompressionConfig(target_modules=r"body\..*|head", exclude_modules=["head"], max_bond=3,
+                            num_cores=3, overrides={r"body\.2": {"max_bond": 1}})
+    _, report = compress(net, cfg)
+    assert [m.name for m in report.modules] == ["body.0", "body.2"]
+    assert max(report.modules[0].weights["weight"].bond_dims) == 3
+    assert report.modules[1].weights["weight"].bond_dims == (1, 1)
+    assert isinstance(net.head, nn.Linear)
+
+
+def test_selection_errors():
+    with pytest.raises(ValueError, match="'nope' matches no module"):
+        compress(Net(), CompressionConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError, match="selects no"):
+        compress(Net(), CompressionConfig(target_modules=r"zzz"))
+    with pytest.raises(ValueError, match="'body.1' is of type Tanh"):
+        compress(Net(), CompressionConfig(target_modules=["body.1"]))
+    with pytest.raises(ValueError, match="the model itself is of type Linear"):
+        compress(nn.Linear(8, 8))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"max_bond": 0}, "max_bond must be a positive integer"),
+    ({"rel_tol": 1.5}, r"rel_tol must be a number in \(0, 1\)"),
+    ({"num_cores": 0}, "num_cores must be a positive integer"),
+    ({"target_ratio": 10, "max_params": 100}, "at most one budget"),
+    ({"target_ratio": 0.5}, "target_ratio must be a finite number >= 1"),
+    ({"max_params": -3}, "max_params must be a positive integer"),
+    ({"target_ratio": 5, "rel_tol": 0.1}, "rel_tol cannot be combined"),
+    ({"target_modules": "("}, "regex"),
+    ({"target_modules": []}, "non-empty list"),
+    ({"overrides": {"x": {"bond": 3}}}, "unknown keys"),
+    ({"overrides": {"x": {"max_bond": 2.5}}}, r"overrides\['x'\]: max_bond"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CompressionConfig(**kwargs)
+
+
+def test_unfactorisable_module_is_skipped_by_default_but_raises_when_named():
+    net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 7), nn.Linear(7, 1))
+    _, report = compress(net, CompressionConfig(max_bond=4, num_cores=3))
+    assert [m.name for m in report.modules] == ["0", "1"]
+    assert [name for name, _ in report.skipped] == ["2"] and "trivial" in report.skipped[0][1]
+    assert isinstance(net[2], nn.Linear)
+    with pytest.raises(ValueError, match="module '2'.*trivial"):
+        compress(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 7), nn.Linear(7, 1)),
+                 CompressionConfig(target_modules=["2"], num_cores=3))
+
+
+def test_rel_tol_mode_bounds_every_error():
+    torch.manual_seed(1)
+    net = Net()
+    dense = {n: m.weight.detach().clone() for n, m in net.named_modules() if hasattr(m, "weight")}
+    _, report = compress(net, CompressionConfig(rel_tol=0.3, num_cores=2))
+    for m in report.modules:
+        measured = weight_error(net.get_submodule(m.name), dense[m.name])
+        assert measured <= 0.3 + 1e-6
+        assert m.weights["weight"].rel_error == pytest.approx(measured, rel=1e-3, abs=1e-6)
+
+
+def test_budget_respects_max_params_and_target_ratio():
+    torch.manual_seed(2)
+    net = Net()
+    _, report = compress(net, CompressionConfig(max_params=3000))
+    cores = sum(c.numel() for m in net.modules() if hasattr(m, "mpo_weights")
+                for cs in m.mpo_weights().values() for c in cs)
+    assert cores == report.mpo_params <= 3000
+    assert report.budget == 3000 and report.mpo_params > 2500  # the budget is used, not wasted
+    net = Net()
+    _, report = compress(net, CompressionConfig(target_ratio=8))
+    assert report.ratio >= 8
+    for m in report.modules:  # the reported error is the real one
+        w = m.weights["weight"]
+        assert 0 <= w.rel_error < 1
+        assert len(w.entropy) == len(w.bond_dims)
+        assert all(s <= torch.log(torch.tensor(float(d))) + 1e-6 for s, d in zip(w.entropy, w.bond_dims))
+    with pytest.raises(ValueError, match="below the smallest possible"):
+        compress(Net(), CompressionConfig(max_params=10))
+
+
+def _kron_sum(factors, terms, gen):
+    out = 0
+    for _ in range(terms):
+        t = torch.ones(1, 1, dtype=torch.float64)
+        for a in factors:
+            t = torch.kron(t, torch.randn(a, a, generator=gen, dtype=torch.float64))
+        out = out + t
+    return out
+
+
+def test_budget_allocation_beats_uniform_bonds_at_equal_parameters():
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(256, 256, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(256, 256, generator=gen, dtype=torch.float64))
+    weights = [
+        _kron_sum((4, 4, 4, 4), 2, gen) + 0.01 * torch.randn(256, 256, generator=gen, dtype=torch.float64),
+        torch.randn(256, 256, generator=gen, dtype=torch.float64),  # flat spectrum: incompressible
+        (u * 0.7 ** torch.arange(256, dtype=torch.float64)) @ v.T,  # low rank, not low TT rank
+    ]
+
+    def build():
+        net = nn.Sequential(*[nn.Linear(256, 256, bias=False).double() for _ in weights])
+        with torch.no_grad():
+            for layer, w in zip(net, weights):
+                layer.weight.copy_(w)
+        return net
+
+    for bond in (8, 16):
+        uniform, uni_report = compress(build(), CompressionConfig(max_bond=bond))
+        budget, bud_report = compress(build(), CompressionConfig(max_params=uni_report.mpo_params))
+        assert bud_report.mpo_params <= uni_report.mpo_params
+        uni_err = sum(weight_error(m, w) for m, w in zip(uniform, weights))
+        bud_err = sum(weight_error(m, w) for m, w in zip(budget, weights))
+        assert bud_err < uni_err - 0.04, (bond, bud_err, uni_err)
+        for m, w, rep in zip(budget, weights, bud_report.modules):
+            assert rep.weights["weight"].rel_error == pytest.approx(weight_error(m, w), rel=1e-6, abs=1e-9)
+
+
+def test_report_prints_table_and_serialises():
+    _, report = compress(Net(), CompressionConfig(max_bond=2, num_cores=2))
+    text = str(report)
+    for token in ("module", "rel. error", "emb (MPOEmbedding)", "body.2 (MPOLinear)", "120x16"):
+        assert token in text
+    data = json.loads(report.to_json())
+    assert data["mpo_params"] == report.mpo_params and len(data["modules"]) == 4
+    assert data["modules"][0]["weights"]["weight"]["shape"] == [120, 16]
+    assert data["modules"][0]["params_before"] == 120 * 16
+
+
+def test_freeze_central_keeps_weights_and_freezes_central_cores(capsys):
+    torch.manual_seed(3)
+    net = Net().double()
+    compress(net, CompressionConfig(max_bond=4, num_cores=3))
+    idx = torch.randint(0, 120, (2, 4))
+    before = net(idx).detach()
+    counts = freeze_central(net)
+    assert counts["mpos"] == 4
+    assert torch.allclose(net(idx), before, atol=1e-10)
+    for layer in (net.emb, net.body[0], net.head):
+        cores = list(layer.cores)
+        frozen = [k for k, c in enumerate(cores) if not c.requires_grad]
+        assert frozen == [max(range(3), key=lambda k: cores[k].numel())]
+        left = cores[0].reshape(-1, cores[0].shape[3])  # auxiliary left core is an isometry
+        assert torch.allclose(left.T @ left, torch.eye(left.shape[1], dtype=left.dtype), atol=1e-10)
+        right = cores[2].reshape(cores[2].shape[0], -1)
+        assert torch.allclose(right @ right.T, torch.eye(right.shape[0], dtype=right.dtype), atol=1e-10)
+    trainable, total = print_trainable_parameters(net)
+    assert trainable == total - counts["central_params"]
+    assert f"trainable params: {trainable:,} || all params: {total:,}" in capsys.readouterr().out
+    net(idx).sum().backward()
+    assert net.body[0].cores[1].grad is None and net.body[0].cores[0].grad is not None
+
+
+def test_freeze_central_keeps_shapes_when_a_bond_exceeds_its_rank():
+    layer = MPOLinear.from_config({"in_features": 4, "out_features": 4, "bias": False,
+                                   "in_factors": [2, 2], "out_factors": [2, 2], "bond_dims": [6]}).double()
+    layer.cores = nn.ParameterList([nn.Parameter(torch.randn(1, 2, 2, 6, dtype=torch.float64)),
+                                    nn.Parameter(torch.randn(6, 2, 2, 1, dtype=torch.float64))])
+    weight = layer.weight.detach().clone()
+    shapes = [c.shape for c in layer.cores]
+    freeze_central(layer)
+    assert [c.shape for c in layer.cores] == shapes
+    assert torch.allclose(layer.weight, weight, atol=1e-12)
+
+
+def test_lstm_needs_mpolstm(monkeypatch):
+    monkeypatch.delattr(mpo_nn, "MPOLSTM", raising=False)
+    model = nn.Sequential(nn.LSTM(8, 16))
+    with pytest.raises(ValueError, match=r"'0' is an nn.LSTM; compressing it needs mpolstm.nn.MPOLSTM"):
+        compress(model)
+
+
+def test_truncated_mpo_report_is_exact():
+    torch.manual_seed(4)
+    w = torch.randn(64, 48, dtype=torch.float64)
+    net = nn.Sequential(nn.Linear(64, 48).double(), nn.Linear(48, 64).double())
+    with torch.no_grad():
+        net[1].weight.copy_(w)
+    _, report = compress(net, CompressionConfig(max_params=1500, num_cores=3))
+    exact = M.decompose(w.T, net[1].in_factors, net[1].out_factors)
+    assert exact.report.rel_error < 1e-12
+    assert report.modules[1].weights["weight"].rel_error == pytest.approx(weight_error(net[1], w), rel=1e-6)
