@@ -1,0 +1,101 @@
+"""Sequence classification (the paper's IMDB task; sequential MNIST offline by default).
+
+Model: [Embedding (token inputs)] -> LSTM -> Linear on the last hidden state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from ..data import load_seqcls
+from ..train import ACCURACY
+from .base import Task
+
+__all__ = ["SeqClassifier", "SeqClsSize", "SIZES", "make_task"]
+
+
+class SeqClassifier(nn.Module):
+    """(N, T, F) features or (N, T) token ids -> (N, num_classes) logits.
+
+    The LSTM is the attribute ``lstm`` (what compression and pruning target); the optional
+    embedding is ``embedding`` and the classifier ``head``."""
+
+    def __init__(self, num_classes: int, hidden_size: int, *, input_size: int | None = None,
+                 vocab_size: int | None = None, embedding_dim: int = 128, num_layers: int = 1) -> None:
+        super().__init__()
+        if (input_size is None) == (vocab_size is None):
+            raise ValueError("SeqClassifier needs exactly one of input_size (features) or vocab_size (tokens)")
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0) if vocab_size else None
+        self.lstm = nn.LSTM(embedding_dim if vocab_size else input_size, hidden_size, num_layers, batch_first=True)
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.embedding is not None:
+            x = self.embedding(x)
+        _, (h_n, _) = self.lstm(x)
+        return self.head(h_n[-1])
+
+
+@dataclass(frozen=True)
+class SeqClsSize:
+    """Model size and training budget of one preset."""
+
+    hidden_size: int
+    train_examples: int | None  # None: the whole training split
+    batch_size: int
+    dense_epochs: int
+    finetune_epochs: int
+    lr: float
+
+
+SIZES = {
+    # quick: <= 5 minutes for the whole table on 2 CPU cores (the demo)
+    "quick": SeqClsSize(hidden_size=128, train_examples=2000, batch_size=50, dense_epochs=8, finetune_epochs=3, lr=3e-3),
+    # standard: <= 90 minutes for the whole table on 2 CPU cores
+    "standard": SeqClsSize(hidden_size=256, train_examples=None, batch_size=50, dense_epochs=20, finetune_epochs=8, lr=2e-3),
+    # paper: the authors' IMDB configuration scale (embedding 128, LSTM 256); for a GPU
+    "paper": SeqClsSize(hidden_size=256, train_examples=None, batch_size=300, dense_epochs=40, finetune_epochs=15, lr=1e-3),
+}
+
+
+def make_task(preset: str = "quick", *, dataset: str = "mnist", data_dir=None, seed: int = 0,
+              max_len: int = 800) -> Task:
+    """The sequence-classification task at a preset size (see :data:`SIZES`)."""
+    if preset not in SIZES:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(SIZES)}")
+    size = SIZES[preset]
+    kwargs = {"seed": seed}
+    if dataset == "imdb":
+        kwargs["max_len"] = max_len
+    data = load_seqcls(dataset, data_dir=data_dir, **kwargs)
+    if size.train_examples is not None:
+        data = data.head(train=min(size.train_examples, len(data.train)))
+    gen = torch.Generator().manual_seed(seed)
+
+    def build() -> nn.Module:
+        return SeqClassifier(data.num_classes, size.hidden_size, input_size=data.input_size,
+                             vocab_size=data.vocab_size)
+
+    example = data.test.tensors[0][: size.batch_size]
+    return Task(
+        name=f"seqcls-{dataset}",
+        metric=ACCURACY,
+        build_model=build,
+        train_loader=DataLoader(data.train, batch_size=size.batch_size, shuffle=True, generator=gen),
+        val_loader=DataLoader(data.val, batch_size=500),
+        test_loader=DataLoader(data.test, batch_size=500),
+        loss_fn=F.cross_entropy,
+        dense_epochs=size.dense_epochs,
+        finetune_epochs=size.finetune_epochs,
+        lr=size.lr,
+        grad_clip=1.0,
+        example_batch=example,
+        step_input=torch.zeros(1, 128 if data.vocab_size else data.input_size),
+        meta={"dataset": dataset, "preset": preset, "seed": seed, "hidden_size": size.hidden_size,
+              "splits": data.meta.get("sizes"), "source": data.meta.get("source")},
+    )
