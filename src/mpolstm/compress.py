@@ -47,8 +47,8 @@ __all__ = [
     "central_core",
 ]
 
-# torch class -> (MPO class name in mpolstm.nn, classmethod that converts)
-_CONVERTERS: tuple[tuple[type[nn.Module], str, str], ...] = (
+# torch class -> (MPO class name in mpolstm.nn, classmethod that converts); io.load uses it too
+CONVERTERS: tuple[tuple[type[nn.Module], str, str], ...] = (
     (nn.Linear, "MPOLinear", "from_linear"),
     (nn.Embedding, "MPOEmbedding", "from_embedding"),
     (nn.LSTM, "MPOLSTM", "from_lstm"),
@@ -277,7 +277,7 @@ def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 def _converter(module: nn.Module, name: str):
     """The ``MPOxxx.from_<torch>`` classmethod for a supported torch module."""
-    for torch_cls, mpo_name, method in _CONVERTERS:
+    for torch_cls, mpo_name, method in CONVERTERS:
         if isinstance(module, torch_cls):
             mpo_cls = getattr(mpo_nn, mpo_name, None)
             if mpo_cls is None:
@@ -293,7 +293,7 @@ def _select(model: nn.Module, config: CompressionConfig) -> list[tuple[str, nn.M
     only by the default or a regex are skipped (and reported) when they cannot be factorised;
     named ones raise."""
     named = [(n, m) for n, m in model.named_modules() if n]
-    supported = tuple(c for c, _, _ in _CONVERTERS)
+    supported = tuple(c for c, _, _ in CONVERTERS)
     if isinstance(model, supported):
         raise ValueError(f"compress replaces submodules of a model; the model itself is of type {type(model).__name__}: "
                          f"use mpolstm.nn.MPO* .from_<torch>() for a single layer")

@@ -1,0 +1,320 @@
+"""Save and load MPO modules and compressed models; safetensors + JSON, never pickle.
+
+``save(model, path)`` writes the directory ``path`` with two files:
+
+    model.safetensors   model.state_dict() (safetensors: raw tensors, no code)
+    config.json         {"format": "mpolstm", "format_version": 1, "library_version",
+                         "standalone", "model_class", "weights_sha256",
+                         "modules": {dotted name: {"config": mpo_config(), "dtype": "float32"}}}
+
+``standalone`` is true when ``model`` is itself an MPO module (its name is ""): ``load(path)``
+rebuilds it with ``Class.from_config`` and loads the weights. Otherwise ``load(path,
+base_model)`` replaces the listed modules of a freshly built base model (e.g. the dense
+architecture) by ``from_config``'ed MPO modules and loads the whole state_dict strictly,
+as PEFT does. Each file is written atomically (temporary file in the same directory,
+fsync, os.replace); the weights' SHA-256 in config.json ties the pair together, so a
+corrupt, truncated, foreign or mismatched file is refused with a ValueError naming it.
+Shapes implied by the config are checked (on the meta device) against the weights file
+before anything is allocated. requires_grad flags (e.g. from freeze_central) are not saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from . import __version__
+from . import nn as mpo_nn
+from .compress import CONVERTERS, is_mpo_module
+
+__all__ = ["save", "load", "WEIGHTS_FILE", "CONFIG_FILE"]
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT, FORMAT_VERSION = "mpolstm", 1
+_MAX_CONFIG_BYTES = 16 << 20
+_MAX_HEADER_BYTES = 100 << 20
+_MAX_CONFIG_INT = 1 << 40
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+# constructor sizes that must agree between a saved MPO module and the base module it replaces
+_SIZE_ATTRS = ("in_features", "out_features", "num_embeddings", "embedding_dim", "padding_idx", "input_size",
+               "hidden_size", "num_layers", "bidirectional", "proj_size", "batch_first")
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _dtype_name(module: nn.Module) -> str:
+    first = next(iter(module.parameters()), None)
+    return "float32" if first is None else str(first.dtype).removeprefix("torch.")
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` (an MPO module or a model containing MPO modules) to the directory
+    ``path`` (created if needed; the two files in it are replaced atomically). Returns it."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"save expects an nn.Module, got {type(model).__name__}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: exists and is not a directory; save writes a directory "
+                         f"holding {WEIGHTS_FILE} and {CONFIG_FILE}")
+    tensors, seen = {}, set()
+    for key, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; only tensors are saved")
+        value = value.detach().cpu().contiguous()
+        ptr = (value.untyped_storage().data_ptr(), value.storage_offset()) if value.numel() else None
+        tensors[key] = value.clone() if ptr is not None and ptr in seen else value  # tied weights
+        seen.add(ptr)
+    data = st_save(tensors, metadata={"format": "pt"})
+    standalone = is_mpo_module(model)
+    named = [("", model)] if standalone else [(n, m) for n, m in model.named_modules() if n and is_mpo_module(m)]
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "standalone": standalone,
+        "model_class": type(model).__name__,
+        "weights_sha256": hashlib.sha256(data).hexdigest(),
+        "modules": {name: {"config": m.mpo_config(), "dtype": _dtype_name(m)} for name, m in named},
+    }
+    try:
+        text = json.dumps(config, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the model's MPO configs are not JSON-serialisable: {exc}") from None
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path / WEIGHTS_FILE, data)
+    _atomic_write(path / CONFIG_FILE, text.encode())
+    _fsync_dir(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise ValueError(f"{file}: missing; expected a directory written by mpolstm.save")
+    if file.stat().st_size > _MAX_CONFIG_BYTES:
+        raise ValueError(f"{file}: {file.stat().st_size} bytes, more than a config can be ({_MAX_CONFIG_BYTES})")
+    try:
+        config = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc}); corrupt or not written by mpolstm.save") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{file}: not an mpolstm config (no \"format\": \"{FORMAT}\")")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {config.get('format_version')!r}, this library reads "
+                         f"{FORMAT_VERSION} (written by mpolstm {config.get('library_version')!r})")
+    checks = (("standalone", bool), ("model_class", str), ("weights_sha256", str), ("modules", dict))
+    for key, kind in checks:
+        if not isinstance(config.get(key), kind):
+            raise ValueError(f"{file}: field {key!r} must be a {kind.__name__}, got {config.get(key)!r}")
+    for name, entry in config["modules"].items():
+        if (not isinstance(entry, dict) or not isinstance(entry.get("config"), dict)
+                or entry.get("dtype") not in _DTYPES):
+            raise ValueError(f"{file}: module {name!r} needs {{\"config\": {{...}}, \"dtype\": one of "
+                             f"{sorted(_DTYPES)}}}, got {entry!r}")
+        _check_ints(entry["config"], file, name)
+    if config["standalone"] and list(config["modules"]) != [""]:
+        raise ValueError(f"{file}: a standalone save must list exactly one module named \"\"")
+    if not config["standalone"] and "" in config["modules"]:
+        raise ValueError(f"{file}: only a standalone save may list a module named \"\"")
+    return config
+
+
+def _check_ints(value: Any, file: Path, name: str) -> None:
+    """Refuse absurd sizes before any module is built."""
+    if isinstance(value, dict):
+        for v in value.values():
+            _check_ints(v, file, name)
+    elif isinstance(value, list):
+        for v in value:
+            _check_ints(v, file, name)
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_CONFIG_INT:
+        raise ValueError(f"{file}: module {name!r} has a size {value} larger than {_MAX_CONFIG_INT}")
+
+
+def _read_header(data: bytes, file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Validate a safetensors buffer's layout; name -> (dtype, shape)."""
+    if len(data) < 8:
+        raise ValueError(f"{file}: {len(data)} bytes, truncated (a safetensors file starts with an 8-byte length)")
+    size = int.from_bytes(data[:8], "little")
+    if size > min(len(data) - 8, _MAX_HEADER_BYTES):
+        raise ValueError(f"{file}: header length {size} exceeds the file ({len(data)} bytes); truncated or not safetensors")
+    try:
+        header = json.loads(data[8:8 + size].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{file}: the safetensors header is not valid JSON; corrupt or not safetensors") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: the safetensors header is not a JSON object")
+    body = len(data) - 8 - size
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            ok = (dtype in _ST_SIZES and all(isinstance(d, int) and d >= 0 for d in shape)
+                  and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= body
+                  and end - start == math.prod(shape) * _ST_SIZES[dtype])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{file}: tensor {name!r} has an invalid entry {info!r} (body {body} bytes); truncated or corrupt")
+        out[name] = (dtype, shape)
+    return out
+
+
+def _mpo_class(name: Any, file: Path, module: str) -> type[nn.Module]:
+    cls = getattr(mpo_nn, name, None) if isinstance(name, str) and name in mpo_nn.__all__ else None
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"{file}: module {module!r} has class {name!r}; expected one of "
+                         f"{[n for n in mpo_nn.__all__ if hasattr(getattr(mpo_nn, n), 'from_config')]}")
+    return cls
+
+
+def _build(cls: type[nn.Module], config: Mapping[str, Any], file: Path, name: str, device: str | torch.device):
+    try:
+        with torch.device(device):
+            return cls.from_config(config)
+    except (ValueError, TypeError, KeyError, RuntimeError, OverflowError) as exc:
+        raise ValueError(f"{file}: module {name!r}: invalid {cls.__name__} config: {exc}") from None
+
+
+def _check_base_module(base: nn.Module, probe: nn.Module, name: str, file: Path) -> None:
+    torch_cls = next((t for t, mpo_name, _ in CONVERTERS if mpo_name == type(probe).__name__), None)
+    if not isinstance(base, (type(probe),) + ((torch_cls,) if torch_cls else ())):
+        raise ValueError(f"{file}: module {name!r} was saved as {type(probe).__name__}, but base_model has a "
+                         f"{type(base).__name__} there (expected {getattr(torch_cls, '__name__', type(probe).__name__)})")
+    for attr in _SIZE_ATTRS:
+        if hasattr(base, attr) and hasattr(probe, attr):
+            mine, theirs = getattr(probe, attr), getattr(base, attr)
+            if isinstance(mine, (int, bool, type(None))) and mine != theirs:
+                raise ValueError(f"{file}: module {name!r} has {attr}={mine!r} in the save, but base_model has "
+                                 f"{attr}={theirs!r}")
+
+
+def _compare(expected: Mapping[str, tuple[int, ...]], header: Mapping[str, tuple[str, tuple[int, ...]]],
+             file: Path) -> None:
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    wrong = [f"{k}: file {header[k][1]} vs model {tuple(expected[k])}"
+             for k in sorted(set(expected) & set(header)) if tuple(header[k][1]) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing from the file: {missing[:5]}")
+        if unexpected:
+            parts.append(f"not in the model: {unexpected[:5]}")
+        if wrong:
+            parts.append(f"shape mismatch: {wrong[:5]}")
+        raise ValueError(f"{file}: weights do not match the model ({'; '.join(parts)})")
+
+
+def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Module:
+    """Rebuild what ``save`` wrote in the directory ``path``.
+
+    Standalone MPO module: returned fully rebuilt (dtype as saved, on CPU). Compressed
+    model: pass ``base_model``, a freshly built model with the original architecture; its
+    listed modules are replaced by MPO modules (dtype and device of the module they
+    replace) and the whole state_dict is loaded strictly into it; it is returned.
+    Raises ValueError naming the file and the mismatch for anything that does not fit."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory; expected one written by mpolstm.save "
+                         f"(holding {WEIGHTS_FILE} and {CONFIG_FILE})")
+    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    config = _read_config(config_file)
+    if not weights_file.is_file():
+        raise ValueError(f"{weights_file}: missing")
+    data = weights_file.read_bytes()
+    if hashlib.sha256(data).hexdigest() != config["weights_sha256"]:
+        raise ValueError(f"{weights_file}: content does not match the SHA-256 recorded in {config_file}; "
+                         "the file is corrupt, truncated or from another save")
+    header = _read_header(data, weights_file)
+
+    if config["standalone"]:
+        if base_model is not None:
+            raise ValueError(f"{config_file}: holds a standalone {config['model_class']}; call load without base_model")
+        entry = config["modules"][""]
+        cls = _mpo_class(entry["config"].get("class"), config_file, "")
+        probe = _build(cls, entry["config"], config_file, "", "meta")
+        _compare({k: v.shape for k, v in probe.state_dict().items()}, header, weights_file)
+        module = _build(cls, entry["config"], config_file, "", "cpu").to(_DTYPES[entry["dtype"]])
+        module.load_state_dict(_tensors(data, weights_file), strict=True)
+        return module
+
+    if base_model is None:
+        raise ValueError(f"{config_file}: holds a compressed {config['model_class']}; pass base_model=<a freshly "
+                         "built model of that architecture> to load it")
+    if not isinstance(base_model, nn.Module):
+        raise ValueError(f"base_model must be an nn.Module, got {type(base_model).__name__}")
+    if type(base_model).__name__ != config["model_class"]:
+        raise ValueError(f"{config_file}: saved from a {config['model_class']}, but base_model is a "
+                         f"{type(base_model).__name__}")
+    expected = {k: v.shape for k, v in base_model.state_dict().items()}
+    plan = []
+    for name, entry in config["modules"].items():
+        cls = _mpo_class(entry["config"].get("class"), config_file, name)
+        try:
+            base = base_model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{config_file}: module {name!r} does not exist in base_model") from None
+        probe = _build(cls, entry["config"], config_file, name, "meta")
+        _check_base_module(base, probe, name, config_file)
+        expected = {k: v for k, v in expected.items() if not k.startswith(name + ".")}
+        expected.update({f"{name}.{k}": v.shape for k, v in probe.state_dict().items()})
+        plan.append((name, cls, entry, base))
+    _compare(expected, header, weights_file)
+    for name, cls, entry, base in plan:
+        like = next(iter(base.parameters()), None)
+        module = _build(cls, entry["config"], config_file, name, "cpu")
+        if like is not None:
+            module = module.to(device=like.device, dtype=like.dtype)
+        module.train(base.training)
+        parent, _, child = name.rpartition(".")
+        setattr(base_model.get_submodule(parent), child, module)
+    base_model.load_state_dict(_tensors(data, weights_file), strict=True)
+    return base_model
+
+
+def _tensors(data: bytes, file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(data)
+    except Exception as exc:  # safetensors raises its own error type for malformed buffers
+        raise ValueError(f"{file}: cannot be read as safetensors: {exc}") from None
