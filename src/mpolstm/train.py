@@ -134,7 +134,8 @@ class TrainState:
 
 
 class Callback:
-    """Per-epoch/per-step hooks for :func:`fit`. Override what you need.
+    """Per-epoch/per-step hooks for :func:`fit`. Override what you need; any object with some of
+    these methods works too (fit calls only the methods an object has, with these defaults).
 
     - ``on_fit_start``: before the optimizer is built and before a checkpoint is loaded; rebuild any
       structure the model had at ``state.epoch`` (completed epochs) when ``state.resumed``.
@@ -261,6 +262,12 @@ def evaluate(
     if count == 0:
         raise ValueError("evaluate() got an empty loader")
     return metric.finalize(total / count)
+
+
+def _each(callbacks: Sequence[Any], hook: str, state: TrainState) -> None:
+    for cb in callbacks:
+        if hasattr(cb, hook):
+            getattr(cb, hook)(state)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -455,7 +462,7 @@ def fit(
     resume: bool = False,
     device: str | torch.device | None = None,
     amp: bool = False,
-    callbacks: Sequence[Callback] = (),
+    callbacks: Sequence[Any] = (),
     forward_fn: ForwardFn | None = None,
     distill: Distillation | None = None,
     restore_best: bool = True,
@@ -533,8 +540,7 @@ def fit(
     state = TrainState(model=model, epochs=epochs, out_dir=out, resumed=saved is not None)
     if saved is not None:
         state.epoch = int(saved[1]["epoch"])
-    for cb in callbacks:
-        cb.on_fit_start(state)
+    _each(callbacks, "on_fit_start", state)
     opt = make_optimizer(optimizer, (p for p in model.parameters() if p.requires_grad), lr,
                          weight_decay=weight_decay, momentum=momentum)
     state.optimizer = opt
@@ -555,7 +561,8 @@ def fit(
             raise ValueError(f"checkpoint {ckpt_path} holds {len(meta['callbacks'])} callback states but fit got "
                              f"{len(callbacks)} callbacks")
         for cb, cb_state in zip(callbacks, meta["callbacks"]):
-            cb.load_state_dict(cb_state)
+            if hasattr(cb, "load_state_dict"):
+                cb.load_state_dict(cb_state)
         if state.best_epoch is not None:
             best_state = _recover_best(out, state, model_sd)
     if out is not None:
@@ -583,8 +590,7 @@ def fit(
             state.epoch, state.record = epoch, {}
             for g in opt.param_groups:
                 g["lr"] = lr * (lr_schedule(epoch) if lr_schedule is not None else 1.0)
-            for cb in callbacks:
-                cb.on_epoch_start(state)
+            _each(callbacks, "on_epoch_start", state)
             sync_optimizer()
             model.train()
             n_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
@@ -608,8 +614,7 @@ def fit(
                 opt.step()
                 state.step += 1
                 loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-                for cb in callbacks:
-                    cb.on_batch_end(state)
+                _each(callbacks, "on_batch_end", state)
                 sync_optimizer()
                 if bar is not None:
                     bar.update(task, advance=1, info=f"loss {loss_sum / loss_n:.4f}")
@@ -618,9 +623,8 @@ def fit(
             value = evaluate(model, val_loader, metric, forward_fn=forward, device=dev, amp=amp)
             state.record.update({"epoch": epoch + 1, "train_loss": loss_sum / loss_n, f"val_{metric.name}": value,
                                  "lr": opt.param_groups[0]["lr"]})
-            for cb in callbacks:
-                cb.on_epoch_end(state)
-            eligible = all(cb.ready(state) for cb in callbacks)
+            _each(callbacks, "on_epoch_end", state)
+            eligible = all(cb.ready(state) for cb in callbacks if hasattr(cb, "ready"))
             improved = eligible and metric.better(value, state.best_metric, min_delta)
             if improved:
                 state.best_metric, state.best_epoch, state.bad_epochs = value, epoch + 1, 0
@@ -644,7 +648,7 @@ def fit(
                      epochs_completed=len(state.history), stopped_early=state.stop, out_dir=out)
 
 
-def _write_epoch(out: Path, state: TrainState, optimizer: str, loader: Any, callbacks: Sequence[Callback],
+def _write_epoch(out: Path, state: TrainState, optimizer: str, loader: Any, callbacks: Sequence[Any],
                  improved: bool, best_state: Mapping[str, Tensor] | None, metric: Metric) -> None:
     """Checkpoint first (the commit point), then best weights, then the metrics line."""
     model_sd = _cpu_copy(state.model.state_dict())
@@ -660,7 +664,7 @@ def _write_epoch(out: Path, state: TrainState, optimizer: str, loader: Any, call
         "stopped": state.stop,
         "metric": {"name": metric.name, "mode": metric.mode},
         "history": state.history,
-        "callbacks": [cb.state_dict() for cb in callbacks],
+        "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else {} for cb in callbacks],
         "shapes": {k: list(v.shape) for k, v in model_sd.items()},
     }
     tensors = {**{f"model/{k}": v for k, v in model_sd.items()}, **_cpu_copy(opt_tensors)}
