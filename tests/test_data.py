@@ -10,7 +10,6 @@ from mpolstm.data import (
     bptt_windows,
     cache_dir,
     load_imdb,
-    load_mnist1d,
     load_ptb,
     load_seq_mnist,
     load_seqcls,

@@ -61,6 +61,7 @@ __all__ = [
     "make_optimizer",
     "load_checkpoint",
     "OPTIMIZERS",
+    "ForwardFn",
 ]
 
 CHECKPOINT_FORMAT = "mpolstm.train.checkpoint/1"
