@@ -7,6 +7,5 @@ compress.py and io.py rely on. Read it before adding a layer.
 
 from .embedding import MPOEmbedding
 from .linear import MPOLinear
-from .rnn import MPOGRU, MPOLSTM
 
-__all__ = ["MPOEmbedding", "MPOLinear", "MPOLSTM", "MPOGRU"]
+__all__ = ["MPOEmbedding", "MPOLinear"]
