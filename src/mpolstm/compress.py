@@ -149,9 +149,9 @@ class CompressionConfig:
         if not isinstance(self.overrides, Mapping):
             raise ValueError(f"overrides must be a dict of regex -> partial config, got {type(self.overrides).__name__}")
         for pattern, partial in self.overrides.items():
-            _check_selector(pattern, "overrides key")
             if not isinstance(pattern, str) or not isinstance(partial, Mapping):
                 raise ValueError(f"overrides must map regex strings to dicts, got {pattern!r}: {partial!r}")
+            _check_selector(pattern, "overrides key")
             unknown = set(partial) - set(_OVERRIDE_KEYS)
             if unknown:
                 raise ValueError(f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; "
@@ -253,8 +253,8 @@ class CompressionReport:
                     "-" if w.rel_error is None else f"{w.rel_error:.4f}",
                     f"{max(w.entropy):.3f}" if w.entropy else "-",
                 )
-        for name, reason in self.skipped:
-            table.add_row(name, "skipped", "", "", "", "", "", reason[:60])
+        if self.skipped:
+            table.caption = "skipped: " + "; ".join(f"{name} ({reason})" for name, reason in self.skipped)
         return table
 
     def __str__(self) -> str:
