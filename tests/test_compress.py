@@ -84,6 +84,7 @@ def test_selection_errors():
     ({"target_modules": []}, "non-empty list"),
     ({"overrides": {"x": {"bond": 3}}}, "unknown keys"),
     ({"overrides": {"x": {"max_bond": 2.5}}}, r"overrides\['x'\]: max_bond"),
+    ({"overrides": {"x": 3}}, "overrides must map regex strings to dicts"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -95,6 +96,7 @@ def test_unfactorisable_module_is_skipped_by_default_but_raises_when_named():
     _, report = compress(net, CompressionConfig(max_bond=4, num_cores=3))
     assert [m.name for m in report.modules] == ["0", "1"]
     assert [name for name, _ in report.skipped] == ["2"] and "trivial" in report.skipped[0][1]
+    assert "skipped: 2 (" in str(report)
     assert isinstance(net[2], nn.Linear)
     with pytest.raises(ValueError, match="module '2'.*trivial"):
         compress(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 7), nn.Linear(7, 1)),
@@ -234,3 +236,4 @@ def test_truncated_mpo_report_is_exact():
     exact = M.decompose(w.T, net[1].in_factors, net[1].out_factors)
     assert exact.report.rel_error < 1e-12
     assert report.modules[1].weights["weight"].rel_error == pytest.approx(weight_error(net[1], w), rel=1e-6)
+
