@@ -4,12 +4,12 @@ Clean speech: ``espeak-ng`` (Debian package) reads Penn Treebank sentences with 
 seeded speaking rates and pitches; its 22.05 kHz output is resampled to 16 kHz by the exact ratio
 320/441 (``scipy.signal.resample_poly``). Noise: seeded numpy white, pink (1/f), brown (1/f^2),
 mains hum (50/60 Hz and harmonics) and babble (four other utterances of the same split), mixed at
-SNRs in {-5, 0, 5, 10} dB against the whole clean utterance. Disjoint between train / val / test:
+SNRs in {-5, 0, 5, 10} dB against the whole clean utterance, balanced over noise types and SNRs. Disjoint between train / val / test:
 voices (and even the voice variants), sentences (PTB train / valid / test text) and noise seeds
 (``SeedSequence((seed, split, index))``). Clean speech is normalised to RMS 0.05; a mixture that would
 clip is scaled down together with its clean reference.
 
-Cache: ``<cache_dir>/speech/<preset>-seed<seed>/`` with ``manifest.json`` (how it was made: espeak-ng
+Cache: ``<cache_dir>/speech/<preset>-seed<seed>-v<format version>/`` with ``manifest.json`` (how it was made: espeak-ng
 version, voices, sentence ids and text, per-utterance rate, pitch, noise type, noise seed, SNR) and
 ``{train,val,test}.npz`` (int16 ``clean`` and ``noisy`` concatenated, int64 ``offsets``; loaded with
 ``allow_pickle=False``). The directory is built under a temporary name and renamed into place.
@@ -60,7 +60,7 @@ SNRS_DB = (-5.0, 0.0, 5.0, 10.0)
 CLEAN_RMS = 0.05
 ESPEAK_RATE = 22050
 BABBLE_TALKERS = 4
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -227,12 +227,15 @@ def _build_split(split: str, split_id: int, preset: Preset, seed: int, workdir: 
         })
     with ThreadPoolExecutor(max_workers=workers) as pool:
         speech = list(pool.map(lambda r: _synthesize(r["text"], r["voice"], r["rate"], r["pitch"], workdir / f"{r['id']}.wav"), rows))
+    # Balanced conditions: over any 20 consecutive combo ids every (noise, SNR) pair occurs once;
+    # the seeded permutation decorrelates them from the voice order.
+    combos = rng.permutation(count)
     clean_all, noisy_all = [], []
     for i, (row, s) in enumerate(zip(rows, speech)):
         noise_seed = [seed, split_id, i]
         nrng = np.random.default_rng(np.random.SeedSequence(noise_seed))
-        kind = NOISE_TYPES[int(nrng.integers(len(NOISE_TYPES)))]
-        snr = float(SNRS_DB[int(nrng.integers(len(SNRS_DB)))])
+        kind = NOISE_TYPES[int(combos[i]) % len(NOISE_TYPES)]
+        snr = float(SNRS_DB[int(combos[i]) % len(SNRS_DB)])
         clean = s.astype(np.float64) * (CLEAN_RMS / np.sqrt(np.mean(s.astype(np.float64) ** 2)))
         others: list[int] = []
         if kind == "babble":
@@ -254,7 +257,7 @@ def _build_split(split: str, split_id: int, preset: Preset, seed: int, workdir: 
 def _corpus_dir(root: str | os.PathLike | None, preset: str, seed: int) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown speech corpus preset {preset!r}; expected one of {sorted(PRESETS)}")
-    return cache_dir(root) / "speech" / f"{preset}-seed{seed}"
+    return cache_dir(root) / "speech" / f"{preset}-seed{seed}-v{FORMAT_VERSION}"
 
 
 def build_corpus(root: str | os.PathLike | None = None, preset: str = "quick", seed: int = 0, workers: int | None = None) -> Path:

@@ -5,6 +5,13 @@ Model: log|Y| (257 bins, standardised with training-set statistics) -> LSTM (``m
 speech = iSTFT(M * Y). Loss: MSE between M and the ideal ratio mask of the (clean, noise) pair, over
 the valid frames of each utterance only (batches are zero-padded to the longest one).
 Everything is causal, so :func:`enhance_streaming` runs it one STFT frame (16 ms hop) at a time.
+
+Training with the shared loop::
+
+    fit(model, SpeechLoader(corpus["train"]), SpeechLoader(corpus["val"], shuffle=False),
+        mask_loss, MASK_MSE, forward_fn=forward_fn, epochs=..., lr=1e-3, grad_clip=5.0)
+
+then :func:`evaluate` for PESQ / STOI / SI-SDR on the test split.
 """
 
 from __future__ import annotations
@@ -20,17 +27,20 @@ from torch import Tensor, nn
 
 from mpolstm import audio
 from mpolstm.audio import HOP, N_BINS, N_FFT, SAMPLE_RATE
+from mpolstm.train import Metric
 
 __all__ = [
     "MaskEstimator",
     "Batch",
+    "SpeechLoader",
     "StreamStats",
+    "MASK_MSE",
     "make_model",
     "fit_feature_stats",
     "collate",
-    "batches",
+    "forward_fn",
+    "mask_loss",
     "loss_fn",
-    "train_epoch",
     "enhance",
     "enhance_batch",
     "evaluate",
@@ -63,15 +73,36 @@ class MaskEstimator(nn.Module):
     def step(self, feat: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """One frame: feat (B, 257), optional (h, c) -> (mask (B, 257), (h, c)).
 
-        Uses the recurrent module's own ``step`` (MPOLSTM's streaming API) when it has one, else
-        runs it on a length-1 sequence."""
+        Uses the recurrent module's own ``step`` (MPOLSTM's streaming API) when it has one; a plain
+        unidirectional nn.LSTM runs ``torch.lstm_cell`` per layer (same math; calling nn.LSTM on a
+        length-1 sequence costs ~10x more on CPU, where oneDNN re-lays out the weights every call);
+        anything else runs on a length-1 sequence."""
         z = (feat - self.feat_mean) / self.feat_std
-        if hasattr(self.lstm, "step"):
-            h, state = self.lstm.step(z, state)
+        rnn = self.lstm
+        if hasattr(rnn, "step"):
+            h, state = rnn.step(z, state)
+        elif type(rnn) is nn.LSTM and not rnn.bidirectional and rnn.proj_size == 0:
+            h, state = _lstm_cells(rnn, z, state)
         else:
-            h, state = self.lstm(z.unsqueeze(1), state)
+            h, state = rnn(z.unsqueeze(1), state)
             h = h.squeeze(1)
         return torch.sigmoid(self.out(h)), state
+
+
+def _lstm_cells(lstm: nn.LSTM, x: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One time step of a unidirectional nn.LSTM without projection: x (B, I) -> (h_top (B, H), (h, c))."""
+    if state is None:
+        zeros = x.new_zeros(lstm.num_layers, x.shape[0], lstm.hidden_size)
+        state = (zeros, zeros)
+    hs, cs = [], []
+    for k in range(lstm.num_layers):
+        bias = (getattr(lstm, f"bias_ih_l{k}"), getattr(lstm, f"bias_hh_l{k}")) if lstm.bias else (None, None)
+        h, c = torch.lstm_cell(x, (state[0][k], state[1][k]), getattr(lstm, f"weight_ih_l{k}"),
+                               getattr(lstm, f"weight_hh_l{k}"), *bias)
+        hs.append(h)
+        cs.append(c)
+        x = h
+    return x, (torch.stack(hs), torch.stack(cs))
 
 
 def make_model(hidden: int = 256, layers: int = 2) -> MaskEstimator:
@@ -90,17 +121,12 @@ def fit_feature_stats(model: MaskEstimator, noisy: Sequence[np.ndarray]) -> Mask
     return model
 
 
-@dataclass
-class Batch:
-    """Zero-padded waveforms: noisy, clean (B, T) float32 and lengths (B,) int64."""
-
-    noisy: Tensor
-    clean: Tensor
-    lengths: Tensor
+Batch = tuple[Tensor, Tensor, Tensor]
+"""(noisy (B, T), clean (B, T), lengths (B,) int64): waveforms zero-padded to the longest."""
 
 
 def collate(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> Batch:
-    """[(noisy (T_i,), clean (T_i,)), ...] -> Batch padded to max T_i."""
+    """[(noisy (T_i,), clean (T_i,)), ...] -> (noisy, clean, lengths) padded to max T_i."""
     if len(pairs) == 0:
         raise ValueError("collate needs at least one (noisy, clean) pair")
     lengths = torch.tensor([len(n) for n, _ in pairs], dtype=torch.int64)
@@ -111,58 +137,84 @@ def collate(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> Batch:
             raise ValueError(f"pair {i}: noisy has {len(n)} samples, clean {len(c)}; expected equal lengths")
         noisy[i, : len(n)] = torch.as_tensor(n)
         clean[i, : len(c)] = torch.as_tensor(c)
-    return Batch(noisy, clean, lengths)
+    return noisy, clean, lengths
 
 
-def batches(split, batch_size: int = 16, shuffle: bool = True, seed: int = 0) -> Iterator[Batch]:
-    """Batches of a split (anything indexable giving (noisy, clean)); shuffled by ``seed``."""
-    order = np.random.default_rng(seed).permutation(len(split)) if shuffle else np.arange(len(split))
-    for start in range(0, len(order), batch_size):
-        yield collate([split[int(i)] for i in order[start : start + batch_size]])
+class SpeechLoader:
+    """Re-iterable batches of a split (anything with len() and [i] -> (noisy, clean)).
+
+    With ``shuffle`` every pass draws a new order from ``self.generator`` (seeded by ``seed``; the
+    training loop saves its state for exact resume). ``limit`` keeps only the first utterances."""
+
+    def __init__(self, split, batch_size: int = 16, shuffle: bool = True, seed: int = 0, limit: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
+        self.n = len(split) if limit is None else min(limit, len(split))
+        if self.n == 0:
+            raise ValueError("SpeechLoader got an empty split")
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        for start in range(0, self.n, self.batch_size):
+            yield collate([self.split[int(i)] for i in order[start : start + self.batch_size]])
 
 
 def _frame_mask(lengths: Tensor, frames: int) -> Tensor:
     """(B, frames) bool: frame t of utterance i is valid iff t < n_frames(lengths[i])."""
     valid = torch.div(lengths + HOP - 1, HOP, rounding_mode="floor") + 1
-    return torch.arange(frames)[None, :] < valid[:, None]
+    return torch.arange(frames, device=lengths.device)[None, :] < valid[:, None]
+
+
+def forward_fn(model: nn.Module, batch: Batch) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """For :func:`mpolstm.train.fit`: batch -> (mask (B, F, 257), (IRM target (B, F, 257), valid (B, F)))."""
+    noisy, clean, lengths = batch
+    spec_y = audio.stft(noisy)
+    spec_s = audio.stft(clean)
+    target = audio.ideal_ratio_mask(spec_s, spec_y - spec_s)
+    mask, _ = model(audio.log_magnitude(spec_y))
+    return mask, (target, _frame_mask(lengths, spec_y.shape[1]))
+
+
+def _masked_sse(mask: Tensor, targets: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    target, valid = targets
+    weight = valid.unsqueeze(-1).to(mask.dtype)
+    return ((mask.float() - target).square() * weight).sum(), weight.sum() * N_BINS
+
+
+def mask_loss(mask: Tensor, targets: tuple[Tensor, Tensor]) -> Tensor:
+    """For fit's ``loss_fn``: MSE between predicted and ideal ratio masks over valid frames and bins."""
+    sse, count = _masked_sse(mask, targets)
+    return sse / count
+
+
+def _mask_mse_batch(mask: Tensor, targets: tuple[Tensor, Tensor]) -> tuple[float, int]:
+    sse, count = _masked_sse(mask, targets)
+    return float(sse), int(count)
+
+
+MASK_MSE = Metric("mask_mse", "min", _mask_mse_batch)
+"""Validation metric for fit: mask MSE over valid frames (lower is better)."""
 
 
 def loss_fn(model: nn.Module, batch: Batch) -> Tensor:
-    """Masked MSE between predicted and ideal ratio masks, averaged over valid frames and bins."""
-    spec_y = audio.stft(batch.noisy)
-    spec_s = audio.stft(batch.clean)
-    target = audio.ideal_ratio_mask(spec_s, spec_y - spec_s)
-    mask, _ = model(audio.log_magnitude(spec_y))
-    valid = _frame_mask(batch.lengths, spec_y.shape[1]).unsqueeze(-1).to(mask.dtype)
-    return ((mask - target).square() * valid).sum() / (valid.sum() * N_BINS)
-
-
-def train_epoch(model: nn.Module, split, optimizer: torch.optim.Optimizer, batch_size: int = 16,
-                seed: int = 0, clip: float = 5.0, max_batches: int | None = None) -> float:
-    """One pass over ``split`` in seeded random order; returns the mean training loss."""
-    model.train()
-    total, count = 0.0, 0
-    for i, batch in enumerate(batches(split, batch_size, shuffle=True, seed=seed)):
-        if max_batches is not None and i >= max_batches:
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        total += float(loss.detach())
-        count += 1
-    return total / max(count, 1)
+    """Masked IRM MSE of ``model`` on one batch (forward_fn followed by mask_loss)."""
+    return mask_loss(*forward_fn(model, batch))
 
 
 @torch.no_grad()
 def enhance_batch(model: nn.Module, batch: Batch) -> list[np.ndarray]:
     """Whole-utterance enhancement of a padded batch -> list of (T_i,) float32 waveforms."""
+    noisy, _, lengths = batch
     model.eval()
-    spec_y = audio.stft(batch.noisy)
+    spec_y = audio.stft(noisy)
     mask, _ = model(audio.log_magnitude(spec_y))
-    out = audio.istft(spec_y * mask, batch.noisy.shape[-1])
-    return [out[i, : int(n)].numpy() for i, n in enumerate(batch.lengths)]
+    out = audio.istft(spec_y * mask, noisy.shape[-1]).cpu()
+    return [out[i, : int(n)].numpy() for i, n in enumerate(lengths)]
 
 
 def enhance(model: nn.Module, noisy: np.ndarray) -> np.ndarray:
@@ -218,14 +270,27 @@ def _check_waveform(x) -> np.ndarray:
     return x
 
 
-@torch.no_grad()
-def enhance_streaming(model: MaskEstimator, noisy: np.ndarray) -> tuple[np.ndarray, StreamStats]:
+def enhance_streaming(model: MaskEstimator, noisy: np.ndarray, threads: int | None = 1) -> tuple[np.ndarray, StreamStats]:
     """Enhance (T,) audio one hop (256 samples) at a time with carried recurrent state.
 
     Each step shifts a hop into a 512-sample buffer, takes its windowed FFT, runs ``model.step``,
     masks, inverse-FFTs and overlap-adds; a hop of output is final one frame later. The result
-    equals :func:`enhance` up to float rounding. Returns ((T,) float32, StreamStats)."""
-    x = torch.from_numpy(_check_waveform(noisy))
+    equals :func:`enhance` up to float rounding. Runs on the CPU with ``threads`` torch intra-op threads
+    (restored afterwards; None keeps the current setting): per-frame operations are too small to
+    gain from more, and on a busy machine extra threads multiply the latency.
+    Returns ((T,) float32, StreamStats)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _stream(model, _check_waveform(noisy))
+    finally:
+        torch.set_num_threads(previous)
+
+
+@torch.no_grad()
+def _stream(model: MaskEstimator, noisy: np.ndarray) -> tuple[np.ndarray, StreamStats]:
+    x = torch.from_numpy(noisy)
     model.eval()
     frames = audio.n_frames(x.numel())
     x = torch.nn.functional.pad(x, (0, frames * HOP - x.numel()))
