@@ -105,3 +105,12 @@ def test_config_round_trip_and_protocol():
     clone.load_state_dict(m.state_dict())
     idx = torch.tensor([0, 7, 100])
     assert torch.equal(clone(idx), m(idx))
+
+
+@pytest.mark.parametrize("num_cores", [1, 2, 4, 5])
+def test_gathered_rows_equal_the_rebuilt_table(num_cores):
+    torch.manual_seed(5)
+    m = MPOEmbedding(3000, 48, bond_dim=5, num_cores=num_cores).double()
+    idx = torch.randint(0, 3000, (6, 40))
+    table = m.weight
+    assert torch.allclose(m(idx), table[idx], atol=1e-12)

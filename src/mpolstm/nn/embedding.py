@@ -78,6 +78,35 @@ def embedding_factors(
     return rows, dims
 
 
+def _digits(rows: Tensor, factors: Sequence[int]) -> list[Tensor]:
+    """Row-major digits (i_1..i_n) of ``rows`` (N,) for the given factors."""
+    digits = []
+    for i in reversed(factors):
+        digits.append(rows % i)
+        rows = rows // i
+    return digits[::-1]
+
+
+def _left_chain(cores: Sequence[Tensor], digits: Sequence[Tensor]) -> Tensor:
+    """G_1[i_1] ... G_k[i_k] for each row: (N, j_1..j_k, D_k)."""
+    out = cores[0][0].index_select(0, digits[0])  # (N, j_1, D_1)
+    for core, digit in zip(cores[1:], digits[1:]):
+        d, i, j, e = core.shape
+        sliced = core.permute(1, 0, 2, 3).reshape(i, d, j * e).index_select(0, digit)  # (N, D, j E)
+        out = torch.bmm(out, sliced).reshape(out.shape[0], -1, e)
+    return out
+
+
+def _right_chain(cores: Sequence[Tensor], digits: Sequence[Tensor]) -> Tensor:
+    """G_k[i_k] ... G_n[i_n] for each row: (N, D_{k-1}, j_k..j_n)."""
+    out = cores[-1][..., 0].permute(1, 0, 2).index_select(0, digits[-1])  # (N, D, j_n)
+    for core, digit in zip(reversed(cores[:-1]), reversed(digits[:-1])):
+        d, i, j, e = core.shape
+        sliced = core.permute(1, 0, 2, 3).reshape(i, d * j, e).index_select(0, digit)  # (N, D j, E)
+        out = torch.bmm(sliced, out).reshape(out.shape[0], d, -1)
+    return out
+
+
 class MPOEmbedding(nn.Module):
     """Lookup table (num_embeddings, embedding_dim) stored as an MPO.
 
@@ -264,21 +293,24 @@ class MPOEmbedding(nn.Module):
         return self.num_embeddings * self.embedding_dim / self.num_params
 
     def _gather(self, flat: Tensor) -> Tensor:
-        """Rows of the MPO table for indices ``flat`` (N,) -> (N, embedding_dim)."""
-        digits = []
-        rest = flat
-        for i in reversed(self.row_factors):
-            digits.append(rest % i)
-            rest = rest // i
-        digits.reverse()
+        """Rows of the MPO table for indices ``flat`` (N,) -> (N, embedding_dim).
+
+        Row x = p * I_R + s splits into a prefix p over the left half of the cores and a
+        suffix s over the right half. Each half is contracted only for the distinct
+        prefixes/suffixes present, giving (P, J_L, D) and (S, D, J_R); one batched matmul
+        per row joins them into (J_L, J_R), already in the row's row-major layout."""
         cores = list(self.cores)
         if flat.numel() == 0:
             return cores[0].new_zeros(0, self.embedding_dim)
-        out = cores[0][0].index_select(0, digits[0])  # (N, j_1, D_1)
-        for core, digit in zip(cores[1:], digits[1:]):
-            d, i, j, e = core.shape
-            sliced = core.permute(1, 0, 2, 3).reshape(i, d, j * e).index_select(0, digit)  # (N, D, j E)
-            out = torch.bmm(out.reshape(flat.shape[0], -1, d), sliced)
+        if len(cores) == 1:
+            return cores[0][0, :, :, 0].index_select(0, flat)
+        half = (len(cores) + 1) // 2
+        right_rows = math.prod(self.row_factors[half:])
+        prefix, prefix_inv = torch.unique(flat // right_rows, return_inverse=True)
+        suffix, suffix_inv = torch.unique(flat % right_rows, return_inverse=True)
+        left = _left_chain(cores[:half], _digits(prefix, self.row_factors[:half]))  # (P, J_L, D)
+        right = _right_chain(cores[half:], _digits(suffix, self.row_factors[half:]))  # (S, D, J_R)
+        out = torch.bmm(left.index_select(0, prefix_inv), right.index_select(0, suffix_inv))
         return out.reshape(flat.shape[0], self.embedding_dim)
 
     def forward(self, input: Tensor) -> Tensor:
