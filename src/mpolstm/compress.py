@@ -12,8 +12,11 @@ mpos=...)``), which is all this file relies on.
 Budget mode (``target_ratio`` or ``max_params``): every selected weight is decomposed
 exactly in float64, the singular spectrum at each of its bonds is read, and bonds are
 shrunk one step at a time across ALL weights, always taking the step that adds the least
-squared relative error (the discarded s_k^2 / ||W||_F^2) per parameter saved, until the
-budget holds. Each MPO is then truncated to its allocated bonds by one SVD sweep.
+estimated squared relative error per parameter saved, until the budget holds; what the
+last steps free is spent again on the most useful bonds. The objective is the sum over
+weights of ||W - W'||^2 / ||W||^2, so layers of different scale count alike. Each MPO is
+then truncated to its allocated bonds by one SVD sweep, and the exact achieved error is
+reported.
 """
 
 from __future__ import annotations
