@@ -237,3 +237,60 @@ def test_truncated_mpo_report_is_exact():
     assert exact.report.rel_error < 1e-12
     assert report.modules[1].weights["weight"].rel_error == pytest.approx(weight_error(net[1], w), rel=1e-6)
 
+
+needs_rnn = pytest.mark.skipif(not hasattr(mpo_nn, "MPOLSTM"), reason="mpolstm.nn.MPOLSTM (nn/rnn.py) is not available")
+
+
+class Tagger(nn.Module):
+    """Embedding + LSTM + GRU + Linear, the shape of the paper's models."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(200, 16)
+        self.lstm = nn.LSTM(16, 32, num_layers=2, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(64, 16, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, idx):
+        out, _ = self.lstm(self.emb(idx))
+        out, _ = self.gru(out)
+        return self.head(out)
+
+
+@needs_rnn
+def test_recurrent_layers_exact_at_full_bond_and_frozen_in_place():
+    torch.manual_seed(5)
+    net = Tagger().double()
+    idx = torch.randint(0, 200, (3, 7))
+    expected = net(idx).detach()
+    _, report = compress(net, CompressionConfig(num_cores=3))
+    assert type(net.lstm).__name__ == "MPOLSTM" and type(net.gru).__name__ == "MPOGRU"
+    assert set(report.modules[1].weights) == {f"weight_{k}_l{l}{d}" for k in ("ih", "hh") for l in (0, 1)
+                                              for d in ("", "_reverse")}
+    assert torch.allclose(net(idx), expected, atol=1e-10)
+    counts = freeze_central(net)
+    assert counts["mpos"] == 1 + 8 + 2 + 1
+    assert torch.allclose(net(idx), expected, atol=1e-10)
+    assert any(not c.requires_grad for c in net.lstm.mpo_weights()["weight_hh_l1"])
+
+
+@needs_rnn
+def test_budget_on_embedding_lstm_linear_model():
+    torch.manual_seed(6)
+    net = Tagger()
+    dense = {n: p.detach().clone() for n, p in net.named_parameters()}
+    _, report = compress(net, CompressionConfig(target_ratio=10))
+    assert report.ratio >= 10
+    cores = sum(c.numel() for m in net.modules() if hasattr(m, "mpo_weights")
+                for cs in m.mpo_weights().values() for c in cs)
+    assert cores == report.mpo_params <= report.budget
+    names = {m.name for m in report.modules}
+    assert names == {"emb", "lstm", "gru", "head"}
+    lstm_report = next(m for m in report.modules if m.name == "lstm")
+    for wname, w in lstm_report.weights.items():
+        with torch.no_grad():
+            rebuilt = M.cores_to_matrix(list(net.lstm.mpo_weights()[wname]), transpose=True)
+        original = dense[f"lstm.{wname}"]
+        assert rebuilt.shape == original.shape
+        assert w.rel_error == pytest.approx(float((rebuilt - original).norm() / original.norm()), rel=1e-4)
+    assert net(torch.randint(0, 200, (2, 5))).shape == (2, 5, 10)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import mpolstm.nn as mpo_nn
 from mpolstm import io
 from mpolstm.compress import CompressionConfig, compress
 from mpolstm.nn import MPOEmbedding, MPOLinear
@@ -168,3 +169,35 @@ def test_save_refuses_a_file_path(tmp_path):
     target.write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
         io.save(MPOLinear(8, 8, bond_dim=2, num_cores=2), target)
+
+
+needs_rnn = pytest.mark.skipif(not hasattr(mpo_nn, "MPOLSTM"), reason="mpolstm.nn.MPOLSTM (nn/rnn.py) is not available")
+
+
+class RNNNet(nn.Module):
+    def __init__(self, hidden=12):
+        super().__init__()
+        self.lstm = nn.LSTM(8, hidden, num_layers=2, bidirectional=True, proj_size=4)
+        self.gru = nn.GRU(8, 6, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x)[0].sum() + self.gru(x)[0].sum()
+
+
+@needs_rnn
+def test_recurrent_round_trips(tmp_path):
+    torch.manual_seed(7)
+    net = RNNNet().double()
+    compress(net, CompressionConfig(max_bond=3, num_cores=2))
+    io.save(net, tmp_path / "whole")
+    loaded = io.load(tmp_path / "whole", base_model=RNNNet().double())
+    assert type(loaded.lstm).__name__ == "MPOLSTM" and type(loaded.gru).__name__ == "MPOGRU"
+    assert_same_state(loaded, net)
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+    assert torch.equal(loaded(x), net(x))
+    io.save(net.lstm, tmp_path / "lstm")
+    standalone = io.load(tmp_path / "lstm")
+    assert_same_state(standalone, net.lstm)
+    assert torch.equal(standalone(x)[0], net.lstm(x)[0])
+    with pytest.raises(ValueError, match="'lstm' has hidden_size=12 in the save, but base_model has hidden_size=10"):
+        io.load(tmp_path / "whole", base_model=RNNNet(hidden=10).double())
