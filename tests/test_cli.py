@@ -44,5 +44,48 @@ def test_reproduce_quick_subset_writes_results(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "results.json").read_text())
     assert [r["row"] for r in doc["rows"]] == ["dense", "mpo-decomp", "prune-oneshot"]
-    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "results.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["models", "results.json", "results.md", "results.png"]
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["dense", "mpo-decomp-10x", "prune-oneshot-10x"]
     assert not any(p.name.startswith(".res.") for p in tmp_path.iterdir())  # no staging left behind
+
+
+def test_console_entry_prints_one_line_for_usage_errors():
+    import subprocess
+    import sys
+
+    for args in (["reproduce", "--task", "nonsense"], ["frobnicate"], ["inspect", "/nonexistent/model"]):
+        proc = subprocess.run([sys.executable, "-m", "mpolstm.cli", *args], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+def test_train_compress_inspect_round_trip(tmp_path, monkeypatch):
+    from mpolstm.tasks import load_model, seqcls
+    from mpolstm.nn import MPOLSTM
+
+    monkeypatch.setitem(seqcls.SIZES, "quick", seqcls.SeqClsSize(16, 200, 50, 1, 1, 1e-2))
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--task", "seqcls", "--out", str(run), "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert (run / "checkpoint.safetensors").is_file() and (run / "model" / "architecture.json").is_file()
+
+    small = tmp_path / "small"
+    result = runner.invoke(app, ["compress", str(run / "model"), str(small), "--ratio", "8"])
+    assert result.exit_code == 0, result.output
+    model, spec = load_model(small)
+    assert spec["name"] == "seqcls" and isinstance(model.lstm, MPOLSTM)
+    dense = 4 * 16 * 28 + 4 * 16 * 16
+    assert sum(c.numel() for cores in model.lstm.mpo_weights().values() for c in cores) <= dense / 8
+
+    again = runner.invoke(app, ["compress", str(run / "model"), str(small), "--ratio", "8"])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+    monkeypatch.setenv("COLUMNS", "250")  # keep the table's rows on one line each
+    plot = tmp_path / "entropy.png"
+    result = runner.invoke(app, ["inspect", str(small), "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert "lstm.weight_hh_l0" in result.output and plot.stat().st_size > 1000
+
+    bad = runner.invoke(app, ["compress", str(run / "model"), str(tmp_path / "x"), "--rel-tol", "2"])
+    assert bad.exit_code == 2 and "rel_tol" in bad.output and not (tmp_path / "x").exists()

@@ -23,6 +23,7 @@ err_console = Console(stderr=True)
 class TaskName(str, Enum):
     seqcls = "seqcls"
     ptb = "ptb"
+    speech = "speech"
 
 
 class Preset(str, Enum):
@@ -33,7 +34,7 @@ class Preset(str, Enum):
 
 def _fail(message: str) -> None:
     """Print one clear line and exit with code 2 (bad usage or input)."""
-    err_console.print(f"error: {message}", markup=False, highlight=False)
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -63,14 +64,14 @@ def _run_protocol(task, ratios: tuple[float, ...], out: Path, seed: int, distill
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         run_protocol(task, config, staging, log=lambda line: console.print(line, highlight=False))
-        shutil.rmtree(staging / "runs", ignore_errors=True)  # per-run checkpoints are not results
+        shutil.rmtree(staging / "runs", ignore_errors=True)  # per-run checkpoints; the final models stay
         if out.exists():
             shutil.rmtree(out)
         staging.replace(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     console.print((out / "results.md").read_text(), highlight=False)
-    console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+    console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} and {out / 'models'}")
 
 
 @app.command()
@@ -102,18 +103,204 @@ def reproduce(
     ratio_values = _parse_ratios(ratios)
     if data_dir is not None and not data_dir.is_dir():
         _fail(f"--data-dir {data_dir} is not a folder")
+    built = _make_task(task, preset, dataset, data_dir, seed)
+    _run_protocol(built, ratio_values, out or Path(f"results/{task.value}-{preset.value}"), seed, distill, rows)
+
+
+def _make_task(task: TaskName, preset: Preset, dataset: str, data_dir: Optional[Path], seed: int):
+    from .data.speech import EspeakMissingError
+
     try:
         if task is TaskName.seqcls:
             from .tasks import seqcls
 
-            built = seqcls.make_task(preset.value, dataset=dataset, data_dir=data_dir, seed=seed)
-        else:
+            return seqcls.make_task(preset.value, dataset=dataset, data_dir=data_dir, seed=seed)
+        if task is TaskName.ptb:
             from .tasks import ptb
 
-            built = ptb.make_task(preset.value, seed=seed)
-    except (ValueError, FileNotFoundError) as exc:
+            return ptb.make_task(preset.value, seed=seed)
+        from .tasks import speech
+
+        return speech.make_task(preset.value, seed=seed)
+    except (ValueError, FileNotFoundError, EspeakMissingError) as exc:
         _fail(str(exc))
-    _run_protocol(built, ratio_values, out or Path(f"results/{task.value}-{preset.value}"), seed, distill, rows)
+
+
+def _load_model(path: Path):
+    from .tasks import load_model
+
+    if not path.exists():
+        _fail(f"model {path} does not exist")
+    try:
+        return load_model(path)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _fresh_output(path: Path) -> None:
+    if path.exists():
+        _fail(f"output {path} already exists; choose a new path")
+
+
+@app.command()
+def train(
+    task: TaskName = typer.Option(..., help="seqcls, ptb or speech."),
+    out: Path = typer.Option(..., help="Run folder: metrics.jsonl, checkpoints, and the final model in out/model."),
+    preset: Preset = typer.Option(Preset.quick, help="Model size and data budget (as for reproduce)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the preset's dense epochs)."),
+    dataset: str = typer.Option("mnist", help="seqcls dataset: mnist, mnist1d or imdb."),
+    data_dir: Optional[Path] = typer.Option(None, help="aclImdb folder for --dataset imdb."),
+    seed: int = typer.Option(0, help="Random seed."),
+    resume: bool = typer.Option(False, help="Continue from out/checkpoint.safetensors."),
+    patience: Optional[int] = typer.Option(None, help="Early stopping after this many epochs without improvement."),
+) -> None:
+    """Train the dense model of a task (checkpointed every epoch, resumable) and save it."""
+    from .tasks import save_model
+    from .train import fit, seed_everything
+
+    if epochs is not None and epochs < 1:
+        _fail(f"--epochs must be >= 1, got {epochs}")
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} exists and is not a folder")
+    built = _make_task(task, preset, dataset, data_dir, seed)
+    seed_everything(seed)
+    model = built.build_model()
+    try:
+        result = fit(model, built.train_loader, built.val_loader, built.loss_fn, built.metric,
+                     epochs=epochs or built.dense_epochs, lr=built.lr, optimizer=built.optimizer,
+                     grad_clip=built.grad_clip, seed=seed, out_dir=out, patience=patience, resume=resume,
+                     forward_fn=built.forward_fn)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    save_model(model, built.architecture, out / "model")
+    console.print(f"best val {built.metric.name} {result.best_metric:.4f} at epoch {result.best_epoch}; "
+                  f"model saved to {out / 'model'}")
+
+
+@app.command("compress")
+def compress_cmd(
+    model_in: Path = typer.Argument(..., metavar="IN", help="A saved model folder (mpolstm train/reproduce)."),
+    model_out: Path = typer.Argument(..., metavar="OUT", help="Folder for the compressed model (must not exist)."),
+    max_bond: Optional[int] = typer.Option(None, help="Cap every bond of every compressed weight."),
+    rel_tol: Optional[float] = typer.Option(None, help="Per-weight relative Frobenius error bound, in (0, 1)."),
+    ratio: Optional[float] = typer.Option(None, help="Global budget: dense / MPO parameters of the selected weights."),
+    target: str = typer.Option("lstm", help="Comma-separated module names (or one regex) to compress."),
+    num_cores: int = typer.Option(4, help="Cores per MPO."),
+) -> None:
+    """Compress the selected layers of a saved model into MPOs and save the result."""
+    from .compress import CompressionConfig, compress
+    from .tasks import save_model
+
+    _fresh_output(model_out)
+    model, spec = _load_model(model_in)
+    targets = [t.strip() for t in target.split(",") if t.strip()]
+    try:
+        config = CompressionConfig(target_modules=targets if len(targets) > 1 else targets[0], max_bond=max_bond,
+                                   rel_tol=rel_tol, target_ratio=ratio, num_cores=num_cores)
+        model, report = compress(model, config)
+    except ValueError as exc:
+        _fail(str(exc))
+    save_model(model, spec, model_out)
+    console.print(report)
+    console.print(f"saved {model_out}")
+
+
+@app.command()
+def inspect(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="A saved model folder."),
+    plot: Optional[Path] = typer.Option(None, help="Also draw the entanglement entropy per bond to this PNG."),
+) -> None:
+    """Per-weight factors, bonds, parameters and entanglement entropies of a saved model."""
+    import torch
+    from rich.table import Table
+
+    from .compress import is_mpo_module
+    from .mpo import MPO
+
+    model, spec = _load_model(model_path)
+    table = Table(title=f"{model_path} ({spec['name']})")
+    for col in ("weight", "shape", "in factors", "out factors", "bonds", "params", "compression", "entropy per bond"):
+        table.add_column(col, justify="right" if col in ("params", "compression") else "left")
+    curves = {}
+    for name, module in model.named_modules():
+        if not is_mpo_module(module):
+            continue
+        for wname, cores in module.mpo_weights().items():
+            with torch.no_grad():
+                m = MPO([c.detach().double() for c in cores])
+                entropy = [float(e) for e in m.entanglement_entropy()]
+            rows, cols = m.shape
+            curves[f"{name}.{wname}"] = entropy
+            table.add_row(f"{name}.{wname}", f"{cols}x{rows}", str(m.in_factors), str(m.out_factors),
+                          str(m.bond_dims), f"{m.num_params:,}", f"{rows * cols / m.num_params:.1f}x",
+                          " ".join(f"{e:.2f}" for e in entropy))
+    if not curves:
+        console.print(f"{model_path} has no MPO layers (a dense model); total parameters "
+                      f"{sum(p.numel() for p in model.parameters()):,}")
+        return
+    console.print(table)
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for label, values in curves.items():
+            ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
+        ax.set_xlabel("bond k")
+        ax.set_ylabel("entanglement entropy S_k")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        plt.close(fig)
+        console.print(f"wrote {plot}")
+
+
+@app.command()
+def enhance(
+    noisy: Path = typer.Argument(..., help="Noisy WAV (converted to 16 kHz mono if needed)."),
+    out: Path = typer.Argument(..., help="Enhanced WAV to write (16-bit PCM, 16 kHz)."),
+    model_path: Path = typer.Option(..., "--model", help="A saved speech model (mpolstm reproduce --task speech)."),
+) -> None:
+    """Enhance a WAV frame by frame (streaming) and report the real-time factor and per-frame latency."""
+    from .tasks.speech import enhance_file
+
+    if not noisy.is_file():
+        _fail(f"input {noisy} does not exist")
+    model, spec = _load_model(model_path)
+    if spec.get("name") != "speech":
+        _fail(f"model {model_path} is a {spec.get('name')!r} model; enhance needs a speech model")
+    try:
+        stats, notes = enhance_file(model, noisy, out)
+    except ValueError as exc:
+        _fail(str(exc))
+    for note in notes:
+        console.print(f"note: {note}")
+    console.print(f"wrote {out}: {stats.frames} frames, real-time factor {stats.rtf:.3f}, per-frame "
+                  f"{stats.frame_ms_mean:.2f} ms mean / {stats.frame_ms_p95:.2f} ms p95, algorithmic latency "
+                  f"{stats.algorithmic_latency_ms:.0f} ms")
+
+
+data_app = typer.Typer(help="Build the offline data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("speech")
+def data_speech(
+    preset: str = typer.Option("quick", help="Corpus size: tiny, quick or standard."),
+    seed: int = typer.Option(0, help="Random seed of sentences, voices and noises."),
+) -> None:
+    """Build (or find cached) the synthetic noisy-speech corpus and print where it is."""
+    from .data.speech import PRESETS, EspeakMissingError, build_corpus
+
+    if preset not in PRESETS:
+        _fail(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    try:
+        path = build_corpus(preset=preset, seed=seed)
+    except EspeakMissingError as exc:
+        _fail(str(exc))
+    console.print(f"speech corpus ({preset}, seed {seed}): {path}")
 
 
 @app.command()
@@ -148,5 +335,26 @@ def decompose(
     console.print(table)
 
 
+def main() -> None:
+    """Console entry point: click's usage errors (bad option values, unknown commands) become one
+    ``error: ...`` line and exit code 2, like every other bad input."""
+    try:  # typer >= 0.20 vendors click; older versions use click itself
+        from typer._click.exceptions import UsageError
+    except ImportError:  # pragma: no cover
+        from click.exceptions import UsageError
+
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as exc:
+        if exc.format_message():  # empty when no command was given: the help was printed
+            err_console.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except typer.Abort:
+        raise SystemExit(130) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -37,7 +37,8 @@ from ..mpo import MPO
 from ..nn.linear import init_cores_
 from ..prune import AGPPruner, count_nonzero, make_permanent, prune_global
 from ..train import Callback, Distillation, TrainState, evaluate, fit, seed_everything
-from .base import Task
+from . import save_model
+from .base import Task, lstm_cell_step
 
 __all__ = ["ROWS", "BondSchedule", "ProtocolConfig", "run_protocol", "markdown_table", "plot_results"]
 
@@ -178,13 +179,9 @@ def _latencies(model: nn.Module, task: Task) -> dict[str, float]:
     batched = _median_seconds(lambda: model(batch))
     lstm = _module(model, task.recurrent[0])
     frame = task.step_input
-    if hasattr(lstm, "step"):
-        state = lstm.step(frame)[1]
-        step = _median_seconds(lambda: lstm.step(frame, state))
-    else:
-        seq = frame.unsqueeze(1) if lstm.batch_first else frame.unsqueeze(0)
-        state = lstm(seq)[1]
-        step = _median_seconds(lambda: lstm(seq, state))
+    step_fn = lstm.step if hasattr(lstm, "step") else (lambda x, s=None: lstm_cell_step(lstm, x, s))
+    state = step_fn(frame)[1]
+    step = _median_seconds(lambda: step_fn(frame, state))
     return {"batched_ms": 1e3 * batched, "step_ms": 1e3 * step}
 
 
@@ -210,8 +207,9 @@ def _reinit(model: nn.Module, names: Sequence[str]) -> None:
 
 def run_protocol(task: Task, config: ProtocolConfig, out_dir: str | Path,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the dense model and every (row, ratio) of ``config``; write results.json, results.md
-    and results.png to ``out_dir`` and return the results document."""
+    """Run the dense model and every (row, ratio) of ``config``; write results.json, results.md,
+    results.png and every final model (``models/<row>-<ratio>x``, loadable with
+    ``tasks.load_model``) to ``out_dir`` and return the results document."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dense_epochs = config.dense_epochs if config.dense_epochs is not None else task.dense_epochs
@@ -229,10 +227,15 @@ def run_protocol(task: Task, config: ProtocolConfig, out_dir: str | Path,
         return time.perf_counter() - start
 
     def record(row: str, ratio: float | None, model: nn.Module, seconds: float, dense_count: int) -> None:
+        run = row if ratio is None else f"{row}-{ratio:g}x"
+        if task.architecture:
+            save_model(model, task.architecture, out / "models" / run)
         metric = evaluate(model, task.test_loader, task.metric, forward_fn=task.forward_fn)
         params = _compressed_params(model, names)
         entry = {"row": row, "target_ratio": ratio, task.metric.name: metric, "params": params,
                  "ratio": dense_count / params, "train_s": seconds, **_latencies(model, task)}
+        if task.test_report is not None:
+            entry.update(task.test_report(model))
         rows.append(entry)
         log(f"{row:14s} ratio {'-' if ratio is None else f'{ratio:g}x':>5s}  {task.metric.name} {metric:.4f}  "
             f"params {params:,}  train {seconds:.0f}s")
@@ -298,19 +301,23 @@ def run_protocol(task: Task, config: ProtocolConfig, out_dir: str | Path,
 def markdown_table(document: dict[str, Any]) -> str:
     """The results as a Markdown table (one line per row and ratio)."""
     metric = document["metric"]
+    standard = {"row", "target_ratio", metric, "params", "ratio", "train_s", "batched_ms", "step_ms"}
+    extra = [k for k in document["rows"][0] if k not in standard]
     lines = [
         f"Task `{document['task']}`, seed {document['seed']}, dense {document['dense_epochs']} epochs, "
         f"fine-tuning {document['finetune_epochs']} epochs (from scratch: both), distillation "
         f"{'on' if document['distill'] else 'off'}; params = entries of the LSTM weights "
         f"(MPO cores or non-zeros), dense {document['dense_recurrent_params']:,}.",
         "",
-        f"| row | target | {metric} | params | compression | train s | batched ms | step ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| row | target | {metric} | params | compression | train s | batched ms | step ms |"
+        + "".join(f" {k} |" for k in extra),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra),
     ]
     for r in document["rows"]:
         target = "-" if r["target_ratio"] is None else f"{r['target_ratio']:g}x"
         lines.append(f"| {r['row']} | {target} | {r[metric]:.4f} | {r['params']:,} | {r['ratio']:.1f}x | "
-                     f"{r['train_s']:.0f} | {r['batched_ms']:.2f} | {r['step_ms']:.3f} |")
+                     f"{r['train_s']:.0f} | {r['batched_ms']:.2f} | {r['step_ms']:.3f} |"
+                     + "".join(f" {r[k]:.3f} |" for k in extra))
     return "\n".join(lines) + "\n"
 
 

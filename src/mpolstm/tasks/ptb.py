@@ -73,8 +73,11 @@ def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
     train = corpus.train[: size.train_tokens]
     valid, test = corpus.valid[: size.eval_tokens], corpus.test[: size.eval_tokens]
 
+    architecture = {"name": "ptb", "kwargs": {"vocab_size": corpus.vocab_size, "hidden_size": size.hidden_size,
+                                              "dropout": size.dropout}}
+
     def build() -> nn.Module:
-        return WordLM(corpus.vocab_size, size.hidden_size, dropout=size.dropout)
+        return WordLM(**architecture["kwargs"])
 
     def loss(logits: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -93,6 +96,7 @@ def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
         grad_clip=0.25 if size.dropout == 0 else 5.0,
         example_batch=batchify(test, 10)[: size.bptt],
         step_input=torch.zeros(1, size.hidden_size),
+        architecture=architecture,
         meta={"dataset": "ptb", "preset": preset, "seed": seed, "hidden_size": size.hidden_size,
               "train_tokens": len(train), "eval_tokens": len(valid), "batch_size": size.batch_size, "bptt": size.bptt},
     )

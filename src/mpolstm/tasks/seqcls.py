@@ -55,7 +55,7 @@ class SeqClsSize:
 
 SIZES = {
     # quick: <= 5 minutes for the whole table on 2 CPU cores (the demo)
-    "quick": SeqClsSize(hidden_size=128, train_examples=2000, batch_size=50, dense_epochs=8, finetune_epochs=3, lr=3e-3),
+    "quick": SeqClsSize(hidden_size=128, train_examples=1500, batch_size=50, dense_epochs=6, finetune_epochs=2, lr=3e-3),
     # standard: <= 90 minutes for the whole table on 2 CPU cores
     "standard": SeqClsSize(hidden_size=256, train_examples=None, batch_size=50, dense_epochs=20, finetune_epochs=8, lr=2e-3),
     # paper: the authors' IMDB configuration scale (embedding 128, LSTM 256); for a GPU
@@ -77,9 +77,11 @@ def make_task(preset: str = "quick", *, dataset: str = "mnist", data_dir=None, s
         data = data.head(train=min(size.train_examples, len(data.train)))
     gen = torch.Generator().manual_seed(seed)
 
+    architecture = {"name": "seqcls", "kwargs": {"num_classes": data.num_classes, "hidden_size": size.hidden_size,
+                                                 "input_size": data.input_size, "vocab_size": data.vocab_size}}
+
     def build() -> nn.Module:
-        return SeqClassifier(data.num_classes, size.hidden_size, input_size=data.input_size,
-                             vocab_size=data.vocab_size)
+        return SeqClassifier(**architecture["kwargs"])
 
     example = data.test.tensors[0][: size.batch_size]
     return Task(
@@ -96,6 +98,7 @@ def make_task(preset: str = "quick", *, dataset: str = "mnist", data_dir=None, s
         grad_clip=1.0,
         example_batch=example,
         step_input=torch.zeros(1, 128 if data.vocab_size else data.input_size),
+        architecture=architecture,
         meta={"dataset": dataset, "preset": preset, "seed": seed, "hidden_size": size.hidden_size,
               "splits": data.meta.get("sizes"), "source": data.meta.get("source")},
     )

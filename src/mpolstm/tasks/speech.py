@@ -29,6 +29,8 @@ from mpolstm import audio
 from mpolstm.audio import HOP, N_BINS, N_FFT, SAMPLE_RATE
 from mpolstm.train import Metric
 
+from .base import Task, lstm_cell_step
+
 __all__ = [
     "MaskEstimator",
     "Batch",
@@ -46,6 +48,9 @@ __all__ = [
     "evaluate",
     "enhance_streaming",
     "enhance_file",
+    "SpeechSize",
+    "SIZES",
+    "make_task",
 ]
 
 
@@ -82,27 +87,11 @@ class MaskEstimator(nn.Module):
         if hasattr(rnn, "step"):
             h, state = rnn.step(z, state)
         elif type(rnn) is nn.LSTM and not rnn.bidirectional and rnn.proj_size == 0:
-            h, state = _lstm_cells(rnn, z, state)
+            h, state = lstm_cell_step(rnn, z, state)
         else:
             h, state = rnn(z.unsqueeze(1), state)
             h = h.squeeze(1)
         return torch.sigmoid(self.out(h)), state
-
-
-def _lstm_cells(lstm: nn.LSTM, x: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """One time step of a unidirectional nn.LSTM without projection: x (B, I) -> (h_top (B, H), (h, c))."""
-    if state is None:
-        zeros = x.new_zeros(lstm.num_layers, x.shape[0], lstm.hidden_size)
-        state = (zeros, zeros)
-    hs, cs = [], []
-    for k in range(lstm.num_layers):
-        bias = (getattr(lstm, f"bias_ih_l{k}"), getattr(lstm, f"bias_hh_l{k}")) if lstm.bias else (None, None)
-        h, c = torch.lstm_cell(x, (state[0][k], state[1][k]), getattr(lstm, f"weight_ih_l{k}"),
-                               getattr(lstm, f"weight_hh_l{k}"), *bias)
-        hs.append(h)
-        cs.append(c)
-        x = h
-    return x, (torch.stack(hs), torch.stack(cs))
 
 
 def make_model(hidden: int = 256, layers: int = 2) -> MaskEstimator:
@@ -332,3 +321,78 @@ def enhance_file(model: MaskEstimator, noisy_path: str | os.PathLike, out_path: 
     enhanced, stats = enhance_streaming(model, noisy)
     audio.write_wav(out_path, enhanced, float32=float32)
     return stats, notes
+
+
+@dataclass(frozen=True)
+class SpeechSize:
+    """Corpus preset, model size and training budget of one protocol preset."""
+
+    corpus: str
+    hidden: int
+    layers: int
+    train_utterances: int | None  # None: the whole training split
+    test_utterances: int | None
+    dense_epochs: int
+    finetune_epochs: int
+    lr: float
+
+
+SIZES = {
+    # quick: <= 5 minutes for a reduced table on 2 CPU cores
+    "quick": SpeechSize("quick", 128, 2, 96, 8, 4, 2, 3e-3),
+    # standard: <= 90 minutes for the whole table on 2 CPU cores
+    "standard": SpeechSize("standard", 256, 2, None, 40, 10, 4, 2e-3),
+    # paper scale (2x1024 mask estimator); for a GPU
+    "paper": SpeechSize("standard", 1024, 2, None, None, 30, 10, 1e-3),
+}
+
+
+def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
+    """The speech-enhancement task at a preset size; builds the corpus on first use (needs espeak-ng).
+
+    Validation metric for training: mask MSE; every protocol row also reports test PESQ-wb, STOI
+    and SI-SDR (and the noisy input's scores go in the task's meta)."""
+    from ..data.speech import load_corpus
+
+    if preset not in SIZES:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(SIZES)}")
+    size = SIZES[preset]
+    corpus = load_corpus(preset=size.corpus, seed=seed)
+    train, val, test = corpus["train"], corpus["val"], corpus["test"]
+    n_train = len(train) if size.train_utterances is None else min(size.train_utterances, len(train))
+    n_test = len(test) if size.test_utterances is None else min(size.test_utterances, len(test))
+    stats_from = [train.noisy[i] for i in range(n_train)]
+
+    architecture = {"name": "speech", "kwargs": {"hidden": size.hidden, "layers": size.layers}}
+
+    def build() -> nn.Module:
+        return fit_feature_stats(make_model(size.hidden, size.layers), stats_from)
+
+    def report(model: nn.Module) -> dict[str, float]:
+        scores = evaluate(model, test, limit=n_test)
+        return {k: scores[k] for k in ("pesq", "stoi", "si_sdr")}
+
+    noisy = [audio.score(test.clean[i], test.noisy[i]) for i in range(n_test)]
+    example = torch.stack([audio.log_magnitude(audio.stft(torch.as_tensor(test.noisy[0][: SAMPLE_RATE * 2])))] * 8)
+    return Task(
+        name="speech",
+        metric=MASK_MSE,
+        build_model=build,
+        train_loader=SpeechLoader(train, batch_size=16, shuffle=True, seed=seed, limit=n_train),
+        val_loader=SpeechLoader(val, batch_size=16, shuffle=False),
+        test_loader=SpeechLoader(test, batch_size=16, shuffle=False, limit=n_test),
+        loss_fn=mask_loss,
+        forward_fn=forward_fn,
+        dense_epochs=size.dense_epochs,
+        finetune_epochs=size.finetune_epochs,
+        lr=size.lr,
+        grad_clip=5.0,
+        example_batch=example,
+        step_input=torch.zeros(1, N_BINS),
+        test_report=report,
+        architecture=architecture,
+        meta={"dataset": f"synthetic espeak-ng corpus ({size.corpus})", "preset": preset, "seed": seed,
+              "hidden_size": size.hidden, "layers": size.layers, "train_utterances": n_train,
+              "test_utterances": n_test, "manifest": str(corpus.root / "manifest.json"),
+              **{f"noisy_{k}": float(np.mean([s[k] for s in noisy])) for k in ("pesq", "stoi", "si_sdr")}},
+    )
