@@ -323,13 +323,15 @@ def decompose(
             f"{len(in_factors)} and {len(out_factors)}"
         )
     _check_truncation_args(max_bond, rel_tol)
-    if not bool(torch.isfinite(matrix).all()):
+    # One float64 reduction gives the norm; it is finite iff every entry is (the entry-wise
+    # check only runs to tell a float64 overflow from a NaN/inf).
+    norm = float(torch.linalg.vector_norm(matrix, dtype=torch.float64))
+    if not math.isfinite(norm) and not bool(torch.isfinite(matrix).all()):
         raise ValueError("matrix contains NaN or inf; expected finite values")
 
     n = len(in_factors)
     tensor = matrix.reshape(*in_factors, *out_factors)
     tensor = tensor.permute(*[p for k in range(n) for p in (k, n + k)]).contiguous()
-    norm = float(matrix.double().norm())
     delta = None if rel_tol is None else rel_tol * norm / math.sqrt(max(n - 1, 1))
 
     cores, discarded = [], 0.0
@@ -337,15 +339,46 @@ def decompose(
     for k in range(n - 1):
         d = rest.shape[0]
         i, j = in_factors[k], out_factors[k]
-        u, s, vh = torch.linalg.svd(rest.reshape(d * i * j, -1), full_matrices=False)
-        r = _rank_to_keep(s, max_bond, delta)
-        discarded += float((s[r:].double() ** 2).sum())
-        cores.append(u[:, :r].reshape(d, i, j, r))
-        rest = s[:r, None] * vh[:r]
+        u, rest, tail = _split(rest.reshape(d * i * j, -1), max_bond, delta)
+        discarded += tail
+        cores.append(u.reshape(d, i, j, u.shape[1]))
     cores.append(rest.reshape(rest.shape[0], in_factors[-1], out_factors[-1], 1))
     err = math.sqrt(discarded) / norm if norm > 0 else 0.0
     report = TruncationReport(err, max_bond, rel_tol, _clipped(in_factors, out_factors, max_bond))
     return MPO(cores, report)
+
+
+def _split(a: Tensor, max_bond: int | None, delta: float | None) -> tuple[Tensor, Tensor, float]:
+    """Truncated factorisation a ~= u @ rest of one unfolding (u with orthonormal columns).
+
+    Returns (u, rest, discarded energy ||a - u rest||_F^2). A wide float32/16 unfolding
+    (rows <= cols / _GRAM_MIN_ASPECT) is split through its Gram matrix a a^T formed and
+    diagonalised in float64: the eigenvalues are the squared singular values to ~1e-16 of
+    ||a||^2 (finer than the input's own precision), the eigenvectors are an orthonormal u,
+    and rest = u^T a is the exact projection, so rank choice, discarded energy and the
+    rel_tol guarantee are as with the SVD. LAPACK's SVD of such a wide matrix is 3-20x
+    slower here (docs/benchmarks.md). Other unfoldings take the SVD of the tall orientation
+    (2-4x faster than of the wide one)."""
+    m, cols = a.shape
+    if m * _GRAM_MIN_ASPECT <= cols and a.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        wide = a.double()
+        energy, basis = torch.linalg.eigh(wide @ wide.T)
+        energy, basis = energy.flip(0).clamp_min(0.0), basis.flip(1)  # descending
+        r = _rank_to_keep(energy.sqrt(), max_bond, delta)
+        u = basis[:, :r].to(a.dtype)
+        return u, u.T @ a, float(energy[r:].sum())
+    if m <= cols:
+        vt, s, ut = torch.linalg.svd(a.T, full_matrices=False)
+        u, vh = ut.T, vt.T
+    else:
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    r = _rank_to_keep(s, max_bond, delta)
+    return u[:, :r], s[:r, None] * vh[:r], float((s[r:].double() ** 2).sum())
+
+
+# Smallest cols/rows ratio of an unfolding for the Gram route (its m^3 eigh in float64
+# must stay small next to the SVD's 4 m^2 cols): measured with benchmarks/bench_mpo.py.
+_GRAM_MIN_ASPECT = 2
 
 
 def capped_bond_dims(
@@ -374,6 +407,17 @@ def _grow_right(core: Tensor, right: Tensor) -> Tensor:
     return out.reshape(d, i * a, j * b)
 
 
+def _halves(cores: Sequence[Tensor], split: int) -> tuple[Tensor, Tensor]:
+    """Contract cores[:split] into (I_L, J_L, D) and cores[split:] into (D, I_R, J_R)."""
+    left = cores[0][0]  # (i1, j1, D1)
+    for core in cores[1:split]:
+        left = _grow_left(left, core)
+    right = cores[-1][..., 0]  # (D, i_n, j_n)
+    for core in reversed(cores[split:-1]):
+        right = _grow_right(core, right)
+    return left, right
+
+
 def cores_to_matrix(cores: Sequence[Tensor], transpose: bool = False) -> Tensor:
     """Rebuild W (I, J) from cores, or W^T (J, I) with ``transpose=True``.
 
@@ -385,36 +429,59 @@ def cores_to_matrix(cores: Sequence[Tensor], transpose: bool = False) -> Tensor:
     n = len(cores)
     if n == 1:
         return cores[0][0, :, :, 0]
-    half = (n + 1) // 2
-    left = cores[0][0]  # (i1, j1, D1)
-    for core in cores[1:half]:
-        left = _grow_left(left, core)
-    right = cores[-1][..., 0]  # (D, i_n, j_n)
-    for core in reversed(cores[half:-1]):
-        right = _grow_right(core, right)
+    left, right = _halves(cores, (n + 1) // 2)
     il, jl, d = left.shape
     _, ir, jr = right.shape
     out = torch.matmul(left.reshape(il, 1, jl, d), right.permute(1, 0, 2).reshape(1, ir, d, jr))
     return out.reshape(il * ir, jl * jr)
 
 
+def _split_cost(shapes: Sequence[tuple[int, int, int, int]], split: int, rows: int) -> tuple[float, float]:
+    """(FLOPs, elements of the intermediate) of ``_sweep_matmul`` cutting the chain at ``split``:
+    merging each half, then x with the left half, then with the right half."""
+    il = jl = 1
+    merge = 0.0
+    for k, (_, i, j, e) in enumerate(shapes[:split]):
+        il, jl = il * i, jl * j
+        merge += 2.0 * il * jl * e * (shapes[k - 1][3] if k else 0)
+    ir = jr = 1
+    for k, (d, i, j, _) in enumerate(reversed(shapes[split:])):
+        ir, jr = ir * i, jr * j
+        merge += 2.0 * d * ir * jr * (shapes[len(shapes) - k][0] if k else 0)
+    bond = shapes[split][0]
+    flops = merge + 2.0 * rows * bond * jl * ir * (il + jr)
+    return flops, float(rows * jl * bond * ir)
+
+
+def _best_split(shapes: Sequence[tuple[int, int, int, int]], rows: int) -> int:
+    return min(range(1, len(shapes)), key=lambda k: _split_cost(shapes, k, rows)[0])
+
+
 def _sweep_matmul(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
-    """x (N, I) @ W (I, J) core by core, never forming W. Returns (N, J)."""
+    """x (N, I) @ W (I, J) without forming W. Returns (N, J).
+
+    The chain is cut at the bond that minimises the FLOPs; each half is merged into one
+    small block (independent of N), then x (N, I_L, I_R) is contracted with the left block
+    (one broadcast matmul whose output (N, J_L, D, I_R) needs no permute) and the result
+    with the right block (one GEMM over (D, I_R)). Two large ops instead of a matmul and a
+    permute per core: 2-3x faster than the core-by-core sweep at 32 rows."""
     n_rows = x.shape[0]
-    state = x.reshape(n_rows, 1, -1)  # (M, D, I_rest) with M = N * j_1..j_{k-1}
-    for core in cores:
-        d, i, j, e = core.shape
-        m, _, rest_all = state.shape
-        rest = rest_all // i
-        state = state.reshape(m, d * i, rest).transpose(1, 2) @ core.reshape(d * i, j * e)
-        state = state.reshape(m, rest, j, e).permute(0, 2, 3, 1).reshape(m * j, e, rest)
-    return state.reshape(n_rows, -1)
+    if len(cores) == 1:
+        return x @ cores[0][0, :, :, 0]
+    shapes = [tuple(c.shape) for c in cores]
+    left, right = _halves(cores, _best_split(shapes, n_rows))
+    il, jl, d = left.shape
+    _, ir, jr = right.shape
+    mid = torch.matmul(left.reshape(il, jl * d).T, x.reshape(n_rows, il, ir))  # (N, J_L * D, I_R)
+    return (mid.reshape(n_rows * jl, d * ir) @ right.reshape(d * ir, jr)).reshape(n_rows, jl * jr)
 
 
-# Machine constants of the cost model, measured on the 2-core AVX-512 reference machine
-# (docs/benchmarks.md): sustained matmul throughput, bandwidth of strided copies, and the
-# fixed cost of one dispatched torch op.
+# Machine constants of the cost model, fitted on the 2-core AVX-512 reference machine with
+# benchmarks/bench_mpo.py (docs/benchmarks.md): sustained throughput of the large dense
+# matmul, of the two-half contraction's small/batched matmuls, bandwidth of strided copies,
+# and the fixed cost of one dispatched torch op (forward plus its backward).
 _FLOPS_PER_S = 6e10
+_SMALL_FLOPS_PER_S = 4e10
 _BYTES_PER_S = 4e9
 _OP_OVERHEAD_S = 6e-6
 
@@ -422,21 +489,18 @@ _OP_OVERHEAD_S = 6e-6
 def matmul_cost(rows: int, cores: Sequence[Tensor], weight_cached: bool = False) -> dict[str, float]:
     """Estimated seconds of ``x (rows, I) @ W`` for each strategy (FLOPs + bytes + op count).
 
-    "cores": contract x with one core at a time. "rebuild": form W (skipped if
-    ``weight_cached``) then one dense matmul."""
+    "cores": contract x with the two merged halves of the chain (``_sweep_matmul``).
+    "rebuild": form W (skipped if ``weight_cached``) then one dense matmul."""
     shapes = [tuple(c.shape) for c in cores]
     size = cores[0].element_size()
     in_dim = math.prod(s[1] for s in shapes)
     out_dim = math.prod(s[2] for s in shapes)
 
-    flops = moved = 0.0
-    m, rest_all = rows, in_dim
-    for d, i, j, e in shapes:
-        rest = rest_all // i
-        flops += 2.0 * m * rest * d * i * j * e
-        moved += 2.0 * size * m * rest * j * e  # the permute reads and writes the state
-        m, rest_all = m * j, rest
-    cores_s = flops / _FLOPS_PER_S + moved / _BYTES_PER_S + 4 * len(shapes) * _OP_OVERHEAD_S
+    if len(shapes) == 1:
+        cores_s = 2.0 * rows * in_dim * out_dim / _FLOPS_PER_S + _OP_OVERHEAD_S
+    else:
+        flops, mid = _split_cost(shapes, _best_split(shapes, rows), rows)
+        cores_s = flops / _SMALL_FLOPS_PER_S + 2 * size * mid / _BYTES_PER_S + 4 * len(shapes) * _OP_OVERHEAD_S
 
     matmul_s = 2.0 * rows * in_dim * out_dim / _FLOPS_PER_S + size * in_dim * out_dim / _BYTES_PER_S
     if weight_cached:
