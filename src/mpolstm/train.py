@@ -30,6 +30,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 
+from . import distributed
 from .data.cache import atomic_open, atomic_write_bytes
 
 __all__ = [
@@ -67,6 +70,7 @@ __all__ = [
 CHECKPOINT_FORMAT = "mpolstm.train.checkpoint/1"
 BEST_FORMAT = "mpolstm.train.best/1"
 CHECKPOINT_NAME, BEST_NAME, METRICS_NAME = "checkpoint.safetensors", "best.safetensors", "metrics.jsonl"
+_PROBE_NAME = ".write-probe"
 
 Batch = Any
 ForwardFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor]]
@@ -247,8 +251,16 @@ def evaluate(
     amp: bool = False,
 ) -> float:
     """The metric of ``model`` over ``loader`` (eval mode, no gradients; training mode restored)."""
-    forward = forward_fn or _default_forward
     dev = torch.device(device) if device is not None else _model_device(model)
+    total, count = _metric_sums(model, loader, metric, forward_fn or _default_forward, dev, amp)
+    if count == 0:
+        raise ValueError("evaluate() got an empty loader")
+    return metric.finalize(total / count)
+
+
+@torch.no_grad()
+def _metric_sums(model: nn.Module, loader: Iterable[Batch], metric: Metric, forward: ForwardFn,
+                 dev: torch.device, amp: bool) -> tuple[float, int]:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -260,9 +272,7 @@ def evaluate(
             total, count = total + s, count + n
     finally:
         model.train(was_training)
-    if count == 0:
-        raise ValueError("evaluate() got an empty loader")
-    return metric.finalize(total / count)
+    return total, count
 
 
 def _each(callbacks: Sequence[Any], hook: str, state: TrainState) -> None:
@@ -309,7 +319,8 @@ def _unb64(s: str) -> Tensor:
 
 
 def _loader_generators(loader: Any) -> list[torch.Generator]:
-    gens = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
+    gens = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None),
+            getattr(getattr(loader, "batch_sampler", None), "generator", None)]
     out: list[torch.Generator] = []
     for g in gens:
         if isinstance(g, torch.Generator) and all(g is not h for h in out):
@@ -410,7 +421,8 @@ def load_checkpoint(path: str | os.PathLike, fmt: str = CHECKPOINT_FORMAT) -> tu
 
 
 def _save(path: Path, tensors: Mapping[str, Tensor], fmt: str, state: Mapping[str, Any]) -> None:
-    atomic_write_bytes(path, st_save(dict(tensors), metadata={"format": fmt, "state": json.dumps(state)}))
+    data = st_save(dict(tensors), metadata={"format": fmt, "state": json.dumps(state)})
+    _write_checked(path, lambda: atomic_write_bytes(path, data))
 
 
 def _check_structure(model: nn.Module, saved: Mapping[str, Tensor], where: Path) -> None:
@@ -509,28 +521,34 @@ def fit(
         raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
-    dev = torch.device(device) if device is not None else _model_device(model)
-    if amp and dev.type != "cuda":
-        raise ValueError(f"amp (bfloat16 autocast) needs a CUDA device, got {dev}")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir, where the checkpoint lives")
+    ddp = distributed.setup()
+    if ddp:
+        dev = distributed.device_for_rank(device)
+    else:
+        dev = torch.device(device) if device is not None else _model_device(model)
+    if amp and dev.type != "cuda":
+        raise ValueError(f"amp (bfloat16 autocast) needs a CUDA device, got {dev}")
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"out_dir {out} exists and is not a directory")
-        out.mkdir(parents=True, exist_ok=True)
-        for pattern in (f".{CHECKPOINT_NAME}.*.tmp", f".{BEST_NAME}.*.tmp", f".{METRICS_NAME}.*.tmp"):
-            for stale in out.glob(pattern):  # left by a crash mid-write
-                stale.unlink(missing_ok=True)
+        distributed.run_on_main(lambda: _prepare_out_dir(out))
     forward = forward_fn or _default_forward
     model.to(dev)
     if distill is not None:
         distill.teacher.to(dev).eval()
     teacher_forward = torch.no_grad()(forward)
+    if ddp:
+        train_loader = distributed.shard_loader(train_loader, seed)
+        val_loader = distributed.shard_loader(val_loader, seed, allow_empty=True)
 
     ckpt_path = out / CHECKPOINT_NAME if out is not None else None
     saved: tuple[dict[str, Tensor], dict[str, Any]] | None = None
-    if resume and ckpt_path is not None and ckpt_path.exists():
+    found = resume and ckpt_path is not None and ckpt_path.exists()
+    if ddp and 0 < distributed.all_reduce_sum([found])[0] < distributed.world_size():
+        raise ValueError(f"checkpoint {ckpt_path} exists on some ranks only; out_dir must be on a file system "
+                         "shared by every node to resume")
+    if found:
         saved = load_checkpoint(ckpt_path)
         if saved[1].get("optimizer", {}).get("name") != optimizer:
             raise ValueError(f"checkpoint {ckpt_path} was written with optimizer "
@@ -566,22 +584,27 @@ def fit(
                 cb.load_state_dict(cb_state)
         if state.best_epoch is not None:
             best_state = _recover_best(out, state, model_sd)
-    if out is not None:
-        with atomic_open(out / METRICS_NAME, "w") as fh:  # a fresh run starts empty; a resumed one from its history
-            fh.writelines(json.dumps(r) + "\n" for r in state.history)
+    if out is not None:  # a fresh run starts empty; a resumed one from its history
+        distributed.run_on_main(lambda: _write_checked(out / METRICS_NAME, lambda: _write_metrics(out, state.history)))
 
-    signature = _param_signature(model)
+    def wrap() -> nn.Module:
+        """The module that trains: ``model``, or its DDP wrapper (rebuilt when the parameters change)."""
+        if not ddp:
+            return model
+        return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    net, signature = wrap(), _param_signature(model)
 
     def sync_optimizer() -> None:
-        nonlocal opt, signature
+        nonlocal opt, signature, net
         new = _param_signature(model)
         if new != signature:
             current_lr = opt.param_groups[0]["lr"]
             opt = make_optimizer(optimizer, (p for p in model.parameters() if p.requires_grad), current_lr,
                                  weight_decay=weight_decay, momentum=momentum)
-            state.optimizer, signature = opt, new
+            state.optimizer, signature, net = opt, new, wrap()
 
-    bar = _progress(progress)
+    bar = _progress(progress) if distributed.is_main() else None
     with bar if bar is not None else contextlib.nullcontext():
         task = bar.add_task("train", total=None, info="") if bar is not None else None
         for epoch in range(state.epoch, epochs):
@@ -593,7 +616,7 @@ def fit(
                 g["lr"] = lr * (lr_schedule(epoch) if lr_schedule is not None else 1.0)
             _each(callbacks, "on_epoch_start", state)
             sync_optimizer()
-            model.train()
+            net.train()
             n_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
             if bar is not None:
                 bar.reset(task, total=n_batches, description=f"epoch {epoch + 1}/{epochs}", info="")
@@ -601,27 +624,36 @@ def fit(
             for batch in train_loader:
                 batch = _to_device(batch, dev)
                 with _autocast(amp):
-                    outputs, targets = forward(model, batch)
+                    outputs, targets = forward(net, batch)
                     loss = loss_fn(outputs, targets)
                     if distill is not None:
                         teacher_out, _ = teacher_forward(distill.teacher, batch)
                         loss = (1 - distill.alpha) * loss + distill.alpha * distill.loss(outputs, teacher_out)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {state.step + 1}")
+                # under DDP the mean over ranks: every rank sees the same value and stops together
+                step_loss = loss.item()
+                if ddp:
+                    step_loss = distributed.all_reduce_sum([step_loss])[0] / distributed.world_size()
+                if not math.isfinite(step_loss):
+                    raise FloatingPointError(f"loss became {step_loss} at epoch {epoch + 1}, step {state.step + 1}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if grad_clip is not None:
                     nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
                 opt.step()
                 state.step += 1
-                loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+                loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
                 _each(callbacks, "on_batch_end", state)
                 sync_optimizer()
                 if bar is not None:
                     bar.update(task, advance=1, info=f"loss {loss_sum / loss_n:.4f}")
             if loss_n == 0:
                 raise ValueError("the train loader yielded no batches")
-            value = evaluate(model, val_loader, metric, forward_fn=forward, device=dev, amp=amp)
+            total, count = _metric_sums(model, val_loader, metric, forward, dev, amp)
+            if ddp:
+                total, count = distributed.all_reduce_sum([total, count])
+            if count == 0:
+                raise ValueError("the validation loader yielded no batches")
+            value = metric.finalize(total / count)
             state.record.update({"epoch": epoch + 1, "train_loss": loss_sum / loss_n, f"val_{metric.name}": value,
                                  "lr": opt.param_groups[0]["lr"]})
             _each(callbacks, "on_epoch_end", state)
@@ -634,12 +666,15 @@ def fit(
                 state.bad_epochs += 1
             if patience is not None and state.bad_epochs >= patience:
                 state.stop = True
+            if ddp:
+                state.stop = distributed.any_rank(state.stop)
             state.record.update({"eligible": eligible, "best": state.best_metric,
                                  "time_s": round(time.perf_counter() - t0, 4)})
             state.history.append(dict(state.record))
             state.epoch = epoch + 1
             if out is not None:
-                _write_epoch(out, state, optimizer, train_loader, callbacks, improved, best_state, metric)
+                distributed.run_on_main(lambda: _write_epoch(out, state, optimizer, train_loader, callbacks, improved,
+                                                             best_state, metric))
             if bar is not None:
                 bar.console.print(f"epoch {epoch + 1}/{epochs}  loss {loss_sum / loss_n:.4f}  "
                                   f"val {metric.name} {value:.4f}")
@@ -647,6 +682,41 @@ def fit(
         model.load_state_dict(best_state)
     return FitResult(history=state.history, best_metric=state.best_metric, best_epoch=state.best_epoch,
                      epochs_completed=len(state.history), stopped_early=state.stop, out_dir=out)
+
+
+def _prepare_out_dir(out: Path) -> None:
+    """Create ``out``, remove temporary files left by a crash mid-write, and check that a file can be
+    written there (so that an unwritable directory fails before training, not after an epoch)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (CHECKPOINT_NAME, BEST_NAME, METRICS_NAME, _PROBE_NAME):
+            for stale in out.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{_PROBE_NAME}.", suffix=".tmp", dir=out)
+        try:
+            os.write(fd, b"0")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"out_dir {out} is not a writable directory: {e.strerror or e}") from e
+
+
+def _write_checked(path: Path, write: Callable[[], None]) -> None:
+    """Run ``write`` (which writes ``path``); an OSError (disk full, permissions) names the file."""
+    try:
+        write()
+    except OSError as e:
+        msg = f"could not write {path}: {e.strerror or e}; the files already in {path.parent} are kept"
+        raise (OSError(e.errno, msg) if e.errno else OSError(msg)) from e
+
+
+def _write_metrics(out: Path, history: Sequence[Mapping[str, Any]]) -> None:
+    with atomic_open(out / METRICS_NAME, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in history)
 
 
 def _write_epoch(out: Path, state: TrainState, optimizer: str, loader: Any, callbacks: Sequence[Any],
@@ -673,8 +743,12 @@ def _write_epoch(out: Path, state: TrainState, optimizer: str, loader: Any, call
     if improved and best_state is not None:
         _save(out / BEST_NAME, {f"model/{k}": v for k, v in best_state.items()}, BEST_FORMAT,
               {"epoch": state.best_epoch, "metric": state.best_metric})
-    with open(out / METRICS_NAME, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(state.history[-1]) + "\n")
+    _write_checked(out / METRICS_NAME, lambda: _append_line(out / METRICS_NAME, json.dumps(state.history[-1])))
+
+
+def _append_line(path: Path, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
