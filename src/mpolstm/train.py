@@ -340,7 +340,23 @@ def _rng_state(loader: Any) -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: Mapping[str, Any], loader: Any) -> None:
+def _set_rng_state(state: Mapping[str, Any], loader: Any, where: Path) -> None:
+    try:
+        _restore_rngs(state)
+    except (TypeError, KeyError, IndexError, RuntimeError, ValueError) as e:
+        raise ValueError(f"checkpoint {where} has malformed RNG states: {type(e).__name__}: {e}") from None
+    gens = _loader_generators(loader)
+    if len(gens) != len(state["loader"]):
+        raise ValueError(f"the checkpoint saved {len(state['loader'])} loader generator state(s) but the "
+                         f"train loader has {len(gens)}; resume with a loader built the same way")
+    try:
+        for g, s in zip(gens, state["loader"]):
+            g.set_state(_unb64(s))
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise ValueError(f"checkpoint {where} has malformed loader generator states: {e}") from None
+
+
+def _restore_rngs(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(_unb64(state["torch"]))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
@@ -348,12 +364,6 @@ def _set_rng_state(state: Mapping[str, Any], loader: Any) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     p = state["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
-    gens = _loader_generators(loader)
-    if len(gens) != len(state["loader"]):
-        raise ValueError(f"the checkpoint saved {len(state['loader'])} loader generator state(s) but the "
-                         f"train loader has {len(gens)}; resume with a loader built the same way")
-    for g, s in zip(gens, state["loader"]):
-        g.set_state(_unb64(s))
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -401,7 +411,10 @@ def _cpu_copy(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def load_checkpoint(path: str | os.PathLike, fmt: str = CHECKPOINT_FORMAT) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a checkpoint (or ``best.safetensors`` with ``fmt=BEST_FORMAT``): (tensors, state).
 
-    Raises ValueError for a missing, truncated, foreign or malformed file."""
+    Raises ValueError for a missing, truncated, foreign or malformed file: the safetensors header
+    (whose declared size is checked against the file before anything is read), the tensor names and
+    the state's fields and their types are validated; tensors are read from a memory map, so a file
+    never costs more memory than its size. Nothing is unpickled."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
@@ -411,13 +424,49 @@ def load_checkpoint(path: str | os.PathLike, fmt: str = CHECKPOINT_FORMAT) -> tu
             if meta.get("format") != fmt:
                 raise ValueError(f"{path} is not an mpolstm checkpoint (metadata format {meta.get('format')!r}, "
                                  f"expected {fmt!r})")
+            if "state" not in meta:
+                raise ValueError(f"checkpoint {path} has no 'state' metadata")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         state = json.loads(meta["state"])
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"checkpoint {path} is unreadable or corrupt: {e}") from None
+    except (SafetensorError, OSError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"checkpoint {path} is unreadable or corrupt: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} has a malformed state (expected a JSON object)")
+    _validate(path, fmt, tensors, state)
     return tensors, state
+
+
+_NUMBER, _INT, _NONE = (int, float), (int,), (type(None),)
+_STATE_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    CHECKPOINT_FORMAT: {"epoch": _INT, "step": _INT, "optimizer": (dict,), "rng": (dict,),
+                        "best_metric": _NUMBER + _NONE, "best_epoch": _INT + _NONE, "bad_epochs": _INT,
+                        "stopped": (bool,), "history": (list,), "callbacks": (list,), "shapes": (dict,)},
+    BEST_FORMAT: {"epoch": _INT, "metric": _NUMBER},
+}
+_NESTED_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "optimizer": {"name": (str,), "param_groups": (list,), "scalar_state": (dict,)},
+    "rng": {"torch": (str,), "cuda": (list,), "numpy": (list,), "python": (list,), "loader": (list,)},
+}
+
+
+def _validate(path: Path, fmt: str, tensors: Mapping[str, Tensor], state: Mapping[str, Any]) -> None:
+    """Tensor names and state fields of a checkpoint (``fmt``) are what :func:`fit` writes."""
+    def check(fields: Mapping[str, tuple[type, ...]], doc: Mapping[str, Any], where: str) -> None:
+        for name, kinds in fields.items():
+            value = doc.get(name)
+            if name not in doc or not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"checkpoint {path} has a malformed state: {where}{name!r} should be "
+                                 f"{' or '.join(k.__name__ for k in kinds)}, got {value!r:.60}")
+    check(_STATE_FIELDS[fmt], state, "")
+    for key, fields in _NESTED_FIELDS.items() if fmt == CHECKPOINT_FORMAT else ():
+        check(fields, state[key], f"{key}.")
+    for name in tensors:
+        parts = name.split("/")
+        ok = (parts[0] == "model" and len(parts) == 2 and parts[1]) or (
+            fmt == CHECKPOINT_FORMAT and parts[0] == "optim" and len(parts) == 3 and parts[1].isdecimal() and parts[2])
+        if not ok:
+            raise ValueError(f"checkpoint {path} holds an unexpected tensor {name!r:.80}; expected 'model/<name>'"
+                             + (" or 'optim/<index>/<key>'" if fmt == CHECKPOINT_FORMAT else ""))
 
 
 def _save(path: Path, tensors: Mapping[str, Tensor], fmt: str, state: Mapping[str, Any]) -> None:
@@ -570,9 +619,13 @@ def fit(
         model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
         _check_structure(model, model_sd, ckpt_path)
         model.load_state_dict(model_sd)
-        opt.load_state_dict(_optimizer_state_dict(
-            {k: v for k, v in tensors.items() if k.startswith("optim/")}, meta["optimizer"]))
-        _set_rng_state(meta["rng"], train_loader)
+        try:
+            opt.load_state_dict(_optimizer_state_dict(
+                {k: v for k, v in tensors.items() if k.startswith("optim/")}, meta["optimizer"]))
+        except (TypeError, KeyError, IndexError, RuntimeError, ValueError) as e:
+            raise ValueError(f"checkpoint {ckpt_path} has an optimizer state that does not fit {optimizer!r} "
+                             f"over this model: {e}") from None
+        _set_rng_state(meta["rng"], train_loader, ckpt_path)
         state.step, state.history = int(meta["step"]), list(meta["history"])
         state.best_metric, state.best_epoch = meta["best_metric"], meta["best_epoch"]
         state.bad_epochs, state.stop = int(meta["bad_epochs"]), bool(meta["stopped"])
