@@ -224,3 +224,15 @@ def test_cost_model_prefers_cores_for_one_row_and_rebuild_for_many():
     cores = M.decompose(torch.randn(1024, 1024), (4, 8, 8, 4), (4, 8, 8, 4), max_bond=8).cores
     assert M.matmul_cost(1, cores)["cores"] < M.matmul_cost(1, cores)["rebuild"]
     assert M.matmul_cost(4096, cores)["rebuild"] < M.matmul_cost(4096, cores)["cores"]
+
+
+def test_truncate_per_bond_caps():
+    w = torch.randn(48, 60, dtype=torch.float64)
+    full = M.decompose(w, (2, 4, 6), (3, 4, 5))
+    cut = full.truncate(max_bond=[2, 7])
+    assert cut.bond_dims == (2, 7)
+    assert rel_err(cut.to_matrix(), w) == pytest.approx(cut.report.rel_error, rel=1e-8)
+    with pytest.raises(ValueError, match="expected one per internal bond"):
+        full.truncate(max_bond=[2, 3, 4])
+    with pytest.raises(ValueError, match="max_bond must be a positive integer"):
+        full.truncate(max_bond=[2, 0])

@@ -435,26 +435,6 @@ def _allocate_bonds(
     return bonds
 
 
-def _truncate_to_bonds(mpo: MPO, bonds: Sequence[int]) -> MPO:
-    """TT-rounding to the given internal bonds (each clipped to what the MPO has).
-
-    Right-canonicalise, then one left-to-right SVD sweep keeping bonds[k] values at bond
-    k. The error ||W - W'||_F / ||W||_F is exact: the discarded pieces are orthogonal."""
-    cores = list(mpo.canonicalize(0).cores)
-    norm = float(cores[0].norm())
-    discarded = 0.0
-    for k in range(len(cores) - 1):
-        d, i, j, e = cores[k].shape
-        u, s, vh = torch.linalg.svd(cores[k].reshape(d * i * j, e), full_matrices=False)
-        r = max(1, min(int(bonds[k]), s.numel()))
-        discarded += float((s[r:].double() ** 2).sum())
-        cores[k] = u[:, :r].reshape(d, i, j, r)
-        nxt = cores[k + 1]
-        cores[k + 1] = ((s[:r, None] * vh[:r]) @ nxt.reshape(e, -1)).reshape(r, *nxt.shape[1:])
-    err = math.sqrt(discarded) / norm if norm > 0 else 0.0
-    return MPO(cores, TruncationReport(err, max(bonds, default=None), None))
-
-
 def _budget_mpos(
     exact: dict[str, dict[str, MPO]], max_bonds: dict[str, int | None], budget: int
 ) -> dict[str, dict[str, MPO]]:
@@ -470,7 +450,7 @@ def _budget_mpos(
     bonds = _allocate_bonds(spectra, sizes, caps, limits, budget)
     result: dict[str, dict[str, MPO]] = {}
     for (name, wname, m), b in zip(flat, bonds):
-        result.setdefault(name, {})[wname] = _truncate_to_bonds(m, b)
+        result.setdefault(name, {})[wname] = m.truncate(max_bond=[max(1, int(x)) for x in b])
     return result
 
 

@@ -160,19 +160,33 @@ class MPO:
             raise ValueError(f"center must be an integer in [0, {n - 1}], got {center!r}")
         return MPO(_canonicalize(self.cores, center), self.report)
 
-    def truncate(self, max_bond: int | None = None, rel_tol: float | None = None) -> "MPO":
+    def truncate(self, max_bond: int | Sequence[int] | None = None, rel_tol: float | None = None) -> "MPO":
         """TT-rounding: orthogonalize, then an SVD sweep dropping the smallest singular values.
 
         With ``rel_tol=eps`` the result W' satisfies ||W - W'||_F <= eps ||W||_F.
-        ``max_bond`` caps every bond. The achieved error is in ``result.report``."""
-        _check_truncation_args(max_bond, rel_tol)
+        ``max_bond`` caps every bond (an int) or each internal bond (a sequence of n-1 ints).
+        The achieved error is in ``result.report``."""
+        caps = self._bond_caps(max_bond)
+        _check_truncation_args(None, rel_tol)
         cores = _canonicalize(self.cores, 0)
         norm = cores[0].norm()
         delta = None if rel_tol is None else rel_tol * float(norm) / math.sqrt(max(self.num_cores - 1, 1))
-        cores, _, discarded = _svd_sweep(cores, max_bond, delta)
+        cores, _, discarded = _svd_sweep(cores, caps, delta)
         err = math.sqrt(sum(discarded)) / float(norm) if float(norm) > 0 else 0.0
-        clipped = _clipped(self.in_factors, self.out_factors, max_bond)
-        return MPO(cores, TruncationReport(err, max_bond, rel_tol, clipped))
+        single = max_bond if isinstance(max_bond, int) else None
+        clipped = _clipped(self.in_factors, self.out_factors, single)
+        return MPO(cores, TruncationReport(err, single, rel_tol, clipped))
+
+    def _bond_caps(self, max_bond: int | Sequence[int] | None) -> list[int | None]:
+        if max_bond is None or isinstance(max_bond, int):
+            _check_truncation_args(max_bond, None)
+            return [max_bond] * (self.num_cores - 1)
+        caps = list(max_bond)
+        if len(caps) != self.num_cores - 1:
+            raise ValueError(f"max_bond has {len(caps)} entries, expected one per internal bond ({self.num_cores - 1})")
+        for cap in caps:
+            _check_truncation_args(cap, None)
+        return caps
 
     def singular_values(self, bond: int) -> Tensor:
         """Singular values of W unfolded at internal bond ``bond`` (0-based, between core
@@ -184,7 +198,7 @@ class MPO:
     def spectra(self) -> list[Tensor]:
         """Singular values at every internal bond (one sweep)."""
         with torch.no_grad():
-            _, spectra, _ = _svd_sweep(_canonicalize(self.cores, 0), None, None)
+            _, spectra, _ = _svd_sweep(_canonicalize(self.cores, 0), [None] * (self.num_cores - 1), None)
         return spectra
 
     def entanglement_entropy(self) -> Tensor:
@@ -256,8 +270,9 @@ def _rank_to_keep(s: Tensor, max_bond: int | None, delta: float | None) -> int:
     return max(rank, 1)
 
 
-def _svd_sweep(cores: list[Tensor], max_bond: int | None, delta: float | None):
-    """Left-to-right SVD sweep over cores whose right part is right-orthogonal (centre 0).
+def _svd_sweep(cores: list[Tensor], caps: Sequence[int | None], delta: float | None):
+    """Left-to-right SVD sweep over cores whose right part is right-orthogonal (centre 0),
+    keeping at most ``caps[k]`` singular values at bond k (None: no cap).
 
     Returns (new cores, singular values per bond before truncation, discarded energy per bond).
     """
@@ -266,7 +281,7 @@ def _svd_sweep(cores: list[Tensor], max_bond: int | None, delta: float | None):
     for k in range(len(cores) - 1):
         d, i, j, e = cores[k].shape
         u, s, vh = torch.linalg.svd(cores[k].reshape(d * i * j, e), full_matrices=False)
-        r = _rank_to_keep(s, max_bond, delta)
+        r = _rank_to_keep(s, caps[k], delta)
         spectra.append(s.detach())
         discarded.append(float((s[r:].double() ** 2).sum()))
         cores[k] = u[:, :r].reshape(d, i, j, r)
