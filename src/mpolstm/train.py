@@ -343,7 +343,7 @@ def _rng_state(loader: Any) -> dict[str, Any]:
 def _set_rng_state(state: Mapping[str, Any], loader: Any, where: Path) -> None:
     try:
         _restore_rngs(state)
-    except (TypeError, KeyError, IndexError, RuntimeError, ValueError) as e:
+    except (TypeError, KeyError, IndexError, AttributeError, RuntimeError, ValueError) as e:
         raise ValueError(f"checkpoint {where} has malformed RNG states: {type(e).__name__}: {e}") from None
     gens = _loader_generators(loader)
     if len(gens) != len(state["loader"]):
@@ -622,7 +622,7 @@ def fit(
         try:
             opt.load_state_dict(_optimizer_state_dict(
                 {k: v for k, v in tensors.items() if k.startswith("optim/")}, meta["optimizer"]))
-        except (TypeError, KeyError, IndexError, RuntimeError, ValueError) as e:
+        except (TypeError, KeyError, IndexError, AttributeError, RuntimeError, ValueError) as e:
             raise ValueError(f"checkpoint {ckpt_path} has an optimizer state that does not fit {optimizer!r} "
                              f"over this model: {e}") from None
         _set_rng_state(meta["rng"], train_loader, ckpt_path)
