@@ -19,6 +19,20 @@ those of an uninterrupted run (bit-exact on CPU). Models whose structure changes
 callback's ``on_fit_start`` with ``state.resumed = True`` and ``state.epoch`` = the number of
 completed epochs *before* loading, so a callback re-applies its schedule deterministically up to
 that epoch; any remaining mismatch of tensor names or shapes is a ValueError listing them.
+
+Distributed training: under ``torchrun`` (``WORLD_SIZE`` > 1) fit initialises the process group
+(:mod:`mpolstm.distributed`; gloo on CPU, NCCL for CUDA on ``cuda:LOCAL_RANK``), wraps the model in
+DistributedDataParallel and gives each rank its part of every global batch
+(:func:`mpolstm.distributed.shard_loader`: the loader's batch size stays the global one). The train
+loss and the validation metric's sums and counts are reduced over ranks; rank 0 alone writes
+metrics.jsonl and checkpoints and shows the progress bar, and a failure there is raised on every
+rank. Every rank reads the same checkpoint to resume (``out_dir`` must be shared between nodes).
+Callbacks see the unwrapped model; when one replaces or freezes parameters (bond shrinking,
+pruning), the optimizer and the DDP wrapper are rebuilt (DDP re-broadcasts rank 0's weights).
+Every rank uses the same seed, so dropout masks repeat across ranks.
+
+An ``out_dir`` that cannot be created or written is a ValueError before training starts; a failed
+write later (disk full) is an OSError naming the file, with the previous checkpoint left intact.
 """
 
 from __future__ import annotations
@@ -340,10 +354,14 @@ def _rng_state(loader: Any) -> dict[str, Any]:
     }
 
 
+# what restoring hand-edited or corrupted (but well-typed at the top level) state can raise
+_MALFORMED = (TypeError, KeyError, IndexError, AttributeError, OverflowError, RuntimeError, ValueError)
+
+
 def _set_rng_state(state: Mapping[str, Any], loader: Any, where: Path) -> None:
     try:
         _restore_rngs(state)
-    except (TypeError, KeyError, IndexError, AttributeError, RuntimeError, ValueError) as e:
+    except _MALFORMED as e:
         raise ValueError(f"checkpoint {where} has malformed RNG states: {type(e).__name__}: {e}") from None
     gens = _loader_generators(loader)
     if len(gens) != len(state["loader"]):
@@ -352,7 +370,7 @@ def _set_rng_state(state: Mapping[str, Any], loader: Any, where: Path) -> None:
     try:
         for g, s in zip(gens, state["loader"]):
             g.set_state(_unb64(s))
-    except (TypeError, RuntimeError, ValueError) as e:
+    except _MALFORMED as e:
         raise ValueError(f"checkpoint {where} has malformed loader generator states: {e}") from None
 
 
@@ -622,7 +640,7 @@ def fit(
         try:
             opt.load_state_dict(_optimizer_state_dict(
                 {k: v for k, v in tensors.items() if k.startswith("optim/")}, meta["optimizer"]))
-        except (TypeError, KeyError, IndexError, AttributeError, RuntimeError, ValueError) as e:
+        except _MALFORMED as e:
             raise ValueError(f"checkpoint {ckpt_path} has an optimizer state that does not fit {optimizer!r} "
                              f"over this model: {e}") from None
         _set_rng_state(meta["rng"], train_loader, ckpt_path)
