@@ -7,5 +7,6 @@ compress.py and io.py rely on. Read it before adding a layer.
 
 from .embedding import MPOEmbedding
 from .linear import MPOLinear
+from .rnn import MPOGRU, MPOLSTM
 
-__all__ = ["MPOEmbedding", "MPOLinear"]
+__all__ = ["MPOEmbedding", "MPOLinear", "MPOLSTM", "MPOGRU"]
