@@ -161,11 +161,11 @@ def test_mutated_checkpoint_fields_then_resume(valid, tmp_path, field, value, te
 
 # ------------------------------------------------------------------------------ decompose
 factor = st.integers(min_value=-2, max_value=7) | st.sampled_from([True, 2.0, None, "2", 10**12])
-factors = st.lists(factor, max_size=4) | st.tuples(st.integers(1, 6), st.integers(1, 6))
+factors = st.lists(factor, max_size=4) | st.tuples(st.integers(1, 6), st.integers(1, 6)) | st.integers(1, 6)
 bond = st.none() | st.integers(min_value=-3, max_value=10) | st.sampled_from([True, 2.5, "4", 2**70, math.nan])
 tol = st.none() | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0, 1, True, "0.1", -0.5])
-# float16/bfloat16 matrices and non-sequence factors (an int) are left out: see test_known_decompose_gaps
-dtypes = st.sampled_from([torch.float32, torch.float64, torch.int64, torch.bool, torch.complex64, torch.uint8])
+dtypes = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool,
+                          torch.complex64, torch.uint8])
 
 
 @FUZZ
@@ -181,7 +181,7 @@ def test_decompose_bad_arguments(rows, cols, dtype, in_f, out_f, max_bond, rel_t
         assert str(e)
         return
     # accepted: the arguments were valid and the result is sound
-    assert dtype.is_floating_point and poison is None
+    assert dtype in (torch.float32, torch.float64) and poison is None
     assert math.prod(in_f) == rows and math.prod(out_f) == cols
     assert mpo.to_matrix().shape == (rows, cols)
     assert math.isfinite(mpo.report.rel_error)
@@ -193,15 +193,13 @@ def test_decompose_rejects_a_non_tensor_and_wrong_rank():
             decompose(bad, [2], [2])
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, NotImplementedError),
-                   reason="mpo.decompose: half-precision matrices reach the CPU SVD and an int factor list "
-                          "reaches tuple(); both should be ValueErrors")
 @pytest.mark.parametrize("case", ["float16", "bfloat16", "int factors"])
-def test_known_decompose_gaps(case):
-    if case == "int factors":
-        decompose(torch.randn(4, 6), 4, [6])
-    else:
-        decompose(torch.randn(4, 6).to(getattr(torch, case)), [2, 2], [2, 3])
+def test_decompose_rejects_half_precision_and_scalar_factors(case):
+    with pytest.raises(ValueError, match="float32 or float64|sequence of positive integers"):
+        if case == "int factors":
+            decompose(torch.randn(4, 6), 4, [6])
+        else:
+            decompose(torch.randn(4, 6).to(getattr(torch, case)), [2, 2], [2, 3])
 
 
 # ------------------------------------------------------------------------------ no unpickling

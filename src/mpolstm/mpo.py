@@ -69,6 +69,8 @@ def factorize(n: int, num_factors: int) -> tuple[int, ...]:
 
 
 def _check_factors(name: str, factors: Sequence[int], total: int, dim_name: str) -> tuple[int, ...]:
+    if not isinstance(factors, Sequence) or isinstance(factors, str):
+        raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {factors!r}")
     factors = tuple(factors)
     if not factors or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in factors):
         raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {factors!r}")
@@ -327,8 +329,8 @@ def decompose(
     if not isinstance(matrix, Tensor) or matrix.dim() != 2:
         raise ValueError(f"matrix must be a 2-D tensor, got {type(matrix).__name__} "
                          f"{tuple(getattr(matrix, 'shape', ()))}")
-    if not matrix.is_floating_point():
-        raise ValueError(f"matrix must be floating point, got dtype {matrix.dtype}")
+    if matrix.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"matrix must be float32 or float64, got dtype {matrix.dtype} (convert it with .float())")
     rows, cols = matrix.shape
     in_factors = _check_factors("in_factors", in_factors, rows, "the matrix's row count")
     out_factors = _check_factors("out_factors", out_factors, cols, "the matrix's column count")
