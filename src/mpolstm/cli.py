@@ -6,13 +6,14 @@ Every usage error (bad option value, missing file) prints one line and exits wit
 from __future__ import annotations
 
 import shutil
-import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+
+from . import distributed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress LSTM networks with Matrix Product Operators.")
@@ -60,18 +61,29 @@ def _run_protocol(task, ratios: tuple[float, ...], out: Path, seed: int, distill
         _fail(str(exc))
     if out.exists() and any(out.iterdir()) and not (out / "results.json").exists():
         _fail(f"--out {out} exists and is not an earlier results folder; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        run_protocol(task, config, staging, log=lambda line: console.print(line, highlight=False))
-        shutil.rmtree(staging / "runs", ignore_errors=True)  # per-run checkpoints; the final models stay
-        if out.exists():
-            shutil.rmtree(out)
-        staging.replace(out)
-    finally:
+    distributed.setup()  # under torchrun: every rank runs the protocol, rank 0 writes the results
+    main_rank = distributed.is_main()
+    log = (lambda line: console.print(line, highlight=False)) if main_rank else (lambda line: None)
+    staging = out.parent / f".{out.name}.staging"
+    if main_rank:
+        out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
-    console.print((out / "results.md").read_text(), highlight=False)
-    console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} and {out / 'models'}")
+        staging.mkdir()
+    distributed.barrier()
+    try:
+        run_protocol(task, config, staging, log=log)
+        if main_rank:
+            shutil.rmtree(staging / "runs", ignore_errors=True)  # per-run checkpoints; the final models stay
+            if out.exists():
+                shutil.rmtree(out)
+            staging.replace(out)
+    finally:
+        if main_rank:
+            shutil.rmtree(staging, ignore_errors=True)
+    distributed.barrier()
+    if main_rank:
+        console.print((out / "results.md").read_text(), highlight=False)
+        console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} and {out / 'models'}")
 
 
 @app.command()
@@ -172,6 +184,8 @@ def train(
                      forward_fn=built.forward_fn)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
+    if not distributed.is_main():
+        return
     save_model(model, built.architecture, out / "model")
     console.print(f"best val {built.metric.name} {result.best_metric:.4f} at epoch {result.best_epoch}; "
                   f"model saved to {out / 'model'}")

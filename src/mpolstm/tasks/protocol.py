@@ -33,6 +33,7 @@ from torch.utils import benchmark
 
 from ..compress import CompressionConfig, compress, freeze_central, is_mpo_module
 from ..data.cache import atomic_write_bytes
+from ..distributed import is_main
 from ..mpo import MPO
 from ..nn.linear import init_cores_
 from ..prune import AGPPruner, count_nonzero, make_permanent, prune_global
@@ -228,7 +229,7 @@ def run_protocol(task: Task, config: ProtocolConfig, out_dir: str | Path,
 
     def record(row: str, ratio: float | None, model: nn.Module, seconds: float, dense_count: int) -> None:
         run = row if ratio is None else f"{row}-{ratio:g}x"
-        if task.architecture:
+        if task.architecture and is_main():
             save_model(model, task.architecture, out / "models" / run)
         metric = evaluate(model, task.test_loader, task.metric, forward_fn=task.forward_fn)
         params = _compressed_params(model, names)
@@ -292,9 +293,10 @@ def run_protocol(task: Task, config: ProtocolConfig, out_dir: str | Path,
         "finetune_epochs": ft_epochs, "dense_recurrent_params": dense_count,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
     }
-    atomic_write_bytes(out / "results.json", json.dumps(document, indent=2).encode())
-    atomic_write_bytes(out / "results.md", markdown_table(document).encode())
-    plot_results(document, out / "results.png")
+    if is_main():  # under torchrun every rank computes the same document; rank 0 writes it
+        atomic_write_bytes(out / "results.json", json.dumps(document, indent=2).encode())
+        atomic_write_bytes(out / "results.md", markdown_table(document).encode())
+        plot_results(document, out / "results.png")
     return document
 
 
