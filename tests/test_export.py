@@ -1,0 +1,184 @@
+"""Export: densify, dense folders, TorchScript and ONNX files of MPO models; bad input leaves nothing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from mpolstm.compress import CompressionConfig, compress, is_mpo_module
+from mpolstm.export import (densify, example_inputs, export_dense, export_model, export_onnx,
+                            export_torchscript)
+from mpolstm.nn import MPOGRU, MPOLSTM
+from mpolstm.tasks import load_model
+from mpolstm.tasks.ptb import WordLM
+from mpolstm.tasks.seqcls import SeqClassifier
+from mpolstm.tasks.speech import MaskEstimator
+
+SEQCLS = {"name": "seqcls", "kwargs": {"num_classes": 3, "hidden_size": 32, "input_size": 12}}
+PTB = {"name": "ptb", "kwargs": {"vocab_size": 60, "hidden_size": 32}}
+SPEECH = {"name": "speech", "kwargs": {"hidden": 32, "layers": 2}}
+
+
+def _compressed(model: nn.Module, targets: list[str]) -> nn.Module:
+    model, _ = compress(model, CompressionConfig(target_modules=targets, max_bond=4))
+    return model.eval()
+
+
+@pytest.fixture
+def seqcls() -> nn.Module:
+    torch.manual_seed(0)
+    return _compressed(SeqClassifier(**SEQCLS["kwargs"]), ["lstm"])
+
+
+def _outputs(value) -> list[torch.Tensor]:
+    return [value] if isinstance(value, torch.Tensor) else [t for v in value for t in _outputs(v)]
+
+
+def _eager(model: nn.Module, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    if isinstance(model, WordLM):
+        model._state = None  # the exported graph starts from a zero state
+    with torch.no_grad():
+        return _outputs(model.eval()(*inputs))
+
+
+def _mpo_count(model: nn.Module) -> int:
+    return sum(is_mpo_module(m) for m in model.modules())
+
+
+class _WithGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(12, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0])
+
+
+def test_densify_replaces_every_mpo_module_and_keeps_outputs():
+    torch.manual_seed(1)
+    tokens = _compressed(SeqClassifier(3, 32, vocab_size=50, embedding_dim=16), ["embedding", "lstm", "head"])
+    gru = _compressed(_WithGRU(), ["gru", "head"])
+    for model, x in ((tokens, torch.randint(1, 50, (3, 7))), (gru, torch.randn(3, 7, 12))):
+        dense = densify(model)
+        assert _mpo_count(dense) == 0 and _mpo_count(model) > 0  # the original is untouched
+        torch.testing.assert_close(_eager(dense, x), _eager(model, x), atol=1e-5, rtol=1e-4)
+    assert [type(m) for m in densify(tokens).children()] == [nn.Embedding, nn.LSTM, nn.Linear]
+    assert type(densify(gru).gru) is nn.GRU
+    bare = MPOLSTM(8, 16, bond_dim=2)
+    assert type(densify(bare)) is nn.LSTM
+
+
+def test_export_dense_loads_back_without_mpo_modules(seqcls, tmp_path):
+    x = torch.randn(2, 9, 12)
+    out = export_dense(seqcls, SEQCLS, tmp_path / "dense")
+    model, spec = load_model(out)
+    assert spec == SEQCLS and _mpo_count(model) == 0
+    torch.testing.assert_close(_eager(model, x), _eager(seqcls, x), atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # exporting again over the folder replaces its files
+        seqcls.head.bias.add_(1.0)
+    export_model(seqcls, SEQCLS, "dense", out)
+    torch.testing.assert_close(_eager(load_model(out)[0], x), _eager(seqcls, x), atol=1e-5, rtol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no temporary folders left
+
+
+@pytest.mark.parametrize("spec", [SEQCLS, PTB], ids=["seqcls-mpolstm", "ptb-all-mpo"])
+def test_torchscript_keeps_the_cores_and_matches_eager(spec, tmp_path):
+    torch.manual_seed(2)
+    if spec is PTB:
+        model = _compressed(WordLM(**PTB["kwargs"]), ["embedding", "lstm", "head"])
+    else:
+        model = _compressed(SeqClassifier(**SEQCLS["kwargs"]), ["lstm"])
+    model(*example_inputs(spec))  # fill the eval cache (and WordLM's state): must not leak into the file
+    path = export_torchscript(model, example_inputs(spec), tmp_path / "model.pt")
+    loaded = torch.jit.load(str(path))
+    new = example_inputs(spec, batch=3, steps=8)  # other batch and length than traced
+    with torch.no_grad():
+        got = _outputs(loaded(*new))
+    torch.testing.assert_close(got, _eager(model, *new), atol=1e-5, rtol=1e-4)
+    # the graph rebuilds the weights from the cores: no baked tensors, smaller than the dense trace
+    assert dict(loaded.code_with_constants[1].const_mapping) == {}
+    dense_path = export_torchscript(densify(model), example_inputs(spec), tmp_path / "dense.pt")
+    assert os.path.getsize(path) < os.path.getsize(dense_path)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def _onnx_matches(model: nn.Module, spec, path) -> None:
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")
+    new = example_inputs(spec, batch=3, steps=11)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input0": new[0].numpy()})
+    expected = _eager(model, *new)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(torch.from_numpy(g), e, atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_seqcls_with_mpolstm_runs_in_onnxruntime(seqcls, tmp_path):
+    pytest.importorskip("onnx", reason="onnx is not installed (pip install onnx)")
+    path = export_onnx(seqcls, example_inputs(SEQCLS), tmp_path / "seqcls.onnx")
+    _onnx_matches(seqcls, SEQCLS, path)
+
+
+def test_onnx_speech_mask_estimator_with_mpolstm_runs_in_onnxruntime(tmp_path):
+    onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install onnx)")
+    torch.manual_seed(3)
+    model = _compressed(MaskEstimator(**SPEECH["kwargs"]), ["lstm"])
+    assert isinstance(model.lstm, MPOLSTM)
+    path = export_model(model, SPEECH, "onnx", tmp_path / "speech.onnx")
+    _onnx_matches(model, SPEECH, path)  # mask, h_n and c_n
+    graph = onnx.load(str(path)).graph
+    assert "LSTM" in {n.op_type for n in graph.node}
+    stored = sum(int(torch.tensor(list(i.dims)).prod()) for i in graph.initializer)
+    assert stored < sum(p.numel() for p in densify(model).parameters())  # cores, not dense weights
+
+
+class _ReturnsInt(nn.Module):
+    def forward(self, x):
+        return x.sum(), 3
+
+
+class _NoOnnxOp(nn.Module):
+    def forward(self, x):
+        return torch.special.bessel_j0(x)
+
+
+def test_bad_input_raises_value_error_and_leaves_no_output(seqcls, tmp_path):
+    x = example_inputs(SEQCLS)
+    with pytest.raises(ValueError, match="unknown export format 'tflite'"):
+        export_model(seqcls, SEQCLS, "tflite", tmp_path / "m")
+    for fmt in ("torchscript", "onnx", "dense"):
+        with pytest.raises(ValueError, match="parent directory .* does not exist"):
+            export_model(seqcls, SEQCLS, fmt, tmp_path / "missing" / "m")
+    with pytest.raises(ValueError, match="cannot trace _ReturnsInt"):
+        export_torchscript(_ReturnsInt(), x, tmp_path / "int.pt")
+    with pytest.raises(ValueError, match="cannot trace _ReturnsInt"):
+        export_onnx(_ReturnsInt(), x, tmp_path / "int.onnx")
+    with pytest.raises(ValueError, match="example_inputs must be"):
+        export_torchscript(seqcls, [1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="does not match its architecture"):
+        export_dense(seqcls, PTB, tmp_path / "wrong-spec")
+    assert list(tmp_path.iterdir()) == []
+    # a failing export over an earlier file keeps that file intact
+    previous = tmp_path / "model.onnx"
+    previous.write_bytes(b"earlier export")
+    pytest.importorskip("onnx", reason="onnx is not installed (pip install onnx)")
+    with pytest.raises(ValueError, match="cannot export _NoOnnxOp to ONNX.*bessel_j0"):
+        export_onnx(_NoOnnxOp(), x, previous)
+    assert previous.read_bytes() == b"earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.slow
+def test_torch_compile_of_mpolstm_model_matches_eager():
+    torch.manual_seed(4)
+    model = _compressed(MaskEstimator(**SPEECH["kwargs"]), ["lstm"])
+    compiled = torch.compile(model)
+    for batch, steps in ((2, 5), (3, 9)):
+        x = example_inputs(SPEECH, batch=batch, steps=steps)
+        with torch.no_grad():
+            got = _outputs(compiled(*x))
+        torch.testing.assert_close(got, _eager(model, *x), atol=1e-5, rtol=1e-4)
