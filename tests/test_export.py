@@ -62,6 +62,7 @@ def test_densify_replaces_every_mpo_module_and_keeps_outputs():
     torch.manual_seed(1)
     tokens = _compressed(SeqClassifier(3, 32, vocab_size=50, embedding_dim=16), ["embedding", "lstm", "head"])
     gru = _compressed(_WithGRU(), ["gru", "head"])
+    assert isinstance(gru.gru, MPOGRU)
     for model, x in ((tokens, torch.randint(1, 50, (3, 7))), (gru, torch.randn(3, 7, 12))):
         dense = densify(model)
         assert _mpo_count(dense) == 0 and _mpo_count(model) > 0  # the original is untouched

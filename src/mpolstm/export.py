@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import nn as mpo_nn
+from .audio import N_BINS
 from .compress import is_mpo_module
 from .data.cache import atomic_write_bytes
 from .tasks import ARCHITECTURE_FILE, build_architecture, save_model
@@ -215,8 +216,8 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...]) -> torch.jit.ScriptModu
                          f"{_first_line(exc)}") from exc
     for i, (e, g) in enumerate(zip(expected, got, strict=True)):
         if e.shape != g.shape or not torch.allclose(e, g, rtol=1e-4, atol=1e-5):
-            raise ValueError(f"the traced {type(model).__name__} does not reproduce eager output {i} "
-                             "(value-dependent control flow cannot be traced)")
+            raise ValueError(f"the traced {type(model).__name__} does not reproduce eager output {i} on "
+                             "the example inputs (value-dependent control flow cannot be traced)")
     for p in traced.parameters():
         p.requires_grad_(False)
     return traced
@@ -289,8 +290,6 @@ def example_inputs(spec: Mapping[str, Any], batch: int = 2, steps: int = 5) -> t
     if name == "ptb":
         return (torch.randint(0, int(kwargs["vocab_size"]), (steps, batch), generator=gen),)
     if name == "speech":
-        from .audio import N_BINS
-
         return (torch.randn(batch, steps, N_BINS, generator=gen),)
     raise ValueError(f"no example inputs for architecture {name!r}; expected seqcls, ptb or speech")
 
@@ -303,4 +302,7 @@ def export_model(model: nn.Module, spec: Mapping[str, Any], fmt: str, path: str 
     if fmt == "dense":
         return export_dense(model, spec, path)
     exporter = export_torchscript if fmt == "torchscript" else export_onnx
-    return exporter(model, example_inputs(spec), path)
+    first = next(model.parameters(), None)
+    dtype = torch.float32 if first is None else first.dtype
+    inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in example_inputs(spec))
+    return exporter(model, inputs, path)
