@@ -89,3 +89,30 @@ def test_train_compress_inspect_round_trip(tmp_path, monkeypatch):
 
     bad = runner.invoke(app, ["compress", str(run / "model"), str(tmp_path / "x"), "--rel-tol", "2"])
     assert bad.exit_code == 2 and "rel_tol" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_export_command_formats_and_errors(tmp_path, monkeypatch):
+    import torch
+
+    from mpolstm.compress import CompressionConfig, compress
+    from mpolstm.tasks import load_model, save_model
+    from mpolstm.tasks.seqcls import SeqClassifier
+
+    spec = {"name": "seqcls", "kwargs": {"num_classes": 3, "hidden_size": 16, "input_size": 8, "vocab_size": None}}
+    model, _ = compress(SeqClassifier(3, 16, input_size=8), CompressionConfig(target_modules=["lstm"], max_bond=4))
+    save_model(model, spec, tmp_path / "m")
+    x = torch.randn(2, 5, 8)
+    model.eval()
+
+    ts = tmp_path / "m.pt"
+    assert runner.invoke(app, ["export", str(tmp_path / "m"), "--format", "torchscript", "--out", str(ts)]).exit_code == 0
+    assert torch.allclose(torch.jit.load(str(ts))(x), model(x), atol=1e-5)
+
+    dense_dir = tmp_path / "dense"
+    assert runner.invoke(app, ["export", str(tmp_path / "m"), "--format", "dense", "--out", str(dense_dir)]).exit_code == 0
+    dense, _ = load_model(dense_dir)
+    assert isinstance(dense.lstm, torch.nn.LSTM)
+    assert torch.allclose(dense.eval()(x), model(x), atol=1e-5)
+
+    bad = runner.invoke(app, ["export", str(tmp_path / "m"), "--format", "onnx", "--out", str(tmp_path / "no" / "m.onnx")])
+    assert bad.exit_code == 2 and not (tmp_path / "no").exists()

@@ -296,6 +296,30 @@ def enhance(
                   f"{stats.algorithmic_latency_ms:.0f} ms")
 
 
+class ExportFormat(str, Enum):
+    torchscript = "torchscript"
+    onnx = "onnx"
+    dense = "dense"
+
+
+@app.command("export")
+def export_cmd(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="A saved model folder."),
+    fmt: ExportFormat = typer.Option(..., "--format", help="torchscript or onnx (one file, MPO cores kept, "
+                                     "weights rebuilt in the graph) or dense (a plain torch model folder)."),
+    out: Path = typer.Option(..., help="Output file (torchscript, onnx) or folder (dense)."),
+) -> None:
+    """Export a saved model for serving: TorchScript, ONNX, or a dense model for MPO-unaware tools."""
+    from .export import export_model
+
+    model, spec = _load_model(model_path)
+    try:
+        written = export_model(model, spec, fmt.value, out)
+    except ValueError as exc:
+        _fail(str(exc))
+    console.print(f"wrote {written}")
+
+
 data_app = typer.Typer(help="Build the offline data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
