@@ -1,0 +1,260 @@
+"""MPOLSTM vs torch.nn.LSTM (and tednet's TTLSTM): training step, batched inference, streaming step,
+peak training memory.
+
+    python benchmarks/bench_rnn.py                 # the issue's grid (batch 32, T 100; 256/512, 1024/1024)
+    python benchmarks/bench_rnn.py --quick         # a small grid for a smoke run
+    python benchmarks/bench_rnn.py --out results/bench_rnn.json
+
+Timing: every candidate of one configuration runs once per round, rounds interleaved, so a load
+spike on a shared machine hits all of them; the table gives the minimum over rounds (the least
+disturbed run) and the ratio to dense of those minima, plus the ratio of medians in the JSON.
+Peak memory: each model's training step runs in a fresh child process; reported is its peak
+resident set (VmHWM) minus the resident set just before the step (activations, gradients, rebuilt
+weights, the allocator's slack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mpolstm import mpo
+from mpolstm.nn import MPOLSTM
+
+
+def build(kind: str, inp: int, hidden: int, bond: int) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "dense":
+        return nn.LSTM(inp, hidden)
+    if kind == "mpo":
+        return MPOLSTM(inp, hidden, bond_dim=bond)
+    if kind == "tednet":
+        from tednet.tnn.tensor_train import TTLSTM
+
+        in_shape, hid_shape = list(mpo.factorize(inp, 4)), list(mpo.factorize(hidden, 4))
+        with contextlib.redirect_stdout(io.StringIO()):  # tednet prints its compression ratio
+            inner = TTLSTM(in_shape, hid_shape, [bond] * 3, drop_ih=0.0, drop_hh=0.0)
+        return _TednetAdapter(inner, hidden)
+    raise ValueError(kind)
+
+
+class _TednetAdapter(nn.Module):
+    """tednet's TTLSTM (W_ih as a TT, dense W_hh, a Python loop over time) with nn.LSTM's call."""
+
+    def __init__(self, inner: nn.Module, hidden: int) -> None:
+        super().__init__()
+        self.inner, self.hidden = inner, hidden
+
+    def forward(self, x):
+        zeros = x.new_zeros(x.shape[1], self.hidden)
+        return self.inner(x, (zeros, zeros))
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def train_step_fn(model: nn.Module, x: torch.Tensor):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(x)[0]
+        out.pow(2).mean().backward()
+        opt.step()
+
+    return step
+
+
+def inference_fn(model: nn.Module, x: torch.Tensor):
+    model.eval()
+
+    def run():
+        with torch.no_grad():
+            model(x)
+
+    return run
+
+
+def interleaved(fns: dict[str, callable], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, dict[str, float]]:
+    base_min, base_med = min(times[baseline]), statistics.median(times[baseline])
+    return {
+        name: {"min_s": min(t), "median_s": statistics.median(t), "ratio_min": min(t) / base_min,
+               "ratio_median": statistics.median(t) / base_med}
+        for name, t in times.items()
+    }
+
+
+def streaming(inp: int, hidden: int, bonds: list[int], rounds: int, frames: int) -> dict:
+    """One-frame latency at batch 1 (eval, no_grad): dense nn.LSTM on a length-1 sequence,
+    dense nn.LSTMCell, and MPOLSTM.step (the cost model picks core-by-core contraction)."""
+    dense = build("dense", inp, hidden, 0).eval()
+    cell = nn.LSTMCell(inp, hidden).eval()
+    xs = torch.randn(frames, 1, inp)
+    fns = {}
+
+    def lstm_run():
+        state = None
+        with torch.no_grad():
+            for x in xs:
+                _, state = dense(x[None], state)
+
+    def cell_run():
+        state = None
+        with torch.no_grad():
+            for x in xs:
+                state = cell(x, state)
+
+    fns["dense nn.LSTM"], fns["dense nn.LSTMCell"] = lstm_run, cell_run
+    for bond in bonds:
+        model = build("mpo", inp, hidden, bond).eval()
+
+        def mpo_run(model=model):
+            stream = model.stream()
+            with torch.no_grad():
+                for x in xs:
+                    stream(x)
+
+        fns[f"MPO D={bond}"] = mpo_run
+    times = interleaved(fns, rounds)
+    per_frame = {name: [t / frames for t in ts] for name, ts in times.items()}
+    fastest_dense = min(("dense nn.LSTM", "dense nn.LSTMCell"), key=lambda n: min(per_frame[n]))
+    return {"baseline": fastest_dense, "results": summarize(per_frame, fastest_dense)}
+
+
+def peak_memory_child(kind: str, inp: int, hidden: int, bond: int, batch: int, steps: int) -> None:
+    model = build(kind, inp, hidden, bond)
+    x = torch.randn(steps, batch, inp)
+    step = train_step_fn(model, x)
+    rss_before = _proc_status_mb("VmRSS")
+    step()
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child started by a big
+    # parent would report the parent's peak
+    print(json.dumps({"peak_mb": _proc_status_mb("VmHWM") - rss_before}))
+
+
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory(kind: str, inp: int, hidden: int, bond: int, batch: int, steps: int) -> float:
+    cmd = [sys.executable, __file__, "--child-memory", kind, str(inp), str(hidden), str(bond),
+           str(batch), str(steps), "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, few rounds (smoke run)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--sizes", nargs="+", default=["256x512", "1024x1024"], help="input x hidden")
+    parser.add_argument("--bonds", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--tednet-bonds", type=int, nargs="*", default=[4, 8, 16, 32],
+                        help="ranks for tednet's TTLSTM (training only; none to skip)")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=Path("results/bench_rnn.json"))
+    parser.add_argument("--child-memory", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_memory:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        kind, *nums = args.child_memory
+        peak_memory_child(kind, *map(int, nums))
+        return
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch, steps = (4, 10) if args.quick else (32, 100)
+    sizes = [(32, 64)] if args.quick else [tuple(int(v) for v in size.split("x")) for size in args.sizes]
+    bonds = [4, 8] if args.quick else args.bonds
+    tednet_bonds = [4] if args.quick else args.tednet_bonds
+    rounds = 2 if args.quick else args.rounds
+    report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                          "torch": torch.__version__, "load_avg": os.getloadavg()},
+              "batch": batch, "seq_len": steps, "configs": []}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, T {steps}")
+
+    for inp, hidden in sizes:
+        x = torch.randn(steps, batch, inp)
+        models = {"dense": build("dense", inp, hidden, 0)}
+        models.update({f"MPO D={b}": build("mpo", inp, hidden, b) for b in bonds})
+        models.update({f"tednet TTLSTM D={b}": build("tednet", inp, hidden, b) for b in tednet_bonds})
+        config = {"input": inp, "hidden": hidden, "params": {n: params(m) for n, m in models.items()}}
+
+        train = summarize(interleaved({n: train_step_fn(m, x) for n, m in models.items()}, rounds), "dense")
+        infer_models = {n: m for n, m in models.items() if not n.startswith("tednet")}
+        infer = summarize(interleaved({n: inference_fn(m, x) for n, m in infer_models.items()}, rounds), "dense")
+        config.update(train=train, inference=infer)
+        config["streaming"] = streaming(inp, hidden, [b for b in bonds if b <= 16], rounds, 20 if args.quick else 50)
+        if not args.no_memory:
+            config["peak_train_mb"] = {
+                n: peak_memory("dense" if n == "dense" else "tednet" if n.startswith("tednet") else "mpo",
+                               inp, hidden, int(n.split("=")[1]) if "=" in n else 0, batch, steps)
+                for n in models
+            }
+        report["configs"].append(config)
+        print_config(config)
+
+    report["machine"]["load_avg_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+def print_config(config: dict) -> None:
+    inp, hidden = config["input"], config["hidden"]
+    mem = config.get("peak_train_mb", {})
+    dense_params = config["params"]["dense"]
+    print(f"\n### input {inp}, hidden {hidden}\n")
+    print("| model | params | compression | train step (ms) | vs dense | inference (ms) | vs dense | peak train MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, tr in config["train"].items():
+        inf = config["inference"].get(name)
+        inf_cols = f"{inf['min_s'] * 1e3:.1f} | {inf['ratio_min']:.2f}x" if inf else "- | -"
+        p = config["params"][name]
+        peak = f"{mem[name]:.0f}" if name in mem else "-"
+        print(f"| {name} | {p:,} | {dense_params / p:.1f}x | {tr['min_s'] * 1e3:.1f} | {tr['ratio_min']:.2f}x | "
+              f"{inf_cols} | {peak} |")
+    stream = config["streaming"]
+    print(f"\nstreaming one step, batch 1 (baseline: {stream['baseline']})\n")
+    print("| model | us / step | speed-up vs baseline |")
+    print("|---|---:|---:|")
+    for name, r in stream["results"].items():
+        print(f"| {name} | {r['min_s'] * 1e6:.0f} | {1 / r['ratio_min']:.2f}x |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
