@@ -28,6 +28,7 @@ bench: setup
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python -m pip install -q --no-deps --ignore-requires-python torch-mpo
 	$(BIN)/python benchmarks/bench_mpo.py
+	$(BIN)/python benchmarks/bench_rnn.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache results
