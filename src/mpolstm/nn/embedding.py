@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .. import mpo as mpo_math
 from ..mpo import MPO, TruncationReport
-from .linear import init_cores_
+from .linear import SingleWeightMPO, init_cores_
 
 __all__ = ["MPOEmbedding", "embedding_factors"]
 
@@ -107,7 +107,7 @@ def _right_chain(cores: Sequence[Tensor], digits: Sequence[Tensor]) -> Tensor:
     return out
 
 
-class MPOEmbedding(nn.Module):
+class MPOEmbedding(SingleWeightMPO):
     """Lookup table (num_embeddings, embedding_dim) stored as an MPO.
 
     Args:
@@ -232,15 +232,8 @@ class MPOEmbedding(nn.Module):
             emb.weight.copy_(self.weight)
         return emb
 
-    # -- MPO-module protocol (used by compress and io) ---------------------------------
-    def mpo_weights(self) -> dict[str, nn.ParameterList]:
-        """"weight" -> the cores of the padded table (rows on the i side, not transposed)."""
-        return {"weight": self.cores}
-
-    @property
-    def reports(self) -> dict[str, TruncationReport]:
-        return {} if self.report is None else {"weight": self.report}
-
+    # -- MPO-module protocol (used by compress and io); mpo_weights()["weight"] is the padded
+    # table itself (rows on the i side, not transposed) -------------------------------------
     def mpo_config(self) -> dict[str, Any]:
         """JSON-serialisable description from which ``from_config`` rebuilds the module."""
         return {

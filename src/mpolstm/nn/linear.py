@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from .. import mpo as mpo_math
 from ..mpo import MPO, TruncationReport
 
-__all__ = ["MPOLinear", "resolve_factors", "init_cores_"]
+__all__ = ["MPOLinear", "SingleWeightMPO", "resolve_factors", "init_cores_"]
 
 
 def resolve_factors(
@@ -55,7 +55,23 @@ def init_cores_(cores: Sequence[Tensor], target_std: float) -> None:
             c.normal_(0.0, core_std)
 
 
-class MPOLinear(nn.Module):
+class SingleWeightMPO(nn.Module):
+    """Protocol part shared by layers with one MPO weight named "weight": ``self.cores``
+    (nn.ParameterList) and ``self.report`` (TruncationReport or None)."""
+
+    cores: nn.ParameterList
+    report: TruncationReport | None
+
+    def mpo_weights(self) -> dict[str, nn.ParameterList]:
+        """{"weight": the cores}."""
+        return {"weight": self.cores}
+
+    @property
+    def reports(self) -> dict[str, TruncationReport]:
+        return {} if self.report is None else {"weight": self.report}
+
+
+class MPOLinear(SingleWeightMPO):
     """y = x W^T + b with W (out_features, in_features) stored as an MPO.
 
     Args:
@@ -157,14 +173,6 @@ class MPOLinear(nn.Module):
         return linear
 
     # -- MPO-module protocol (used by compress and io) ---------------------------------
-    def mpo_weights(self) -> dict[str, nn.ParameterList]:
-        """torch weight name -> its cores (the MPO of W^T, input side i, output side j)."""
-        return {"weight": self.cores}
-
-    @property
-    def reports(self) -> dict[str, TruncationReport]:
-        return {} if self.report is None else {"weight": self.report}
-
     def mpo_config(self) -> dict[str, Any]:
         """JSON-serialisable description from which ``from_config`` rebuilds the module."""
         return {
