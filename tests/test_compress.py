@@ -1,4 +1,6 @@
+import copy
 import json
+import math
 
 import pytest
 import torch
@@ -294,3 +296,21 @@ def test_budget_on_embedding_lstm_linear_model():
         assert rebuilt.shape == original.shape
         assert w.rel_error == pytest.approx(float((rebuilt - original).norm() / original.norm()), rel=1e-4)
     assert net(torch.randint(0, 200, (2, 5))).shape == (2, 5, 10)
+
+
+def test_budget_weights_each_matrix_by_its_size():
+    """An LSTM with a small input weight (1024x28) and a large recurrent one (1024x256): the budget
+    must not go to the small matrix at the cost of the large one (the objective counts every
+    entry's relative error alike), and it must beat uniform bonds at equal parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LSTM(28, 256).double())
+
+    def weighted_error(report):
+        return sum(math.prod(w.shape) * w.rel_error ** 2 for w in report.modules[0].weights.values())
+
+    _, uniform = compress(copy.deepcopy(model), CompressionConfig(max_bond=16))
+    _, budget = compress(copy.deepcopy(model), CompressionConfig(max_params=uniform.mpo_params))
+    hh = budget.modules[0].weights["weight_hh_l0"]
+    assert min(hh.bond_dims) > 1 and hh.mpo_params > budget.mpo_params / 2, hh
+    assert budget.mpo_params <= uniform.mpo_params
+    assert weighted_error(budget) < weighted_error(uniform)

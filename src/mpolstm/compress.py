@@ -12,9 +12,13 @@ mpos=...)``), which is all this file relies on.
 Budget mode (``target_ratio`` or ``max_params``): every selected weight is decomposed
 exactly in float64, the singular spectrum at each of its bonds is read, and bonds are
 shrunk one step at a time across ALL weights, always taking the step that adds the least
-estimated squared relative error per parameter saved, until the budget holds; what the
-last steps free is spent again on the most useful bonds. The objective is the sum over
-weights of ||W - W'||^2 / ||W||^2, so layers of different scale count alike. Each MPO is
+estimated error per parameter saved, until the budget holds; what the last steps free is
+spent again on the most useful bonds. The objective is the sum over weights of
+numel(W) * ||W - W'||^2 / ||W||^2 = ||W - W'||^2 / mean(W^2): the squared error of every
+entry relative to its own matrix's scale. Layers of different scale count alike, and a
+large matrix counts in proportion to its size (with a plain sum of relative errors, a small
+matrix such as an LSTM's 1024x28 input weight would take the budget and leave the 1024x256
+recurrent weight at bond 1). Each MPO is
 then truncated to its allocated bonds by one SVD sweep, and the exact achieved error is
 reported.
 """
@@ -335,7 +339,8 @@ def _allocate_bonds(
     """Greedy bond allocation over several MPOs under a total parameter budget.
 
     spectra[w][b]: singular values at bond b of weight w; sizes[w][k] = i_k j_k; caps[w][b]:
-    starting (largest) bond; limits[w]: most parameters weight w may keep (its dense size).
+    starting (largest) bond; limits[w]: most parameters weight w may keep (its dense size),
+    also the weight of its squared relative error in the objective (see the module docstring).
     The squared relative error of a weight is estimated as 1 - prod_b kept_b, kept_b being
     the fraction of ||W||^2 in the singular values kept at bond b (the independent-bonds
     estimate; the sum of discarded fractions is a looser upper bound). Repeatedly shrinks
@@ -367,14 +372,14 @@ def _allocate_bonds(
         return cum[min(rank, len(cum) - 1)]
 
     def step(w: int, b: int) -> float | None:
-        """Added squared relative error per parameter saved by shrinking bond b by one."""
+        """Added weighted squared relative error per parameter saved by shrinking bond b by one."""
         d = [1, *bonds[w], 1]
         if d[b + 1] <= 1:
             return None
         saved = d[b] * sizes[w][b] + sizes[w][b + 1] * d[b + 2]
         others = math.prod(fraction(w, c, r) for c, r in enumerate(bonds[w]) if c != b)
         lost = others * (fraction(w, b, d[b + 1]) - fraction(w, b, d[b + 1] - 1))
-        return lost / saved
+        return limits[w] * lost / saved
 
     for w in range(len(bonds)):
         clip(w)
@@ -412,7 +417,7 @@ def _allocate_bonds(
                         continue
                     cost = full[b] * sizes[w][b] + sizes[w][b + 1] * full[b + 2]
                     others = math.prod(fraction(w, c, r) for c, r in enumerate(d) if c != b)
-                    gain = others * (fraction(w, b, grown) - fraction(w, b, grown - 1))
+                    gain = limits[w] * others * (fraction(w, b, grown) - fraction(w, b, grown - 1))
                     if cost <= slack and gain > 0 and (best is None or gain / cost > best[0]):
                         best = (gain / cost, w, b, cost)
             if best is None:

@@ -1,0 +1,126 @@
+"""Per-frame streaming enhancement: MPO-compressed vs dense mask estimator at the same hidden size.
+
+    python benchmarks/bench_speech.py                  # 2x512 and 2x1024 (the paper's sizes), 10x / 30x
+    python benchmarks/bench_speech.py --quick          # 2x256 only, fewer rounds
+    python benchmarks/bench_speech.py --out results/bench_speech.json
+
+What one frame costs in ``mpolstm enhance``: shift 256 samples into the window, FFT, log-magnitude,
+``MaskEstimator.step`` (two LSTM layers, Linear 257-bin mask), mask, inverse FFT, overlap-add; one
+torch thread (what ``enhance`` uses). Two figures per model:
+
+- ``step``: ``MaskEstimator.step`` alone (median of torch.utils.benchmark), the part compression
+  changes; dense runs ``torch.lstm_cell`` per layer (the fastest dense step on CPU; nn.LSTM on a
+  length-1 sequence costs several times more), MPO runs ``MPOLSTM.step``.
+- ``frame``: the whole frame inside :func:`mpolstm.tasks.speech.enhance_streaming` on 10 s of audio
+  (mean and p95 per-frame latency, real-time factor).
+
+The MPO models are ``compress(..., max_bond=D)`` of the LSTM with the largest uniform bond D
+reaching the stated compression of the LSTM weights. Timings do not depend on the weights' values,
+so the models are randomly initialised. Rounds are interleaved (a load spike hits every model);
+the table reports the minimum over rounds and ratios of those minima.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils import benchmark
+
+from mpolstm import CompressionConfig, compress
+from mpolstm.audio import N_BINS, SAMPLE_RATE
+from mpolstm.tasks.speech import enhance_streaming, make_model
+
+
+def lstm_weight_entries(model) -> int:
+    """Stored entries of the LSTM weights: MPO cores or dense matrices."""
+    lstm = model.lstm
+    if hasattr(lstm, "mpo_weights"):
+        return sum(c.numel() for cores in lstm.mpo_weights().values() for c in cores)
+    return sum(p.numel() for n, p in lstm.named_parameters() if n.startswith("weight"))
+
+
+def mpo_model(hidden: int, layers: int, ratio: float):
+    """(model, bond, achieved ratio): the largest uniform bond whose LSTM compression is >= ratio."""
+    dense = make_model(hidden, layers)
+    dense_entries = lstm_weight_entries(dense)
+    for bond in range(64, 0, -1):
+        torch.manual_seed(0)
+        model, _ = compress(make_model(hidden, layers), CompressionConfig(target_modules=["lstm"], max_bond=bond))
+        achieved = dense_entries / lstm_weight_entries(model)
+        if achieved >= ratio:
+            return model.eval(), bond, achieved
+    raise ValueError(f"no bond reaches {ratio}x for hidden {hidden}")
+
+
+def step_seconds(model) -> float:
+    frame = torch.randn(1, N_BINS)
+    with torch.no_grad():
+        state = model.step(frame)[1]
+        timer = benchmark.Timer("model.step(frame, state)", globals={"model": model, "frame": frame, "state": state},
+                                num_threads=1)
+        return timer.blocked_autorange(min_run_time=0.3).median
+
+
+def frame_stats(model, noisy: np.ndarray) -> dict[str, float]:
+    _, stats = enhance_streaming(model, noisy, threads=1)
+    return {"frame_ms_mean": stats.frame_ms_mean, "frame_ms_p95": stats.frame_ms_p95, "rtf": stats.rtf}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2x256 only, 2 rounds (smoke run)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[10.0, 30.0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0, help="audio length of the frame test")
+    parser.add_argument("--out", type=Path, default=Path("results/bench_speech.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.rounds, args.seconds = [256], 2, 3.0
+
+    torch.set_num_threads(1)
+    noisy = (0.1 * np.random.default_rng(0).standard_normal(int(args.seconds * SAMPLE_RATE))).astype(np.float32)
+    rows = []
+    for hidden in args.hidden:
+        torch.manual_seed(0)
+        models = {"dense": (make_model(hidden, args.layers).eval(), None, 1.0)}
+        for ratio in args.ratios:
+            models[f"mpo {ratio:g}x"] = mpo_model(hidden, args.layers, ratio)
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+        for _ in range(args.rounds):
+            for name, (model, _, _) in models.items():
+                runs[name].append({"step_ms": 1e3 * step_seconds(model), **frame_stats(model, noisy)})
+        best = {name: {k: min(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+        for name, (model, bond, achieved) in models.items():
+            b = best[name]
+            rows.append({
+                "hidden": hidden, "layers": args.layers, "model": name, "bond": bond, "compression": achieved,
+                "lstm_weight_entries": lstm_weight_entries(model), **b,
+                "step_speedup": best["dense"]["step_ms"] / b["step_ms"],
+                "frame_speedup": best["dense"]["frame_ms_mean"] / b["frame_ms_mean"],
+                "rounds": runs[name],
+            })
+
+    header = f"{'hidden':>6s} {'model':>9s} {'bond':>4s} {'compr':>6s} {'step ms':>8s} {'x dense':>7s} " \
+             f"{'frame ms':>8s} {'p95 ms':>7s} {'x dense':>7s} {'RTF':>6s}"
+    print(header)
+    for r in rows:
+        print(f"{r['hidden']:6d} {r['model']:>9s} {r['bond'] or '-':>4} {r['compression']:6.1f} {r['step_ms']:8.3f} "
+              f"{r['step_speedup']:7.2f} {r['frame_ms_mean']:8.3f} {r['frame_ms_p95']:7.3f} {r['frame_speedup']:7.2f} "
+              f"{r['rtf']:6.3f}")
+    report = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+              "threads": 1, "audio_seconds": args.seconds, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
