@@ -14,8 +14,8 @@ torch thread (what ``enhance`` uses). Two figures per model:
 - ``frame``: the whole frame inside :func:`mpolstm.tasks.speech.enhance_streaming` on 10 s of audio
   (mean and p95 per-frame latency, real-time factor).
 
-The MPO models are ``compress(..., max_bond=D)`` of the LSTM with the largest uniform bond D
-reaching the stated compression of the LSTM weights. Timings do not depend on the weights' values,
+The MPO models replace the LSTM by an MPOLSTM with the largest uniform bond D reaching the stated
+compression of the LSTM weights (what ``compress(..., max_bond=D)`` of a trained model gives). Timings do not depend on the weights' values,
 so the models are randomly initialised. Rounds are interleaved (a load spike hits every model);
 the table reports the minimum over rounds and ratios of those minima.
 """
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch.utils import benchmark
 
-from mpolstm import CompressionConfig, compress
 from mpolstm.audio import N_BINS, SAMPLE_RATE
-from mpolstm.tasks.speech import enhance_streaming, make_model
+from mpolstm.nn import MPOLSTM
+from mpolstm.tasks.speech import INPUT_BINS, enhance_streaming, make_model
 
 
 def lstm_weight_entries(model) -> int:
@@ -46,12 +46,13 @@ def lstm_weight_entries(model) -> int:
 
 
 def mpo_model(hidden: int, layers: int, ratio: float):
-    """(model, bond, achieved ratio): the largest uniform bond whose LSTM compression is >= ratio."""
-    dense = make_model(hidden, layers)
-    dense_entries = lstm_weight_entries(dense)
+    """(model, bond, achieved ratio): the dense model with its LSTM replaced by a randomly
+    initialised MPOLSTM of the largest uniform bond whose compression is >= ratio."""
+    model = make_model(hidden, layers)
+    dense_entries = lstm_weight_entries(model)
     for bond in range(64, 0, -1):
         torch.manual_seed(0)
-        model, _ = compress(make_model(hidden, layers), CompressionConfig(target_modules=["lstm"], max_bond=bond))
+        model.lstm = MPOLSTM(INPUT_BINS, hidden, layers, batch_first=True, bond_dim=bond)
         achieved = dense_entries / lstm_weight_entries(model)
         if achieved >= ratio:
             return model.eval(), bond, achieved

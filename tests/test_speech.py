@@ -133,7 +133,7 @@ def test_wav_bad_inputs_raise_value_error(tmp_path):
 def test_model_has_plain_lstm_and_mask_range():
     model = se.make_model(hidden=32, layers=2)
     assert type(model.lstm) is torch.nn.LSTM and model.lstm.batch_first
-    assert (model.lstm.input_size, model.lstm.hidden_size, model.lstm.num_layers) == (257, 32, 2)
+    assert (model.lstm.input_size, model.lstm.hidden_size, model.lstm.num_layers) == (256, 32, 2)
     mask, (h, c) = model(torch.randn(3, 7, 257))
     assert mask.shape == (3, 7, 257) and h.shape == (2, 3, 32)
     assert mask.min() > 0 and mask.max() < 1

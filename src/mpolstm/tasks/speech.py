@@ -1,10 +1,13 @@
 """Speech enhancement: causal LSTM ideal-ratio-mask estimator, training glue, streaming enhancement.
 
-Model: log|Y| (257 bins, standardised with training-set statistics) -> LSTM (``model.lstm``, a plain
+Model: log|Y| (bins 0-255 of 257, standardised with training-set statistics) -> LSTM (``model.lstm``, a plain
 ``nn.LSTM`` that compression may replace by an MPOLSTM) -> Linear -> sigmoid = mask M. Enhanced
 speech = iSTFT(M * Y). Loss: MSE between M and the ideal ratio mask of the (clean, noise) pair, over
 the valid frames of each utterance only (batches are zero-padded to the longest one).
 Everything is causal, so :func:`enhance_streaming` runs it one STFT frame (16 ms hop) at a time.
+The LSTM reads 256 bins, not 257: the Nyquist bin (8 kHz) carries almost nothing, and 257 is prime,
+so an MPO of a 1024x257 weight could only split it as (1, 257, 1, ...) and barely compress; 256 =
+4^4 factorises like every other dimension. The mask still covers all 257 bins.
 
 Training with the shared loop::
 
@@ -32,6 +35,7 @@ from mpolstm.train import Metric
 from .base import Task, lstm_cell_step
 
 __all__ = [
+    "INPUT_BINS",
     "MaskEstimator",
     "Batch",
     "SpeechLoader",
@@ -54,25 +58,30 @@ __all__ = [
 ]
 
 
+INPUT_BINS = N_BINS - 1
+"""STFT bins fed to the LSTM: 0 .. 255 (DC to 7.97 kHz); the Nyquist bin is left out."""
+
+
 class MaskEstimator(nn.Module):
     """Causal mask estimator: features (B, T, 257) -> mask (B, T, 257) in (0, 1).
 
-    Buffers ``feat_mean`` / ``feat_std`` (257,) standardise the log-magnitude input (set them with
-    :func:`fit_feature_stats`). ``lstm`` is a batch-first nn.LSTM (or a drop-in replacement).
+    The first 256 bins (INPUT_BINS) feed the LSTM; buffers ``feat_mean`` / ``feat_std`` (256,)
+    standardise them (set them with :func:`fit_feature_stats`). ``lstm`` is a batch-first nn.LSTM
+    (or a drop-in replacement).
     """
 
     def __init__(self, hidden: int = 256, layers: int = 2) -> None:
         super().__init__()
         if hidden <= 0 or layers <= 0:
             raise ValueError(f"hidden and layers must be positive, got hidden={hidden}, layers={layers}")
-        self.register_buffer("feat_mean", torch.zeros(N_BINS))
-        self.register_buffer("feat_std", torch.ones(N_BINS))
-        self.lstm = nn.LSTM(N_BINS, hidden, layers, batch_first=True)
+        self.register_buffer("feat_mean", torch.zeros(INPUT_BINS))
+        self.register_buffer("feat_std", torch.ones(INPUT_BINS))
+        self.lstm = nn.LSTM(INPUT_BINS, hidden, layers, batch_first=True)
         self.out = nn.Linear(hidden, N_BINS)
 
     def forward(self, feats: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """feats (B, T, 257), optional (h, c) -> (mask (B, T, 257), (h, c))."""
-        h, state = self.lstm((feats - self.feat_mean) / self.feat_std, state)
+        h, state = self.lstm((feats[..., :INPUT_BINS] - self.feat_mean) / self.feat_std, state)
         return torch.sigmoid(self.out(h)), state
 
     def step(self, feat: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -82,7 +91,7 @@ class MaskEstimator(nn.Module):
         unidirectional nn.LSTM runs ``torch.lstm_cell`` per layer (same math; calling nn.LSTM on a
         length-1 sequence costs ~10x more on CPU, where oneDNN re-lays out the weights every call);
         anything else runs on a length-1 sequence."""
-        z = (feat - self.feat_mean) / self.feat_std
+        z = (feat[..., :INPUT_BINS] - self.feat_mean) / self.feat_std
         rnn = self.lstm
         if hasattr(rnn, "step"):
             h, state = rnn.step(z, state)
@@ -101,10 +110,10 @@ def make_model(hidden: int = 256, layers: int = 2) -> MaskEstimator:
 
 @torch.no_grad()
 def fit_feature_stats(model: MaskEstimator, noisy: Sequence[np.ndarray]) -> MaskEstimator:
-    """Set the model's feature mean/std (257,) from noisy training waveforms; returns the model."""
+    """Set the model's feature mean/std (256,) from noisy training waveforms; returns the model."""
     if len(noisy) == 0:
         raise ValueError("fit_feature_stats needs at least one waveform")
-    feats = torch.cat([audio.log_magnitude(audio.stft(torch.as_tensor(x))) for x in noisy])
+    feats = torch.cat([audio.log_magnitude(audio.stft(torch.as_tensor(x)))[:, :INPUT_BINS] for x in noisy])
     model.feat_mean.copy_(feats.mean(0))
     model.feat_std.copy_(feats.std(0).clamp_min(1e-3))
     return model
@@ -388,7 +397,7 @@ def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
         lr=size.lr,
         grad_clip=5.0,
         example_batch=example,
-        step_input=torch.zeros(1, N_BINS),
+        step_input=torch.zeros(1, INPUT_BINS),
         test_report=report,
         architecture=architecture,
         meta={"dataset": f"synthetic espeak-ng corpus ({size.corpus})", "preset": preset, "seed": seed,
