@@ -50,7 +50,7 @@ def mpo_model(hidden: int, layers: int, ratio: float):
     initialised MPOLSTM of the largest uniform bond whose compression is >= ratio."""
     model = make_model(hidden, layers)
     dense_entries = lstm_weight_entries(model)
-    for bond in range(64, 0, -1):
+    for bond in range(256, 0, -1):
         torch.manual_seed(0)
         model.lstm = MPOLSTM(INPUT_BINS, hidden, layers, batch_first=True, bond_dim=bond)
         achieved = dense_entries / lstm_weight_entries(model)
