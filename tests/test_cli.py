@@ -116,3 +116,33 @@ def test_export_command_formats_and_errors(tmp_path, monkeypatch):
 
     bad = runner.invoke(app, ["export", str(tmp_path / "m"), "--format", "onnx", "--out", str(tmp_path / "no" / "m.onnx")])
     assert bad.exit_code == 2 and not (tmp_path / "no").exists()
+
+
+def test_interrupted_reproduce_resumes_to_the_same_table(tmp_path, monkeypatch):
+    from mpolstm.tasks import protocol, seqcls
+
+    monkeypatch.setitem(seqcls.SIZES, "quick", seqcls.SeqClsSize(16, 200, 50, 2, 1, 1e-2))
+    args = ["reproduce", "--task", "seqcls", "--ratios", "10", "--rows", "dense,mpo-decomp,prune-oneshot"]
+    reference = runner.invoke(app, [*args, "--out", str(tmp_path / "ref")])
+    assert reference.exit_code == 0, reference.output
+
+    out, staging = tmp_path / "res", tmp_path / ".res.staging"
+    real_prune = protocol.prune_global
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(protocol, "prune_global", interrupted)
+    stopped = runner.invoke(app, [*args, "--out", str(out)])
+    assert stopped.exit_code != 0 and not out.exists() and (staging / "runs" / "mpo-decomp-10x").is_dir()
+    monkeypatch.setattr(protocol, "prune_global", real_prune)
+
+    refused = runner.invoke(app, [*args, "--out", str(out)])
+    assert refused.exit_code == 2 and "--resume" in refused.output and staging.is_dir()
+    resumed = runner.invoke(app, [*args, "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert not staging.exists()
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    expected = json.loads((tmp_path / "ref" / "results.json").read_text())["rows"]
+    assert [(r["row"], r["accuracy"], r["params"]) for r in rows] == \
+        [(r["row"], r["accuracy"], r["params"]) for r in expected]

@@ -49,9 +49,11 @@ def _parse_ratios(text: str) -> tuple[float, ...]:
     return ratios
 
 
-def _run_protocol(task, ratios: tuple[float, ...], out: Path, seed: int, distill: bool, rows: Optional[str]) -> None:
-    """Run the protocol into a temporary folder beside ``out`` and move it in place at the end,
-    so an interrupted or failed run leaves no partial output."""
+def _run_protocol(task, ratios: tuple[float, ...], out: Path, seed: int, distill: bool, rows: Optional[str],
+                  resume: bool = False) -> None:
+    """Run the protocol in a staging folder beside ``out`` and move it in place at the end, so a
+    failed run never leaves a half-written ``out``. An interrupted run keeps its staging folder
+    (per-run checkpoints); ``resume`` continues it, and a fresh run refuses to discard it."""
     from .tasks.protocol import ROWS, ProtocolConfig, run_protocol
 
     selected = tuple(ROWS) if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip())
@@ -61,25 +63,28 @@ def _run_protocol(task, ratios: tuple[float, ...], out: Path, seed: int, distill
         _fail(str(exc))
     if out.exists() and any(out.iterdir()) and not (out / "results.json").exists():
         _fail(f"--out {out} exists and is not an earlier results folder; refusing to replace it")
+    staging = out.parent / f".{out.name}.staging"
+    if staging.exists() and not resume:
+        _fail(f"an interrupted run of this table is in {staging}; pass --resume to continue it, "
+              "or delete that folder to start over")
     distributed.setup()  # under torchrun: every rank runs the protocol, rank 0 writes the results
     main_rank = distributed.is_main()
     log = (lambda line: console.print(line, highlight=False)) if main_rank else (lambda line: None)
-    staging = out.parent / f".{out.name}.staging"
     if main_rank:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     try:
-        run_protocol(task, config, staging, log=log)
+        run_protocol(task, config, staging, log=log, resume=resume)
+    except BaseException:
         if main_rank:
-            shutil.rmtree(staging / "runs", ignore_errors=True)  # per-run checkpoints; the final models stay
-            if out.exists():
-                shutil.rmtree(out)
-            staging.replace(out)
-    finally:
-        if main_rank:
-            shutil.rmtree(staging, ignore_errors=True)
+            console.print(f"stopped; the finished runs and checkpoints are in {staging}: rerun the same "
+                          "command with --resume to continue", highlight=False)
+        raise
+    if main_rank:
+        shutil.rmtree(staging / "runs", ignore_errors=True)  # per-run checkpoints; the final models stay
+        if out.exists():
+            shutil.rmtree(out)
+        staging.replace(out)
     distributed.barrier()
     if main_rank:
         console.print((out / "results.md").read_text(), highlight=False)
@@ -91,11 +96,12 @@ def demo(
     out: Path = typer.Option(Path("results/demo"), help="Output folder (json, md, png)."),
     ratios: str = typer.Option("10,30,100", help="Compression ratios of the LSTM weights, comma-separated."),
     seed: int = typer.Option(0, help="Random seed."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run of the same command."),
 ) -> None:
     """MPO-LSTM vs magnitude pruning on sequential MNIST, end to end (quick preset, ~5 min on 2 cores)."""
     from .tasks import seqcls
 
-    _run_protocol(seqcls.make_task("quick", seed=seed), _parse_ratios(ratios), out, seed, False, None)
+    _run_protocol(seqcls.make_task("quick", seed=seed), _parse_ratios(ratios), out, seed, False, None, resume)
 
 
 @app.command()
@@ -110,13 +116,15 @@ def reproduce(
     data_dir: Optional[Path] = typer.Option(None, help="Folder of the aclImdb data set (seqcls --dataset imdb)."),
     seed: int = typer.Option(0, help="Random seed."),
     distill: bool = typer.Option(False, help="Distil from the dense model in every fine-tuning row."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run of the same command (same options)."),
 ) -> None:
     """Run the paper's MPO-vs-pruning comparison for one task and write json, md and png."""
     ratio_values = _parse_ratios(ratios)
     if data_dir is not None and not data_dir.is_dir():
         _fail(f"--data-dir {data_dir} is not a folder")
     built = _make_task(task, preset, dataset, data_dir, seed)
-    _run_protocol(built, ratio_values, out or Path(f"results/{task.value}-{preset.value}"), seed, distill, rows)
+    _run_protocol(built, ratio_values, out or Path(f"results/{task.value}-{preset.value}"), seed, distill, rows,
+                  resume)
 
 
 def _make_task(task: TaskName, preset: Preset, dataset: str, data_dir: Optional[Path], seed: int):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -207,10 +206,15 @@ def _reinit(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def run_protocol(task: Task, config: ProtocolConfig, out_dir: str | Path,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+                 log: Callable[[str], None] = print, resume: bool = False) -> dict[str, Any]:
     """Run the dense model and every (row, ratio) of ``config``; write results.json, results.md,
     results.png and every final model (``models/<row>-<ratio>x``, loadable with
-    ``tasks.load_model``) to ``out_dir`` and return the results document."""
+    ``tasks.load_model``) to ``out_dir`` and return the results document.
+
+    Every training run checkpoints under ``out_dir/runs/<run>``; with ``resume`` each run continues
+    from its checkpoint (a finished run just reloads its best weights), so an interrupted table
+    resumes where it stopped with the same results. Training seconds are the sum of the epochs'
+    times, so they survive a resume."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dense_epochs = config.dense_epochs if config.dense_epochs is not None else task.dense_epochs
@@ -221,11 +225,11 @@ def run_protocol(task: Task, config: ProtocolConfig, out_dir: str | Path,
     schedule_end = min(ft_epochs - 1, (2 * ft_epochs) // 3)  # AGP / bond shrinking reach the target here
 
     def train(model: nn.Module, epochs: int, run: str, callbacks=(), distill=None) -> float:
-        start = time.perf_counter()
-        fit(model, task.train_loader, task.val_loader, task.loss_fn, task.metric, epochs=epochs, lr=task.lr,
-            optimizer=task.optimizer, grad_clip=task.grad_clip, seed=config.seed, out_dir=out / "runs" / run,
-            callbacks=callbacks, forward_fn=task.forward_fn, distill=distill, progress=False)
-        return time.perf_counter() - start
+        result = fit(model, task.train_loader, task.val_loader, task.loss_fn, task.metric, epochs=epochs,
+                     lr=task.lr, optimizer=task.optimizer, grad_clip=task.grad_clip, seed=config.seed,
+                     out_dir=out / "runs" / run, callbacks=callbacks, forward_fn=task.forward_fn, distill=distill,
+                     progress=False, resume=resume)
+        return sum(record["time_s"] for record in result.history)
 
     def record(row: str, ratio: float | None, model: nn.Module, seconds: float, dense_count: int) -> None:
         run = row if ratio is None else f"{row}-{ratio:g}x"
