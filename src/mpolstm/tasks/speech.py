@@ -104,7 +104,7 @@ class MaskEstimator(nn.Module):
 
 
 def make_model(hidden: int = 256, layers: int = 2) -> MaskEstimator:
-    """A fresh :class:`MaskEstimator` (e.g. 2x256 for the quick preset, 2x512 for standard)."""
+    """A fresh :class:`MaskEstimator` (2x128 for the quick preset, 2x256 for standard, 2x1024 for paper)."""
     return MaskEstimator(hidden, layers)
 
 
