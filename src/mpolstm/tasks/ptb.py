@@ -57,7 +57,7 @@ class PTBSize:
 SIZES = {
     # quick: a 20k-token slice, small model; the 10k-way softmax dominates (~0.2 s a window on 2 cores)
     "quick": PTBSize(128, 20_000, 5_000, 20, 35, 0.0, 3, 1, 3e-3),
-    # standard: Zaremba "small" (2x200) on a 150k-token slice; sized for <= 90 minutes on 2 cores
+    # standard: Zaremba "small" (2x200) on a 150k-token slice; <= 90 minutes on 2 cores (measured: 52 min, one thread)
     "standard": PTBSize(200, 150_000, 20_000, 20, 35, 0.0, 5, 2, 2e-3),
     # paper scale: Zaremba "medium" (2x650, dropout 0.5) on all of PTB; for a GPU
     "paper": PTBSize(650, None, None, 20, 35, 0.5, 39, 10, 1e-3),
