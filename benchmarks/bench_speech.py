@@ -15,8 +15,8 @@ torch thread (what ``enhance`` uses). Two figures per model:
   (mean and p95 per-frame latency, real-time factor).
 
 The MPO models replace the LSTM by an MPOLSTM with the largest uniform bond D reaching the stated
-compression of the LSTM weights (what ``compress(..., max_bond=D)`` of a trained model gives). Timings do not depend on the weights' values,
-so the models are randomly initialised. Rounds are interleaved (a load spike hits every model);
+compression of the LSTM weights (the structure ``compress(..., max_bond=D)`` gives a trained
+model). Timings do not depend on the weights' values, so the models are randomly initialised. Rounds are interleaved (a load spike hits every model);
 the table reports the minimum over rounds and ratios of those minima.
 """
 
