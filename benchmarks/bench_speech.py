@@ -11,7 +11,7 @@ torch thread (what ``enhance`` uses). Two figures per model:
 - ``step``: ``MaskEstimator.step`` alone (median of torch.utils.benchmark), the part compression
   changes; dense runs ``torch.lstm_cell`` per layer (the fastest dense step on CPU; nn.LSTM on a
   length-1 sequence costs several times more), MPO runs ``MPOLSTM.step``.
-- ``frame``: the whole frame inside :func:`mpolstm.tasks.speech.enhance_streaming` on 10 s of audio
+- ``frame``: the whole frame inside :func:`mpolstm.harness.tasks.speech.enhance_streaming` on 10 s of audio
   (mean and p95 per-frame latency, real-time factor).
 
 The MPO models replace the LSTM by an MPOLSTM with the largest uniform bond D reaching the stated
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch.utils import benchmark
 
-from mpolstm.audio import N_BINS, SAMPLE_RATE
+from mpolstm.harness.audio import N_BINS, SAMPLE_RATE
 from mpolstm.nn import MPOLSTM
-from mpolstm.tasks.speech import INPUT_BINS, enhance_streaming, make_model
+from mpolstm.harness.tasks.speech import INPUT_BINS, enhance_streaming, make_model
 
 
 def lstm_weight_entries(model) -> int:

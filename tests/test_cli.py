@@ -3,7 +3,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from mpolstm.cli import app
+from mpolstm.harness.cli import app
 
 runner = CliRunner()
 
@@ -35,7 +35,7 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path):
 
 
 def test_reproduce_quick_subset_writes_results(tmp_path, monkeypatch):
-    from mpolstm.tasks import seqcls
+    from mpolstm.harness.tasks import seqcls
 
     monkeypatch.setitem(seqcls.SIZES, "quick", seqcls.SeqClsSize(16, 200, 50, 1, 1, 1e-2))
     out = tmp_path / "res"
@@ -54,14 +54,14 @@ def test_console_entry_prints_one_line_for_usage_errors():
     import sys
 
     for args in (["reproduce", "--task", "nonsense"], ["frobnicate"], ["inspect", "/nonexistent/model"]):
-        proc = subprocess.run([sys.executable, "-m", "mpolstm.cli", *args], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "mpolstm.harness.cli", *args], capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
 
 
 def test_train_compress_inspect_round_trip(tmp_path, monkeypatch):
-    from mpolstm.tasks import load_model, seqcls
+    from mpolstm.harness.tasks import load_model, seqcls
     from mpolstm.nn import MPOLSTM
 
     monkeypatch.setitem(seqcls.SIZES, "quick", seqcls.SeqClsSize(16, 200, 50, 1, 1, 1e-2))
@@ -94,9 +94,9 @@ def test_train_compress_inspect_round_trip(tmp_path, monkeypatch):
 def test_export_command_formats_and_errors(tmp_path, monkeypatch):
     import torch
 
-    from mpolstm.compress import CompressionConfig, compress
-    from mpolstm.tasks import load_model, save_model
-    from mpolstm.tasks.seqcls import SeqClassifier
+    from mpolstm.compression import CompressionConfig, compress
+    from mpolstm.harness.tasks import load_model, save_model
+    from mpolstm.harness.tasks.seqcls import SeqClassifier
 
     spec = {"name": "seqcls", "kwargs": {"num_classes": 3, "hidden_size": 16, "input_size": 8, "vocab_size": None}}
     model, _ = compress(SeqClassifier(3, 16, input_size=8), CompressionConfig(target_modules=["lstm"], max_bond=4))
@@ -119,7 +119,8 @@ def test_export_command_formats_and_errors(tmp_path, monkeypatch):
 
 
 def test_interrupted_reproduce_resumes_to_the_same_table(tmp_path, monkeypatch):
-    from mpolstm.tasks import protocol, seqcls
+    from mpolstm.harness.protocol import run as protocol
+    from mpolstm.harness.tasks import seqcls
 
     monkeypatch.setitem(seqcls.SIZES, "quick", seqcls.SeqClsSize(16, 200, 50, 2, 1, 1e-2))
     args = ["reproduce", "--task", "seqcls", "--ratios", "10", "--rows", "dense,mpo-decomp,prune-oneshot"]

@@ -8,7 +8,7 @@ from torch import nn
 
 import mpolstm.nn as mpo_nn
 from mpolstm import mpo as M
-from mpolstm.compress import (
+from mpolstm.compression import (
     CompressionConfig,
     compress,
     freeze_central,
@@ -221,11 +221,20 @@ def test_freeze_central_keeps_shapes_when_a_bond_exceeds_its_rank():
     assert torch.allclose(layer.weight, weight, atol=1e-12)
 
 
-def test_lstm_needs_mpolstm(monkeypatch):
-    monkeypatch.delattr(mpo_nn, "MPOLSTM", raising=False)
-    model = nn.Sequential(nn.LSTM(8, 16))
-    with pytest.raises(ValueError, match=r"'0' is an nn.LSTM; compressing it needs mpolstm.nn.MPOLSTM"):
-        compress(model)
+def test_registry_drives_selection_and_names_unsupported_types():
+    from mpolstm.nn import registry
+
+    class MyLSTM(nn.LSTM):  # a subclass is handled as its registered base type
+        pass
+
+    model, report = compress(nn.Sequential(MyLSTM(8, 16)), CompressionConfig(max_bond=2))
+    assert type(model[0]).__name__ == "MPOLSTM" and report.modules[0].old_class == "MyLSTM"
+    with pytest.raises(ValueError, match=r"'0' is of type RNN; compress handles nn.Linear, nn.Embedding"):
+        compress(nn.Sequential(nn.RNN(8, 16)), CompressionConfig(target_modules=["0"]))
+    entry = registry.layer_type(nn.LSTM(2, 2))
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(entry)
+    assert registry.mpo_class("MPOLSTM") is entry.mpo_type and registry.mpo_class("Nope") is None
 
 
 def test_truncated_mpo_report_is_exact():

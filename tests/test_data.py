@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpolstm.data import (
+from mpolstm.harness.data import (
     BPTTLoader,
     batchify,
     bptt_windows,
@@ -15,10 +15,10 @@ from mpolstm.data import (
     load_seqcls,
     stratified_split,
 )
-from mpolstm.data.cache import cached_arrays
-from mpolstm.data.ptb import build_vocab, tokenize
-from mpolstm.data.seqcls import encode
-from mpolstm.data.seqcls import tokenize as words
+from mpolstm.harness.data.cache import cached_arrays
+from mpolstm.harness.data.ptb import build_vocab, tokenize
+from mpolstm.harness.data.seqcls import encode
+from mpolstm.harness.data.seqcls import tokenize as words
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from mpolstm import distributed
-from mpolstm.data.ptb import BPTTLoader, batchify
-from mpolstm.train import ACCURACY, PERPLEXITY, fit, load_checkpoint
+from mpolstm.harness import distributed
+from mpolstm.harness.data.ptb import BPTTLoader, batchify
+from mpolstm.harness.training import ACCURACY, PERPLEXITY, fit, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,14 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from mpolstm.compress import CompressionConfig, compress, is_mpo_module
-from mpolstm.export import (densify, example_inputs, export_dense, export_model, export_onnx,
-                            export_torchscript)
+from mpolstm.compression import CompressionConfig, compress, is_mpo_module
+from mpolstm.export import densify, export_model, export_onnx, export_torchscript
 from mpolstm.nn import MPOGRU, MPOLSTM
-from mpolstm.tasks import load_model
-from mpolstm.tasks.ptb import WordLM
-from mpolstm.tasks.seqcls import SeqClassifier
-from mpolstm.tasks.speech import MaskEstimator
+from mpolstm.harness.tasks import example_inputs, export_task_model, load_model
+from mpolstm.harness.tasks.ptb import WordLM
+from mpolstm.harness.tasks.seqcls import SeqClassifier
+from mpolstm.harness.tasks.speech import MaskEstimator
 
 SEQCLS = {"name": "seqcls", "kwargs": {"num_classes": 3, "hidden_size": 32, "input_size": 12}}
 PTB = {"name": "ptb", "kwargs": {"vocab_size": 60, "hidden_size": 32}}
@@ -75,13 +74,13 @@ def test_densify_replaces_every_mpo_module_and_keeps_outputs():
 
 def test_export_dense_loads_back_without_mpo_modules(seqcls, tmp_path):
     x = torch.randn(2, 9, 12)
-    out = export_dense(seqcls, SEQCLS, tmp_path / "dense")
+    out = export_task_model(seqcls, SEQCLS, "dense", tmp_path / "dense")
     model, spec = load_model(out)
     assert spec == SEQCLS and _mpo_count(model) == 0
     torch.testing.assert_close(_eager(model, x), _eager(seqcls, x), atol=1e-5, rtol=1e-4)
     with torch.no_grad():  # exporting again over the folder replaces its files
         seqcls.head.bias.add_(1.0)
-    export_model(seqcls, SEQCLS, "dense", out)
+    export_task_model(seqcls, SEQCLS, "dense", out)
     torch.testing.assert_close(_eager(load_model(out)[0], x), _eager(seqcls, x), atol=1e-5, rtol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no temporary folders left
 
@@ -129,7 +128,7 @@ def test_onnx_speech_mask_estimator_with_mpolstm_runs_in_onnxruntime(tmp_path):
     torch.manual_seed(3)
     model = _compressed(MaskEstimator(**SPEECH["kwargs"]), ["lstm"])
     assert isinstance(model.lstm, MPOLSTM)
-    path = export_model(model, SPEECH, "onnx", tmp_path / "speech.onnx")
+    path = export_task_model(model, SPEECH, "onnx", tmp_path / "speech.onnx")
     _onnx_matches(model, SPEECH, path)  # mask, h_n and c_n
     graph = onnx.load(str(path)).graph
     assert "LSTM" in {n.op_type for n in graph.node}
@@ -150,10 +149,10 @@ class _NoOnnxOp(nn.Module):
 def test_bad_input_raises_value_error_and_leaves_no_output(seqcls, tmp_path):
     x = example_inputs(SEQCLS)
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
-        export_model(seqcls, SEQCLS, "tflite", tmp_path / "m")
+        export_task_model(seqcls, SEQCLS, "tflite", tmp_path / "m")
     for fmt in ("torchscript", "onnx", "dense"):
         with pytest.raises(ValueError, match="parent directory .* does not exist"):
-            export_model(seqcls, SEQCLS, fmt, tmp_path / "missing" / "m")
+            export_task_model(seqcls, SEQCLS, fmt, tmp_path / "missing" / "m")
     with pytest.raises(ValueError, match="cannot trace _ReturnsInt"):
         export_torchscript(_ReturnsInt(), x, tmp_path / "int.pt")
     with pytest.raises(ValueError, match="cannot trace _ReturnsInt"):
@@ -161,7 +160,7 @@ def test_bad_input_raises_value_error_and_leaves_no_output(seqcls, tmp_path):
     with pytest.raises(ValueError, match="example_inputs must be"):
         export_torchscript(seqcls, [1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="does not match its architecture"):
-        export_dense(seqcls, PTB, tmp_path / "wrong-spec")
+        export_task_model(seqcls, PTB, "dense", tmp_path / "wrong-spec")
     assert list(tmp_path.iterdir()) == []
     # a failing export over an earlier file keeps that file intact
     previous = tmp_path / "model.onnx"
@@ -183,3 +182,24 @@ def test_torch_compile_of_mpolstm_model_matches_eager():
         with torch.no_grad():
             got = _outputs(compiled(*x))
         torch.testing.assert_close(got, _eager(model, *x), atol=1e-5, rtol=1e-4)
+
+
+def test_library_export_needs_no_task(tmp_path):
+    """export_model works on any model: dense folders load with mpolstm.load onto the base model;
+    traced formats need the caller's example inputs."""
+    from mpolstm import io
+
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    model, _ = compress(base(), CompressionConfig(target_modules=["0"], max_bond=3, num_cores=2))
+    x = torch.randn(5, 12)
+    out = export_model(model, "dense", tmp_path / "dense")
+    dense = io.load(out, base())
+    assert _mpo_count(dense) == 0
+    torch.testing.assert_close(dense(x), model(x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="pass example_inputs"):
+        export_model(model, "torchscript", tmp_path / "m.pt")
+    scripted = torch.jit.load(str(export_model(model, "torchscript", tmp_path / "m.pt", x)))
+    torch.testing.assert_close(scripted(x), model(x), atol=1e-5, rtol=1e-4)

@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import mpolstm.data.cache as cache
-from mpolstm.train import ACCURACY, Callback, fit, load_checkpoint
+import mpolstm.harness.data.cache as cache
+from mpolstm.harness.training import ACCURACY, Callback, fit, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

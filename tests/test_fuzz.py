@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mpolstm.mpo import decompose
-from mpolstm.train import ACCURACY, BEST_FORMAT, CHECKPOINT_FORMAT, fit, load_checkpoint
+from mpolstm.harness.training import ACCURACY, BEST_FORMAT, CHECKPOINT_FORMAT, fit, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

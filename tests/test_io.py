@@ -7,7 +7,7 @@ from torch import nn
 
 import mpolstm.nn as mpo_nn
 from mpolstm import io
-from mpolstm.compress import CompressionConfig, compress
+from mpolstm.compression import CompressionConfig, compress
 from mpolstm.nn import MPOEmbedding, MPOLinear
 
 

@@ -6,12 +6,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from mpolstm.compress import CompressionConfig, compress
+from mpolstm.compression import CompressionConfig, compress
 from mpolstm.nn import MPOLSTM
-from mpolstm.tasks.base import Task
-from mpolstm.tasks.protocol import ROWS, BondSchedule, ProtocolConfig, mpo_bonds, run_protocol
-from mpolstm.tasks.seqcls import SeqClassifier
-from mpolstm.train import ACCURACY, TrainState
+from mpolstm.harness.tasks.base import Task
+from mpolstm.harness.protocol.run import ROWS, BondSchedule, ProtocolConfig, mpo_bonds, run_protocol
+from mpolstm.harness.tasks.seqcls import SeqClassifier
+from mpolstm.harness.training import ACCURACY, TrainState
 
 
 def tiny_task():

@@ -16,7 +16,7 @@ from mpolstm.prune import (
     prune_layerwise,
     sparsity_report,
 )
-from mpolstm.train import ACCURACY, fit
+from mpolstm.harness.training import ACCURACY, fit
 
 
 class Net(nn.Module):

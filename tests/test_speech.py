@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.io import wavfile
 
-from mpolstm import audio
-from mpolstm.data import speech as corpus
-from mpolstm.tasks import speech as se
-from mpolstm.train import evaluate, fit
+from mpolstm.harness import audio
+from mpolstm.harness.data import speech as corpus
+from mpolstm.harness.tasks import speech as se
+from mpolstm.harness.training import evaluate, fit
 
 NO_ESPEAK = "espeak-ng is not installed (apt-get install -y --no-install-recommends espeak-ng)"
 

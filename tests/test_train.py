@@ -7,8 +7,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import mpolstm.train as train_mod
-from mpolstm.train import (
+import mpolstm.harness.training.loop as train_mod
+from mpolstm.harness.training.loop import (
     ACCURACY,
     PERPLEXITY,
     CHECKPOINT_FORMAT,

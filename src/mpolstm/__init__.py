@@ -1,15 +1,15 @@
 """mpolstm: compress LSTM networks with Matrix Product Operators.
 
-The top level re-exports the everyday API; ``mpolstm.compress`` here is the function (the module
-stays importable as ``from mpolstm.compress import CompressionConfig``).
+The library (this package, less ``mpolstm.harness``) needs only torch, numpy and safetensors.
+The top level re-exports the everyday API; the compression module is ``mpolstm.compression``
+(``mpolstm.compress`` is the function).
 """
 
-__version__ = "0.1.0"
-
-from .compress import CompressionConfig, CompressionReport, compress, freeze_central, print_trainable_parameters
+from .compression import CompressionConfig, CompressionReport, compress, freeze_central, print_trainable_parameters
 from .io import load, save
 from .mpo import MPO, decompose, factorize, mpo_matmul
 from .nn import MPOGRU, MPOLSTM, MPOEmbedding, MPOLinear
+from .version import __version__
 
 __all__ = [
     "__version__",

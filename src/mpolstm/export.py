@@ -11,15 +11,15 @@ One function per format (``mpolstm export MODEL --format ... --out PATH`` calls 
   a float input is dynamic (batch, time); likewise every axis but the last of each output. Inputs
   are named ``input0, input1, ...`` and the flattened outputs ``output0, output1, ...`` (for the
   speech MaskEstimator: mask, h_n, c_n). Needs the ``onnx`` package.
-- ``export_dense(model, spec, path) -> Path``: the :func:`densify`'d model saved with
-  :func:`mpolstm.tasks.save_model` (a folder that ``tasks.load_model`` reads back with no MPO
-  module inside). ``densify(model)`` alone gives the dense nn.Module.
-- ``export_model(model, spec, fmt, path)``: the dispatcher, with :func:`example_inputs` built
-  from the architecture spec for the traced formats.
+- ``export_dense(model, path) -> Path``: the :func:`densify`'d model written by :func:`mpolstm.io.save`
+  (a folder with no MPO module inside). ``densify(model)`` alone gives the dense nn.Module.
+- ``export_model(model, fmt, path, example_inputs=None)``: the dispatcher; the traced formats
+  need the example inputs from the caller (the task commands build them from the architecture).
 
 Traced exports (TorchScript, ONNX) record one run on the example inputs: what they serve is the
-eval-mode forward from a zero initial state (``WordLM`` does not carry its state across calls), and
-input checks that read tensor values (MPOEmbedding's index range) are not in the graph.
+eval-mode forward from a zero initial state (every module's ``clear_cache()`` runs first: MPO
+RNNs drop their cached weights, a model that carries state across calls drops it), and input
+checks that read tensor values (MPOEmbedding's index range) are not in the graph.
 Every file or folder is written to a temporary name beside ``path`` and renamed into place, so a
 failure leaves no partial output. Bad arguments (unknown format, missing parent directory, a model
 that cannot be traced or exported) raise ValueError.
@@ -35,29 +35,19 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import nn as mpo_nn
-from .audio import N_BINS
-from .compress import is_mpo_module
-from .data.cache import atomic_write_bytes
-from .tasks import ARCHITECTURE_FILE, build_architecture, save_model
-from .tasks.ptb import WordLM
+from .atomic import atomic_write_bytes
+from .io import save
+from .nn.registry import is_mpo_module, layer_type_of_mpo, replace_module
 
-__all__ = ["FORMATS", "densify", "example_inputs", "export_dense", "export_model", "export_onnx",
-           "export_torchscript"]
+__all__ = ["FORMATS", "densify", "export_dense", "export_model", "export_onnx", "export_torchscript"]
 
 FORMATS = ("torchscript", "onnx", "dense")
 
-_TO_DENSE = (
-    (mpo_nn.MPOLinear, "to_linear"),
-    (mpo_nn.MPOEmbedding, "to_embedding"),
-    (mpo_nn.MPOLSTM, "to_lstm"),
-    (mpo_nn.MPOGRU, "to_gru"),
-)
 # expected noise from tracing and the TorchScript ONNX exporter, silenced while exporting
 _QUIET = ("`torch.jit.trace", "You are using the legacy TorchScript-based ONNX export",
           "Exporting a model to ONNX with a batch_size other than 1")
@@ -68,14 +58,14 @@ _QUIET = ("`torch.jit.trace", "You are using the legacy TorchScript-based ONNX e
 
 def _dense_module(module: nn.Module) -> nn.Module | None:
     """The plain torch counterpart of an MPO module, None for any other module."""
-    for cls, method in _TO_DENSE:
-        if isinstance(module, cls):
-            dense = getattr(module, method)()
-            dense.train(module.training)
-            return dense
+    entry = layer_type_of_mpo(module)
+    if entry is not None:
+        dense = entry.to_torch(module)
+        dense.train(module.training)
+        return dense
     if is_mpo_module(module):
-        raise ValueError(f"{type(module).__name__} is an MPO module with no known dense counterpart "
-                         f"(densify handles {', '.join(cls.__name__ for cls, _ in _TO_DENSE)})")
+        raise ValueError(f"{type(module).__name__} is an MPO module that is not registered in "
+                         "mpolstm.nn.registry, so it has no known dense counterpart")
     return None
 
 
@@ -91,8 +81,7 @@ def densify(model: nn.Module) -> nn.Module:
     for name, module in list(out.named_modules()):
         dense = _dense_module(module) if name else None
         if dense is not None:
-            parent, _, attr = name.rpartition(".")
-            setattr(out.get_submodule(parent), attr, dense)
+            replace_module(out, name, dense)
     return out
 
 
@@ -103,25 +92,18 @@ def _check_folder_target(path: Path) -> None:
         raise ValueError(f"{path} exists and is not a directory; the dense export writes a model folder")
 
 
-def export_dense(model: nn.Module, spec: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``densify(model)`` with its architecture ``spec`` ({"name", "kwargs"}) to the folder
-    ``path`` (created, or its files replaced); ``tasks.load_model(path)`` loads it back."""
+def export_dense(model: nn.Module, path: str | os.PathLike, write: Callable[[nn.Module, Path], Any] = save) -> Path:
+    """Write ``densify(model)`` to the folder ``path`` (created, or its files replaced) with
+    ``write(dense_model, folder)`` (default :func:`mpolstm.io.save`). The folder is filled under
+    a temporary name beside ``path`` and its files are then renamed into place."""
     path = Path(path)
     _check_folder_target(path)
     dense = densify(model)
-    with torch.device("meta"):
-        reference = build_architecture(spec)
-    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in dense.state_dict().items()}
-    if expected != got:
-        diff = sorted(set(expected.items()) ^ set(got.items()))
-        raise ValueError(f"the dense model does not match its architecture {dict(spec)}: "
-                         f"parameters differ in {diff[:6]}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        save_model(dense, spec, tmp)
+        write(dense, tmp)
         if path.is_dir():
-            for name in (ARCHITECTURE_FILE, *sorted(p.name for p in tmp.iterdir() if p.name != ARCHITECTURE_FILE)):
+            for name in sorted(p.name for p in tmp.iterdir()):
                 os.replace(tmp / name, path / name)
         else:
             os.replace(tmp, path)
@@ -161,19 +143,19 @@ def _flatten(value: Any, where: str = "output") -> list[Tensor]:
 
 
 def _fresh(model: nn.Module) -> nn.Module:
-    """Drop what a forward leaves behind: MPO RNN eval caches, a WordLM's carried state."""
+    """Drop what a forward leaves behind: every module's ``clear_cache()`` runs (MPO RNN eval
+    caches, state a model carries across calls)."""
     for module in model.modules():
-        if isinstance(module, (mpo_nn.MPOLSTM, mpo_nn.MPOGRU)):
-            module.clear_cache()
-        if isinstance(module, WordLM):
-            module._state = None
+        clear = getattr(module, "clear_cache", None)
+        if callable(clear):
+            clear()
     return model
 
 
 def _export_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy whose MPO layers rebuild their weights inside the traced graph: the eval
     cache (which would bake the dense weights in as constants) is off while the cores require
-    grad and grad mode is on; a WordLM's carried state is dropped."""
+    grad and grad mode is on; carried state is dropped (``_fresh``)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"export expects an nn.Module, got {type(model).__name__}")
     out = _fresh(copy.deepcopy(model).eval())
@@ -276,33 +258,19 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], pat
 # ----------------------------------------------------------------------------- dispatch
 
 
-def example_inputs(spec: Mapping[str, Any], batch: int = 2, steps: int = 5) -> tuple[Tensor, ...]:
-    """Example inputs for a task architecture spec: seqcls (N, T, F) features or (N, T) token ids,
-    ptb (T, N) token ids, speech (N, T, 257) log-magnitudes."""
-    name = spec.get("name") if isinstance(spec, Mapping) else None
-    kwargs = spec.get("kwargs", {}) if isinstance(spec, Mapping) else {}
-    gen = torch.Generator().manual_seed(0)
-    if name == "seqcls":
-        vocab = kwargs.get("vocab_size")
-        if vocab:
-            return (torch.randint(1, int(vocab), (batch, steps), generator=gen),)
-        return (torch.randn(batch, steps, int(kwargs["input_size"]), generator=gen),)
-    if name == "ptb":
-        return (torch.randint(0, int(kwargs["vocab_size"]), (steps, batch), generator=gen),)
-    if name == "speech":
-        return (torch.randn(batch, steps, N_BINS, generator=gen),)
-    raise ValueError(f"no example inputs for architecture {name!r}; expected seqcls, ptb or speech")
-
-
-def export_model(model: nn.Module, spec: Mapping[str, Any], fmt: str, path: str | os.PathLike) -> Path:
-    """Export a task model with architecture ``spec`` in format ``fmt`` (one of :data:`FORMATS`)
-    to ``path`` (a file for torchscript/onnx, a folder for dense); returns ``path``."""
+def export_model(model: nn.Module, fmt: str, path: str | os.PathLike,
+                 example_inputs: Tensor | Sequence[Tensor] | None = None) -> Path:
+    """Export ``model`` in format ``fmt`` (one of :data:`FORMATS`) to ``path`` (a file for
+    torchscript/onnx, a folder for dense); the traced formats need ``example_inputs``
+    (floating ones are cast to the model's dtype). Returns ``path``."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "dense":
-        return export_dense(model, spec, path)
+        return export_dense(model, path)
+    if example_inputs is None:
+        raise ValueError(f"the {fmt} export traces the model: pass example_inputs (a tensor or a tuple of tensors)")
     exporter = export_torchscript if fmt == "torchscript" else export_onnx
     first = next(model.parameters(), None)
     dtype = torch.float32 if first is None else first.dtype
-    inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in example_inputs(spec))
+    inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in _as_tuple(example_inputs))
     return exporter(model, inputs, path)

@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,9 +32,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from . import __version__
-from . import nn as mpo_nn
-from .compress import CONVERTERS, is_mpo_module
+from .atomic import atomic_write_bytes, fsync_dir
+from .nn.registry import is_mpo_module, layer_type_of_mpo, mpo_class, registered_mpo_names, replace_module
+from .version import __version__
 
 __all__ = ["save", "load", "WEIGHTS_FILE", "CONFIG_FILE"]
 
@@ -48,34 +47,9 @@ _MAX_CONFIG_INT = 1 << 40
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
              "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
-# constructor sizes that must agree between a saved MPO module and the base module it replaces
-_SIZE_ATTRS = ("in_features", "out_features", "num_embeddings", "embedding_dim", "padding_idx", "input_size",
-               "hidden_size", "num_layers", "bidirectional", "proj_size", "batch_first")
 
 
 # ----------------------------------------------------------------------------- save
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _dtype_name(module: nn.Module) -> str:
@@ -117,9 +91,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"the model's MPO configs are not JSON-serialisable: {exc}") from None
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / WEIGHTS_FILE, data)
-    _atomic_write(path / CONFIG_FILE, text.encode())
-    _fsync_dir(path)
+    atomic_write_bytes(path / WEIGHTS_FILE, data)
+    atomic_write_bytes(path / CONFIG_FILE, text.encode())
+    fsync_dir(path)
     return path
 
 
@@ -201,10 +175,9 @@ def _read_header(data: bytes, file: Path) -> dict[str, tuple[str, tuple[int, ...
 
 
 def _mpo_class(name: Any, file: Path, module: str) -> type[nn.Module]:
-    cls = getattr(mpo_nn, name, None) if isinstance(name, str) and name in mpo_nn.__all__ else None
-    if cls is None or not hasattr(cls, "from_config"):
-        raise ValueError(f"{file}: module {module!r} has class {name!r}; expected one of "
-                         f"{[n for n in mpo_nn.__all__ if hasattr(getattr(mpo_nn, n), 'from_config')]}")
+    cls = mpo_class(name)
+    if cls is None:
+        raise ValueError(f"{file}: module {module!r} has class {name!r}; expected one of {registered_mpo_names()}")
     return cls
 
 
@@ -217,11 +190,11 @@ def _build(cls: type[nn.Module], config: Mapping[str, Any], file: Path, name: st
 
 
 def _check_base_module(base: nn.Module, probe: nn.Module, name: str, file: Path) -> None:
-    torch_cls = next((t for t, mpo_name, _ in CONVERTERS if mpo_name == type(probe).__name__), None)
-    if not isinstance(base, (type(probe),) + ((torch_cls,) if torch_cls else ())):
+    entry = layer_type_of_mpo(probe)
+    if not isinstance(base, (entry.mpo_type, entry.torch_type)):
         raise ValueError(f"{file}: module {name!r} was saved as {type(probe).__name__}, but base_model has a "
-                         f"{type(base).__name__} there (expected {getattr(torch_cls, '__name__', type(probe).__name__)})")
-    for attr in _SIZE_ATTRS:
+                         f"{type(base).__name__} there (expected {entry.torch_type.__name__})")
+    for attr in entry.size_attrs:
         if hasattr(base, attr) and hasattr(probe, attr):
             mine, theirs = getattr(probe, attr), getattr(base, attr)
             if isinstance(mine, (int, bool, type(None))) and mine != theirs:
@@ -307,8 +280,7 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
         if like is not None:
             module = module.to(device=like.device, dtype=like.dtype)
         module.train(base.training)
-        parent, _, child = name.rpartition(".")
-        setattr(base_model.get_submodule(parent), child, module)
+        replace_module(base_model, name, module)
     base_model.load_state_dict(_tensors(data, weights_file), strict=True)
     return base_model
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import mpo as mpo_math
+from .registry import LayerType, register
 from ..mpo import MPO, TruncationReport
 from .linear import SingleWeightMPO, init_cores_
 
@@ -243,7 +244,7 @@ class MPOEmbedding(SingleWeightMPO):
             "padding_idx": self.padding_idx,
             "row_factors": list(self.row_factors),
             "dim_factors": list(self.dim_factors),
-            "bond_dims": [c.shape[3] for c in list(self.cores)[:-1]],
+            "bond_dims": list(mpo_math.bond_dims(self.cores)),
         }
 
     @classmethod
@@ -325,8 +326,12 @@ class MPOEmbedding(SingleWeightMPO):
         return rows.reshape(*input.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        bonds = tuple(c.shape[3] for c in list(self.cores)[:-1])
+        bonds = mpo_math.bond_dims(self.cores)
         pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
         return (f"{self.num_embeddings}, {self.embedding_dim}{pad}, row_factors={self.row_factors}, "
                 f"dim_factors={self.dim_factors}, bond_dims={bonds}, params={self.num_params}, "
                 f"compression={self.compression_ratio:.1f}x")
+
+
+register(LayerType(nn.Embedding, MPOEmbedding, MPOEmbedding.from_embedding, MPOEmbedding.to_embedding,
+                   ("num_embeddings", "embedding_dim", "padding_idx")))

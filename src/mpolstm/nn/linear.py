@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import mpo as mpo_math
+from .registry import LayerType, register
 from ..mpo import MPO, TruncationReport
 
 __all__ = ["MPOLinear", "SingleWeightMPO", "resolve_factors", "init_cores_"]
@@ -48,7 +49,7 @@ def init_cores_(cores: Sequence[Tensor], target_std: float) -> None:
     """Fill cores with N(0, s^2) so that every entry of the rebuilt matrix has variance
     ``target_std**2``: Var(W) = prod_k s^2 * prod_k D_k, so s^2 = (target^2 / prod D)^(1/n)."""
     n = len(cores)
-    bond_product = math.prod(c.shape[3] for c in cores[:-1])
+    bond_product = math.prod(mpo_math.bond_dims(cores))
     core_std = (target_std**2 / bond_product) ** (1.0 / (2 * n))
     with torch.no_grad():
         for c in cores:
@@ -182,7 +183,7 @@ class MPOLinear(SingleWeightMPO):
             "bias": self.bias is not None,
             "in_factors": list(self.in_factors),
             "out_factors": list(self.out_factors),
-            "bond_dims": [c.shape[3] for c in list(self.cores)[:-1]],
+            "bond_dims": list(mpo_math.bond_dims(self.cores)),
         }
 
     @classmethod
@@ -232,9 +233,12 @@ class MPOLinear(SingleWeightMPO):
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        bonds = tuple(c.shape[3] for c in list(self.cores)[:-1])
+        bonds = mpo_math.bond_dims(self.cores)
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"in_factors={self.in_factors}, out_factors={self.out_factors}, bond_dims={bonds}, "
             f"params={self.num_params}, compression={self.compression_ratio:.1f}x, bias={self.bias is not None}"
         )
+
+
+register(LayerType(nn.Linear, MPOLinear, MPOLinear.from_linear, MPOLinear.to_linear, ("in_features", "out_features")))

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import mpo as mpo_math
+from .registry import LayerType, register
 from ..mpo import MPO, TruncationReport
 from .linear import init_cores_, resolve_factors
 
@@ -166,7 +167,7 @@ class _MPORNNBase(nn.Module):
     # -- conversion -----------------------------------------------------------------
     @classmethod
     def _from_torch(cls, rnn: nn.RNNBase, max_bond, rel_tol, factors, num_cores, mpos):
-        if type(rnn) is not cls._torch_class:
+        if not isinstance(rnn, cls._torch_class):
             raise ValueError(f"{cls.__name__}.from_{cls._mode.lower()} expects a torch.nn.{cls._mode}, "
                              f"got {type(rnn).__name__}")
         weight = rnn.weight_ih_l0
@@ -240,7 +241,7 @@ class _MPORNNBase(nn.Module):
         """JSON-serialisable description from which ``from_config`` rebuilds the module."""
         weights = {
             name: {"in_factors": list(in_f), "out_factors": list(out_f),
-                   "bond_dims": [c.shape[3] for c in list(self.mpo_weights()[name])[:-1]]}
+                   "bond_dims": list(mpo_math.bond_dims(self.mpo_weights()[name]))}
             for name, (in_f, out_f) in self.factors.items()
         }
         return {"class": type(self).__name__, **_torch_args(self), "num_cores": self.num_cores,
@@ -656,3 +657,8 @@ class RNNStream:
 
     def reset(self, hx=None) -> None:
         self.state = hx
+
+
+_RNN_SIZES = ("input_size", "hidden_size", "num_layers", "bidirectional", "proj_size", "batch_first")
+register(LayerType(nn.LSTM, MPOLSTM, MPOLSTM.from_lstm, MPOLSTM.to_lstm, _RNN_SIZES))
+register(LayerType(nn.GRU, MPOGRU, MPOGRU.from_gru, MPOGRU.to_gru, _RNN_SIZES))

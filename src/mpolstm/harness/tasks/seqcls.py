@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from ..data import load_seqcls
-from ..train import ACCURACY
+from ..training import ACCURACY
 from .base import Task
 
 __all__ = ["SeqClassifier", "SeqClsSize", "SIZES", "make_task"]

@@ -54,7 +54,7 @@ def _run_protocol(task, ratios: tuple[float, ...], out: Path, seed: int, distill
     """Run the protocol in a staging folder beside ``out`` and move it in place at the end, so a
     failed run never leaves a half-written ``out``. An interrupted run keeps its staging folder
     (per-run checkpoints); ``resume`` continues it, and a fresh run refuses to discard it."""
-    from .tasks.protocol import ROWS, ProtocolConfig, run_protocol
+    from .protocol.run import ROWS, ProtocolConfig, run_protocol
 
     selected = tuple(ROWS) if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip())
     try:
@@ -176,7 +176,7 @@ def train(
 ) -> None:
     """Train the dense model of a task (checkpointed every epoch, resumable) and save it."""
     from .tasks import save_model
-    from .train import fit, seed_everything
+    from .training import fit, seed_everything
 
     if epochs is not None and epochs < 1:
         _fail(f"--epochs must be >= 1, got {epochs}")
@@ -210,7 +210,7 @@ def compress_cmd(
     num_cores: int = typer.Option(4, help="Cores per MPO."),
 ) -> None:
     """Compress the selected layers of a saved model into MPOs and save the result."""
-    from .compress import CompressionConfig, compress
+    from ..compression import CompressionConfig, compress
     from .tasks import save_model
 
     _fresh_output(model_out)
@@ -236,8 +236,8 @@ def inspect(
     import torch
     from rich.table import Table
 
-    from .compress import is_mpo_module
-    from .mpo import MPO
+    from ..nn import is_mpo_module
+    from ..mpo import MPO
 
     model, spec = _load_model(model_path)
     table = Table(title=f"{model_path} ({spec['name']})")
@@ -318,11 +318,11 @@ def export_cmd(
     out: Path = typer.Option(..., help="Output file (torchscript, onnx) or folder (dense)."),
 ) -> None:
     """Export a saved model for serving: TorchScript, ONNX, or a dense model for MPO-unaware tools."""
-    from .export import export_model
+    from .tasks import export_task_model
 
     model, spec = _load_model(model_path)
     try:
-        written = export_model(model, spec, fmt.value, out)
+        written = export_task_model(model, spec, fmt.value, out)
     except ValueError as exc:
         _fail(str(exc))
     console.print(f"wrote {written}")
@@ -360,7 +360,7 @@ def decompose(
     import torch
     from rich.table import Table
 
-    from . import mpo as mpo_math
+    from .. import mpo as mpo_math
 
     if size < 4 or num_cores < 2:
         _fail(f"--size must be >= 4 and --num-cores >= 2, got {size} and {num_cores}")

@@ -1,10 +1,9 @@
-"""Cache directory and atomic file writes.
+"""The data cache directory.
 
 Datasets are built on first use and cached as ``.npz`` archives (loaded with
 ``allow_pickle=False``) under :func:`cache_dir`: an explicit argument, else the environment
-variable ``MPOLSTM_CACHE``, else ``~/.cache/mpolstm``. Every write goes to a temporary file in
-the destination directory, is flushed and fsync'ed, then renamed over the target with
-``os.replace``, so a crash never leaves a half-written file under the final name.
+variable ``MPOLSTM_CACHE``, else ``~/.cache/mpolstm``. Every write is atomic
+(:mod:`mpolstm.atomic`), so a crash never leaves a half-written file under the final name.
 """
 
 from __future__ import annotations
@@ -19,7 +18,9 @@ from typing import IO, Callable, Iterator, Mapping
 
 import numpy as np
 
-__all__ = ["CACHE_ENV", "cache_dir", "atomic_open", "atomic_write_bytes", "save_arrays", "load_arrays", "cached_arrays"]
+from ...atomic import atomic_open, atomic_write_bytes
+
+__all__ = ["CACHE_ENV", "cache_dir", "save_arrays", "load_arrays", "cached_arrays"]
 
 CACHE_ENV = "MPOLSTM_CACHE"
 
@@ -32,44 +33,6 @@ def cache_dir(path: str | os.PathLike[str] | None = None) -> Path:
         raise ValueError(f"cache directory {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem allows opening a directory
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on clean exit flush, fsync and rename it to ``path``.
-
-    If the body raises, the temporary file is removed and ``path`` is left untouched."""
-    if mode not in ("wb", "w"):
-        raise ValueError(f"atomic_open mode must be 'wb' or 'w', got {mode!r}")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace)."""
-    with atomic_open(path, "wb") as fh:
-        fh.write(data)
 
 
 def save_arrays(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> None:

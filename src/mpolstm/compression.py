@@ -26,21 +26,18 @@ reported.
 from __future__ import annotations
 
 import copy
-import heapq
 import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from io import StringIO
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 
-from . import nn as mpo_nn
-from .mpo import MPO, TruncationReport
+from .mpo import MPO, TruncationReport, canonicalize, central_core
+from .mpo.allocation import Layout, allocate
+from .nn.registry import is_mpo_module, layer_type, replace_module, supported_torch_types
 
 __all__ = [
     "CompressionConfig",
@@ -54,19 +51,7 @@ __all__ = [
     "central_core",
 ]
 
-# torch class -> (MPO class name in mpolstm.nn, classmethod that converts); io.load uses it too
-CONVERTERS: tuple[tuple[type[nn.Module], str, str], ...] = (
-    (nn.Linear, "MPOLinear", "from_linear"),
-    (nn.Embedding, "MPOEmbedding", "from_embedding"),
-    (nn.LSTM, "MPOLSTM", "from_lstm"),
-    (nn.GRU, "MPOGRU", "from_gru"),
-)
 _OVERRIDE_KEYS = ("max_bond", "rel_tol", "num_cores")
-
-
-def is_mpo_module(module: nn.Module) -> bool:
-    """True for modules that follow the MPO-module protocol."""
-    return callable(getattr(module, "mpo_weights", None)) and callable(getattr(module, "mpo_config", None))
 
 
 # ----------------------------------------------------------------------------- config
@@ -247,27 +232,31 @@ class CompressionReport:
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
-    def __rich__(self) -> Table:
-        table = Table(title=f"MPO compression: {self.dense_params:,} -> {self.mpo_params:,} weight entries "
-                            f"({self.ratio:.1f}x)")
-        for col in ("module", "weight", "shape", "bonds", "params", "ratio", "rel. error", "max entropy"):
-            table.add_column(col, justify="left" if col in ("module", "weight") else "right")
-        for m in self.modules:
-            for wname, w in m.weights.items():
-                table.add_row(
-                    f"{m.name} ({m.new_class})", wname, f"{w.shape[0]}x{w.shape[1]}", str(w.bond_dims),
-                    f"{w.dense_params:,} -> {w.mpo_params:,}", f"{w.dense_params / w.mpo_params:.1f}x",
-                    "-" if w.rel_error is None else f"{w.rel_error:.4f}",
-                    f"{max(w.entropy):.3f}" if w.entropy else "-",
-                )
-        if self.skipped:
-            table.caption = "skipped: " + "; ".join(f"{name} ({reason})" for name, reason in self.skipped)
-        return table
+    def rows(self) -> list[tuple[str, ...]]:
+        """One row of strings per compressed weight, under ``REPORT_COLUMNS``."""
+        return [
+            (f"{m.name} ({m.new_class})", wname, f"{w.shape[0]}x{w.shape[1]}", str(w.bond_dims),
+             f"{w.dense_params:,} -> {w.mpo_params:,}", f"{w.dense_params / w.mpo_params:.1f}x",
+             "-" if w.rel_error is None else f"{w.rel_error:.4f}", f"{max(w.entropy):.3f}" if w.entropy else "-")
+            for m in self.modules for wname, w in m.weights.items()
+        ]
+
+    @property
+    def title(self) -> str:
+        return f"MPO compression: {self.dense_params:,} -> {self.mpo_params:,} weight entries ({self.ratio:.1f}x)"
 
     def __str__(self) -> str:
-        console = Console(file=StringIO(), width=160, color_system=None)
-        console.print(self)
-        return console.file.getvalue()
+        rows = [REPORT_COLUMNS, *self.rows()]
+        widths = [max(len(r[c]) for r in rows) for c in range(len(REPORT_COLUMNS))]
+        lines = [self.title]
+        for r in rows:
+            lines.append("  ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))))
+        if self.skipped:
+            lines.append("skipped: " + "; ".join(f"{name} ({reason})" for name, reason in self.skipped))
+        return "\n".join(lines) + "\n"
+
+
+REPORT_COLUMNS = ("module", "weight", "shape", "bonds", "params", "ratio", "rel. error", "max entropy")
 
 
 def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -282,17 +271,16 @@ def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- selection
 
 
+def _supported_names() -> str:
+    return ", ".join(f"nn.{t.__name__}" for t in supported_torch_types())
+
+
 def _converter(module: nn.Module, name: str):
-    """The ``MPOxxx.from_<torch>`` classmethod for a supported torch module."""
-    for torch_cls, mpo_name, method in CONVERTERS:
-        if isinstance(module, torch_cls):
-            mpo_cls = getattr(mpo_nn, mpo_name, None)
-            if mpo_cls is None:
-                raise ValueError(f"module {name!r} is an nn.{torch_cls.__name__}; compressing it needs "
-                                 f"mpolstm.nn.{mpo_name}, which this installation does not provide")
-            return getattr(mpo_cls, method)
-    raise ValueError(f"module {name!r} is of type {type(module).__name__}; compress handles "
-                     "nn.Linear, nn.Embedding, nn.LSTM and nn.GRU")
+    """The registered ``from_torch`` conversion for a supported torch module."""
+    entry = layer_type(module)
+    if entry is None:
+        raise ValueError(f"module {name!r} is of type {type(module).__name__}; compress handles {_supported_names()}")
+    return entry.from_torch
 
 
 def _select(model: nn.Module, config: CompressionConfig) -> list[tuple[str, nn.Module, bool]]:
@@ -300,7 +288,7 @@ def _select(model: nn.Module, config: CompressionConfig) -> list[tuple[str, nn.M
     only by the default or a regex are skipped (and reported) when they cannot be factorised;
     named ones raise."""
     named = [(n, m) for n, m in model.named_modules() if n]
-    supported = tuple(c for c, _, _ in CONVERTERS)
+    supported = supported_torch_types()
     if isinstance(model, supported):
         raise ValueError(f"compress replaces submodules of a model; the model itself is of type {type(model).__name__}: "
                          f"use mpolstm.nn.MPO* .from_<torch>() for a single layer")
@@ -322,122 +310,15 @@ def _select(model: nn.Module, config: CompressionConfig) -> list[tuple[str, nn.M
         if not isinstance(module, supported):
             if explicit:
                 raise ValueError(f"target module {name!r} is of type {type(module).__name__}; compress handles "
-                                 f"nn.Linear, nn.Embedding, nn.LSTM and nn.GRU")
+                                 f"{_supported_names()}")
             continue
         chosen.append((name, module, explicit))
     if target is not None and not chosen:
-        raise ValueError(f"target_modules={target!r} selects no nn.Linear/Embedding/LSTM/GRU module of the model")
+        raise ValueError(f"target_modules={target!r} selects no module of a supported type ({_supported_names()})")
     return chosen
 
 
 # ----------------------------------------------------------------------------- budget
-
-
-def _allocate_bonds(
-    spectra: list[list[Tensor]], sizes: list[list[int]], caps: list[list[int]], limits: list[int], budget: int
-) -> list[list[int]]:
-    """Greedy bond allocation over several MPOs under a total parameter budget.
-
-    spectra[w][b]: singular values at bond b of weight w; sizes[w][k] = i_k j_k; caps[w][b]:
-    starting (largest) bond; limits[w]: most parameters weight w may keep (its dense size),
-    also the weight of its squared relative error in the objective (see the module docstring).
-    The squared relative error of a weight is estimated as 1 - prod_b kept_b, kept_b being
-    the fraction of ||W||^2 in the singular values kept at bond b (the independent-bonds
-    estimate; the sum of discarded fractions is a looser upper bound). Repeatedly shrinks
-    the bond whose next step adds the least estimated error per parameter saved, keeping D_b <= D_{b-1} i_b j_b and D_b <= D_{b+1} i_{b+1} j_{b+1} (larger bonds only
-    waste parameters); first within each weight down to its limit, then across all weights
-    down to the budget. Raises ValueError when even all-ones bonds exceed the budget."""
-    kept = []  # kept[w][b][r]: fraction of ||W||^2 kept at bond b with r singular values
-    for spec in spectra:
-        rows = []
-        for s in spec:
-            energy = torch.cat([s.new_zeros(1, dtype=torch.float64), (s.double() ** 2).cumsum(0)])
-            rows.append((energy / energy[-1] if energy[-1] > 0 else energy + 1).tolist())
-        kept.append(rows)
-    bonds = [list(c) for c in caps]
-
-    def params(w: int) -> int:
-        d = [1, *bonds[w], 1]
-        return sum(d[k] * p * d[k + 1] for k, p in enumerate(sizes[w]))
-
-    def clip(w: int) -> None:  # enforce the feasibility bounds from both sides
-        d, p = bonds[w], sizes[w]
-        for b in range(len(d)):
-            d[b] = min(d[b], (d[b - 1] if b else 1) * p[b])
-        for b in reversed(range(len(d))):
-            d[b] = min(d[b], (d[b + 1] if b + 1 < len(d) else 1) * p[b + 1])
-
-    def fraction(w: int, b: int, rank: int) -> float:
-        cum = kept[w][b]
-        return cum[min(rank, len(cum) - 1)]
-
-    def step(w: int, b: int) -> float | None:
-        """Added weighted squared relative error per parameter saved by shrinking bond b by one."""
-        d = [1, *bonds[w], 1]
-        if d[b + 1] <= 1:
-            return None
-        saved = d[b] * sizes[w][b] + sizes[w][b + 1] * d[b + 2]
-        others = math.prod(fraction(w, c, r) for c, r in enumerate(bonds[w]) if c != b)
-        lost = others * (fraction(w, b, d[b + 1]) - fraction(w, b, d[b + 1] - 1))
-        return limits[w] * lost / saved
-
-    for w in range(len(bonds)):
-        clip(w)
-    total = sum(params(w) for w in range(len(bonds)))
-    version = [0] * len(bonds)
-
-    def steps(w: int) -> list[tuple[float, int, int, int]]:
-        return [(s, w, b, version[w]) for b in range(len(bonds[w])) if (s := step(w, b)) is not None]
-
-    def shrink(heap: list[tuple[float, int, int, int]], over: Callable[[], bool]) -> None:
-        nonlocal total
-        while over() and heap:
-            _, w, b, ver = heapq.heappop(heap)
-            if ver != version[w]:
-                continue
-            before = params(w)
-            bonds[w][b] -= 1
-            clip(w)
-            total += params(w) - before
-            version[w] += 1
-            for entry in steps(w):
-                heapq.heappush(heap, entry)
-
-    def _fill(slack: int) -> None:
-        """Spend what the last shrink steps left over: grow the bond with the largest
-        estimated error reduction per parameter that still fits."""
-        while True:
-            best = None
-            for w, d in enumerate(bonds):
-                for b in range(len(d)):
-                    full = [1, *d, 1]
-                    grown = full[b + 1] + 1
-                    if (grown > caps[w][b] or grown > full[b] * sizes[w][b]
-                            or grown > full[b + 2] * sizes[w][b + 1]):
-                        continue
-                    cost = full[b] * sizes[w][b] + sizes[w][b + 1] * full[b + 2]
-                    others = math.prod(fraction(w, c, r) for c, r in enumerate(d) if c != b)
-                    gain = limits[w] * others * (fraction(w, b, grown) - fraction(w, b, grown - 1))
-                    if cost <= slack and gain > 0 and (best is None or gain / cost > best[0]):
-                        best = (gain / cost, w, b, cost)
-            if best is None:
-                return
-            _, w, b, cost = best
-            bonds[w][b] += 1
-            slack -= cost
-
-    for w in range(len(bonds)):
-        own = steps(w)
-        heapq.heapify(own)
-        shrink(own, lambda w=w: params(w) > limits[w])
-    heap = [entry for w in range(len(bonds)) for entry in steps(w)]
-    heapq.heapify(heap)
-    shrink(heap, lambda: total > budget)
-    if total > budget:
-        raise ValueError(f"the budget of {budget:,} MPO parameters is below the smallest possible "
-                         f"({total:,}, every bond 1); raise max_params or lower target_ratio")
-    _fill(budget - total)
-    return bonds
 
 
 def _budget_mpos(
@@ -445,17 +326,17 @@ def _budget_mpos(
 ) -> dict[str, dict[str, MPO]]:
     """Allocate bonds across all exact MPOs under ``budget`` core entries, then truncate."""
     flat = [(name, wname, m) for name, weights in exact.items() for wname, m in weights.items()]
-    caps, sizes, spectra = [], [], []
+    layouts = []
     for name, _, m in flat:
         cap = max_bonds[name]
-        caps.append([b if cap is None else min(b, cap) for b in m.bond_dims])
-        sizes.append([i * j for i, j in zip(m.in_factors, m.out_factors)])
-        spectra.append(m.spectra())
-    limits = [math.prod(m.shape) for _, _, m in flat]
-    bonds = _allocate_bonds(spectra, sizes, caps, limits, budget)
+        caps = [b if cap is None else min(b, cap) for b in m.bond_dims]
+        sizes = [i * j for i, j in zip(m.in_factors, m.out_factors)]
+        layouts.append([Layout.from_spectra(sizes, caps, m.spectra())])
+    sizes = [math.prod(m.shape) for _, _, m in flat]
+    chosen = allocate(layouts, scales=sizes, limits=sizes, budget=budget)
     result: dict[str, dict[str, MPO]] = {}
-    for (name, wname, m), b in zip(flat, bonds):
-        result.setdefault(name, {})[wname] = m.truncate(max_bond=[max(1, int(x)) for x in b])
+    for (name, wname, m), point in zip(flat, chosen):
+        result.setdefault(name, {})[wname] = m.truncate(max_bond=list(point.bonds))
     return result
 
 
@@ -531,44 +412,11 @@ def compress(model: nn.Module, config: CompressionConfig | None = None) -> tuple
             name=name, old_class=type(module).__name__, new_class=type(new).__name__,
             params_before=sum(p.numel() for p in module.parameters()),
             params_after=sum(p.numel() for p in new.parameters()), weights=weights))
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        replace_module(model, name, new)
     return model, CompressionReport(reports, skipped, budget)
 
 
 # ----------------------------------------------------------------------------- MPOP fine-tuning
-
-
-def _qr_keep(a: Tensor) -> tuple[Tensor, Tensor]:
-    """a (m, n) = q (m, n) @ r (n, n) with orthonormal (or zero-padded) columns of q; keeps
-    the column count even when m < n, so core shapes never change."""
-    m, n = a.shape
-    q, r = torch.linalg.qr(a)
-    if m >= n:
-        return q, r
-    return torch.cat([q, q.new_zeros(m, n - m)], 1), torch.cat([r, r.new_zeros(n - m, n)], 0)
-
-
-def _canonical_same_shapes(cores: list[Tensor], center: int) -> list[Tensor]:
-    """Mixed-canonical form centred on ``center`` with every core keeping its shape."""
-    cores = list(cores)
-    for k in range(center):
-        d, i, j, e = cores[k].shape
-        q, r = _qr_keep(cores[k].reshape(d * i * j, e))
-        cores[k] = q.reshape(d, i, j, e)
-        cores[k + 1] = (r @ cores[k + 1].reshape(e, -1)).reshape(cores[k + 1].shape)
-    for k in range(len(cores) - 1, center, -1):
-        d, i, j, e = cores[k].shape
-        q, r = _qr_keep(cores[k].reshape(d, i * j * e).T)
-        cores[k] = q.T.reshape(d, i, j, e)
-        cores[k - 1] = (cores[k - 1].reshape(-1, d) @ r.T).reshape(cores[k - 1].shape)
-    return cores
-
-
-def central_core(shapes: Sequence[Sequence[int]]) -> int:
-    """Index of the central tensor: the core with the most entries (ties: nearest the middle)."""
-    n = len(shapes)
-    return max(range(n), key=lambda k: (math.prod(shapes[k]), -abs(k - (n - 1) / 2)))
 
 
 def freeze_central(model: nn.Module) -> dict[str, int]:
@@ -587,7 +435,7 @@ def freeze_central(model: nn.Module) -> dict[str, int]:
             params = list(cores)
             center = central_core([p.shape for p in params])
             with torch.no_grad():
-                canonical = _canonical_same_shapes([p.detach().double() for p in params], center)
+                canonical = canonicalize([p.detach().double() for p in params], center, keep_shapes=True)
                 for p, c in zip(params, canonical):
                     p.copy_(c)
             for k, p in enumerate(params):

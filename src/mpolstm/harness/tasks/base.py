@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..train import ForwardFn, Metric
+from ..training import ForwardFn, Metric
 
 __all__ = ["Task", "lstm_cell_step"]
 

@@ -30,15 +30,16 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from ..compress import CompressionConfig, compress, freeze_central, is_mpo_module
-from ..data.cache import atomic_write_bytes
+from ...compression import CompressionConfig, compress, freeze_central
+from ...nn import is_mpo_module
+from ...atomic import atomic_write_bytes
 from ..distributed import is_main
-from ..mpo import MPO
-from ..nn.linear import init_cores_
-from ..prune import AGPPruner, count_nonzero, make_permanent, prune_global
-from ..train import Callback, Distillation, TrainState, evaluate, fit, seed_everything
-from . import save_model
-from .base import Task, lstm_cell_step
+from ...mpo import MPO, bond_dims
+from ...nn import init_cores_
+from ...prune import AGPPruner, count_nonzero, make_permanent, prune_global
+from ..training import Callback, Distillation, TrainState, evaluate, fit, seed_everything
+from ..tasks import save_model
+from ..tasks.base import Task, lstm_cell_step
 
 __all__ = ["ROWS", "BondSchedule", "ProtocolConfig", "run_protocol", "markdown_table", "plot_results"]
 
@@ -85,7 +86,7 @@ def _module(model: nn.Module, name: str) -> nn.Module:
 def mpo_bonds(model: nn.Module, names: Sequence[str]) -> dict[str, dict[str, tuple[int, ...]]]:
     """{module name: {weight name: internal bond dims}} of the named MPO modules."""
     return {
-        n: {w: tuple(c.shape[3] for c in list(cores)[:-1]) for w, cores in _module(model, n).mpo_weights().items()}
+        n: {w: bond_dims(cores) for w, cores in _module(model, n).mpo_weights().items()}
         for n in names
     }
 
@@ -97,7 +98,7 @@ def truncate_bonds(model: nn.Module, bonds: dict[str, dict[str, Sequence[int]]])
         cores_by_weight = _module(model, name).mpo_weights()
         for wname, caps in weights.items():
             cores = cores_by_weight[wname]
-            current = tuple(c.shape[3] for c in list(cores)[:-1])
+            current = bond_dims(cores)
             if all(c <= b for c, b in zip(current, caps)):
                 continue
             rounded = MPO([c.detach() for c in cores]).truncate(max_bond=list(caps))

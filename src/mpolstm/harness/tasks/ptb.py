@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..data import BPTTLoader, batchify, load_ptb
-from ..train import PERPLEXITY
+from ..training import PERPLEXITY
 from .base import Task
 
 __all__ = ["WordLM", "PTBSize", "SIZES", "make_task"]
@@ -39,6 +39,10 @@ class WordLM(nn.Module):
         out, (h, c) = self.lstm(self.drop(self.embedding(tokens)), state)
         self._state = (h.detach(), c.detach())
         return self.head(self.drop(out))
+
+    def clear_cache(self) -> None:
+        """Drop the state carried from the previous window (export traces from a zero state)."""
+        self._state = None
 
 
 @dataclass(frozen=True)

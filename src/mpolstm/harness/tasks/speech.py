@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mpolstm import audio
-from mpolstm.audio import HOP, N_BINS, N_FFT, SAMPLE_RATE
-from mpolstm.train import Metric
+from mpolstm.harness import audio
+from mpolstm.harness.audio import HOP, N_BINS, N_FFT, SAMPLE_RATE
+from mpolstm.harness.training import Metric
 
 from .base import Task, lstm_cell_step
 

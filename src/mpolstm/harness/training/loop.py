@@ -58,8 +58,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed
-from .data.cache import atomic_open, atomic_write_bytes
+from .. import distributed
+from ...atomic import atomic_open, atomic_write_bytes
 
 __all__ = [
     "CHECKPOINT_FORMAT",

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mpolstm.audio import SAMPLE_RATE, read_wav, resample
-from mpolstm.data.cache import cache_dir
+from mpolstm.harness.audio import SAMPLE_RATE, read_wav, resample
+from mpolstm.harness.data.cache import cache_dir
 
 __all__ = [
     "PRESETS",

@@ -1,0 +1,41 @@
+"""The trainer: the loop, checkpoints with exact resume, callbacks, metrics."""
+
+from .loop import (
+    ACCURACY,
+    BEST_FORMAT,
+    CHECKPOINT_FORMAT,
+    OPTIMIZERS,
+    PERPLEXITY,
+    Callback,
+    Distillation,
+    FitResult,
+    ForwardFn,
+    Metric,
+    TrainState,
+    count_parameters,
+    evaluate,
+    fit,
+    load_checkpoint,
+    make_optimizer,
+    seed_everything,
+)
+
+__all__ = [
+    "ACCURACY",
+    "BEST_FORMAT",
+    "CHECKPOINT_FORMAT",
+    "OPTIMIZERS",
+    "PERPLEXITY",
+    "Callback",
+    "Distillation",
+    "FitResult",
+    "ForwardFn",
+    "Metric",
+    "TrainState",
+    "count_parameters",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "make_optimizer",
+    "seed_everything",
+]

@@ -1,0 +1,182 @@
+"""Contraction of MPO cores: rebuild the dense matrix, or multiply without forming it, and the
+cost model that chooses between the two per call.
+
+Cores are (D_{k-1}, i_k, j_k, D_k); ``x @ W`` maps (..., I) -> (..., J).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Strategy", "check_cores", "cores_to_matrix", "matmul_cost", "mpo_matmul"]
+
+Strategy = Literal["auto", "cores", "rebuild"]
+
+
+def check_cores(cores: Sequence[Tensor]) -> None:
+    """Raise ValueError unless ``cores`` form a chain of 4-D cores with boundary bonds 1."""
+    if len(cores) == 0:
+        raise ValueError("an MPO needs at least one core")
+    for k, c in enumerate(cores):
+        if c.dim() != 4:
+            raise ValueError(f"core {k} must be 4-D (D_prev, i, j, D_next), got shape {tuple(c.shape)}")
+    if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
+        raise ValueError(
+            f"boundary bonds must be 1, got D_0={cores[0].shape[0]} and D_n={cores[-1].shape[3]}"
+        )
+    for k in range(len(cores) - 1):
+        if cores[k].shape[3] != cores[k + 1].shape[0]:
+            raise ValueError(
+                f"bond mismatch between core {k} (D={cores[k].shape[3]}) and core {k + 1} "
+                f"(D={cores[k + 1].shape[0]})"
+            )
+
+
+def _grow_left(left: Tensor, core: Tensor) -> Tensor:
+    """(A, B, D) x (D, i, j, E) -> (A*i, B*j, E), written directly in that layout."""
+    a, b, d = left.shape
+    _, i, j, e = core.shape
+    out = torch.matmul(left.reshape(a, 1, b, d), core.permute(1, 0, 2, 3).reshape(1, i, d, j * e))
+    return out.reshape(a * i, b * j, e)
+
+
+def _grow_right(core: Tensor, right: Tensor) -> Tensor:
+    """(D, i, j, E) x (E, A, B) -> (D, i*A, j*B), written directly in that layout."""
+    d, i, j, e = core.shape
+    _, a, b = right.shape
+    out = torch.matmul(core.reshape(d, i, 1, j, e), right.permute(1, 0, 2).reshape(1, 1, a, e, b))
+    return out.reshape(d, i * a, j * b)
+
+
+def _halves(cores: Sequence[Tensor], split: int) -> tuple[Tensor, Tensor]:
+    """Contract cores[:split] into (I_L, J_L, D) and cores[split:] into (D, I_R, J_R)."""
+    left = cores[0][0]  # (i1, j1, D1)
+    for core in cores[1:split]:
+        left = _grow_left(left, core)
+    right = cores[-1][..., 0]  # (D, i_n, j_n)
+    for core in reversed(cores[split:-1]):
+        right = _grow_right(core, right)
+    return left, right
+
+
+def cores_to_matrix(cores: Sequence[Tensor], transpose: bool = False) -> Tensor:
+    """Rebuild W (I, J) from cores, or W^T (J, I) with ``transpose=True``.
+
+    The two halves of the chain are contracted separately and joined by one broadcast
+    matmul whose output is already in the requested row-major layout, so no 2n-D permute
+    of the full matrix is ever made."""
+    if transpose:
+        cores = [c.transpose(1, 2) for c in cores]
+    n = len(cores)
+    if n == 1:
+        return cores[0][0, :, :, 0]
+    left, right = _halves(cores, (n + 1) // 2)
+    il, jl, d = left.shape
+    _, ir, jr = right.shape
+    out = torch.matmul(left.reshape(il, 1, jl, d), right.permute(1, 0, 2).reshape(1, ir, d, jr))
+    return out.reshape(il * ir, jl * jr)
+
+
+def _split_cost(shapes: Sequence[tuple[int, int, int, int]], split: int, rows: int) -> tuple[float, float]:
+    """(FLOPs, elements of the intermediate) of ``_sweep_matmul`` cutting the chain at ``split``:
+    merging each half, then x with the left half, then with the right half."""
+    il = jl = 1
+    merge = 0.0
+    for k, (_, i, j, e) in enumerate(shapes[:split]):
+        il, jl = il * i, jl * j
+        merge += 2.0 * il * jl * e * (shapes[k - 1][3] if k else 0)
+    ir = jr = 1
+    for k, (d, i, j, _) in enumerate(reversed(shapes[split:])):
+        ir, jr = ir * i, jr * j
+        merge += 2.0 * d * ir * jr * (shapes[len(shapes) - k][0] if k else 0)
+    bond = shapes[split][0]
+    flops = merge + 2.0 * rows * bond * jl * ir * (il + jr)
+    return flops, float(rows * jl * bond * ir)
+
+
+def _best_split(shapes: Sequence[tuple[int, int, int, int]], rows: int) -> int:
+    return min(range(1, len(shapes)), key=lambda k: _split_cost(shapes, k, rows)[0])
+
+
+def _sweep_matmul(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
+    """x (N, I) @ W (I, J) without forming W. Returns (N, J).
+
+    The chain is cut at the bond that minimises the FLOPs; each half is merged into one
+    small block (independent of N), then x (N, I_L, I_R) is contracted with the left block
+    (one broadcast matmul whose output (N, J_L, D, I_R) needs no permute) and the result
+    with the right block (one GEMM over (D, I_R)). Two large ops instead of a matmul and a
+    permute per core: 2-3x faster than the core-by-core sweep at 32 rows."""
+    n_rows = x.shape[0]
+    if len(cores) == 1:
+        return x @ cores[0][0, :, :, 0]
+    shapes = [tuple(c.shape) for c in cores]
+    left, right = _halves(cores, _best_split(shapes, n_rows))
+    il, jl, d = left.shape
+    _, ir, jr = right.shape
+    mid = torch.matmul(left.reshape(il, jl * d).T, x.reshape(n_rows, il, ir))  # (N, J_L * D, I_R)
+    return (mid.reshape(n_rows * jl, d * ir) @ right.reshape(d * ir, jr)).reshape(n_rows, jl * jr)
+
+
+# Machine constants of the cost model, fitted on the 2-core AVX-512 reference machine with
+# benchmarks/bench_mpo.py (docs/benchmarks.md): sustained throughput of the large dense
+# matmul, of the two-half contraction's small/batched matmuls, bandwidth of strided copies,
+# and the fixed cost of one dispatched torch op (forward plus its backward).
+_FLOPS_PER_S = 6e10
+_SMALL_FLOPS_PER_S = 4e10
+_BYTES_PER_S = 4e9
+_OP_OVERHEAD_S = 6e-6
+
+
+def matmul_cost(rows: int, cores: Sequence[Tensor], weight_cached: bool = False) -> dict[str, float]:
+    """Estimated seconds of ``x (rows, I) @ W`` for each strategy (FLOPs + bytes + op count).
+
+    "cores": contract x with the two merged halves of the chain (``_sweep_matmul``).
+    "rebuild": form W (skipped if ``weight_cached``) then one dense matmul."""
+    shapes = [tuple(c.shape) for c in cores]
+    size = cores[0].element_size()
+    in_dim = math.prod(s[1] for s in shapes)
+    out_dim = math.prod(s[2] for s in shapes)
+
+    if len(shapes) == 1:
+        cores_s = 2.0 * rows * in_dim * out_dim / _FLOPS_PER_S + _OP_OVERHEAD_S
+    else:
+        flops, mid = _split_cost(shapes, _best_split(shapes, rows), rows)
+        cores_s = flops / _SMALL_FLOPS_PER_S + 2 * size * mid / _BYTES_PER_S + 4 * len(shapes) * _OP_OVERHEAD_S
+
+    matmul_s = 2.0 * rows * in_dim * out_dim / _FLOPS_PER_S + size * in_dim * out_dim / _BYTES_PER_S
+    if weight_cached:
+        rebuild_s = matmul_s + _OP_OVERHEAD_S
+    else:
+        bonds = [s[0] for s in shapes[1:]] or [1]
+        build_flops = 2.0 * in_dim * out_dim * max(bonds)
+        rebuild_s = matmul_s + build_flops / _FLOPS_PER_S + 3 * len(shapes) * _OP_OVERHEAD_S
+    return {"cores": cores_s, "rebuild": rebuild_s}
+
+
+def mpo_matmul(x: Tensor, mpo_or_cores: Any, strategy: Strategy = "auto") -> Tensor:
+    """x (..., I) @ W (I, J) -> (..., J) with W given as an MPO or its cores.
+
+    strategy: "cores" contracts core by core (cheap for few rows), "rebuild" forms W and
+    runs one matmul (cheap for many rows), "auto" picks the cheaper by ``matmul_cost``.
+    Both give the same result to float tolerance and are differentiable."""
+    cores = list(getattr(mpo_or_cores, "cores", mpo_or_cores))
+    check_cores(cores)
+    in_dim = math.prod(c.shape[1] for c in cores)
+    if x.dim() == 0 or x.shape[-1] != in_dim:
+        raise ValueError(f"x must have last dimension {in_dim} (the MPO's input size), got shape {tuple(x.shape)}")
+    if strategy not in ("auto", "cores", "rebuild"):
+        raise ValueError(f"strategy must be 'auto', 'cores' or 'rebuild', got {strategy!r}")
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, in_dim)
+    if strategy == "auto":
+        cost = matmul_cost(flat.shape[0], cores)
+        strategy = "cores" if cost["cores"] < cost["rebuild"] else "rebuild"
+    if strategy == "cores":
+        out = _sweep_matmul(flat, cores)
+    else:
+        out = flat @ cores_to_matrix(cores)
+    return out.reshape(*lead, out.shape[-1])

@@ -1,0 +1,96 @@
+"""The one registry of torch module type -> MPO module type, and the one replace-by-name helper.
+
+Each MPO layer file registers itself once (``register(LayerType(...))`` at its end); compress,
+io, export and prune look types up here and nowhere else. Lookup follows the module's MRO, so
+a subclass of nn.LSTM is handled as an nn.LSTM.
+
+The MPO-module protocol every registered ``mpo_type`` follows (docs/architecture.md):
+``mpo_weights() -> {torch weight name: cores}``, ``reports``, ``mpo_config()`` /
+``from_config(cfg)``, and the two conversions held here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+__all__ = ["LayerType", "register", "layer_type", "layer_type_of_mpo", "mpo_class", "supported_torch_types", "registered_mpo_names",
+           "is_mpo_module", "replace_module"]
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """How one torch module type maps to its MPO module type.
+
+    from_torch(module, max_bond=None, rel_tol=None, *, num_cores=4, mpos=None) -> MPO module:
+        decompose (exact with neither bound), or take ready MPOs of named weights (``mpos``).
+    to_torch(mpo_module) -> the plain torch module with the rebuilt weights (dense export).
+    size_attrs: constructor sizes that must agree between a saved MPO module and the torch
+        module it replaces when loading.
+    """
+
+    torch_type: type[nn.Module]
+    mpo_type: type[nn.Module]
+    from_torch: Callable[..., nn.Module]
+    to_torch: Callable[[nn.Module], nn.Module]
+    size_attrs: tuple[str, ...]
+
+
+_BY_TORCH: dict[type[nn.Module], LayerType] = {}
+_BY_MPO: dict[str, LayerType] = {}
+
+
+def register(entry: LayerType) -> LayerType:
+    """Add ``entry``; a torch type or MPO class name registered twice is a ValueError."""
+    if entry.torch_type in _BY_TORCH or entry.mpo_type.__name__ in _BY_MPO:
+        raise ValueError(f"{entry.torch_type.__name__} / {entry.mpo_type.__name__} is already registered")
+    _BY_TORCH[entry.torch_type] = entry
+    _BY_MPO[entry.mpo_type.__name__] = entry
+    return entry
+
+
+def layer_type(module: nn.Module) -> LayerType | None:
+    """The entry for a torch module (by its MRO), None if its type is not registered."""
+    for cls in type(module).__mro__:
+        if cls in _BY_TORCH:
+            return _BY_TORCH[cls]
+    return None
+
+
+def layer_type_of_mpo(module: nn.Module) -> LayerType | None:
+    """The entry whose MPO type ``module`` is (by its MRO), None for other modules."""
+    for cls in type(module).__mro__:
+        entry = _BY_MPO.get(cls.__name__)
+        if entry is not None and entry.mpo_type is cls:
+            return entry
+    return None
+
+
+def mpo_class(name: str) -> type[nn.Module] | None:
+    """The registered MPO class called ``name`` (as saved in configs), or None."""
+    entry = _BY_MPO.get(name) if isinstance(name, str) else None
+    return None if entry is None else entry.mpo_type
+
+
+def supported_torch_types() -> tuple[type[nn.Module], ...]:
+    return tuple(_BY_TORCH)
+
+
+def registered_mpo_names() -> list[str]:
+    return sorted(_BY_MPO)
+
+
+def is_mpo_module(module: nn.Module) -> bool:
+    """True for modules that follow the MPO-module protocol."""
+    return callable(getattr(module, "mpo_weights", None)) and callable(getattr(module, "mpo_config", None))
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Set the submodule at dotted ``name`` of ``model`` to ``new``; returns the old one."""
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent)
+    old = getattr(owner, child)
+    setattr(owner, child, new)
+    return old
