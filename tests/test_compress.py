@@ -33,18 +33,40 @@ def weight_error(module, dense):
         return float((module.weight - dense).norm() / dense.norm())
 
 
-def test_default_config_converts_everything_exactly():
+def exact_convert(model, names, num_cores):
+    """Replace the named modules by their exact (full-bond) MPO modules through the registry."""
+    from mpolstm.nn.registry import layer_type, replace_module
+
+    for name in names:
+        module = model.get_submodule(name)
+        replace_module(model, name, layer_type(module).from_torch(module, num_cores=num_cores))
+    return model
+
+
+def test_registry_conversion_is_exact_and_compress_needs_a_size():
     torch.manual_seed(0)
     net = Net().double()
     idx = torch.randint(0, 120, (3, 5))
     expected = net(idx)
-    out, report = compress(net, CompressionConfig(num_cores=2))
-    assert out is net
+    exact_convert(net, ["emb", "body.0", "body.2", "head"], num_cores=2)
     assert isinstance(net.emb, MPOEmbedding) and isinstance(net.head, MPOLinear)
     assert isinstance(net.body[0], MPOLinear) and isinstance(net.body[2], MPOLinear)
     assert torch.allclose(net(idx), expected, atol=1e-10)
-    assert [m.name for m in report.modules] == ["emb", "body.0", "body.2", "head"]
-    assert all(w.rel_error < 1e-12 for m in report.modules for w in m.weights.values())
+    with pytest.raises(ValueError, match="compress needs a size for module 'emb'"):
+        compress(Net())
+
+
+def test_never_grows_a_layer():
+    """A bound that would make an MPO at least as large as the dense layer leaves it dense."""
+    net = Net()
+    out, report = compress(net, CompressionConfig(max_bond=1000, num_cores=2, layout="interleaved"))
+    assert out is net and report.modules == []
+    assert isinstance(net.emb, nn.Embedding) and isinstance(net.head, nn.Linear)
+    assert {n for n, _ in report.skipped} == {"emb", "body.0", "body.2", "head"}
+    assert all("kept dense" in why for _, why in report.skipped)
+    gru = nn.Sequential(nn.GRU(16, 32))
+    _, report = compress(gru, CompressionConfig(rel_tol=0.3, layout="interleaved"))
+    assert isinstance(gru[0], nn.GRU) or report.mpo_params < report.dense_params
 
 
 def test_selection_by_names_regex_exclude_and_overrides():
@@ -96,13 +118,14 @@ def test_config_validation(kwargs, match):
 def test_unfactorisable_module_is_skipped_by_default_but_raises_when_named():
     net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 7), nn.Linear(7, 1))
     _, report = compress(net, CompressionConfig(max_bond=4, num_cores=3))
-    assert [m.name for m in report.modules] == ["0", "1"]
-    assert [name for name, _ in report.skipped] == ["2"] and "trivial" in report.skipped[0][1]
+    assert [m.name for m in report.modules] == ["0"]  # "1": its 3-core MPO (480 entries) > dense 448
+    assert [name for name, _ in report.skipped] == ["2", "1"] and "trivial" in report.skipped[0][1]
+    assert "kept dense" in report.skipped[1][1] and isinstance(net[1], nn.Linear)
     assert "skipped: 2 (" in str(report)
     assert isinstance(net[2], nn.Linear)
     with pytest.raises(ValueError, match="module '2'.*trivial"):
         compress(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 7), nn.Linear(7, 1)),
-                 CompressionConfig(target_modules=["2"], num_cores=3))
+                 CompressionConfig(target_modules=["2"], num_cores=3, max_bond=4))
 
 
 def test_rel_tol_mode_bounds_every_error():
@@ -274,10 +297,10 @@ def test_recurrent_layers_exact_at_full_bond_and_frozen_in_place():
     net = Tagger().double()
     idx = torch.randint(0, 200, (3, 7))
     expected = net(idx).detach()
-    _, report = compress(net, CompressionConfig(num_cores=3))
+    exact_convert(net, ["emb", "lstm", "gru", "head"], num_cores=3)
     assert type(net.lstm).__name__ == "MPOLSTM" and type(net.gru).__name__ == "MPOGRU"
-    assert set(report.modules[1].weights) == {f"weight_{k}_l{l}{d}" for k in ("ih", "hh") for l in (0, 1)
-                                              for d in ("", "_reverse")}
+    assert set(net.lstm.mpo_weights()) == {f"weight_{k}_l{l}{d}" for k in ("ih", "hh") for l in (0, 1)
+                                           for d in ("", "_reverse")}
     assert torch.allclose(net(idx), expected, atol=1e-10)
     counts = freeze_central(net)
     assert counts["mpos"] == 1 + 8 + 2 + 1

@@ -12,8 +12,9 @@ is the truncated SVD). The objective is sum_w scale_w * error_w^2.
 2. ``allocate``: for each weight, the points of all its layouts that do not exceed its dense
    size form one curve; the lower convex hull of each curve is walked greedily across weights
    (always the step that adds the least objective per parameter saved) until the budget
-   holds, then what the last step freed is spent on the single move that lowers the
-   objective most.
+   holds, first among points whose bonds stay at or above a floor, then, only if the budget
+   needs it, among all; what the last step freed is spent on the single move that lowers
+   the objective most.
 """
 
 from __future__ import annotations
@@ -118,19 +119,37 @@ def _lower_hull(points: Sequence[CurvePoint]) -> list[CurvePoint]:
 
 
 def allocate(
-    layouts: Sequence[Sequence[Layout]], scales: Sequence[float], limits: Sequence[int], budget: int
+    layouts: Sequence[Sequence[Layout]], scales: Sequence[float], limits: Sequence[int], budget: int,
+    floor: int = 1,
 ) -> list[CurvePoint]:
     """Choose one point (layout + bonds) per weight with total params <= ``budget``.
 
     layouts[w]: candidate layouts of weight w; scales[w]: its weight in the objective;
-    limits[w]: most parameters it may keep (its dense size: an MPO never grows a weight).
-    Raises ValueError when even the smallest points exceed the budget."""
+    limits[w]: most parameters it may keep (its dense size: an MPO never grows a weight);
+    floor: no bond is cut below min(floor, its largest value) unless the budget cannot be met
+    otherwise. Raises ValueError when even the smallest points exceed the budget."""
     curves = []
     for w, options in enumerate(layouts):
         points = [p for k, lay in enumerate(options) for p in tradeoff_curve(lay, k)]
         fitting = [p for p in points if p.params <= limits[w]] or [min(points, key=lambda p: p.params)]
         curves.append(fitting)
-    hulls = [_lower_hull(c) for c in curves]
+    floored = []
+    for w, curve in enumerate(curves):
+        keep = [p for p in curve if all(b >= min(floor, cap) for b, cap in zip(p.bonds, layouts[w][p.layout].caps))]
+        floored.append(keep or curve)
+    chosen = _descend([_lower_hull(c) for c in floored], scales, budget)
+    if chosen is None:
+        chosen = _descend([_lower_hull(c) for c in curves], scales, budget)
+    if chosen is None:
+        smallest = sum(min(p.params for p in c) for c in curves)
+        raise ValueError(f"the budget of {budget:,} MPO parameters is below the smallest possible "
+                         f"({smallest:,}, every bond 1); raise max_params or lower target_ratio")
+    return _spend(curves, chosen, scales, budget - sum(p.params for p in chosen))
+
+
+def _descend(hulls: list[list[CurvePoint]], scales: Sequence[float], budget: int) -> list[CurvePoint] | None:
+    """Walk every hull from its largest point, always taking the step that adds the least
+    objective per parameter saved, until the total fits ``budget`` (None if it never does)."""
     at = [0] * len(hulls)
     total = sum(h[0].params for h in hulls)
 
@@ -141,13 +160,11 @@ def allocate(
     while total > budget:
         movable = [w for w in range(len(hulls)) if at[w] + 1 < len(hulls[w])]
         if not movable:
-            raise ValueError(f"the budget of {budget:,} MPO parameters is below the smallest possible "
-                             f"({total:,}, every bond 1); raise max_params or lower target_ratio")
+            return None
         w = min(movable, key=rate)
         total -= hulls[w][at[w]].params - hulls[w][at[w] + 1].params
         at[w] += 1
-    chosen = [hulls[w][at[w]] for w in range(len(hulls))]
-    return _spend(curves, chosen, scales, budget - total)
+    return [hulls[w][at[w]] for w in range(len(hulls))]
 
 
 def _spend(curves, chosen: list[CurvePoint], scales: Sequence[float], slack: int) -> list[CurvePoint]:

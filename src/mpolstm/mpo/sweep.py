@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .core import MPO, TruncationReport, canonicalize, check_factors, check_truncation_args, clipped_bonds
 
-__all__ = ["decompose", "truncate", "spectra"]
+__all__ = ["decompose", "exact_spectra", "truncate", "spectra"]
 
 # Smallest cols/rows ratio of an unfolding for the Gram route (its m^3 eigh in float64
 # must stay small next to the SVD's 4 m^2 cols): measured with benchmarks/bench_mpo.py.
@@ -96,14 +96,14 @@ def decompose(
     in_factors: Sequence[int],
     out_factors: Sequence[int],
     *,
-    max_bond: int | None = None,
+    max_bond: int | Sequence[int] | None = None,
     rel_tol: float | None = None,
 ) -> MPO:
     """TT-SVD of ``matrix`` (I, J) into an MPO with the given row/column factors.
 
     The 2n-index tensor is regrouped (i_1 j_1)(i_2 j_2)... and split by a sweep of SVDs.
-    ``max_bond`` caps every bond (requests above the largest useful bond are clipped and
-    listed in ``report.clipped``); ``rel_tol=eps`` truncates each bond at
+    ``max_bond`` caps every bond (an int; requests above the largest useful bond are clipped
+    and listed in ``report.clipped``) or each internal bond (n-1 ints); ``rel_tol=eps`` truncates each bond at
     eps ||W||_F / sqrt(n-1), which guarantees ||W - W_mpo||_F <= eps ||W||_F. With neither,
     the decomposition is exact. The achieved relative error is ``result.report.rel_error``.
     """
@@ -120,7 +120,8 @@ def decompose(
             f"in_factors and out_factors must have the same length (one pair per core), got "
             f"{len(in_factors)} and {len(out_factors)}"
         )
-    check_truncation_args(max_bond, rel_tol)
+    check_truncation_args(None, rel_tol)
+    caps = _caps(len(in_factors), max_bond)
     # One float64 reduction gives the norm; it is finite iff every entry is (the entry-wise
     # check only runs to tell a float64 overflow from a NaN/inf).
     norm = float(torch.linalg.vector_norm(matrix, dtype=torch.float64))
@@ -128,21 +129,40 @@ def decompose(
         raise ValueError("matrix contains NaN or inf; expected finite values")
 
     n = len(in_factors)
-    tensor = matrix.reshape(*in_factors, *out_factors)
-    tensor = tensor.permute(*[p for k in range(n) for p in (k, n + k)]).contiguous()
     delta = None if rel_tol is None else rel_tol * norm / math.sqrt(max(n - 1, 1))
-    cores, _, discarded = _sweep(tensor.reshape(1, -1), None, in_factors, out_factors, [max_bond] * (n - 1), delta)
+    cores, _, discarded = _sweep(_interleave(matrix, in_factors, out_factors), None, in_factors, out_factors,
+                                 caps, delta)
     err = math.sqrt(discarded) / norm if norm > 0 else 0.0
-    return MPO(cores, TruncationReport(err, max_bond, rel_tol, clipped_bonds(in_factors, out_factors, max_bond)))
+    single = max_bond if isinstance(max_bond, int) else None
+    return MPO(cores, TruncationReport(err, single, rel_tol, clipped_bonds(in_factors, out_factors, single)))
 
 
-def _bond_caps(mpo: MPO, max_bond: int | Sequence[int] | None) -> list[int | None]:
+def _interleave(matrix: Tensor, in_factors: Sequence[int], out_factors: Sequence[int]) -> Tensor:
+    """The (I, J) matrix as the (i_1 j_1)(i_2 j_2)... tensor, flattened to (1, I J)."""
+    n = len(in_factors)
+    tensor = matrix.reshape(*in_factors, *out_factors)
+    return tensor.permute(*[p for k in range(n) for p in (k, n + k)]).reshape(1, -1)
+
+
+def exact_spectra(matrix: Tensor, in_factors: Sequence[int], out_factors: Sequence[int]) -> list[Tensor]:
+    """Singular values of every unfolding of ``matrix`` in this layout (one untruncated sweep)."""
+    with torch.no_grad():
+        n = len(in_factors)
+        if n == 2:  # one unfolding: its singular values alone, no vectors needed
+            return [torch.linalg.svdvals(_interleave(matrix, in_factors, out_factors)
+                                         .reshape(in_factors[0] * out_factors[0], -1))]
+        return _sweep(_interleave(matrix, in_factors, out_factors), None, in_factors, out_factors,
+                      [None] * (n - 1), None)[1]
+
+
+def _caps(num_cores: int, max_bond: int | Sequence[int] | None) -> list[int | None]:
+    """One cap per internal bond from an int, a sequence of n-1 ints, or None."""
     if max_bond is None or isinstance(max_bond, int):
         check_truncation_args(max_bond, None)
-        return [max_bond] * (mpo.num_cores - 1)
+        return [max_bond] * (num_cores - 1)
     caps = list(max_bond)
-    if len(caps) != mpo.num_cores - 1:
-        raise ValueError(f"max_bond has {len(caps)} entries, expected one per internal bond ({mpo.num_cores - 1})")
+    if len(caps) != num_cores - 1:
+        raise ValueError(f"max_bond has {len(caps)} entries, expected one per internal bond ({num_cores - 1})")
     for cap in caps:
         check_truncation_args(cap, None)
     return caps
@@ -160,7 +180,7 @@ def _round(mpo: MPO, caps: Sequence[int | None], delta_of_norm) -> tuple[list[Te
 
 def truncate(mpo: MPO, max_bond: int | Sequence[int] | None = None, rel_tol: float | None = None) -> MPO:
     """TT-rounding (see ``MPO.truncate``)."""
-    caps = _bond_caps(mpo, max_bond)
+    caps = _caps(mpo.num_cores, max_bond)
     check_truncation_args(None, rel_tol)
     scale = math.sqrt(max(mpo.num_cores - 1, 1))
     cores, _, discarded, norm = _round(mpo, caps, lambda norm: None if rel_tol is None else rel_tol * norm / scale)

@@ -224,6 +224,12 @@ class MPOEmbedding(SingleWeightMPO):
             table[embedding.padding_idx] = 0
         return table
 
+    @classmethod
+    def mpo_matrices(cls, embedding: nn.Embedding, num_cores: int = 4) -> dict[str, tuple[Tensor, tuple]]:
+        """{"weight": (padded table (num_rows, dim), default factors)} (see ``LayerType.matrices``)."""
+        rows, dims = embedding_factors(embedding.num_embeddings, embedding.embedding_dim, num_cores)
+        return {"weight": (cls.table_for_decomposition(embedding, math.prod(rows)), (rows, dims))}
+
     def to_embedding(self) -> nn.Embedding:
         """A plain nn.Embedding with the rebuilt table."""
         first = self.cores[0]
@@ -334,4 +340,5 @@ class MPOEmbedding(SingleWeightMPO):
 
 
 register(LayerType(nn.Embedding, MPOEmbedding, MPOEmbedding.from_embedding, MPOEmbedding.to_embedding,
+                   MPOEmbedding.mpo_matrices,
                    ("num_embeddings", "embedding_dim", "padding_idx")))

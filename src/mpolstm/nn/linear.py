@@ -162,6 +162,12 @@ class MPOLinear(SingleWeightMPO):
         layer.report = decomposed.report
         return layer
 
+    @staticmethod
+    def mpo_matrices(linear: nn.Linear, num_cores: int = 4) -> dict[str, tuple[Tensor, tuple]]:
+        """{"weight": (W^T (in, out), default factors)} (see ``LayerType.matrices``)."""
+        return {"weight": (linear.weight.detach().T,
+                           resolve_factors(linear.in_features, linear.out_features, None, None, num_cores))}
+
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear with the rebuilt weight."""
         first = self.cores[0]
@@ -241,4 +247,4 @@ class MPOLinear(SingleWeightMPO):
         )
 
 
-register(LayerType(nn.Linear, MPOLinear, MPOLinear.from_linear, MPOLinear.to_linear, ("in_features", "out_features")))
+register(LayerType(nn.Linear, MPOLinear, MPOLinear.from_linear, MPOLinear.to_linear, MPOLinear.mpo_matrices, ("in_features", "out_features")))

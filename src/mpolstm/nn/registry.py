@@ -27,6 +27,9 @@ class LayerType:
     from_torch(module, max_bond=None, rel_tol=None, *, num_cores=4, mpos=None) -> MPO module:
         decompose (exact with neither bound), or take ready MPOs of named weights (``mpos``).
     to_torch(mpo_module) -> the plain torch module with the rebuilt weights (dense export).
+    matrices(module, num_cores=4) -> {weight name: (M, (in_factors, out_factors))}: each weight as
+        the matrix its MPO represents (W^T, or an embedding's padded table) with its default
+        layout, without decomposing (compress searches layouts from these).
     size_attrs: constructor sizes that must agree between a saved MPO module and the torch
         module it replaces when loading.
     """
@@ -35,6 +38,7 @@ class LayerType:
     mpo_type: type[nn.Module]
     from_torch: Callable[..., nn.Module]
     to_torch: Callable[[nn.Module], nn.Module]
+    matrices: Callable[..., dict]
     size_attrs: tuple[str, ...]
 
 

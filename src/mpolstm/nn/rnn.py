@@ -197,6 +197,13 @@ class _MPORNNBase(nn.Module):
                     getattr(layer, name).copy_(getattr(rnn, name))
         return layer
 
+    @classmethod
+    def mpo_matrices(cls, rnn: nn.RNNBase, num_cores: int = 4) -> dict[str, tuple[Tensor, tuple]]:
+        """{weight name: (W^T, default factors)} for every MPO weight (see ``LayerType.matrices``)."""
+        with torch.device("meta"):
+            layout = cls(**_torch_args(rnn), bond_dim=1, num_cores=num_cores)
+        return {name: (getattr(rnn, name).detach().T, layout.factors[name]) for name in layout._weight_shapes}
+
     def _to_torch(self) -> nn.RNNBase:
         first = next(self.parameters())
         rnn = self._torch_class(**_torch_args(self), device=first.device, dtype=first.dtype)
@@ -660,5 +667,5 @@ class RNNStream:
 
 
 _RNN_SIZES = ("input_size", "hidden_size", "num_layers", "bidirectional", "proj_size", "batch_first")
-register(LayerType(nn.LSTM, MPOLSTM, MPOLSTM.from_lstm, MPOLSTM.to_lstm, _RNN_SIZES))
-register(LayerType(nn.GRU, MPOGRU, MPOGRU.from_gru, MPOGRU.to_gru, _RNN_SIZES))
+register(LayerType(nn.LSTM, MPOLSTM, MPOLSTM.from_lstm, MPOLSTM.to_lstm, MPOLSTM.mpo_matrices, _RNN_SIZES))
+register(LayerType(nn.GRU, MPOGRU, MPOGRU.from_gru, MPOGRU.to_gru, MPOGRU.mpo_matrices, _RNN_SIZES))

@@ -1,0 +1,35 @@
+"""Whole-model compression: replace Linear/Embedding/LSTM/GRU layers by MPO layers.
+
+    model, report = compress(model, CompressionConfig(target_ratio=20), calibration=batches)
+    print(report)
+    freeze_central(model)            # MPOP lightweight fine-tuning
+    print_trainable_parameters(model)
+
+Modules are replaced in place (like PEFT and torch.nn.utils.prune), through the layer
+registry (mpolstm.nn.registry) only.
+
+config   CompressionConfig and module selection
+layouts  candidate layouts of a weight and their (whitened) decomposition
+engine   compress() and freeze_central()
+report   CompressionReport
+"""
+
+from ..mpo import central_core
+from ..nn.registry import is_mpo_module
+from .config import CompressionConfig
+from .engine import compress, freeze_central
+from .layouts import LAYOUTS
+from .report import CompressionReport, ModuleReport, WeightReport, print_trainable_parameters
+
+__all__ = [
+    "LAYOUTS",
+    "CompressionConfig",
+    "CompressionReport",
+    "ModuleReport",
+    "WeightReport",
+    "central_core",
+    "compress",
+    "freeze_central",
+    "is_mpo_module",
+    "print_trainable_parameters",
+]

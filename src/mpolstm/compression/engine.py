@@ -1,0 +1,206 @@
+"""compress(): replace the selected layers of a model by MPO layers, within a size budget.
+
+Every selected weight becomes a ``Target``: its matrix M in the layer's MPO convention (read
+from the registered exact conversion, so every layer type is handled alike), its paper
+layout and, with calibration, the whitening by its inputs' second moment.
+
+Budget mode (``target_ratio`` / ``max_params``): for every target and candidate layout the
+exact singular spectra give an error-versus-parameters curve; ``mpo.allocation.allocate``
+picks one point (layout + bonds) per weight so that sum_W numel(W) * err_W^2 is smallest
+under the budget (err: relative weight error, or relative output error when calibrated), no
+bond going to 1 unless the budget forces it and no weight growing past its dense size. Each
+target is then decomposed in its chosen layout with those bonds.
+
+Bound mode (``max_bond`` / ``rel_tol``): each weight is decomposed under the bound; a module
+whose MPO would not be smaller than the dense layer stays dense, and the report says why.
+The report's errors are measured exactly on the rebuilt torch weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..calibration import Calibration, collect_moments, whitening
+from ..mpo import MPO, canonicalize, central_core
+from ..mpo.allocation import allocate
+from ..nn.registry import is_mpo_module, layer_type, replace_module
+from .config import CompressionConfig, select_modules
+from .layouts import Candidate, Target, decompose_target, output_error
+from .report import CompressionReport, ModuleReport, WeightReport
+
+__all__ = ["compress", "freeze_central"]
+
+# A bond is not cut below this (or its largest useful value) unless the budget forces it.
+FLOOR_BOND = 2
+
+
+def _targets(name: str, module: nn.Module, settings: dict[str, Any], moments: dict[str, Tensor]) -> list[Target]:
+    """The weights of one module as targets (M and the paper layout from the registry)."""
+    matrices = layer_type(module).matrices(module, num_cores=settings["num_cores"])
+    targets = []
+    for wname, (matrix, factors) in matrices.items():
+        matrix = matrix.detach().to(torch.float64)
+        pair = None
+        if wname in moments:
+            moment = moments[wname]
+            if moment.shape[0] < matrix.shape[0]:  # an embedding's padding rows: never looked up
+                moment = torch.cat([moment, moment.new_zeros(matrix.shape[0] - moment.shape[0])])
+            pair = whitening(moment)
+        targets.append(Target(name, wname, matrix, factors, getattr(module, wname).numel(), pair))
+    return targets
+
+
+def _budget_mpos(targets: list[Target], settings: dict[str, dict[str, Any]], budget: int) -> list[tuple[str, MPO]]:
+    """(layout name, MPO) per target: layout and bonds allocated together under ``budget``."""
+    candidates = [[Candidate.of(t, lay, f, settings[t.module]["max_bond"])
+                   for lay, f in t.candidates(settings[t.module]["layout"]).items()] for t in targets]
+    sizes = [t.dense_params for t in targets]
+    chosen = allocate([[c.layout for c in cs] for cs in candidates], scales=sizes, limits=sizes, budget=budget,
+                      floor=FLOOR_BOND)
+    out = []
+    for t, cs, point in zip(targets, candidates, chosen):
+        pick = cs[point.layout]
+        out.append((pick.name, decompose_target(t, pick.factors, list(point.bonds))))
+    return out
+
+
+def _bound_mpo(target: Target, settings: dict[str, Any]) -> tuple[str, MPO]:
+    """(layout name, MPO) of one target under max_bond / rel_tol."""
+    layout = settings["layout"]
+    if layout == "auto" and settings["rel_tol"] is None:
+        layout = "interleaved" if target.whitening is None else "lowrank"
+    options = {name: decompose_target(target, f, settings["max_bond"], settings["rel_tol"])
+               for name, f in target.candidates(layout).items()}
+    return min(options.items(), key=lambda kv: kv[1].num_params)
+
+
+def _weight_report(old: nn.Module, new: nn.Module, target: Target, layout: str) -> WeightReport:
+    dense = getattr(old, target.weight).detach().double()
+    rebuilt = getattr(layer_type(old).to_torch(new), target.weight).detach().double()
+    cores = [c.detach().double() for c in new.mpo_weights()[target.weight]]
+    mpo = MPO(cores)
+    norm = float(dense.norm())
+    return WeightReport(
+        shape=tuple(dense.shape), dense_params=dense.numel(), mpo_params=mpo.num_params, bond_dims=mpo.bond_dims,
+        rel_error=float((dense - rebuilt).norm()) / norm if norm > 0 else 0.0,
+        entropy=tuple(float(x) for x in mpo.entanglement_entropy()), layout=layout,
+        output_error=output_error(target, mpo))
+
+
+def _cast(mpo: MPO, like: Tensor) -> MPO:
+    return MPO([c.to(device=like.device, dtype=like.dtype) for c in mpo.cores], mpo.report)
+
+
+def _check_sized(config: CompressionConfig, chosen: list[tuple[str, nn.Module, bool]]) -> None:
+    if config.budget_mode:
+        return
+    for name, _, _ in chosen:
+        settings = config.settings_for(name)
+        if settings["max_bond"] is None and settings["rel_tol"] is None:
+            raise ValueError(f"compress needs a size for module {name!r}: give target_ratio, max_params, max_bond "
+                             "or rel_tol (an exact MPO is larger than the dense layer; for an exact drop-in use "
+                             "mpolstm.nn.MPO<Layer>.from_<torch>())")
+
+
+def compress(model: nn.Module, config: CompressionConfig | None = None, *,
+             calibration: Calibration | None = None) -> tuple[nn.Module, CompressionReport]:
+    """Replace the selected layers of ``model`` (in place) by MPO layers.
+
+    ``calibration``: an iterable of batches (each a tensor or a tuple of the model's positional
+    inputs) or a callable that runs the model; the layers' inputs are recorded with hooks
+    (mpolstm.calibration) and the output error on them is minimised instead of the weight
+    error. Returns the same model and a CompressionReport. See CompressionConfig."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"compress expects an nn.Module, got {type(model).__name__}")
+    config = CompressionConfig() if config is None else config
+    if not isinstance(config, CompressionConfig):
+        raise ValueError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    chosen = select_modules(model, config)
+    _check_sized(config, chosen)
+    moments = collect_moments(model, {n: m for n, m, _ in chosen}, calibration) if calibration is not None else {}
+
+    targets, modules, skipped = [], {}, []
+    for name, module, explicit in chosen:
+        try:
+            with torch.no_grad():
+                found = _targets(name, module, config.settings_for(name), moments.get(name, {}))
+        except ValueError as exc:
+            if explicit:
+                raise ValueError(f"module {name!r}: {exc}") from None
+            skipped.append((name, str(exc)))
+            continue
+        targets += found
+        modules[name] = module
+    if not targets and config.budget_mode:
+        raise ValueError("the budget applies to no weight: no selected module could be compressed")
+
+    settings = {name: config.settings_for(name) for name in modules}
+    budget = None
+    with torch.no_grad():
+        if config.budget_mode:
+            dense = sum(t.dense_params for t in targets)
+            budget = config.max_params if config.max_params is not None else int(dense / config.target_ratio)
+            results = _budget_mpos(targets, settings, budget)
+        else:
+            results = [_bound_mpo(t, settings[t.module]) for t in targets]
+    return model, CompressionReport(_replace(model, modules, targets, results, skipped), skipped, budget)
+
+
+def _replace(model: nn.Module, modules: dict[str, nn.Module], targets: list[Target],
+             results: list[tuple[str, MPO]], skipped: list[tuple[str, str]]) -> list[ModuleReport]:
+    """Swap in the MPO modules (modules whose MPOs would not be smaller stay dense)."""
+    by_module: dict[str, list[tuple[Target, str, MPO]]] = {}
+    for target, (layout, mpo) in zip(targets, results):
+        by_module.setdefault(target.module, []).append((target, layout, mpo))
+    reports = []
+    for name, module in modules.items():
+        items = by_module[name]
+        size = sum(m.num_params for _, _, m in items)
+        dense = sum(t.dense_params for t, _, _ in items)
+        if size >= dense:
+            skipped.append((name, f"kept dense: its MPO would have {size:,} entries, not fewer than the dense "
+                                  f"{dense:,}"))
+            continue
+        like = next(iter(module.parameters()))
+        with torch.no_grad():
+            new = layer_type(module).from_torch(module, mpos={t.weight: _cast(m, like) for t, _, m in items})
+        new.train(module.training)
+        weights = {t.weight: _weight_report(module, new, t, layout) for t, layout, _ in items}
+        reports.append(ModuleReport(
+            name=name, old_class=type(module).__name__, new_class=type(new).__name__,
+            params_before=sum(p.numel() for p in module.parameters()),
+            params_after=sum(p.numel() for p in new.parameters()), weights=weights))
+        replace_module(model, name, new)
+    return reports
+
+
+# ----------------------------------------------------------------------------- MPOP fine-tuning
+
+
+def freeze_central(model: nn.Module) -> dict[str, int]:
+    """MPOP lightweight fine-tuning: put every MPO of every MPO module in ``model`` in
+    mixed-canonical form centred on its central tensor (in place, shapes and the
+    represented weights unchanged), freeze the central cores (requires_grad=False) and
+    leave the auxiliary cores trainable. Other parameters are left as they are.
+
+    Returns {"mpos": MPOs processed, "central_params": entries frozen,
+    "auxiliary_params": core entries left trainable}."""
+    counts = {"mpos": 0, "central_params": 0, "auxiliary_params": 0}
+    for module in model.modules():
+        if not is_mpo_module(module):
+            continue
+        for cores in module.mpo_weights().values():
+            params = list(cores)
+            center = central_core([p.shape for p in params])
+            with torch.no_grad():
+                canonical = canonicalize([p.detach().double() for p in params], center, keep_shapes=True)
+                for p, c in zip(params, canonical):
+                    p.copy_(c)
+            for k, p in enumerate(params):
+                p.requires_grad_(k != center)
+                counts["central_params" if k == center else "auxiliary_params"] += p.numel()
+            counts["mpos"] += 1
+    return counts

@@ -1,0 +1,118 @@
+"""The report of a compression: per module and weight, sizes, bonds, layout and errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+__all__ = ["CompressionReport", "ModuleReport", "WeightReport", "REPORT_COLUMNS", "print_trainable_parameters"]
+
+
+@dataclass
+class WeightReport:
+    """One compressed weight. shape: the torch weight's (out, in), or (rows, dim) for an
+    embedding; rel_error: ||W - W'||_F / ||W||_F measured exactly on the torch weight (an
+    embedding's real rows); output_error: ||(W - W') C^{1/2}||_F / ||W C^{1/2}||_F with C the
+    calibration inputs' second moment (None without calibration); layout: the chosen layout;
+    entropy: entanglement entropy at each bond of the compressed MPO."""
+
+    shape: tuple[int, int]
+    dense_params: int
+    mpo_params: int
+    bond_dims: tuple[int, ...]
+    rel_error: float | None
+    entropy: tuple[float, ...]
+    layout: str = "interleaved"
+    output_error: float | None = None
+
+
+@dataclass
+class ModuleReport:
+    """One replaced module; params count every parameter (cores and biases)."""
+
+    name: str
+    old_class: str
+    new_class: str
+    params_before: int
+    params_after: int
+    weights: dict[str, WeightReport]
+
+
+@dataclass
+class CompressionReport:
+    """Result of ``compress``: one entry per replaced module, plus skipped modules
+    (name, reason: not compressible, or left dense because its MPO would not be smaller) and
+    the budget used (max MPO core entries, or None)."""
+
+    modules: list[ModuleReport]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    budget: int | None = None
+
+    @property
+    def dense_params(self) -> int:
+        return sum(w.dense_params for m in self.modules for w in m.weights.values())
+
+    @property
+    def mpo_params(self) -> int:
+        return sum(w.mpo_params for m in self.modules for w in m.weights.values())
+
+    @property
+    def ratio(self) -> float:
+        """Dense entries / MPO core entries over the compressed weights."""
+        return self.dense_params / self.mpo_params if self.mpo_params else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "modules": [asdict(m) for m in self.modules],
+            "skipped": [list(s) for s in self.skipped],
+            "budget": self.budget,
+            "dense_params": self.dense_params,
+            "mpo_params": self.mpo_params,
+            "ratio": self.ratio,
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def rows(self) -> list[tuple[str, ...]]:
+        """One row of strings per compressed weight, under ``REPORT_COLUMNS``."""
+        return [
+            (f"{m.name} ({m.new_class})", wname, f"{w.shape[0]}x{w.shape[1]}", w.layout, str(w.bond_dims),
+             f"{w.dense_params:,} -> {w.mpo_params:,}", f"{w.dense_params / w.mpo_params:.1f}x",
+             "-" if w.rel_error is None else f"{w.rel_error:.4f}",
+             "-" if w.output_error is None else f"{w.output_error:.4f}",
+             f"{max(w.entropy):.3f}" if w.entropy else "-")
+            for m in self.modules for wname, w in m.weights.items()
+        ]
+
+    @property
+    def title(self) -> str:
+        return f"MPO compression: {self.dense_params:,} -> {self.mpo_params:,} weight entries ({self.ratio:.1f}x)"
+
+    def __str__(self) -> str:
+        rows = [REPORT_COLUMNS, *self.rows()]
+        widths = [max(len(r[c]) for r in rows) for c in range(len(REPORT_COLUMNS))]
+        lines = [self.title]
+        for r in rows:
+            lines.append("  ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))))
+        if self.skipped:
+            lines.append("skipped: " + "; ".join(f"{name} ({reason})" for name, reason in self.skipped))
+        return "\n".join(lines) + "\n"
+
+
+REPORT_COLUMNS = ("module", "weight", "shape", "layout", "bonds", "params", "ratio", "rel. error", "output error",
+                  "max entropy")
+
+
+def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """Print "trainable params: T || all params: A || trainable%: P" and return (T, A)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    percent = 100.0 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}")
+    return trainable, total
+
+

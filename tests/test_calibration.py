@@ -1,0 +1,134 @@
+"""Layout search, calibration (data-aware decomposition) and the never-worse-than-SVD floor."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from mpolstm import CompressionConfig, compress
+from mpolstm.calibration import collect_moments
+
+
+def _lowrank_linear(rows=96, cols=64, rank=8, noise=0.01, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(cols, rows)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(rows, rank, generator=gen) @ torch.randn(rank, cols, generator=gen)
+                           + noise * torch.randn(rows, cols, generator=gen))
+    return nn.Sequential(layer)
+
+
+@pytest.mark.parametrize("ratio", [3, 6, 12])
+def test_budget_is_never_worse_than_truncated_svd(ratio):
+    model = _lowrank_linear()
+    w = model[0].weight.detach().double()
+    _, report = compress(copy.deepcopy(model), CompressionConfig(target_ratio=ratio))
+    rank = int(w.numel() / ratio) // sum(w.shape)
+    s = torch.linalg.svdvals(w)
+    svd_error = float(s[rank:].square().sum().sqrt() / s.square().sum().sqrt())
+    got = report.modules[0].weights["weight"]
+    assert got.mpo_params <= w.numel() / ratio
+    assert got.rel_error <= svd_error + 1e-9
+    _, pinned = compress(copy.deepcopy(model), CompressionConfig(target_ratio=ratio, layout="interleaved"))
+    assert pinned.modules[0].weights["weight"].layout == "interleaved"
+    assert pinned.modules[0].weights["weight"].rel_error > got.rel_error  # the search matters here
+
+
+def test_pinned_layout_that_cannot_apply_is_refused():
+    with pytest.raises(ValueError, match="layout must be 'auto' or one of"):
+        CompressionConfig(target_ratio=2, layout="tucker")
+    with pytest.raises(ValueError, match="layout 'interleaved' does not apply .* calibration"):
+        compress(_lowrank_linear(), CompressionConfig(target_ratio=4, layout="interleaved"),
+                 calibration=[torch.randn(4, 64)])
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.lstm = nn.LSTM(16, 24, num_layers=2, bidirectional=True)
+        self.head = nn.Linear(48, 5)
+
+    def forward(self, tokens):
+        return self.head(self.lstm(self.emb(tokens))[0])
+
+
+def test_calibration_hooks_leave_the_model_unchanged():
+    torch.manual_seed(0)
+    model = Tagger().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, 50, (7, 3))
+    moments = collect_moments(model, {"emb": model.emb, "lstm": model.lstm, "head": model.head}, [tokens])
+    assert model.training and all(m.training for m in model.modules())
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert set(moments["lstm"]) == {f"weight_{k}_l{l}{d}" for k in ("ih", "hh") for l in (0, 1)
+                                    for d in ("", "_reverse")}
+    assert moments["emb"]["weight"].shape == (50,)
+    assert float(moments["emb"]["weight"].sum()) == pytest.approx(1.0)  # row frequencies
+
+
+def test_lstm_moments_are_the_inputs_each_weight_multiplies():
+    torch.manual_seed(1)
+    lstm = nn.LSTM(6, 5, num_layers=2, bidirectional=True, batch_first=True).double()
+    x = torch.randn(3, 8, 6, dtype=torch.float64)
+    m = collect_moments(lstm, {"lstm": lstm}, [x])["lstm"]
+    flat = x.reshape(-1, 6)
+    torch.testing.assert_close(m["weight_ih_l0"], flat.T @ flat / flat.shape[0])
+    out, _ = lstm(x)  # top layer: forward h_{t-1} and reverse h_{t+1} come from the module output
+    fwd = torch.cat([torch.zeros(3, 1, 5, dtype=x.dtype), out[:, :-1, :5]], 1).reshape(-1, 5)
+    rev = torch.cat([out[:, 1:, 5:], torch.zeros(3, 1, 5, dtype=x.dtype)], 1).reshape(-1, 5)
+    torch.testing.assert_close(m["weight_hh_l1"], fwd.T @ fwd / fwd.shape[0])
+    torch.testing.assert_close(m["weight_hh_l1_reverse"], rev.T @ rev / rev.shape[0])
+    layer0 = nn.LSTM(6, 5, bidirectional=True, batch_first=True).double()
+    layer0.load_state_dict({k: v for k, v in lstm.state_dict().items() if "_l0" in k})
+    mid = layer0(x)[0].reshape(-1, 10)
+    torch.testing.assert_close(m["weight_ih_l1"], mid.T @ mid / mid.shape[0])
+    # a packed batch: padded positions are not counted
+    lengths = torch.tensor([8, 5, 2])
+    packed = pack_padded_sequence(x, lengths, batch_first=True)
+    m = collect_moments(lstm, {"lstm": lstm}, [packed])["lstm"]
+    real = torch.cat([x[i, :n] for i, n in enumerate(lengths)])
+    torch.testing.assert_close(m["weight_ih_l0"], real.T @ real / real.shape[0])
+
+
+def test_calibration_lowers_the_output_error_on_the_data():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 32))
+    mix = torch.randn(64, 64) * torch.logspace(0, -3, 64)  # inputs live near a few directions
+    data = [torch.randn(64, 64) @ mix for _ in range(4)]
+    test = torch.randn(256, 64) @ mix
+    with torch.no_grad():
+        ref = model(test)
+        errors = {}
+        for name, calib in (("plain", None), ("calibrated", data)):
+            small, report = compress(copy.deepcopy(model), CompressionConfig(target_ratio=8), calibration=calib)
+            errors[name] = float((small(test) - ref).norm() / ref.norm())
+            assert report.ratio >= 8
+    assert errors["calibrated"] < 0.8 * errors["plain"]
+    assert all(w.output_error is not None for m in report.modules for w in m.weights.values())
+
+
+def test_bad_calibration_input_is_a_clear_error():
+    model = Tagger()
+    cfg = CompressionConfig(target_ratio=4)
+    with pytest.raises(ValueError, match="calibration must be an iterable of batches"):
+        compress(copy.deepcopy(model), cfg, calibration="tokens.txt")
+    with pytest.raises(ValueError, match="calibration ran no data"):
+        compress(copy.deepcopy(model), cfg, calibration=[])
+    with pytest.raises(ValueError, match="calibration batch 0 failed in the model"):
+        compress(copy.deepcopy(model), cfg, calibration=[torch.randn(3, 4)])
+    with pytest.raises(ValueError, match="each calibration batch must be a tensor"):
+        compress(copy.deepcopy(model), cfg, calibration=[{"x": 1}])
+
+
+def test_budget_floor_keeps_bonds_above_one_when_affordable():
+    torch.manual_seed(3)
+    model = Tagger()
+    _, report = compress(model, CompressionConfig(target_ratio=6), calibration=[torch.randint(0, 50, (9, 4))])
+    assert report.ratio >= 6
+    assert all(min(w.bond_dims) >= 2 for m in report.modules for w in m.weights.values())
