@@ -340,5 +340,5 @@ class MPOEmbedding(SingleWeightMPO):
 
 
 register(LayerType(nn.Embedding, MPOEmbedding, MPOEmbedding.from_embedding, MPOEmbedding.to_embedding,
-                   MPOEmbedding.mpo_matrices,
+                   MPOEmbedding.mpo_matrices, lambda embedding, args: [("weight", args[0].reshape(-1))],
                    ("num_embeddings", "embedding_dim", "padding_idx")))

@@ -247,4 +247,5 @@ class MPOLinear(SingleWeightMPO):
         )
 
 
-register(LayerType(nn.Linear, MPOLinear, MPOLinear.from_linear, MPOLinear.to_linear, MPOLinear.mpo_matrices, ("in_features", "out_features")))
+register(LayerType(nn.Linear, MPOLinear, MPOLinear.from_linear, MPOLinear.to_linear, MPOLinear.mpo_matrices,
+                   lambda linear, args: [("weight", args[0])], ("in_features", "out_features")))

@@ -12,9 +12,9 @@ The MPO-module protocol every registered ``mpo_type`` follows (docs/architecture
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["LayerType", "register", "layer_type", "layer_type_of_mpo", "mpo_class", "supported_torch_types", "registered_mpo_names",
            "is_mpo_module", "replace_module"]
@@ -30,6 +30,9 @@ class LayerType:
     matrices(module, num_cores=4) -> {weight name: (M, (in_factors, out_factors))}: each weight as
         the matrix its MPO represents (W^T, or an embedding's padded table) with its default
         layout, without decomposing (compress searches layouts from these).
+    inputs(module, args) -> iterable of (weight name, what it multiplies): a (samples, features)
+        tensor, or a 1-D tensor of row indices for a table lookup; called by a forward hook
+        with the module's positional arguments (calibration).
     size_attrs: constructor sizes that must agree between a saved MPO module and the torch
         module it replaces when loading.
     """
@@ -39,6 +42,7 @@ class LayerType:
     from_torch: Callable[..., nn.Module]
     to_torch: Callable[[nn.Module], nn.Module]
     matrices: Callable[..., dict]
+    inputs: Callable[[nn.Module, tuple], Iterable[tuple[str, Tensor]]]
     size_attrs: tuple[str, ...]
 
 
