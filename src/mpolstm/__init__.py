@@ -6,6 +6,7 @@ The top level re-exports the everyday API; the compression module is ``mpolstm.c
 """
 
 from .compression import CompressionConfig, CompressionReport, compress, freeze_central, print_trainable_parameters
+from .distill import distill
 from .io import load, save
 from .mpo import MPO, decompose, factorize, mpo_matmul
 from .nn import MPOGRU, MPOLSTM, MPOEmbedding, MPOLinear
@@ -16,6 +17,7 @@ __all__ = [
     "CompressionConfig",
     "CompressionReport",
     "compress",
+    "distill",
     "freeze_central",
     "print_trainable_parameters",
     "load",
