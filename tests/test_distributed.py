@@ -173,6 +173,31 @@ def test_bptt_and_generic_loaders_are_sliced_along_the_batch_dimension():
     assert list(distributed.shard_loader(batches, rank_=1, size=2))[0][1]["w"].shape == (2, 2)
 
 
+def test_a_loader_with_a_shard_method_shards_itself():
+    class Own:
+        def __iter__(self):
+            raise AssertionError("a loader that shards itself is not iterated by shard_loader")
+
+        def shard(self, rank, world_size, *, allow_empty=False):
+            return [("part", rank, world_size, allow_empty)]
+
+    assert distributed.shard_loader(Own(), allow_empty=True, rank_=1, size=3) == [("part", 1, 3, True)]
+    assert distributed.shard_loader(Own(), rank_=0, size=1).__class__ is Own  # one process: untouched
+    data = batchify(torch.arange(40), 2)  # 2 columns for 3 ranks
+    with pytest.raises(ValueError, match="2 sample.*3 ranks"):
+        distributed.shard_loader(BPTTLoader(data, 3), rank_=0, size=3)
+    parts = [list(distributed.shard_loader(BPTTLoader(data, 3), allow_empty=True, rank_=r, size=3)) for r in range(3)]
+    assert [len(p) for p in parts] == [0, 7, 7]  # rank 0 is left without a column
+    assert torch.equal(torch.cat([parts[1][0][0], parts[2][0][0]], dim=1), data[:3])
+
+
+def test_distributed_imports_no_data_module():
+    probe = "import sys, mpolstm.harness.distributed; print([m for m in sys.modules if m.startswith('mpolstm.harness.data')])"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+
+
 def test_too_small_batches_are_a_clear_error_unless_allowed():
     loader = DataLoader(TensorDataset(torch.arange(5)), batch_size=4)  # last global batch: 1 sample
     with pytest.raises(ValueError, match="1 sample.*2 ranks"):

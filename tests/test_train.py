@@ -7,13 +7,15 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import mpolstm.harness.training.loop as train_mod
-from mpolstm.harness.training.loop import (
+import mpolstm.checkpoint as checkpoint_mod
+from mpolstm.harness.training import (
     ACCURACY,
-    PERPLEXITY,
+    BEST_FORMAT,
     CHECKPOINT_FORMAT,
+    PERPLEXITY,
     Callback,
     Distillation,
+    Metric,
     count_parameters,
     evaluate,
     fit,
@@ -91,7 +93,7 @@ def test_checkpoint_format_and_no_pickle(tmp_path):
 def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     run(2, tmp_path)
     before = (tmp_path / "checkpoint.safetensors").read_bytes()
-    real_save = train_mod.st_save
+    real_save = checkpoint_mod.st_save
 
     def crash(tensors, metadata):
         data = real_save(tensors, metadata)
@@ -99,10 +101,10 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         (tmp_path / ".checkpoint.safetensors.partial.tmp").write_bytes(data[: len(data) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "st_save", crash)
+    monkeypatch.setattr(checkpoint_mod, "st_save", crash)
     with pytest.raises(KeyboardInterrupt):
         run(4, tmp_path, resume=True)
-    monkeypatch.setattr(train_mod, "st_save", real_save)
+    monkeypatch.setattr(checkpoint_mod, "st_save", real_save)
     assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
     resumed, _ = run(4, tmp_path, resume=True)
     straight, _ = run(4, tmp_path / "straight")
@@ -133,12 +135,12 @@ def test_early_stopping_and_best_weights(tmp_path):
     torch.manual_seed(0)
     model = Net()
     values = iter([0.5, 0.7, 0.6, 0.6, 0.6, 0.9])  # scripted validation values: best at epoch 2
-    metric = train_mod.Metric("fake", "max", lambda o, t: (0.0, 1), finalize=lambda _: next(values))
+    metric = Metric("fake", "max", lambda o, t: (0.0, 1), finalize=lambda _: next(values))
     result = fit(model, *loaders(), F.cross_entropy, metric, epochs=6, lr=1e-2, patience=2, out_dir=tmp_path,
                  progress=False)
     assert result.stopped_early and result.epochs_completed == 4
     assert result.best_epoch == 2 and result.best_metric == 0.7
-    best, state = load_checkpoint(tmp_path / "best.safetensors", train_mod.BEST_FORMAT)
+    best, state = load_checkpoint(tmp_path / "best.safetensors", BEST_FORMAT)
     assert state["epoch"] == 2
     assert all(torch.equal(model.state_dict()[k[len("model/"):]], v) for k, v in best.items())
     # resuming a run that stopped early does not train further
@@ -213,3 +215,59 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         run(1, tmp_path / "file")
     assert CHECKPOINT_FORMAT.startswith("mpolstm")
+
+
+# ------------------------------------------------------- mpolstm.checkpoint, used by a plain loop
+def plain_training(path, epochs, stop_after=None):
+    """A minimal training routine resuming with the library API, as the module docstring shows."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train = loaders()[0]
+    start = 0
+    if path.exists():
+        tensors, state = checkpoint_mod.load_checkpoint(path, fields={"epoch": int})
+        checkpoint_mod.restore(path, tensors, state, model, opt, loader=train)
+        start = state["epoch"]
+    else:
+        torch.manual_seed(1)
+    for epoch in range(start, epochs if stop_after is None else stop_after):
+        for x, y in train:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        checkpoint_mod.save_checkpoint(path, model, opt, {"epoch": epoch + 1, "note": "plain"}, loader=train)
+    return model
+
+
+def test_library_checkpoint_gives_exact_resume_to_a_plain_loop(tmp_path):
+    straight = plain_training(tmp_path / "a.safetensors", 3)
+    plain_training(tmp_path / "b.safetensors", 3, stop_after=1)
+    resumed = plain_training(tmp_path / "b.safetensors", 3)
+    assert same_weights(straight, resumed)
+    tensors, state = checkpoint_mod.load_checkpoint(tmp_path / "b.safetensors", fields={"note": str})
+    assert state["optimizer"]["name"] == "sgd" and state["epoch"] == 3 and "model/fc.weight" in tensors
+    with pytest.raises(ValueError, match="'missing' should be int"):
+        checkpoint_mod.load_checkpoint(tmp_path / "b.safetensors", fields={"missing": int})
+    with pytest.raises(ValueError, match="was written with optimizer 'sgd', not 'adam'"):
+        model = Net()
+        checkpoint_mod.restore(tmp_path / "b.safetensors", tensors, state, model, torch.optim.Adam(model.parameters()))
+
+
+def test_library_checkpoint_rejects_reserved_keys_and_reads_weights_files(tmp_path):
+    model = Net()
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match="reserved"):
+        checkpoint_mod.save_checkpoint(tmp_path / "c.safetensors", model, opt, {"rng": 1})
+    checkpoint_mod.save_weights(tmp_path / "w.safetensors", model.state_dict(), {"epoch": 1, "metric": 0.5})
+    tensors, state = load_checkpoint(tmp_path / "w.safetensors", BEST_FORMAT)
+    assert state == {"epoch": 1, "metric": 0.5}
+    assert same_weights(model, _loaded(checkpoint_mod.model_state(tensors)))
+    with pytest.raises(ValueError, match="not an mpolstm checkpoint"):
+        load_checkpoint(tmp_path / "w.safetensors")  # a weights file is not a checkpoint
+
+
+def _loaded(weights):
+    model = Net()
+    model.load_state_dict(weights)
+    return model

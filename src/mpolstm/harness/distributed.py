@@ -13,10 +13,14 @@ same learning rate and schedule apply at any process count:
   each global batch exactly as the original loader would (a shuffling loader without its own
   generator gets one seeded with ``seed``, identical on every rank) and gives rank ``r`` the ``r``-th
   of ``world_size`` near-equal contiguous parts of it; each rank loads only its own samples;
-- any other re-iterable loader (``BPTTLoader``, ``SpeechLoader``...) is iterated in full on every
-  rank and each tensor of a batch is cut into the same parts along its batch dimension: dimension 1
-  for a ``BPTTLoader`` with ``batch_first=False`` (its columns), else dimension 0. The loader must
-  produce the same batches on every rank (seed its generator identically).
+- a loader with a ``shard(rank, world_size, *, allow_empty=False)`` method shards itself: it returns
+  a re-iterable loader of rank ``rank``'s part of every global batch (the parts of all ranks, in
+  rank order, make up the batch). A global batch too small to give every rank a part is a
+  ValueError, or with ``allow_empty`` the ranks left without a part skip it. ``BPTTLoader`` does
+  this by its columns;
+- any other re-iterable loader (``SpeechLoader``...) is iterated in full on every rank and each
+  tensor of a batch is cut into the same parts along dimension 0. The loader must produce the same
+  batches on every rank (seed its generator identically).
 
 In training, a global batch smaller than the number of ranks is a ValueError (a rank would get
 no samples); unequal parts (a short last batch) weight their samples slightly differently from a
@@ -34,8 +38,6 @@ import torch
 from torch import Tensor
 from torch import distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
-
-from .data.ptb import BPTTLoader
 
 __all__ = [
     "launched",
@@ -251,22 +253,21 @@ def _tensors(batch: Any) -> Iterator[Tensor]:
             yield from _tensors(b)
 
 
-def _slice_batch(batch: Any, start: int, stop: int, dim: int) -> Any:
+def _slice_batch(batch: Any, start: int, stop: int) -> Any:
     if isinstance(batch, Tensor):
-        return batch.narrow(dim if batch.dim() > dim else 0, start, stop - start)
+        return batch.narrow(0, start, stop - start)
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_slice_batch(b, start, stop, dim) for b in batch)
+        return type(batch)(_slice_batch(b, start, stop) for b in batch)
     if isinstance(batch, dict):
-        return {k: _slice_batch(v, start, stop, dim) for k, v in batch.items()}
+        return {k: _slice_batch(v, start, stop) for k, v in batch.items()}
     return batch
 
 
 class _SlicedLoader:
-    """Iterates ``loader`` in full and yields this rank's slice of every batch along ``dim``
-    (tensors with fewer dimensions are cut along dimension 0)."""
+    """Iterates ``loader`` in full and yields this rank's slice of every batch along dimension 0."""
 
-    def __init__(self, loader: Any, rank_: int, size: int, dim: int, allow_empty: bool) -> None:
-        self.loader, self.rank, self.size, self.dim, self.allow_empty = loader, rank_, size, dim, allow_empty
+    def __init__(self, loader: Any, rank_: int, size: int, allow_empty: bool) -> None:
+        self.loader, self.rank, self.size, self.allow_empty = loader, rank_, size, allow_empty
         self.generator = getattr(loader, "generator", None)
         self.sampler = getattr(loader, "sampler", None)
 
@@ -278,10 +279,9 @@ class _SlicedLoader:
             first = next(_tensors(batch), None)
             if first is None:
                 raise ValueError(f"cannot shard a batch of {type(batch).__name__} without tensors")
-            n = first.shape[self.dim if first.dim() > self.dim else 0]
-            start, stop = _bounds(n, self.rank, self.size, self.allow_empty)
+            start, stop = _bounds(first.shape[0], self.rank, self.size, self.allow_empty)
             if stop > start:
-                yield _slice_batch(batch, start, stop, self.dim)
+                yield _slice_batch(batch, start, stop)
 
 
 def shard_loader(loader: Any, seed: int = 0, *, allow_empty: bool = False, rank_: int | None = None,
@@ -294,6 +294,8 @@ def shard_loader(loader: Any, seed: int = 0, *, allow_empty: bool = False, rank_
     size = world_size() if size is None else size
     if size == 1:
         return loader
+    if callable(getattr(loader, "shard", None)):  # it knows how to shard itself
+        return loader.shard(rank_, size, allow_empty=allow_empty)
     if isinstance(loader, DataLoader):
         if loader.batch_sampler is None:
             raise ValueError("cannot shard a DataLoader with batch_size=None (no batches); give it a batch size")
@@ -313,5 +315,4 @@ def shard_loader(loader: Any, seed: int = 0, *, allow_empty: bool = False, rank_
                           persistent_workers=loader.persistent_workers)
     if not hasattr(loader, "__iter__"):
         raise ValueError(f"cannot shard a {type(loader).__name__}: expected a re-iterable loader")
-    dim = 1 if isinstance(loader, BPTTLoader) and not loader.batch_first else 0
-    return _SlicedLoader(loader, rank_, size, dim, allow_empty)
+    return _SlicedLoader(loader, rank_, size, allow_empty)

@@ -135,3 +135,17 @@ class BPTTLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         return bptt_windows(self.data, self.bptt, batch_first=self.batch_first)
+
+    def shard(self, rank: int, world_size: int, *, allow_empty: bool = False) -> BPTTLoader | list:
+        """Rank ``rank``'s part of every window, for :func:`mpolstm.harness.distributed.shard_loader`:
+        a loader over the ``rank``-th of ``world_size`` near-equal contiguous groups of columns.
+        Fewer columns than ranks is a ValueError, or with ``allow_empty`` no windows for the ranks
+        left without a column."""
+        columns = self.data.shape[1]
+        if columns < world_size and not allow_empty:
+            raise ValueError(f"a global batch of {columns} sample(s) cannot be shared by {world_size} ranks; "
+                             f"use a batch size of at least {world_size}")
+        start, stop = rank * columns // world_size, (rank + 1) * columns // world_size
+        if stop == start:
+            return []
+        return BPTTLoader(self.data[:, start:stop].contiguous(), self.bptt, batch_first=self.batch_first)

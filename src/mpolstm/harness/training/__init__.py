@@ -1,24 +1,11 @@
-"""The trainer: the loop, checkpoints with exact resume, callbacks, metrics."""
+"""The trainer: the loop (:mod:`.loop`), metrics (:mod:`.metrics`), callbacks (:mod:`.callbacks`) and
+what fit keeps in ``out_dir`` (:mod:`.rundir`; checkpoint format: :mod:`mpolstm.checkpoint`)."""
 
-from .loop import (
-    ACCURACY,
-    BEST_FORMAT,
-    CHECKPOINT_FORMAT,
-    OPTIMIZERS,
-    PERPLEXITY,
-    Callback,
-    Distillation,
-    FitResult,
-    ForwardFn,
-    Metric,
-    TrainState,
-    count_parameters,
-    evaluate,
-    fit,
-    load_checkpoint,
-    make_optimizer,
-    seed_everything,
-)
+from ...checkpoint import BEST_FORMAT, CHECKPOINT_FORMAT
+from .callbacks import Callback, Distillation, ProgressBar, TrainState, track_best
+from .loop import OPTIMIZERS, FitResult, ForwardFn, count_parameters, evaluate, fit, make_optimizer, seed_everything
+from .metrics import ACCURACY, PERPLEXITY, Metric
+from .rundir import load_checkpoint
 
 __all__ = [
     "ACCURACY",
@@ -31,6 +18,7 @@ __all__ = [
     "FitResult",
     "ForwardFn",
     "Metric",
+    "ProgressBar",
     "TrainState",
     "count_parameters",
     "evaluate",
@@ -38,4 +26,5 @@ __all__ = [
     "load_checkpoint",
     "make_optimizer",
     "seed_everything",
+    "track_best",
 ]
