@@ -252,8 +252,8 @@ def test_registry_drives_selection_and_names_unsupported_types():
 
     model, report = compress(nn.Sequential(MyLSTM(8, 16)), CompressionConfig(max_bond=2))
     assert type(model[0]).__name__ == "MPOLSTM" and report.modules[0].old_class == "MyLSTM"
-    with pytest.raises(ValueError, match=r"'0' is of type RNN; compress handles nn.Linear, nn.Embedding"):
-        compress(nn.Sequential(nn.RNN(8, 16)), CompressionConfig(target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"'0' is of type Bilinear; compress handles nn.Linear, nn.Embedding"):
+        compress(nn.Sequential(nn.Bilinear(8, 8, 4)), CompressionConfig(target_modules=["0"], max_bond=2))
     entry = registry.layer_type(nn.LSTM(2, 2))
     with pytest.raises(ValueError, match="already registered"):
         registry.register(entry)

@@ -236,3 +236,14 @@ def test_truncate_per_bond_caps():
         full.truncate(max_bond=[2, 3, 4])
     with pytest.raises(ValueError, match="max_bond must be a positive integer"):
         full.truncate(max_bond=[2, 0])
+
+
+def test_exact_spectra_equal_the_sweeps_spectra():
+    from mpolstm.mpo.sweep import exact_spectra
+
+    torch.manual_seed(11)
+    w = torch.randn(24, 30, dtype=torch.float64)
+    for in_f, out_f in (((2, 3, 4), (5, 3, 2)), ((24, 1), (1, 30)), ((4, 6), (6, 5))):
+        mpo = M.decompose(w, in_f, out_f)
+        for got, want in zip(exact_spectra(w, in_f, out_f), mpo.spectra()):
+            torch.testing.assert_close(got[: want.numel()], want, atol=1e-9, rtol=1e-9)

@@ -38,15 +38,15 @@ def _split(a: Tensor, max_bond: int | None, delta: float | None) -> tuple[Tensor
     """Truncated factorisation a ~= u @ rest of one unfolding (u with orthonormal columns).
 
     Returns (u, rest, singular values of a, discarded energy ||a - u rest||_F^2). A wide
-    float32/16 unfolding (rows <= cols / _GRAM_MIN_ASPECT) is split through its Gram matrix
-    a a^T formed and diagonalised in float64: the eigenvalues are the squared singular values
-    to ~1e-16 of ||a||^2 (finer than the input's own precision), the eigenvectors are an
-    orthonormal u, and rest = u^T a is the exact projection, so rank choice, discarded energy
-    and the rel_tol guarantee are as with the SVD. LAPACK's SVD of such a wide matrix is 3-20x
-    slower here (docs/benchmarks.md). Other unfoldings take the SVD of the tall orientation
-    (2-4x faster than of the wide one)."""
+    unfolding (rows <= cols / _GRAM_MIN_ASPECT) is split through its Gram matrix a a^T formed
+    and diagonalised in float64: the eigenvalues are the squared singular values to ~1e-16 of
+    ||a||^2, the eigenvectors an orthonormal u, and rest = u^T a is the exact projection, so
+    rank choice, discarded energy and the rel_tol guarantee are as with the SVD (only singular
+    values below ~1e-8 ||a|| lose relative accuracy, which no truncation reads). LAPACK's SVD
+    of such a wide matrix is 3-20x slower here (docs/benchmarks.md). Other unfoldings take the
+    SVD of the tall orientation (2-4x faster than of the wide one)."""
     m, cols = a.shape
-    if m * _GRAM_MIN_ASPECT <= cols and a.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    if m * _GRAM_MIN_ASPECT <= cols:
         wide = a.double()
         energy, basis = torch.linalg.eigh(wide @ wide.T)
         energy, basis = energy.flip(0).clamp_min(0.0), basis.flip(1)  # descending
@@ -145,14 +145,18 @@ def _interleave(matrix: Tensor, in_factors: Sequence[int], out_factors: Sequence
 
 
 def exact_spectra(matrix: Tensor, in_factors: Sequence[int], out_factors: Sequence[int]) -> list[Tensor]:
-    """Singular values of every unfolding of ``matrix`` in this layout (one untruncated sweep)."""
+    """Singular values of every unfolding of ``matrix`` in this layout, descending: at cut k the
+    (i_1 j_1 .. i_k j_k, rest) unfolding, each from the eigenvalues of its smaller Gram matrix in
+    float64 (no vectors, no sweep: the values an untruncated TT-SVD would find)."""
     with torch.no_grad():
-        n = len(in_factors)
-        if n == 2:  # one unfolding: its singular values alone, no vectors needed
-            return [torch.linalg.svdvals(_interleave(matrix, in_factors, out_factors)
-                                         .reshape(in_factors[0] * out_factors[0], -1))]
-        return _sweep(_interleave(matrix, in_factors, out_factors), None, in_factors, out_factors,
-                      [None] * (n - 1), None)[1]
+        tensor = _interleave(matrix, in_factors, out_factors).double()
+        out, rows = [], 1
+        for i, j in zip(in_factors[:-1], out_factors[:-1]):
+            rows *= i * j
+            a = tensor.reshape(rows, -1)
+            gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+            out.append(torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0).sqrt().to(matrix.dtype))
+        return out
 
 
 def _caps(num_cores: int, max_bond: int | Sequence[int] | None) -> list[int | None]:
