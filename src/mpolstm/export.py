@@ -78,10 +78,16 @@ def densify(model: nn.Module) -> nn.Module:
     if root is not None:
         return root
     out = copy.deepcopy(model)
+    shared = []
     for name, module in list(out.named_modules()):
+        if callable(getattr(module, "bind", None)):  # uses another layer's MPO: tied again below
+            shared.append((name, module))
+            continue
         dense = _dense_module(module) if name else None
         if dense is not None:
             replace_module(out, name, dense)
+    for name, module in shared:
+        replace_module(out, name, module.dense(out.get_submodule(module.owner_name).weight))
     return out
 
 

@@ -191,10 +191,11 @@ def _build(cls: type[nn.Module], config: Mapping[str, Any], file: Path, name: st
 
 def _check_base_module(base: nn.Module, probe: nn.Module, name: str, file: Path) -> None:
     entry = layer_type_of_mpo(probe)
-    if not isinstance(base, (entry.mpo_type, entry.torch_type)):
+    torch_type = entry.torch_type if entry is not None else probe.torch_type  # a Shared* layer
+    if not isinstance(base, (type(probe), torch_type)):
         raise ValueError(f"{file}: module {name!r} was saved as {type(probe).__name__}, but base_model has a "
-                         f"{type(base).__name__} there (expected {entry.torch_type.__name__})")
-    for attr in entry.size_attrs:
+                         f"{type(base).__name__} there (expected {torch_type.__name__})")
+    for attr in (entry.size_attrs if entry is not None else ()):
         if hasattr(base, attr) and hasattr(probe, attr):
             mine, theirs = getattr(probe, attr), getattr(base, attr)
             if isinstance(mine, (int, bool, type(None))) and mine != theirs:
@@ -281,6 +282,13 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
             module = module.to(device=like.device, dtype=like.dtype)
         module.train(base.training)
         replace_module(base_model, name, module)
+    for module in base_model.modules():  # layers using another layer's MPO (tied weights)
+        if callable(getattr(module, "bind", None)):
+            try:
+                module.bind(base_model)
+            except AttributeError:
+                raise ValueError(f"{config_file}: a shared layer's owner {module.owner_name!r} is not in the "
+                                 "model") from None
     base_model.load_state_dict(_tensors(data, weights_file), strict=True)
     return base_model
 

@@ -27,6 +27,7 @@ from ..calibration import Calibration, collect_moments, whitening
 from ..mpo import MPO, canonicalize, central_core
 from ..mpo.allocation import allocate
 from ..nn.registry import is_mpo_module, layer_type, replace_module
+from ..nn.shared import shared_for
 from .config import CompressionConfig, select_modules
 from .layouts import Candidate, Target, decompose_target, output_error
 from .report import CompressionReport, ModuleReport, WeightReport
@@ -94,6 +95,53 @@ def _cast(mpo: MPO, like: Tensor) -> MPO:
     return MPO([c.to(device=like.device, dtype=like.dtype) for c in mpo.cores], mpo.report)
 
 
+def _ties(model: nn.Module, chosen: list[tuple[str, nn.Module, bool]]) -> dict[str, str]:
+    """{follower module: owner module} for selected modules whose parameters are shared: the
+    first sharer in selection order owns the MPO. Sharing with an unselected module, or of any
+    parameter but the weight of an nn.Linear / nn.Embedding, is a ValueError naming both."""
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for mname, module in model.named_modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((mname, attr))
+    order = [n for n, _, _ in chosen]
+    followers: dict[str, str] = {}
+    for name, module, _ in chosen:
+        for attr, p in module._parameters.items():
+            sharers = [h for h in holders.get(id(p), []) if h[0] != name] if p is not None else []
+            if not sharers:
+                continue
+            outside = [h for h in sharers if h[0] not in order]
+            if outside:
+                raise ValueError(f"module {name!r} shares its {attr} with module {outside[0][0]!r} "
+                                 f"({outside[0][1]}), which is not selected; select both or neither")
+            for other, other_attr in sharers:
+                if (attr, other_attr) != ("weight", "weight") or shared_for(module) is None or \
+                        shared_for(model.get_submodule(other)) is None:
+                    raise ValueError(f"modules {name!r} and {other!r} share {attr}/{other_attr}; compress keeps "
+                                     "ties only between the weights of nn.Linear and nn.Embedding layers")
+            owner = min([name] + [o for o, _ in sharers], key=order.index)
+            if owner != name:
+                followers[name] = owner
+    return followers
+
+
+def _tie_followers(model: nn.Module, followers: dict[str, str], modules: dict[str, nn.Module],
+                   reports: list[ModuleReport]) -> None:
+    """Replace every follower whose owner became an MPO module by a Shared* layer using it."""
+    replaced = {r.name for r in reports}
+    for name, owner in followers.items():
+        if owner not in replaced:
+            continue  # the owner stayed dense: the tie is untouched
+        old = model.get_submodule(name)
+        new = shared_for(old).tie(old, model.get_submodule(owner), owner)
+        new.train(old.training)
+        reports.append(ModuleReport(name=name, old_class=type(old).__name__, new_class=type(new).__name__,
+                                    params_before=sum(p.numel() for p in old.parameters()),
+                                    params_after=sum(p.numel() for p in new.parameters()), weights={}))
+        replace_module(model, name, new)
+
+
 def _check_sized(config: CompressionConfig, chosen: list[tuple[str, nn.Module, bool]]) -> None:
     if config.budget_mode:
         return
@@ -120,6 +168,8 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *,
         raise ValueError(f"config must be a CompressionConfig, got {type(config).__name__}")
     chosen = select_modules(model, config)
     _check_sized(config, chosen)
+    followers = _ties(model, chosen)
+    chosen = [c for c in chosen if c[0] not in followers]
     moments = collect_moments(model, {n: m for n, m, _ in chosen}, calibration) if calibration is not None else {}
 
     targets, modules, skipped = [], {}, []
@@ -146,7 +196,9 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *,
             results = _budget_mpos(targets, settings, budget)
         else:
             results = [_bound_mpo(t, settings[t.module]) for t in targets]
-    return model, CompressionReport(_replace(model, modules, targets, results, skipped), skipped, budget)
+    reports = _replace(model, modules, targets, results, skipped)
+    _tie_followers(model, followers, modules, reports)
+    return model, CompressionReport(reports, skipped, budget)
 
 
 def _replace(model: nn.Module, modules: dict[str, nn.Module], targets: list[Target],

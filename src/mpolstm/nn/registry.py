@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from torch import Tensor, nn
 
-__all__ = ["LayerType", "register", "layer_type", "layer_type_of_mpo", "mpo_class", "supported_torch_types", "registered_mpo_names",
+__all__ = ["LayerType", "register", "layer_type", "layer_type_of_mpo", "mpo_class", "supported_torch_types", "registered_mpo_names", "register_auxiliary",
            "is_mpo_module", "replace_module"]
 
 
@@ -48,6 +48,7 @@ class LayerType:
 
 _BY_TORCH: dict[type[nn.Module], LayerType] = {}
 _BY_MPO: dict[str, LayerType] = {}
+_AUXILIARY: dict[str, type[nn.Module]] = {}  # MPO-protocol modules that convert no torch type (shared.py)
 
 
 def register(entry: LayerType) -> LayerType:
@@ -76,10 +77,19 @@ def layer_type_of_mpo(module: nn.Module) -> LayerType | None:
     return None
 
 
+def register_auxiliary(cls: type[nn.Module]) -> type[nn.Module]:
+    """Make an MPO-protocol class that stands in for a torch module without converting one (a
+    layer using another layer's MPO) loadable by name; it must define ``torch_type``."""
+    _AUXILIARY[cls.__name__] = cls
+    return cls
+
+
 def mpo_class(name: str) -> type[nn.Module] | None:
     """The registered MPO class called ``name`` (as saved in configs), or None."""
-    entry = _BY_MPO.get(name) if isinstance(name, str) else None
-    return None if entry is None else entry.mpo_type
+    if not isinstance(name, str):
+        return None
+    entry = _BY_MPO.get(name)
+    return entry.mpo_type if entry is not None else _AUXILIARY.get(name)
 
 
 def supported_torch_types() -> tuple[type[nn.Module], ...]:
@@ -87,7 +97,7 @@ def supported_torch_types() -> tuple[type[nn.Module], ...]:
 
 
 def registered_mpo_names() -> list[str]:
-    return sorted(_BY_MPO)
+    return sorted([*_BY_MPO, *_AUXILIARY])
 
 
 def is_mpo_module(module: nn.Module) -> bool:
