@@ -119,7 +119,7 @@ def test_export_command_formats_and_errors(tmp_path, monkeypatch):
 
 
 def test_interrupted_reproduce_resumes_to_the_same_table(tmp_path, monkeypatch):
-    from mpolstm.harness.protocol import run as protocol
+    from mpolstm.harness.protocol import rows as protocol_rows
     from mpolstm.harness.tasks import seqcls
 
     monkeypatch.setitem(seqcls.SIZES, "quick", seqcls.SeqClsSize(16, 200, 50, 2, 1, 1e-2))
@@ -128,15 +128,15 @@ def test_interrupted_reproduce_resumes_to_the_same_table(tmp_path, monkeypatch):
     assert reference.exit_code == 0, reference.output
 
     out, staging = tmp_path / "res", tmp_path / ".res.staging"
-    real_prune = protocol.prune_global
+    real_prune = protocol_rows.prune_global
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(protocol, "prune_global", interrupted)
+    monkeypatch.setattr(protocol_rows, "prune_global", interrupted)
     stopped = runner.invoke(app, [*args, "--out", str(out)])
     assert stopped.exit_code != 0 and not out.exists() and (staging / "runs" / "mpo-decomp-10x").is_dir()
-    monkeypatch.setattr(protocol, "prune_global", real_prune)
+    monkeypatch.setattr(protocol_rows, "prune_global", real_prune)
 
     refused = runner.invoke(app, [*args, "--out", str(out)])
     assert refused.exit_code == 2 and "--resume" in refused.output and staging.is_dir()

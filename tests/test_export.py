@@ -203,3 +203,39 @@ def test_library_export_needs_no_task(tmp_path):
         export_model(model, "torchscript", tmp_path / "m.pt")
     scripted = torch.jit.load(str(export_model(model, "torchscript", tmp_path / "m.pt", x)))
     torch.testing.assert_close(scripted(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_every_registered_task_rebuilds_from_its_spec_and_traces_its_example_inputs():
+    from mpolstm.harness.tasks import PRESETS, build_architecture, get_task, task_names
+
+    specs = {"seqcls": SEQCLS, "ptb": PTB, "speech": SPEECH}
+    assert task_names() == ["seqcls", "ptb", "speech"]
+    for name in task_names():
+        task = get_task(name)
+        assert task.name == name and set(task.presets) <= set(PRESETS)
+        model = build_architecture(specs[name])
+        assert type(model) is task.model_class
+        _eager(model, *example_inputs(specs[name], batch=3, steps=4))  # the model accepts its inputs
+    assert get_task("seqcls").options == ("dataset", "data_dir", "max_len")
+    assert get_task("ptb").options == ()
+
+
+def test_task_registry_errors_name_what_is_known():
+    from mpolstm.harness.tasks import TaskType, build_architecture, get_task, register_task
+    from mpolstm.harness.tasks import ptb, seqcls
+
+    with pytest.raises(ValueError, match=r"unknown task 'nonsense'; expected one of \['seqcls', 'ptb', 'speech'\]"):
+        get_task("nonsense")
+    with pytest.raises(ValueError, match="unknown preset 'huge' for task 'ptb'; expected one of"):
+        ptb.make_task("huge")
+    with pytest.raises(ValueError, match="architecture spec must be"):
+        build_architecture({"name": "nonsense", "kwargs": {}})
+    with pytest.raises(ValueError, match="bad kwargs"):
+        build_architecture({"name": "ptb", "kwargs": {"colour": 1}})
+    with pytest.raises(ValueError, match="no example inputs for architecture 'nonsense'"):
+        example_inputs({"name": "nonsense", "kwargs": {}})
+    with pytest.raises(ValueError, match="presets must be a non-empty subset"):
+        TaskType("x", WordLM, ptb.make_task, {"huge": None}, ptb.example_inputs)
+    with pytest.raises(ValueError, match="already registered"):
+        register_task(TaskType("ptb", SeqClassifier, seqcls.make_task, seqcls.SIZES, seqcls.example_inputs))
+    assert get_task("ptb") is ptb.TASK

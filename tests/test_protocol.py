@@ -2,14 +2,13 @@ import json
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from mpolstm.compression import CompressionConfig, compress
 from mpolstm.nn import MPOLSTM
 from mpolstm.harness.tasks.base import Task
-from mpolstm.harness.protocol.run import ROWS, BondSchedule, ProtocolConfig, mpo_bonds, run_protocol
+from mpolstm.harness.protocol import ROWS, BondSchedule, ProtocolConfig, mpo_bonds, run_protocol
 from mpolstm.harness.tasks.seqcls import SeqClassifier
 from mpolstm.harness.training import ACCURACY, TrainState
 
@@ -40,6 +39,7 @@ def test_protocol_writes_all_rows_at_equal_parameter_counts(tmp_path):
     for name in ("mpo-scratch", "mpo-central", "prune-agp", "prune-oneshot"):
         assert rows[name]["params"] == budget, name  # pruning keeps exactly the MPO's count
     assert rows["mpo-gradual"]["params"] <= budget
+    assert rows["mpo-posttrain"]["params"] <= budget  # layout search + calibration + distillation
     for r in doc["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["batched_ms"] > 0 and r["step_ms"] > 0
     saved = json.loads((tmp_path / "results.json").read_text())

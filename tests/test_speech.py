@@ -214,6 +214,35 @@ def test_noise_generators_are_seeded_and_normalised():
         corpus.make_noise("rain", 10, np.random.default_rng(0))
 
 
+def test_task_presets_map_onto_corpus_presets(monkeypatch, tmp_path):
+    """The task's quick/standard/paper name a corpus preset (tiny/quick/standard); no espeak-ng needed."""
+    assert set(se.SIZES) == {"quick", "standard", "paper"}
+    assert {size.corpus for size in se.SIZES.values()} <= set(corpus.PRESETS)
+    with pytest.raises(ValueError, match="unknown speech corpus preset 'huge'"):
+        se.SpeechSize("huge", 8, 1, None, None, 1, 1, 1e-3)
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        clean = [0.1 * rng.standard_normal(4000).astype(np.float32) for _ in range(n)]
+        return corpus.SpeechSplit(clean=clean, noisy=[c + 0.05 * rng.standard_normal(4000).astype(np.float32)
+                                                      for c in clean], info=[{}] * n)
+
+    asked = []
+
+    def fake_load_corpus(root=None, preset="quick", seed=0):
+        asked.append(preset)
+        return corpus.SpeechCorpus(root=tmp_path, manifest={}, splits={s: split(3) for s in corpus.SPLITS})
+
+    monkeypatch.setattr(se, "load_corpus", fake_load_corpus)
+    monkeypatch.setitem(se.SIZES, "paper", se.SpeechSize("standard", 8, 1, None, 2, 1, 1, 1e-3))
+    task = se.make_task("paper")
+    assert asked == ["standard"] and task.architecture == {"name": "speech", "kwargs": {"hidden": 8, "layers": 1}}
+    assert task.meta["preset"] == "paper" and task.meta["test_utterances"] == 2
+    assert isinstance(task.build_model(), se.MaskEstimator)
+    with pytest.raises(ValueError, match="unknown preset 'tiny' for task 'speech'"):
+        se.make_task("tiny")
+
+
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason=NO_ESPEAK)
 def test_tiny_corpus_train_enhance_score(tmp_path):
     pytest.importorskip("pesq", reason="PESQ needs the PyPI package 'pesq'")

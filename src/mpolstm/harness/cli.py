@@ -5,7 +5,6 @@ Every usage error (bad option value, missing file) prints one line and exits wit
 
 from __future__ import annotations
 
-import shutil
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -14,6 +13,7 @@ import typer
 from rich.console import Console
 
 from . import distributed
+from .tasks.registry import PRESETS, task_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress LSTM networks with Matrix Product Operators.")
@@ -21,16 +21,11 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-class TaskName(str, Enum):
-    seqcls = "seqcls"
-    ptb = "ptb"
-    speech = "speech"
+TaskName = Enum("TaskName", [(name, name) for name in task_names()], type=str)
+"""The registered tasks (see :mod:`mpolstm.harness.tasks.registry`)."""
 
-
-class Preset(str, Enum):
-    quick = "quick"
-    standard = "standard"
-    paper = "paper"
+Preset = Enum("Preset", [(name, name) for name in PRESETS], type=str)
+"""The preset vocabulary every task uses (each task checks it has the one asked for)."""
 
 
 def _fail(message: str) -> None:
@@ -51,42 +46,20 @@ def _parse_ratios(text: str) -> tuple[float, ...]:
 
 def _run_protocol(task, ratios: tuple[float, ...], out: Path, seed: int, distill: bool, rows: Optional[str],
                   resume: bool = False) -> None:
-    """Run the protocol in a staging folder beside ``out`` and move it in place at the end, so a
-    failed run never leaves a half-written ``out``. An interrupted run keeps its staging folder
-    (per-run checkpoints); ``resume`` continues it, and a fresh run refuses to discard it."""
-    from .protocol.run import ROWS, ProtocolConfig, run_protocol
+    """Run the protocol in a staging folder beside ``out`` and move it in place at the end
+    (:func:`~mpolstm.harness.protocol.run_staged`), then print the table."""
+    from .protocol import ROWS, ProtocolConfig, StagingError, run_staged
 
     selected = tuple(ROWS) if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip())
     try:
         config = ProtocolConfig(ratios=ratios, rows=selected, seed=seed, distill=distill)
     except ValueError as exc:
         _fail(str(exc))
-    if out.exists() and any(out.iterdir()) and not (out / "results.json").exists():
-        _fail(f"--out {out} exists and is not an earlier results folder; refusing to replace it")
-    staging = out.parent / f".{out.name}.staging"
-    if staging.exists() and not resume:
-        _fail(f"an interrupted run of this table is in {staging}; pass --resume to continue it, "
-              "or delete that folder to start over")
-    distributed.setup()  # under torchrun: every rank runs the protocol, rank 0 writes the results
-    main_rank = distributed.is_main()
-    log = (lambda line: console.print(line, highlight=False)) if main_rank else (lambda line: None)
-    if main_rank:
-        staging.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
     try:
-        run_protocol(task, config, staging, log=log, resume=resume)
-    except BaseException:
-        if main_rank:
-            console.print(f"stopped; the finished runs and checkpoints are in {staging}: rerun the same "
-                          "command with --resume to continue", highlight=False)
-        raise
-    if main_rank:
-        shutil.rmtree(staging / "runs", ignore_errors=True)  # per-run checkpoints; the final models stay
-        if out.exists():
-            shutil.rmtree(out)
-        staging.replace(out)
-    distributed.barrier()
-    if main_rank:
+        run_staged(task, config, out, log=lambda line: console.print(line, highlight=False), resume=resume)
+    except StagingError as exc:
+        _fail(str(exc))
+    if distributed.is_main():
         console.print((out / "results.md").read_text(), highlight=False)
         console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} and {out / 'models'}")
 
@@ -99,14 +72,13 @@ def demo(
     resume: bool = typer.Option(False, help="Continue an interrupted run of the same command."),
 ) -> None:
     """MPO-LSTM vs magnitude pruning on sequential MNIST, end to end (quick preset, ~5 min on 2 cores)."""
-    from .tasks import seqcls
-
-    _run_protocol(seqcls.make_task("quick", seed=seed), _parse_ratios(ratios), out, seed, False, None, resume)
+    built = _make_task(TaskName("seqcls"), Preset.quick, seed)
+    _run_protocol(built, _parse_ratios(ratios), out, seed, False, None, resume)
 
 
 @app.command()
 def reproduce(
-    task: TaskName = typer.Option(..., help="seqcls (sequence classification) or ptb (language modelling)."),
+    task: TaskName = typer.Option(..., help="The task (see docs/architecture.md for adding one)."),
     preset: Preset = typer.Option(Preset.quick, help="quick: <= 5 min per task on 2 CPU cores; standard: "
                                   "<= 90 min for a task's whole table on 2 CPU cores; paper: paper-scale, for a GPU."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default results/<task>-<preset>)."),
@@ -122,26 +94,20 @@ def reproduce(
     ratio_values = _parse_ratios(ratios)
     if data_dir is not None and not data_dir.is_dir():
         _fail(f"--data-dir {data_dir} is not a folder")
-    built = _make_task(task, preset, dataset, data_dir, seed)
+    built = _make_task(task, preset, seed, dataset=dataset, data_dir=data_dir)
     _run_protocol(built, ratio_values, out or Path(f"results/{task.value}-{preset.value}"), seed, distill, rows,
                   resume)
 
 
-def _make_task(task: TaskName, preset: Preset, dataset: str, data_dir: Optional[Path], seed: int):
+def _make_task(task: TaskName, preset: Preset, seed: int, **options):
+    """Build a registered task at ``preset``; ``options`` (e.g. ``dataset``) go to the tasks that take them."""
     from .data.speech import EspeakMissingError
+    from .tasks import get_task
 
     try:
-        if task is TaskName.seqcls:
-            from .tasks import seqcls
-
-            return seqcls.make_task(preset.value, dataset=dataset, data_dir=data_dir, seed=seed)
-        if task is TaskName.ptb:
-            from .tasks import ptb
-
-            return ptb.make_task(preset.value, seed=seed)
-        from .tasks import speech
-
-        return speech.make_task(preset.value, seed=seed)
+        task_type = get_task(task.value)
+        accepted = {k: v for k, v in options.items() if k in task_type.options}
+        return task_type.make_task(preset.value, seed=seed, **accepted)
     except (ValueError, FileNotFoundError, EspeakMissingError) as exc:
         _fail(str(exc))
 
@@ -164,7 +130,7 @@ def _fresh_output(path: Path) -> None:
 
 @app.command()
 def train(
-    task: TaskName = typer.Option(..., help="seqcls, ptb or speech."),
+    task: TaskName = typer.Option(..., help="The task (see docs/architecture.md for adding one)."),
     out: Path = typer.Option(..., help="Run folder: metrics.jsonl, checkpoints, and the final model in out/model."),
     preset: Preset = typer.Option(Preset.quick, help="Model size and data budget (as for reproduce)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default: the preset's dense epochs)."),
@@ -182,7 +148,7 @@ def train(
         _fail(f"--epochs must be >= 1, got {epochs}")
     if out.exists() and not out.is_dir():
         _fail(f"--out {out} exists and is not a folder")
-    built = _make_task(task, preset, dataset, data_dir, seed)
+    built = _make_task(task, preset, seed, dataset=dataset, data_dir=data_dir)
     seed_everything(seed)
     model = built.build_model()
     try:

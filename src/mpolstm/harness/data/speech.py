@@ -65,7 +65,11 @@ FORMAT_VERSION = 2
 
 @dataclass(frozen=True)
 class Preset:
-    """Utterances per split and the sentence length range (words)."""
+    """Utterances per split and the sentence length range (words).
+
+    Corpus presets are data sizes (tiny for tests, quick, standard); the speech task's presets
+    (quick / standard / paper, the vocabulary every task uses) name their corpus preset in
+    :data:`mpolstm.harness.tasks.speech.SIZES` (paper uses the standard corpus)."""
 
     train: int
     val: int

@@ -1,4 +1,4 @@
-"""The paper's tasks (one module each) and the MPO-versus-pruning protocol that runs them.
+"""The paper's tasks, one module each, registered in :mod:`.registry` (see there how to add one).
 
 Every task model can be rebuilt without its data from a JSON architecture spec
 ``{"name": ..., "kwargs": {...}}`` (:func:`build_architecture`); saved models carry it in
@@ -15,24 +15,25 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ARCHITECTURE_FILE", "build_architecture", "save_model", "load_model", "example_inputs", "export_task_model"]
+from .registry import BUILTIN_TASKS, PRESETS, TaskType, get_task, register_task, task_names
+
+__all__ = ["ARCHITECTURE_FILE", "PRESETS", "BUILTIN_TASKS", "TaskType", "register_task", "get_task", "task_names",
+           "build_architecture", "save_model", "load_model", "example_inputs", "export_task_model"]
 
 ARCHITECTURE_FILE = "architecture.json"
 
 
+def _task_of(spec: Mapping[str, Any]) -> TaskType:
+    """The registered task of an architecture spec; ValueError unless it is ``{"name", "kwargs"}``."""
+    names = sorted(task_names())
+    if not isinstance(spec, Mapping) or spec.get("name") not in names or not isinstance(spec.get("kwargs"), Mapping):
+        raise ValueError(f"architecture spec must be {{'name': one of {names}, 'kwargs': {{...}}}}, got {spec!r}")
+    return get_task(spec["name"])
+
+
 def build_architecture(spec: Mapping[str, Any]) -> nn.Module:
     """A freshly initialised dense task model from its spec."""
-    from .ptb import WordLM
-    from .seqcls import SeqClassifier
-    from .speech import MaskEstimator
-
-    classes = {"seqcls": SeqClassifier, "ptb": WordLM, "speech": MaskEstimator}
-    if not isinstance(spec, Mapping) or spec.get("name") not in classes or not isinstance(spec.get("kwargs"), Mapping):
-        raise ValueError(f"architecture spec must be {{'name': one of {sorted(classes)}, 'kwargs': {{...}}}}, got {spec!r}")
-    try:
-        return classes[spec["name"]](**spec["kwargs"])
-    except TypeError as exc:
-        raise ValueError(f"architecture {spec['name']!r}: bad kwargs {dict(spec['kwargs'])}: {exc}") from None
+    return _task_of(spec).build_model(spec["kwargs"])
 
 
 def save_model(model: nn.Module, spec: Mapping[str, Any], path: str | Path) -> Path:
@@ -63,23 +64,12 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def example_inputs(spec: Mapping[str, Any], batch: int = 2, steps: int = 5) -> tuple[Tensor, ...]:
-    """Example inputs for a task architecture spec: seqcls (N, T, F) features or (N, T) token ids,
-    ptb (T, N) token ids, speech (N, T, 257) log-magnitudes."""
-    from ..audio import N_BINS
-
+    """Example inputs for a task architecture spec, from its task's ``example_inputs`` (seqcls
+    (N, T, F) features or (N, T) token ids, ptb (T, N) token ids, speech (N, T, 257) log-magnitudes)."""
     name = spec.get("name") if isinstance(spec, Mapping) else None
-    kwargs = spec.get("kwargs", {}) if isinstance(spec, Mapping) else {}
-    gen = torch.Generator().manual_seed(0)
-    if name == "seqcls":
-        vocab = kwargs.get("vocab_size")
-        if vocab:
-            return (torch.randint(1, int(vocab), (batch, steps), generator=gen),)
-        return (torch.randn(batch, steps, int(kwargs["input_size"]), generator=gen),)
-    if name == "ptb":
-        return (torch.randint(0, int(kwargs["vocab_size"]), (steps, batch), generator=gen),)
-    if name == "speech":
-        return (torch.randn(batch, steps, N_BINS, generator=gen),)
-    raise ValueError(f"no example inputs for architecture {name!r}; expected seqcls, ptb or speech")
+    if name not in task_names():
+        raise ValueError(f"no example inputs for architecture {name!r}; expected one of {task_names()}")
+    return get_task(name).example_inputs(spec.get("kwargs", {}), batch, steps)
 
 
 def export_task_model(model: nn.Module, spec: Mapping[str, Any], fmt: str, path: str | Path) -> Path:

@@ -23,6 +23,7 @@ class Task:
     step_input: (1, lstm input size) frame used to time one streaming step of the LSTM.
     test_report: optional ``model -> {name: value}`` of extra test metrics (e.g. PESQ, STOI).
     architecture: JSON spec that rebuilds the model without data (see ``tasks.build_architecture``).
+    distill_loss: how a student matches the dense teacher's outputs: "kl" (logits) or "mse" (regression).
     """
 
     name: str
@@ -44,6 +45,7 @@ class Task:
     test_report: Callable[[nn.Module], dict[str, float]] | None = None
     architecture: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    distill_loss: str = "kl"
 
 
 def lstm_cell_step(lstm: nn.LSTM, x: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:

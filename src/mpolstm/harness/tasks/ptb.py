@@ -3,11 +3,13 @@
 Model (Zaremba et al. 2014): Embedding -> 2-layer LSTM -> dropout -> Linear over the 10k vocabulary.
 The hidden state is carried across consecutive BPTT windows of the same batch size (detached
 at each window, reset whenever the batch size changes, e.g. between training and evaluation).
+The whole task (model, presets, builder, export inputs) is declared here and registered as ``ptb``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -16,8 +18,9 @@ from torch.nn import functional as F
 from ..data import BPTTLoader, batchify, load_ptb
 from ..training import PERPLEXITY
 from .base import Task
+from .registry import TaskType, register_task
 
-__all__ = ["WordLM", "PTBSize", "SIZES", "make_task"]
+__all__ = ["WordLM", "PTBSize", "SIZES", "make_task", "example_inputs", "TASK"]
 
 
 class WordLM(nn.Module):
@@ -70,9 +73,7 @@ SIZES = {
 
 def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
     """The PTB task at a preset size (see :data:`SIZES`)."""
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(SIZES)}")
-    size = SIZES[preset]
+    size: PTBSize = TASK.size(preset)
     corpus = load_ptb()
     train = corpus.train[: size.train_tokens]
     valid, test = corpus.valid[: size.eval_tokens], corpus.test[: size.eval_tokens]
@@ -104,3 +105,13 @@ def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
         meta={"dataset": "ptb", "preset": preset, "seed": seed, "hidden_size": size.hidden_size,
               "train_tokens": len(train), "eval_tokens": len(valid), "batch_size": size.batch_size, "bptt": size.bptt},
     )
+
+
+def example_inputs(kwargs: Mapping[str, Any], batch: int = 2, steps: int = 5) -> tuple[Tensor, ...]:
+    """(steps, batch) token ids."""
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randint(0, int(kwargs["vocab_size"]), (steps, batch), generator=gen),)
+
+
+TASK = register_task(TaskType(name="ptb", model_class=WordLM, make_task=make_task, presets=SIZES,
+                              example_inputs=example_inputs))

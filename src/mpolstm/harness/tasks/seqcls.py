@@ -1,11 +1,14 @@
 """Sequence classification (the paper's IMDB task; sequential MNIST offline by default).
 
-Model: [Embedding (token inputs)] -> LSTM -> Linear on the last hidden state.
+Model: [Embedding (token inputs)] -> LSTM -> Linear on the last hidden state. The whole task
+(model, presets, builder, export inputs) is declared here and registered as ``seqcls``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -15,8 +18,9 @@ from torch.utils.data import DataLoader
 from ..data import load_seqcls
 from ..training import ACCURACY
 from .base import Task
+from .registry import TaskType, register_task
 
-__all__ = ["SeqClassifier", "SeqClsSize", "SIZES", "make_task"]
+__all__ = ["SeqClassifier", "SeqClsSize", "SIZES", "make_task", "example_inputs", "TASK"]
 
 
 class SeqClassifier(nn.Module):
@@ -63,12 +67,10 @@ SIZES = {
 }
 
 
-def make_task(preset: str = "quick", *, dataset: str = "mnist", data_dir=None, seed: int = 0,
+def make_task(preset: str = "quick", *, dataset: str = "mnist", data_dir: str | Path | None = None, seed: int = 0,
               max_len: int = 800) -> Task:
     """The sequence-classification task at a preset size (see :data:`SIZES`)."""
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(SIZES)}")
-    size = SIZES[preset]
+    size: SeqClsSize = TASK.size(preset)
     kwargs = {"seed": seed}
     if dataset == "imdb":
         kwargs["max_len"] = max_len
@@ -102,3 +104,16 @@ def make_task(preset: str = "quick", *, dataset: str = "mnist", data_dir=None, s
         meta={"dataset": dataset, "preset": preset, "seed": seed, "hidden_size": size.hidden_size,
               "splits": data.meta.get("sizes"), "source": data.meta.get("source")},
     )
+
+
+def example_inputs(kwargs: Mapping[str, Any], batch: int = 2, steps: int = 5) -> tuple[Tensor, ...]:
+    """(batch, steps) token ids for a token model (``vocab_size``), else (batch, steps, input_size) features."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = kwargs.get("vocab_size")
+    if vocab:
+        return (torch.randint(1, int(vocab), (batch, steps), generator=gen),)
+    return (torch.randn(batch, steps, int(kwargs["input_size"]), generator=gen),)
+
+
+TASK = register_task(TaskType(name="seqcls", model_class=SeqClassifier, make_task=make_task, presets=SIZES,
+                              example_inputs=example_inputs))

@@ -14,7 +14,8 @@ Training with the shared loop::
     fit(model, SpeechLoader(corpus["train"]), SpeechLoader(corpus["val"], shuffle=False),
         mask_loss, MASK_MSE, forward_fn=forward_fn, epochs=..., lr=1e-3, grad_clip=5.0)
 
-then :func:`evaluate` for PESQ / STOI / SI-SDR on the test split.
+then :func:`evaluate` for PESQ / STOI / SI-SDR on the test split. The protocol task (model, presets,
+builder, export inputs) is declared at the end and registered as ``speech``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,9 +31,12 @@ from torch import Tensor, nn
 
 from mpolstm.harness import audio
 from mpolstm.harness.audio import HOP, N_BINS, N_FFT, SAMPLE_RATE
+from mpolstm.harness.data.speech import PRESETS as CORPUS_PRESETS
+from mpolstm.harness.data.speech import load_corpus
 from mpolstm.harness.training import Metric
 
 from .base import Task, lstm_cell_step
+from .registry import TaskType, register_task
 
 __all__ = [
     "INPUT_BINS",
@@ -55,6 +59,8 @@ __all__ = [
     "SpeechSize",
     "SIZES",
     "make_task",
+    "example_inputs",
+    "TASK",
 ]
 
 
@@ -334,7 +340,10 @@ def enhance_file(model: MaskEstimator, noisy_path: str | os.PathLike, out_path: 
 
 @dataclass(frozen=True)
 class SpeechSize:
-    """Corpus preset, model size and training budget of one protocol preset."""
+    """Corpus, model size and training budget of one task preset.
+
+    ``corpus`` maps the task preset (quick / standard / paper) onto a corpus preset of
+    :data:`mpolstm.harness.data.speech.PRESETS` (tiny / quick / standard: data sizes only)."""
 
     corpus: str
     hidden: int
@@ -345,13 +354,17 @@ class SpeechSize:
     finetune_epochs: int
     lr: float
 
+    def __post_init__(self) -> None:
+        if self.corpus not in CORPUS_PRESETS:
+            raise ValueError(f"unknown speech corpus preset {self.corpus!r}; expected one of {sorted(CORPUS_PRESETS)}")
+
 
 SIZES = {
     # quick: <= 5 minutes for a reduced table on 2 CPU cores (measured: 2.2 min on one thread)
     "quick": SpeechSize("quick", 128, 2, 96, 8, 4, 2, 3e-3),
     # standard: <= 90 minutes for the whole table on 2 CPU cores (measured: 81 min on one thread)
     "standard": SpeechSize("standard", 256, 2, None, 40, 10, 4, 2e-3),
-    # paper scale (2x1024 mask estimator); for a GPU
+    # paper scale (2x1024 mask estimator) on the standard corpus (the largest); for a GPU
     "paper": SpeechSize("standard", 1024, 2, None, None, 30, 10, 1e-3),
 }
 
@@ -361,11 +374,7 @@ def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
 
     Validation metric for training: mask MSE; every protocol row also reports test PESQ-wb, STOI
     and SI-SDR (and the noisy input's scores go in the task's meta)."""
-    from ..data.speech import load_corpus
-
-    if preset not in SIZES:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(SIZES)}")
-    size = SIZES[preset]
+    size: SpeechSize = TASK.size(preset)
     corpus = load_corpus(preset=size.corpus, seed=seed)
     train, val, test = corpus["train"], corpus["val"], corpus["test"]
     n_train = len(train) if size.train_utterances is None else min(size.train_utterances, len(train))
@@ -386,6 +395,7 @@ def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
     return Task(
         name="speech",
         metric=MASK_MSE,
+        distill_loss="mse",
         build_model=build,
         train_loader=SpeechLoader(train, batch_size=16, shuffle=True, seed=seed, limit=n_train),
         val_loader=SpeechLoader(val, batch_size=16, shuffle=False),
@@ -405,3 +415,13 @@ def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
               "test_utterances": n_test, "manifest": str(corpus.root / "manifest.json"),
               **{f"noisy_{k}": float(np.mean([s[k] for s in noisy])) for k in ("pesq", "stoi", "si_sdr")}},
     )
+
+
+def example_inputs(kwargs: Mapping[str, Any], batch: int = 2, steps: int = 5) -> tuple[Tensor, ...]:
+    """(batch, steps, 257) log-magnitude frames."""
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, steps, N_BINS, generator=gen),)
+
+
+TASK = register_task(TaskType(name="speech", model_class=MaskEstimator, make_task=make_task, presets=SIZES,
+                              example_inputs=example_inputs))

@@ -3,7 +3,8 @@ what fit keeps in ``out_dir`` (:mod:`.rundir`; checkpoint format: :mod:`mpolstm.
 
 from ...checkpoint import BEST_FORMAT, CHECKPOINT_FORMAT
 from .callbacks import Callback, Distillation, ProgressBar, TrainState, track_best
-from .loop import OPTIMIZERS, FitResult, ForwardFn, count_parameters, evaluate, fit, make_optimizer, seed_everything
+from .loop import (OPTIMIZERS, FitResult, ForwardFn, count_parameters, default_forward, evaluate, fit, make_optimizer,
+                   seed_everything)
 from .metrics import ACCURACY, PERPLEXITY, Metric
 from .rundir import load_checkpoint
 
@@ -21,6 +22,7 @@ __all__ = [
     "ProgressBar",
     "TrainState",
     "count_parameters",
+    "default_forward",
     "evaluate",
     "fit",
     "load_checkpoint",

@@ -123,7 +123,7 @@ def fit(model: nn.Module, train_loader: Iterable[Batch], val_loader: Iterable[Ba
     best_state = rundir.resume(saved, state, train_loader, callbacks) if saved is not None else None
     if out is not None:  # a fresh run starts empty; a resumed one from its history
         distributed.run_on_main(lambda: rundir.write_history(out, state.history))
-    trainer = _Trainer(model, state, new_optimizer, ddp=ddp, device=dev, forward=forward_fn or _default_forward,
+    trainer = _Trainer(model, state, new_optimizer, ddp=ddp, device=dev, forward=forward_fn or default_forward,
                        loss_fn=loss_fn, distill=distill, amp=amp, grad_clip=grad_clip)
 
     with ProgressBar(progress if distributed.is_main() else False) as bar:
@@ -340,7 +340,7 @@ def evaluate(
 ) -> float:
     """The metric of ``model`` over ``loader`` (eval mode, no gradients; training mode restored)."""
     dev = torch.device(device) if device is not None else _model_device(model)
-    total, count = _metric_sums(model, loader, metric, forward_fn or _default_forward, dev, amp)
+    total, count = _metric_sums(model, loader, metric, forward_fn or default_forward, dev, amp)
     if count == 0:
         raise ValueError("evaluate() got an empty loader")
     return metric.finalize(total / count)
@@ -363,7 +363,7 @@ def _metric_sums(model: nn.Module, loader: Iterable[Batch], metric: Metric, forw
     return total, count
 
 
-def _default_forward(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+def default_forward(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ValueError("the default forward_fn expects batches (inputs, targets); pass forward_fn for others")
     return model(batch[0]), batch[1]

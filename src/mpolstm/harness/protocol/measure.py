@@ -1,0 +1,57 @@
+"""What the protocol measures of a model: recurrent parameter counts and inference latency."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+from ...nn import is_mpo_module
+from ...prune import count_nonzero
+from ..tasks.base import Task, lstm_cell_step
+from .schedule import mpo_entries
+
+__all__ = ["recurrent_weight_names", "dense_params", "compressed_params", "latencies"]
+
+
+def recurrent_weight_names(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Parameter names of the weights (not biases) of the named modules, e.g. ``lstm.weight_ih_l0``."""
+    return [f"{n}.{p}" for n in names for p, _ in model.get_submodule(n).named_parameters() if p.startswith("weight")]
+
+
+def dense_params(model: nn.Module, names: Sequence[str]) -> int:
+    """Entries of the weights (not biases) of the named dense modules."""
+    return sum(p.numel() for n in names for k, p in model.get_submodule(n).named_parameters() if k.startswith("weight"))
+
+
+def compressed_params(model: nn.Module, names: Sequence[str]) -> int:
+    """Entries of the recurrent weights as stored: MPO cores, or non-zeros of (pruned) dense weights."""
+    total = 0
+    for n in names:
+        module = model.get_submodule(n)
+        if is_mpo_module(module):
+            total += mpo_entries(model, [n])
+        else:
+            total += count_nonzero(model, [f"{n}.{w}" for w in module._flat_weights_names if w.startswith("weight")])
+    return total
+
+
+def _median_seconds(fn: Callable[[], Any]) -> float:
+    return benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=0.2).median
+
+
+@torch.no_grad()
+def latencies(model: nn.Module, task: Task) -> dict[str, float]:
+    """Batched forward of ``task.example_batch`` and one streaming LSTM step at batch 1 (ms)."""
+    model.eval()
+    batch = task.example_batch
+    batched = _median_seconds(lambda: model(batch))
+    lstm = model.get_submodule(task.recurrent[0])
+    frame = task.step_input
+    step_fn = lstm.step if hasattr(lstm, "step") else (lambda x, s=None: lstm_cell_step(lstm, x, s))
+    state = step_fn(frame)[1]
+    step = _median_seconds(lambda: step_fn(frame, state))
+    return {"batched_ms": 1e3 * batched, "step_ms": 1e3 * step}

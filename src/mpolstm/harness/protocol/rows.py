@@ -1,0 +1,193 @@
+"""The rows of the protocol table: name -> :class:`Row` (label and recipe).
+
+A recipe builds and trains one row's model at one compression ratio from a :class:`RowContext`
+and returns ``(model, training seconds)``; :func:`~.run.run_protocol` measures and records it.
+The rows run in the order of :data:`ROWS`. To add a row, write a recipe here and add one entry
+to :data:`ROWS` (its name is then valid in ``ProtocolConfig.rows`` and ``mpolstm reproduce --rows``).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ...compression import CompressionConfig, compress, freeze_central
+from ...distill import distill
+from ...nn import init_cores_, is_mpo_module
+from ...prune import AGPPruner, make_permanent, prune_global
+from ..training import Callback, Distillation, default_forward, seed_everything
+from .schedule import Bonds, BondSchedule
+
+if TYPE_CHECKING:
+    from ..tasks.base import Task
+    from .run import ProtocolConfig
+
+__all__ = ["Row", "RowContext", "Recipe", "ROWS", "GRADUAL_START_RATIO", "LAYOUT"]
+
+GRADUAL_START_RATIO = 2.0
+"""Row (f) starts from a TT-SVD at this ratio (or the row's ratio if lower)."""
+
+LAYOUT = "interleaved"
+"""The MPO layout of every MPO row (the paper's). Pinned: with the library's per-weight layout search
+("auto") the TT-SVD at :data:`GRADUAL_START_RATIO` may choose other core counts than the one at the
+row's ratio, and row (f) could then never truncate to (a)'s bonds."""
+
+TrainFn = Callable[..., float]
+"""``train(model, epochs, run, callbacks=(), distill=None) -> training seconds``: fit on the task,
+checkpointing (and resuming) under ``runs/<run>``."""
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What a recipe gets for one (row, ratio); shared models are the caller's, so copy before training.
+
+    config: the protocol configuration, its epochs resolved (never None).
+    names: the recurrent modules compressed or pruned (``task.recurrent``).
+    weights: their weight parameter names in ``dense`` (the pruning targets).
+    dense: the trained dense model.
+    decomposed: ``dense`` TT-SVD-compressed at ``ratio`` (bonds allocated globally), not fine-tuned.
+    target: the internal bonds of ``decomposed``; budget: its recurrent parameter count, which every
+        row matches (pruning exactly, gradual truncation at most).
+    teacher: the distillation teacher when ``config.distill``, else None.
+    schedule_end: the fine-tuning epoch at which gradual rows (AGP, bond shrinking) reach the budget.
+    train_fn: trains on the task (see :data:`TrainFn`); recipes call :meth:`train` / :meth:`finetune`.
+    run: this row's run name (``<row>-<ratio>x``), where :meth:`train` checkpoints.
+    """
+
+    task: Task
+    config: ProtocolConfig
+    ratio: float
+    names: list[str]
+    weights: list[str]
+    dense: nn.Module
+    decomposed: nn.Module
+    target: Bonds
+    budget: int
+    teacher: Distillation | None
+    schedule_end: int
+    train_fn: TrainFn
+    run: str = ""
+
+    def train(self, model: nn.Module, epochs: int, callbacks: Sequence[Callback] = (),
+              distill: Distillation | None = None) -> float:
+        """Train ``model`` in place for ``epochs`` on the task; returns the training seconds."""
+        return self.train_fn(model, epochs, self.run, callbacks=callbacks, distill=distill)
+
+    def finetune(self, model: nn.Module, callbacks: Sequence[Callback] = ()) -> float:
+        """Fine-tune ``model`` for ``config.finetune_epochs`` (distilled from ``teacher`` if any)."""
+        return self.train(model, self.config.finetune_epochs, callbacks, distill=self.teacher)
+
+
+Recipe = Callable[[RowContext], tuple[nn.Module, float]]
+"""A row's recipe: context -> (trained model, training seconds)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row of the table: its label (the plot legend) and recipe; ``recipe=None`` marks the dense
+    row, which :func:`~.run.run_protocol` trains once before the ratios."""
+
+    label: str
+    recipe: Recipe | None
+
+
+def _reinit(model: nn.Module, names: Sequence[str]) -> None:
+    """Fresh initialisation: torch's defaults for dense layers; MPO cores scaled so each rebuilt
+    LSTM weight entry has the variance of torch's U(-1/sqrt(H), 1/sqrt(H)) (= 1 / (3H))."""
+    for module in model.modules():
+        if hasattr(module, "reset_parameters") and not is_mpo_module(module):
+            module.reset_parameters()
+    for n in names:
+        module = model.get_submodule(n)
+        std = 1.0 / math.sqrt(3 * module.hidden_size)
+        for cores in module.mpo_weights().values():
+            init_cores_(list(cores), std)
+        with torch.no_grad():
+            for k, p in module.named_parameters():
+                if k.startswith("bias"):
+                    p.uniform_(-math.sqrt(3) * std, math.sqrt(3) * std)
+
+
+def mpo_decomp(ctx: RowContext) -> tuple[nn.Module, float]:
+    """(a) TT-SVD of the trained dense model, then fine-tuning."""
+    model = copy.deepcopy(ctx.decomposed)
+    return model, ctx.finetune(model)
+
+
+def mpo_scratch(ctx: RowContext) -> tuple[nn.Module, float]:
+    """(b) The same MPO structure re-initialised and trained from scratch for dense + fine-tuning epochs."""
+    seed_everything(ctx.config.seed)
+    model = copy.deepcopy(ctx.decomposed)
+    _reinit(model, ctx.names)
+    return model, ctx.train(model, ctx.config.dense_epochs + ctx.config.finetune_epochs)
+
+
+def mpo_central(ctx: RowContext) -> tuple[nn.Module, float]:
+    """(c) As (a), with the central tensors frozen (MPOP lightweight fine-tuning)."""
+    model = copy.deepcopy(ctx.decomposed)
+    freeze_central(model)
+    return model, ctx.finetune(model)
+
+
+def prune_agp(ctx: RowContext) -> tuple[nn.Module, float]:
+    """(d) Gradual (AGP, cubic) global magnitude pruning to the budget during fine-tuning."""
+    model = copy.deepcopy(ctx.dense)
+    agp = AGPPruner(ctx.weights, ctx.budget, start=0, end=ctx.schedule_end, method="global")
+    seconds = ctx.finetune(model, callbacks=[agp])
+    make_permanent(model)
+    return model, seconds
+
+
+def prune_oneshot(ctx: RowContext) -> tuple[nn.Module, float]:
+    """(e) One-shot global magnitude pruning to the budget, then fine-tuning."""
+    model = copy.deepcopy(ctx.dense)
+    prune_global(model, ctx.weights, ctx.budget)
+    seconds = ctx.finetune(model)
+    make_permanent(model)
+    return model, seconds
+
+
+def mpo_gradual(ctx: RowContext) -> tuple[nn.Module, float]:
+    """(f) TT-SVD at a low ratio, bonds shrunk on a cubic schedule to (a)'s bonds during fine-tuning."""
+    start = CompressionConfig(target_modules=ctx.names, target_ratio=min(GRADUAL_START_RATIO, ctx.ratio),
+                              layout=LAYOUT)
+    model, _ = compress(copy.deepcopy(ctx.dense), start)
+    return model, ctx.finetune(model, callbacks=[BondSchedule(ctx.target, end=ctx.schedule_end)])
+
+
+CALIBRATION_BATCHES = 8
+"""Training batches whose inputs calibrate row (g)'s compression."""
+
+
+def mpo_posttrain(ctx: RowContext) -> tuple[nn.Module, float]:
+    """(g) What a user with only the trained model does: layout search + calibration on a few
+    training inputs (no labels), then distillation from the dense model (mpolstm.distill, no
+    labels) for as many steps as the fine-tuning epochs have batches."""
+    forward = ctx.task.forward_fn or default_forward
+    batches = list(ctx.task.train_loader)
+    seed_everything(ctx.config.seed)
+    model, _ = compress(copy.deepcopy(ctx.dense), CompressionConfig(target_modules=ctx.names, max_params=ctx.budget),
+                        calibration=lambda m: [forward(m, b) for b in itertools.islice(batches, CALIBRATION_BATCHES)])
+    result = distill(model, ctx.dense, batches, steps=max(ctx.config.finetune_epochs * len(batches), 1),
+                     lr=ctx.task.lr, loss=ctx.task.distill_loss, forward=lambda m, b: forward(m, b)[0],
+                     seed=ctx.config.seed)
+    return model, result.seconds
+
+
+ROWS: dict[str, Row] = {
+    "dense": Row("dense LSTM", None),
+    "mpo-decomp": Row("(a) MPO from TT-SVD of the dense model + fine-tuning", mpo_decomp),
+    "mpo-scratch": Row("(b) MPO trained from scratch", mpo_scratch),
+    "mpo-central": Row("(c) MPO, central tensors frozen (MPOP)", mpo_central),
+    "prune-agp": Row("(d) AGP magnitude pruning + fine-tuning", prune_agp),
+    "prune-oneshot": Row("(e) one-shot magnitude pruning + fine-tuning", prune_oneshot),
+    "mpo-gradual": Row("(f) gradual bond truncation during fine-tuning", mpo_gradual),
+    "mpo-posttrain": Row("(g) MPO post-training: layout search + calibration + distillation", mpo_posttrain),
+}
+"""Every row, in the order they run and are reported."""
