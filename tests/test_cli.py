@@ -147,3 +147,57 @@ def test_interrupted_reproduce_resumes_to_the_same_table(tmp_path, monkeypatch):
     expected = json.loads((tmp_path / "ref" / "results.json").read_text())["rows"]
     assert [(r["row"], r["accuracy"], r["params"]) for r in rows] == \
         [(r["row"], r["accuracy"], r["params"]) for r in expected]
+
+
+FACTORY = '''
+import torch
+from torch import nn
+
+
+def build():
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.LSTM(32, 32, batch_first=True))
+'''
+
+
+def test_any_model_compress_inspect_export(tmp_path, monkeypatch):
+    """A user's model from --factory + --weights: compress (calibrated, distilled), inspect, export."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mpolstm import io
+
+    (tmp_path / "usernet.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import usernet
+
+    torch.manual_seed(0)
+    dense = usernet.build()
+    torch.save(dense.state_dict(), tmp_path / "w.pt")
+    save_file({"input0": torch.randn(16, 7, 16)}, tmp_path / "inputs.safetensors")
+    out = tmp_path / "small"
+    result = runner.invoke(app, ["compress", str(out), "--factory", "usernet:build", "--weights", str(tmp_path / "w.pt"),
+                                 "--target", "0,2", "--ratio", "3", "--calibrate", str(tmp_path / "inputs.safetensors"),
+                                 "--distill-steps", "3", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    assert "distilled 3 steps" in result.output and (out / "model.safetensors").is_file()
+    loaded = io.load(out, usernet.build())
+    assert type(loaded[2]).__name__ == "MPOLSTM"
+
+    result = runner.invoke(app, ["inspect", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "2.weight_hh_l0" in result.output and "0.weight" in result.output
+
+    result = runner.invoke(app, ["export", str(out), "--format", "torchscript", "--out", str(tmp_path / "m.pt"),
+                                 "--inputs", str(tmp_path / "inputs.safetensors")])
+    assert result.exit_code == 0, result.output
+    x = torch.randn(2, 7, 16)
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    torch.testing.assert_close(scripted(x)[0], loaded.eval()(x)[0], atol=1e-5, rtol=1e-4)
+
+    for args, message in ((["compress", str(tmp_path / "x"), "--factory", "nope:build", "--ratio", "3"], "cannot import"),
+                          (["compress", str(tmp_path / "x"), "--factory", "usernet:build", "--weights",
+                            str(tmp_path / "missing.pt"), "--ratio", "3"], "does not exist"),
+                          (["export", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx")], "--inputs")):
+        bad = runner.invoke(app, args)
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+        assert not (tmp_path / "x").exists() and not (tmp_path / "m.onnx").exists()

@@ -76,10 +76,12 @@ def test_compressed_model_round_trip_onto_base_model(tmp_path):
 def test_tied_weights_are_saved(tmp_path):
     net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     net[1].weight = net[0].weight
-    compress(net, CompressionConfig(target_modules=["0"], num_cores=2, max_bond=2))
+    compress(net, CompressionConfig(target_modules=["0", "1"], num_cores=2, max_bond=2))
     io.save(net, tmp_path / "t")
     fresh = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-    assert_same_state(io.load(tmp_path / "t", base_model=fresh), net)
+    loaded = io.load(tmp_path / "t", base_model=fresh)
+    assert_same_state(loaded, net)
+    assert loaded[1].owner is loaded[0]  # one MPO serves both, as before saving
 
 
 def test_corrupt_truncated_and_foreign_files(tmp_path):

@@ -5,7 +5,8 @@
     model.safetensors   model.state_dict() (safetensors: raw tensors, no code)
     config.json         {"format": "mpolstm", "format_version": 1, "library_version",
                          "standalone", "model_class", "weights_sha256",
-                         "modules": {dotted name: {"config": mpo_config(), "dtype": "float32"}}}
+                         "modules": {dotted name: {"config": mpo_config(), "dtype": "float32",
+                                                   "errors": {weight: achieved rel. error}}}}
 
 ``standalone`` is true when ``model`` is itself an MPO module (its name is ""): ``load(path)``
 rebuilds it with ``Class.from_config`` and loads the weights. Otherwise ``load(path,
@@ -84,7 +85,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "standalone": standalone,
         "model_class": type(model).__name__,
         "weights_sha256": hashlib.sha256(data).hexdigest(),
-        "modules": {name: {"config": m.mpo_config(), "dtype": _dtype_name(m)} for name, m in named},
+        "modules": {name: {"config": m.mpo_config(), "dtype": _dtype_name(m),
+                           "errors": {w: r.rel_error for w, r in m.reports.items()}} for name, m in named},
     }
     try:
         text = json.dumps(config, indent=2, allow_nan=False)
@@ -100,7 +102,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------- load
 
 
-def _read_config(file: Path) -> dict[str, Any]:
+def read_config(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise ValueError(f"{file}: missing; expected a directory written by mpolstm.save")
     if file.stat().st_size > _MAX_CONFIG_BYTES:
@@ -233,7 +235,7 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
         raise ValueError(f"{path}: not a directory; expected one written by mpolstm.save "
                          f"(holding {WEIGHTS_FILE} and {CONFIG_FILE})")
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
-    config = _read_config(config_file)
+    config = read_config(config_file)
     if not weights_file.is_file():
         raise ValueError(f"{weights_file}: missing")
     data = weights_file.read_bytes()

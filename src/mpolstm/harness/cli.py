@@ -165,84 +165,120 @@ def train(
                   f"model saved to {out / 'model'}")
 
 
+def _source_model(model_in: Optional[Path], factory: Optional[str], weights: Optional[Path]):
+    """(model, task spec or None): a saved task-model folder, or a user's factory + weights."""
+    from .usermodels import build_model
+
+    if factory is None:
+        if weights is not None:
+            _fail("--weights needs --factory (the function that builds the dense architecture)")
+        if model_in is None:
+            _fail("give a saved model folder, or --factory package.module:function [--weights FILE]")
+        return _load_model(model_in)
+    if model_in is not None:
+        _fail("give either a saved model folder or --factory/--weights, not both")
+    try:
+        return build_model(factory, weights), None
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _batches(inputs: tuple, size: int) -> list[tuple]:
+    """Split one batch of inputs (first axis) into batches of ``size`` rows."""
+    rows = inputs[0].shape[0]
+    return [tuple(x[i:i + size] for x in inputs) for i in range(0, rows, size)]
+
+
 @app.command("compress")
 def compress_cmd(
-    model_in: Path = typer.Argument(..., metavar="IN", help="A saved model folder (mpolstm train/reproduce)."),
-    model_out: Path = typer.Argument(..., metavar="OUT", help="Folder for the compressed model (must not exist)."),
+    paths: list[Path] = typer.Argument(..., metavar="[IN] OUT", help="IN: a saved task-model folder (mpolstm "
+                                       "train/reproduce), left out with --factory; OUT: the folder to write "
+                                       "(must not exist)."),
     max_bond: Optional[int] = typer.Option(None, help="Cap every bond of every compressed weight."),
     rel_tol: Optional[float] = typer.Option(None, help="Per-weight relative Frobenius error bound, in (0, 1)."),
     ratio: Optional[float] = typer.Option(None, help="Global budget: dense / MPO parameters of the selected weights."),
     target: str = typer.Option("lstm", help="Comma-separated module names (or one regex) to compress."),
-    num_cores: int = typer.Option(4, help="Cores per MPO."),
+    num_cores: int = typer.Option(4, help="Cores of the paper's interleaved layout."),
+    layout: str = typer.Option("auto", help="auto (search per weight), interleaved, interleaved-2, lowrank or "
+                               "lowrank-mpo."),
+    factory: Optional[str] = typer.Option(None, help="package.module:function building your dense model."),
+    weights: Optional[Path] = typer.Option(None, help="Its weights: safetensors or a state dict (.pt)."),
+    calibrate: Optional[Path] = typer.Option(None, help="Safetensors file of model inputs (input0, input1, ...): "
+                                             "minimise the output error on them, not the weight error."),
+    distill_steps: int = typer.Option(0, help="Then distil from the original on the --calibrate inputs for N steps."),
+    batch_size: int = typer.Option(32, help="Rows per distillation batch."),
 ) -> None:
-    """Compress the selected layers of a saved model into MPOs and save the result."""
-    from ..compression import CompressionConfig, compress
-    from .tasks import save_model
+    """Compress the selected layers of a saved model (or of your own, with --factory) into MPOs and save it."""
+    import copy
 
+    from ..compression import CompressionConfig, compress
+    from ..distill import distill
+    from ..io import save
+    from .tasks import save_model
+    from .usermodels import read_inputs, write_factory_note
+
+    if len(paths) not in (1, 2) or (len(paths) == 1) != (factory is not None):
+        _fail("usage: mpolstm compress IN OUT, or mpolstm compress --factory MOD:FN [--weights FILE] OUT")
+    model_in, model_out = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
+    if distill_steps and calibrate is None:
+        _fail("--distill-steps needs --calibrate (the inputs to distil on)")
     _fresh_output(model_out)
-    model, spec = _load_model(model_in)
+    model, spec = _source_model(model_in, factory, weights)
     targets = [t.strip() for t in target.split(",") if t.strip()]
     try:
+        inputs = read_inputs(calibrate) if calibrate is not None else None
         config = CompressionConfig(target_modules=targets if len(targets) > 1 else targets[0], max_bond=max_bond,
-                                   rel_tol=rel_tol, target_ratio=ratio, num_cores=num_cores)
-        model, report = compress(model, config)
+                                   rel_tol=rel_tol, target_ratio=ratio, num_cores=num_cores, layout=layout)
+        teacher = copy.deepcopy(model) if distill_steps else None
+        model, report = compress(model, config, calibration=None if inputs is None else [inputs])
+        if teacher is not None:
+            result = distill(model, teacher, _batches(inputs, batch_size), steps=distill_steps, progress=True)
+            console.print(f"distilled {distill_steps} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
     except ValueError as exc:
         _fail(str(exc))
-    save_model(model, spec, model_out)
-    console.print(report)
+    if spec is not None:
+        save_model(model, spec, model_out)
+    else:
+        save(model, model_out)
+        write_factory_note(model_out, factory)
+    console.print(str(report), markup=False, highlight=False)
     console.print(f"saved {model_out}")
 
 
 @app.command()
 def inspect(
-    model_path: Path = typer.Argument(..., metavar="MODEL", help="A saved model folder."),
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="A folder written by mpolstm.save (any model)."),
     plot: Optional[Path] = typer.Option(None, help="Also draw the entanglement entropy per bond to this PNG."),
 ) -> None:
-    """Per-weight factors, bonds, parameters and entanglement entropies of a saved model."""
-    import torch
-    from rich.table import Table
+    """Per-weight factors, bonds, parameters, errors and entanglement entropies of a saved model,
+    read from its config and weights alone."""
+    from .usermodels import describe_folder, inspect_folder
 
-    from ..nn import is_mpo_module
-    from ..mpo import MPO
-
-    model, spec = _load_model(model_path)
-    table = Table(title=f"{model_path} ({spec['name']})")
-    for col in ("weight", "shape", "in factors", "out factors", "bonds", "params", "compression", "entropy per bond"):
-        table.add_column(col, justify="right" if col in ("params", "compression") else "left")
-    curves = {}
-    for name, module in model.named_modules():
-        if not is_mpo_module(module):
-            continue
-        for wname, cores in module.mpo_weights().items():
-            with torch.no_grad():
-                m = MPO([c.detach().double() for c in cores])
-                entropy = [float(e) for e in m.entanglement_entropy()]
-            rows, cols = m.shape
-            curves[f"{name}.{wname}"] = entropy
-            table.add_row(f"{name}.{wname}", f"{cols}x{rows}", str(m.in_factors), str(m.out_factors),
-                          str(m.bond_dims), f"{m.num_params:,}", f"{rows * cols / m.num_params:.1f}x",
-                          " ".join(f"{e:.2f}" for e in entropy))
-    if not curves:
-        console.print(f"{model_path} has no MPO layers (a dense model); total parameters "
-                      f"{sum(p.numel() for p in model.parameters()):,}")
-        return
-    console.print(table)
-    if plot is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for label, values in curves.items():
-            ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
-        ax.set_xlabel("bond k")
-        ax.set_ylabel("entanglement entropy S_k")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(plot, dpi=120)
-        plt.close(fig)
+    try:
+        text, rows = inspect_folder(model_path), describe_folder(model_path)
+    except ValueError as exc:
+        _fail(str(exc))
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    if plot is not None and rows:
+        _plot_entropy({r["weight"]: r["entropy"] for r in rows}, plot)
         console.print(f"wrote {plot}")
+
+
+def _plot_entropy(curves: dict[str, list[float]], plot: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for label, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
+    ax.set_xlabel("bond k")
+    ax.set_ylabel("entanglement entropy S_k")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plot, dpi=120)
+    plt.close(fig)
 
 
 @app.command()
@@ -282,16 +318,44 @@ def export_cmd(
     fmt: ExportFormat = typer.Option(..., "--format", help="torchscript or onnx (one file, MPO cores kept, "
                                      "weights rebuilt in the graph) or dense (a plain torch model folder)."),
     out: Path = typer.Option(..., help="Output file (torchscript, onnx) or folder (dense)."),
+    factory: Optional[str] = typer.Option(None, help="For a folder of your own model: package.module:function "
+                                          "building its dense architecture (default: the one compress recorded)."),
+    inputs: Optional[Path] = typer.Option(None, help="For your own model's torchscript/onnx: a safetensors file "
+                                          "of example inputs (input0, input1, ...)."),
 ) -> None:
     """Export a saved model for serving: TorchScript, ONNX, or a dense model for MPO-unaware tools."""
-    from .tasks import export_task_model
+    from .tasks import ARCHITECTURE_FILE, export_task_model
 
-    model, spec = _load_model(model_path)
+    if (model_path / ARCHITECTURE_FILE).is_file() and factory is None:
+        model, spec = _load_model(model_path)
+        try:
+            written = export_task_model(model, spec, fmt.value, out)
+        except ValueError as exc:
+            _fail(str(exc))
+    else:
+        written = _export_user_model(model_path, fmt.value, out, factory, inputs)
+    console.print(f"wrote {written}")
+
+
+def _export_user_model(folder: Path, fmt: str, out: Path, factory: Optional[str], inputs: Optional[Path]) -> Path:
+    import json
+
+    from ..export import export_model
+    from ..io import load
+    from .usermodels import build_model, read_inputs
+
+    note = folder / "factory.json"
+    if factory is None and note.is_file():
+        factory = json.loads(note.read_text()).get("factory")
+    if factory is None:
+        _fail(f"{folder} is not a task model: pass --factory package.module:function (its dense architecture)")
+    if fmt != "dense" and inputs is None:
+        _fail(f"--format {fmt} traces the model: pass --inputs FILE (safetensors with input0, input1, ...)")
     try:
-        written = export_task_model(model, spec, fmt.value, out)
+        model = load(folder, build_model(factory, None)).eval()
+        return export_model(model, fmt, out, None if inputs is None else read_inputs(inputs))
     except ValueError as exc:
         _fail(str(exc))
-    console.print(f"wrote {written}")
 
 
 data_app = typer.Typer(help="Build the offline data sets.", no_args_is_help=True)
