@@ -1,8 +1,10 @@
 """MPOLSTM vs torch.nn.LSTM (and tednet's TTLSTM): training step, batched inference, streaming step,
-peak training memory.
+peak training memory; and the MPO cells (MPOLSTMCell, MPOGRUCell, MPORNNCell) vs torch's cells,
+one streaming step each.
 
     python benchmarks/bench_rnn.py                 # the issue's grid (batch 32, T 100; 256/512, 1024/1024)
     python benchmarks/bench_rnn.py --quick         # a small grid for a smoke run
+    python benchmarks/bench_rnn.py --streaming-only --sizes 1024x1024   # only the streaming tables
     python benchmarks/bench_rnn.py --out results/bench_rnn.json
 
 Timing: every candidate of one configuration runs once per round, rounds interleaved, so a load
@@ -31,7 +33,10 @@ import torch
 from torch import nn
 
 from mpolstm import mpo
-from mpolstm.nn import MPOLSTM
+from mpolstm.nn import MPOGRUCell, MPOLSTM, MPOLSTMCell, MPORNNCell
+
+CELLS = {"LSTMCell": (nn.LSTMCell, MPOLSTMCell), "GRUCell": (nn.GRUCell, MPOGRUCell),
+         "RNNCell": (nn.RNNCell, MPORNNCell)}
 
 
 def build(kind: str, inp: int, hidden: int, bond: int) -> nn.Module:
@@ -148,6 +153,32 @@ def streaming(inp: int, hidden: int, bonds: list[int], rounds: int, frames: int)
     return {"baseline": fastest_dense, "results": summarize(per_frame, fastest_dense)}
 
 
+def cell_streaming(inp: int, hidden: int, bonds: list[int], rounds: int, frames: int) -> dict:
+    """One streaming step at batch 1 (eval, no_grad) of each MPO cell vs torch's cell of the same
+    kind (the state fed back every frame); the cost model picks the product path (at one row in
+    eval: the cached merged halves of each chain)."""
+    xs = torch.randn(frames, 1, inp)
+    out = {}
+    for kind, (torch_cls, mpo_cls) in CELLS.items():
+        torch.manual_seed(0)
+        models = {f"nn.{kind}": torch_cls(inp, hidden).eval()}
+        models.update({f"MPO{kind} D={b}": mpo_cls(inp, hidden, bond_dim=b).eval() for b in bonds})
+
+        def run(cell):
+            def frames_run():
+                state = None
+                with torch.no_grad():
+                    for x in xs:
+                        state = cell(x, state)
+            return frames_run
+
+        times = interleaved({name: run(cell) for name, cell in models.items()}, rounds)
+        per_frame = {name: [t / frames for t in ts] for name, ts in times.items()}
+        out[kind] = {"baseline": f"nn.{kind}", "results": summarize(per_frame, f"nn.{kind}"),
+                     "params": {name: params(cell) for name, cell in models.items()}}
+    return out
+
+
 def peak_memory_child(kind: str, inp: int, hidden: int, bond: int, batch: int, steps: int) -> None:
     model = build(kind, inp, hidden, bond)
     x = torch.randn(steps, batch, inp)
@@ -183,6 +214,7 @@ def main() -> None:
     parser.add_argument("--tednet-bonds", type=int, nargs="*", default=[4, 8, 16, 32],
                         help="ranks for tednet's TTLSTM (training only; none to skip)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--streaming-only", action="store_true", help="only the streaming tables (LSTM step, cells)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_rnn.json"))
     parser.add_argument("--child-memory", nargs=6, help=argparse.SUPPRESS)
@@ -199,14 +231,22 @@ def main() -> None:
     batch, steps = (4, 10) if args.quick else (32, 100)
     sizes = [(32, 64)] if args.quick else [tuple(int(v) for v in size.split("x")) for size in args.sizes]
     bonds = [4, 8] if args.quick else args.bonds
-    tednet_bonds = [4] if args.quick else args.tednet_bonds
+    tednet_bonds = [4] if args.quick and args.tednet_bonds else args.tednet_bonds  # "--tednet-bonds" alone: none
     rounds = 2 if args.quick else args.rounds
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__, "load_avg": os.getloadavg()},
               "batch": batch, "seq_len": steps, "configs": []}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, T {steps}")
 
+    frames = 20 if args.quick else 50
+    stream_bonds = [b for b in bonds if b <= 16]
     for inp, hidden in sizes:
+        if args.streaming_only:
+            config = {"input": inp, "hidden": hidden, "streaming": streaming(inp, hidden, stream_bonds, rounds, frames),
+                      "cell_streaming": cell_streaming(inp, hidden, stream_bonds, rounds, frames)}
+            report["configs"].append(config)
+            print_streaming(config)
+            continue
         x = torch.randn(steps, batch, inp)
         models = {"dense": build("dense", inp, hidden, 0)}
         models.update({f"MPO D={b}": build("mpo", inp, hidden, b) for b in bonds})
@@ -217,7 +257,8 @@ def main() -> None:
         infer_models = {n: m for n, m in models.items() if not n.startswith("tednet")}
         infer = summarize(interleaved({n: inference_fn(m, x) for n, m in infer_models.items()}, rounds), "dense")
         config.update(train=train, inference=infer)
-        config["streaming"] = streaming(inp, hidden, [b for b in bonds if b <= 16], rounds, 20 if args.quick else 50)
+        config["streaming"] = streaming(inp, hidden, stream_bonds, rounds, frames)
+        config["cell_streaming"] = cell_streaming(inp, hidden, stream_bonds, rounds, frames)
         if not args.no_memory:
             config["peak_train_mb"] = {
                 n: peak_memory("dense" if n == "dense" else "tednet" if n.startswith("tednet") else "mpo",
@@ -247,12 +288,25 @@ def print_config(config: dict) -> None:
         peak = f"{mem[name]:.0f}" if name in mem else "-"
         print(f"| {name} | {p:,} | {dense_params / p:.1f}x | {tr['min_s'] * 1e3:.1f} | {tr['ratio_min']:.2f}x | "
               f"{inf_cols} | {peak} |")
+    print_streaming(config)
+
+
+def print_streaming(config: dict) -> None:
     stream = config["streaming"]
-    print(f"\nstreaming one step, batch 1 (baseline: {stream['baseline']})\n")
+    print(f"\nstreaming one step, input {config['input']}, hidden {config['hidden']}, batch 1 "
+          f"(baseline: {stream['baseline']})\n")
     print("| model | us / step | speed-up vs baseline |")
     print("|---|---:|---:|")
     for name, r in stream["results"].items():
         print(f"| {name} | {r['min_s'] * 1e6:.0f} | {1 / r['ratio_min']:.2f}x |")
+    cells = config.get("cell_streaming")
+    if cells:
+        print("\ncells, one streaming step, batch 1 (each vs torch's cell of its kind)\n")
+        print("| cell | params | us / step | speed-up vs torch's cell |")
+        print("|---|---:|---:|---:|")
+        for kind in cells.values():
+            for name, r in kind["results"].items():
+                print(f"| {name} | {kind['params'][name]:,} | {r['min_s'] * 1e6:.0f} | {1 / r['ratio_min']:.2f}x |")
     sys.stdout.flush()
 
 

@@ -40,7 +40,7 @@ def test_prunable_weights_by_kind():
     assert prunable_weights(m) == [f"rnn.weight_{k}_l{l}{r}" for l in (0, 1) for r in ("", "_reverse") for k in ("ih", "hh")]
     assert prunable_weights(m, ("linear", "embedding")) == ["emb.weight", "fc.weight"]
     with pytest.raises(ValueError, match="kinds"):
-        prunable_weights(m, ("conv",))
+        prunable_weights(m, ("attention",))
 
 
 @pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])

@@ -9,7 +9,8 @@ from .compression import CompressionConfig, CompressionReport, compress, freeze_
 from .distill import distill
 from .io import load, save
 from .mpo import MPO, decompose, factorize, mpo_matmul
-from .nn import MPOGRU, MPOLSTM, MPOEmbedding, MPOLinear
+from .nn import (MPOGRU, MPOLSTM, MPORNN, MPOConv1d, MPOConv2d, MPOEmbedding, MPOGRUCell, MPOLinear, MPOLSTMCell,
+                 MPORNNCell)
 from .version import __version__
 
 __all__ = [
@@ -28,6 +29,12 @@ __all__ = [
     "mpo_matmul",
     "MPOGRU",
     "MPOLSTM",
+    "MPORNN",
+    "MPOGRUCell",
+    "MPOLSTMCell",
+    "MPORNNCell",
+    "MPOConv1d",
+    "MPOConv2d",
     "MPOEmbedding",
     "MPOLinear",
 ]

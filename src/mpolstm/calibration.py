@@ -5,8 +5,11 @@ y = W x, E||(W - W') x||^2 = ||(W - W') C^{1/2}||_F^2 with C = E[x x^T]. ``colle
 records C for every selected weight while the caller's data runs through the model. What
 each weight multiplies is told by its layer type's ``inputs`` hook in the registry
 (``mpolstm.nn.registry``): nn.Linear its input; nn.Embedding a one-hot row selector, so C is
-diagonal (how often each row is looked up); nn.LSTM / nn.GRU x_t and h_{t-1} at every step,
-layer and direction (mpolstm.nn.rnn.recurrent_inputs).
+diagonal (how often each row is looked up); nn.LSTM / nn.GRU / nn.RNN x_t and h_{t-1} at every
+step, layer and direction (mpolstm.nn.rnn.recurrent_inputs); the cells x for weight_ih and the
+given state h (zeros without one) for weight_hh; Conv1d / Conv2d the unfolded input patches.
+Forward hooks see positional arguments only: a state passed by keyword (``cell(x, hx=h)``) is
+taken as zeros.
 
 Hooks are removed and the model's train/eval flags restored afterwards; parameters are never
 touched. ``whitening(C)`` gives the damped square root used by ``compress(calibration=...)``.

@@ -199,10 +199,15 @@ def _check_base_module(base: nn.Module, probe: nn.Module, name: str, file: Path)
                          f"{type(base).__name__} there (expected {torch_type.__name__})")
     for attr in (entry.size_attrs if entry is not None else ()):
         if hasattr(base, attr) and hasattr(probe, attr):
-            mine, theirs = getattr(probe, attr), getattr(base, attr)
-            if isinstance(mine, (int, bool, type(None))) and mine != theirs:
+            mine, theirs = _comparable(getattr(probe, attr)), _comparable(getattr(base, attr))
+            if isinstance(mine, (int, bool, str, tuple, type(None))) and mine != theirs:
                 raise ValueError(f"{file}: module {name!r} has {attr}={mine!r} in the save, but base_model has "
                                  f"{attr}={theirs!r}")
+
+
+def _comparable(value: Any) -> Any:
+    """Sizes as saved in JSON (lists) and as torch holds them (tuples) compare alike."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _compare(expected: Mapping[str, tuple[int, ...]], header: Mapping[str, tuple[str, tuple[int, ...]]],

@@ -1,8 +1,9 @@
 """Magnitude-pruning baselines at an exact number of non-zeros: one-shot (layer-wise, global) and AGP.
 
 Weights are named by their qualified parameter name, e.g. ``"lstm.weight_hh_l0"`` or ``"fc.weight"``.
-Prunable: ``weight_*`` of nn.LSTM / nn.GRU (``weight_ih_l{k}[_reverse]``, ``weight_hh_l{k}[_reverse]``),
-and ``weight`` of nn.Linear and nn.Embedding. Masks are applied with
+Prunable: ``weight_*`` of nn.LSTM / nn.GRU / nn.RNN (``weight_ih_l{k}[_reverse]``, ``weight_hh_l{k}[_reverse]``),
+``weight_ih`` / ``weight_hh`` of nn.LSTMCell / nn.GRUCell / nn.RNNCell, ``weight`` of nn.Linear and
+nn.Embedding, and the kernel ``weight`` of nn.Conv1d / nn.Conv2d. Masks are applied with
 ``torch.nn.utils.prune.custom_from_mask`` (parameter ``<name>_orig`` and buffer ``<name>_mask``;
 the forward pre-hook recomputes ``<name> = orig * mask``), so masked entries stay zero through any
 optimizer step and fine-tuning needs nothing else. Pruning again replaces the mask in place.
@@ -12,7 +13,7 @@ position (earlier weight in the given order, then lower flat index, wins). Exact
 entries are kept; :func:`count_nonzero` counts the effective weights (equal to ``k`` unless kept
 entries are exactly zero).
 
-nn.LSTM / nn.GRU pitfall: their forward reads ``_flat_weights``, a cached list of the weight
+nn.LSTM / nn.GRU / nn.RNN pitfall: their forward reads ``_flat_weights``, a cached list of the weight
 tensors. Every mask change here re-assigns the weight attribute (RNNBase.__setattr__ updates
 ``_flat_weights``) and :func:`make_permanent` re-initialises the flat weights (and re-flattens
 for cuDNN), so the forward always uses the masked weights.
@@ -42,14 +43,17 @@ __all__ = [
     "AGPPruner",
 ]
 
-KINDS = ("rnn", "linear", "embedding")
-_RNN = (nn.LSTM, nn.GRU)
+KINDS = ("rnn", "linear", "embedding", "conv")
+_RNN = (nn.LSTM, nn.GRU, nn.RNN)
+_CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+_CONV = (nn.Conv1d, nn.Conv2d)
 
 
 def prunable_weights(model: nn.Module, kinds: Sequence[str] = ("rnn",)) -> list[str]:
     """Qualified names of the prunable weights of ``model`` of the given kinds (module order).
 
-    Kinds: "rnn" (LSTM/GRU input and recurrent weights), "linear", "embedding"."""
+    Kinds: "rnn" (input and recurrent weights of LSTM/GRU/RNN and of their cells), "linear",
+    "embedding", "conv" (Conv1d/Conv2d kernels)."""
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise ValueError(f"unknown weight kinds {bad}; expected a subset of {KINDS}")
@@ -58,7 +62,10 @@ def prunable_weights(model: nn.Module, kinds: Sequence[str] = ("rnn",)) -> list[
         prefix = f"{mod_name}." if mod_name else ""
         if isinstance(mod, _RNN) and "rnn" in kinds:
             names += [prefix + w for w in mod._flat_weights_names if w.startswith("weight_")]
-        elif isinstance(mod, nn.Linear) and "linear" in kinds or isinstance(mod, nn.Embedding) and "embedding" in kinds:
+        elif isinstance(mod, _CELLS) and "rnn" in kinds:
+            names += [prefix + "weight_ih", prefix + "weight_hh"]
+        elif (isinstance(mod, nn.Linear) and "linear" in kinds or isinstance(mod, nn.Embedding) and "embedding" in kinds
+              or isinstance(mod, _CONV) and "conv" in kinds):
             names.append(prefix + "weight")
     return names
 
@@ -77,11 +84,13 @@ def _resolve(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Modul
         mod = modules.get(mod_name)
         if mod is None:
             raise ValueError(f"weight {name!r}: model has no module {mod_name!r}")
-        ok = (isinstance(mod, _RNN) and attr in mod._flat_weights_names and attr.startswith("weight_")) or (
-            isinstance(mod, (nn.Linear, nn.Embedding)) and attr == "weight")
+        ok = ((isinstance(mod, _RNN) and attr in mod._flat_weights_names and attr.startswith("weight_"))
+              or (isinstance(mod, _CELLS) and attr in ("weight_ih", "weight_hh"))
+              or (isinstance(mod, (nn.Linear, nn.Embedding, *_CONV)) and attr == "weight"))
         if not ok:
-            raise ValueError(f"weight {name!r} is not prunable: expected weight_* of nn.LSTM/nn.GRU or weight of "
-                             f"nn.Linear/nn.Embedding (got {type(mod).__name__}.{attr})")
+            raise ValueError(f"weight {name!r} is not prunable: expected weight_* of nn.LSTM/nn.GRU/nn.RNN, "
+                             f"weight_ih/weight_hh of their cells, or weight of nn.Linear/nn.Embedding/"
+                             f"nn.Conv1d/nn.Conv2d (got {type(mod).__name__}.{attr})")
         out.append((name, mod, attr))
     return out
 
@@ -182,7 +191,7 @@ def prune_to(model: nn.Module, names: Sequence[str], nonzeros: int, method: str 
 def make_permanent(model: nn.Module) -> list[str]:
     """Remove every pruning reparametrisation, leaving plain parameters with zeros where masked.
 
-    Returns the qualified names made permanent. LSTM/GRU flat weights are re-initialised."""
+    Returns the qualified names made permanent. LSTM/GRU/RNN flat weights are re-initialised."""
     done = []
     for mod_name, mod in model.named_modules():
         hooks = [h for h in mod._forward_pre_hooks.values() if isinstance(h, torch_prune.BasePruningMethod)]

@@ -63,8 +63,9 @@ class CompressionConfig:
     """What to compress and how.
 
     target_modules: a list of dotted names (an entry also matches as a dotted suffix) or
-        one regex matched against the whole name; None selects every nn.Linear,
-        nn.Embedding, nn.LSTM and nn.GRU. Listed names must exist and be of those types;
+        one regex matched against the whole name; None selects every module of a registered
+        type (nn.Linear, nn.Embedding, nn.LSTM, nn.GRU, nn.RNN, the three cells, nn.Conv1d and
+        nn.Conv2d: ``mpolstm.nn.registry``). Listed names must exist and be of those types;
         modules selected by the default or a regex are skipped (and listed in the report)
         when they are of another type or cannot be factorised; listed ones raise.
     exclude_modules: same forms; removed from the selection.

@@ -9,7 +9,11 @@ nothing else. Read it before adding a layer.
 from .embedding import MPOEmbedding
 from .linear import MPOLinear, init_cores_
 from .registry import LayerType, is_mpo_module, layer_type, register, replace_module
-from .rnn import MPOGRU, MPOLSTM
+from .rnn import MPOGRU, MPOLSTM, MPORNN
+from .cells import MPOGRUCell, MPOLSTMCell, MPORNNCell
+from .conv import MPOConv1d, MPOConv2d
+from .shared import SharedEmbedding, SharedLinear
 
-__all__ = ["MPOEmbedding", "MPOLinear", "MPOLSTM", "MPOGRU", "LayerType", "init_cores_", "is_mpo_module",
-           "layer_type", "register", "replace_module"]
+__all__ = ["MPOEmbedding", "MPOLinear", "MPOLSTM", "MPOGRU", "MPORNN", "MPOLSTMCell", "MPOGRUCell", "MPORNNCell",
+           "MPOConv1d", "MPOConv2d", "LayerType", "init_cores_", "is_mpo_module", "layer_type", "register",
+           "replace_module", "SharedEmbedding", "SharedLinear"]

@@ -1,15 +1,16 @@
-"""MPOLSTM and MPOGRU: drop-in torch.nn.LSTM / torch.nn.GRU whose weight matrices are MPOs.
+"""MPOLSTM, MPOGRU and MPORNN: drop-in torch.nn.LSTM / GRU / RNN whose weight matrices are MPOs.
 
 Per layer and direction, ``weight_ih`` (G*H, I) and ``weight_hh`` (G*H, H) (G = 4 gates for the
-LSTM, 3 for the GRU; the gates concatenated along the output in torch's order) and, for an LSTM
-with ``proj_size``, ``weight_hr`` (P, H) are each one MPO. Cores are the parameters
+LSTM, 3 for the GRU, 1 for the Elman RNN; the gates concatenated along the output in torch's
+order) and, for an LSTM with ``proj_size``, ``weight_hr`` (P, H) are each one MPO. Cores are the parameters
 ``<torch weight name>_cores.<k>``; biases stay dense under torch's names (``bias_ih_l0``...).
 
 Execution:
 - ``forward`` rebuilds every weight once per call (``mpo.cores_to_matrix``, which writes (out, in)
   directly), checks its shape (torch's CPU kernel does not) and runs torch's fused kernel
-  (``_VF.lstm`` / ``_VF.gru``) through torch's own ``forward``, so the input contract (batch_first,
-  unbatched input, PackedSequence, optional state) and its error messages are torch's own.
+  (``_VF.lstm`` / ``_VF.gru`` / ``_VF.rnn_tanh`` / ``_VF.rnn_relu``) through torch's own ``forward``,
+  so the input contract (batch_first, unbatched input, PackedSequence, optional state) and its
+  error messages are torch's own.
 - In eval mode, when no gradient w.r.t. the cores is being recorded, the rebuilt weights are cached.
   The cache is keyed on the identity, ``_version`` counter and storage of every core, so an
   optimizer step, ``load_state_dict``, an in-place edit, ``.to()`` or ``functional_call``
@@ -38,7 +39,7 @@ from .registry import LayerType, register
 from ..mpo import MPO, TruncationReport
 from .linear import init_cores_, resolve_factors
 
-__all__ = ["MPOLSTM", "MPOGRU", "RNNStream"]
+__all__ = ["MPOLSTM", "MPOGRU", "MPORNN", "RNNStream", "recurrent_inputs"]
 
 Factors = tuple[tuple[int, ...], tuple[int, ...]]
 
@@ -70,7 +71,7 @@ def _merged_halves(cores: Sequence[Tensor]) -> list[Tensor]:
 
 
 class _MPORNNBase(nn.Module):
-    """Shared machinery of MPOLSTM and MPOGRU (see the module docstring)."""
+    """Shared machinery of MPOLSTM, MPOGRU and MPORNN (see the module docstring)."""
 
     _mode: str
     _num_gates: int
@@ -168,7 +169,8 @@ class _MPORNNBase(nn.Module):
     @classmethod
     def _from_torch(cls, rnn: nn.RNNBase, max_bond, rel_tol, factors, num_cores, mpos):
         if not isinstance(rnn, cls._torch_class):
-            raise ValueError(f"{cls.__name__}.from_{cls._mode.lower()} expects a torch.nn.{cls._mode}, "
+            torch_name = cls._torch_class.__name__
+            raise ValueError(f"{cls.__name__}.from_{torch_name.lower()} expects a torch.nn.{torch_name}, "
                              f"got {type(rnn).__name__}")
         weight = rnn.weight_ih_l0
         layer = cls(**_torch_args(rnn), device=weight.device, dtype=weight.dtype, bond_dim=1,
@@ -370,7 +372,8 @@ class _MPORNNBase(nn.Module):
 
     def extra_repr(self) -> str:
         bonds = [c.shape[3] for cores in self.mpo_weights().values() for c in list(cores)[:-1]]
-        return (nn.RNNBase.extra_repr(self) + f", max_bond={max(bonds, default=1)}, "
+        nonlinearity = f", nonlinearity={self.nonlinearity!r}" if self.mode.startswith("RNN_") else ""
+        return (nn.RNNBase.extra_repr(self) + nonlinearity + f", max_bond={max(bonds, default=1)}, "
                 f"params={self.num_params}, compression={self.compression_ratio:.1f}x")
 
     # -- full-sequence forward: torch's own, with the rebuilt weights -------------------
@@ -477,13 +480,19 @@ def _check_rnn_args(input_size, hidden_size, num_layers, bias, batch_first, drop
 
 def _torch_args_names(cls) -> tuple[str, ...]:
     names = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
-    return names + (("proj_size",) if cls._mode == "LSTM" else ())
+    if cls._mode == "LSTM":
+        return names + ("proj_size",)
+    return names + (("nonlinearity",) if cls._mode.startswith("RNN_") else ())
+
+
+def _mpo_class_of(module) -> type["_MPORNNBase"]:
+    """The MPO class of an nn.LSTM/GRU/RNN or MPOLSTM/MPOGRU/MPORNN, by its ``mode``."""
+    return {"LSTM": MPOLSTM, "GRU": MPOGRU, "RNN_TANH": MPORNN, "RNN_RELU": MPORNN}[module.mode]
 
 
 def _torch_args(module) -> dict[str, Any]:
-    """The torch constructor arguments of an nn.LSTM/GRU or an MPOLSTM/MPOGRU."""
-    cls = MPOLSTM if module.mode == "LSTM" else MPOGRU
-    return {name: getattr(module, name) for name in _torch_args_names(cls)}
+    """The torch constructor arguments of an nn.LSTM/GRU/RNN or an MPOLSTM/MPOGRU/MPORNN."""
+    return {name: getattr(module, name) for name in _torch_args_names(_mpo_class_of(module))}
 
 
 class MPOLSTM(_MPORNNBase):
@@ -649,8 +658,85 @@ class MPOGRU(_MPORNNBase):
         return x, h_out
 
 
+class MPORNN(_MPORNNBase):
+    """torch.nn.RNN (Elman: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), act = tanh or ReLU)
+    whose W_ih and W_hh are MPOs.
+
+    Args: torch.nn.RNN's (``input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None``) plus
+    ``bond_dim``, ``factors``, ``num_cores`` as for :class:`MPOLSTM`. ``forward`` runs torch's own
+    ``nn.RNN.forward`` (fused ``_VF.rnn_tanh`` / ``_VF.rnn_relu``) with the rebuilt weights;
+    ``step``, ``stream``, ``from_rnn``, ``to_rnn`` mirror MPOLSTM's.
+    """
+
+    _mode, _num_gates, _torch_class = "RNN_TANH", 1, nn.RNN
+    check_forward_args = nn.RNNBase.check_forward_args
+    permute_hidden = nn.RNNBase.permute_hidden
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, **mpo_kwargs) -> None:
+        if "proj_size" in mpo_kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype, **mpo_kwargs)
+        self.nonlinearity = nonlinearity
+        self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"  # what nn.RNN.forward dispatches on
+
+    @classmethod
+    def from_rnn(
+        cls,
+        rnn: nn.RNN,
+        max_bond: int | None = None,
+        rel_tol: float | None = None,
+        *,
+        factors: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
+        num_cores: int = 4,
+        mpos: Mapping[str, MPO] | None = None,
+    ) -> "MPORNN":
+        """As :meth:`MPOLSTM.from_lstm`, for a trained nn.RNN (either nonlinearity)."""
+        return cls._from_torch(rnn, max_bond, rel_tol, factors, num_cores, mpos)
+
+    def to_rnn(self) -> nn.RNN:
+        """A plain torch.nn.RNN with the rebuilt weights."""
+        return self._to_torch()
+
+    def _check_packed_hidden(self, input: PackedSequence, hx) -> None:
+        pass  # torch's RNN forward checks packed input itself
+
+    def step(self, input: Tensor, hx: Tensor | None = None):
+        """One time step: ``input`` (N, input_size) or (input_size,); ``hx`` (num_layers, N, H)
+        (unbatched (num_layers, H)). Returns (output (N, H), h), equal to ``forward`` on a
+        length-1 sequence."""
+        x, batched = self._step_checks(input)
+        n = x.shape[0]
+        if hx is None:
+            h = x.new_zeros(self.num_layers, n, self.hidden_size)
+        else:
+            self._check_step_state(hx, (self.num_layers, n, self.hidden_size), batched, "hidden")
+            h = hx if batched else hx.unsqueeze(1)
+        cache = self._eval_cache()
+        act = torch.tanh if self.nonlinearity == "tanh" else torch.relu
+        hs = []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, training=True)
+            pre = self._project(x, f"weight_ih_l{layer}", cache) + \
+                self._project(h[layer], f"weight_hh_l{layer}", cache)
+            if self.bias:
+                pre = pre + (getattr(self, f"bias_ih_l{layer}") + getattr(self, f"bias_hh_l{layer}"))
+            x = act(pre)
+            hs.append(x)
+        h_out = torch.stack(hs)
+        if not batched:
+            return x.squeeze(0), h_out.squeeze(1)
+        return x, h_out
+
+
 class RNNStream:
-    """Runs an MPOLSTM/MPOGRU one frame at a time, keeping the recurrent state.
+    """Runs an MPOLSTM/MPOGRU/MPORNN one frame at a time, keeping the recurrent state.
 
     ``s = lstm.stream(); for x_t in frames: y_t = s(x_t)``; ``s.state`` is the current (h, c)
     (or h); ``s.reset()`` starts a new sequence. Wrap in ``torch.no_grad()`` for inference."""
@@ -668,7 +754,7 @@ class RNNStream:
 
 def recurrent_inputs(rnn: nn.RNNBase, args: tuple) -> Iterator[tuple[str, Tensor]]:
     """(weight name, the vectors it multiplies (samples, features)) for every layer and
-    direction of an nn.LSTM / nn.GRU called with ``args`` (the registry's ``inputs`` hook).
+    direction of an nn.LSTM / nn.GRU / nn.RNN called with ``args`` (the registry's ``inputs`` hook).
 
     W_ih of layer l multiplies x_t of layer l (the module input for l = 0, the previous
     layer's output otherwise) and W_hh multiplies h_{t-1} (the initial state at t = 0). The
@@ -684,10 +770,10 @@ def recurrent_inputs(rnn: nn.RNNBase, args: tuple) -> Iterator[tuple[str, Tensor
         x = x.unsqueeze(0)
     elif not rnn.batch_first:
         x = x.transpose(0, 1)
-    h0_all, c0_all = hx if isinstance(rnn, nn.LSTM) and hx is not None else (hx, None)
+    lstm = rnn.mode == "LSTM"
+    h0_all, c0_all = hx if lstm and hx is not None else (hx, None)
     if h0_all is not None and h0_all.dim() == 2:
         h0_all, c0_all = h0_all.unsqueeze(1), None if c0_all is None else c0_all.unsqueeze(1)
-    lstm = isinstance(rnn, nn.LSTM)
     directions = 2 if rnn.bidirectional else 1
     real_hidden = rnn.proj_size or rnn.hidden_size
     layer_input = x  # (N, T, F), batch first from here on
@@ -695,8 +781,7 @@ def recurrent_inputs(rnn: nn.RNNBase, args: tuple) -> Iterator[tuple[str, Tensor
         outputs = []
         for d in range(directions):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
-            single = (nn.LSTM if lstm else nn.GRU)(layer_input.shape[-1], rnn.hidden_size, 1, bias=rnn.bias,
-                                                   batch_first=True, **({"proj_size": rnn.proj_size} if lstm else {}))
+            single = _single_layer(rnn, layer_input.shape[-1])
             single.to(device=layer_input.device, dtype=layer_input.dtype)
             with torch.no_grad():
                 for name in single._flat_weights_names:
@@ -723,6 +808,18 @@ def recurrent_inputs(rnn: nn.RNNBase, args: tuple) -> Iterator[tuple[str, Tensor
         layer_input = torch.cat(outputs, -1)
 
 
+def _single_layer(rnn: nn.RNNBase, input_size: int) -> nn.RNNBase:
+    """A one-layer, one-direction, batch-first torch RNN of ``rnn``'s kind (LSTM, GRU, RNN)."""
+    kwargs: dict[str, Any] = {"bias": rnn.bias, "batch_first": True}
+    if rnn.mode == "LSTM":
+        kwargs["proj_size"] = rnn.proj_size
+    elif rnn.mode.startswith("RNN_"):
+        kwargs["nonlinearity"] = "tanh" if rnn.mode == "RNN_TANH" else "relu"
+    return _mpo_class_of(rnn)._torch_class(input_size, rnn.hidden_size, 1, **kwargs)
+
+
 _RNN_SIZES = ("input_size", "hidden_size", "num_layers", "bidirectional", "proj_size", "batch_first")
 register(LayerType(nn.LSTM, MPOLSTM, MPOLSTM.from_lstm, MPOLSTM.to_lstm, MPOLSTM.mpo_matrices, recurrent_inputs, _RNN_SIZES))
 register(LayerType(nn.GRU, MPOGRU, MPOGRU.from_gru, MPOGRU.to_gru, MPOGRU.mpo_matrices, recurrent_inputs, _RNN_SIZES))
+register(LayerType(nn.RNN, MPORNN, MPORNN.from_rnn, MPORNN.to_rnn, MPORNN.mpo_matrices, recurrent_inputs,
+                   _RNN_SIZES + ("nonlinearity",)))
