@@ -72,7 +72,14 @@ from torch.nn.utils import prune
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # run as a script or imported from elsewhere
     sys.path.insert(0, _HERE)
-from baselines import GRU_WEIGHTS, prune_global, prune_layerwise, quantize_int8, svd_compress, svd_rank
+from baselines import (
+    GRU_WEIGHTS,
+    prune_global,
+    prune_layerwise,
+    quantize_int8,
+    svd_compress,
+    svd_rank,
+)
 from evaluate import evaluate, predict, split_words
 from g2p_model import G2PModel, decoder_inputs, encode_words, load_g2p
 
@@ -87,8 +94,8 @@ __all__ = [
     "gru_bytes",
     "gru_params",
     "int8_bytes",
-    "main",
     "keep_for_bytes",
+    "main",
     "prune_layerwise_bytes",
     "pruned_bytes",
     "structure",
