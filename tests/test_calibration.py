@@ -132,3 +132,23 @@ def test_budget_floor_keeps_bonds_above_one_when_affordable():
     _, report = compress(model, CompressionConfig(target_ratio=6), calibration=[torch.randint(0, 50, (9, 4))])
     assert report.ratio >= 6
     assert all(min(w.bond_dims) >= 2 for m in report.modules for w in m.weights.values())
+
+
+def test_whitened_factors_are_balanced_and_represent_the_same_weight():
+    from mpolstm.compression.layouts import Target, decompose_target
+    from mpolstm.calibration import whitening
+
+    torch.manual_seed(4)
+    m = torch.randn(48, 20, dtype=torch.float64)
+    x = torch.randn(500, 48, dtype=torch.float64) * torch.logspace(0, -2, 48, dtype=torch.float64)
+    pair = whitening(x.T @ x / 500)
+    target = Target("m", "weight", m, ((4, 12), (4, 5)), m.numel(), pair)
+    mpo = decompose_target(target, ((48, 1), (1, 20)), [6])
+    left = mpo.cores[0].flatten(0, 2).norm(dim=0)
+    right = mpo.cores[1].flatten(1).norm(dim=1)
+    torch.testing.assert_close(left, right)
+    s, s_inv = pair
+    a = s @ m  # the rank-6 truncation of S M, mapped back, is what the cores hold
+    u, sv, vh = torch.linalg.svd(a)
+    expected = s_inv @ (u[:, :6] * sv[:6]) @ vh[:6]
+    torch.testing.assert_close(mpo.to_matrix(), expected)

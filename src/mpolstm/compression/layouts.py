@@ -108,8 +108,19 @@ def decompose_target(target: Target, factors: Factors, max_bond, rel_tol: float 
     if target.whitening is None:
         return mpo
     first = apply_whitening(target.whitening[1], mpo.cores[0][0].reshape(mpo.cores[0].shape[1], -1))
-    first = first.reshape(mpo.cores[0].shape)
-    return MPO([first, *mpo.cores[1:]], mpo.report)
+    return MPO(_balance(first.reshape(mpo.cores[0].shape), mpo.cores[1:]), mpo.report)
+
+
+def _balance(first: Tensor, rest: list[Tensor]) -> list[Tensor]:
+    """Rescale each bond-1 channel so that it has the same norm in the first core and in the
+    second (the matrix is unchanged). Folding S^{-1} into the first core leaves the two factors
+    of a whitened decomposition badly scaled for gradient training otherwise."""
+    if not rest:
+        return [first]
+    left = first.flatten(0, 2).norm(dim=0)  # (D_1,)
+    right = rest[0].flatten(1).norm(dim=1)
+    scale = torch.where((left > 0) & (right > 0), (right / left.clamp_min(1e-300)).sqrt(), torch.ones_like(left))
+    return [first * scale, rest[0] / scale[:, None, None, None], *rest[1:]]
 
 
 def output_error(target: Target, mpo: MPO) -> float | None:
