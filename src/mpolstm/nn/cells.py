@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from .. import mpo as mpo_math
 from ..mpo import MPO, TruncationReport
+from .cached import CachedCores
 from .linear import init_cores_, resolve_factors
 from .registry import LayerType, register
 from .rnn import _default_factors, _merged_halves
@@ -63,7 +64,7 @@ def _halves_matmul(x: Tensor, prepared: tuple) -> Tensor:
     return (mid.reshape(n * jl, d * ir) @ r).reshape(n, jl * jr)
 
 
-class MPOWeights(nn.Module):
+class MPOWeights(CachedCores):
     """Machinery of an MPO module whose torch weights (named in ``_weight_shapes``, each viewed
     as a matrix (out, in)) are MPOs of W^T: cores ``<name>_cores``, rebuild, the eval-mode
     cache, products through the cost model, and the protocol's ``mpo_weights`` / ``reports`` /
@@ -272,29 +273,6 @@ class MPOWeights(nn.Module):
     def _torch_weight(self, name: str) -> Tensor:
         """Weight ``name`` in torch's shape (the rebuilt matrix here; conv reshapes it)."""
         return self._rebuild(name)
-
-    def train(self, mode: bool = True):
-        self._cache = None
-        return super().train(mode)
-
-    def _apply(self, fn, recurse=True):
-        self._cache = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_cache"] = None
-        return state
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    @property
-    def compression_ratio(self) -> float:
-        """Dense weight entries / MPO core entries (biases excluded on both sides)."""
-        dense = sum(o * i for o, i in self._weight_shapes.values())
-        return dense / sum(p.numel() for p in self._core_params())
 
     def _mpo_repr(self) -> str:
         bonds = [c.shape[3] for cores in self.mpo_weights().values() for c in list(cores)[:-1]]

