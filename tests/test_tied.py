@@ -66,6 +66,10 @@ def test_tie_survives_save_load_and_dense_export(tmp_path):
     torch.testing.assert_close(scripted(tokens), expected, atol=1e-5, rtol=1e-4)
     copied = copy.deepcopy(model)
     assert copied.decoder.owner is copied.encoder
+    onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    onnx_file = export_model(model.eval(), "onnx", tmp_path / "m.onnx", tokens)
+    served = onnxruntime.InferenceSession(str(onnx_file)).run(None, {"input0": tokens.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(served), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_selecting_one_sharer_names_both():
