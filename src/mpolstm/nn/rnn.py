@@ -354,6 +354,28 @@ class _MPORNNBase(CachedCores):
         return (nn.RNNBase.extra_repr(self) + nonlinearity + f", max_bond={max(bonds, default=1)}, "
                 f"params={self.num_params}, compression={self.compression_ratio:.1f}x")
 
+    def _hidden_step(self, input: Tensor, hx: Tensor | None, layer_step) -> tuple[Tensor, Tensor]:
+        """One time step of a model whose state is h alone (GRU, RNN): checks, zero state,
+        inter-layer dropout, unbatched input; ``layer_step(layer, x, h_layer, cache)`` -> new h."""
+        x, batched = self._step_checks(input)
+        n = x.shape[0]
+        if hx is None:
+            h = x.new_zeros(self.num_layers, n, self.hidden_size)
+        else:
+            self._check_step_state(hx, (self.num_layers, n, self.hidden_size), batched, "hidden")
+            h = hx if batched else hx.unsqueeze(1)
+        cache = self._eval_cache()
+        hs = []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, training=True)
+            x = layer_step(layer, x, h[layer], cache)
+            hs.append(x)
+        h_out = torch.stack(hs)
+        if not batched:
+            return x.squeeze(0), h_out.squeeze(1)
+        return x, h_out
+
     # -- full-sequence forward: torch's own, with the rebuilt weights -------------------
     def _update_flat_weights(self) -> None:  # called by torch's forward; ours are set per call
         pass
@@ -606,34 +628,20 @@ class MPOGRU(_MPORNNBase):
         """One time step: ``input`` (N, input_size) or (input_size,); ``hx`` (num_layers, N, H)
         (unbatched (num_layers, H)). Returns (output (N, H), h), equal to ``forward`` on a
         length-1 sequence."""
-        x, batched = self._step_checks(input)
-        n = x.shape[0]
-        if hx is None:
-            h = x.new_zeros(self.num_layers, n, self.hidden_size)
-        else:
-            self._check_step_state(hx, (self.num_layers, n, self.hidden_size), batched, "hidden")
-            h = hx if batched else hx.unsqueeze(1)
-        cache = self._eval_cache()
-        hs = []
-        for layer in range(self.num_layers):
-            if layer > 0 and self.dropout > 0 and self.training:
-                x = F.dropout(x, self.dropout, training=True)
-            gi = self._project(x, f"weight_ih_l{layer}", cache)
-            gh = self._project(h[layer], f"weight_hh_l{layer}", cache)
-            if self.bias:
-                gi = gi + getattr(self, f"bias_ih_l{layer}")
-                gh = gh + getattr(self, f"bias_hh_l{layer}")
-            i_r, i_z, i_n = gi.chunk(3, 1)
-            h_r, h_z, h_n = gh.chunk(3, 1)
-            r = torch.sigmoid(i_r + h_r)
-            z = torch.sigmoid(i_z + h_z)
-            cand = torch.tanh(i_n + r * h_n)
-            x = cand + z * (h[layer] - cand)
-            hs.append(x)
-        h_out = torch.stack(hs)
-        if not batched:
-            return x.squeeze(0), h_out.squeeze(1)
-        return x, h_out
+        return self._hidden_step(input, hx, self._gru_layer)
+
+    def _gru_layer(self, layer: int, x: Tensor, h: Tensor, cache) -> Tensor:
+        gi = self._project(x, f"weight_ih_l{layer}", cache)
+        gh = self._project(h, f"weight_hh_l{layer}", cache)
+        if self.bias:
+            gi = gi + getattr(self, f"bias_ih_l{layer}")
+            gh = gh + getattr(self, f"bias_hh_l{layer}")
+        i_r, i_z, i_n = gi.chunk(3, 1)
+        h_r, h_z, h_n = gh.chunk(3, 1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        cand = torch.tanh(i_n + r * h_n)
+        return cand + z * (h - cand)
 
 
 class MPORNN(_MPORNNBase):
@@ -688,29 +696,13 @@ class MPORNN(_MPORNNBase):
         """One time step: ``input`` (N, input_size) or (input_size,); ``hx`` (num_layers, N, H)
         (unbatched (num_layers, H)). Returns (output (N, H), h), equal to ``forward`` on a
         length-1 sequence."""
-        x, batched = self._step_checks(input)
-        n = x.shape[0]
-        if hx is None:
-            h = x.new_zeros(self.num_layers, n, self.hidden_size)
-        else:
-            self._check_step_state(hx, (self.num_layers, n, self.hidden_size), batched, "hidden")
-            h = hx if batched else hx.unsqueeze(1)
-        cache = self._eval_cache()
-        act = torch.tanh if self.nonlinearity == "tanh" else torch.relu
-        hs = []
-        for layer in range(self.num_layers):
-            if layer > 0 and self.dropout > 0 and self.training:
-                x = F.dropout(x, self.dropout, training=True)
-            pre = self._project(x, f"weight_ih_l{layer}", cache) + \
-                self._project(h[layer], f"weight_hh_l{layer}", cache)
-            if self.bias:
-                pre = pre + (getattr(self, f"bias_ih_l{layer}") + getattr(self, f"bias_hh_l{layer}"))
-            x = act(pre)
-            hs.append(x)
-        h_out = torch.stack(hs)
-        if not batched:
-            return x.squeeze(0), h_out.squeeze(1)
-        return x, h_out
+        return self._hidden_step(input, hx, self._elman_layer)
+
+    def _elman_layer(self, layer: int, x: Tensor, h: Tensor, cache) -> Tensor:
+        pre = self._project(x, f"weight_ih_l{layer}", cache) + self._project(h, f"weight_hh_l{layer}", cache)
+        if self.bias:
+            pre = pre + (getattr(self, f"bias_ih_l{layer}") + getattr(self, f"bias_hh_l{layer}"))
+        return torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)
 
 
 class RNNStream:
