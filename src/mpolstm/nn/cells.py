@@ -102,22 +102,6 @@ class MPOWeights(CachedCores):
         self._plans: dict[tuple, tuple] = {}  # (weight, rows, cached) -> (core shapes, path)
 
     # -- MPO-module protocol ------------------------------------------------------------
-    def mpo_weights(self) -> dict[str, nn.ParameterList]:
-        """torch weight name -> its cores (the MPO of W^T: input side i, output side j)."""
-        return {name: self._modules[f"{name}_cores"] for name in self._weight_shapes}
-
-    @property
-    def factors(self) -> dict[str, Factors]:
-        """weight name -> (in_factors, out_factors) of its MPO (read from the cores)."""
-        return {name: (tuple(c.shape[1] for c in cores), tuple(c.shape[2] for c in cores))
-                for name, cores in self.mpo_weights().items()}
-
-    def mpo(self, name: str) -> MPO:
-        """The MPO of weight ``name`` (maps its input to its output), sharing the parameters."""
-        if name not in self._weight_shapes:
-            raise KeyError(f"{name!r} is not an MPO weight; they are {list(self._weight_shapes)}")
-        return MPO(self._cores(name), self.reports.get(name))
-
     def _weights_config(self) -> dict[str, dict[str, list[int]]]:
         return {name: {"in_factors": list(in_f), "out_factors": list(out_f),
                        "bond_dims": list(mpo_math.bond_dims(self.mpo_weights()[name]))}
@@ -283,7 +267,9 @@ class MPOWeights(CachedCores):
 
 
 class _MPOCellBase(MPOWeights):
-    """Shared part of the three cells (see the module docstring)."""
+    """Shared part of the three cells (see the module docstring). Each cell class defines
+    ``_gates(gi, gh, states)``: the gate pre-activations (N, G*H) of both products and the state
+    list -> its output (h, or (h, c) for the LSTM cell)."""
 
     _torch_class: type[nn.RNNCellBase]
     _num_gates: int
@@ -432,9 +418,6 @@ class _MPOCellBase(MPOWeights):
         if batched:
             return out
         return tuple(o.squeeze(0) for o in out) if isinstance(out, tuple) else out.squeeze(0)
-
-    def _gates(self, gi: Tensor, gh: Tensor, states: list[Tensor]):
-        raise NotImplementedError
 
 
 class MPOLSTMCell(_MPOCellBase):

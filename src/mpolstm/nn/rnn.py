@@ -231,22 +231,6 @@ class _MPORNNBase(CachedCores):
         self._cache = None
 
     # -- MPO-module protocol (used by compress and io) ---------------------------------
-    def mpo_weights(self) -> dict[str, nn.ParameterList]:
-        """torch weight name -> its cores (the MPO of W^T: input side i, output side j)."""
-        return {name: self._modules[f"{name}_cores"] for name in self._weight_shapes}
-
-    @property
-    def factors(self) -> dict[str, Factors]:
-        """weight name -> (in_factors, out_factors) of its MPO (read from the cores)."""
-        return {name: (tuple(c.shape[1] for c in cores), tuple(c.shape[2] for c in cores))
-                for name, cores in self.mpo_weights().items()}
-
-    def mpo(self, name: str) -> MPO:
-        """The MPO of weight ``name`` (maps its input to the gates), sharing the parameters."""
-        if name not in self._weight_shapes:
-            raise KeyError(f"{name!r} is not an MPO weight; they are {list(self._weight_shapes)}")
-        return MPO(self._cores(name), self.reports.get(name))
-
     def mpo_config(self) -> dict[str, Any]:
         """JSON-serialisable description from which ``from_config`` rebuilds the module."""
         weights = {
