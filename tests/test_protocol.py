@@ -8,7 +8,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from mpolstm.compression import CompressionConfig, compress
 from mpolstm.nn import MPOLSTM
 from mpolstm.harness.tasks.base import Task
-from mpolstm.harness.protocol import ROWS, BondSchedule, ProtocolConfig, mpo_bonds, run_protocol
+from mpolstm.harness.protocol import ROWS, BondSchedule, ProtocolConfig, largest_hidden, mpo_bonds, run_protocol
+from mpolstm.harness.protocol.run import STORED_WEIGHTS
+from mpolstm.storage import file_data_bytes
 from mpolstm.harness.tasks.seqcls import SeqClassifier
 from mpolstm.harness.training import ACCURACY, TrainState
 
@@ -25,6 +27,7 @@ def tiny_task():
         val_loader=DataLoader(data, batch_size=96), test_loader=DataLoader(data, batch_size=96),
         loss_fn=F.cross_entropy, dense_epochs=1, finetune_epochs=2, lr=1e-2,
         example_batch=x[:4], step_input=torch.zeros(1, 8),
+        resize=lambda h: (SeqClassifier(2, h, input_size=8), {}),
     )
 
 
@@ -40,12 +43,40 @@ def test_protocol_writes_all_rows_at_equal_parameter_counts(tmp_path):
         assert rows[name]["params"] == budget, name  # pruning keeps exactly the MPO's count
     assert rows["mpo-gradual"]["params"] <= budget
     assert rows["mpo-posttrain"]["params"] <= budget  # layout search + calibration + distillation
+    # small dense: the largest hidden size whose LSTM weights fit (4h(8 + h) <= budget)
+    hidden = rows["small-dense"]["hidden"]
+    assert 4 * hidden * (8 + hidden) == rows["small-dense"]["params"] <= budget < 4 * (hidden + 1) * (9 + hidden)
+    assert rows["small-dense"]["total_params"] == sum(p.numel() for p in SeqClassifier(2, hidden, input_size=8).parameters())
+    assert rows["lowrank-decomp"]["params"] == rows["lowrank-scratch"]["params"] <= budget
+    # bytes: float rows 4 B an entry; int8 1 B an entry + scale and zero point per matrix; MPO int8 cores
+    # use about the float rows' bytes with ~4x the entries
+    for name in ("mpo-decomp", "mpo-scratch", "small-dense", "lowrank-decomp"):
+        assert rows[name]["bytes"] == 4 * rows[name]["params"] and rows[name]["storage"] == "float32"
+    assert rows["int8"]["target_ratio"] is None and rows["int8"]["params"] == dense
+    assert rows["int8"]["bytes"] == dense + 8 * 2 and rows["int8"]["storage"] == "int8-affine"
+    assert rows["mpo-int8"]["storage"] == "int8"
+    assert 2 * budget < rows["mpo-int8"]["params"] < rows["mpo-int8"]["bytes"] <= 4 * budget
+    assert rows["prune-oneshot"]["storage"] in ("csr", "bitmask", "bitmask+csr")
+    assert rows["prune-oneshot"]["bytes"] > 4 * budget  # values plus an index
     for r in doc["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["batched_ms"] > 0 and r["step_ms"] > 0
+        run = r["row"] if r["target_ratio"] is None else f"{r['row']}-{r['target_ratio']:g}x"
+        assert r["file_bytes"] == r["bytes"] == file_data_bytes(tmp_path / "models" / run / STORED_WEIGHTS), run
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == doc["rows"]
     assert "| mpo-decomp | 4x |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").stat().st_size > 1000
+    assert (tmp_path / "results-bytes.png").stat().st_size > 1000
+
+
+def test_largest_hidden_fits_the_budget_exactly():
+    build = lambda h: SeqClassifier(2, h, input_size=28, num_layers=2)  # noqa: E731
+    for budget in (4 * 1 * 29 + 4 * 1 * 2, 10_000, 123_456):
+        h = largest_hidden(build, ["lstm"], budget)
+        weights = lambda k: 4 * k * (28 + k) + 4 * k * (2 * k)  # noqa: E731  layer 1 + layer 2
+        assert weights(h) <= budget < weights(h + 1)
+    with pytest.raises(ValueError, match="no hidden size fits 10"):
+        largest_hidden(build, ["lstm"], 10)
 
 
 def test_bond_schedule_shrinks_cubically_to_target():

@@ -21,9 +21,9 @@ Modules: :mod:`.rows` (the table: row name -> label and recipe), :mod:`.run` (:c
 :mod:`.measure` (parameter counts, latency), :mod:`.report` (Markdown table, plot).
 """
 
-from .measure import compressed_params, dense_params, latencies, recurrent_weight_names
+from .measure import compressed_params, dense_params, largest_hidden, latencies, recurrent_weight_names
 from .report import markdown_table, plot_results
-from .rows import ROWS, Row, RowContext
+from .rows import ROWS, Row, RowContext, Trained
 from .run import ProtocolConfig, StagingError, run_protocol, run_staged, staging_dir, write_results
 from .schedule import BondSchedule, mpo_bonds, truncate_bonds
 
@@ -31,6 +31,7 @@ __all__ = [
     "ROWS",
     "Row",
     "RowContext",
+    "Trained",
     "ProtocolConfig",
     "StagingError",
     "run_protocol",
@@ -45,5 +46,6 @@ __all__ = [
     "compressed_params",
     "dense_params",
     "latencies",
+    "largest_hidden",
     "recurrent_weight_names",
 ]

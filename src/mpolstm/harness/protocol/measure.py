@@ -1,4 +1,5 @@
-"""What the protocol measures of a model: recurrent parameter counts and inference latency."""
+"""What the protocol measures of a model: recurrent parameter counts, stored bytes, inference
+latency, and the hidden size of a dense model that fits a budget."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from torch.utils import benchmark
 
 from ...nn import is_mpo_module
 from ...prune import count_nonzero
+from ...storage import quantized_rnn_weights
 from ..tasks.base import Task, lstm_cell_step
 from .schedule import mpo_entries
 
-__all__ = ["recurrent_weight_names", "dense_params", "compressed_params", "latencies"]
+__all__ = ["recurrent_weight_names", "dense_params", "compressed_params", "latencies", "largest_hidden"]
 
 
 def recurrent_weight_names(model: nn.Module, names: Sequence[str]) -> list[str]:
@@ -31,8 +33,11 @@ def compressed_params(model: nn.Module, names: Sequence[str]) -> int:
     total = 0
     for n in names:
         module = model.get_submodule(n)
+        quantized = quantized_rnn_weights(module)
         if is_mpo_module(module):
             total += mpo_entries(model, [n])
+        elif quantized is not None:
+            total += sum(q.numel() for q in quantized.values())
         else:
             total += count_nonzero(model, [f"{n}.{w}" for w in module._flat_weights_names if w.startswith("weight")])
     return total
@@ -51,7 +56,34 @@ def latencies(model: nn.Module, task: Task) -> dict[str, float]:
     batched = _median_seconds(lambda: model(batch))
     lstm = model.get_submodule(task.recurrent[0])
     frame = task.step_input
-    step_fn = lstm.step if hasattr(lstm, "step") else (lambda x, s=None: lstm_cell_step(lstm, x, s))
+    if hasattr(lstm, "step"):
+        step_fn = lstm.step
+    elif type(lstm) is nn.LSTM:
+        step_fn = lambda x, s=None: lstm_cell_step(lstm, x, s)  # noqa: E731
+    else:  # e.g. torch's dynamically quantized LSTM: a length-1 sequence
+        def step_fn(x, s=None):
+            out, s = lstm(x.unsqueeze(1 if lstm.batch_first else 0), s)
+            return out.squeeze(1 if lstm.batch_first else 0), s
     state = step_fn(frame)[1]
     step = _median_seconds(lambda: step_fn(frame, state))
     return {"batched_ms": 1e3 * batched, "step_ms": 1e3 * step}
+
+
+def largest_hidden(build: Callable[[int], nn.Module], names: Sequence[str], budget: int) -> int:
+    """The largest hidden size h whose model ``build(h)`` has at most ``budget`` entries in the
+    weights of the named modules (they grow with h; models are built on the meta device).
+    ValueError when even h = 1 does not fit."""
+
+    def weights(h: int) -> int:
+        with torch.device("meta"):
+            return dense_params(build(h), names)
+
+    if weights(1) > budget:
+        raise ValueError(f"no hidden size fits {budget} recurrent weights (hidden size 1 has {weights(1)})")
+    fits, too_big = 1, 2
+    while weights(too_big) <= budget:
+        fits, too_big = too_big, 2 * too_big
+    while too_big - fits > 1:
+        middle = (fits + too_big) // 2
+        fits, too_big = (middle, too_big) if weights(middle) <= budget else (fits, middle)
+    return fits

@@ -1,7 +1,8 @@
 """The rows of the protocol table: name -> :class:`Row` (label and recipe).
 
 A recipe builds and trains one row's model at one compression ratio from a :class:`RowContext`
-and returns ``(model, training seconds)``; :func:`~.run.run_protocol` measures and records it.
+and returns a :class:`Trained` (the model, its training seconds, how its weights are stored);
+:func:`~.run.run_protocol` measures and records it.
 The rows run in the order of :data:`ROWS`. To add a row, write a recipe here and add one entry
 to :data:`ROWS` (its name is then valid in ``ProtocolConfig.rows`` and ``mpolstm reproduce --rows``).
 """
@@ -11,8 +12,9 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -21,14 +23,16 @@ from ...compression import CompressionConfig, compress, freeze_central
 from ...distill import distill
 from ...nn import init_cores_, is_mpo_module
 from ...prune import AGPPruner, make_permanent, prune_global
+from ...storage import round_to_int8_
 from ..training import Callback, Distillation, default_forward, seed_everything
+from .measure import largest_hidden
 from .schedule import Bonds, BondSchedule
 
 if TYPE_CHECKING:
     from ..tasks.base import Task
     from .run import ProtocolConfig
 
-__all__ = ["Row", "RowContext", "Recipe", "ROWS", "GRADUAL_START_RATIO", "LAYOUT"]
+__all__ = ["Row", "RowContext", "Recipe", "Trained", "ROWS", "GRADUAL_START_RATIO", "LAYOUT", "quantize_dynamic_int8"]
 
 GRADUAL_START_RATIO = 2.0
 """Row (f) starts from a TT-SVD at this ratio (or the row's ratio if lower)."""
@@ -84,17 +88,37 @@ class RowContext:
         return self.train(model, self.config.finetune_epochs, callbacks, distill=self.teacher)
 
 
-Recipe = Callable[[RowContext], tuple[nn.Module, float]]
-"""A row's recipe: context -> (trained model, training seconds)."""
+@dataclass
+class Trained:
+    """What a recipe returns.
+
+    model, seconds: the final model and its training seconds.
+    int8_cores: its MPO cores lie on their int8 grids and are stored as int8 + one scale each.
+    architecture: the model's spec when it differs from the task's (``small-dense``).
+    total_params: every parameter of the model, when ``model.parameters()`` does not show them
+        (torch's quantized modules hold packed weights).
+    """
+
+    model: nn.Module
+    seconds: float
+    int8_cores: bool = False
+    architecture: dict[str, Any] | None = None
+    total_params: int | None = None
+
+
+Recipe = Callable[[RowContext], Trained]
+"""A row's recipe: context -> :class:`Trained`."""
 
 
 @dataclass(frozen=True)
 class Row:
     """A row of the table: its label (the plot legend) and recipe; ``recipe=None`` marks the dense
-    row, which :func:`~.run.run_protocol` trains once before the ratios."""
+    row, which :func:`~.run.run_protocol` trains once before the ratios. A row with ``once`` does
+    not depend on the ratio (int8 quantization) and runs once, with the first ratio's context."""
 
     label: str
     recipe: Recipe | None
+    once: bool = False
 
 
 def _reinit(model: nn.Module, names: Sequence[str]) -> None:
@@ -114,58 +138,58 @@ def _reinit(model: nn.Module, names: Sequence[str]) -> None:
                     p.uniform_(-math.sqrt(3) * std, math.sqrt(3) * std)
 
 
-def mpo_decomp(ctx: RowContext) -> tuple[nn.Module, float]:
+def mpo_decomp(ctx: RowContext) -> Trained:
     """(a) TT-SVD of the trained dense model, then fine-tuning."""
     model = copy.deepcopy(ctx.decomposed)
-    return model, ctx.finetune(model)
+    return Trained(model, ctx.finetune(model))
 
 
-def mpo_scratch(ctx: RowContext) -> tuple[nn.Module, float]:
+def mpo_scratch(ctx: RowContext) -> Trained:
     """(b) The same MPO structure re-initialised and trained from scratch for dense + fine-tuning epochs."""
     seed_everything(ctx.config.seed)
     model = copy.deepcopy(ctx.decomposed)
     _reinit(model, ctx.names)
-    return model, ctx.train(model, ctx.config.dense_epochs + ctx.config.finetune_epochs)
+    return Trained(model, ctx.train(model, ctx.config.dense_epochs + ctx.config.finetune_epochs))
 
 
-def mpo_central(ctx: RowContext) -> tuple[nn.Module, float]:
+def mpo_central(ctx: RowContext) -> Trained:
     """(c) As (a), with the central tensors frozen (MPOP lightweight fine-tuning)."""
     model = copy.deepcopy(ctx.decomposed)
     freeze_central(model)
-    return model, ctx.finetune(model)
+    return Trained(model, ctx.finetune(model))
 
 
-def prune_agp(ctx: RowContext) -> tuple[nn.Module, float]:
+def prune_agp(ctx: RowContext) -> Trained:
     """(d) Gradual (AGP, cubic) global magnitude pruning to the budget during fine-tuning."""
     model = copy.deepcopy(ctx.dense)
     agp = AGPPruner(ctx.weights, ctx.budget, start=0, end=ctx.schedule_end, method="global")
     seconds = ctx.finetune(model, callbacks=[agp])
     make_permanent(model)
-    return model, seconds
+    return Trained(model, seconds)
 
 
-def prune_oneshot(ctx: RowContext) -> tuple[nn.Module, float]:
+def prune_oneshot(ctx: RowContext) -> Trained:
     """(e) One-shot global magnitude pruning to the budget, then fine-tuning."""
     model = copy.deepcopy(ctx.dense)
     prune_global(model, ctx.weights, ctx.budget)
     seconds = ctx.finetune(model)
     make_permanent(model)
-    return model, seconds
+    return Trained(model, seconds)
 
 
-def mpo_gradual(ctx: RowContext) -> tuple[nn.Module, float]:
+def mpo_gradual(ctx: RowContext) -> Trained:
     """(f) TT-SVD at a low ratio, bonds shrunk on a cubic schedule to (a)'s bonds during fine-tuning."""
     start = CompressionConfig(target_modules=ctx.names, target_ratio=min(GRADUAL_START_RATIO, ctx.ratio),
                               layout=LAYOUT)
     model, _ = compress(copy.deepcopy(ctx.dense), start)
-    return model, ctx.finetune(model, callbacks=[BondSchedule(ctx.target, end=ctx.schedule_end)])
+    return Trained(model, ctx.finetune(model, callbacks=[BondSchedule(ctx.target, end=ctx.schedule_end)]))
 
 
 CALIBRATION_BATCHES = 8
 """Training batches whose inputs calibrate row (g)'s compression."""
 
 
-def mpo_posttrain(ctx: RowContext) -> tuple[nn.Module, float]:
+def mpo_posttrain(ctx: RowContext) -> Trained:
     """(g) What a user with only the trained model does: layout search + calibration on a few
     training inputs (no labels), then distillation from the dense model (mpolstm.distill, no
     labels) for as many steps as the fine-tuning epochs have batches."""
@@ -177,7 +201,72 @@ def mpo_posttrain(ctx: RowContext) -> tuple[nn.Module, float]:
     result = distill(model, ctx.dense, batches, steps=max(ctx.config.finetune_epochs * len(batches), 1),
                      lr=ctx.task.lr, loss=ctx.task.distill_loss, forward=lambda m, b: forward(m, b)[0],
                      seed=ctx.config.seed)
-    return model, result.seconds
+    return Trained(model, result.seconds)
+
+
+def small_dense(ctx: RowContext) -> Trained:
+    """A plain dense model whose LSTM has the largest hidden size fitting the budget (the layers
+    around it follow from that size), trained from scratch for dense + fine-tuning epochs."""
+    if ctx.task.resize is None:
+        raise ValueError(f"task {ctx.task.name!r} has no Task.resize, which the small-dense row needs")
+    hidden = largest_hidden(lambda h: ctx.task.resize(h)[0], ctx.names, ctx.budget)
+    seed_everything(ctx.config.seed)
+    model, architecture = ctx.task.resize(hidden)
+    seconds = ctx.train(model, ctx.config.dense_epochs + ctx.config.finetune_epochs)
+    return Trained(model, seconds, architecture=architecture)
+
+
+def _lowrank(ctx: RowContext) -> nn.Module:
+    """Every LSTM weight as a rank-r product (the 2-core "lowrank" MPO = truncated SVD), ranks
+    allocated over the weights' spectra to the budget, as the MPO rows' bonds are."""
+    config = CompressionConfig(target_modules=ctx.names, max_params=ctx.budget, layout="lowrank")
+    return compress(copy.deepcopy(ctx.dense), config)[0]
+
+
+def lowrank_decomp(ctx: RowContext) -> Trained:
+    """Truncated SVD of the trained dense LSTM at the budget, then fine-tuning."""
+    model = _lowrank(ctx)
+    return Trained(model, ctx.finetune(model))
+
+
+def lowrank_scratch(ctx: RowContext) -> Trained:
+    """The same rank-r structure re-initialised and trained from scratch for dense + fine-tuning epochs."""
+    seed_everything(ctx.config.seed)
+    model = _lowrank(ctx)
+    _reinit(model, ctx.names)
+    return Trained(model, ctx.train(model, ctx.config.dense_epochs + ctx.config.finetune_epochs))
+
+
+def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its nn.LSTM and nn.Linear layers dynamically quantized to int8
+    (``torch.ao.quantization.quantize_dynamic``: int8 weights, activations quantized per batch).
+    torch marks torch.ao.quantization deprecated in favour of torchao, which has no CPU LSTM
+    path; the warning is silenced here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor", category=UserWarning)
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(copy.deepcopy(model).eval(), {nn.LSTM, nn.Linear}, dtype=torch.qint8)
+
+
+def int8_dynamic(ctx: RowContext) -> Trained:
+    """Dynamic int8 quantization of the trained dense model, no training (4x fewer weight bytes at
+    any ratio, so the row runs once)."""
+    total = sum(p.numel() for p in ctx.dense.parameters())
+    return Trained(quantize_dynamic_int8(ctx.dense), 0.0, total_params=total)
+
+
+def mpo_int8(ctx: RowContext) -> Trained:
+    """An MPO with the float rows' byte budget: int8 cores (1 byte an entry + a 4-byte scale per core)
+    allow ~4x the entries of (a). TT-SVD of the dense model at that size and fine-tuning as (a),
+    then every core rounded to int8 (post-training quantization)."""
+    scale_bytes = 4 * 4 * len(ctx.weights)  # at most 4 cores per weight, a float32 scale each
+    config = CompressionConfig(target_modules=ctx.names, max_params=4 * ctx.budget - scale_bytes, layout=LAYOUT)
+    model = compress(copy.deepcopy(ctx.dense), config)[0]
+    seconds = ctx.finetune(model)
+    round_to_int8_(p for n in ctx.names for cores in model.get_submodule(n).mpo_weights().values() for p in cores)
+    return Trained(model, seconds, int8_cores=True)
 
 
 ROWS: dict[str, Row] = {
@@ -189,5 +278,10 @@ ROWS: dict[str, Row] = {
     "prune-oneshot": Row("(e) one-shot magnitude pruning + fine-tuning", prune_oneshot),
     "mpo-gradual": Row("(f) gradual bond truncation during fine-tuning", mpo_gradual),
     "mpo-posttrain": Row("(g) MPO post-training: layout search + calibration + distillation", mpo_posttrain),
+    "small-dense": Row("small dense LSTM at the budget, from scratch", small_dense),
+    "lowrank-decomp": Row("low rank (truncated SVD) of the dense model + fine-tuning", lowrank_decomp),
+    "lowrank-scratch": Row("low rank trained from scratch", lowrank_scratch),
+    "int8": Row("dense, dynamic int8 quantization (no training)", int8_dynamic, once=True),
+    "mpo-int8": Row("MPO with int8 cores at the same bytes + fine-tuning", mpo_int8),
 }
 """Every row, in the order they run and are reported."""

@@ -19,13 +19,14 @@ from torch import nn
 
 from ...atomic import atomic_write_bytes
 from ...compression import CompressionConfig, compress
+from ...storage import file_data_bytes, pack_weights, packed_bytes, save_packed
 from ..distributed import barrier, is_main, setup
 from ..tasks import save_model
 from ..tasks.base import Task
 from ..training import Distillation, evaluate, fit, seed_everything
 from .measure import compressed_params, dense_params, latencies, recurrent_weight_names
 from .report import markdown_table, plot_results
-from .rows import LAYOUT, ROWS, RowContext, TrainFn
+from .rows import LAYOUT, ROWS, RowContext, Trained, TrainFn
 from .schedule import BondSchedule, mpo_bonds
 
 __all__ = ["ROWS", "BondSchedule", "ProtocolConfig", "StagingError", "mpo_bonds", "run_protocol", "run_staged",
@@ -64,20 +65,43 @@ def _train(task: Task, seed: int, runs: Path, resume: bool, model: nn.Module, ep
     return sum(record["time_s"] for record in result.history)
 
 
+STORED_WEIGHTS = "recurrent-weights.safetensors"
+"""In every saved row model: the LSTM weights in their stored form (:func:`mpolstm.storage.pack_weights`)."""
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+
+
 def _record(task: Task, out: Path, dense_count: int, log: Callable[[str], None], row: str, ratio: float | None,
-            model: nn.Module, seconds: float) -> dict[str, Any]:
-    """Save the row's final model, measure it and return its results row."""
+            trained: Trained) -> dict[str, Any]:
+    """Save the row's final model (and its LSTM weights in their stored form), measure it and
+    return its results row. ``bytes`` is computed from the stored form; ``file_bytes`` is the data
+    size of the file written, which equals it."""
+    model, names = trained.model, list(task.recurrent)
     run = row if ratio is None else f"{row}-{ratio:g}x"
-    if task.architecture and is_main():
-        save_model(model, task.architecture, out / "models" / run)
+    folder = out / "models" / run
+    tensors, formats = pack_weights(model, names, int8_cores=trained.int8_cores)
+    stored = packed_bytes(tensors)
+    file_bytes = stored
+    if is_main():
+        if task.architecture and not _is_quantized(model):  # torch's quantized modules: stored weights only
+            save_model(model, trained.architecture or task.architecture, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        file_bytes = file_data_bytes(save_packed(tensors, formats, folder / STORED_WEIGHTS))
     metric = evaluate(model, task.test_loader, task.metric, forward_fn=task.forward_fn)
-    params = compressed_params(model, list(task.recurrent))
+    params = compressed_params(model, names)
+    recurrent = model.get_submodule(names[0])
+    total = trained.total_params if trained.total_params is not None else sum(p.numel() for p in model.parameters())
     entry = {"row": row, "target_ratio": ratio, task.metric.name: metric, "params": params,
-             "ratio": dense_count / params, "train_s": seconds, **latencies(model, task)}
+             "ratio": dense_count / params, "bytes": stored, "bytes_ratio": 4 * dense_count / stored,
+             "storage": "+".join(sorted(set(formats.values()))), "file_bytes": file_bytes,
+             "total_params": total, "hidden": recurrent.hidden_size, "train_s": trained.seconds,
+             **latencies(model, task)}
     if task.test_report is not None:
         entry.update(task.test_report(model))
-    log(f"{row:14s} ratio {'-' if ratio is None else f'{ratio:g}x':>5s}  {task.metric.name} {metric:.4f}  "
-        f"params {params:,}  train {seconds:.0f}s")
+    log(f"{row:15s} ratio {'-' if ratio is None else f'{ratio:g}x':>5s}  {task.metric.name} {metric:.4f}  "
+        f"params {params:,}  bytes {stored:,} ({entry['storage']})  train {trained.seconds:.0f}s")
     return entry
 
 
@@ -118,15 +142,17 @@ def run_protocol(task: Task, config: ProtocolConfig, out_dir: str | Path,
     seconds = train(dense, config.dense_epochs, "dense")
     dense_count = dense_params(dense, list(task.recurrent))
     record = partial(_record, task, out, dense_count, log)
-    rows = [record("dense", None, dense, seconds)]
+    rows = [record("dense", None, Trained(dense, seconds))]
     teacher = Distillation(copy.deepcopy(dense)) if config.distill else None
 
     for ratio in config.ratios:
         context = _ratio_context(task, config, ratio, dense, teacher, train)
         for name, row in ROWS.items():
-            if row.recipe is not None and name in config.rows:
-                model, seconds = row.recipe(replace(context, run=f"{name}-{ratio:g}x"))
-                rows.append(record(name, ratio, model, seconds))
+            if row.recipe is None or name not in config.rows or (row.once and ratio != config.ratios[0]):
+                continue
+            run_ratio = None if row.once else ratio
+            trained = row.recipe(replace(context, run=name if row.once else f"{name}-{ratio:g}x"))
+            rows.append(record(name, run_ratio, trained))
 
     document = {
         "task": task.name, "metric": task.metric.name, "higher_is_better": task.metric.mode == "max",
@@ -140,10 +166,12 @@ def run_protocol(task: Task, config: ProtocolConfig, out_dir: str | Path,
 
 
 def write_results(document: dict[str, Any], out: Path) -> None:
-    """results.json, results.md and results.png of a results document in ``out``."""
+    """results.json, results.md, results.png (metric vs parameters) and results-bytes.png (metric
+    vs bytes) of a results document in ``out``."""
     atomic_write_bytes(out / "results.json", json.dumps(document, indent=2).encode())
     atomic_write_bytes(out / "results.md", markdown_table(document).encode())
     plot_results(document, out / "results.png")
+    plot_results(document, out / "results-bytes.png", x="bytes")
 
 
 class StagingError(ValueError):

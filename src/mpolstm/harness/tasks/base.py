@@ -24,6 +24,8 @@ class Task:
     test_report: optional ``model -> {name: value}`` of extra test metrics (e.g. PESQ, STOI).
     architecture: JSON spec that rebuilds the model without data (see ``tasks.build_architecture``).
     distill_loss: how a student matches the dense teacher's outputs: "kl" (logits) or "mse" (regression).
+    resize: ``h -> (model, architecture)``: a fresh dense model whose ``recurrent`` layers have hidden
+        size h (the layers around them follow), and its spec; the ``small-dense`` row needs it.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Task:
     architecture: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     distill_loss: str = "kl"
+    resize: Callable[[int], tuple[nn.Module, dict[str, Any]]] | None = None
 
 
 def lstm_cell_step(lstm: nn.LSTM, x: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:

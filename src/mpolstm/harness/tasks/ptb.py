@@ -78,8 +78,14 @@ def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
     train = corpus.train[: size.train_tokens]
     valid, test = corpus.valid[: size.eval_tokens], corpus.test[: size.eval_tokens]
 
-    architecture = {"name": "ptb", "kwargs": {"vocab_size": corpus.vocab_size, "hidden_size": size.hidden_size,
-                                              "dropout": size.dropout}}
+    def spec(hidden: int) -> dict[str, Any]:
+        return {"name": "ptb", "kwargs": {"vocab_size": corpus.vocab_size, "hidden_size": hidden,
+                                          "dropout": size.dropout}}
+
+    def resize(hidden: int) -> tuple[nn.Module, dict[str, Any]]:
+        return WordLM(**spec(hidden)["kwargs"]), spec(hidden)
+
+    architecture = spec(size.hidden_size)
 
     def build() -> nn.Module:
         return WordLM(**architecture["kwargs"])
@@ -102,6 +108,7 @@ def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
         example_batch=batchify(test, 10)[: size.bptt],
         step_input=torch.zeros(1, size.hidden_size),
         architecture=architecture,
+        resize=resize,
         meta={"dataset": "ptb", "preset": preset, "seed": seed, "hidden_size": size.hidden_size,
               "train_tokens": len(train), "eval_tokens": len(valid), "batch_size": size.batch_size, "bptt": size.bptt},
     )

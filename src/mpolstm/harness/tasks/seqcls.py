@@ -20,7 +20,7 @@ from ..training import ACCURACY
 from .base import Task
 from .registry import TaskType, register_task
 
-__all__ = ["SeqClassifier", "SeqClsSize", "SIZES", "make_task", "example_inputs", "TASK"]
+__all__ = ["SeqClassifier", "SeqClsSize", "SIZES", "IMDB_VOCABULARY", "make_task", "example_inputs", "TASK"]
 
 
 class SeqClassifier(nn.Module):
@@ -67,20 +67,35 @@ SIZES = {
 }
 
 
+IMDB_VOCABULARY = 25_000
+"""The paper's IMDB vocabulary: the 25,000 most frequent training words (plus <pad> and <unk>)."""
+
+
 def make_task(preset: str = "quick", *, dataset: str = "mnist", data_dir: str | Path | None = None, seed: int = 0,
-              max_len: int = 800) -> Task:
-    """The sequence-classification task at a preset size (see :data:`SIZES`)."""
+              max_len: int = 800, embedding_dim: int = 128) -> Task:
+    """The sequence-classification task at a preset size (see :data:`SIZES`); IMDB uses the paper's
+    vocabulary (:data:`IMDB_VOCABULARY`), sequences cut to ``max_len`` tokens and embedded in
+    ``embedding_dim`` dimensions (the paper's LSTM input is 256)."""
     size: SeqClsSize = TASK.size(preset)
     kwargs = {"seed": seed}
     if dataset == "imdb":
-        kwargs["max_len"] = max_len
+        kwargs.update(max_len=max_len, vocab_size=IMDB_VOCABULARY)
     data = load_seqcls(dataset, data_dir=data_dir, **kwargs)
     if size.train_examples is not None:
         data = data.head(train=min(size.train_examples, len(data.train)))
     gen = torch.Generator().manual_seed(seed)
 
-    architecture = {"name": "seqcls", "kwargs": {"num_classes": data.num_classes, "hidden_size": size.hidden_size,
-                                                 "input_size": data.input_size, "vocab_size": data.vocab_size}}
+    def spec(hidden: int) -> dict[str, Any]:
+        kwargs = {"num_classes": data.num_classes, "hidden_size": hidden, "input_size": data.input_size,
+                  "vocab_size": data.vocab_size}
+        if data.vocab_size:
+            kwargs["embedding_dim"] = embedding_dim
+        return {"name": "seqcls", "kwargs": kwargs}
+
+    def resize(hidden: int) -> tuple[nn.Module, dict[str, Any]]:
+        return SeqClassifier(**spec(hidden)["kwargs"]), spec(hidden)
+
+    architecture = spec(size.hidden_size)
 
     def build() -> nn.Module:
         return SeqClassifier(**architecture["kwargs"])
@@ -99,8 +114,9 @@ def make_task(preset: str = "quick", *, dataset: str = "mnist", data_dir: str | 
         lr=size.lr,
         grad_clip=1.0,
         example_batch=example,
-        step_input=torch.zeros(1, 128 if data.vocab_size else data.input_size),
+        step_input=torch.zeros(1, embedding_dim if data.vocab_size else data.input_size),
         architecture=architecture,
+        resize=resize,
         meta={"dataset": dataset, "preset": preset, "seed": seed, "hidden_size": size.hidden_size,
               "splits": data.meta.get("sizes"), "source": data.meta.get("source")},
     )

@@ -369,8 +369,9 @@ SIZES = {
 }
 
 
-def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
-    """The speech-enhancement task at a preset size; builds the corpus on first use (needs espeak-ng).
+def make_task(preset: str = "quick", *, seed: int = 0, layers: int | None = None) -> Task:
+    """The speech-enhancement task at a preset size (``layers`` overrides its LSTM depth); builds the
+    corpus on first use (needs espeak-ng).
 
     Validation metric for training: mask MSE; every protocol row also reports test PESQ-wb, STOI
     and SI-SDR (and the noisy input's scores go in the task's meta)."""
@@ -381,10 +382,21 @@ def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
     n_test = len(test) if size.test_utterances is None else min(size.test_utterances, len(test))
     stats_from = [train.noisy[i] for i in range(n_train)]
 
-    architecture = {"name": "speech", "kwargs": {"hidden": size.hidden, "layers": size.layers}}
+    depth = size.layers if layers is None else layers
+
+    def spec(hidden: int) -> dict[str, Any]:
+        return {"name": "speech", "kwargs": {"hidden": hidden, "layers": depth}}
+
+    def resize(hidden: int) -> tuple[nn.Module, dict[str, Any]]:
+        model = make_model(hidden, depth)
+        if model.feat_mean.device.type != "meta":  # sizing probes build on the meta device
+            fit_feature_stats(model, stats_from)
+        return model, spec(hidden)
+
+    architecture = spec(size.hidden)
 
     def build() -> nn.Module:
-        return fit_feature_stats(make_model(size.hidden, size.layers), stats_from)
+        return resize(size.hidden)[0]
 
     def report(model: nn.Module) -> dict[str, float]:
         scores = evaluate(model, test, limit=n_test)
@@ -410,8 +422,9 @@ def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
         step_input=torch.zeros(1, INPUT_BINS),
         test_report=report,
         architecture=architecture,
+        resize=resize,
         meta={"dataset": f"synthetic espeak-ng corpus ({size.corpus})", "preset": preset, "seed": seed,
-              "hidden_size": size.hidden, "layers": size.layers, "train_utterances": n_train,
+              "hidden_size": size.hidden, "layers": depth, "train_utterances": n_train,
               "test_utterances": n_test, "manifest": str(corpus.root / "manifest.json"),
               **{f"noisy_{k}": float(np.mean([s[k] for s in noisy])) for k in ("pesq", "stoi", "si_sdr")}},
     )
