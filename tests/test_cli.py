@@ -18,6 +18,11 @@ runner = CliRunner()
         (["reproduce", "--task", "seqcls", "--dataset", "imdb", "--data-dir", "/nonexistent/aclImdb"], "is not a folder"),
         (["reproduce", "--task", "seqcls", "--preset", "huge"], "huge"),
         (["decompose", "--size", "2"], "--size must be >= 4"),
+        (["reproduce", "--task", "seqcls", "--seeds", "0,zero"], "--seeds must be distinct"),
+        (["reproduce", "--task", "seqcls", "--seeds", "1,1"], "--seeds must be distinct"),
+        (["paper-grid", "--rates", "7"], "not in the paper's Table 2"),
+        (["paper-grid", "--rows", "dense,mpo-gradual"], "cannot run on the paper's layout"),
+        (["paper-grid", "--task", "ptb"], "must be seqcls or speech"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path):
@@ -44,7 +49,8 @@ def test_reproduce_quick_subset_writes_results(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "results.json").read_text())
     assert [r["row"] for r in doc["rows"]] == ["dense", "mpo-decomp", "prune-oneshot"]
-    assert sorted(p.name for p in out.iterdir()) == ["models", "results.json", "results.md", "results.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["models", "results-bytes.png", "results.json", "results.md",
+                                                     "results.png"]
     assert sorted(p.name for p in (out / "models").iterdir()) == ["dense", "mpo-decomp-10x", "prune-oneshot-10x"]
     assert not any(p.name.startswith(".res.") for p in tmp_path.iterdir())  # no staging left behind
 
@@ -201,3 +207,57 @@ def test_any_model_compress_inspect_export(tmp_path, monkeypatch):
         bad = runner.invoke(app, args)
         assert bad.exit_code == 2 and message in bad.output, bad.output
         assert not (tmp_path / "x").exists() and not (tmp_path / "m.onnx").exists()
+
+
+def test_reproduce_seeds_writes_a_summary_with_error_bars(tmp_path, monkeypatch):
+    from mpolstm.harness.tasks import seqcls
+
+    monkeypatch.setitem(seqcls.SIZES, "quick", seqcls.SeqClsSize(16, 200, 50, 1, 1, 1e-2))
+    out = tmp_path / "res"
+    result = runner.invoke(app, ["reproduce", "--task", "seqcls", "--ratios", "10", "--rows",
+                                 "dense,mpo-decomp,prune-oneshot,int8", "--seeds", "3,4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    seeds = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (3, 4)]
+    assert summary["seeds"] == [3, 4] and [d["seed"] for d in seeds] == [3, 4]
+    row = next(r for r in summary["rows"] if r["row"] == "mpo-decomp")
+    accuracies = [next(e["accuracy"] for e in d["rows"] if e["row"] == "mpo-decomp") for d in seeds]
+    assert row["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
+    assert row["accuracy"]["std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2 ** 0.5)
+    verdict = summary["verdict"][0]
+    assert verdict["target_ratio"] == 10 and verdict["best_mpo"] == "mpo-decomp"
+    assert verdict["best_baseline"] == "prune-oneshot" and verdict["outcome"] in ("win", "tie", "loss")
+    text = (out / "summary.md").read_text()
+    assert " ± " in text and "- 10x: best" in text and (out / "summary.png").stat().st_size > 1000
+    again = runner.invoke(app, ["reproduce", "--task", "seqcls", "--ratios", "10", "--rows",
+                                "dense,mpo-decomp,prune-oneshot,int8", "--seeds", "3,4", "--out", str(out), "--resume"])
+    assert again.exit_code == 0 and "seed 3: reusing" in again.output
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_paper_grid_on_a_tiny_imdb_folder(tmp_path, monkeypatch):
+    from test_data import write_imdb
+
+    from mpolstm.harness.tasks import seqcls
+
+    monkeypatch.setenv("MPOLSTM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(seqcls.SIZES, "quick", seqcls.SeqClsSize(128, None, 10, 1, 1, 1e-2))
+    root = tmp_path / "aclImdb"
+    words = [f"w{k}" for k in range(40)]
+    write_imdb(root, {
+        "train": [("pos" if k % 2 else "neg", " ".join(words[k:k + 12]) + (" good" if k % 2 else " bad"))
+                  for k in range(24)],
+        "test": [("pos", "w3 w4 good"), ("neg", "w5 w6 bad")] * 2,
+    })
+    out = tmp_path / "grid"
+    result = runner.invoke(app, ["paper-grid", "--dataset", "imdb", "--data-dir", str(root), "--rates", "100",
+                                 "--rows", "dense,mpo-scratch,prune-agp", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["layout"] == "paper" and doc["meta"]["hidden_size"] == 256
+    spec = json.loads((out / "models" / "dense" / "architecture.json").read_text())
+    assert spec["kwargs"]["embedding_dim"] == 256 and spec["kwargs"]["vocab_size"] == 2 + 35 + 2  # w0-w34, good, bad: all (< 25,000)
+    rows = {r["row"]: r for r in doc["rows"]}
+    assert rows["mpo-scratch"]["params"] == 2 * (320 * 7 + 8 * 7 ** 2) == rows["prune-agp"]["params"]
+    grid = (out / "paper-grid.md").read_text()
+    assert "| 100 | 7 | 7 | 5,264 | 99.6x |" in grid and "+0.00 |" in grid  # paper's VBD PESQ tie at 100x

@@ -44,24 +44,41 @@ def _parse_ratios(text: str) -> tuple[float, ...]:
     return ratios
 
 
+def _protocol_config(ratios: tuple[float, ...], seed: int, distill: bool, rows: Optional[str], **kwargs):
+    from .protocol import ROWS, ProtocolConfig
+
+    selected = tuple(ROWS) if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip())
+    try:
+        return ProtocolConfig(ratios=ratios, rows=selected, seed=seed, distill=distill, **kwargs)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 def _run_protocol(task, ratios: tuple[float, ...], out: Path, seed: int, distill: bool, rows: Optional[str],
                   resume: bool = False) -> None:
     """Run the protocol in a staging folder beside ``out`` and move it in place at the end
     (:func:`~mpolstm.harness.protocol.run_staged`), then print the table."""
-    from .protocol import ROWS, ProtocolConfig, StagingError, run_staged
+    from .protocol import StagingError, run_staged
 
-    selected = tuple(ROWS) if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip())
-    try:
-        config = ProtocolConfig(ratios=ratios, rows=selected, seed=seed, distill=distill)
-    except ValueError as exc:
-        _fail(str(exc))
+    config = _protocol_config(ratios, seed, distill, rows)
     try:
         run_staged(task, config, out, log=lambda line: console.print(line, highlight=False), resume=resume)
     except StagingError as exc:
         _fail(str(exc))
     if distributed.is_main():
         console.print((out / "results.md").read_text(), highlight=False)
-        console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} and {out / 'models'}")
+        console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}, "
+                      f"{out / 'results-bytes.png'} and {out / 'models'}")
+
+
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        seeds = ()
+    if not seeds or len(set(seeds)) != len(seeds):
+        _fail(f"--seeds must be distinct comma-separated integers, got {text!r}")
+    return seeds
 
 
 @app.command()
@@ -87,16 +104,80 @@ def reproduce(
     dataset: str = typer.Option("mnist", help="seqcls dataset: mnist, mnist1d or imdb (needs --data-dir)."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder of the aclImdb data set (seqcls --dataset imdb)."),
     seed: int = typer.Option(0, help="Random seed."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (e.g. 0,1,2): one table per seed in "
+                                        "OUT/seed-<s>, then OUT/summary.{md,json,png} with mean ± std."),
     distill: bool = typer.Option(False, help="Distil from the dense model in every fine-tuning row."),
     resume: bool = typer.Option(False, help="Continue an interrupted run of the same command (same options)."),
 ) -> None:
-    """Run the paper's MPO-vs-pruning comparison for one task and write json, md and png."""
+    """Run the comparison of MPO with pruning and the other baselines for one task; write json, md and png."""
     ratio_values = _parse_ratios(ratios)
     if data_dir is not None and not data_dir.is_dir():
         _fail(f"--data-dir {data_dir} is not a folder")
-    built = _make_task(task, preset, seed, dataset=dataset, data_dir=data_dir)
-    _run_protocol(built, ratio_values, out or Path(f"results/{task.value}-{preset.value}"), seed, distill, rows,
-                  resume)
+    folder = out or Path(f"results/{task.value}-{preset.value}")
+    if seeds is None:
+        built = _make_task(task, preset, seed, dataset=dataset, data_dir=data_dir)
+        _run_protocol(built, ratio_values, folder, seed, distill, rows, resume)
+        return
+    from .protocol import StagingError, run_seeds
+
+    seed_values = _parse_seeds(seeds)
+    config = _protocol_config(ratio_values, seed_values[0], distill, rows)
+    make = lambda s: _make_task(task, preset, s, dataset=dataset, data_dir=data_dir)  # noqa: E731
+    try:
+        run_seeds(make, config, folder, seed_values, log=lambda line: console.print(line, highlight=False),
+                  resume=resume)
+    except StagingError as exc:
+        _fail(str(exc))
+    if distributed.is_main():
+        console.print((folder / "summary.md").read_text(), highlight=False)
+        console.print(f"wrote {folder / 'summary.json'}, {folder / 'summary.md'}, {folder / 'summary.png'} and "
+                      f"one table per seed in {folder}/seed-<s>")
+
+
+@app.command("paper-grid")
+def paper_grid(
+    task: TaskName = typer.Option(TaskName("seqcls"), help="seqcls (sequential MNIST, or --dataset imdb) or speech."),
+    preset: Preset = typer.Option(Preset.quick, help="Data and epochs of the task's preset; the LSTM is always "
+                                  "the paper's (one layer, hidden 256)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default results/paper-grid-<task>-<preset>)."),
+    rates: str = typer.Option("5,10,15,20,25,50,75,100", help="Table 2 compression rates, comma-separated."),
+    rows: str = typer.Option("dense,mpo-decomp,mpo-scratch,prune-agp", help="Rows to run (see docs/results.md)."),
+    dataset: str = typer.Option("mnist", help="seqcls dataset: mnist or imdb (the paper's: needs --data-dir)."),
+    data_dir: Optional[Path] = typer.Option(None, help="The aclImdb folder (--dataset imdb)."),
+    dense_epochs: Optional[int] = typer.Option(None, help="Dense epochs (default: the preset's)."),
+    finetune_epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs (default: the preset's)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run of the same command."),
+) -> None:
+    """The paper's own grid: its LSTM layout and Table 2 bonds, MPO vs pruning, beside its Tables 3-5."""
+    from .protocol import StagingError, run_staged
+    from .protocol.paper import PAPER_HIDDEN, grid_markdown
+
+    if task.value not in ("seqcls", "speech"):
+        _fail(f"--task must be seqcls or speech for the paper grid, got {task.value!r}")
+    if data_dir is not None and not data_dir.is_dir():
+        _fail(f"--data-dir {data_dir} is not a folder")
+    rate_values = _parse_ratios(rates)
+    config = _protocol_config(rate_values, seed, False, rows, layout="paper", dense_epochs=dense_epochs,
+                              finetune_epochs=finetune_epochs)
+    options = {"hidden_size": PAPER_HIDDEN, "layers": 1, "dataset": dataset, "data_dir": data_dir,
+               "embedding_dim": PAPER_HIDDEN}
+    built = _make_task(task, preset, seed, **options)
+    folder = out or Path(f"results/paper-grid-{task.value}-{preset.value}")
+    try:
+        document = run_staged(built, config, folder, log=lambda line: console.print(line, highlight=False),
+                              resume=resume)
+    except StagingError as exc:
+        _fail(str(exc))
+    if distributed.is_main():
+        from ..atomic import atomic_write_bytes
+
+        mpo_rows = [r for r in ("mpo-scratch", "mpo-decomp", "mpo-central") if r in config.rows]
+        pruning = next((r for r in ("prune-agp", "prune-oneshot") if r in config.rows), None)
+        text = "\n".join(grid_markdown(document, m, pruning) for m in mpo_rows) if pruning else ""
+        atomic_write_bytes(folder / "paper-grid.md", text.encode())
+        console.print(text, highlight=False)
+        console.print(f"wrote {folder / 'paper-grid.md'} and the full table in {folder / 'results.md'}")
 
 
 def _make_task(task: TaskName, preset: Preset, seed: int, **options):

@@ -19,6 +19,7 @@ from torch import nn
 
 from ...atomic import atomic_write_bytes
 from ...compression import CompressionConfig, compress
+from ...nn import replace_module
 from ...storage import file_data_bytes, pack_weights, packed_bytes, save_packed
 from ..distributed import barrier, is_main, setup
 from ..tasks import save_model
@@ -26,6 +27,7 @@ from ..tasks.base import Task
 from ..training import Distillation, evaluate, fit, seed_everything
 from .measure import compressed_params, dense_params, latencies, recurrent_weight_names
 from .report import markdown_table, plot_results
+from .paper import PAPER_BONDS, PAPER_ROWS, paper_lstm
 from .rows import LAYOUT, ROWS, RowContext, Trained, TrainFn
 from .schedule import BondSchedule, mpo_bonds
 
@@ -35,7 +37,11 @@ __all__ = ["ROWS", "BondSchedule", "ProtocolConfig", "StagingError", "mpo_bonds"
 
 @dataclass
 class ProtocolConfig:
-    """Which rows and budgets to run; epochs default to the task's preset."""
+    """Which rows and budgets to run; epochs default to the task's preset.
+
+    layout: "interleaved" (the MPO rows' TT-SVD at each ratio, bonds allocated globally) or "paper"
+        (the paper's gate-sharing layout with its Table 2 bonds: ratios must be Table 2 rates, rows
+        those of :data:`~.paper.PAPER_ROWS`; see :mod:`.paper`)."""
 
     ratios: Sequence[float] = (10.0, 30.0, 100.0)
     rows: Sequence[str] = tuple(ROWS)
@@ -43,11 +49,23 @@ class ProtocolConfig:
     distill: bool = False
     dense_epochs: int | None = None
     finetune_epochs: int | None = None
+    layout: str = LAYOUT
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.rows if r not in ROWS]
         if unknown:
             raise ValueError(f"unknown protocol rows {unknown}; expected a subset of {list(ROWS)}")
+        if self.layout not in (LAYOUT, "paper"):
+            raise ValueError(f"layout must be {LAYOUT!r} or 'paper', got {self.layout!r}")
+        if self.layout == "paper":
+            off_grid = [r for r in self.rows if r not in PAPER_ROWS]
+            rates = [r for r in self.ratios if r not in PAPER_BONDS]
+            if off_grid:
+                raise ValueError(f"rows {off_grid} cannot run on the paper's layout; expected a subset of {list(PAPER_ROWS)}")
+            if rates:
+                raise ValueError(f"rates {rates} are not in the paper's Table 2; expected some of {sorted(PAPER_BONDS)}")
+        if self.dense_epochs is not None and self.dense_epochs < 1:
+            raise ValueError(f"dense_epochs must be >= 1, got {self.dense_epochs}")
         if self.finetune_epochs is not None and self.finetune_epochs < 1:
             raise ValueError(f"finetune_epochs must be >= 1, got {self.finetune_epochs}")
         if not self.ratios or any(not (isinstance(r, (int, float)) and r > 1) for r in self.ratios):
@@ -109,8 +127,12 @@ def _ratio_context(task: Task, config: ProtocolConfig, ratio: float, dense: nn.M
                    teacher: Distillation | None, train: TrainFn) -> RowContext:
     """What every row at ``ratio`` shares: the TT-SVD of the dense model at that ratio and its budget."""
     names = list(task.recurrent)
-    config_at_ratio = CompressionConfig(target_modules=names, target_ratio=ratio, layout=LAYOUT)
-    decomposed, _ = compress(copy.deepcopy(dense), config_at_ratio)
+    if config.layout == "paper":
+        decomposed = copy.deepcopy(dense)
+        replace_module(decomposed, names[0], paper_lstm(dense.get_submodule(names[0]), int(ratio)))
+    else:
+        config_at_ratio = CompressionConfig(target_modules=names, target_ratio=ratio, layout=LAYOUT)
+        decomposed, _ = compress(copy.deepcopy(dense), config_at_ratio)
     ft_epochs = config.finetune_epochs
     return RowContext(
         task=task, config=config, ratio=ratio, names=names, weights=recurrent_weight_names(dense, names),
@@ -157,7 +179,7 @@ def run_protocol(task: Task, config: ProtocolConfig, out_dir: str | Path,
     document = {
         "task": task.name, "metric": task.metric.name, "higher_is_better": task.metric.mode == "max",
         "meta": task.meta, "seed": config.seed, "distill": config.distill, "dense_epochs": config.dense_epochs,
-        "finetune_epochs": config.finetune_epochs, "dense_recurrent_params": dense_count,
+        "finetune_epochs": config.finetune_epochs, "layout": config.layout, "dense_recurrent_params": dense_count,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
     }
     if is_main():  # under torchrun every rank computes the same document; rank 0 writes it

@@ -6,7 +6,7 @@ Model: [Embedding (token inputs)] -> LSTM -> Linear on the last hidden state. Th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -72,11 +72,13 @@ IMDB_VOCABULARY = 25_000
 
 
 def make_task(preset: str = "quick", *, dataset: str = "mnist", data_dir: str | Path | None = None, seed: int = 0,
-              max_len: int = 800, embedding_dim: int = 128) -> Task:
-    """The sequence-classification task at a preset size (see :data:`SIZES`); IMDB uses the paper's
-    vocabulary (:data:`IMDB_VOCABULARY`), sequences cut to ``max_len`` tokens and embedded in
-    ``embedding_dim`` dimensions (the paper's LSTM input is 256)."""
+              max_len: int = 800, embedding_dim: int = 128, hidden_size: int | None = None) -> Task:
+    """The sequence-classification task at a preset size (see :data:`SIZES`; ``hidden_size``
+    overrides its LSTM's); IMDB uses the paper's vocabulary (:data:`IMDB_VOCABULARY`), sequences cut
+    to ``max_len`` tokens and embedded in ``embedding_dim`` dimensions (the paper's LSTM input is 256)."""
     size: SeqClsSize = TASK.size(preset)
+    if hidden_size is not None:
+        size = replace(size, hidden_size=hidden_size)
     kwargs = {"seed": seed}
     if dataset == "imdb":
         kwargs.update(max_len=max_len, vocab_size=IMDB_VOCABULARY)

@@ -20,6 +20,7 @@ builder, export inputs) is declared at the end and registered as ``speech``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -369,13 +370,15 @@ SIZES = {
 }
 
 
-def make_task(preset: str = "quick", *, seed: int = 0, layers: int | None = None) -> Task:
-    """The speech-enhancement task at a preset size (``layers`` overrides its LSTM depth); builds the
-    corpus on first use (needs espeak-ng).
+def make_task(preset: str = "quick", *, seed: int = 0, layers: int | None = None, hidden_size: int | None = None) -> Task:
+    """The speech-enhancement task at a preset size (``layers`` and ``hidden_size`` override its
+    LSTM's); builds the corpus on first use (needs espeak-ng).
 
     Validation metric for training: mask MSE; every protocol row also reports test PESQ-wb, STOI
     and SI-SDR (and the noisy input's scores go in the task's meta)."""
     size: SpeechSize = TASK.size(preset)
+    if hidden_size is not None:
+        size = dataclasses.replace(size, hidden=hidden_size)
     corpus = load_corpus(preset=size.corpus, seed=seed)
     train, val, test = corpus["train"], corpus["val"], corpus["test"]
     n_train = len(train) if size.train_utterances is None else min(size.train_utterances, len(train))
