@@ -1,4 +1,4 @@
-"""Per-frame streaming enhancement: MPO-compressed vs dense mask estimator at the same hidden size.
+"""Per-frame streaming enhancement: MPO-compressed, int8 and dense mask estimators at the same hidden size.
 
     python benchmarks/bench_speech.py                  # 2x512 and 2x1024 (the paper's sizes), 10x / 30x
     python benchmarks/bench_speech.py --quick          # 2x256 only, fewer rounds
@@ -16,8 +16,13 @@ torch thread (what ``enhance`` uses). Two figures per model:
 
 The MPO models replace the LSTM by an MPOLSTM with the largest uniform bond D reaching the stated
 compression of the LSTM weights (the structure ``compress(..., max_bond=D)`` gives a trained
-model). Timings do not depend on the weights' values, so the models are randomly initialised. Rounds are interleaved (a load spike hits every model);
-the table reports the minimum over rounds and ratios of those minima.
+model). ``dense int8`` is ``torch.ao.quantization.quantize_dynamic`` of the dense model (LSTM and
+Linear; its LSTM steps on a length-1 sequence, the only path torch has for it); ``mpo-int8 Rx`` an
+MPO whose int8 cores (1 byte an entry + a 4-byte scale per core) take R times fewer bytes than the
+dense float32 weights, i.e. ~4x the entries of ``mpo Rx``, computed in float32 as the protocol's
+``mpo-int8`` row is. Compression is in bytes of the LSTM weights as stored (mpolstm.storage).
+Timings do not depend on the weights' values, so the models are randomly initialised. Rounds are
+interleaved (a load spike hits every model); the table reports the minimum over rounds.
 """
 
 from __future__ import annotations
@@ -33,28 +38,30 @@ import torch
 from torch.utils import benchmark
 
 from mpolstm.harness.audio import N_BINS, SAMPLE_RATE
-from mpolstm.nn import MPOLSTM
+from mpolstm.harness.protocol.rows import quantize_dynamic_int8
 from mpolstm.harness.tasks.speech import INPUT_BINS, enhance_streaming, make_model
+from mpolstm.nn import MPOLSTM
+from mpolstm.storage import pack_weights, packed_bytes, round_to_int8_
 
 
-def lstm_weight_entries(model) -> int:
-    """Stored entries of the LSTM weights: MPO cores or dense matrices."""
-    lstm = model.lstm
-    if hasattr(lstm, "mpo_weights"):
-        return sum(c.numel() for cores in lstm.mpo_weights().values() for c in cores)
-    return sum(p.numel() for n, p in lstm.named_parameters() if n.startswith("weight"))
+def lstm_weight_bytes(model, int8_cores: bool = False) -> int:
+    """Bytes of the LSTM weights as stored (MPO cores, dense or int8 matrices)."""
+    return packed_bytes(pack_weights(model, ["lstm"], int8_cores=int8_cores)[0])
 
 
-def mpo_model(hidden: int, layers: int, ratio: float):
-    """(model, bond, achieved ratio): the dense model with its LSTM replaced by a randomly
-    initialised MPOLSTM of the largest uniform bond whose compression is >= ratio."""
+def mpo_model(hidden: int, layers: int, ratio: float, int8_cores: bool = False):
+    """(model, bond, achieved ratio in bytes): the dense model with its LSTM replaced by a randomly
+    initialised MPOLSTM of the largest uniform bond whose byte compression is >= ratio (cores
+    rounded to int8 with ``int8_cores``)."""
     model = make_model(hidden, layers)
-    dense_entries = lstm_weight_entries(model)
-    for bond in range(256, 0, -1):
+    dense_bytes = lstm_weight_bytes(model)
+    for bond in range(512, 0, -1):
         torch.manual_seed(0)
         model.lstm = MPOLSTM(INPUT_BINS, hidden, layers, batch_first=True, bond_dim=bond)
-        achieved = dense_entries / lstm_weight_entries(model)
+        achieved = dense_bytes / lstm_weight_bytes(model, int8_cores)
         if achieved >= ratio:
+            if int8_cores:
+                round_to_int8_(c for cores in model.lstm.mpo_weights().values() for c in cores)
             return model.eval(), bond, achieved
     raise ValueError(f"no bond reaches {ratio}x for hidden {hidden}")
 
@@ -91,9 +98,13 @@ def main() -> None:
     rows = []
     for hidden in args.hidden:
         torch.manual_seed(0)
-        models = {"dense": (make_model(hidden, args.layers).eval(), None, 1.0)}
+        dense = make_model(hidden, args.layers).eval()
+        int8 = quantize_dynamic_int8(dense)
+        models = {"dense": (dense, None, 1.0),
+                  "dense int8": (int8, None, lstm_weight_bytes(dense) / lstm_weight_bytes(int8))}
         for ratio in args.ratios:
             models[f"mpo {ratio:g}x"] = mpo_model(hidden, args.layers, ratio)
+            models[f"mpo-int8 {ratio:g}x"] = mpo_model(hidden, args.layers, ratio, int8_cores=True)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
         for _ in range(args.rounds):
             for name, (model, _, _) in models.items():
@@ -103,17 +114,17 @@ def main() -> None:
             b = best[name]
             rows.append({
                 "hidden": hidden, "layers": args.layers, "model": name, "bond": bond, "compression": achieved,
-                "lstm_weight_entries": lstm_weight_entries(model), **b,
+                "lstm_weight_bytes": round(lstm_weight_bytes(dense) / achieved), **b,
                 "step_speedup": best["dense"]["step_ms"] / b["step_ms"],
                 "frame_speedup": best["dense"]["frame_ms_mean"] / b["frame_ms_mean"],
                 "rounds": runs[name],
             })
 
-    header = f"{'hidden':>6s} {'model':>9s} {'bond':>4s} {'compr':>6s} {'step ms':>8s} {'x dense':>7s} " \
+    header = f"{'hidden':>6s} {'model':>13s} {'bond':>4s} {'bytes x':>7s} {'step ms':>8s} {'x dense':>7s} " \
              f"{'frame ms':>8s} {'p95 ms':>7s} {'x dense':>7s} {'RTF':>6s}"
     print(header)
     for r in rows:
-        print(f"{r['hidden']:6d} {r['model']:>9s} {r['bond'] or '-':>4} {r['compression']:6.1f} {r['step_ms']:8.3f} "
+        print(f"{r['hidden']:6d} {r['model']:>13s} {r['bond'] or '-':>4} {r['compression']:7.1f} {r['step_ms']:8.3f} "
               f"{r['step_speedup']:7.2f} {r['frame_ms_mean']:8.3f} {r['frame_ms_p95']:7.3f} {r['frame_speedup']:7.2f} "
               f"{r['rtf']:6.3f}")
     report = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
