@@ -9,6 +9,7 @@ from mpolstm.compression import CompressionConfig, compress
 from mpolstm.nn import MPOLSTM
 from mpolstm.harness.tasks.base import Task
 from mpolstm.harness.protocol import ROWS, BondSchedule, ProtocolConfig, largest_hidden, mpo_bonds, run_protocol
+from mpolstm.harness.protocol.paper import PAPER_BONDS, paper_factors, paper_formula_entries, paper_lstm
 from mpolstm.harness.protocol.run import STORED_WEIGHTS
 from mpolstm.storage import file_data_bytes
 from mpolstm.harness.tasks.seqcls import SeqClassifier
@@ -105,3 +106,31 @@ def test_protocol_config_rejects_bad_values():
         ProtocolConfig(rows=("dense", "magic"))
     with pytest.raises(ValueError, match="ratios must be numbers > 1"):
         ProtocolConfig(ratios=(0.5,))
+
+
+@pytest.mark.parametrize("input_size", [256, 28])
+def test_paper_layout_counts_match_the_papers_formula_and_table_2(input_size):
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(input_size, 256)
+    factors = paper_factors(input_size)
+    assert factors["weight_hh_l0"] == ((8, 2, 2, 8), (32, 2, 2, 8))  # the four gates widen the first core
+    for rate, (d_w, d_u) in PAPER_BONDS.items():
+        mpo = paper_lstm(lstm, rate)
+        entries = {name: sum(c.numel() for c in cores) for name, cores in mpo.mpo_weights().items()}
+        assert entries["weight_hh_l0"] == paper_formula_entries((8, 2, 2, 8), (8, 2, 2, 8), d_u) == 320 * d_u + 8 * d_u ** 2
+        if input_size == 256:  # the paper's own LSTM: W like U, and the rates of its Table 2
+            assert entries["weight_ih_l0"] == paper_formula_entries((8, 2, 2, 8), (8, 2, 2, 8), d_w)
+            assert 4 * 256 * 512 / sum(entries.values()) == pytest.approx(rate, rel=0.05)
+    with pytest.raises(ValueError, match="Table 2"):
+        paper_lstm(lstm, 30)
+    with pytest.raises(ValueError, match="one-layer"):
+        paper_lstm(torch.nn.LSTM(256, 256, 2), 10)
+
+
+def test_paper_layout_is_exact_at_full_bond():
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(256, 256).double()
+    mpo = MPOLSTM.from_lstm(lstm, factors=paper_factors(256))
+    x = torch.randn(5, 2, 256, dtype=torch.float64)
+    (out, (h, c)), (ref, (h_ref, c_ref)) = mpo(x), lstm(x)
+    assert torch.allclose(out, ref, atol=1e-10) and torch.allclose(c, c_ref, atol=1e-10)
