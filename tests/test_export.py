@@ -216,7 +216,7 @@ def test_every_registered_task_rebuilds_from_its_spec_and_traces_its_example_inp
         model = build_architecture(specs[name])
         assert type(model) is task.model_class
         _eager(model, *example_inputs(specs[name], batch=3, steps=4))  # the model accepts its inputs
-    assert get_task("seqcls").options == ("dataset", "data_dir", "max_len")
+    assert get_task("seqcls").options == ("dataset", "data_dir", "max_len", "embedding_dim", "hidden_size")
     assert get_task("ptb").options == ()
 
 

@@ -134,3 +134,14 @@ def test_paper_layout_is_exact_at_full_bond():
     x = torch.randn(5, 2, 256, dtype=torch.float64)
     (out, (h, c)), (ref, (h_ref, c_ref)) = mpo(x), lstm(x)
     assert torch.allclose(out, ref, atol=1e-10) and torch.allclose(c, c_ref, atol=1e-10)
+
+
+def test_a_row_that_cannot_fit_the_budget_is_skipped_with_its_reason(tmp_path):
+    # LSTM(8, 16): rank 1 everywhere takes (64 + 8) + (64 + 16) = 152 entries; at 12x the budget is below
+    config = ProtocolConfig(ratios=(12.0,), rows=("dense", "mpo-decomp", "lowrank-decomp"))
+    doc = run_protocol(tiny_task(), config, tmp_path, log=lambda _: None)
+    assert [r["row"] for r in doc["rows"]] == ["dense", "mpo-decomp"]
+    assert doc["skipped"] == [{"row": "lowrank-decomp", "target_ratio": 12.0,
+                               "reason": f"rank 1 for every weight takes 152 entries, above the budget of "
+                                         f"{doc['rows'][1]['params']:,}"}]
+    assert "Skipped: lowrank-decomp at 12x" in (tmp_path / "results.md").read_text()

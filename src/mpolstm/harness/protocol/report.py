@@ -34,6 +34,8 @@ def markdown_table(document: dict[str, Any]) -> str:
                      f"{r['bytes']:,} | {r['bytes_ratio']:.1f}x | {r['storage']} | {r['hidden']} | "
                      f"{r['total_params']:,} | {r['train_s']:.0f} | {r['batched_ms']:.2f} | {r['step_ms']:.3f} |"
                      + "".join(f" {r[k]:.3f} |" for k in extra))
+    for skip in document.get("skipped", []):
+        lines.append(f"\nSkipped: {skip['row']} at {skip['target_ratio']:g}x: {skip['reason']}.")
     return "\n".join(lines) + "\n"
 
 

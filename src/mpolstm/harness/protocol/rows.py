@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..tasks.base import Task
     from .run import ProtocolConfig
 
-__all__ = ["Row", "RowContext", "Recipe", "Trained", "ROWS", "GRADUAL_START_RATIO", "LAYOUT", "quantize_dynamic_int8"]
+__all__ = ["Row", "RowContext", "Recipe", "Trained", "Infeasible", "ROWS", "GRADUAL_START_RATIO", "LAYOUT", "quantize_dynamic_int8"]
 
 GRADUAL_START_RATIO = 2.0
 """Row (f) starts from a TT-SVD at this ratio (or the row's ratio if lower)."""
@@ -107,7 +107,13 @@ class Trained:
 
 
 Recipe = Callable[[RowContext], Trained]
-"""A row's recipe: context -> :class:`Trained`."""
+"""A row's recipe: context -> :class:`Trained`; raises :class:`Infeasible` when the row cannot be
+built at the budget."""
+
+
+class Infeasible(Exception):
+    """The row's structure cannot fit the budget (e.g. rank 1 everywhere is already too large); the
+    run records it as skipped, with this message as the reason."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +225,9 @@ def small_dense(ctx: RowContext) -> Trained:
 def _lowrank(ctx: RowContext) -> nn.Module:
     """Every LSTM weight as a rank-r product (the 2-core "lowrank" MPO = truncated SVD), ranks
     allocated over the weights' spectra to the budget, as the MPO rows' bonds are."""
+    rank_one = sum(sum(ctx.dense.get_parameter(w).shape) for w in ctx.weights)
+    if rank_one > ctx.budget:
+        raise Infeasible(f"rank 1 for every weight takes {rank_one:,} entries, above the budget of {ctx.budget:,}")
     config = CompressionConfig(target_modules=ctx.names, max_params=ctx.budget, layout="lowrank")
     return compress(copy.deepcopy(ctx.dense), config)[0]
 

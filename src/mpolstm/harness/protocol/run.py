@@ -28,7 +28,7 @@ from ..training import Distillation, evaluate, fit, seed_everything
 from .measure import compressed_params, dense_params, latencies, recurrent_weight_names
 from .report import markdown_table, plot_results
 from .paper import PAPER_BONDS, PAPER_ROWS, paper_lstm
-from .rows import LAYOUT, ROWS, RowContext, Trained, TrainFn
+from .rows import LAYOUT, ROWS, Infeasible, RowContext, Trained, TrainFn
 from .schedule import BondSchedule, mpo_bonds
 
 __all__ = ["ROWS", "BondSchedule", "ProtocolConfig", "StagingError", "mpo_bonds", "run_protocol", "run_staged",
@@ -165,6 +165,7 @@ def run_protocol(task: Task, config: ProtocolConfig, out_dir: str | Path,
     dense_count = dense_params(dense, list(task.recurrent))
     record = partial(_record, task, out, dense_count, log)
     rows = [record("dense", None, Trained(dense, seconds))]
+    skipped = []
     teacher = Distillation(copy.deepcopy(dense)) if config.distill else None
 
     for ratio in config.ratios:
@@ -173,14 +174,19 @@ def run_protocol(task: Task, config: ProtocolConfig, out_dir: str | Path,
             if row.recipe is None or name not in config.rows or (row.once and ratio != config.ratios[0]):
                 continue
             run_ratio = None if row.once else ratio
-            trained = row.recipe(replace(context, run=name if row.once else f"{name}-{ratio:g}x"))
+            try:
+                trained = row.recipe(replace(context, run=name if row.once else f"{name}-{ratio:g}x"))
+            except Infeasible as exc:
+                log(f"{name:15s} ratio {ratio:g}x  skipped: {exc}")
+                skipped.append({"row": name, "target_ratio": run_ratio, "reason": str(exc)})
+                continue
             rows.append(record(name, run_ratio, trained))
 
     document = {
         "task": task.name, "metric": task.metric.name, "higher_is_better": task.metric.mode == "max",
         "meta": task.meta, "seed": config.seed, "distill": config.distill, "dense_epochs": config.dense_epochs,
         "finetune_epochs": config.finetune_epochs, "layout": config.layout, "dense_recurrent_params": dense_count,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows, "skipped": skipped,
     }
     if is_main():  # under torchrun every rank computes the same document; rank 0 writes it
         write_results(document, out)
