@@ -27,7 +27,7 @@ def tiny_task():
         train_loader=DataLoader(data, batch_size=32, shuffle=True, generator=gen),
         val_loader=DataLoader(data, batch_size=96), test_loader=DataLoader(data, batch_size=96),
         loss_fn=F.cross_entropy, dense_epochs=1, finetune_epochs=2, lr=1e-2,
-        example_batch=x[:4], step_input=torch.zeros(1, 8),
+        example_batch=x[:4],
         resize=lambda h: (SeqClassifier(2, h, input_size=8), {}),
     )
 

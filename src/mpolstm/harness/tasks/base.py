@@ -20,7 +20,6 @@ class Task:
     build_model: returns a fresh dense model whose recurrent layer is the attribute ``lstm``
         (an nn.LSTM); the protocol compresses or prunes ``recurrent`` modules only.
     example_batch: model input used to time batched inference.
-    step_input: (1, lstm input size) frame used to time one streaming step of the LSTM.
     test_report: optional ``model -> {name: value}`` of extra test metrics (e.g. PESQ, STOI).
     architecture: JSON spec that rebuilds the model without data (see ``tasks.build_architecture``).
     distill_loss: how a student matches the dense teacher's outputs: "kl" (logits) or "mse" (regression).
@@ -39,7 +38,6 @@ class Task:
     finetune_epochs: int
     lr: float
     example_batch: Tensor
-    step_input: Tensor
     grad_clip: float | None = None
     optimizer: str = "adam"
     forward_fn: ForwardFn | None = None

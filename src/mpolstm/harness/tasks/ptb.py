@@ -106,7 +106,6 @@ def make_task(preset: str = "quick", *, seed: int = 0) -> Task:
         lr=size.lr,
         grad_clip=0.25 if size.dropout == 0 else 5.0,
         example_batch=batchify(test, 10)[: size.bptt],
-        step_input=torch.zeros(1, size.hidden_size),
         architecture=architecture,
         resize=resize,
         meta={"dataset": "ptb", "preset": preset, "seed": seed, "hidden_size": size.hidden_size,

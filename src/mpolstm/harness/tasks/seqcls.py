@@ -116,7 +116,6 @@ def make_task(preset: str = "quick", *, dataset: str = "mnist", data_dir: str | 
         lr=size.lr,
         grad_clip=1.0,
         example_batch=example,
-        step_input=torch.zeros(1, embedding_dim if data.vocab_size else data.input_size),
         architecture=architecture,
         resize=resize,
         meta={"dataset": dataset, "preset": preset, "seed": seed, "hidden_size": size.hidden_size,

@@ -422,7 +422,6 @@ def make_task(preset: str = "quick", *, seed: int = 0, layers: int | None = None
         lr=size.lr,
         grad_clip=5.0,
         example_batch=example,
-        step_input=torch.zeros(1, INPUT_BINS),
         test_report=report,
         architecture=architecture,
         resize=resize,
