@@ -55,7 +55,7 @@ def test_protocol_writes_all_rows_at_equal_parameter_counts(tmp_path):
         assert rows[name]["bytes"] == 4 * rows[name]["params"] and rows[name]["storage"] == "float32"
     assert rows["int8"]["target_ratio"] is None and rows["int8"]["params"] == dense
     assert rows["int8"]["bytes"] == dense + 8 * 2 and rows["int8"]["storage"] == "int8-affine"
-    assert rows["mpo-int8"]["storage"] == "int8"
+    assert rows["mpo-int8"]["storage"] == "int8" and 0 <= rows["mpo-int8"]["before_int8"] <= 1
     assert 2 * budget < rows["mpo-int8"]["params"] < rows["mpo-int8"]["bytes"] <= 4 * budget
     assert rows["prune-oneshot"]["storage"] in ("csr", "bitmask", "bitmask+csr")
     assert rows["prune-oneshot"]["bytes"] > 4 * budget  # values plus an index

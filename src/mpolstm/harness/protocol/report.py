@@ -15,7 +15,7 @@ def markdown_table(document: dict[str, Any]) -> str:
     metric = document["metric"]
     standard = {"row", "target_ratio", metric, "params", "ratio", "bytes", "bytes_ratio", "storage", "file_bytes",
                 "total_params", "hidden", "train_s", "batched_ms", "step_ms"}
-    extra = [k for k in document["rows"][0] if k not in standard]
+    extra = [k for k in document["rows"][0] if k not in standard]  # the task's test report (PESQ, ...)
     lines = [
         f"Task `{document['task']}`, seed {document['seed']}, dense {document['dense_epochs']} epochs, "
         f"fine-tuning {document['finetune_epochs']} epochs (from scratch: both), distillation "

@@ -13,7 +13,7 @@ import copy
 import itertools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -24,7 +24,7 @@ from ...distill import distill
 from ...nn import init_cores_, is_mpo_module
 from ...prune import AGPPruner, make_permanent, prune_global
 from ...storage import round_to_int8_
-from ..training import Callback, Distillation, default_forward, seed_everything
+from ..training import Callback, Distillation, default_forward, evaluate, seed_everything
 from .measure import largest_hidden
 from .schedule import Bonds, BondSchedule
 
@@ -97,6 +97,7 @@ class Trained:
     architecture: the model's spec when it differs from the task's (``small-dense``).
     total_params: every parameter of the model, when ``model.parameters()`` does not show them
         (torch's quantized modules hold packed weights).
+    extra: further values for the results row (e.g. the metric before int8 rounding).
     """
 
     model: nn.Module
@@ -104,6 +105,7 @@ class Trained:
     int8_cores: bool = False
     architecture: dict[str, Any] | None = None
     total_params: int | None = None
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 Recipe = Callable[[RowContext], Trained]
@@ -269,13 +271,15 @@ def int8_dynamic(ctx: RowContext) -> Trained:
 def mpo_int8(ctx: RowContext) -> Trained:
     """An MPO with the float rows' byte budget: int8 cores (1 byte an entry + a 4-byte scale per core)
     allow ~4x the entries of (a). TT-SVD of the dense model at that size and fine-tuning as (a),
-    then every core rounded to int8 (post-training quantization)."""
+    then every core rounded to int8 (post-training quantization); ``before_int8`` in the results
+    is the test metric of the float cores, the rounding's cost."""
     scale_bytes = 4 * 4 * len(ctx.weights)  # at most 4 cores per weight, a float32 scale each
     config = CompressionConfig(target_modules=ctx.names, max_params=4 * ctx.budget - scale_bytes, layout=LAYOUT)
     model = compress(copy.deepcopy(ctx.dense), config)[0]
     seconds = ctx.finetune(model)
+    before = evaluate(model, ctx.task.test_loader, ctx.task.metric, forward_fn=ctx.task.forward_fn)
     round_to_int8_(p for n in ctx.names for cores in model.get_submodule(n).mpo_weights().values() for p in cores)
-    return Trained(model, seconds, int8_cores=True)
+    return Trained(model, seconds, int8_cores=True, extra={"before_int8": before})
 
 
 ROWS: dict[str, Row] = {

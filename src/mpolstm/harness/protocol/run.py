@@ -115,7 +115,7 @@ def _record(task: Task, out: Path, dense_count: int, log: Callable[[str], None],
              "ratio": dense_count / params, "bytes": stored, "bytes_ratio": 4 * dense_count / stored,
              "storage": "+".join(sorted(set(formats.values()))), "file_bytes": file_bytes,
              "total_params": total, "hidden": recurrent.hidden_size, "train_s": trained.seconds,
-             **latencies(model, task)}
+             **latencies(model, task), **trained.extra}
     if task.test_report is not None:
         entry.update(task.test_report(model))
     log(f"{row:15s} ratio {'-' if ratio is None else f'{ratio:g}x':>5s}  {task.metric.name} {metric:.4f}  "
