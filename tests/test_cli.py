@@ -225,8 +225,9 @@ def test_reproduce_seeds_writes_a_summary_with_error_bars(tmp_path, monkeypatch)
     assert row["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
     assert row["accuracy"]["std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2 ** 0.5)
     verdict = summary["verdict"][0]
-    assert verdict["target_ratio"] == 10 and verdict["best_mpo"] == "mpo-decomp"
-    assert verdict["best_baseline"] == "prune-oneshot" and verdict["outcome"] in ("win", "tie", "loss")
+    assert verdict["target_ratio"] == 10 and verdict["equal_params"]["mpo"] == "mpo-decomp"
+    assert verdict["equal_params"]["baseline"] == "prune-oneshot"
+    assert verdict["equal_params"]["outcome"] in ("win", "tie", "loss") and "equal_bytes" not in verdict  # pruning > bytes
     text = (out / "summary.md").read_text()
     assert " ± " in text and "- 10x: best" in text and (out / "summary.png").stat().st_size > 1000
     again = runner.invoke(app, ["reproduce", "--task", "seqcls", "--ratios", "10", "--rows",

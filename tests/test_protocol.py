@@ -59,6 +59,7 @@ def test_protocol_writes_all_rows_at_equal_parameter_counts(tmp_path):
     assert 2 * budget < rows["mpo-int8"]["params"] < rows["mpo-int8"]["bytes"] <= 4 * budget
     assert rows["prune-oneshot"]["storage"] in ("csr", "bitmask", "bitmask+csr")
     assert rows["prune-oneshot"]["bytes"] > 4 * budget  # values plus an index
+    assert rows["prune-bytes"]["params"] < budget and 0.9 * 4 * budget < rows["prune-bytes"]["bytes"] <= 4 * budget
     for r in doc["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["batched_ms"] > 0 and r["step_ms"] > 0
         run = r["row"] if r["target_ratio"] is None else f"{r['row']}-{r['target_ratio']:g}x"

@@ -112,9 +112,14 @@ def test_verdict_calls_a_difference_below_one_std_a_tie():
     (v,) = summary["verdict"]
     assert v["ranking"] == ["small-dense", "mpo-decomp", "prune-agp"]
     assert v["tied_with_best"] == ["mpo-decomp"]  # 0.81 vs 0.82, std of small-dense 0.042
-    assert v["best_mpo"] == "mpo-decomp" and v["best_baseline"] == "small-dense" and v["outcome"] == "tie"
+    assert v["equal_params"]["mpo"] == "mpo-decomp" and v["equal_params"]["baseline"] == "small-dense"
+    assert v["equal_params"]["outcome"] == "tie" and v["equal_bytes"] == v["equal_params"]  # same bytes here
     docs[1]["rows"][3]["accuracy"] = 0.80  # small-dense 0.795 ± 0.007: MPO (0.81 ± 0.014) now ahead by 1 std+
-    assert verdict(summarize(docs))[0]["outcome"] == "win"
+    assert verdict(summarize(docs))[0]["equal_params"]["outcome"] == "win"
+    for doc in docs:  # small-dense now takes more bytes than the MPO: the equal-bytes view skips it
+        doc["rows"][3]["bytes"] = 500
+    (v,) = verdict(summarize(docs))
+    assert v["equal_params"]["baseline"] == "small-dense" and v["equal_bytes"]["baseline"] == "prune-agp"
     docs[0]["rows"][1]["accuracy"] = 0.5
     docs[1]["rows"][1]["accuracy"] = 0.5
-    assert verdict(summarize(docs))[0]["outcome"] == "loss"
+    assert verdict(summarize(docs))[0]["equal_params"]["outcome"] == "loss"

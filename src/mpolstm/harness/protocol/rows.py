@@ -176,6 +176,27 @@ def prune_agp(ctx: RowContext) -> Trained:
     return Trained(model, seconds)
 
 
+def equal_bytes_nonzeros(ctx: RowContext) -> int:
+    """The most non-zeros whose pruned storage fits the float32 MPO's bytes (4 per budget entry): the
+    larger count that CSR or a bitmask allows (each matrix then takes its smaller format, so the
+    stored bytes can only be lower)."""
+    shapes = [tuple(ctx.dense.get_parameter(w).shape) for w in ctx.weights]
+    limit = 4 * ctx.budget
+    index = max(2 if cols <= 2**15 else 4 for _, cols in shapes)
+    csr = (limit - sum(4 * (rows + 1) for rows, _ in shapes)) // (4 + index)
+    bitmask = (limit - sum(math.ceil(rows * cols / 8) for rows, cols in shapes)) // 4
+    return max(csr, bitmask, 1)
+
+
+def prune_bytes(ctx: RowContext) -> Trained:
+    """(d) at equal bytes: AGP pruning to as many non-zeros as fit the float MPO's bytes with their index."""
+    model = copy.deepcopy(ctx.dense)
+    agp = AGPPruner(ctx.weights, equal_bytes_nonzeros(ctx), start=0, end=ctx.schedule_end, method="global")
+    seconds = ctx.finetune(model, callbacks=[agp])
+    make_permanent(model)
+    return Trained(model, seconds)
+
+
 def prune_oneshot(ctx: RowContext) -> Trained:
     """(e) One-shot global magnitude pruning to the budget, then fine-tuning."""
     model = copy.deepcopy(ctx.dense)
@@ -289,6 +310,7 @@ ROWS: dict[str, Row] = {
     "mpo-central": Row("(c) MPO, central tensors frozen (MPOP)", mpo_central),
     "prune-agp": Row("(d) AGP magnitude pruning + fine-tuning", prune_agp),
     "prune-oneshot": Row("(e) one-shot magnitude pruning + fine-tuning", prune_oneshot),
+    "prune-bytes": Row("(d) AGP pruning at the MPO's bytes (values + index)", prune_bytes),
     "mpo-gradual": Row("(f) gradual bond truncation during fine-tuning", mpo_gradual),
     "mpo-posttrain": Row("(g) MPO post-training: layout search + calibration + distillation", mpo_posttrain),
     "small-dense": Row("small dense LSTM at the budget, from scratch", small_dense),

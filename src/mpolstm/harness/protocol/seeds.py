@@ -3,7 +3,8 @@
 ``run_seeds`` writes ``<out>/seed-<s>/`` (a full :func:`~.run.run_staged` table each) and
 ``<out>/summary.{json,md,png}``. The verdict at each ratio ranks the rows by mean metric and calls
 a difference smaller than one standard deviation (the larger of the two rows') a tie; it names the
-best MPO row (``mpo-*``) and the best baseline and says which wins at that ratio, with their bytes.
+best MPO row (``mpo-*``) and the best baseline and says which wins at that ratio, at equal
+parameters and at equal bytes, with their bytes.
 """
 
 from __future__ import annotations
@@ -61,29 +62,41 @@ def _is_mpo(row: str) -> bool:
     return row.startswith("mpo-")
 
 
+BYTES_TOLERANCE = 1.01
+"""A baseline counts as "at equal bytes" when its bytes are at most this times the MPO row's."""
+
+
 def verdict(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Per target ratio: the rows ranked by mean metric, which of them tie with the best (difference
-    below the larger std), and the best MPO row against the best baseline ("win", "tie" or "loss")."""
+    below the larger std), and the best MPO row against the best baseline, twice: at the same
+    target (equal parameters, the paper's view) and among the baselines with no more bytes than that
+    MPO row (equal bytes). Each comparison is "win", "tie" or "loss" for MPO."""
     metric, sign = summary["metric"], 1.0 if summary["higher_is_better"] else -1.0
+
+    def tie(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return abs(a[metric]["mean"] - b[metric]["mean"]) < max(a[metric]["std"], b[metric]["std"])
+
+    def compare(mpo: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+        better = sign * (mpo[metric]["mean"] - base[metric]["mean"]) > 0
+        return {"mpo": mpo["row"], "baseline": base["row"], "difference": mpo[metric]["mean"] - base[metric]["mean"],
+                "mpo_bytes": mpo["bytes"], "baseline_bytes": base["bytes"],
+                "outcome": "tie" if tie(mpo, base) else ("win" if better else "loss")}
+
     out = []
     for target in sorted({r["target_ratio"] for r in summary["rows"] if r["target_ratio"] is not None}):
         ranked = sorted((r for r in summary["rows"] if r["target_ratio"] == target),
                         key=lambda r: -sign * r[metric]["mean"])
-
-        def tie(a: dict[str, Any], b: dict[str, Any]) -> bool:
-            return abs(a[metric]["mean"] - b[metric]["mean"]) < max(a[metric]["std"], b[metric]["std"])
-
         best = ranked[0]
-        mpo = next((r for r in ranked if _is_mpo(r["row"])), None)
-        base = next((r for r in ranked if not _is_mpo(r["row"])), None)
         entry = {"target_ratio": target, "ranking": [r["row"] for r in ranked],
                  "tied_with_best": [r["row"] for r in ranked[1:] if tie(best, r)]}
+        mpo = next((r for r in ranked if _is_mpo(r["row"])), None)
+        base = next((r for r in ranked if not _is_mpo(r["row"])), None)
         if mpo is not None and base is not None:
-            better = sign * (mpo[metric]["mean"] - base[metric]["mean"]) > 0
-            entry.update(best_mpo=mpo["row"], best_baseline=base["row"],
-                         difference=mpo[metric]["mean"] - base[metric]["mean"],
-                         mpo_bytes=mpo["bytes"], baseline_bytes=base["bytes"],
-                         outcome="tie" if tie(mpo, base) else ("win" if better else "loss"))
+            entry["equal_params"] = compare(mpo, base)
+            cheaper = next((r for r in ranked if not _is_mpo(r["row"]) and r["bytes"] <= BYTES_TOLERANCE * mpo["bytes"]),
+                           None)
+            if cheaper is not None:
+                entry["equal_bytes"] = compare(mpo, cheaper)
         out.append(entry)
     return out
 
@@ -110,9 +123,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         line = f"- {v['target_ratio']:g}x: best {v['ranking'][0]}"
         if v["tied_with_best"]:
             line += f" (tied: {', '.join(v['tied_with_best'])})"
-        if "outcome" in v:
-            line += (f"; best MPO {v['best_mpo']} ({v['mpo_bytes']:,.0f} B) vs best baseline {v['best_baseline']} "
-                     f"({v['baseline_bytes']:,.0f} B): {v['outcome']}, {metric} difference {v['difference']:+.{digits}f}")
+        for view in ("equal_params", "equal_bytes"):
+            if view in v:
+                c = v[view]
+                line += (f"; {view.replace('_', ' ')}: {c['mpo']} ({c['mpo_bytes']:,.0f} B) vs {c['baseline']} "
+                         f"({c['baseline_bytes']:,.0f} B) {c['outcome']} ({c['difference']:+.{digits}f})")
         lines.append(line)
     return "\n".join(lines) + "\n"
 
