@@ -139,10 +139,13 @@ def test_paper_layout_is_exact_at_full_bond():
 
 def test_a_row_that_cannot_fit_the_budget_is_skipped_with_its_reason(tmp_path):
     # LSTM(8, 16): rank 1 everywhere takes (64 + 8) + (64 + 16) = 152 entries; at 12x the budget is below
-    config = ProtocolConfig(ratios=(12.0,), rows=("dense", "mpo-decomp", "lowrank-decomp"))
+    # and pruning at equal bytes at 32x: a bitmask alone takes 1536 / 8 = 192 bytes, the MPO 4 * 48
+    config = ProtocolConfig(ratios=(12.0, 32.0), rows=("dense", "mpo-decomp", "lowrank-decomp", "prune-bytes"))
     doc = run_protocol(tiny_task(), config, tmp_path, log=lambda _: None)
-    assert [r["row"] for r in doc["rows"]] == ["dense", "mpo-decomp"]
-    assert doc["skipped"] == [{"row": "lowrank-decomp", "target_ratio": 12.0,
-                               "reason": f"rank 1 for every weight takes 152 entries, above the budget of "
-                                         f"{doc['rows'][1]['params']:,}"}]
+    assert [(r["row"], r["target_ratio"]) for r in doc["rows"]] == [
+        ("dense", None), ("mpo-decomp", 12.0), ("prune-bytes", 12.0), ("mpo-decomp", 32.0)]
+    budget = doc["rows"][1]["params"]
+    assert doc["skipped"][0] == {"row": "lowrank-decomp", "target_ratio": 12.0,
+                                 "reason": f"rank 1 for every weight takes 152 entries, above the budget of {budget:,}"}
+    assert doc["skipped"][1]["row"] == "prune-bytes" and "the sparse index alone takes 192 bytes" in doc["skipped"][1]["reason"]
     assert "Skipped: lowrank-decomp at 12x" in (tmp_path / "results.md").read_text()

@@ -183,9 +183,13 @@ def equal_bytes_nonzeros(ctx: RowContext) -> int:
     shapes = [tuple(ctx.dense.get_parameter(w).shape) for w in ctx.weights]
     limit = 4 * ctx.budget
     index = max(2 if cols <= 2**15 else 4 for _, cols in shapes)
-    csr = (limit - sum(4 * (rows + 1) for rows, _ in shapes)) // (4 + index)
-    bitmask = (limit - sum(math.ceil(rows * cols / 8) for rows, cols in shapes)) // 4
-    return max(csr, bitmask, 1)
+    csr_index = sum(4 * (rows + 1) for rows, _ in shapes)
+    bitmask_index = sum(math.ceil(rows * cols / 8) for rows, cols in shapes)
+    nonzeros = max((limit - csr_index) // (4 + index), (limit - bitmask_index) // 4)
+    if nonzeros < 1:
+        raise Infeasible(f"the sparse index alone takes {min(csr_index, bitmask_index):,} bytes, at or above the "
+                         f"MPO's {limit:,}")
+    return nonzeros
 
 
 def prune_bytes(ctx: RowContext) -> Trained:
