@@ -23,7 +23,7 @@ from .run import ProtocolConfig, run_staged
 
 __all__ = ["run_seeds", "summarize", "summary_markdown", "verdict", "write_summary"]
 
-SUMMED = ("params", "bytes", "bytes_ratio", "ratio", "total_params", "hidden", "train_s")
+SUMMED = ("params", "bytes", "bytes_ratio", "file_bytes", "ratio", "total_params", "hidden", "train_s")
 """Keys averaged without a spread (they are equal or nearly so across seeds)."""
 
 
@@ -70,7 +70,8 @@ def verdict(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Per target ratio: the rows ranked by mean metric, which of them tie with the best (difference
     below the larger std), and the best MPO row against the best baseline, twice: at the same
     target (equal parameters, the paper's view) and among the baselines with no more bytes than that
-    MPO row (equal bytes). Each comparison is "win", "tie" or "loss" for MPO."""
+    MPO row (equal bytes). Each comparison is "win", "tie" or "loss" for MPO, and its difference is
+    signed so that a positive one favours MPO (for a lower-is-better metric, MPO's is lower)."""
     metric, sign = summary["metric"], 1.0 if summary["higher_is_better"] else -1.0
 
     def tie(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -78,7 +79,7 @@ def verdict(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
     def compare(mpo: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
         better = sign * (mpo[metric]["mean"] - base[metric]["mean"]) > 0
-        return {"mpo": mpo["row"], "baseline": base["row"], "difference": mpo[metric]["mean"] - base[metric]["mean"],
+        return {"mpo": mpo["row"], "baseline": base["row"], "difference": sign * (mpo[metric]["mean"] - base[metric]["mean"]),
                 "mpo_bytes": mpo["bytes"], "baseline_bytes": base["bytes"],
                 "outcome": "tie" if tie(mpo, base) else ("win" if better else "loss")}
 
@@ -118,7 +119,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         target = "-" if r["target_ratio"] is None else f"{r['target_ratio']:g}x"
         lines.append(f"| {r['row']} | {target} | {_cell(r[metric], digits)} | {r['params']:,.0f} | {r['bytes']:,.0f} | "
                      f"{r['bytes_ratio']:.1f}x | {r['storage']} |" + "".join(f" {_cell(r[k], 3)} |" for k in extra))
-    lines += ["", "Verdict (a difference below one std is a tie):", ""]
+    lines += ["", "Verdict (a difference below one std is a tie; a positive difference favours MPO):", ""]
     for v in summary["verdict"]:
         line = f"- {v['target_ratio']:g}x: best {v['ranking'][0]}"
         if v["tied_with_best"]:
