@@ -53,14 +53,14 @@ def plot_results(document: dict[str, Any], path: str | Path, x: str = "params") 
 
     metric = document["metric"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for row in ROWS:
+    for index, row in enumerate(ROWS):
         points = sorted((r[x], r[metric]) for r in document["rows"] if r["row"] == row)
         if not points:
             continue
         if row == "dense":
             ax.axhline(points[0][1], color="black", linestyle="--", label=f"dense ({points[0][0]:,} {x})")
         else:
-            ax.plot(*zip(*points), marker="o", label=ROWS[row].label)
+            ax.plot(*zip(*points), marker="os^vD"[index % 5], color=plt.cm.tab20(index % 20), label=ROWS[row].label)
     ax.set_xscale("log")
     ax.set_xlabel(X_LABELS[x])
     ax.set_ylabel(metric)

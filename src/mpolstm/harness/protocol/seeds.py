@@ -142,12 +142,12 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
 
     metric = summary["metric"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for row in ROWS:
+    for index, row in enumerate(ROWS):
         points = sorted((r["bytes"], r[metric]["mean"], r[metric]["std"]) for r in summary["rows"] if r["row"] == row)
         if points:
             x, y, err = zip(*points)
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=ROWS[row].label,
-                        linestyle="none" if len(points) == 1 else "-")
+            ax.errorbar(x, y, yerr=err, marker="os^vD"[index % 5], capsize=3, label=ROWS[row].label,
+                        color=plt.cm.tab20(index % 20), linestyle="none" if len(points) == 1 else "-")
     ax.set_xscale("log")
     ax.set_xlabel("bytes of the LSTM weights as stored")
     ax.set_ylabel(f"{metric} (mean ± std over seeds {summary['seeds']})")
