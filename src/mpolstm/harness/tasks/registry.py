@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["PRESETS", "BUILTIN_TASKS", "TaskType", "register_task", "get_task", "task_names"]
 
 PRESETS = ("quick", "standard", "paper")
-"""The preset vocabulary every task uses: quick (<= 5 minutes per task on 2 CPU cores), standard
+"""The preset vocabulary every task uses: quick (minutes per task on 2 CPU cores), standard
 (<= 90 minutes for a task's whole protocol table on 2 CPU cores), paper (paper scale, for a GPU)."""
 
 BUILTIN_TASKS = ("seqcls", "ptb", "speech")

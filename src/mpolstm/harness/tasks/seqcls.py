@@ -58,7 +58,7 @@ class SeqClsSize:
 
 
 SIZES = {
-    # quick: <= 5 minutes for the whole table on 2 CPU cores (the demo)
+    # quick: the demo; ~6 minutes for the whole 15-row table on 2 CPU cores (5 min 55 s with the 8 paper rows)
     "quick": SeqClsSize(hidden_size=128, train_examples=None, batch_size=50, dense_epochs=10, finetune_epochs=6, lr=3e-3),
     # standard: <= 90 minutes for the whole table on 2 CPU cores (measured: 9 min with 2 threads)
     "standard": SeqClsSize(hidden_size=256, train_examples=None, batch_size=50, dense_epochs=20, finetune_epochs=8, lr=2e-3),
