@@ -97,7 +97,8 @@ def demo(
 def reproduce(
     task: TaskName = typer.Option(..., help="The task (see docs/architecture.md for adding one)."),
     preset: Preset = typer.Option(Preset.quick, help="quick: minutes per task on 2 CPU cores (seq. MNIST ~6); standard: "
-                                  "<= 90 min for a task's whole table on 2 CPU cores; paper: paper-scale, for a GPU."),
+                                  "<= 90 min on 2 CPU cores (PTB and speech: the baseline rows as a second --rows command, see "
+                                  "docs/results.md); paper: paper-scale, for a GPU."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default results/<task>-<preset>)."),
     ratios: str = typer.Option("10,30,100", help="Compression ratios of the LSTM weights, comma-separated."),
     rows: Optional[str] = typer.Option(None, help="Comma-separated subset of rows (default: all)."),

@@ -24,7 +24,8 @@ __all__ = ["PRESETS", "BUILTIN_TASKS", "TaskType", "register_task", "get_task", 
 
 PRESETS = ("quick", "standard", "paper")
 """The preset vocabulary every task uses: quick (minutes per task on 2 CPU cores), standard
-(<= 90 minutes for a task's whole protocol table on 2 CPU cores), paper (paper scale, for a GPU)."""
+(<= 90 minutes for a task's protocol table on 2 CPU cores; PTB and speech need two --rows commands for
+all 15 rows), paper (paper scale, for a GPU)."""
 
 BUILTIN_TASKS = ("seqcls", "ptb", "speech")
 """Modules of this package that register the task of the same name when imported."""
