@@ -96,14 +96,15 @@ def grid_markdown(document: dict[str, Any], mpo_row: str = "mpo-scratch", prunin
     score = "PESQ" if pesq else f"{metric} {'%' if metric == 'accuracy' else ''}"
     by = {(r["row"], r["target_ratio"]): r for r in document["rows"]}
     dense = by.get(("dense", None))
+    digits = 3 if pesq or metric != "accuracy" else 1
     lines = [f"Task `{document['task']}`, the paper's layout and Table 2 bonds; {score.strip()} of {mpo_row} and "
              f"{pruning_row}; paper columns: MPO - pruning from its Tables 3-5.", "",
              f"| rate | d_W | d_U | params | achieved | {mpo_row} | {pruning_row} | ours MPO - pruning | "
              + " | ".join(f"paper {name}" for name in PAPER_TABLES) + " |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(PAPER_TABLES)]
     if dense is not None:
-        lines.append(f"| dense | - | - | {dense['params']:,} | 1.0x | {_pesq_or_metric(dense, metric):.3f} | "
-                     f"{_pesq_or_metric(dense, metric):.3f} | - |" + " - |" * len(PAPER_TABLES))
+        lines.append(f"| dense | - | - | {dense['params']:,} | 1.0x | {_pesq_or_metric(dense, metric):.{digits}f} | "
+                     f"{_pesq_or_metric(dense, metric):.{digits}f} | - |" + " - |" * len(PAPER_TABLES))
     for rate in sorted(PAPER_BONDS):
         mpo, pruned = by.get((mpo_row, float(rate))), by.get((pruning_row, float(rate)))
         if mpo is None or pruned is None:
@@ -112,7 +113,8 @@ def grid_markdown(document: dict[str, Any], mpo_row: str = "mpo-scratch", prunin
         paper = [table[rate][1] - table[rate][0] for table in PAPER_TABLES.values()]
         d_w, d_u = PAPER_BONDS[rate]
         lines.append(f"| {rate} | {d_w} | {d_u} | {mpo['params']:,} | {mpo['ratio']:.1f}x | "
-                     f"{_pesq_or_metric(mpo, metric):.3f} | {_pesq_or_metric(pruned, metric):.3f} | {ours:+.3f} | "
+                     f"{_pesq_or_metric(mpo, metric):.{digits}f} | {_pesq_or_metric(pruned, metric):.{digits}f} | "
+                     f"{ours:+.{digits}f} | "
                      + " | ".join(f"{p:+.2f}" for p in paper) + " |")
     lines += ["", "Positive differences favour MPO (ours: signed so that better is positive)."]
     return "\n".join(lines) + "\n"
