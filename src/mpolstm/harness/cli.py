@@ -54,17 +54,27 @@ def _protocol_config(ratios: tuple[float, ...], seed: int, distill: bool, rows: 
         _fail(str(exc))
 
 
+def _log(line: str) -> None:
+    console.print(line, highlight=False)
+
+
+def _staged(run, *args, **kwargs):
+    """``run(*args, log=..., **kwargs)`` (a protocol runner); a refused staging folder is one error line."""
+    from .protocol import StagingError
+
+    try:
+        return run(*args, log=_log, **kwargs)
+    except StagingError as exc:
+        _fail(str(exc))
+
+
 def _run_protocol(task, ratios: tuple[float, ...], out: Path, seed: int, distill: bool, rows: Optional[str],
                   resume: bool = False) -> None:
     """Run the protocol in a staging folder beside ``out`` and move it in place at the end
     (:func:`~mpolstm.harness.protocol.run_staged`), then print the table."""
-    from .protocol import StagingError, run_staged
+    from .protocol import run_staged
 
-    config = _protocol_config(ratios, seed, distill, rows)
-    try:
-        run_staged(task, config, out, log=lambda line: console.print(line, highlight=False), resume=resume)
-    except StagingError as exc:
-        _fail(str(exc))
+    _staged(run_staged, task, _protocol_config(ratios, seed, distill, rows), out, resume=resume)
     if distributed.is_main():
         console.print((out / "results.md").read_text(), highlight=False)
         console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}, "
@@ -119,16 +129,12 @@ def reproduce(
         built = _make_task(task, preset, seed, dataset=dataset, data_dir=data_dir)
         _run_protocol(built, ratio_values, folder, seed, distill, rows, resume)
         return
-    from .protocol import StagingError, run_seeds
+    from .protocol import run_seeds
 
     seed_values = _parse_seeds(seeds)
     config = _protocol_config(ratio_values, seed_values[0], distill, rows)
     make = lambda s: _make_task(task, preset, s, dataset=dataset, data_dir=data_dir)  # noqa: E731
-    try:
-        run_seeds(make, config, folder, seed_values, log=lambda line: console.print(line, highlight=False),
-                  resume=resume)
-    except StagingError as exc:
-        _fail(str(exc))
+    _staged(run_seeds, make, config, folder, seed_values, resume=resume)
     if distributed.is_main():
         console.print((folder / "summary.md").read_text(), highlight=False)
         console.print(f"wrote {folder / 'summary.json'}, {folder / 'summary.md'}, {folder / 'summary.png'} and "
@@ -151,7 +157,7 @@ def paper_grid(
     resume: bool = typer.Option(False, help="Continue an interrupted run of the same command."),
 ) -> None:
     """The paper's own grid: its LSTM layout and Table 2 bonds, MPO vs pruning, beside its Tables 3-5."""
-    from .protocol import StagingError, run_staged
+    from .protocol import run_staged
     from .protocol.paper import PAPER_HIDDEN, grid_markdown
 
     if task.value not in ("seqcls", "speech"):
@@ -165,11 +171,7 @@ def paper_grid(
                "embedding_dim": PAPER_HIDDEN}
     built = _make_task(task, preset, seed, **options)
     folder = out or Path(f"results/paper-grid-{task.value}-{preset.value}")
-    try:
-        document = run_staged(built, config, folder, log=lambda line: console.print(line, highlight=False),
-                              resume=resume)
-    except StagingError as exc:
-        _fail(str(exc))
+    document = _staged(run_staged, built, config, folder, resume=resume)
     if distributed.is_main():
         from ..atomic import atomic_write_bytes
 
