@@ -18,8 +18,6 @@ The report's errors are measured exactly on the rebuilt torch weights.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -28,8 +26,8 @@ from ..mpo import MPO, canonicalize, central_core
 from ..mpo.allocation import allocate
 from ..nn.registry import is_mpo_module, layer_type, replace_module
 from ..nn.shared import shared_for
-from .config import CompressionConfig, select_modules
-from .layouts import Candidate, Target, decompose_target, output_error
+from .config import CompressionConfig, ModuleSettings, select_modules
+from .layouts import Candidate, Target, bound_default, decompose_target, output_error
 from .report import CompressionReport, ModuleReport, WeightReport
 
 __all__ = ["compress", "freeze_central"]
@@ -38,9 +36,9 @@ __all__ = ["compress", "freeze_central"]
 FLOOR_BOND = 2
 
 
-def _targets(name: str, module: nn.Module, settings: dict[str, Any], moments: dict[str, Tensor]) -> list[Target]:
+def _targets(name: str, module: nn.Module, settings: ModuleSettings, moments: dict[str, Tensor]) -> list[Target]:
     """The weights of one module as targets (M and the paper layout from the registry)."""
-    matrices = layer_type(module).matrices(module, num_cores=settings["num_cores"])
+    matrices = layer_type(module).matrices(module, num_cores=settings.num_cores)
     targets = []
     for wname, (matrix, factors) in matrices.items():
         matrix = matrix.detach().to(torch.float64)
@@ -54,33 +52,35 @@ def _targets(name: str, module: nn.Module, settings: dict[str, Any], moments: di
     return targets
 
 
-def _budget_mpos(targets: list[Target], settings: dict[str, dict[str, Any]], budget: int) -> list[tuple[str, MPO]]:
+def _budget_mpos(targets: list[Target], settings: dict[str, ModuleSettings], budget: int) -> list[tuple[str, MPO]]:
     """(layout name, MPO) per target: layout and bonds allocated together under ``budget``."""
-    candidates = [[Candidate.of(t, lay, f, settings[t.module]["max_bond"])
-                   for lay, f in t.candidates(settings[t.module]["layout"]).items()] for t in targets]
+    candidates = [[Candidate.of(t, name, f, settings[t.module].max_bond)
+                   for name, f in t.candidates(settings[t.module].layout).items()] for t in targets]
     sizes = [t.dense_params for t in targets]
-    chosen = allocate([[c.layout for c in cs] for cs in candidates], scales=sizes, limits=sizes, budget=budget,
+    points = allocate([[c.model for c in cs] for cs in candidates], scales=sizes, limits=sizes, budget=budget,
                       floor=FLOOR_BOND)
     out = []
-    for t, cs, point in zip(targets, candidates, chosen):
-        pick = cs[point.layout]
+    for t, cs, point in zip(targets, candidates, points):
+        pick = cs[point.option]
         out.append((pick.name, decompose_target(t, pick.factors, list(point.bonds))))
     return out
 
 
-def _bound_mpo(target: Target, settings: dict[str, Any]) -> tuple[str, MPO]:
+def _bound_mpo(target: Target, settings: ModuleSettings) -> tuple[str, MPO]:
     """(layout name, MPO) of one target under max_bond / rel_tol."""
-    layout = settings["layout"]
-    if layout == "auto" and settings["rel_tol"] is None:
-        layout = "interleaved" if target.whitening is None else "lowrank"
-    options = {name: decompose_target(target, f, settings["max_bond"], settings["rel_tol"])
+    layout = settings.layout
+    if layout == "auto" and settings.rel_tol is None:
+        layout = bound_default(target.whitening is not None)
+    options = {name: decompose_target(target, f, settings.max_bond, settings.rel_tol)
                for name, f in target.candidates(layout).items()}
     return min(options.items(), key=lambda kv: kv[1].num_params)
 
 
-def _weight_report(old: nn.Module, new: nn.Module, target: Target, layout: str) -> WeightReport:
+def _weight_report(old: nn.Module, new: nn.Module, rebuilt_module: nn.Module, target: Target,
+                   layout: str) -> WeightReport:
+    """Sizes, bonds and errors of one weight: ``rebuilt_module`` is ``new`` as a torch module."""
     dense = getattr(old, target.weight).detach().double()
-    rebuilt = getattr(layer_type(old).to_torch(new), target.weight).detach().double()
+    rebuilt = getattr(rebuilt_module, target.weight).detach().double()
     cores = [c.detach().double() for c in new.mpo_weights()[target.weight]]
     mpo = MPO(cores)
     norm = float(dense.norm())
@@ -147,7 +147,7 @@ def _check_sized(config: CompressionConfig, chosen: list[tuple[str, nn.Module, b
         return
     for name, _, _ in chosen:
         settings = config.settings_for(name)
-        if settings["max_bond"] is None and settings["rel_tol"] is None:
+        if settings.max_bond is None and settings.rel_tol is None:
             raise ValueError(f"compress needs a size for module {name!r}: give target_ratio, max_params, max_bond "
                              "or rel_tol (an exact MPO is larger than the dense layer; for an exact drop-in use "
                              "mpolstm.nn.MPO<Layer>.from_<torch>())")
@@ -220,7 +220,8 @@ def _replace(model: nn.Module, modules: dict[str, nn.Module], targets: list[Targ
         with torch.no_grad():
             new = layer_type(module).from_torch(module, mpos={t.weight: _cast(m, like) for t, _, m in items})
         new.train(module.training)
-        weights = {t.weight: _weight_report(module, new, t, layout) for t, layout, _ in items}
+        rebuilt = layer_type(module).to_torch(new)
+        weights = {t.weight: _weight_report(module, new, rebuilt, t, layout) for t, layout, _ in items}
         reports.append(ModuleReport(
             name=name, old_class=type(module).__name__, new_class=type(new).__name__,
             params_before=sum(p.numel() for p in module.parameters()),

@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from ..compression.layouts import describe_layouts
 from . import distributed
 from .tasks.registry import PRESETS, task_names
 
@@ -283,8 +284,7 @@ def compress_cmd(
     ratio: Optional[float] = typer.Option(None, help="Global budget: dense / MPO parameters of the selected weights."),
     target: str = typer.Option("lstm", help="Comma-separated module names (or one regex) to compress."),
     num_cores: int = typer.Option(4, help="Cores of the paper's interleaved layout."),
-    layout: str = typer.Option("auto", help="auto (search per weight), interleaved, interleaved-2, lowrank or "
-                               "lowrank-mpo."),
+    layout: str = typer.Option("auto", help="auto (search per weight) or one of: " + describe_layouts() + "."),
     factory: Optional[str] = typer.Option(None, help="package.module:function building your dense model."),
     weights: Optional[Path] = typer.Option(None, help="Its weights: safetensors or a state dict (.pt)."),
     calibrate: Optional[Path] = typer.Option(None, help="Safetensors file of model inputs (input0, input1, ...): "
