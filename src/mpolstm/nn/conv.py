@@ -11,7 +11,7 @@ Execution: ``forward`` rebuilds the kernel once per call (``mpo.cores_to_matrix`
 reshape) and runs torch's own convolution (``nn.Conv1d/2d._conv_forward``: F.conv1d/conv2d, with
 F.pad for non-zero ``padding_mode``), so stride, padding (ints or 'same' / 'valid'), dilation,
 groups, unbatched input and the error messages are torch's. In eval mode the rebuilt kernel is
-cached (invalidated as for the recurrent layers). Every argument is validated by building torch's
+cached (nn/base.py). Every argument is validated by building torch's
 own module on the meta device.
 """
 
@@ -25,9 +25,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..mpo import MPO
-from .cells import MPOWeights
+from .base import MPOWeights, default_factors
 from .registry import LayerType, register
-from .rnn import _default_factors
 
 __all__ = ["MPOConv1d", "MPOConv2d", "conv_inputs"]
 
@@ -106,7 +105,7 @@ class _MPOConvNd(MPOWeights):
         if conv.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(conv.bias)
-        return layer
+        return layer.train(conv.training)
 
     def _to_torch(self) -> nn.modules.conv._ConvNd:
         first = self._cores("weight")[0]
@@ -115,13 +114,13 @@ class _MPOConvNd(MPOWeights):
             conv.weight.copy_(self.weight)
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return conv
+        return conv.train(self.training)
 
     @classmethod
     def mpo_matrices(cls, conv: nn.modules.conv._ConvNd, num_cores: int = 4) -> dict[str, tuple[Tensor, tuple]]:
         """{"weight": (M = kernel.reshape(out, -1)^T, default factors)} (see ``LayerType.matrices``)."""
         matrix = conv.weight.detach().reshape(conv.out_channels, -1)
-        return {"weight": (matrix.T, _default_factors(matrix.shape[1], matrix.shape[0], num_cores))}
+        return {"weight": (matrix.T, default_factors(matrix.shape[1], matrix.shape[0], num_cores))}
 
     # -- MPO-module protocol -------------------------------------------------------------------
     def mpo_config(self) -> dict[str, Any]:
@@ -244,6 +243,6 @@ def conv_inputs(conv: nn.Module, args: tuple) -> Iterator[tuple[str, Tensor]]:
 _CONV_SIZES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                "padding_mode")
 register(LayerType(nn.Conv1d, MPOConv1d, MPOConv1d.from_conv1d, MPOConv1d.to_conv1d, MPOConv1d.mpo_matrices,
-                   conv_inputs, _CONV_SIZES))
+                   conv_inputs, _CONV_SIZES, "conv", lambda conv: ["weight"]))
 register(LayerType(nn.Conv2d, MPOConv2d, MPOConv2d.from_conv2d, MPOConv2d.to_conv2d, MPOConv2d.mpo_matrices,
-                   conv_inputs, _CONV_SIZES))
+                   conv_inputs, _CONV_SIZES, "conv", lambda conv: ["weight"]))
