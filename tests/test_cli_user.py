@@ -187,12 +187,13 @@ def test_a_target_that_matches_nothing_lists_the_models_modules(user_dir):
     (["--ratio", "4", "--calibrate", "inputs.safetensors", "--distill-steps", "2", "--batch-size", "0"],
      "--batch-size"),
     (["--ratio", "4", "--weights", "absent.pt"], "--weights absent.pt"),
+    (["--ratio", "100000"], "lower --ratio"),
 ])
 def test_compress_errors_name_the_flag_typed(user_dir, args, flag):
     target = [] if "--target" in args else ["--target", "rnn"]
     line = one_error_line(mpolstm("compress", "x", "--factory", "mymodels:build", *target, *args, cwd=user_dir))
     assert flag in line
-    for api_name in ("target_ratio", "max_bond", "rel_tol", "num_cores", "target_modules", "weights file"):
+    for api_name in ("target_ratio", "max_params", "max_bond", "rel_tol", "num_cores", "target_modules", "weights file"):
         assert api_name not in line
     assert not (user_dir / "x").exists()
 

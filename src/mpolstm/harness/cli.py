@@ -72,7 +72,7 @@ def _protocol_config(ratios: tuple[float, ...], seed: int, distill: bool, rows: 
 
 
 def _log(line: str) -> None:
-    console.print(line, markup=False, highlight=False)
+    console.print(line)
 
 
 def _staged(run, *args, **kwargs):
@@ -288,7 +288,7 @@ def _source_model(model_in: Optional[Path], factory: Optional[str], weights: Opt
     except ValueError as exc:
         _fail(str(exc))
     if note:
-        console.print(f"note: {note}", markup=False, highlight=False)
+        console.print(f"note: {note}")
     return model, None
 
 
@@ -298,8 +298,9 @@ def _batches(inputs: tuple, size: int) -> list[tuple]:
     return [tuple(x[i:i + size] for x in inputs) for i in range(0, rows, size)]
 
 
-_COMPRESS_FLAGS = {"target_ratio/max_params": "--ratio", "target_ratio": "--ratio", "max_bond": "--max-bond",
-                   "rel_tol": "--rel-tol", "num_cores": "--num-cores", "layout": "--layout", "target_modules": "--target"}
+_COMPRESS_FLAGS = {"raise max_params or lower target_ratio": "lower --ratio", "target_ratio": "--ratio",
+                   "max_bond": "--max-bond", "rel_tol": "--rel-tol", "num_cores": "--num-cores", "layout": "--layout",
+                   "target_modules": "--target"}
 
 
 def _compression_config(target: str, max_bond: Optional[int], rel_tol: Optional[float], ratio: Optional[float],
@@ -381,7 +382,7 @@ def compress_cmd(
     teacher = copy.deepcopy(model) if distill_steps else None
     try:
         model, report = compress(model, config, calibration=None if inputs is None else [inputs])
-        console.print(str(report), markup=False, highlight=False)
+        console.print(str(report))
         if teacher is not None:
             result = distill(model, teacher, _batches(inputs, batch_size), steps=distill_steps, progress=True)
             console.print(f"distilled {distill_steps} steps on the --calibrate inputs: loss {result.losses[0]:.4f} -> "
@@ -410,7 +411,7 @@ def inspect(
         rows = describe_folder(model_path)
     except ValueError as exc:
         _fail(str(exc))
-    console.print(inspect_folder(model_path, rows), markup=False, highlight=False)
+    console.print(inspect_folder(model_path, rows))
     if plot is not None and rows:
         _plot_entropy({r["weight"]: r["entropy"] for r in rows}, plot)
         console.print(f"wrote {plot}")
