@@ -70,7 +70,8 @@ def _dense_module(module: nn.Module) -> nn.Module | None:
 
 def densify(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every MPO module replaced by its rebuilt torch module
-    (nn.Linear / nn.Embedding / nn.LSTM / nn.GRU); ``model`` itself is left unchanged."""
+    (the registered torch type: nn.Linear, nn.Embedding, nn.LSTM, nn.GRU, nn.RNN, the cells, nn.Conv1d /
+    nn.Conv2d); ``model`` itself is left unchanged."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"densify expects an nn.Module, got {type(model).__name__}")
     root = _dense_module(model)

@@ -420,6 +420,14 @@ class SingleWeightMPO(MPOWeights):
         """The weight's MPO, sharing the parameters."""
         return super().mpo(name)
 
+    @property
+    def in_factors(self) -> tuple[int, ...]:
+        return self.factors["weight"][0]
+
+    @property
+    def out_factors(self) -> tuple[int, ...]:
+        return self.factors["weight"][1]
+
     def _config_of_cores(self) -> dict[str, Any]:
         """The cores' part of the config: in_factors, out_factors, bond_dims."""
         return self._weights_config()["weight"]

@@ -67,7 +67,14 @@ class _MPOCellBase(MPOWeights):
         return {"input_size": cell.input_size, "hidden_size": cell.hidden_size, "bias": cell.bias}
 
     @classmethod
-    def _from_torch(cls, cell, max_bond, rel_tol, factors, num_cores, mpos):
+    def from_torch(cls, cell: nn.RNNCellBase, max_bond: int | None = None, rel_tol: float | None = None, *,
+                   factors: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None, num_cores: int = 4,
+                   mpos: Mapping[str, MPO] | None = None):
+        """Decompose both weights of a trained torch cell of this class's type (``from_lstm_cell``,
+        ``from_gru_cell``, ``from_rnn_cell``) by TT-SVD (``max_bond`` caps the bonds, ``rel_tol=eps``
+        guarantees ||W - W_mpo||_F <= eps ||W||_F per weight; with neither it is exact).
+        ``mpos={name: MPO of W^T}`` uses already decomposed MPOs. Errors in ``.reports``; the
+        result has the source's mode, dtype and device."""
         if not isinstance(cell, cls._torch_class):
             name = cls._torch_class.__name__
             snake = {"LSTMCell": "lstm_cell", "GRUCell": "gru_cell", "RNNCell": "rnn_cell"}[name]
@@ -82,7 +89,8 @@ class _MPOCellBase(MPOWeights):
                 layer.bias_hh.copy_(cell.bias_hh)
         return layer.train(cell.training)
 
-    def _to_torch(self) -> nn.RNNCellBase:
+    def to_torch(self) -> nn.RNNCellBase:
+        """The plain torch cell (``to_lstm_cell``, ...) with the rebuilt weights."""
         first = self._cores("weight_ih")[0]
         cell = self._torch_class(**self._torch_args(), device=first.device, dtype=first.dtype)
         with torch.no_grad():
@@ -201,18 +209,7 @@ class MPOLSTMCell(_MPOCellBase):
 
     _torch_class, _num_gates, _mode = nn.LSTMCell, 4, "LSTM"
 
-    @classmethod
-    def from_lstm_cell(cls, cell: nn.LSTMCell, max_bond: int | None = None, rel_tol: float | None = None, *,
-                       factors: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
-                       num_cores: int = 4, mpos: Mapping[str, MPO] | None = None) -> "MPOLSTMCell":
-        """Decompose both weights of a trained nn.LSTMCell by TT-SVD (``max_bond`` caps the bonds,
-        ``rel_tol=eps`` guarantees ||W - W_mpo||_F <= eps ||W||_F per weight; with neither it is
-        exact). ``mpos={name: MPO of W^T}`` uses already decomposed MPOs. Errors in ``.reports``."""
-        return cls._from_torch(cell, max_bond, rel_tol, factors, num_cores, mpos)
-
-    def to_lstm_cell(self) -> nn.LSTMCell:
-        """A plain torch.nn.LSTMCell with the rebuilt weights."""
-        return self._to_torch()
+    from_lstm_cell, to_lstm_cell = _MPOCellBase.__dict__["from_torch"], _MPOCellBase.to_torch
 
 
 class MPOGRUCell(_MPOCellBase):
@@ -225,16 +222,7 @@ class MPOGRUCell(_MPOCellBase):
 
     _torch_class, _num_gates, _mode = nn.GRUCell, 3, "GRU"
 
-    @classmethod
-    def from_gru_cell(cls, cell: nn.GRUCell, max_bond: int | None = None, rel_tol: float | None = None, *,
-                      factors: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
-                      num_cores: int = 4, mpos: Mapping[str, MPO] | None = None) -> "MPOGRUCell":
-        """As :meth:`MPOLSTMCell.from_lstm_cell`, for a trained nn.GRUCell."""
-        return cls._from_torch(cell, max_bond, rel_tol, factors, num_cores, mpos)
-
-    def to_gru_cell(self) -> nn.GRUCell:
-        """A plain torch.nn.GRUCell with the rebuilt weights."""
-        return self._to_torch()
+    from_gru_cell, to_gru_cell = _MPOCellBase.__dict__["from_torch"], _MPOCellBase.to_torch
 
 
 class MPORNNCell(_MPOCellBase):
@@ -255,16 +243,7 @@ class MPORNNCell(_MPOCellBase):
         super().__init__(input_size, hidden_size, bias, device, dtype, **mpo_kwargs)
         self.nonlinearity = nonlinearity
 
-    @classmethod
-    def from_rnn_cell(cls, cell: nn.RNNCell, max_bond: int | None = None, rel_tol: float | None = None, *,
-                      factors: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
-                      num_cores: int = 4, mpos: Mapping[str, MPO] | None = None) -> "MPORNNCell":
-        """As :meth:`MPOLSTMCell.from_lstm_cell`, for a trained nn.RNNCell (either nonlinearity)."""
-        return cls._from_torch(cell, max_bond, rel_tol, factors, num_cores, mpos)
-
-    def to_rnn_cell(self) -> nn.RNNCell:
-        """A plain torch.nn.RNNCell with the rebuilt weights."""
-        return self._to_torch()
+    from_rnn_cell, to_rnn_cell = _MPOCellBase.__dict__["from_torch"], _MPOCellBase.to_torch
 
     def _torch_args(self) -> dict[str, Any]:
         return {**super()._torch_args(), "nonlinearity": self.nonlinearity}

@@ -90,7 +90,13 @@ class _MPOConvNd(MPOWeights):
         return {**args, "bias": conv.bias is not None}
 
     @classmethod
-    def _from_torch(cls, conv, max_bond, rel_tol, in_factors, out_factors, num_cores, mpos):
+    def from_torch(cls, conv: nn.modules.conv._ConvNd, max_bond: int | None = None, rel_tol: float | None = None, *,
+                   in_factors: Sequence[int] | None = None, out_factors: Sequence[int] | None = None,
+                   num_cores: int = 4, mpos: Mapping[str, MPO] | None = None):
+        """Decompose a trained torch convolution of this class's type (``from_conv1d``,
+        ``from_conv2d``) by TT-SVD (exact with neither ``max_bond`` nor ``rel_tol``);
+        ``mpos={"weight": MPO of M}`` uses a ready MPO. Error in ``.reports``; the result has the
+        source's mode, dtype and device."""
         if not isinstance(conv, cls._torch_class):
             name = cls._torch_class.__name__
             raise ValueError(f"{cls.__name__}.from_{cls._snake} expects a torch.nn.{name}, got {type(conv).__name__}")
@@ -107,7 +113,8 @@ class _MPOConvNd(MPOWeights):
                 layer.bias.copy_(conv.bias)
         return layer.train(conv.training)
 
-    def _to_torch(self) -> nn.modules.conv._ConvNd:
+    def to_torch(self) -> nn.modules.conv._ConvNd:
+        """The plain torch convolution (``to_conv1d``, ``to_conv2d``) with the rebuilt kernel."""
         first = self._cores("weight")[0]
         conv = self._torch_class(**self._torch_args(), device=first.device, dtype=first.dtype)
         with torch.no_grad():
@@ -176,17 +183,7 @@ class MPOConv1d(_MPOConvNd):
     _torch_class, _snake = nn.Conv1d, "conv1d"
     _conv_forward = nn.Conv1d._conv_forward
 
-    @classmethod
-    def from_conv1d(cls, conv: nn.Conv1d, max_bond: int | None = None, rel_tol: float | None = None, *,
-                    in_factors: Sequence[int] | None = None, out_factors: Sequence[int] | None = None,
-                    num_cores: int = 4, mpos: Mapping[str, MPO] | None = None) -> "MPOConv1d":
-        """Decompose a trained nn.Conv1d's kernel by TT-SVD (exact with neither ``max_bond`` nor
-        ``rel_tol``); ``mpos={"weight": MPO of M}`` uses a ready MPO. Error in ``.reports``."""
-        return cls._from_torch(conv, max_bond, rel_tol, in_factors, out_factors, num_cores, mpos)
-
-    def to_conv1d(self) -> nn.Conv1d:
-        """A plain torch.nn.Conv1d with the rebuilt kernel."""
-        return self._to_torch()
+    from_conv1d, to_conv1d = _MPOConvNd.__dict__["from_torch"], _MPOConvNd.to_torch
 
 
 class MPOConv2d(_MPOConvNd):
@@ -199,16 +196,7 @@ class MPOConv2d(_MPOConvNd):
     _torch_class, _snake = nn.Conv2d, "conv2d"
     _conv_forward = nn.Conv2d._conv_forward
 
-    @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, max_bond: int | None = None, rel_tol: float | None = None, *,
-                    in_factors: Sequence[int] | None = None, out_factors: Sequence[int] | None = None,
-                    num_cores: int = 4, mpos: Mapping[str, MPO] | None = None) -> "MPOConv2d":
-        """As :meth:`MPOConv1d.from_conv1d`, for a trained nn.Conv2d."""
-        return cls._from_torch(conv, max_bond, rel_tol, in_factors, out_factors, num_cores, mpos)
-
-    def to_conv2d(self) -> nn.Conv2d:
-        """A plain torch.nn.Conv2d with the rebuilt kernel."""
-        return self._to_torch()
+    from_conv2d, to_conv2d = _MPOConvNd.__dict__["from_torch"], _MPOConvNd.to_torch
 
 
 # ----------------------------------------------------------------------------- registry

@@ -157,13 +157,7 @@ class MPOEmbedding(SingleWeightMPO):
         else:
             self.padding_row = None
 
-    @property
-    def row_factors(self) -> tuple[int, ...]:
-        return self.factors["weight"][0]
-
-    @property
-    def dim_factors(self) -> tuple[int, ...]:
-        return self.factors["weight"][1]
+    row_factors, dim_factors = SingleWeightMPO.in_factors, SingleWeightMPO.out_factors  # the table's rows, columns
 
     @property
     def num_rows(self) -> int:
@@ -172,17 +166,9 @@ class MPOEmbedding(SingleWeightMPO):
 
     # -- conversion -----------------------------------------------------------------
     @classmethod
-    def from_embedding(
-        cls,
-        embedding: nn.Embedding,
-        max_bond: int | None = None,
-        rel_tol: float | None = None,
-        *,
-        row_factors: Sequence[int] | None = None,
-        dim_factors: Sequence[int] | None = None,
-        num_cores: int = 4,
-        mpos: Mapping[str, MPO] | None = None,
-    ) -> "MPOEmbedding":
+    def from_embedding(cls, embedding: nn.Embedding, max_bond: int | None = None, rel_tol: float | None = None, *,
+                       row_factors: Sequence[int] | None = None, dim_factors: Sequence[int] | None = None,
+                       num_cores: int = 4, mpos: Mapping[str, MPO] | None = None) -> "MPOEmbedding":
         """Decompose an nn.Embedding's table by TT-SVD (exact with neither ``max_bond`` nor
         ``rel_tol``). The table is zero-padded to ``num_rows`` and its padding row is zeroed
         before the decomposition (the row is kept exactly in ``padding_row``), so

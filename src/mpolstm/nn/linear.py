@@ -61,17 +61,9 @@ class MPOLinear(SingleWeightMPO):
 
     # -- conversion -----------------------------------------------------------------
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        max_bond: int | None = None,
-        rel_tol: float | None = None,
-        *,
-        in_factors: Sequence[int] | None = None,
-        out_factors: Sequence[int] | None = None,
-        num_cores: int = 4,
-        mpos: Mapping[str, MPO] | None = None,
-    ) -> "MPOLinear":
+    def from_linear(cls, linear: nn.Linear, max_bond: int | None = None, rel_tol: float | None = None, *,
+                    in_factors: Sequence[int] | None = None, out_factors: Sequence[int] | None = None,
+                    num_cores: int = 4, mpos: Mapping[str, MPO] | None = None) -> "MPOLinear":
         """Decompose a trained nn.Linear by TT-SVD; with neither ``max_bond`` nor ``rel_tol``
         the result reproduces it exactly. ``mpos={"weight": mpo}`` uses an already decomposed
         MPO of W^T (in_features, out_features) instead. The achieved error is in ``.report``."""
@@ -102,14 +94,6 @@ class MPOLinear(SingleWeightMPO):
         """{"weight": (W^T (in, out), default factors)} (see ``LayerType.matrices``)."""
         return {"weight": (linear.weight.detach().T,
                            resolve_factors(linear.in_features, linear.out_features, None, None, num_cores))}
-
-    @property
-    def in_factors(self) -> tuple[int, ...]:
-        return self.factors["weight"][0]
-
-    @property
-    def out_factors(self) -> tuple[int, ...]:
-        return self.factors["weight"][1]
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear with the rebuilt weight."""

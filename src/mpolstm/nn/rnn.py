@@ -99,11 +99,22 @@ class _MPORNNBase(MPOWeights):
                     shapes[names[-1]] = (self.proj_size, self.hidden_size)
                 self._flat_weights_names += names
                 self._all_weights.append(names)
+        # step(): per layer of the forward direction, (w_ih, w_hh, b_ih, b_hh, w_hr), None where absent
+        self._step_names = [(f"weight_ih_l{k}", f"weight_hh_l{k}", *((f"bias_ih_l{k}", f"bias_hh_l{k}") if self.bias
+                             else (None, None)), f"weight_hr_l{k}" if self.proj_size > 0 else None)
+                            for k in range(self.num_layers)]
         return shapes
 
     # -- conversion -----------------------------------------------------------------
     @classmethod
-    def _from_torch(cls, rnn: nn.RNNBase, max_bond, rel_tol, factors, num_cores, mpos):
+    def from_torch(cls, rnn: nn.RNNBase, max_bond: int | None = None, rel_tol: float | None = None, *,
+                   factors: FactorSpec | None = None, num_cores: int = 4, mpos: Mapping[str, MPO] | None = None):
+        """Decompose every weight of a trained torch layer of this class's type (``from_lstm``,
+        ``from_gru``, ``from_rnn``) by TT-SVD: ``max_bond`` caps the bonds, ``rel_tol=eps``
+        guarantees ||W - W_mpo||_F <= eps ||W||_F per weight; with neither it is exact.
+        ``mpos={name: MPO of W^T}`` uses already decomposed MPOs for those weights; ``factors``
+        pins layouts by weight name. The achieved error per weight is in ``.reports[name].rel_error``;
+        the result has the source's mode, dtype and device."""
         if not isinstance(rnn, cls._torch_class):
             torch_name = cls._torch_class.__name__
             raise ValueError(f"{cls.__name__}.from_{torch_name.lower()} expects a torch.nn.{torch_name}, "
@@ -125,7 +136,8 @@ class _MPORNNBase(MPOWeights):
             layout = cls(**_torch_args(rnn), bond_dim=1, num_cores=num_cores)
         return {name: (getattr(rnn, name).detach().T, layout.factors[name]) for name in layout._weight_shapes}
 
-    def _to_torch(self) -> nn.RNNBase:
+    def to_torch(self) -> nn.RNNBase:
+        """The plain torch layer (``to_lstm``, ``to_gru``, ``to_rnn``) with the rebuilt weights."""
         first = next(self.parameters())
         rnn = self._torch_class(**_torch_args(self), device=first.device, dtype=first.dtype)
         with torch.no_grad():
@@ -219,19 +231,18 @@ class _MPORNNBase(MPOWeights):
         h, c = self._step_state(hx, x.shape[0], batched)
         cache = self._eval_cache()
         hs, cs = [], []
-        for layer in range(self.num_layers):
+        for layer, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(self._step_names):
             if layer > 0 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout, training=True)
-            sfx = f"_l{layer}"
-            gi = self._project(x, f"weight_ih{sfx}", cache, getattr(self, f"bias_ih{sfx}", None))
-            gh = self._project(h[layer], f"weight_hh{sfx}", cache, getattr(self, f"bias_hh{sfx}", None))
+            gi = self._project(x, w_ih, cache, None if b_ih is None else self._parameters[b_ih])
+            gh = self._project(h[layer], w_hh, cache, None if b_hh is None else self._parameters[b_hh])
             x, c_new = cell_update(self.mode, gi, gh, h[layer], None if c is None else c[layer])
-            if self.proj_size > 0:
-                x = self._project(x, f"weight_hr{sfx}", cache)
+            if w_hr is not None:
+                x = self._project(x, w_hr, cache)
             hs.append(x)
             cs.append(c_new)
-        h_n = torch.stack(hs)
-        state = h_n if c is None else (h_n, torch.stack(cs))
+        join = torch.stack if len(hs) > 1 else (lambda one: one[0].unsqueeze(0))  # a view, not a copy
+        state = join(hs) if c is None else (join(hs), join(cs))
         if not batched:
             x = x.squeeze(0)
             state = state.squeeze(1) if c is None else (state[0].squeeze(1), state[1].squeeze(1))
@@ -260,7 +271,9 @@ class _MPORNNBase(MPOWeights):
         if not isinstance(input, Tensor) or input.dim() not in (1, 2):
             raise ValueError(f"{type(self).__name__}.step expects one frame, (N, {self.input_size}) or "
                              f"({self.input_size},), got {tuple(getattr(input, 'shape', ()))}")
-        self._torch_check_input(input.unsqueeze(0) if input.dim() == 2 else input[None, None], None)
+        first = self._modules["weight_ih_l0_cores"]._parameters["0"]
+        if input.shape[-1] != self.input_size or input.dtype != first.dtype:  # torch's check, for its message
+            self._torch_check_input(input.unsqueeze(0) if input.dim() == 2 else input[None, None], None)
         batched = input.dim() == 2
         return (input if batched else input.unsqueeze(0)), batched
 
@@ -336,26 +349,7 @@ class MPOLSTM(_MPORNNBase):
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
 
-    @classmethod
-    def from_lstm(
-        cls,
-        lstm: nn.LSTM,
-        max_bond: int | None = None,
-        rel_tol: float | None = None,
-        *,
-        factors: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
-        num_cores: int = 4,
-        mpos: Mapping[str, MPO] | None = None,
-    ) -> "MPOLSTM":
-        """Decompose every weight of a trained nn.LSTM by TT-SVD (``max_bond`` caps the bonds,
-        ``rel_tol=eps`` guarantees ||W - W_mpo||_F <= eps ||W||_F per weight; with neither it is
-        exact). ``mpos={name: MPO of W^T}`` uses already decomposed MPOs for those weights. The
-        achieved error per weight is in ``.reports[name].rel_error``."""
-        return cls._from_torch(lstm, max_bond, rel_tol, factors, num_cores, mpos)
-
-    def to_lstm(self) -> nn.LSTM:
-        """A plain torch.nn.LSTM with the rebuilt weights."""
-        return self._to_torch()
+    from_lstm, to_lstm = _MPORNNBase.__dict__["from_torch"], _MPORNNBase.to_torch
 
     def _check_packed_hidden(self, input: PackedSequence, hx) -> None:
         self.check_forward_args(input.data, hx, input.batch_sizes)
@@ -381,23 +375,7 @@ class MPOGRU(_MPORNNBase):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, **mpo_kwargs)
 
-    @classmethod
-    def from_gru(
-        cls,
-        gru: nn.GRU,
-        max_bond: int | None = None,
-        rel_tol: float | None = None,
-        *,
-        factors: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
-        num_cores: int = 4,
-        mpos: Mapping[str, MPO] | None = None,
-    ) -> "MPOGRU":
-        """As :meth:`MPOLSTM.from_lstm`, for a trained nn.GRU."""
-        return cls._from_torch(gru, max_bond, rel_tol, factors, num_cores, mpos)
-
-    def to_gru(self) -> nn.GRU:
-        """A plain torch.nn.GRU with the rebuilt weights."""
-        return self._to_torch()
+    from_gru, to_gru = _MPORNNBase.__dict__["from_torch"], _MPORNNBase.to_torch
 
     def _check_packed_hidden(self, input: PackedSequence, hx) -> None:
         pass  # torch's GRU forward checks packed input itself
@@ -429,23 +407,7 @@ class MPORNN(_MPORNNBase):
         self.nonlinearity = nonlinearity
         self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"  # what nn.RNN.forward dispatches on
 
-    @classmethod
-    def from_rnn(
-        cls,
-        rnn: nn.RNN,
-        max_bond: int | None = None,
-        rel_tol: float | None = None,
-        *,
-        factors: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
-        num_cores: int = 4,
-        mpos: Mapping[str, MPO] | None = None,
-    ) -> "MPORNN":
-        """As :meth:`MPOLSTM.from_lstm`, for a trained nn.RNN (either nonlinearity)."""
-        return cls._from_torch(rnn, max_bond, rel_tol, factors, num_cores, mpos)
-
-    def to_rnn(self) -> nn.RNN:
-        """A plain torch.nn.RNN with the rebuilt weights."""
-        return self._to_torch()
+    from_rnn, to_rnn = _MPORNNBase.__dict__["from_torch"], _MPORNNBase.to_torch
 
     def _check_packed_hidden(self, input: PackedSequence, hx) -> None:
         pass  # torch's RNN forward checks packed input itself
