@@ -49,7 +49,6 @@ import copy
 import io
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -57,7 +56,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, make_temp_dir
 from .io import save
 from .nn.base import set_factorized
 from .nn.registry import is_mpo_module, layer_type_of_mpo, replace_module
@@ -126,7 +125,7 @@ def export_dense(model: nn.Module, path: str | os.PathLike, write: Callable[[nn.
     path = Path(path)
     _check_folder_target(path)
     dense = densify(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = make_temp_dir(path)
     try:
         write(dense, tmp)
         if path.is_dir():
