@@ -87,6 +87,16 @@ def test_train_compress_inspect_round_trip(tmp_path, monkeypatch):
     again = runner.invoke(app, ["compress", str(run / "model"), str(small), "--ratio", "8"])
     assert again.exit_code == 2 and "already exists" in again.output
 
+    fast = tmp_path / "fast"  # a latency budget: multiply-adds per step at batch 1
+    result = runner.invoke(app, ["compress", str(run / "model"), str(fast), "--ratio", "4", "--max-macs", "400"])
+    assert result.exit_code == 0, result.output
+    assert "multiply-add budget" in result.output
+    model, _ = load_model(fast)
+    from mpolstm import mpo
+    assert sum(mpo.step_macs(*model.lstm.factors[w], model.lstm.mpo(w).bond_dims) for w in model.lstm.mpo_weights()) <= 400
+    refused = runner.invoke(app, ["compress", str(run / "model"), str(tmp_path / "no"), "--max-macs", "3"])
+    assert refused.exit_code == 2 and "--max-macs 3 is below the smallest possible" in refused.output
+
     monkeypatch.setenv("COLUMNS", "250")  # keep the table's rows on one line each
     plot = tmp_path / "entropy.png"
     result = runner.invoke(app, ["inspect", str(small), "--plot", str(plot)])

@@ -350,3 +350,59 @@ def test_budget_weights_each_matrix_by_its_size():
     assert min(hh.bond_dims) > 1 and hh.mpo_params > budget.mpo_params / 2, hh
     assert budget.mpo_params <= uniform.mpo_params
     assert weighted_error(budget) < weighted_error(uniform)
+
+
+# ----------------------------------------------------------------------------- latency budget (max_macs)
+
+
+def _lstm_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.LSTM(64, 128, num_layers=2))
+
+
+def test_step_macs_count_the_deployed_products():
+    """step_macs equals the multiply-adds of the two matmuls of halves_matmul for one row."""
+    from mpolstm.nn.base import prepare_halves
+
+    torch.manual_seed(0)
+    for in_f, out_f, bond in [((4, 8, 8, 4), (8, 8, 8, 8), 5), ((1024, 1), (1, 256), 7), ((64, 1, 1), (1, 16, 16), 3),
+                              ((2, 3, 4), (5, 2, 3), 4)]:
+        m = M.decompose(torch.randn(math.prod(in_f), math.prod(out_f)), in_f, out_f, max_bond=bond)
+        lt, r, il, ir, jl, jr, d = prepare_halves(m.cores)
+        assert M.step_macs(in_f, out_f, m.bond_dims) == lt.shape[0] * lt.shape[1] * ir + jl * r.numel()
+    assert M.step_macs((1024, 1), (1, 256), (7,)) == 7 * (1024 + 256)  # a rank-7 factor: its parameters
+
+
+def test_max_macs_alone_is_met_and_reported():
+    model, report = compress(_lstm_model(), CompressionConfig(max_macs=20_000))
+    assert report.dense_macs == sum(p.numel() for n, p in _lstm_model().named_parameters() if "weight" in n)
+    assert report.macs <= 20_000 == report.mac_budget and report.budget is None
+    assert report.macs == sum(M.step_macs(*model[0].factors[w], model[0].mpo(w).bond_dims)
+                              for w in model[0].mpo_weights())
+    assert "multiply-adds per step at batch 1" in str(report) and "multiply-add budget" in str(report)
+    assert torch.isfinite(model(torch.randn(5, 2, 64))[0]).all()
+
+
+def test_max_macs_with_a_parameter_budget_meets_both_and_prefers_cheap_layouts():
+    free, by_params = compress(_lstm_model(), CompressionConfig(target_ratio=10))
+    dense = by_params.dense_macs
+    _, both = compress(_lstm_model(), CompressionConfig(target_ratio=10, max_macs=dense // 12))
+    assert both.mpo_params <= both.budget == by_params.budget and both.macs <= dense // 12
+    assert both.macs <= by_params.macs
+    # the error grows as the latency budget tightens, never the reverse
+    _, tight = compress(_lstm_model(), CompressionConfig(target_ratio=10, max_macs=dense // 40))
+    err = lambda r: sum(w.rel_error ** 2 * w.dense_params for m in r.modules for w in m.weights.values())  # noqa: E731
+    assert tight.macs <= dense // 40 and err(tight) >= err(both) - 1e-9
+
+
+@pytest.mark.parametrize("value", [0, -5, 2.5, True, "1e6"])
+def test_max_macs_bad_values_and_unmeetable_budgets(value):
+    with pytest.raises(ValueError, match="max_macs must be a positive integer"):
+        CompressionConfig(max_macs=value)
+
+
+def test_max_macs_below_the_minimum_names_it():
+    with pytest.raises(ValueError, match=r"max_macs=10 is below the smallest possible \(([\d,]+) multiply-adds"):
+        compress(_lstm_model(), CompressionConfig(max_macs=10))
+    with pytest.raises(ValueError, match="rel_tol cannot be combined with a budget"):
+        CompressionConfig(max_macs=1000, rel_tol=0.1)

@@ -82,6 +82,11 @@ class CompressionConfig:
     target_ratio / max_params: global budget over the selected weights' entries: dense
         entries / MPO core entries >= target_ratio, or MPO core entries <= max_params
         (biases not counted). ``max_bond`` then caps the bonds; ``rel_tol`` is not allowed.
+    max_macs: latency budget: most multiply-adds per time step at batch 1 over the selected
+        weights, each weight's product with one row through its factors as deployed (the chain
+        merged into two halves, ``mpo.step_macs``: a rank-r factor costs r (I + J), an interleaved
+        MPO far more than its parameters). Alone or with a parameter budget: layouts and bonds
+        are then chosen under both. The report shows MACs per step against dense.
     """
 
     target_modules: str | list[str] | None = None
@@ -93,6 +98,7 @@ class CompressionConfig:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     target_ratio: float | None = None
     max_params: int | None = None
+    max_macs: int | None = None
 
     def __post_init__(self) -> None:
         _check_selector(self.target_modules, "target_modules")
@@ -107,11 +113,12 @@ class CompressionConfig:
                 isinstance(self.target_ratio, bool) or not isinstance(self.target_ratio, (int, float))
                 or not math.isfinite(self.target_ratio) or self.target_ratio < 1):
             raise ValueError(f"target_ratio must be a finite number >= 1, got {self.target_ratio!r}")
-        if self.max_params is not None and (
-                isinstance(self.max_params, bool) or not isinstance(self.max_params, int) or self.max_params < 1):
-            raise ValueError(f"max_params must be a positive integer, got {self.max_params!r}")
+        for name in ("max_params", "max_macs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.budget_mode and self.rel_tol is not None:
-            raise ValueError("rel_tol cannot be combined with a budget (target_ratio/max_params); choose one")
+            raise ValueError("rel_tol cannot be combined with a budget (target_ratio/max_params/max_macs); choose one")
         if not isinstance(self.overrides, Mapping):
             raise ValueError(f"overrides must be a dict of regex -> partial config, got {type(self.overrides).__name__}")
         for pattern, partial in self.overrides.items():
@@ -134,7 +141,7 @@ class CompressionConfig:
 
     @property
     def budget_mode(self) -> bool:
-        return self.target_ratio is not None or self.max_params is not None
+        return self.target_ratio is not None or self.max_params is not None or self.max_macs is not None
 
     def settings_for(self, name: str) -> "ModuleSettings":
         """The settings of the module called ``name``: the config's, with every matching override applied."""

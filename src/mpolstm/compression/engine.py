@@ -4,10 +4,10 @@ Every selected weight becomes a ``Target``: its matrix M in the layer's MPO conv
 from the registered exact conversion, so every layer type is handled alike), its paper
 layout and, with calibration, the whitening by its inputs' second moment.
 
-Budget mode (``target_ratio`` / ``max_params``): for every target and candidate layout the
-exact singular spectra give an error-versus-parameters curve; ``mpo.allocation.allocate``
+Budget mode (``target_ratio`` / ``max_params`` and / or ``max_macs``): for every target and
+candidate layout the exact singular spectra give an error-versus-cost curve; ``mpo.allocation.allocate``
 picks one point (layout + bonds) per weight so that sum_W numel(W) * err_W^2 is smallest
-under the budget (err: relative weight error, or relative output error when calibrated), no
+under the budgets (err: relative weight error, or relative output error when calibrated), no
 bond going to 1 unless the budget forces it and no weight growing past its dense size. Each
 target is then decomposed in its chosen layout with those bonds.
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration import Calibration, collect_moments, whitening
-from ..mpo import MPO, canonicalize, central_core
+from ..mpo import MPO, canonicalize, central_core, step_macs
 from ..mpo.allocation import allocate
 from ..nn.registry import is_mpo_module, layer_type, replace_module
 from ..nn.shared import shared_for
@@ -48,17 +48,20 @@ def _targets(name: str, module: nn.Module, settings: ModuleSettings, moments: di
             if moment.shape[0] < matrix.shape[0]:  # an embedding's padding rows: never looked up
                 moment = torch.cat([moment, moment.new_zeros(matrix.shape[0] - moment.shape[0])])
             pair = whitening(moment)
-        targets.append(Target(name, wname, matrix, factors, getattr(module, wname).numel(), pair))
+        targets.append(Target(name, wname, matrix, factors, getattr(module, wname).numel(), pair,
+                              layer_type(module).kind == "embedding"))
     return targets
 
 
-def _budget_mpos(targets: list[Target], settings: dict[str, ModuleSettings], budget: int) -> list[tuple[str, MPO]]:
-    """(layout name, MPO) per target: layout and bonds allocated together under ``budget``."""
+def _budget_mpos(targets: list[Target], settings: dict[str, ModuleSettings], budget: int | None,
+                 mac_budget: int | None) -> list[tuple[str, MPO]]:
+    """(layout name, MPO) per target: layout and bonds allocated together under the parameter
+    ``budget`` and / or the MAC budget."""
     candidates = [[Candidate.of(t, name, f, settings[t.module].max_bond)
                    for name, f in t.candidates(settings[t.module].layout).items()] for t in targets]
     sizes = [t.dense_params for t in targets]
     points = allocate([[c.model for c in cs] for cs in candidates], scales=sizes, limits=sizes, budget=budget,
-                      floor=FLOOR_BOND)
+                      floor=FLOOR_BOND, mac_budget=mac_budget)
     out = []
     for t, cs, point in zip(targets, candidates, points):
         pick = cs[point.option]
@@ -88,7 +91,8 @@ def _weight_report(old: nn.Module, new: nn.Module, rebuilt_module: nn.Module, ta
         shape=tuple(dense.shape), dense_params=dense.numel(), mpo_params=mpo.num_params, bond_dims=mpo.bond_dims,
         rel_error=float((dense - rebuilt).norm()) / norm if norm > 0 else 0.0,
         entropy=tuple(float(x) for x in mpo.entanglement_entropy()), layout=layout,
-        output_error=output_error(target, mpo))
+        output_error=output_error(target, mpo), dense_macs=target.dense_macs,
+        macs=step_macs(mpo.in_factors, mpo.out_factors, mpo.bond_dims, target.lookup))
 
 
 def _cast(mpo: MPO, like: Tensor) -> MPO:
@@ -192,13 +196,14 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *,
     with torch.no_grad():
         if config.budget_mode:
             dense = sum(t.dense_params for t in targets)
-            budget = config.max_params if config.max_params is not None else int(dense / config.target_ratio)
-            results = _budget_mpos(targets, settings, budget)
+            budget = config.max_params if config.max_params is not None else \
+                int(dense / config.target_ratio) if config.target_ratio is not None else None
+            results = _budget_mpos(targets, settings, budget, config.max_macs)
         else:
             results = [_bound_mpo(t, settings[t.module]) for t in targets]
     reports = _replace(model, modules, targets, results, skipped)
     _tie_followers(model, followers, modules, reports)
-    return model, CompressionReport(reports, skipped, budget)
+    return model, CompressionReport(reports, skipped, budget, config.max_macs)
 
 
 def _replace(model: nn.Module, modules: dict[str, nn.Module], targets: list[Target],

@@ -99,6 +99,12 @@ class Target:
     interleaved: Factors
     dense_params: int
     whitening: tuple[Tensor, Tensor] | None = None
+    lookup: bool = False  # an embedding's table: rows are looked up, not multiplied (MACs)
+
+    @property
+    def dense_macs(self) -> int:
+        """Multiply-adds of one row through the dense weight (0 for a table lookup)."""
+        return 0 if self.lookup else self.dense_params
 
     @property
     def whitened(self) -> Tensor:
@@ -130,7 +136,7 @@ class Candidate:
         spectra = exact_spectra(target.whitened, *factors)
         caps = [b if max_bond is None else min(b, max_bond) for b in max_bond_dims(*factors)]
         sizes = [i * j for i, j in zip(*factors)]
-        return cls(name, factors, ErrorModel.from_spectra(sizes, caps, spectra))
+        return cls(name, factors, ErrorModel.from_spectra(sizes, caps, spectra, factors, target.lookup))
 
 
 def decompose_target(target: Target, factors: Factors, max_bond, rel_tol: float | None = None) -> MPO:

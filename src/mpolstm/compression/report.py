@@ -18,7 +18,9 @@ class WeightReport:
     embedding; rel_error: ||W - W'||_F / ||W||_F measured exactly on the torch weight (an
     embedding's real rows); output_error: ||(W - W') C^{1/2}||_F / ||W C^{1/2}||_F with C the
     calibration inputs' second moment (None without calibration); layout: the chosen layout;
-    entropy: entanglement entropy at each bond of the compressed MPO."""
+    entropy: entanglement entropy at each bond of the compressed MPO; dense_macs / macs:
+    multiply-adds of one row through the dense weight / the MPO as deployed (``mpo.step_macs``;
+    0 dense for a table lookup)."""
 
     shape: tuple[int, int]
     dense_params: int
@@ -28,6 +30,8 @@ class WeightReport:
     entropy: tuple[float, ...]
     layout: str = "interleaved"
     output_error: float | None = None
+    dense_macs: int = 0
+    macs: int = 0
 
 
 @dataclass
@@ -46,11 +50,12 @@ class ModuleReport:
 class CompressionReport:
     """Result of ``compress``: one entry per replaced module, plus skipped modules
     (name, reason: not compressible, or left dense because its MPO would not be smaller) and
-    the budget used (max MPO core entries, or None)."""
+    the budgets used (max MPO core entries, max multiply-adds per step; None when not given)."""
 
     modules: list[ModuleReport]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     budget: int | None = None
+    mac_budget: int | None = None
 
     @property
     def dense_params(self) -> int:
@@ -59,6 +64,16 @@ class CompressionReport:
     @property
     def mpo_params(self) -> int:
         return sum(w.mpo_params for m in self.modules for w in m.weights.values())
+
+    @property
+    def dense_macs(self) -> int:
+        """Multiply-adds per step at batch 1 of the compressed weights when dense."""
+        return sum(w.dense_macs for m in self.modules for w in m.weights.values())
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds per step at batch 1 of their MPOs as deployed."""
+        return sum(w.macs for m in self.modules for w in m.weights.values())
 
     @property
     def ratio(self) -> float:
@@ -70,9 +85,12 @@ class CompressionReport:
             "modules": [asdict(m) for m in self.modules],
             "skipped": [list(s) for s in self.skipped],
             "budget": self.budget,
+            "mac_budget": self.mac_budget,
             "dense_params": self.dense_params,
             "mpo_params": self.mpo_params,
             "ratio": self.ratio,
+            "dense_macs": self.dense_macs,
+            "macs": self.macs,
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -83,6 +101,7 @@ class CompressionReport:
         return [
             (f"{m.name} ({m.new_class})", wname, "x".join(map(str, w.shape)), w.layout, str(w.bond_dims),
              f"{w.dense_params:,} -> {w.mpo_params:,}", f"{w.dense_params / w.mpo_params:.1f}x",
+             f"{w.dense_macs:,} -> {w.macs:,}",
              "-" if w.rel_error is None else f"{w.rel_error:.4f}",
              "-" if w.output_error is None else f"{w.output_error:.4f}",
              f"{max(w.entropy):.3f}" if w.entropy else "-")
@@ -98,9 +117,12 @@ class CompressionReport:
                            for i, (layout, n) in enumerate(counts.most_common()))
         calibrated = any(w.output_error is not None for w in weights)
         error = "output error on the calibration inputs" if calibrated else "weight error"
-        why = (f"per weight, the least {error} within the budget" if self.budget is not None
-               else "bonds set by max_bond / rel_tol")
-        return (f"compression: {self.dense_params:,} -> {self.mpo_params:,} weight entries ({self.ratio:.1f}x)\n"
+        budgets = " and ".join(b for b, v in (("parameter", self.budget), ("multiply-add", self.mac_budget))
+                               if v is not None)
+        why = f"per weight, the least {error} within the {budgets} budget" if budgets else "bonds set by max_bond / rel_tol"
+        macs = f"{self.dense_macs / self.macs:.1f}x fewer" if self.macs else "none"
+        return (f"compression: {self.dense_params:,} -> {self.mpo_params:,} weight entries ({self.ratio:.1f}x); "
+                f"multiply-adds per step at batch 1: {self.dense_macs:,} -> {self.macs:,} ({macs})\n"
                 f"layouts chosen: {chosen or 'none'} ({why})")
 
     def __str__(self) -> str:
@@ -114,8 +136,8 @@ class CompressionReport:
         return "\n".join(lines) + "\n"
 
 
-REPORT_COLUMNS = ("module", "weight", "shape", "layout", "bonds", "params", "ratio", "weight error", "output error",
-                  "max entropy")
+REPORT_COLUMNS = ("module", "weight", "shape", "layout", "bonds", "params", "ratio", "MACs/step", "weight error",
+                  "output error", "max entropy")
 
 
 def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:

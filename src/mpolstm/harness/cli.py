@@ -300,16 +300,17 @@ def _batches(inputs: tuple, size: int) -> list[tuple]:
 
 _COMPRESS_FLAGS = {"raise max_params or lower target_ratio": "lower --ratio", "target_ratio": "--ratio",
                    "max_bond": "--max-bond", "rel_tol": "--rel-tol", "num_cores": "--num-cores", "layout": "--layout",
-                   "target_modules": "--target"}
+                   "target_modules": "--target", "max_macs": "--max-macs"}
 
 
 def _compression_config(target: str, max_bond: Optional[int], rel_tol: Optional[float], ratio: Optional[float],
-                        num_cores: int, layout: str):
+                        num_cores: int, layout: str, max_macs: Optional[int] = None):
     """The CompressionConfig of compress's flags; a bad combination is one error line naming them."""
     from ..compression import CompressionConfig
 
-    if ratio is None and max_bond is None and rel_tol is None:
-        _fail("give a size: --ratio (dense / compressed parameters of the selected weights), --max-bond or --rel-tol")
+    if ratio is None and max_bond is None and rel_tol is None and max_macs is None:
+        _fail("give a size: --ratio (dense / compressed parameters of the selected weights), --max-macs, "
+              "--max-bond or --rel-tol")
     if ratio is not None and rel_tol is not None:
         _fail("--rel-tol cannot be combined with --ratio; choose one")
     targets = [t.strip() for t in target.split(",") if t.strip()]
@@ -317,7 +318,8 @@ def _compression_config(target: str, max_bond: Optional[int], rel_tol: Optional[
         _fail(f"--target must name at least one module, got {target!r}")
     try:
         return CompressionConfig(target_modules=targets if len(targets) > 1 else targets[0], max_bond=max_bond,
-                                 rel_tol=rel_tol, target_ratio=ratio, num_cores=num_cores, layout=layout)
+                                 rel_tol=rel_tol, target_ratio=ratio, num_cores=num_cores, layout=layout,
+                                 max_macs=max_macs)
     except ValueError as exc:
         _fail(_flagged(str(exc), _COMPRESS_FLAGS))
 
@@ -342,6 +344,8 @@ def compress_cmd(
     max_bond: Optional[int] = typer.Option(None, help="Cap every bond of every compressed weight."),
     rel_tol: Optional[float] = typer.Option(None, help="Per-weight relative Frobenius error bound, in (0, 1)."),
     ratio: Optional[float] = typer.Option(None, help="Global budget: dense / MPO parameters of the selected weights."),
+    max_macs: Optional[int] = typer.Option(None, help="Latency budget: most multiply-adds per time step at batch 1 "
+                                           "over the selected weights (alone or with --ratio)."),
     target: str = typer.Option("lstm", help="Comma-separated module names (or one regex) to compress."),
     num_cores: int = typer.Option(4, help="Cores of the paper's interleaved layout."),
     layout: str = typer.Option("auto", help="auto (search per weight) or one of: " + describe_layouts() + "."),
@@ -372,7 +376,7 @@ def compress_cmd(
     if distill_steps and calibrate is None:
         _fail("--distill-steps needs --calibrate (the inputs to distil on)")
     _fresh_output(model_out)
-    config = _compression_config(target, max_bond, rel_tol, ratio, num_cores, layout)
+    config = _compression_config(target, max_bond, rel_tol, ratio, num_cores, layout, max_macs)
     try:
         inputs = read_inputs(calibrate, "--calibrate") if calibrate is not None else None
     except ValueError as exc:

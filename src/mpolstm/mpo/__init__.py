@@ -6,7 +6,8 @@ contract   rebuild the matrix or multiply without forming it, and the cost model
 allocation bond allocation under a parameter budget, from singular spectra
 """
 
-from .contract import Strategy, best_split, check_cores, cores_to_matrix, matmul_cost, mpo_matmul, split_matmul
+from .contract import (Strategy, best_split, check_cores, cores_to_matrix, matmul_cost, mpo_matmul, split_matmul,
+                       step_macs)
 from .core import (
     MPO,
     TruncationReport,
@@ -40,4 +41,5 @@ __all__ = [
     "max_bond_dims",
     "mpo_matmul",
     "split_matmul",
+    "step_macs",
 ]

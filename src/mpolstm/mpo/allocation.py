@@ -1,20 +1,24 @@
-"""Bond allocation under a parameter budget: pure math on singular spectra.
+"""Bond allocation under a parameter budget, a multiply-add budget, or both: pure math on
+singular spectra.
 
 Each weight offers one or more candidate layouts (core count and factors), each with the
 singular spectrum at every bond of its exact MPO. For a layout with bonds D the squared
 relative error is estimated as 1 - prod_b kept_b(D_b), kept_b(r) being the fraction of
 ||W||^2 held by the r largest singular values at bond b (exact for two cores, where the MPO
-is the truncated SVD). The objective is sum_w scale_w * error_w^2.
+is the truncated SVD). The objective is sum_w scale_w * error_w^2. A point costs its parameters
+and its multiply-adds per product with one row (MACs, ``contract.step_macs``) along the deployed
+path: the chain merged into two halves at its middle bond.
 
 1. ``tradeoff_curve``: for one layout, shrink from the largest bonds one step at a time,
-   always the bond whose step adds the least error per parameter saved; every state is a
-   point (params, error^2, bonds).
+   always the bond whose step adds the least error per unit of cost saved; every state is a
+   point (params, MACs, error^2, bonds).
 2. ``allocate``: for each weight, the points of all its layouts that do not exceed its dense
-   size form one curve; the lower convex hull of each curve is walked greedily across weights
-   (always the step that adds the least objective per parameter saved) until the budget
-   holds, first among points whose bonds stay at or above a floor, then, only if the budget
-   needs it, among all; what the last step freed is spent on the single move that lowers
-   the objective most.
+   size form one curve; the lower convex hull of each curve (error against cost, cost = params /
+   params budget + MACs / MAC budget, the terms of the budgets given) is walked greedily across
+   weights (always the step that adds the least objective per unit of cost saved) until every
+   budget holds, first among points whose bonds stay at or above a floor, then, only if the
+   budgets need it, among all; what the last step freed is spent on the moves that lower the
+   objective most while every budget still holds.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from typing import Sequence
 
 from torch import Tensor
 
-__all__ = ["ErrorModel", "CurvePoint", "tradeoff_curve", "allocate"]
+from .contract import step_macs
+
+__all__ = ["Budget", "ErrorModel", "CurvePoint", "tradeoff_curve", "allocate"]
 
 
 @dataclass(frozen=True)
@@ -37,19 +43,30 @@ class ErrorModel:
     sizes: tuple[int, ...]
     caps: tuple[int, ...]
     kept: tuple[tuple[float, ...], ...]
+    factors: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (i_k), (j_k): for MACs
+    lookup: bool = False  # a table lookup (embedding), not a product
 
     @classmethod
-    def from_spectra(cls, sizes: Sequence[int], caps: Sequence[int], spectra: Sequence[Tensor]) -> "ErrorModel":
+    def from_spectra(cls, sizes: Sequence[int], caps: Sequence[int], spectra: Sequence[Tensor],
+                     factors: tuple[Sequence[int], Sequence[int]] | None = None, lookup: bool = False
+                     ) -> "ErrorModel":
         kept = []
         for s in spectra:
             energy = (s.double() ** 2).cumsum(0)
             total = float(energy[-1]) if energy.numel() else 0.0
             kept.append((0.0, *(energy / total).tolist()) if total > 0 else (1.0,) * (s.numel() + 1))
-        return cls(tuple(sizes), tuple(caps), tuple(kept))
+        pair = None if factors is None else (tuple(factors[0]), tuple(factors[1]))
+        return cls(tuple(sizes), tuple(caps), tuple(kept), pair, lookup)
 
     def params(self, bonds: Sequence[int]) -> int:
         d = (1, *bonds, 1)
         return sum(d[k] * p * d[k + 1] for k, p in enumerate(self.sizes))
+
+    def macs(self, bonds: Sequence[int]) -> int:
+        """Multiply-adds per row as deployed (``contract.step_macs``); without factors, the parameters."""
+        if self.factors is None:
+            return self.params(bonds)
+        return step_macs(*self.factors, bonds, self.lookup)
 
     def error(self, bonds: Sequence[int]) -> float:
         """Estimated squared relative error with these bonds."""
@@ -73,48 +90,74 @@ class ErrorModel:
 @dataclass(frozen=True)
 class CurvePoint:
     """One point of a weight's trade-off: ``option`` indexes the candidate layouts of the weight,
-    ``bonds`` are its internal bonds, ``error`` the estimated squared relative error."""
+    ``bonds`` are its internal bonds, ``error`` the estimated squared relative error, ``macs`` the
+    multiply-adds per product with one row."""
 
     params: int
     error: float
     option: int
     bonds: tuple[int, ...]
+    macs: int = 0
 
 
-def tradeoff_curve(model: ErrorModel, option: int = 0) -> list[CurvePoint]:
-    """Points from the largest bonds down to all ones, by greedy single-bond shrinking."""
+@dataclass(frozen=True)
+class Budget:
+    """Most parameters and most MACs over all weights (None: no limit of that kind)."""
+
+    params: int | None
+    macs: int | None = None
+
+    def cost(self, p: CurvePoint) -> float:
+        """What a point spends of the budgets, as one number."""
+        return (p.params / self.params if self.params else 0.0) + (p.macs / self.macs if self.macs else 0.0)
+
+    def holds(self, points: Sequence[CurvePoint]) -> bool:
+        return ((self.params is None or sum(p.params for p in points) <= self.params)
+                and (self.macs is None or sum(p.macs for p in points) <= self.macs))
+
+
+def tradeoff_curve(model: ErrorModel, option: int = 0, budget: Budget | None = None) -> list[CurvePoint]:
+    """Points from the largest bonds down to all ones, by greedy single-bond shrinking (the step
+    adding the least error per unit of ``budget.cost`` saved; default: per parameter)."""
+    budget = budget or Budget(1)
+
+    def point(bonds: list[int]) -> CurvePoint:
+        return CurvePoint(model.params(bonds), model.error(bonds), option, tuple(bonds), model.macs(bonds))
+
     bonds = model.feasible(model.caps)
-    points = [CurvePoint(model.params(bonds), model.error(bonds), option, tuple(bonds))]
+    points = [point(bonds)]
     while any(d > 1 for d in bonds):
         here = points[-1]
         best = None
         for b, d in enumerate(bonds):
             if d <= 1:
                 continue
-            trial = model.feasible(bonds[:b] + [d - 1] + bonds[b + 1:])
-            saved = here.params - model.params(trial)
-            rate = (model.error(trial) - here.error) / max(saved, 1)
+            trial = point(model.feasible(bonds[:b] + [d - 1] + bonds[b + 1:]))
+            saved = budget.cost(here) - budget.cost(trial)
+            rate = (trial.error - here.error) / max(saved, 1e-12)
             if best is None or rate < best[0]:
                 best = (rate, trial)
-        bonds = best[1]
-        points.append(CurvePoint(model.params(bonds), model.error(bonds), option, tuple(bonds)))
+        bonds = list(best[1].bonds)
+        points.append(best[1])
     return points
 
 
-def _lower_hull(points: Sequence[CurvePoint]) -> list[CurvePoint]:
-    """Lower convex hull of (params, error), from most to fewest parameters."""
-    best: dict[int, CurvePoint] = {}
+def _lower_hull(points: Sequence[CurvePoint], budget: Budget) -> list[CurvePoint]:
+    """Lower convex hull of (cost, error), from the costliest point to the cheapest."""
+    best: dict[float, CurvePoint] = {}
     for p in points:
-        if p.params not in best or p.error < best[p.params].error:
-            best[p.params] = p
-    ordered = sorted(best.values(), key=lambda p: p.params)
+        c = budget.cost(p)
+        if c not in best or p.error < best[c].error:
+            best[c] = p
+    ordered = sorted(best.values(), key=budget.cost)
     hull: list[CurvePoint] = []
     for p in ordered:
-        if hull and p.error >= hull[-1].error:  # more params, no better: dominated
+        if hull and p.error >= hull[-1].error:  # costs more, no better: dominated
             continue
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
-            if (b.error - a.error) * (p.params - b.params) >= (p.error - b.error) * (b.params - a.params):
+            ca, cb, cp = budget.cost(a), budget.cost(b), budget.cost(p)
+            if (b.error - a.error) * (cp - cb) >= (p.error - b.error) * (cb - ca):
                 hull.pop()  # b lies on or above the chord from a to p
             else:
                 break
@@ -123,69 +166,87 @@ def _lower_hull(points: Sequence[CurvePoint]) -> list[CurvePoint]:
 
 
 def allocate(
-    options: Sequence[Sequence[ErrorModel]], scales: Sequence[float], limits: Sequence[int], budget: int,
-    floor: int = 1,
+    options: Sequence[Sequence[ErrorModel]], scales: Sequence[float], limits: Sequence[int], budget: int | None,
+    floor: int = 1, mac_budget: int | None = None,
 ) -> list[CurvePoint]:
-    """Choose one point (layout option + bonds) per weight with total params <= ``budget``.
+    """Choose one point (layout option + bonds) per weight with total params <= ``budget`` and
+    total MACs <= ``mac_budget`` (either may be None, not both).
 
     options[w]: the error models of weight w's candidate layouts; scales[w]: its weight in the objective;
     limits[w]: most parameters it may keep (its dense size: an MPO never grows a weight);
-    floor: no bond is cut below min(floor, its largest value) unless the budget cannot be met
-    otherwise. Raises ValueError when even the smallest points exceed the budget."""
+    floor: no bond is cut below min(floor, its largest value) unless the budgets cannot be met
+    otherwise. Raises ValueError naming the smallest possible total when a budget cannot be met."""
+    spend = Budget(budget, mac_budget)
+    if budget is None and mac_budget is None:
+        raise ValueError("allocate needs a parameter budget, a MAC budget, or both")
     curves = []
     for w, models in enumerate(options):
-        points = [p for k, model in enumerate(models) for p in tradeoff_curve(model, k)]
+        points = [p for k, model in enumerate(models) for p in tradeoff_curve(model, k, spend)]
         fitting = [p for p in points if p.params <= limits[w]] or [min(points, key=lambda p: p.params)]
         curves.append(fitting)
     floored = []
     for w, curve in enumerate(curves):
         keep = [p for p in curve if all(b >= min(floor, cap) for b, cap in zip(p.bonds, options[w][p.option].caps))]
         floored.append(keep or curve)
-    chosen = _descend([_lower_hull(c) for c in floored], scales, budget)
+    chosen = _descend([_lower_hull(c, spend) for c in floored], scales, spend)
     if chosen is None:
-        chosen = _descend([_lower_hull(c) for c in curves], scales, budget)
+        chosen = _descend([_lower_hull(c, spend) for c in curves], scales, spend)
     if chosen is None:
-        smallest = sum(min(p.params for p in c) for c in curves)
-        raise ValueError(f"the budget of {budget:,} MPO parameters is below the smallest possible "
-                         f"({smallest:,}, every bond 1); raise max_params or lower target_ratio")
-    return _spend(curves, chosen, scales, budget - sum(p.params for p in chosen))
+        _refuse(curves, spend)
+    return _spend(curves, chosen, scales, spend)
 
 
-def _descend(hulls: list[list[CurvePoint]], scales: Sequence[float], budget: int) -> list[CurvePoint] | None:
-    """Walk every hull from its largest point, always taking the step that adds the least
-    objective per parameter saved, until the total fits ``budget`` (None if it never does)."""
+def _refuse(curves: list[list[CurvePoint]], spend: Budget) -> None:
+    """The ValueError of budgets that cannot be met, naming the smallest possible totals."""
+    params = sum(min(p.params for p in c) for c in curves)
+    macs = sum(min(p.macs for p in c) for c in curves)
+    if spend.params is not None and params > spend.params:
+        raise ValueError(f"the budget of {spend.params:,} MPO parameters is below the smallest possible "
+                         f"({params:,}, every bond 1); raise max_params or lower target_ratio")
+    if spend.macs is not None and macs > spend.macs:
+        raise ValueError(f"max_macs={spend.macs:,} is below the smallest possible ({macs:,} multiply-adds per "
+                         "step, every bond 1)")
+    raise ValueError(f"no choice of bonds meets both budgets ({spend.params:,} parameters and {spend.macs:,} "
+                     f"multiply-adds); the smallest possible are {params:,} and {macs:,}")
+
+
+def _descend(hulls: list[list[CurvePoint]], scales: Sequence[float], spend: Budget) -> list[CurvePoint] | None:
+    """Walk every hull from its costliest point, always taking the step that adds the least
+    objective per unit of cost saved, until every budget holds (None if they never do)."""
     at = [0] * len(hulls)
-    total = sum(h[0].params for h in hulls)
 
     def rate(w: int) -> float:
         a, b = hulls[w][at[w]], hulls[w][at[w] + 1]
-        return scales[w] * (b.error - a.error) / (a.params - b.params)
+        return scales[w] * (b.error - a.error) / max(spend.cost(a) - spend.cost(b), 1e-12)
 
-    while total > budget:
+    while not spend.holds([h[i] for h, i in zip(hulls, at)]):
         movable = [w for w in range(len(hulls)) if at[w] + 1 < len(hulls[w])]
         if not movable:
             return None
         w = min(movable, key=rate)
-        total -= hulls[w][at[w]].params - hulls[w][at[w] + 1].params
         at[w] += 1
     return [hulls[w][at[w]] for w in range(len(hulls))]
 
 
-def _spend(curves, chosen: list[CurvePoint], scales: Sequence[float], slack: int) -> list[CurvePoint]:
-    """Repeatedly take the single move to another curve point that fits in ``slack`` and
-    lowers the objective most per added parameter."""
+def _spend(curves, chosen: list[CurvePoint], scales: Sequence[float], spend: Budget) -> list[CurvePoint]:
+    """Repeatedly take the single move to another curve point that keeps every budget and lowers
+    the objective most per unit of added cost."""
     chosen = list(chosen)
+    params, macs = sum(p.params for p in chosen), sum(p.macs for p in chosen)
     while True:
         best = None
         for w, curve in enumerate(curves):
             here = chosen[w]
             for p in curve:
-                extra = p.params - here.params
                 gain = scales[w] * (here.error - p.error)
-                if 0 < extra <= slack and gain > 0 and (best is None or gain / extra > best[0]):
-                    best = (gain / extra, w, p)
+                if gain <= 0 or (spend.params is not None and params - here.params + p.params > spend.params) or (
+                        spend.macs is not None and macs - here.macs + p.macs > spend.macs):
+                    continue
+                rate = gain / max(spend.cost(p) - spend.cost(here), 1e-12)
+                if best is None or rate > best[0]:
+                    best = (rate, w, p)
         if best is None:
             return chosen
         _, w, p = best
-        slack -= p.params - chosen[w].params
+        params, macs = params - chosen[w].params + p.params, macs - chosen[w].macs + p.macs
         chosen[w] = p

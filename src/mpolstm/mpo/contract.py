@@ -12,7 +12,8 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Strategy", "best_split", "check_cores", "cores_to_matrix", "matmul_cost", "mpo_matmul", "split_matmul"]
+__all__ = ["Strategy", "best_split", "check_cores", "cores_to_matrix", "matmul_cost", "mpo_matmul", "split_matmul",
+           "step_macs"]
 
 Strategy = Literal["auto", "cores", "rebuild"]
 
@@ -122,6 +123,21 @@ def split_matmul(x: Tensor, cores: Sequence[Tensor], split: int) -> Tensor:
     _, ir, jr = right.shape
     mid = torch.matmul(left.reshape(il, jl * d).T, x.reshape(n_rows, il, ir))  # (N, J_L * D, I_R)
     return (mid.reshape(n_rows * jl, d * ir) @ right.reshape(d * ir, jr)).reshape(n_rows, jl * jr)
+
+
+def step_macs(in_factors: Sequence[int], out_factors: Sequence[int], bonds: Sequence[int], lookup: bool = False) -> int:
+    """Multiply-adds of one row through the MPO as deployed: x (1, I) times the chain merged into two
+    halves at its middle bond D (``nn.base.halves_matmul``), D J_L I_R (I_L + J_R); a rank-D
+    factorization, (I, 1) x (1, J), costs D (I + J), exactly its parameters; one core, I J. A table
+    lookup (``lookup``: an embedding row) joins its two gathered halves, J_L D J_R."""
+    n = len(in_factors)
+    if n == 1:
+        return 0 if lookup else in_factors[0] * out_factors[0]
+    split = (n + 1) // 2 if lookup else n // 2
+    il, jl = math.prod(in_factors[:split]), math.prod(out_factors[:split])
+    ir, jr = math.prod(in_factors[split:]), math.prod(out_factors[split:])
+    d = bonds[split - 1]
+    return d * jl * jr if lookup else d * jl * ir * (il + jr)
 
 
 # Machine constants of the cost model, fitted on the 2-core AVX-512 reference machine with
