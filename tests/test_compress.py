@@ -205,7 +205,7 @@ def test_report_prints_table_and_serialises():
     assert text.splitlines()[1] == "layouts chosen: interleaved for 4 of 4 weights (bonds set by max_bond / rel_tol)"
     _, budgeted = compress(Net(), CompressionConfig(target_ratio=8, layout="lowrank"))
     assert str(budgeted).splitlines()[1] == ("layouts chosen: lowrank for 4 of 4 weights (per weight, the least weight "
-                                             "error within the budget)")
+                                             "error within the parameter budget)")
     data = json.loads(report.to_json())
     assert data["mpo_params"] == report.mpo_params and len(data["modules"]) == 4
     assert data["modules"][0]["weights"]["weight"]["shape"] == [120, 16]

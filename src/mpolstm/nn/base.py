@@ -130,6 +130,8 @@ def halves_matmul(x: Tensor, prepared: Halves) -> Tensor:
     two halves given as ``prepared`` = (L^T (J_L D, I_L), R (D I_R, J_R), I_L, I_R, J_L, J_R, D): two
     matmuls, (J_L D, I_L) x (N, I_L, I_R), then (N J_L, D I_R) x (D I_R, J_R). TorchScript-compatible."""
     lt, r, il, ir, jl, jr, d = prepared
+    if ir == 1 and jl == 1:  # a rank-D factorization (I, D) x (D, J): two plain matmuls
+        return torch.mm(torch.mm(x, lt.t()), r)
     n = x.shape[0]
     mid = torch.matmul(lt, x.reshape(n, il, ir))  # (N, J_L * D, I_R)
     return (mid.reshape(n * jl, d * ir) @ r).reshape(n, jl * jr)
@@ -321,10 +323,10 @@ class MPOWeights(nn.Module):
         options = {("cores", mpo_math.best_split(cores, rows)): cost["cores"]}
         if not self.factorized:
             options[("dense",)] = cost["rebuild"]
-        if cached and len(cores) > 2:
+        if cached and len(cores) > 1:  # prepared once: no per-call merging (for two cores: contiguous copies)
             with torch.no_grad():
                 options[("halves",)] = mpo_math.matmul_cost(rows, merged_halves(cores))["cores"]
-        return min(options, key=options.get)
+        return min(options, key=lambda k: (options[k], k != ("halves",)))
 
     def _plan_for(self, x: Tensor, name: str, cache: dict[str, Any] | None) -> tuple:
         """The memoised plan for ``x``'s rows, dtype and device, in training or eval mode: in eval
@@ -349,7 +351,10 @@ class MPOWeights(nn.Module):
         if plan[0] == "dense":
             return F.linear(x, self._dense(name, cache), bias)
         if plan[0] == "halves":
-            out = halves_matmul(x, self._halves(name, cache))
+            prepared = self._halves(name, cache)
+            if bias is not None and prepared[3] == 1 and prepared[4] == 1:  # rank-D: (x A) B + b in two ops
+                return torch.addmm(bias, torch.mm(x, prepared[0].t()), prepared[1])
+            out = halves_matmul(x, prepared)
         else:
             out = mpo_math.split_matmul(x, self._cores(name), plan[1])
         return out if bias is None else out + bias

@@ -1,0 +1,261 @@
+"""Deployment: the per-frame step of a 2-layer LSTM as shipped, in torch eager and in onnxruntime,
+against dense float and dense int8 in the same runtime.
+
+    python benchmarks/bench_deploy.py                      # 2x512 and 2x1024, 10x / 30x, N = 1, 8, 32
+    python benchmarks/bench_deploy.py --quick              # 2x256, fewer rounds (smoke run)
+    python benchmarks/bench_deploy.py --out results/bench_deploy.json
+
+One torch thread and one onnxruntime thread, input 256 (the speech front end). Rows:
+
+- ``dense``: ``torch.lstm_cell`` per layer (the fastest dense step on CPU; nn.LSTM on a length-1
+  sequence costs several times more), in eager and exported (MatMul chains) to onnxruntime.
+- ``dense int8``: eager, ``torch.ao`` dynamic quantization (its LSTM on a length-1 sequence, the
+  only path torch has); onnxruntime, ``onnxruntime.quantization.quantize_dynamic`` of the dense step.
+- ``mpo Rx``: ``compress(lstm, CompressionConfig(target_ratio=R))``, the layout search by error alone
+  (as it chooses on these random weights); ``latency Rx``: ``compress(..., target_ratio=R,
+  max_macs=dense MACs / R)``. Both in the factorized runtime: eager ``MPOLSTM.step`` with
+  ``set_factorized``, onnxruntime ``mpolstm.export.export_step``.
+- ``... int8``: the same with ``mpolstm.quantize`` (int8 cores; computed on dequantized floats),
+  when the installed mpolstm has it.
+- ``latency Rx rebuild`` (onnxruntime only): the same MPO exported as today's dense runtime does
+  (``export_onnx(..., runtime="dense")`` of a length-1 sequence: the graph rebuilds the dense weights
+  from the cores on every call, then runs ONNX's LSTM op).
+
+Columns: bytes of the LSTM weights as stored (``mpolstm.storage``; the file for onnxruntime),
+weight bytes held at run time (eager: parameters + the factorized runtime's merged halves;
+onnxruntime: initializers and constants), MACs per step at batch 1, the step time at N = 1 and
+the throughput in frames/s at N = 8 and 32 streams stepped as one batch, and the ratio to dense int8
+in the same runtime. Timings do not depend on the weights' values, so the LSTM is randomly
+initialised. Rounds are interleaved (a load spike hits every row); each figure is the minimum over
+rounds of a round's median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mpolstm
+from mpolstm.compression import CompressionConfig, compress
+from mpolstm.export import export_onnx, export_step, onnx_weight_bytes
+from mpolstm.harness.protocol.rows import quantize_dynamic_int8
+from mpolstm.harness.tasks.base import lstm_cell_step
+from mpolstm.nn.base import set_factorized
+from mpolstm.storage import pack_weights, packed_bytes
+
+INPUT = 256
+
+
+class DenseStep(nn.Module):
+    """A dense nn.LSTM (or torch.ao's quantized one) with ``step(frame, state)``: ``torch.lstm_cell``
+    per layer in eager mode for the float LSTM; a length-1 sequence otherwise and for export."""
+
+    def __init__(self, lstm: nn.Module, cell_path: bool) -> None:
+        super().__init__()
+        self.lstm, self.cell_path = lstm, cell_path
+        self.input_size = INPUT
+
+    def step(self, frame, state=None):
+        if self.cell_path:
+            return lstm_cell_step(self.lstm, frame, state)
+        out, state = self.lstm(frame[None], state)
+        return out[0], state
+
+
+class SequenceOfOne(nn.Module):
+    """forward(frame, h, c) -> (output, h, c): an LSTM on a length-1 sequence (for the rebuild export)."""
+
+    def __init__(self, lstm: nn.Module) -> None:
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, frame, h, c):
+        out, (h, c) = self.lstm(frame[None], (h, c))
+        return out[0], h, c
+
+
+class Host(nn.Module):
+    """The LSTM as the model compress and quantize act on."""
+
+    def __init__(self, lstm: nn.Module) -> None:
+        super().__init__()
+        self.lstm = lstm
+
+
+def stored_bytes(host: Host) -> int:
+    quantized = any(getattr(m, "int8", False) for m in host.modules())
+    return packed_bytes(pack_weights(host, ["lstm"], int8_cores=quantized)[0])
+
+
+def eager_weight_bytes(module: nn.Module) -> int:
+    """Parameters and buffers, plus the tensors of every MPO module's eval cache (merged halves)."""
+    total = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    for m in module.modules():
+        cache = getattr(m, "_cache", None)
+        if cache:
+            for halves in cache[2].get("halves", {}).values():
+                total += sum(t.numel() * t.element_size() for t in halves if isinstance(t, torch.Tensor))
+    if hasattr(module, "lstm") and hasattr(module.lstm, "_weight_bias"):  # torch.ao's packed int8 LSTM
+        total = sum(w.numel() for w in dict(module.lstm._weight_bias()["weight"]).values())
+    return total
+
+
+def variants(hidden: int, ratios: list[float], seed: int = 0) -> dict[str, tuple[nn.Module, int, int]]:
+    """name -> (a module with step(), stored bytes, MACs per step at batch 1); "dense int8" holds
+    torch.ao's model (eager) and is exported from "dense" (onnxruntime quantizes it)."""
+    torch.manual_seed(seed)
+    dense = nn.LSTM(INPUT, hidden, num_layers=2).eval()
+    dense_macs = sum(p.numel() for n, p in dense.named_parameters() if n.startswith("weight"))
+    out = {"dense": (DenseStep(dense, True), stored_bytes(Host(dense)), dense_macs)}
+    int8 = quantize_dynamic_int8(Host(dense))
+    out["dense int8"] = (DenseStep(int8.lstm, False), stored_bytes(int8), dense_macs)
+    for ratio in ratios:
+        for name, config in ((f"mpo {ratio:g}x", CompressionConfig(target_ratio=ratio)),
+                             (f"latency {ratio:g}x", CompressionConfig(target_ratio=ratio,
+                                                                       max_macs=int(dense_macs / ratio)))):
+            host, report = compress(Host(copy.deepcopy(dense)), config)
+            lstm = set_factorized(host.lstm).eval()
+            out[name] = (lstm, stored_bytes(host), report.macs)
+            if hasattr(mpolstm, "quantize"):
+                qhost = mpolstm.quantize(copy.deepcopy(host))
+                out[f"{name} int8"] = (set_factorized(qhost.lstm).eval(), stored_bytes(qhost), report.macs)
+    return out
+
+
+def torch_fn(module: nn.Module, rows: int):
+    frame = torch.randn(rows, INPUT)
+    with torch.no_grad():
+        state = module.step(frame, None)[1]
+
+    def run():
+        with torch.no_grad():
+            module.step(frame, state)
+    return run
+
+
+def ort_fn(module: nn.Module, rows: int, folder: Path, name: str, quantize: bool = False, rebuild: bool = False):
+    import onnxruntime as ort
+
+    path = folder / f"{name.replace(' ', '_')}.onnx"
+    if rebuild:
+        zeros = torch.zeros(2, 1, module.hidden_size)
+        export_onnx(SequenceOfOne(module), (torch.zeros(1, INPUT), zeros, zeros), path, runtime="dense")
+        names = ["input0", "input1", "input2"]
+    else:
+        export_step(module, path, frame=torch.zeros(1, INPUT))
+        names = ["frame", "state0", "state1"]
+    if quantize:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantized = path.with_suffix(".int8.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
+        path = quantized
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    frame = torch.randn(rows, INPUT)
+    with torch.no_grad():
+        state = module.step(frame, None)[1]
+    feeds = dict(zip(names, [frame.numpy(), *(s.numpy() for s in state)]))
+
+    def run():
+        session.run(None, feeds)
+    return run, path.stat().st_size, onnx_weight_bytes(path)
+
+
+def median_seconds(fn, min_time: float) -> float:
+    fn()
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < min_time or len(times) < 5:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure(hidden: int, ratios: list[float], batches: list[int], rounds: int, min_time: float) -> list[dict]:
+    models = variants(hidden, ratios)
+    rows, fns = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (module, stored, macs) in models.items():
+            for n in batches:
+                fns[("torch", name, n)] = torch_fn(module, n)
+                exported = models["dense"][0] if name == "dense int8" else module
+                run, file_bytes, ort_bytes = ort_fn(exported, n, Path(tmp), f"{name}-{n}", name == "dense int8")
+                fns[("onnxruntime", name, n)] = run
+                if n == batches[0]:
+                    rows += [{"runtime": "torch", "model": name, "stored_bytes": stored, "macs": macs,
+                              "runtime_bytes": eager_weight_bytes(module)},
+                             {"runtime": "onnxruntime", "model": name, "stored_bytes": file_bytes, "macs": macs,
+                              "runtime_bytes": ort_bytes}]
+                if name.startswith("latency") and not name.endswith("int8"):
+                    run, file_bytes, ort_bytes = ort_fn(module, n, Path(tmp), f"{name}-{n}-rebuild", rebuild=True)
+                    fns[("onnxruntime", f"{name} rebuild", n)] = run
+                    if n == batches[0]:
+                        rows.append({"runtime": "onnxruntime", "model": f"{name} rebuild", "stored_bytes": file_bytes,
+                                     "macs": macs, "runtime_bytes": ort_bytes})
+        best = {key: float("inf") for key in fns}
+        for _ in range(rounds):
+            for key, fn in fns.items():
+                best[key] = min(best[key], median_seconds(fn, min_time))
+    for row in rows:
+        for n in batches:
+            seconds = best[(row["runtime"], row["model"], n)]
+            int8 = best[(row["runtime"], "dense int8", n)]
+            row[f"n{n}"] = {"step_us": 1e6 * seconds, "frames_per_s": n / seconds, "speedup_vs_int8": int8 / seconds}
+        row["hidden"] = hidden
+    return rows
+
+
+def print_table(rows: list[dict], batches: list[int]) -> None:
+    cols = " | ".join(f"N={n}: us / x int8" if n == 1 else f"N={n}: frames/s / x int8" for n in batches)
+    print(f"| hidden | runtime | model | stored bytes | run-time weight bytes | MACs/step | {cols} |")
+    print("|" + "---|" * (6 + len(batches)))
+    for r in rows:
+        cells = []
+        for n in batches:
+            m = r[f"n{n}"]
+            main = f"{m['step_us']:.0f}" if n == 1 else f"{m['frames_per_s']:,.0f}"
+            cells.append(f"{main} / {m['speedup_vs_int8']:.2f}x")
+        print(f"| {r['hidden']} | {r['runtime']} | {r['model']} | {r['stored_bytes']:,} | {r['runtime_bytes']:,} | "
+              f"{r['macs']:,} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2x256, 2 rounds (smoke run)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[10.0, 30.0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-time", type=float, default=0.3, help="seconds per timed block")
+    parser.add_argument("--out", type=Path, default=Path("results/bench_deploy.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.rounds, args.min_time = [256], 2, 0.1
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False  # oneDNN re-lays out LSTM weights on every one-step call
+    rows = [r for hidden in args.hidden for r in measure(hidden, args.ratios, args.batches, args.rounds,
+                                                          args.min_time)]
+    print_table(rows, args.batches)
+    report = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(), "threads": 1,
+              "input": INPUT, "layers": 2, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
