@@ -49,6 +49,9 @@ def test_protocol_writes_all_rows_at_equal_parameter_counts(tmp_path):
     assert 4 * hidden * (8 + hidden) == rows["small-dense"]["params"] <= budget < 4 * (hidden + 1) * (9 + hidden)
     assert rows["small-dense"]["total_params"] == sum(p.numel() for p in SeqClassifier(2, hidden, input_size=8).parameters())
     assert rows["lowrank-decomp"]["params"] == rows["lowrank-scratch"]["params"] <= budget
+    # latency-aware: within the budget in parameters and in multiply-adds per step (= the budget)
+    assert rows["mpo-latency"]["params"] <= budget and rows["mpo-latency"]["macs"] <= budget
+    assert rows["mpo-latency"]["storage"] == "float32"
     # bytes: float rows 4 B an entry; int8 1 B an entry + scale and zero point per matrix; MPO int8 cores
     # use about the float rows' bytes with ~4x the entries
     for name in ("mpo-decomp", "mpo-scratch", "small-dense", "lowrank-decomp"):

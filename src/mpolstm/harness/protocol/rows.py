@@ -273,6 +273,18 @@ def lowrank_scratch(ctx: RowContext) -> Trained:
     return Trained(model, ctx.train(model, ctx.config.dense_epochs + ctx.config.finetune_epochs))
 
 
+def mpo_latency(ctx: RowContext) -> Trained:
+    """Latency-aware compression of the trained dense model (layouts and bonds chosen under the
+    parameter budget and as many multiply-adds per step as the budget has entries: MACs / dense MACs
+    = 1 / ratio), then fine-tuning as (a)."""
+    config = CompressionConfig(target_modules=ctx.names, max_params=ctx.budget, max_macs=ctx.budget)
+    try:
+        model, report = compress(copy.deepcopy(ctx.dense), config)
+    except ValueError as exc:
+        raise Infeasible(str(exc)) from None
+    return Trained(model, ctx.finetune(model), extra={"macs": report.macs})
+
+
 def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with its nn.LSTM and nn.Linear layers dynamically quantized to int8
     (``torch.ao.quantization.quantize_dynamic``: int8 weights, activations quantized per batch).
@@ -322,5 +334,6 @@ ROWS: dict[str, Row] = {
     "lowrank-scratch": Row("low rank trained from scratch", lowrank_scratch),
     "int8": Row("dense, dynamic int8 quantization (no training)", int8_dynamic, once=True),
     "mpo-int8": Row("MPO with int8 cores at the same bytes + fine-tuning", mpo_int8),
+    "mpo-latency": Row("MPO at the budget in parameters and in multiply-adds per step + fine-tuning", mpo_latency),
 }
 """Every row, in the order they run and are reported."""
