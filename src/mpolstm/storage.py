@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .atomic import atomic_write_bytes
 from .nn.registry import is_mpo_module
+from .nn.sparse import sparse_parts
 
 __all__ = ["FORMATS", "quantize_int8", "quantized_rnn_weights", "dequantize_int8", "round_to_int8_", "sparse_bytes", "pack_matrix",
            "unpack_matrix", "pack_weights", "packed_bytes", "save_packed", "file_data_bytes"]
@@ -131,7 +132,8 @@ def pack_weights(model: nn.Module, names: Sequence[str], *, int8_cores: bool = F
                  ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The stored form of the weights of the named modules: ({key: tensor}, {weight: format}).
 
-    MPO modules store their cores (float32, or int8 + scale with ``int8_cores``); torch's
+    MPO modules store their cores (float32, or int8 + scale with ``int8_cores``) and any sparse
+    residual (layout "lowrank+sparse") as a pruned matrix is stored; torch's
     dynamically quantized RNNs their int8 weights, scale and zero point; any other module each
     ``weight*`` parameter in its smallest float format (:func:`pack_matrix`). Keys are
     ``<module>.<weight>[.core<k>].<part>``."""
@@ -149,6 +151,10 @@ def pack_weights(model: nn.Module, names: Sequence[str], *, int8_cores: bool = F
                         tensors[f"{key}.q"], tensors[f"{key}.scale"] = quantize_int8(core)
                     else:
                         tensors[f"{key}.values"] = core.detach().to(torch.float32).cpu().contiguous()
+            for weight, part in sparse_parts(module).items():  # as a pruned matrix: values + index
+                fmt, parts = pack_matrix(part.dense().detach())
+                formats[f"{name}.{weight}.sparse"] = fmt
+                tensors.update({f"{name}.{weight}.sparse.{p}": t for p, t in parts.items()})
         elif quantized is not None:
             for weight, q in quantized.items():
                 formats[f"{name}.{weight}"] = "int8-affine"

@@ -11,6 +11,8 @@ of its cores:
   SVD, so with it in the search no weight ends worse than truncated SVD at the same count.
 - "lowrank-mpo": (I, 1, 1) x (1, j_a, j_b): the low-rank input factor, with the output
   factor itself split into two cores (fewer parameters than low rank when J is large).
+- "lowrank+sparse": "lowrank" plus a sparse residual at fixed positions (compression/hybrid.py);
+  fitted by alternation, so it is not searched by "auto" (pin it with ``layout=``).
 
 With calibration, the decomposed matrix is A = S M (S = C^{1/2}, C the inputs' second
 moment), so truncation minimises the output error ||S (M - M')||_F; M' = S^{-1} A' keeps the
@@ -32,7 +34,7 @@ from ..mpo.sweep import exact_spectra
 
 __all__ = ["LAYOUTS", "WHITENABLE", "Candidate", "Target", "candidate_factors", "decompose_target", "output_error"]
 
-LAYOUTS = ("interleaved", "interleaved-2", "lowrank", "lowrank-mpo")
+LAYOUTS = ("interleaved", "interleaved-2", "lowrank", "lowrank-mpo", "lowrank+sparse")
 WHITENABLE = ("lowrank", "lowrank-mpo")
 
 Factors = tuple[tuple[int, ...], tuple[int, ...]]

@@ -17,7 +17,8 @@ class WeightReport:
     embedding; rel_error: ||W - W'||_F / ||W||_F measured exactly on the torch weight (an
     embedding's real rows); output_error: ||(W - W') C^{1/2}||_F / ||W C^{1/2}||_F with C the
     calibration inputs' second moment (None without calibration); layout: the chosen layout;
-    entropy: entanglement entropy at each bond of the compressed MPO."""
+    entropy: entanglement entropy at each bond of the compressed MPO; sparse_params: entries of
+    the sparse residual (layout "lowrank+sparse"), included in mpo_params."""
 
     shape: tuple[int, int]
     dense_params: int
@@ -27,6 +28,7 @@ class WeightReport:
     entropy: tuple[float, ...]
     layout: str = "interleaved"
     output_error: float | None = None
+    sparse_params: int = 0
 
 
 @dataclass
@@ -45,11 +47,13 @@ class ModuleReport:
 class CompressionReport:
     """Result of ``compress``: one entry per replaced module, plus skipped modules
     (name, reason: not compressible, or left dense because its MPO would not be smaller) and
-    the budget used (max MPO core entries, or None)."""
+    the budget used (max MPO core entries, or None), and with ``allocation="output"`` which
+    allocation won on the calibration output error and each candidate's error."""
 
     modules: list[ModuleReport]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     budget: int | None = None
+    allocation: Any = None  # output_aware.AllocationChoice with allocation="output", else None
 
     @property
     def dense_params(self) -> int:
@@ -69,6 +73,8 @@ class CompressionReport:
             "modules": [asdict(m) for m in self.modules],
             "skipped": [list(s) for s in self.skipped],
             "budget": self.budget,
+            "allocation": None if self.allocation is None else {"chosen": self.allocation.chosen,
+                                                                "errors": dict(self.allocation.errors)},
             "dense_params": self.dense_params,
             "mpo_params": self.mpo_params,
             "ratio": self.ratio,
@@ -80,7 +86,8 @@ class CompressionReport:
     def rows(self) -> list[tuple[str, ...]]:
         """One row of strings per compressed weight, under ``REPORT_COLUMNS``."""
         return [
-            (f"{m.name} ({m.new_class})", wname, f"{w.shape[0]}x{w.shape[1]}", w.layout, str(w.bond_dims),
+            (f"{m.name} ({m.new_class})", wname, f"{w.shape[0]}x{w.shape[1]}", w.layout,
+             str(w.bond_dims) + (f" +{w.sparse_params:,} sparse" if w.sparse_params else ""),
              f"{w.dense_params:,} -> {w.mpo_params:,}", f"{w.dense_params / w.mpo_params:.1f}x",
              "-" if w.rel_error is None else f"{w.rel_error:.4f}",
              "-" if w.output_error is None else f"{w.output_error:.4f}",
@@ -98,6 +105,8 @@ class CompressionReport:
         lines = [self.title]
         for r in rows:
             lines.append("  ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))))
+        if self.allocation is not None:
+            lines.append(str(self.allocation))
         if self.skipped:
             lines.append("skipped: " + "; ".join(f"{name} ({reason})" for name, reason in self.skipped))
         return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..mpo import MPO
+from .sparse import sparse_params
 
 Factors = tuple[tuple[int, ...], tuple[int, ...]]
 
@@ -39,9 +40,9 @@ class CachedCores(nn.Module):
 
     @property
     def compression_ratio(self) -> float:
-        """Dense weight entries / MPO core entries (biases excluded on both sides)."""
+        """Dense weight entries / stored entries: MPO cores and sparse residual values (biases excluded)."""
         dense = sum(o * i for o, i in self._weight_shapes.values())
-        return dense / sum(p.numel() for p in self._core_params())
+        return dense / sum(p.numel() for p in [*self._core_params(), *sparse_params(self)])
 
     def mpo_weights(self) -> dict[str, nn.ParameterList]:
         """torch weight name -> its cores (the MPO of W^T: input side i, output side j)."""

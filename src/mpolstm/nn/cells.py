@@ -33,6 +33,7 @@ from .cached import CachedCores
 from .linear import init_cores_, resolve_factors
 from .registry import LayerType, register
 from .rnn import _default_factors, _merged_halves
+from .sparse import add_sparse_product, load_sparse_config, sparse_config, sparse_params, with_sparse
 
 __all__ = ["MPOWeights", "MPOLSTMCell", "MPOGRUCell", "MPORNNCell", "cell_inputs"]
 
@@ -172,7 +173,7 @@ class MPOWeights(CachedCores):
         if tuple(weight.shape) != self._weight_shapes[name]:
             raise RuntimeError(f"{type(self).__name__}: cores of {name} rebuild to shape "
                                f"{tuple(weight.shape)}, expected {self._weight_shapes[name]}")
-        return weight
+        return with_sparse(self, name, weight)
 
     def _eval_cache(self) -> dict[str, Any] | None:
         """The eval-mode cache ("dense": rebuilt weights, "halves": merged half-chains), None
@@ -181,7 +182,7 @@ class MPOWeights(CachedCores):
         changes."""
         if self.training:
             return None
-        params = self._core_params()
+        params = self._core_params() + sparse_params(self)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return None
         key = (torch.is_inference_mode_enabled(), torch._C._is_any_autocast_enabled(),
@@ -239,6 +240,7 @@ class MPOWeights(CachedCores):
             out = _halves_matmul(x, prepared)
         else:
             out = mpo_math.mpo_matmul(x, self._cores(name), strategy="cores")
+        out = add_sparse_product(self, name, x, out)
         return out if bias is None else out + bias
 
     def clear_cache(self) -> None:
@@ -341,8 +343,9 @@ class _MPOCellBase(MPOWeights):
     # -- MPO-module protocol ---------------------------------------------------------------
     def mpo_config(self) -> dict[str, Any]:
         """JSON-serialisable description from which ``from_config`` rebuilds the module."""
+        sparse = sparse_config(self)
         return {"class": type(self).__name__, **self._torch_args(), "num_cores": self.num_cores,
-                "weights": self._weights_config()}
+                "weights": self._weights_config(), **({"sparse": sparse} if sparse else {})}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]):
@@ -352,6 +355,7 @@ class _MPOCellBase(MPOWeights):
         args = {k: config[k] for k in cls._config_keys()}
         layer = cls(**args, bond_dim=1, num_cores=int(config.get("num_cores", 4)))
         layer._load_weights_config(config["weights"], 1.0 / math.sqrt(3.0 * layer.hidden_size))
+        load_sparse_config(layer, config)
         return layer
 
     @classmethod

@@ -28,6 +28,7 @@ from ..mpo import MPO
 from .cells import MPOWeights
 from .registry import LayerType, register
 from .rnn import _default_factors
+from .sparse import load_sparse_config, sparse_config
 
 __all__ = ["MPOConv1d", "MPOConv2d", "conv_inputs"]
 
@@ -127,7 +128,9 @@ class _MPOConvNd(MPOWeights):
     def mpo_config(self) -> dict[str, Any]:
         """JSON-serialisable description from which ``from_config`` rebuilds the module."""
         args = {k: (v if isinstance(v, (str, int, bool)) else list(v)) for k, v in self._torch_args().items()}
-        return {"class": type(self).__name__, **args, "num_cores": self.num_cores, "weights": self._weights_config()}
+        sparse = sparse_config(self)
+        return {"class": type(self).__name__, **args, "num_cores": self.num_cores, "weights": self._weights_config(),
+                **({"sparse": sparse} if sparse else {})}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]):
@@ -138,6 +141,7 @@ class _MPOConvNd(MPOWeights):
         layer = cls(**args, bond_dim=1, num_cores=int(config.get("num_cores", 4)))
         fan_in = layer._weight_shapes["weight"][1]
         layer._load_weights_config(config["weights"], 1.0 / math.sqrt(3.0 * fan_in))
+        load_sparse_config(layer, config)
         return layer
 
     # -- use ----------------------------------------------------------------------------------

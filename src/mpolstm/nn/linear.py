@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from .. import mpo as mpo_math
 from .registry import LayerType, register
 from ..mpo import MPO, TruncationReport
+from .sparse import add_sparse_product, load_sparse_config, sparse_config, sparse_params, with_sparse
 
 __all__ = ["MPOLinear", "SingleWeightMPO", "resolve_factors", "init_cores_"]
 
@@ -190,6 +191,7 @@ class MPOLinear(SingleWeightMPO):
             "in_factors": list(self.in_factors),
             "out_factors": list(self.out_factors),
             "bond_dims": list(mpo_math.bond_dims(self.cores)),
+            **({"sparse": sparse_config(self)} if sparse_config(self) else {}),
         }
 
     @classmethod
@@ -204,6 +206,7 @@ class MPOLinear(SingleWeightMPO):
         cores = [torch.empty(bonds[k], i, j, bonds[k + 1]) for k, (i, j) in enumerate(zip(in_f, out_f))]
         init_cores_(cores, 1.0 / math.sqrt(3 * layer.in_features))
         layer.cores = nn.ParameterList(nn.Parameter(c) for c in cores)
+        load_sparse_config(layer, config)
         return layer
 
     # -- use ------------------------------------------------------------------------
@@ -214,16 +217,16 @@ class MPOLinear(SingleWeightMPO):
     @property
     def weight(self) -> Tensor:
         """The rebuilt dense weight, (out_features, in_features), differentiable."""
-        return mpo_math.cores_to_matrix(list(self.cores), transpose=True)
+        return with_sparse(self, "weight", mpo_math.cores_to_matrix(list(self.cores), transpose=True))
 
     @property
     def num_params(self) -> int:
-        return sum(c.numel() for c in self.cores) + (0 if self.bias is None else self.bias.numel())
+        return sum(p.numel() for p in [*self.cores, *sparse_params(self)]) + (0 if self.bias is None else self.bias.numel())
 
     @property
     def compression_ratio(self) -> float:
-        """Dense weight entries / MPO core entries (biases excluded on both sides)."""
-        return self.in_features * self.out_features / sum(c.numel() for c in self.cores)
+        """Dense weight entries / stored entries: cores and sparse values (biases excluded on both sides)."""
+        return self.in_features * self.out_features / sum(p.numel() for p in [*self.cores, *sparse_params(self)])
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -234,7 +237,7 @@ class MPOLinear(SingleWeightMPO):
         rows = x.numel() // self.in_features
         cost = mpo_math.matmul_cost(rows, cores)
         if cost["cores"] < cost["rebuild"]:
-            out = mpo_math.mpo_matmul(x, cores, strategy="cores")
+            out = add_sparse_product(self, "weight", x, mpo_math.mpo_matmul(x, cores, strategy="cores"))
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.weight, self.bias)
 

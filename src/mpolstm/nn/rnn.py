@@ -39,6 +39,7 @@ from .registry import LayerType, register
 from ..mpo import MPO, TruncationReport
 from .cached import CachedCores
 from .linear import init_cores_, resolve_factors
+from .sparse import add_sparse_product, load_sparse_config, sparse_config, sparse_params, with_sparse
 
 __all__ = ["MPOLSTM", "MPOGRU", "MPORNN", "RNNStream", "recurrent_inputs"]
 
@@ -238,8 +239,9 @@ class _MPORNNBase(CachedCores):
                    "bond_dims": list(mpo_math.bond_dims(self.mpo_weights()[name]))}
             for name, (in_f, out_f) in self.factors.items()
         }
+        sparse = sparse_config(self)
         return {"class": type(self).__name__, **_torch_args(self), "num_cores": self.num_cores,
-                "weights": weights}
+                "weights": weights, **({"sparse": sparse} if sparse else {})}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]):
@@ -263,6 +265,7 @@ class _MPORNNBase(CachedCores):
             cores = [torch.empty(bonds[k], i, j, bonds[k + 1]) for k, (i, j) in enumerate(zip(in_f, out_f))]
             init_cores_(cores, std)
             layer._set_mpo(name, MPO(cores))
+        load_sparse_config(layer, config)
         return layer
 
     # -- weights --------------------------------------------------------------------
@@ -272,7 +275,7 @@ class _MPORNNBase(CachedCores):
         if tuple(weight.shape) != self._weight_shapes[name]:
             raise RuntimeError(f"{type(self).__name__}: cores of {name} rebuild to shape "
                                f"{tuple(weight.shape)}, expected {self._weight_shapes[name]}")
-        return weight
+        return with_sparse(self, name, weight)
 
     def _cores(self, name: str) -> list[Tensor]:
         return list(self._modules[f"{name}_cores"]._parameters.values())  # the ParameterList, fast
@@ -288,7 +291,7 @@ class _MPORNNBase(CachedCores):
         or inference/autocast mode changes."""
         if self.training:
             return None
-        params = self._core_params()
+        params = self._core_params() + sparse_params(self)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return None  # a graph to the cores is being recorded: rebuild on every call
         # a new dtype, device or shape means new storage, so (id, version, data_ptr) sees it
@@ -414,9 +417,9 @@ class _MPORNNBase(CachedCores):
                 options["halves"] = mpo_math.matmul_cost(rows, halves)["cores"]
             plan = self._plans[key] = (shapes, min(options, key=options.get))
         if plan[1] == "cores":
-            return mpo_math.mpo_matmul(x, cores, strategy="cores")
+            return add_sparse_product(self, name, x, mpo_math.mpo_matmul(x, cores, strategy="cores"))
         if plan[1] == "halves":
-            return mpo_math.mpo_matmul(x, halves, strategy="cores")
+            return add_sparse_product(self, name, x, mpo_math.mpo_matmul(x, halves, strategy="cores"))
         weight = self._dense_weights(cache)[name] if cache is not None else self._rebuild(name)
         return F.linear(x, weight)
 
