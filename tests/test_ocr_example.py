@@ -36,8 +36,12 @@ def ocr():
     sys.path.insert(0, str(EXAMPLE))
     try:
         import ocr_model
-        import table
         import words
+
+        # examples/g2p has a table.py too: load this one under its own name
+        spec = importlib.util.spec_from_file_location("ocr_table", EXAMPLE / "table.py")
+        table = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(table)
     finally:
         sys.path.remove(str(EXAMPLE))
     return ocr_model, words, table

@@ -22,6 +22,10 @@ Methods (a ratio r: at most 786,432 / r stored numbers over the four matrices):
 * ``prune-layerwise`` / ``prune-global``: L1 magnitude pruning per matrix / over the four
   (baselines; torch.nn.utils.prune, masks kept as forward pre-hooks).
 * ``int8``: dense int8 dynamic quantization (baselines.quantize_int8), once.
+* ``mpo-output`` / ``mpo-output-refit``: calibrated with ``allocation="output"`` (the model's
+  calibration output error picks per-matrix, uniform or sensitivity-allocated ranks), without /
+  with ``refit=True`` (each weight refitted to the inputs the compressed upstream feeds it).
+* ``hybrid``: calibrated ``layout="lowrank+sparse"``, ``sparse_share=--sparse-share``.
 
 Bytes: float32 = 4 bytes per stored number (MPO cores, SVD factors, dense). int8: 1 byte per
 entry plus a 4-byte scale and a 4-byte zero point per tensor (per-tensor affine; per row if
@@ -438,6 +442,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         if method == "mpo-calibrated-uniform":
             config = mpolstm.CompressionConfig(target_modules=["encoder", "decoder"], layout="lowrank",
                                                max_bond=svd_rank(768, 256, ratio))
+            model, report = mpolstm.compress(load_g2p(), config, calibration=calibrate)
+            return model.eval(), report
+        if method in ("mpo-output", "mpo-output-refit"):
+            config = mpolstm.CompressionConfig(target_modules=["encoder", "decoder"], target_ratio=ratio,
+                                               allocation="output", refit=method.endswith("refit"))
             model, report = mpolstm.compress(load_g2p(), config, calibration=calibrate)
             return model.eval(), report
         if method == "hybrid":
