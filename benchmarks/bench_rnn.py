@@ -118,7 +118,8 @@ def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, dict[st
 
 def streaming(inp: int, hidden: int, bonds: list[int], rounds: int, frames: int) -> dict:
     """One-frame latency at batch 1 (eval, no_grad): dense nn.LSTM on a length-1 sequence,
-    dense nn.LSTMCell, and MPOLSTM.step (the cost model picks core-by-core contraction)."""
+    dense nn.LSTMCell, MPOLSTM.step (the cost model's planned path) and MPOLSTMCell on the same
+    weights (the two share one step path, so they should cost the same)."""
     dense = build("dense", inp, hidden, 0).eval()
     cell = nn.LSTMCell(inp, hidden).eval()
     xs = torch.randn(frames, 1, inp)
@@ -130,13 +131,7 @@ def streaming(inp: int, hidden: int, bonds: list[int], rounds: int, frames: int)
             for x in xs:
                 _, state = dense(x[None], state)
 
-    def cell_run():
-        state = None
-        with torch.no_grad():
-            for x in xs:
-                state = cell(x, state)
-
-    fns["dense nn.LSTM"], fns["dense nn.LSTMCell"] = lstm_run, cell_run
+    fns["dense nn.LSTM"], fns["dense nn.LSTMCell"] = lstm_run, cell_frames(cell, xs)
     for bond in bonds:
         model = build("mpo", inp, hidden, bond).eval()
 
@@ -147,10 +142,30 @@ def streaming(inp: int, hidden: int, bonds: list[int], rounds: int, frames: int)
                     stream(x)
 
         fns[f"MPO D={bond}"] = mpo_run
+        fns[f"MPOLSTMCell D={bond}"] = cell_frames(same_weights_cell(model), xs)
     times = interleaved(fns, rounds)
     per_frame = {name: [t / frames for t in ts] for name, ts in times.items()}
     fastest_dense = min(("dense nn.LSTM", "dense nn.LSTMCell"), key=lambda n: min(per_frame[n]))
     return {"baseline": fastest_dense, "results": summarize(per_frame, fastest_dense)}
+
+
+def same_weights_cell(lstm: MPOLSTM) -> MPOLSTMCell:
+    """The MPOLSTMCell with the cores and biases of a one-layer MPOLSTM (eval mode)."""
+    cell = MPOLSTMCell(lstm.input_size, lstm.hidden_size, bond_dim=1)
+    for name in ("weight_ih", "weight_hh"):
+        cell._set_mpo(name, lstm.mpo(f"{name}_l0"))
+    cell.load_state_dict({k.replace("_l0", ""): v for k, v in lstm.state_dict().items()})
+    return cell.eval()
+
+
+def cell_frames(cell: nn.Module, xs: torch.Tensor):
+    """A function stepping ``cell`` through the frames ``xs`` (the state fed back), without grad."""
+    def run():
+        state = None
+        with torch.no_grad():
+            for x in xs:
+                state = cell(x, state)
+    return run
 
 
 def cell_streaming(inp: int, hidden: int, bonds: list[int], rounds: int, frames: int) -> dict:
@@ -164,15 +179,7 @@ def cell_streaming(inp: int, hidden: int, bonds: list[int], rounds: int, frames:
         models = {f"nn.{kind}": torch_cls(inp, hidden).eval()}
         models.update({f"MPO{kind} D={b}": mpo_cls(inp, hidden, bond_dim=b).eval() for b in bonds})
 
-        def run(cell):
-            def frames_run():
-                state = None
-                with torch.no_grad():
-                    for x in xs:
-                        state = cell(x, state)
-            return frames_run
-
-        times = interleaved({name: run(cell) for name, cell in models.items()}, rounds)
+        times = interleaved({name: cell_frames(cell, xs) for name, cell in models.items()}, rounds)
         per_frame = {name: [t / frames for t in ts] for name, ts in times.items()}
         out[kind] = {"baseline": f"nn.{kind}", "results": summarize(per_frame, f"nn.{kind}"),
                      "params": {name: params(cell) for name, cell in models.items()}}

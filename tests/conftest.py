@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -7,3 +8,36 @@ settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=40, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """The product kernels the MPO layers run, in order: "cores" (contraction through the chain),
+    "halves" (the eval cache's merged halves) and "rebuild" (a dense weight formed from the cores)."""
+    from mpolstm import mpo
+    from mpolstm.nn import base
+
+    calls = []
+    split, halves, rebuild = mpo.split_matmul, base._halves_matmul, mpo.cores_to_matrix
+    monkeypatch.setattr(mpo, "split_matmul", lambda x, cores, at: calls.append("cores") or split(x, cores, at))
+    monkeypatch.setattr(base, "_halves_matmul", lambda x, prepared: calls.append("halves") or halves(x, prepared))
+    monkeypatch.setattr(mpo, "cores_to_matrix",
+                        lambda cores, transpose=False: calls.append("rebuild") or rebuild(cores, transpose))
+    return calls
+
+
+@pytest.fixture
+def force_path(monkeypatch):
+    """force_path(path) makes the cost model pick ``path`` ("cores", "halves" or "dense") for every
+    product of the MPO layers (a 2-core chain stands for the merged halves)."""
+    from mpolstm import mpo
+
+    def force(path: str) -> None:
+        def fake_cost(rows, cores, weight_cached=False):
+            is_half = len(cores) == 2
+            return {"cores": 0.0 if path == ("halves" if is_half else "cores") else 1.0,
+                    "rebuild": 0.5 if path == "dense" else 2.0}
+
+        monkeypatch.setattr(mpo, "matmul_cost", fake_cost)
+
+    return force

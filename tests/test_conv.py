@@ -1,26 +1,17 @@
 """MPOConv1d / MPOConv2d vs torch's convolutions at full bond over the constructor options, the
 patches the calibration hook records, and compress, io, export, prune on a small CNN."""
 
-import copy
 import json
 
 import pytest
 import torch
 from torch import nn
 
-from mpolstm import io, mpo
+from mpolstm import mpo
 from mpolstm.calibration import collect_moments
-from mpolstm.compression import CompressionConfig, compress
-from mpolstm.export import densify, export_model
 from mpolstm.nn import MPOConv1d, MPOConv2d
 from mpolstm.nn.conv import conv_patches
 from mpolstm.nn.registry import layer_type
-from mpolstm.prune import (
-    count_nonzero,
-    make_permanent,
-    prunable_weights,
-    prune_layerwise,
-)
 
 F64 = torch.float64
 
@@ -190,13 +181,11 @@ def test_constructor_from_scratch_has_torch_init_variance():
     assert out.shape == (2, 128, 8, 8) and all(p.grad is not None for p in m.parameters())
 
 
-def test_eval_cache_rebuilds_once_until_parameters_change(monkeypatch):
+def test_eval_cache_rebuilds_once_until_parameters_change(kernels):
     torch.manual_seed(0)
     m = MPOConv1d(4, 6, 3, bond_dim=2).eval()
-    calls = []
-    original = mpo.cores_to_matrix
-    monkeypatch.setattr("mpolstm.nn.cells.mpo_math.cores_to_matrix",
-                        lambda cores, transpose=False: calls.append(1) or original(cores, transpose))
+    calls = kernels
+    kernels.clear()
     x = torch.randn(2, 4, 10)
     with torch.no_grad():
         first = m(x)
@@ -211,9 +200,6 @@ def test_eval_cache_rebuilds_once_until_parameters_change(monkeypatch):
     m.train()
     m(x)
     assert len(calls) == 5  # no cache in training (to_conv1d rebuilt once too)
-
-
-# ----------------------------------------------------------------------------- library integration
 
 
 class CNN(nn.Module):
@@ -238,78 +224,3 @@ def test_calibration_moments_are_the_patches():
     patches = conv_patches(model.conv2, torch.relu(model.conv1(x)))
     assert patches.shape == (2 * 2 * 16, 8 * 9)  # (N * groups * positions, in / groups * k)
     torch.testing.assert_close(moments["weight"], patches.T @ patches / patches.shape[0])
-
-
-def test_compress_with_budget_and_calibration():
-    torch.manual_seed(2)
-    model = CNN()
-    x = torch.randn(4, 3, 8, 8)
-    convs = ["conv1", "conv2", "seq"]
-    dense = sum(model.get_submodule(n).weight.numel() for n in convs)
-    for calibration in (None, [x]):
-        net, report = compress(copy.deepcopy(model), CompressionConfig(target_ratio=4, target_modules=convs),
-                               calibration=calibration)
-        assert [type(net.conv1), type(net.conv2), type(net.seq)] == [MPOConv2d, MPOConv2d, MPOConv1d]
-        cores = sum(c.numel() for mod in net.modules() if hasattr(mod, "mpo_weights")
-                    for cs in mod.mpo_weights().values() for c in cs)
-        assert cores == report.mpo_params <= report.budget == dense // 4
-        assert net(x).shape == (4, 4)
-
-
-def test_io_round_trip_is_bit_exact(tmp_path):
-    torch.manual_seed(3)
-    net = CNN().double()
-    compress(net, CompressionConfig(max_bond=3, target_modules=["conv2", "seq"]))
-    io.save(net, tmp_path / "whole")
-    loaded = io.load(tmp_path / "whole", base_model=CNN().double())
-    assert type(loaded.conv2) is MPOConv2d and type(loaded.seq) is MPOConv1d and type(loaded.conv1) is nn.Conv2d
-    for (ka, va), (kb, vb) in zip(net.state_dict().items(), loaded.state_dict().items(), strict=True):
-        assert ka == kb and torch.equal(va, vb)
-    x = torch.randn(2, 3, 8, 8, dtype=F64)
-    assert torch.equal(loaded(x), net(x))
-    io.save(net.seq, tmp_path / "seq")
-    alone = io.load(tmp_path / "seq")
-    assert alone.mpo_config() == net.seq.mpo_config() and alone.padding == "same"
-    y = torch.randn(1, 32, 9, dtype=F64)
-    assert torch.equal(alone(y), net.seq(y))
-    with pytest.raises(ValueError, match="'conv2' has in_channels=16 in the save, but base_model has in_channels=8"):
-        io.load(tmp_path / "whole", base_model=CNN(width=8).double())
-
-
-def test_export_dense_torchscript_and_onnx(tmp_path):
-    torch.manual_seed(4)
-    net = CNN()
-    compress(net, CompressionConfig(max_bond=4, target_modules=["conv1", "conv2", "seq"]))
-    net.eval()
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        expected = net(x)
-    dense = densify(net)
-    assert [type(dense.conv1), type(dense.seq)] == [nn.Conv2d, nn.Conv1d]
-    torch.testing.assert_close(dense(x), expected, atol=1e-5, rtol=1e-4)
-    assert (export_model(net, "dense", tmp_path / "dense") / io.WEIGHTS_FILE).is_file()
-    traced = torch.jit.load(str(export_model(net, "torchscript", tmp_path / "m.pt", (x,))))
-    other = torch.randn(3, 3, 8, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(traced(other), net(other), atol=1e-5, rtol=1e-4)
-    pytest.importorskip("onnx", reason="onnx is not installed")
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    path = export_model(net, "onnx", tmp_path / "m.onnx", (x,))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"input0": other.numpy()})[0]
-    with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(got), net(other), atol=1e-4, rtol=1e-4)
-
-
-def test_prune_conv_kernels():
-    torch.manual_seed(5)
-    net = CNN()
-    assert prunable_weights(net, ("conv",)) == ["conv1.weight", "conv2.weight", "seq.weight"]
-    assert prunable_weights(net, ("conv", "linear")) == ["conv1.weight", "conv2.weight", "seq.weight", "head.weight"]
-    names = prunable_weights(net, ("conv",))
-    kept = prune_layerwise(net, names, 1500)
-    assert sum(kept.values()) == 1500 == count_nonzero(net, names)
-    x = torch.randn(2, 3, 8, 8)
-    out = net(x)
-    make_permanent(net)
-    torch.testing.assert_close(net(x), out)

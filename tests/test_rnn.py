@@ -10,7 +10,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mpolstm import mpo
-from mpolstm.nn import MPOGRU, MPOLSTM
+from mpolstm.calibration import collect_moments
+from mpolstm.nn import MPOGRU, MPOLSTM, MPORNN
+from mpolstm.nn.registry import layer_type
 
 F64 = torch.float64
 I, H, P, T, N = 6, 10, 4, 5, 3
@@ -20,21 +22,29 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
 
+KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+HIDDEN_ONLY = ["gru", "rnn_tanh", "rnn_relu"]  # the kinds whose state is h alone
+
+
+def torch_rnn(kind, *args, **kwargs):
+    """The torch module of ``kind`` (nn.LSTM, nn.GRU, or nn.RNN with its nonlinearity)."""
+    if kind.startswith("rnn_"):
+        return nn.RNN(*args, nonlinearity=kind[4:], **kwargs)
+    return {"lstm": nn.LSTM, "gru": nn.GRU}[kind](*args, **kwargs)
+
+
 def make_pair(kind, num_layers=1, bidirectional=False, batch_first=False, proj_size=0, seed=0):
     torch.manual_seed(seed)
-    if kind == "lstm":
-        ref = nn.LSTM(I, H, num_layers, batch_first=batch_first, bidirectional=bidirectional,
-                      proj_size=proj_size).double()
-        return ref, MPOLSTM.from_lstm(ref, num_cores=3)
-    ref = nn.GRU(I, H, num_layers, batch_first=batch_first, bidirectional=bidirectional).double()
-    return ref, MPOGRU.from_gru(ref, num_cores=3)
+    extra = {"proj_size": proj_size} if kind == "lstm" else {}
+    ref = torch_rnn(kind, I, H, num_layers, batch_first=batch_first, bidirectional=bidirectional, **extra).double()
+    return ref, layer_type(ref).from_torch(ref, num_cores=3)
 
 
 def initial_state(kind, ref, batch):
     dirs = 2 if ref.bidirectional else 1
     shape = (ref.num_layers * dirs, *((batch,) if batch else ()))
     h = torch.randn(*shape, (ref.proj_size or H) if kind == "lstm" else H, dtype=F64, requires_grad=True)
-    if kind == "gru":
+    if kind != "lstm":
         return h
     return h, torch.randn(*shape, H, dtype=F64, requires_grad=True)
 
@@ -61,7 +71,7 @@ GRU_CASES = list(itertools.product([1, 2], [False, True], [False, True], [0], [F
 
 @pytest.mark.parametrize(
     "kind,num_layers,bidirectional,batch_first,proj_size,packed,with_state",
-    [("lstm", *c) for c in LSTM_CASES] + [("gru", *c) for c in GRU_CASES],
+    [("lstm", *c) for c in LSTM_CASES] + [(k, *c) for k in HIDDEN_ONLY for c in GRU_CASES],
 )
 def test_full_bond_matches_torch(kind, num_layers, bidirectional, batch_first, proj_size, packed, with_state):
     ref, m = make_pair(kind, num_layers, bidirectional, batch_first, proj_size)
@@ -84,7 +94,7 @@ def test_full_bond_matches_torch(kind, num_layers, bidirectional, batch_first, p
         assert torch.allclose(a, b, atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_parameter_gradients_match_torch(kind):
     """Biases get torch's gradients; cores get torch's dL/dW pulled back through the rebuild."""
     ref, m = make_pair(kind, num_layers=2, bidirectional=True, proj_size=P if kind == "lstm" else 0)
@@ -105,7 +115,7 @@ def test_parameter_gradients_match_torch(kind):
 @pytest.mark.parametrize(
     "kind,num_layers,bidirectional,proj_size,with_state",
     [("lstm", *c) for c in itertools.product([1, 2], [False, True], [0, P], [False, True])]
-    + [("gru", *c) for c in itertools.product([1, 2], [False, True], [0], [False, True])],
+    + [(k, *c) for k in HIDDEN_ONLY for c in itertools.product([1, 2], [False, True], [0], [False, True])],
 )
 def test_unbatched_input_matches_torch(kind, num_layers, bidirectional, proj_size, with_state):
     ref, m = make_pair(kind, num_layers, bidirectional, proj_size=proj_size)
@@ -120,15 +130,11 @@ def test_unbatched_input_matches_torch(kind, num_layers, bidirectional, proj_siz
     assert torch.allclose(g_m, g_r, atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_no_bias_and_training_dropout_match_torch(kind):
     torch.manual_seed(0)
-    if kind == "lstm":
-        ref = nn.LSTM(I, H, 3, bias=False, dropout=0.5).double()
-        m = MPOLSTM.from_lstm(ref)
-    else:
-        ref = nn.GRU(I, H, 3, bias=False, dropout=0.5).double()
-        m = MPOGRU.from_gru(ref)
+    ref = torch_rnn(kind, I, H, 3, bias=False, dropout=0.5).double()
+    m = layer_type(ref).from_torch(ref)
     assert not any(name.startswith("bias") for name, _ in m.named_parameters())
     x = torch.randn(T, N, I, dtype=F64)
     torch.manual_seed(1)
@@ -147,9 +153,11 @@ def bad_calls(kind):
     good3 = torch.zeros(1, N, h_dim, dtype=F64)
 
     def st(*hs):
-        return hs[0] if kind == "gru" else tuple(hs) if len(hs) == 2 else (hs[0], hs[0].clone())
+        return hs[0] if kind != "lstm" else tuple(hs) if len(hs) == 2 else (hs[0], hs[0].clone())
 
-    return [
+    packed = ([("packed, wrong state", pack_padded_sequence(x3, torch.tensor([T, 3, 2])),
+                st(torch.zeros(1, 2, h_dim, dtype=F64)))] if kind != "lstm" else [])
+    return packed + [
         ("4-D input", torch.randn(2, T, N, I, dtype=F64), None),
         ("wrong feature size", torch.randn(T, N, I + 1, dtype=F64), None),
         ("float32 input", torch.randn(T, N, I), None),
@@ -160,7 +168,7 @@ def bad_calls(kind):
     ] + ([("wrong cell size", x3, (good3, torch.zeros(1, N, H + 1, dtype=F64)))] if kind == "lstm" else [])
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_same_errors_as_torch_for_wrong_shapes(kind):
     ref, m = make_pair(kind)
     for what, x, state in bad_calls(kind):
@@ -183,11 +191,13 @@ def test_packed_input_with_wrong_state_is_rejected_clearly():
 # ----------------------------------------------------------------------------- conversion
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_to_torch_round_trip(kind):
-    ref, m = make_pair(kind, num_layers=2, bidirectional=True, proj_size=P if kind == "lstm" else 0)
-    back = m.to_lstm() if kind == "lstm" else m.to_gru()
-    assert type(back) is type(ref)
+    ref, m = make_pair(kind, num_layers=2, bidirectional=True, batch_first=True, proj_size=P if kind == "lstm" else 0)
+    back = {"lstm": MPOLSTM.to_lstm, "gru": MPOGRU.to_gru}.get(kind, MPORNN.to_rnn)(m)
+    assert type(back) is type(ref) and back.batch_first
+    if kind.startswith("rnn_"):
+        assert back.nonlinearity == kind[4:] and f"nonlinearity='{kind[4:]}'" in repr(m)
     for (name_a, a), (name_b, b) in zip(ref.named_parameters(), back.named_parameters(), strict=True):
         assert name_a == name_b and torch.allclose(a, b, atol=1e-12)
         assert torch.allclose(getattr(m, name_a), a, atol=1e-12)  # torch's names read rebuilt weights
@@ -319,40 +329,29 @@ def test_wrongly_shaped_cores_are_caught_before_the_kernel():
 # ----------------------------------------------------------------------------- eval cache
 
 
-def count_rebuilds(monkeypatch):
-    calls = []
-    original = mpo.cores_to_matrix
-
-    def counting(cores, transpose=False):
-        calls.append(1)
-        return original(cores, transpose)
-
-    monkeypatch.setattr("mpolstm.nn.rnn.mpo_math.cores_to_matrix", counting)
-    return calls
-
-
-def test_eval_cache_reuses_and_invalidates_after_optimizer_step(monkeypatch):
+@pytest.mark.parametrize("cls", [MPOLSTM, MPORNN])
+def test_eval_cache_reuses_and_invalidates_after_optimizer_step(cls, kernels):
     torch.manual_seed(0)
-    m = MPOLSTM(8, 12, num_layers=2, bond_dim=3)
+    m = cls(8, 12, num_layers=2, bond_dim=3)
     x = torch.randn(5, 2, 8)
-    calls = count_rebuilds(monkeypatch)
     m.eval()
+    kernels.clear()
     with torch.no_grad():
         first = m(x)[0]
         m(x)
-    assert len(calls) == 4  # 4 weights, rebuilt once for both calls
+    assert kernels == ["rebuild"] * 4  # 4 weights, rebuilt once for both calls
     opt = torch.optim.SGD(m.parameters(), lr=0.5)
     m(x)[0].pow(2).sum().backward()  # eval mode with grad: cores get gradients, no cache used
     assert all(p.grad is not None for p in m.parameters())
     opt.step()
     with torch.no_grad():
         after = m(x)[0]
-        fresh = m.to_lstm().eval()(x)[0]
+        fresh = (m.to_lstm() if cls is MPOLSTM else m.to_rnn()).eval()(x)[0]
     assert not torch.allclose(after, first)
     assert torch.allclose(after, fresh, atol=1e-6)
 
 
-def test_eval_cache_invalidated_by_load_state_dict_train_and_dtype(monkeypatch):
+def test_eval_cache_invalidated_by_load_state_dict_train_and_dtype(kernels):
     m = MPOGRU(8, 12, bond_dim=3).eval()
     other = MPOGRU(8, 12, bond_dim=3)
     x = torch.randn(5, 2, 8)
@@ -360,14 +359,14 @@ def test_eval_cache_invalidated_by_load_state_dict_train_and_dtype(monkeypatch):
         m(x)
         m.load_state_dict(other.state_dict())
         assert torch.allclose(m(x)[0], other.to_gru()(x)[0], atol=1e-6)
-        calls = count_rebuilds(monkeypatch)
+        kernels.clear()
         m.train()
         m.eval()
         m(x)
-        assert len(calls) == 2
+        assert kernels == ["rebuild"] * 2
         m.double()
         assert m(x.double())[0].dtype == F64
-        assert len(calls) == 4
+        assert kernels == ["rebuild"] * 4
     with torch.inference_mode():
         m(x.double())
     m(x.double().requires_grad_())[0].sum().backward()  # inference-mode cache is not reused here
@@ -383,9 +382,10 @@ def test_copies_and_pickles_do_not_share_the_cache():
         next(iter(clone.weight_ih_l0_cores)).mul_(2)
         assert not torch.allclose(clone(x)[0], m(x)[0])
     restored = pickle.loads(pickle.dumps(m))
-    assert restored._cache is None
     with torch.no_grad():
         assert torch.equal(restored(x)[0], m(x)[0])
+        next(iter(restored.weight_hh_l0_cores)).mul_(2)  # the copy's own weights, not a stale cache
+        assert not torch.allclose(restored(x)[0], m(x)[0])
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -406,7 +406,7 @@ def step_through(module, x, state, use_stream):
 @pytest.mark.parametrize(
     "kind,num_layers,proj_size,batched,with_state,training",
     [("lstm", *c) for c in itertools.product([1, 2], [0, P], [True, False], [False, True], [False, True])]
-    + [("gru", *c) for c in itertools.product([1, 2], [0], [True, False], [False, True], [False, True])],
+    + [(k, *c) for k in HIDDEN_ONLY for c in itertools.product([1, 2], [0], [True, False], [False, True], [False, True])],
 )
 def test_step_equals_full_sequence_forward(kind, num_layers, proj_size, batched, with_state, training):
     ref, m = make_pair(kind, num_layers, proj_size=proj_size)
@@ -424,39 +424,40 @@ def test_step_equals_full_sequence_forward(kind, num_layers, proj_size, batched,
 
 @pytest.mark.parametrize("path,training", [("cores", False), ("halves", False), ("dense", False),
                                            ("cores", True), ("dense", True)])
-def test_step_contraction_paths_agree(path, training, monkeypatch):
+def test_step_contraction_paths_agree(path, training, force_path, kernels):
     """Force each path of step() through the cost model; all must equal the dense LSTM."""
     torch.manual_seed(0)
     m = MPOLSTM(24, 16, bond_dim=3, num_cores=4).double().train(training)
     x, h, c = torch.randn(5, 24, dtype=F64), torch.randn(1, 5, 16, dtype=F64), torch.randn(1, 5, 16, dtype=F64)
-
-    def fake_cost(rows, cores, weight_cached=False):
-        is_half = len(cores) == 2
-        return {"cores": 0.0 if path == ("halves" if is_half else "cores") else 1.0,
-                "rebuild": 0.5 if path == "dense" else 2.0}
-
-    used = []
-    original = mpo.mpo_matmul
-    monkeypatch.setattr("mpolstm.nn.rnn.mpo_math.matmul_cost", fake_cost)
-    monkeypatch.setattr("mpolstm.nn.rnn.mpo_math.mpo_matmul",
-                        lambda inp, cores, strategy="auto": used.append(len(cores)) or original(inp, cores, strategy))
+    force_path(path)
     with torch.no_grad():
+        kernels.clear()
         out, (h1, c1) = m.step(x, (h, c))
+        used = list(kernels)
         ref_out, (ref_h, ref_c) = m.to_lstm()(x[None], (h, c))
-    assert used == {"cores": [4, 4], "halves": [2, 2], "dense": []}[path]
+    assert used == {"cores": ["cores"] * 2, "halves": ["halves"] * 2, "dense": ["rebuild"] * 2}[path]
     assert torch.allclose(out, ref_out[0], atol=1e-12) and torch.allclose(c1, ref_c, atol=1e-12)
 
 
-def test_step_cost_model_prefers_contraction_for_one_row():
-    m = MPOLSTM(256, 256, bond_dim=4)
+def test_step_cost_model_prefers_contraction_for_one_row_and_plans_once(kernels, monkeypatch):
+    m = MPOLSTM(256, 256, num_layers=2, bond_dim=4)
+    planned = []
+    cost = mpo.matmul_cost
+    monkeypatch.setattr(mpo, "matmul_cost", lambda *a, **k: planned.append(1) or cost(*a, **k))
     with torch.no_grad():
         m.step(torch.randn(1, 256))  # training mode: rebuilding W per step would be wasteful
-        assert {plan for _, plan in m._plans.values()} == {"cores"}
+        assert kernels == ["cores"] * 4
         m.eval()
-        m.step(torch.randn(1, 256))  # eval: the cached merged halves of each chain
-        assert {plan for (_, _, cached), (_, plan) in m._plans.items() if cached} == {"halves"}
-        m.step(torch.randn(4096, 256))  # many rows: a dense matmul
-        assert "dense" in {plan for (_, rows, _), (_, plan) in m._plans.items() if rows == 4096}
+        kernels.clear()
+        m.step(torch.randn(1, 256))
+        first = len(planned)
+        for _ in range(3):
+            m.step(torch.randn(1, 256))
+        assert kernels == ["halves"] * 16  # eval: the cached merged halves of each chain
+        assert len(planned) == first  # a repeated call plans nothing
+        kernels.clear()
+        m.step(torch.randn(4096, 256))  # many rows: a dense matmul with the rebuilt weights
+        assert kernels == ["rebuild"] * 4
 
 
 def test_step_errors():
@@ -492,3 +493,76 @@ def test_no_python_time_loop_in_forward(monkeypatch):
         warnings.simplefilter("error")
         m(torch.randn(50, 2, 8))
     assert calls == [torch.Size([50, 2, 8])]
+
+
+# ----------------------------------------------------------------------------- nn.RNN specifics
+
+
+def test_no_python_time_loop_in_rnn_forward(monkeypatch):
+    calls = []
+    for kernel in ("rnn_tanh", "rnn_relu"):
+        original = getattr(torch._VF, kernel)
+        monkeypatch.setattr(torch._VF, kernel, lambda *a, _k=kernel, _o=original: calls.append(_k) or _o(*a),
+                            raising=False)
+    for nonlinearity in ("tanh", "relu"):
+        MPORNN(8, 12, num_layers=2, nonlinearity=nonlinearity, bond_dim=3)(torch.randn(40, 2, 8))
+    assert calls == ["rnn_tanh", "rnn_relu"]
+
+
+def test_truncated_from_rnn_with_mpos_and_factors():
+    torch.manual_seed(0)
+    ref = nn.RNN(64, 32, num_layers=2, nonlinearity="relu")
+    m = MPORNN.from_rnn(ref, max_bond=4)
+    for name, report in m.reports.items():
+        err = float((getattr(m, name) - getattr(ref, name)).detach().norm() / getattr(ref, name).detach().norm())
+        assert report.rel_error == pytest.approx(err, rel=1e-3) and 0 < err < 1
+    given = mpo.decompose(ref.weight_hh_l0.detach().T, (4, 8), (8, 4), max_bond=2)
+    m = MPORNN.from_rnn(ref, mpos={"weight_hh_l0": given}, factors={"weight_ih_l0": ((8, 8), (4, 8))})
+    assert torch.allclose(m.weight_hh_l0, given.to_matrix(transpose=True))
+    assert m.factors["weight_ih_l0"] == ((8, 8), (4, 8)) and m.nonlinearity == "relu"
+    with pytest.raises(ValueError, match="MPORNN.from_rnn expects a torch.nn.RNN, got GRU"):
+        MPORNN.from_rnn(nn.GRU(4, 4))
+    with pytest.raises(ValueError, match="unknown weights"):
+        MPORNN.from_rnn(ref, mpos={"weight_hh_l5": given})
+
+
+def test_rnn_config_round_trip_and_constructor_errors():
+    m = MPORNN(12, 8, 2, "relu", bidirectional=True, batch_first=True, bond_dim=3).double()
+    config = json.loads(json.dumps(m.mpo_config()))
+    assert config["nonlinearity"] == "relu" and config["class"] == "MPORNN"
+    rebuilt = MPORNN.from_config(config).double()
+    rebuilt.load_state_dict(m.state_dict())
+    x = torch.randn(2, 4, 12, dtype=F64)
+    assert torch.equal(rebuilt(x)[0], m(x)[0]) and rebuilt.mode == "RNN_RELU"
+    assert "weight_ih_l0_cores.0" in m.state_dict() and "bias_hh_l1_reverse" in m.state_dict()
+    with pytest.raises(ValueError, match="Unknown nonlinearity 'gelu'"):
+        MPORNN(4, 4, nonlinearity="gelu", bond_dim=2)
+    with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):
+        MPORNN(4, 4, bond_dim=2, proj_size=2)
+    with pytest.raises(ValueError, match="bond_dim must be a positive integer"):
+        MPORNN(4, 4, bond_dim=0)
+
+
+def test_rnn_constructor_from_scratch_has_torch_init_variance():
+    torch.manual_seed(0)
+    m = MPORNN(256, 512, bond_dim=8)
+    assert m.weight_hh_l0.shape == (512, 512)
+    assert float(m.weight_hh_l0.detach().var()) == pytest.approx(1.0 / (3 * 512), rel=0.2)
+    assert m.compression_ratio > 40
+
+
+def test_rnn_registry_conversion_and_calibration_moments():
+    torch.manual_seed(1)
+    rnn = nn.RNN(6, 5, num_layers=2, bidirectional=True, batch_first=True).double()
+    entry = layer_type(rnn)
+    assert entry.mpo_type is MPORNN and layer_type(nn.RNN(2, 2, nonlinearity="relu")) is entry
+    x = torch.randn(3, 8, 6, dtype=F64)
+    m = collect_moments(rnn, {"rnn": rnn}, [x])["rnn"]
+    assert set(m) == {f"weight_{k}_l{l}{d}" for k in ("ih", "hh") for l in (0, 1) for d in ("", "_reverse")}
+    flat = x.reshape(-1, 6)
+    torch.testing.assert_close(m["weight_ih_l0"], flat.T @ flat / flat.shape[0])
+    out, _ = rnn(x)  # top layer: forward h_{t-1} and reverse h_{t+1} come from the module output
+    fwd = torch.cat([torch.zeros(3, 1, 5, dtype=F64), out[:, :-1, :5]], 1).reshape(-1, 5)
+    rev = torch.cat([out[:, 1:, 5:], torch.zeros(3, 1, 5, dtype=F64)], 1).reshape(-1, 5)
+    torch.testing.assert_close(m["weight_hh_l1"], fwd.T @ fwd / fwd.shape[0])
+    torch.testing.assert_close(m["weight_hh_l1_reverse"], rev.T @ rev / rev.shape[0])

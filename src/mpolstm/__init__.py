@@ -1,6 +1,8 @@
 """mpolstm: compress LSTM networks with Matrix Product Operators.
 
 The library (this package, less ``mpolstm.harness``) needs only torch, numpy and safetensors.
+Every nn.Linear, nn.Embedding, nn.LSTM / GRU / RNN, their cells and nn.Conv1d / Conv2d has an
+MPO drop-in (``mpolstm.nn``).
 The top level re-exports the everyday API; the compression module is ``mpolstm.compression``
 (``mpolstm.compress`` is the function).
 """

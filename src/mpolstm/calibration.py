@@ -8,8 +8,8 @@ each weight multiplies is told by its layer type's ``inputs`` hook in the regist
 diagonal (how often each row is looked up); nn.LSTM / nn.GRU / nn.RNN x_t and h_{t-1} at every
 step, layer and direction (mpolstm.nn.rnn.recurrent_inputs); the cells x for weight_ih and the
 given state h (zeros without one) for weight_hh; Conv1d / Conv2d the unfolded input patches.
-Forward hooks see positional arguments only: a state passed by keyword (``cell(x, hx=h)``) is
-taken as zeros.
+Arguments passed by keyword (``cell(x, hx=h)``) are bound to the forward's signature, so they
+count as if passed by position.
 
 Hooks are removed and the model's train/eval flags restored afterwards; parameters are never
 touched. ``whitening(C)`` gives the damped square root used by ``compress(calibration=...)``.
@@ -17,6 +17,7 @@ touched. ``whitening(C)`` gives the damped square root used by ``compress(calibr
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -91,8 +92,10 @@ def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibrat
     def hook_for(name: str, module: nn.Module):
         inputs = layer_type(module).inputs
 
-        def hook(mod: nn.Module, args: tuple, output: Any) -> None:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             slots = moments[name]
+            if kwargs:  # e.g. cell(x, hx=h): the state the registry's hook reads by position
+                args = inspect.signature(mod.forward).bind(*args, **kwargs).args
             for weight, seen in inputs(mod, args):
                 slot = slots.setdefault(weight, _Moments())
                 if seen.dim() == 1:  # row indices of a table lookup (one-hot inputs)
@@ -102,7 +105,8 @@ def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibrat
         return hook
 
     modes = {m: m.training for m in model.modules()}
-    handles = [module.register_forward_hook(hook_for(name, module)) for name, module in targets.items()]
+    handles = [module.register_forward_hook(hook_for(name, module), with_kwargs=True)
+               for name, module in targets.items()]
     try:
         model.eval()
         batches = _run(model, calibration)

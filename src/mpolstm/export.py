@@ -32,7 +32,6 @@ import copy
 import io
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -40,7 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, make_temp_dir
 from .io import save
 from .nn.registry import is_mpo_module, layer_type_of_mpo, replace_module
 
@@ -71,7 +70,8 @@ def _dense_module(module: nn.Module) -> nn.Module | None:
 
 def densify(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every MPO module replaced by its rebuilt torch module
-    (nn.Linear / nn.Embedding / nn.LSTM / nn.GRU); ``model`` itself is left unchanged."""
+    (the registered torch type: nn.Linear, nn.Embedding, nn.LSTM, nn.GRU, nn.RNN, the cells, nn.Conv1d /
+    nn.Conv2d); ``model`` itself is left unchanged."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"densify expects an nn.Module, got {type(model).__name__}")
     root = _dense_module(model)
@@ -105,7 +105,7 @@ def export_dense(model: nn.Module, path: str | os.PathLike, write: Callable[[nn.
     path = Path(path)
     _check_folder_target(path)
     dense = densify(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = make_temp_dir(path)
     try:
         write(dense, tmp)
         if path.is_dir():

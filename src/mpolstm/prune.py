@@ -1,9 +1,11 @@
 """Magnitude-pruning baselines at an exact number of non-zeros: one-shot (layer-wise, global) and AGP.
 
 Weights are named by their qualified parameter name, e.g. ``"lstm.weight_hh_l0"`` or ``"fc.weight"``.
-Prunable: ``weight_*`` of nn.LSTM / nn.GRU / nn.RNN (``weight_ih_l{k}[_reverse]``, ``weight_hh_l{k}[_reverse]``),
-``weight_ih`` / ``weight_hh`` of nn.LSTMCell / nn.GRUCell / nn.RNNCell, ``weight`` of nn.Linear and
-nn.Embedding, and the kernel ``weight`` of nn.Conv1d / nn.Conv2d. Masks are applied with
+Prunable: the weights of every module type in the layer registry (``mpolstm.nn.registry``: each entry's
+``kind`` and ``weight_names``): ``weight_*`` of nn.LSTM / nn.GRU / nn.RNN (``weight_ih_l{k}[_reverse]``,
+``weight_hh_l{k}[_reverse]``, ``weight_hr_l{k}[_reverse]``), ``weight_ih`` / ``weight_hh`` of
+nn.LSTMCell / nn.GRUCell / nn.RNNCell, ``weight`` of nn.Linear and nn.Embedding, and the kernel
+``weight`` of nn.Conv1d / nn.Conv2d. Masks are applied with
 ``torch.nn.utils.prune.custom_from_mask`` (parameter ``<name>_orig`` and buffer ``<name>_mask``;
 the forward pre-hook recomputes ``<name> = orig * mask``), so masked entries stay zero through any
 optimizer step and fine-tuning needs nothing else. Pruning again replaces the mask in place.
@@ -28,6 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
+from .nn.registry import KINDS, layer_type
+
 __all__ = [
     "KINDS",
     "prunable_weights",
@@ -43,10 +47,6 @@ __all__ = [
     "AGPPruner",
 ]
 
-KINDS = ("rnn", "linear", "embedding", "conv")
-_RNN = (nn.LSTM, nn.GRU, nn.RNN)
-_CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
-_CONV = (nn.Conv1d, nn.Conv2d)
 
 
 def prunable_weights(model: nn.Module, kinds: Sequence[str] = ("rnn",)) -> list[str]:
@@ -59,14 +59,10 @@ def prunable_weights(model: nn.Module, kinds: Sequence[str] = ("rnn",)) -> list[
         raise ValueError(f"unknown weight kinds {bad}; expected a subset of {KINDS}")
     names = []
     for mod_name, mod in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(mod, _RNN) and "rnn" in kinds:
-            names += [prefix + w for w in mod._flat_weights_names if w.startswith("weight_")]
-        elif isinstance(mod, _CELLS) and "rnn" in kinds:
-            names += [prefix + "weight_ih", prefix + "weight_hh"]
-        elif (isinstance(mod, nn.Linear) and "linear" in kinds or isinstance(mod, nn.Embedding) and "embedding" in kinds
-              or isinstance(mod, _CONV) and "conv" in kinds):
-            names.append(prefix + "weight")
+        entry = layer_type(mod)
+        if entry is not None and entry.kind in kinds:
+            prefix = f"{mod_name}." if mod_name else ""
+            names += [prefix + w for w in entry.weight_names(mod)]
     return names
 
 
@@ -84,10 +80,8 @@ def _resolve(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Modul
         mod = modules.get(mod_name)
         if mod is None:
             raise ValueError(f"weight {name!r}: model has no module {mod_name!r}")
-        ok = ((isinstance(mod, _RNN) and attr in mod._flat_weights_names and attr.startswith("weight_"))
-              or (isinstance(mod, _CELLS) and attr in ("weight_ih", "weight_hh"))
-              or (isinstance(mod, (nn.Linear, nn.Embedding, *_CONV)) and attr == "weight"))
-        if not ok:
+        entry = layer_type(mod)
+        if entry is None or attr not in entry.weight_names(mod):
             raise ValueError(f"weight {name!r} is not prunable: expected weight_* of nn.LSTM/nn.GRU/nn.RNN, "
                              f"weight_ih/weight_hh of their cells, or weight of nn.Linear/nn.Embedding/"
                              f"nn.Conv1d/nn.Conv2d (got {type(mod).__name__}.{attr})")

@@ -1,4 +1,5 @@
-"""Whole-model compression: replace Linear/Embedding/LSTM/GRU layers by MPO layers.
+"""Whole-model compression: replace the layers of every registered type (nn.Linear, nn.Embedding,
+nn.LSTM / GRU / RNN and their cells, nn.Conv1d / Conv2d; ``mpolstm.nn.registry``) by MPO layers.
 
     model, report = compress(model, CompressionConfig(target_ratio=20), calibration=batches)
     print(report)

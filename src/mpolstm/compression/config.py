@@ -9,11 +9,11 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from ..nn.registry import is_mpo_module, layer_type, supported_torch_types
-from .layouts import LAYOUTS
+from ..nn.registry import is_mpo_module, supported_torch_types
+from .layouts import LAYOUTS, describe_layouts
 from .output_aware import ALLOCATIONS
 
-__all__ = ["CompressionConfig", "select_modules"]
+__all__ = ["CompressionConfig", "ModuleSettings", "select_modules"]
 
 _OVERRIDE_KEYS = ("max_bond", "rel_tol", "num_cores", "layout", "sparse_share")
 
@@ -81,9 +81,10 @@ class CompressionConfig:
     num_cores: cores of the paper's interleaved layout.
     layout: "auto" (default) searches the layouts of ``LAYOUTS`` per weight (with a budget,
         layout and bonds are chosen together by error per parameter; with ``rel_tol``, the
-        layout with the fewest parameters; with only ``max_bond``, "interleaved"); or one
-        of LAYOUTS pinned for every weight. With calibration only the layouts whose input
-        side sits in the first core are searched (whitening must keep the MPO form).
+        layout with the fewest parameters; with only ``max_bond``, "interleaved", or "lowrank"
+        with calibration); or one of LAYOUTS pinned for every weight. With calibration only
+        the layouts whose input side sits in the first core are searched (whitening must keep
+        the MPO form). The layouts: {layouts}.
     overrides: regex -> partial config (keys max_bond, rel_tol, num_cores, layout); every
         pattern that fully matches a module's name applies, later ones winning.
     target_ratio / max_params: global budget over the selected weights' entries: dense
@@ -168,26 +169,34 @@ class CompressionConfig:
     def budget_mode(self) -> bool:
         return self.target_ratio is not None or self.max_params is not None
 
-    def settings_for(self, name: str) -> dict[str, Any]:
-        """max_bond, rel_tol, num_cores, layout and sparse_share for the module called ``name``."""
+    def settings_for(self, name: str) -> "ModuleSettings":
+        """The settings of the module called ``name``: the config's, with every matching override applied."""
         settings = {"max_bond": self.max_bond, "rel_tol": self.rel_tol, "num_cores": self.num_cores,
                     "layout": self.layout, "sparse_share": self.sparse_share}
         for pattern, partial in self.overrides.items():
             if re.fullmatch(pattern, name):
                 settings.update(partial)
-        return settings
+        return ModuleSettings(**settings)
+
+
+CompressionConfig.__doc__ = CompressionConfig.__doc__.replace("{layouts}", describe_layouts())
+
+
+@dataclass(frozen=True)
+class ModuleSettings:
+    """How one module is compressed (CompressionConfig.settings_for): bond cap, tolerance, cores of
+    the paper's layout, the layout ("auto" or a key of LAYOUTS) and, for "lowrank+sparse", the
+    sparse share (None: searched)."""
+
+    max_bond: int | None
+    rel_tol: float | None
+    num_cores: int
+    layout: str
+    sparse_share: float | None = None
 
 
 def _supported_names() -> str:
     return ", ".join(f"nn.{t.__name__}" for t in supported_torch_types())
-
-
-def _converter(module: nn.Module, name: str):
-    """The registered ``from_torch`` conversion for a supported torch module."""
-    entry = layer_type(module)
-    if entry is None:
-        raise ValueError(f"module {name!r} is of type {type(module).__name__}; compress handles {_supported_names()}")
-    return entry.from_torch
 
 
 def select_modules(model: nn.Module, config: CompressionConfig) -> list[tuple[str, nn.Module, bool]]:

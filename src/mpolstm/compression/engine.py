@@ -18,8 +18,6 @@ The report's errors are measured exactly on the rebuilt torch weights.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -29,9 +27,9 @@ from ..mpo.allocation import allocate
 from ..nn.registry import is_mpo_module, layer_type, replace_module
 from ..nn.shared import shared_for
 from ..nn.sparse import attach_sparse, sparse_of
-from .config import CompressionConfig, select_modules
+from .config import CompressionConfig, ModuleSettings, select_modules
 from .hybrid import HYBRID, HybridFit, bound_params, fit_target, whitened_error
-from .layouts import Candidate, Target, decompose_target, output_error
+from .layouts import Candidate, Target, bound_default, decompose_target, output_error
 from .output_aware import choose_allocation
 from .refit import sequential_refit
 from .report import CompressionReport, ModuleReport, WeightReport
@@ -46,9 +44,9 @@ FLOOR_BOND = 2
 REFIT_PASSES = 2
 
 
-def _targets(name: str, module: nn.Module, settings: dict[str, Any], moments: dict[str, Tensor]) -> list[Target]:
+def _targets(name: str, module: nn.Module, settings: ModuleSettings, moments: dict[str, Tensor]) -> list[Target]:
     """The weights of one module as targets (M and the paper layout from the registry)."""
-    matrices = layer_type(module).matrices(module, num_cores=settings["num_cores"])
+    matrices = layer_type(module).matrices(module, num_cores=settings.num_cores)
     targets = []
     for wname, (matrix, factors) in matrices.items():
         matrix = matrix.detach().to(torch.float64)
@@ -62,7 +60,7 @@ def _targets(name: str, module: nn.Module, settings: dict[str, Any], moments: di
     return targets
 
 
-def _budget_mpos(targets: list[Target], settings: dict[str, dict[str, Any]], budget: int
+def _budget_mpos(targets: list[Target], settings: dict[str, ModuleSettings], budget: int
                  ) -> list[tuple[str, MPO | HybridFit]]:
     """(layout name, MPO or HybridFit) per target: layout and bonds allocated together under
     ``budget``. Weights pinned to the hybrid layout get their share of the budget in proportion
@@ -70,37 +68,39 @@ def _budget_mpos(targets: list[Target], settings: dict[str, dict[str, Any]], bud
     out: list[tuple[str, MPO | HybridFit] | None] = [None] * len(targets)
     total = sum(t.dense_params for t in targets)
     for i, t in enumerate(targets):
-        if settings[t.module]["layout"] == HYBRID:
-            out[i] = (HYBRID, fit_target(t, int(budget * t.dense_params / total), settings[t.module]["sparse_share"]))
+        if settings[t.module].layout == HYBRID:
+            out[i] = (HYBRID, fit_target(t, int(budget * t.dense_params / total), settings[t.module].sparse_share))
     rest = [i for i, o in enumerate(out) if o is None]
     budget -= sum(o[1].params for o in out if o is not None)
-    candidates = [[Candidate.of(targets[i], lay, f, settings[targets[i].module]["max_bond"])
-                   for lay, f in targets[i].candidates(settings[targets[i].module]["layout"]).items()] for i in rest]
+    candidates = [[Candidate.of(targets[i], name, f, settings[targets[i].module].max_bond)
+                   for name, f in targets[i].candidates(settings[targets[i].module].layout).items()] for i in rest]
     sizes = [targets[i].dense_params for i in rest]
-    chosen = allocate([[c.layout for c in cs] for cs in candidates], scales=sizes, limits=sizes, budget=budget,
+    points = allocate([[c.model for c in cs] for cs in candidates], scales=sizes, limits=sizes, budget=budget,
                       floor=FLOOR_BOND) if rest else []
-    for i, cs, point in zip(rest, candidates, chosen):
-        pick = cs[point.layout]
+    for i, cs, point in zip(rest, candidates, points):
+        pick = cs[point.option]
         out[i] = (pick.name, decompose_target(targets[i], pick.factors, list(point.bonds)))
     return out
 
 
-def _bound_mpo(target: Target, settings: dict[str, Any]) -> tuple[str, MPO | HybridFit]:
-    """(layout name, MPO) of one target under max_bond / rel_tol."""
-    layout = settings["layout"]
+def _bound_mpo(target: Target, settings: ModuleSettings) -> tuple[str, MPO | HybridFit]:
+    """(layout name, MPO or HybridFit) of one target under max_bond / rel_tol."""
+    layout = settings.layout
     if layout == HYBRID:
-        params = bound_params(tuple(target.matrix.shape), settings["max_bond"], settings["sparse_share"])
-        return HYBRID, fit_target(target, params, settings["sparse_share"])
-    if layout == "auto" and settings["rel_tol"] is None:
-        layout = "interleaved" if target.whitening is None else "lowrank"
-    options = {name: decompose_target(target, f, settings["max_bond"], settings["rel_tol"])
+        params = bound_params(tuple(target.matrix.shape), settings.max_bond, settings.sparse_share)
+        return HYBRID, fit_target(target, params, settings.sparse_share)
+    if layout == "auto" and settings.rel_tol is None:
+        layout = bound_default(target.whitening is not None)
+    options = {name: decompose_target(target, f, settings.max_bond, settings.rel_tol)
                for name, f in target.candidates(layout).items()}
     return min(options.items(), key=lambda kv: kv[1].num_params)
 
 
-def _weight_report(old: nn.Module, new: nn.Module, target: Target, layout: str) -> WeightReport:
+def _weight_report(old: nn.Module, new: nn.Module, rebuilt_module: nn.Module, target: Target,
+                   layout: str) -> WeightReport:
+    """Sizes, bonds and errors of one weight: ``rebuilt_module`` is ``new`` as a torch module."""
     dense = getattr(old, target.weight).detach().double()
-    rebuilt = getattr(layer_type(old).to_torch(new), target.weight).detach().double()
+    rebuilt = getattr(rebuilt_module, target.weight).detach().double()
     cores = [c.detach().double() for c in new.mpo_weights()[target.weight]]
     mpo = MPO(cores)
     sparse = sparse_of(new, target.weight)
@@ -165,11 +165,11 @@ def _tie_followers(model: nn.Module, followers: dict[str, str], modules: dict[st
         replace_module(model, name, new)
 
 
-def _check_output_allocation(calibration, targets: list[Target], settings: dict[str, dict[str, Any]],
+def _check_output_allocation(calibration, targets: list[Target], settings: dict[str, ModuleSettings],
                              what: str) -> None:
     if calibration is None:
         raise ValueError(f"{what} works on the model's calibration data: give calibration=")
-    hybrid = sorted({t.module for t in targets if settings[t.module]["layout"] == HYBRID})
+    hybrid = sorted({t.module for t in targets if settings[t.module].layout == HYBRID})
     if hybrid:
         raise ValueError(f"{what} does not apply to layout {HYBRID!r}, which module(s) {hybrid} are pinned to")
 
@@ -177,17 +177,17 @@ def _check_output_allocation(calibration, targets: list[Target], settings: dict[
 def _check_sized(config: CompressionConfig, chosen: list[tuple[str, nn.Module, bool]]) -> None:
     for name, module, _ in chosen:
         settings = config.settings_for(name)
-        if settings["layout"] == HYBRID and isinstance(module, nn.Embedding):
+        if settings.layout == HYBRID and isinstance(module, nn.Embedding):
             raise ValueError(f"layout {HYBRID!r} applies to linear, recurrent, cell and convolution weights, "
                              f"not to the embedding {name!r}; exclude it or give it another layout in overrides")
-        if settings["layout"] == HYBRID and settings["rel_tol"] is not None:
+        if settings.layout == HYBRID and settings.rel_tol is not None:
             raise ValueError(f"layout {HYBRID!r} of module {name!r} needs a budget or max_bond; rel_tol does not "
                              "apply to it")
     if config.budget_mode:
         return
     for name, _, _ in chosen:
         settings = config.settings_for(name)
-        if settings["max_bond"] is None and settings["rel_tol"] is None:
+        if settings.max_bond is None and settings.rel_tol is None:
             raise ValueError(f"compress needs a size for module {name!r}: give target_ratio, max_params, max_bond "
                              "or rel_tol (an exact MPO is larger than the dense layer; for an exact drop-in use "
                              "mpolstm.nn.MPO<Layer>.from_<torch>())")
@@ -271,7 +271,8 @@ def _replace(model: nn.Module, modules: dict[str, nn.Module], targets: list[Targ
                 if isinstance(m, HybridFit) and m.index.numel():
                     attach_sparse(new, t.weight, m.index.to(like.device), m.values.to(like))
         new.train(module.training)
-        weights = {t.weight: _weight_report(module, new, t, layout) for t, layout, _ in items}
+        rebuilt = layer_type(module).to_torch(new)
+        weights = {t.weight: _weight_report(module, new, rebuilt, t, layout) for t, layout, _ in items}
         reports.append(ModuleReport(
             name=name, old_class=type(module).__name__, new_class=type(new).__name__,
             params_before=sum(p.numel() for p in module.parameters()),

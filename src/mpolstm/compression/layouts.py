@@ -1,43 +1,77 @@
-"""Candidate layouts of one weight, and their decomposition (optionally whitened by its inputs).
+"""The table of layouts a weight can take, and their decomposition (optionally whitened by its inputs).
 
 A weight is compressed as the matrix M (I, J) of its layer's MPO convention (W^T for Linear
 and recurrent weights, the table for embeddings). A layout is the (in_factors, out_factors)
-of its cores:
-
-- "interleaved": the paper's layout, ``num_cores`` balanced factors on both sides, cut
-  (i_1 j_1)(i_2 j_2)...: cheap when the matrix has Kronecker-like structure.
-- "interleaved-2": the same with two cores.
-- "lowrank": (I, 1) x (1, J): two cores whose bond is the rank; this MPO IS the truncated
-  SVD, so with it in the search no weight ends worse than truncated SVD at the same count.
-- "lowrank-mpo": (I, 1, 1) x (1, j_a, j_b): the low-rank input factor, with the output
-  factor itself split into two cores (fewer parameters than low rank when J is large).
-- "lowrank+sparse": "lowrank" plus a sparse residual at fixed positions (compression/hybrid.py);
-  fitted by alternation, so it is not searched by "auto" (pin it with ``layout=``).
+of its cores. :data:`LAYOUTS` is the one table of them: the engine, the config's docstring and
+the CLI help all read it, so a new layout is one entry here.
 
 With calibration, the decomposed matrix is A = S M (S = C^{1/2}, C the inputs' second
 moment), so truncation minimises the output error ||S (M - M')||_F; M' = S^{-1} A' keeps the
-MPO form only when the whole input side sits in the first core, so only "lowrank" and
-"lowrank-mpo" are searched then.
+MPO form only when the whole input side sits in the first core, so only the layouts marked
+``whitenable`` are searched then.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from ..calibration import apply_whitening
 from ..mpo import MPO, decompose, factorize, max_bond_dims
-from ..mpo.allocation import Layout
+from ..mpo.allocation import ErrorModel
 from ..mpo.sweep import exact_spectra
 
-__all__ = ["LAYOUTS", "WHITENABLE", "Candidate", "Target", "candidate_factors", "decompose_target", "output_error"]
-
-LAYOUTS = ("interleaved", "interleaved-2", "lowrank", "lowrank-mpo", "lowrank+sparse")
-WHITENABLE = ("lowrank", "lowrank-mpo")
+__all__ = ["LAYOUTS", "LayoutKind", "Candidate", "Target", "bound_default", "candidate_factors", "decompose_target",
+           "describe_layouts", "output_error"]
 
 Factors = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class LayoutKind:
+    """One entry of the layout table: its name, what it is (one line), whether it keeps the MPO
+    form under calibration's whitening, and ``factors(I, J, interleaved)`` -> its factors for an
+    (I, J) matrix whose paper layout is ``interleaved``."""
+
+    name: str
+    description: str
+    whitenable: bool
+    factors: Callable[[int, int, Factors], Factors]
+    searched: bool = True  # tried by layout="auto"; False: used only when pinned
+
+
+def _two(size: int) -> tuple[int, int]:
+    return tuple(factorize(size, 2))  # type: ignore[return-value]
+
+
+LAYOUTS: dict[str, LayoutKind] = {kind.name: kind for kind in (
+    LayoutKind("interleaved", "the paper's MPO: num_cores balanced factors per side, cut (i1 j1)(i2 j2)...",
+               False, lambda rows, cols, interleaved: interleaved),
+    LayoutKind("interleaved-2", "the same with two cores", False,
+               lambda rows, cols, interleaved: (_two(rows), _two(cols))),
+    LayoutKind("lowrank", "(I, 1) x (1, J): the truncated SVD, the bond is the rank", True,
+               lambda rows, cols, interleaved: ((rows, 1), (1, cols))),
+    LayoutKind("lowrank-mpo", "(I, 1, 1) x (1, ja, jb): low rank whose output factor is a 2-core MPO", True,
+               lambda rows, cols, interleaved: ((rows, 1, 1), (1, *_two(cols)))),
+    LayoutKind("lowrank+sparse", "low rank plus a sparse residual at fixed positions (compression/hybrid.py); "
+               "pinned only, sparse_share of the budget sparse", True,
+               lambda rows, cols, interleaved: ((rows, 1), (1, cols)), searched=False),
+)}
+
+
+def describe_layouts() -> str:
+    """One line per layout of the table (for docstrings and the CLI help)."""
+    return "; ".join(f"{k.name}: {k.description}" + ("" if k.whitenable else " (not with calibration)")
+                     for k in LAYOUTS.values())
+
+
+def bound_default(whitened: bool) -> str:
+    """The layout "auto" means under ``max_bond`` alone (no budget to search against): the
+    paper's, or with calibration the first whitenable one."""
+    return next(k.name for k in LAYOUTS.values() if k.whitenable) if whitened else "interleaved"
 
 
 def _useful(factors: Factors) -> bool:
@@ -46,18 +80,16 @@ def _useful(factors: Factors) -> bool:
 
 
 def candidate_factors(shape: tuple[int, int], interleaved: Factors, whitened: bool) -> dict[str, Factors]:
-    """The layouts to consider for an (I, J) matrix whose paper layout is ``interleaved``."""
+    """{layout name: factors} to consider for an (I, J) matrix whose paper layout is ``interleaved``
+    (layouts that cannot compress, or duplicate the paper's, are left out)."""
     rows, cols = shape
-    ja, jb = factorize(cols, 2)
-    options: dict[str, Factors] = {
-        "interleaved": interleaved,
-        "interleaved-2": (factorize(rows, 2), (ja, jb)),
-        "lowrank": ((rows, 1), (1, cols)),
-        "lowrank-mpo": ((rows, 1, 1), (1, ja, jb)),
-    }
-    return {name: f for name, f in options.items()
-            if _useful(f) and (not whitened or name in WHITENABLE)
-            and not (name == "interleaved-2" and f == interleaved)}
+    options = {}
+    for kind in LAYOUTS.values():
+        factors = kind.factors(rows, cols, interleaved)
+        if kind.searched and _useful(factors) and (kind.whitenable or not whitened) and (
+                kind.name == "interleaved" or factors != interleaved):
+            options[kind.name] = factors
+    return options
 
 
 @dataclass
@@ -81,7 +113,8 @@ class Target:
         if pinned == "auto":
             return options
         if pinned not in options:
-            why = " (with calibration only lowrank and lowrank-mpo keep the MPO form)" if self.whitening is not None else ""
+            whitenable = [k.name for k in LAYOUTS.values() if k.whitenable]
+            why = f" (with calibration only {', '.join(whitenable)} keep the MPO form)" if self.whitening is not None else ""
             raise ValueError(f"layout {pinned!r} does not apply to {self.weight} of shape "
                              f"{tuple(self.matrix.shape)}{why}; possible: {sorted(options)}")
         return {pinned: options[pinned]}
@@ -89,18 +122,19 @@ class Target:
 
 @dataclass
 class Candidate:
-    """One layout of a target, with its spectra as an allocation ``Layout``."""
+    """One layout of a target: its name (a key of LAYOUTS), factors and error model (the
+    estimated error as a function of the bonds, from the exact spectra)."""
 
     name: str
     factors: Factors
-    layout: Layout
+    model: ErrorModel
 
     @classmethod
     def of(cls, target: Target, name: str, factors: Factors, max_bond: int | None) -> "Candidate":
         spectra = exact_spectra(target.whitened, *factors)
         caps = [b if max_bond is None else min(b, max_bond) for b in max_bond_dims(*factors)]
         sizes = [i * j for i, j in zip(*factors)]
-        return cls(name, factors, Layout.from_spectra(sizes, caps, spectra))
+        return cls(name, factors, ErrorModel.from_spectra(sizes, caps, spectra))
 
 
 def decompose_target(target: Target, factors: Factors, max_bond, rel_tol: float | None = None) -> MPO:

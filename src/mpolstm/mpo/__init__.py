@@ -6,7 +6,7 @@ contract   rebuild the matrix or multiply without forming it, and the cost model
 allocation bond allocation under a parameter budget, from singular spectra
 """
 
-from .contract import Strategy, check_cores, cores_to_matrix, matmul_cost, mpo_matmul
+from .contract import Strategy, best_split, check_cores, cores_to_matrix, matmul_cost, mpo_matmul, split_matmul
 from .core import (
     MPO,
     TruncationReport,
@@ -24,6 +24,7 @@ from .sweep import decompose
 __all__ = [
     "MPO",
     "Strategy",
+    "best_split",
     "TruncationReport",
     "bond_dims",
     "canonicalize",
@@ -38,4 +39,5 @@ __all__ = [
     "matmul_cost",
     "max_bond_dims",
     "mpo_matmul",
+    "split_matmul",
 ]

@@ -25,20 +25,21 @@ from typing import Sequence
 
 from torch import Tensor
 
-__all__ = ["Layout", "CurvePoint", "tradeoff_curve", "allocate"]
+__all__ = ["ErrorModel", "CurvePoint", "tradeoff_curve", "allocate"]
 
 
 @dataclass(frozen=True)
-class Layout:
-    """One way to factor a weight: sizes[k] = i_k j_k per core, caps[b] the largest bond at
-    internal bond b, and kept[b][r] the fraction of ||W||^2 kept with r singular values."""
+class ErrorModel:
+    """The estimated error of one layout of a weight as a function of its bonds: sizes[k] =
+    i_k j_k per core, caps[b] the largest bond at internal bond b, and kept[b][r] the fraction
+    of ||W||^2 kept with r singular values at bond b."""
 
     sizes: tuple[int, ...]
     caps: tuple[int, ...]
     kept: tuple[tuple[float, ...], ...]
 
     @classmethod
-    def from_spectra(cls, sizes: Sequence[int], caps: Sequence[int], spectra: Sequence[Tensor]) -> "Layout":
+    def from_spectra(cls, sizes: Sequence[int], caps: Sequence[int], spectra: Sequence[Tensor]) -> "ErrorModel":
         kept = []
         for s in spectra:
             energy = (s.double() ** 2).cumsum(0)
@@ -71,29 +72,32 @@ class Layout:
 
 @dataclass(frozen=True)
 class CurvePoint:
+    """One point of a weight's trade-off: ``option`` indexes the candidate layouts of the weight,
+    ``bonds`` are its internal bonds, ``error`` the estimated squared relative error."""
+
     params: int
     error: float
-    layout: int
+    option: int
     bonds: tuple[int, ...]
 
 
-def tradeoff_curve(layout: Layout, index: int = 0) -> list[CurvePoint]:
+def tradeoff_curve(model: ErrorModel, option: int = 0) -> list[CurvePoint]:
     """Points from the largest bonds down to all ones, by greedy single-bond shrinking."""
-    bonds = layout.feasible(layout.caps)
-    points = [CurvePoint(layout.params(bonds), layout.error(bonds), index, tuple(bonds))]
+    bonds = model.feasible(model.caps)
+    points = [CurvePoint(model.params(bonds), model.error(bonds), option, tuple(bonds))]
     while any(d > 1 for d in bonds):
         here = points[-1]
         best = None
         for b, d in enumerate(bonds):
             if d <= 1:
                 continue
-            trial = layout.feasible(bonds[:b] + [d - 1] + bonds[b + 1:])
-            saved = here.params - layout.params(trial)
-            rate = (layout.error(trial) - here.error) / max(saved, 1)
+            trial = model.feasible(bonds[:b] + [d - 1] + bonds[b + 1:])
+            saved = here.params - model.params(trial)
+            rate = (model.error(trial) - here.error) / max(saved, 1)
             if best is None or rate < best[0]:
                 best = (rate, trial)
         bonds = best[1]
-        points.append(CurvePoint(layout.params(bonds), layout.error(bonds), index, tuple(bonds)))
+        points.append(CurvePoint(model.params(bonds), model.error(bonds), option, tuple(bonds)))
     return points
 
 
@@ -119,23 +123,23 @@ def _lower_hull(points: Sequence[CurvePoint]) -> list[CurvePoint]:
 
 
 def allocate(
-    layouts: Sequence[Sequence[Layout]], scales: Sequence[float], limits: Sequence[int], budget: int,
+    options: Sequence[Sequence[ErrorModel]], scales: Sequence[float], limits: Sequence[int], budget: int,
     floor: int = 1,
 ) -> list[CurvePoint]:
-    """Choose one point (layout + bonds) per weight with total params <= ``budget``.
+    """Choose one point (layout option + bonds) per weight with total params <= ``budget``.
 
-    layouts[w]: candidate layouts of weight w; scales[w]: its weight in the objective;
+    options[w]: the error models of weight w's candidate layouts; scales[w]: its weight in the objective;
     limits[w]: most parameters it may keep (its dense size: an MPO never grows a weight);
     floor: no bond is cut below min(floor, its largest value) unless the budget cannot be met
     otherwise. Raises ValueError when even the smallest points exceed the budget."""
     curves = []
-    for w, options in enumerate(layouts):
-        points = [p for k, lay in enumerate(options) for p in tradeoff_curve(lay, k)]
+    for w, models in enumerate(options):
+        points = [p for k, model in enumerate(models) for p in tradeoff_curve(model, k)]
         fitting = [p for p in points if p.params <= limits[w]] or [min(points, key=lambda p: p.params)]
         curves.append(fitting)
     floored = []
     for w, curve in enumerate(curves):
-        keep = [p for p in curve if all(b >= min(floor, cap) for b, cap in zip(p.bonds, layouts[w][p.layout].caps))]
+        keep = [p for p in curve if all(b >= min(floor, cap) for b, cap in zip(p.bonds, options[w][p.option].caps))]
         floored.append(keep or curve)
     chosen = _descend([_lower_hull(c) for c in floored], scales, budget)
     if chosen is None:

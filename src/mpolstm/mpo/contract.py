@@ -12,7 +12,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Strategy", "check_cores", "cores_to_matrix", "matmul_cost", "mpo_matmul"]
+__all__ = ["Strategy", "best_split", "check_cores", "cores_to_matrix", "matmul_cost", "mpo_matmul", "split_matmul"]
 
 Strategy = Literal["auto", "cores", "rebuild"]
 
@@ -82,7 +82,7 @@ def cores_to_matrix(cores: Sequence[Tensor], transpose: bool = False) -> Tensor:
 
 
 def _split_cost(shapes: Sequence[tuple[int, int, int, int]], split: int, rows: int) -> tuple[float, float]:
-    """(FLOPs, elements of the intermediate) of ``_sweep_matmul`` cutting the chain at ``split``:
+    """(FLOPs, elements of the intermediate) of ``split_matmul`` cutting the chain at ``split``:
     merging each half, then x with the left half, then with the right half."""
     il = jl = 1
     merge = 0.0
@@ -98,23 +98,26 @@ def _split_cost(shapes: Sequence[tuple[int, int, int, int]], split: int, rows: i
     return flops, float(rows * jl * bond * ir)
 
 
-def _best_split(shapes: Sequence[tuple[int, int, int, int]], rows: int) -> int:
+def best_split(cores: Sequence[Tensor], rows: int) -> int:
+    """The bond at which :func:`split_matmul` of ``rows`` rows should cut the chain (fewest FLOPs)."""
+    shapes = [tuple(c.shape) for c in cores]
+    if len(shapes) == 1:
+        return 1
     return min(range(1, len(shapes)), key=lambda k: _split_cost(shapes, k, rows)[0])
 
 
-def _sweep_matmul(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
-    """x (N, I) @ W (I, J) without forming W. Returns (N, J).
+def split_matmul(x: Tensor, cores: Sequence[Tensor], split: int) -> Tensor:
+    """x (N, I) @ W (I, J) without forming W, the chain cut at bond ``split`` (1 <= split < n).
+    Returns (N, J).
 
-    The chain is cut at the bond that minimises the FLOPs; each half is merged into one
-    small block (independent of N), then x (N, I_L, I_R) is contracted with the left block
-    (one broadcast matmul whose output (N, J_L, D, I_R) needs no permute) and the result
-    with the right block (one GEMM over (D, I_R)). Two large ops instead of a matmul and a
-    permute per core: 2-3x faster than the core-by-core sweep at 32 rows."""
+    Each half is merged into one small block (independent of N), then x (N, I_L, I_R) is
+    contracted with the left block (one broadcast matmul whose output (N, J_L, D, I_R) needs no
+    permute) and the result with the right block (one GEMM over (D, I_R)). Two large ops instead
+    of a matmul and a permute per core (docs/benchmarks.md)."""
     n_rows = x.shape[0]
     if len(cores) == 1:
         return x @ cores[0][0, :, :, 0]
-    shapes = [tuple(c.shape) for c in cores]
-    left, right = _halves(cores, _best_split(shapes, n_rows))
+    left, right = _halves(cores, split)
     il, jl, d = left.shape
     _, ir, jr = right.shape
     mid = torch.matmul(left.reshape(il, jl * d).T, x.reshape(n_rows, il, ir))  # (N, J_L * D, I_R)
@@ -134,7 +137,7 @@ _OP_OVERHEAD_S = 6e-6
 def matmul_cost(rows: int, cores: Sequence[Tensor], weight_cached: bool = False) -> dict[str, float]:
     """Estimated seconds of ``x (rows, I) @ W`` for each strategy (FLOPs + bytes + op count).
 
-    "cores": contract x with the two merged halves of the chain (``_sweep_matmul``).
+    "cores": contract x with the two merged halves of the chain (``split_matmul``).
     "rebuild": form W (skipped if ``weight_cached``) then one dense matmul."""
     shapes = [tuple(c.shape) for c in cores]
     size = cores[0].element_size()
@@ -144,7 +147,7 @@ def matmul_cost(rows: int, cores: Sequence[Tensor], weight_cached: bool = False)
     if len(shapes) == 1:
         cores_s = 2.0 * rows * in_dim * out_dim / _FLOPS_PER_S + _OP_OVERHEAD_S
     else:
-        flops, mid = _split_cost(shapes, _best_split(shapes, rows), rows)
+        flops, mid = _split_cost(shapes, best_split(cores, rows), rows)
         cores_s = flops / _SMALL_FLOPS_PER_S + 2 * size * mid / _BYTES_PER_S + 4 * len(shapes) * _OP_OVERHEAD_S
 
     matmul_s = 2.0 * rows * in_dim * out_dim / _FLOPS_PER_S + size * in_dim * out_dim / _BYTES_PER_S
@@ -176,7 +179,7 @@ def mpo_matmul(x: Tensor, mpo_or_cores: Any, strategy: Strategy = "auto") -> Ten
         cost = matmul_cost(flat.shape[0], cores)
         strategy = "cores" if cost["cores"] < cost["rebuild"] else "rebuild"
     if strategy == "cores":
-        out = _sweep_matmul(flat, cores)
+        out = split_matmul(flat, cores, best_split(cores, flat.shape[0]))
     else:
         out = flat @ cores_to_matrix(cores)
     return out.reshape(*lead, out.shape[-1])

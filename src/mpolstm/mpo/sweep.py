@@ -42,9 +42,9 @@ def _split(a: Tensor, max_bond: int | None, delta: float | None) -> tuple[Tensor
     and diagonalised in float64: the eigenvalues are the squared singular values to ~1e-16 of
     ||a||^2, the eigenvectors an orthonormal u, and rest = u^T a is the exact projection, so
     rank choice, discarded energy and the rel_tol guarantee are as with the SVD (only singular
-    values below ~1e-8 ||a|| lose relative accuracy, which no truncation reads). LAPACK's SVD
-    of such a wide matrix is 3-20x slower here (docs/benchmarks.md). Other unfoldings take the
-    SVD of the tall orientation (2-4x faster than of the wide one)."""
+    values below ~1e-8 ||a|| lose relative accuracy, which no truncation reads): LAPACK's SVD
+    of such a wide matrix is several times slower (docs/benchmarks.md). Other unfoldings take
+    the SVD of the tall orientation, the faster of the two."""
     m, cols = a.shape
     if m * _GRAM_MIN_ASPECT <= cols:
         wide = a.double()

@@ -6,14 +6,16 @@ torch <-> MPO correspondence once in ``registry``; compress, io, export and prun
 nothing else. Read it before adding a layer.
 """
 
-from .embedding import MPOEmbedding
-from .linear import MPOLinear, init_cores_
+# the import order is the registration order, which error messages list the types in
+from .linear import MPOLinear  # isort: skip
+from .embedding import MPOEmbedding  # isort: skip
+from .rnn import MPOGRU, MPOLSTM, MPORNN  # isort: skip
+from .cells import MPOGRUCell, MPOLSTMCell, MPORNNCell  # isort: skip
+from .conv import MPOConv1d, MPOConv2d  # isort: skip
+from .base import MPOWeights, init_cores_
 from .registry import LayerType, is_mpo_module, layer_type, register, replace_module
-from .rnn import MPOGRU, MPOLSTM, MPORNN
-from .cells import MPOGRUCell, MPOLSTMCell, MPORNNCell
-from .conv import MPOConv1d, MPOConv2d
 from .shared import SharedEmbedding, SharedLinear
 
 __all__ = ["MPOEmbedding", "MPOLinear", "MPOLSTM", "MPOGRU", "MPORNN", "MPOLSTMCell", "MPOGRUCell", "MPORNNCell",
-           "MPOConv1d", "MPOConv2d", "LayerType", "init_cores_", "is_mpo_module", "layer_type", "register",
-           "replace_module", "SharedEmbedding", "SharedLinear"]
+           "MPOConv1d", "MPOConv2d", "MPOWeights", "LayerType", "init_cores_", "is_mpo_module", "layer_type",
+           "register", "replace_module", "SharedEmbedding", "SharedLinear"]

@@ -11,7 +11,7 @@ Execution: ``forward`` rebuilds the kernel once per call (``mpo.cores_to_matrix`
 reshape) and runs torch's own convolution (``nn.Conv1d/2d._conv_forward``: F.conv1d/conv2d, with
 F.pad for non-zero ``padding_mode``), so stride, padding (ints or 'same' / 'valid'), dilation,
 groups, unbatched input and the error messages are torch's. In eval mode the rebuilt kernel is
-cached (invalidated as for the recurrent layers). Every argument is validated by building torch's
+cached (nn/base.py). Every argument is validated by building torch's
 own module on the meta device.
 """
 
@@ -25,10 +25,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..mpo import MPO
-from .cells import MPOWeights
+from .base import MPOWeights, default_factors
 from .registry import LayerType, register
-from .rnn import _default_factors
-from .sparse import load_sparse_config, sparse_config
 
 __all__ = ["MPOConv1d", "MPOConv2d", "conv_inputs"]
 
@@ -92,7 +90,13 @@ class _MPOConvNd(MPOWeights):
         return {**args, "bias": conv.bias is not None}
 
     @classmethod
-    def _from_torch(cls, conv, max_bond, rel_tol, in_factors, out_factors, num_cores, mpos):
+    def from_torch(cls, conv: nn.modules.conv._ConvNd, max_bond: int | None = None, rel_tol: float | None = None, *,
+                   in_factors: Sequence[int] | None = None, out_factors: Sequence[int] | None = None,
+                   num_cores: int = 4, mpos: Mapping[str, MPO] | None = None):
+        """Decompose a trained torch convolution of this class's type (``from_conv1d``,
+        ``from_conv2d``) by TT-SVD (exact with neither ``max_bond`` nor ``rel_tol``);
+        ``mpos={"weight": MPO of M}`` uses a ready MPO. Error in ``.reports``; the result has the
+        source's mode, dtype and device."""
         if not isinstance(conv, cls._torch_class):
             name = cls._torch_class.__name__
             raise ValueError(f"{cls.__name__}.from_{cls._snake} expects a torch.nn.{name}, got {type(conv).__name__}")
@@ -107,30 +111,29 @@ class _MPOConvNd(MPOWeights):
         if conv.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(conv.bias)
-        return layer
+        return layer.train(conv.training)
 
-    def _to_torch(self) -> nn.modules.conv._ConvNd:
+    def to_torch(self) -> nn.modules.conv._ConvNd:
+        """The plain torch convolution (``to_conv1d``, ``to_conv2d``) with the rebuilt kernel."""
         first = self._cores("weight")[0]
         conv = self._torch_class(**self._torch_args(), device=first.device, dtype=first.dtype)
         with torch.no_grad():
             conv.weight.copy_(self.weight)
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return conv
+        return conv.train(self.training)
 
     @classmethod
     def mpo_matrices(cls, conv: nn.modules.conv._ConvNd, num_cores: int = 4) -> dict[str, tuple[Tensor, tuple]]:
         """{"weight": (M = kernel.reshape(out, -1)^T, default factors)} (see ``LayerType.matrices``)."""
         matrix = conv.weight.detach().reshape(conv.out_channels, -1)
-        return {"weight": (matrix.T, _default_factors(matrix.shape[1], matrix.shape[0], num_cores))}
+        return {"weight": (matrix.T, default_factors(matrix.shape[1], matrix.shape[0], num_cores))}
 
     # -- MPO-module protocol -------------------------------------------------------------------
     def mpo_config(self) -> dict[str, Any]:
         """JSON-serialisable description from which ``from_config`` rebuilds the module."""
         args = {k: (v if isinstance(v, (str, int, bool)) else list(v)) for k, v in self._torch_args().items()}
-        sparse = sparse_config(self)
-        return {"class": type(self).__name__, **args, "num_cores": self.num_cores, "weights": self._weights_config(),
-                **({"sparse": sparse} if sparse else {})}
+        return {"class": type(self).__name__, **args, "num_cores": self.num_cores, "weights": self._weights_config()}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]):
@@ -141,7 +144,6 @@ class _MPOConvNd(MPOWeights):
         layer = cls(**args, bond_dim=1, num_cores=int(config.get("num_cores", 4)))
         fan_in = layer._weight_shapes["weight"][1]
         layer._load_weights_config(config["weights"], 1.0 / math.sqrt(3.0 * fan_in))
-        load_sparse_config(layer, config)
         return layer
 
     # -- use ----------------------------------------------------------------------------------
@@ -181,17 +183,7 @@ class MPOConv1d(_MPOConvNd):
     _torch_class, _snake = nn.Conv1d, "conv1d"
     _conv_forward = nn.Conv1d._conv_forward
 
-    @classmethod
-    def from_conv1d(cls, conv: nn.Conv1d, max_bond: int | None = None, rel_tol: float | None = None, *,
-                    in_factors: Sequence[int] | None = None, out_factors: Sequence[int] | None = None,
-                    num_cores: int = 4, mpos: Mapping[str, MPO] | None = None) -> "MPOConv1d":
-        """Decompose a trained nn.Conv1d's kernel by TT-SVD (exact with neither ``max_bond`` nor
-        ``rel_tol``); ``mpos={"weight": MPO of M}`` uses a ready MPO. Error in ``.reports``."""
-        return cls._from_torch(conv, max_bond, rel_tol, in_factors, out_factors, num_cores, mpos)
-
-    def to_conv1d(self) -> nn.Conv1d:
-        """A plain torch.nn.Conv1d with the rebuilt kernel."""
-        return self._to_torch()
+    from_conv1d, to_conv1d = _MPOConvNd.__dict__["from_torch"], _MPOConvNd.to_torch
 
 
 class MPOConv2d(_MPOConvNd):
@@ -204,16 +196,7 @@ class MPOConv2d(_MPOConvNd):
     _torch_class, _snake = nn.Conv2d, "conv2d"
     _conv_forward = nn.Conv2d._conv_forward
 
-    @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, max_bond: int | None = None, rel_tol: float | None = None, *,
-                    in_factors: Sequence[int] | None = None, out_factors: Sequence[int] | None = None,
-                    num_cores: int = 4, mpos: Mapping[str, MPO] | None = None) -> "MPOConv2d":
-        """As :meth:`MPOConv1d.from_conv1d`, for a trained nn.Conv2d."""
-        return cls._from_torch(conv, max_bond, rel_tol, in_factors, out_factors, num_cores, mpos)
-
-    def to_conv2d(self) -> nn.Conv2d:
-        """A plain torch.nn.Conv2d with the rebuilt kernel."""
-        return self._to_torch()
+    from_conv2d, to_conv2d = _MPOConvNd.__dict__["from_torch"], _MPOConvNd.to_torch
 
 
 # ----------------------------------------------------------------------------- registry
@@ -248,6 +231,6 @@ def conv_inputs(conv: nn.Module, args: tuple) -> Iterator[tuple[str, Tensor]]:
 _CONV_SIZES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                "padding_mode")
 register(LayerType(nn.Conv1d, MPOConv1d, MPOConv1d.from_conv1d, MPOConv1d.to_conv1d, MPOConv1d.mpo_matrices,
-                   conv_inputs, _CONV_SIZES))
+                   conv_inputs, _CONV_SIZES, "conv", lambda conv: ["weight"]))
 register(LayerType(nn.Conv2d, MPOConv2d, MPOConv2d.from_conv2d, MPOConv2d.to_conv2d, MPOConv2d.mpo_matrices,
-                   conv_inputs, _CONV_SIZES))
+                   conv_inputs, _CONV_SIZES, "conv", lambda conv: ["weight"]))

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import mpo as mpo_math
+from ..mpo import MPO
+from .base import SingleWeightMPO, check_positive_int
 from .registry import LayerType, register
-from ..mpo import MPO, TruncationReport
-from .linear import SingleWeightMPO, init_cores_
 
 __all__ = ["MPOEmbedding", "embedding_factors"]
 
@@ -140,10 +140,8 @@ class MPOEmbedding(SingleWeightMPO):
         dtype=None,
     ) -> None:
         super().__init__()
-        if isinstance(bond_dim, bool) or not isinstance(bond_dim, int) or bond_dim < 1:
-            raise ValueError(f"bond_dim must be a positive integer, got {bond_dim!r}")
-        self.row_factors, self.dim_factors = embedding_factors(
-            num_embeddings, embedding_dim, num_cores, row_factors, dim_factors)
+        check_positive_int("bond_dim", bond_dim)
+        rows, dims = embedding_factors(num_embeddings, embedding_dim, num_cores, row_factors, dim_factors)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         if padding_idx is not None:
             if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not (
@@ -152,17 +150,14 @@ class MPOEmbedding(SingleWeightMPO):
                                  f"got {padding_idx!r}")
             padding_idx %= num_embeddings
         self.padding_idx = padding_idx
-        kw = {"device": device, "dtype": dtype}
-        bonds = (1, *mpo_math.capped_bond_dims(self.row_factors, self.dim_factors, bond_dim), 1)
-        self.cores = nn.ParameterList(
-            nn.Parameter(torch.empty(bonds[k], i, j, bonds[k + 1], **kw))
-            for k, (i, j) in enumerate(zip(self.row_factors, self.dim_factors)))
-        init_cores_(list(self.cores), 1.0)
+        self._start_weights(num_cores)
+        self._add_weight("weight", (embedding_dim, math.prod(rows)), bond_dim, (rows, dims), 1.0, device, dtype)
         if padding_idx is not None:
-            self.register_buffer("padding_row", torch.zeros(embedding_dim, **kw))
+            self.register_buffer("padding_row", torch.zeros(embedding_dim, device=device, dtype=dtype))
         else:
             self.padding_row = None
-        self.report: TruncationReport | None = None
+
+    row_factors, dim_factors = SingleWeightMPO.in_factors, SingleWeightMPO.out_factors  # the table's rows, columns
 
     @property
     def num_rows(self) -> int:
@@ -171,17 +166,9 @@ class MPOEmbedding(SingleWeightMPO):
 
     # -- conversion -----------------------------------------------------------------
     @classmethod
-    def from_embedding(
-        cls,
-        embedding: nn.Embedding,
-        max_bond: int | None = None,
-        rel_tol: float | None = None,
-        *,
-        row_factors: Sequence[int] | None = None,
-        dim_factors: Sequence[int] | None = None,
-        num_cores: int = 4,
-        mpos: Mapping[str, MPO] | None = None,
-    ) -> "MPOEmbedding":
+    def from_embedding(cls, embedding: nn.Embedding, max_bond: int | None = None, rel_tol: float | None = None, *,
+                       row_factors: Sequence[int] | None = None, dim_factors: Sequence[int] | None = None,
+                       num_cores: int = 4, mpos: Mapping[str, MPO] | None = None) -> "MPOEmbedding":
         """Decompose an nn.Embedding's table by TT-SVD (exact with neither ``max_bond`` nor
         ``rel_tol``). The table is zero-padded to ``num_rows`` and its padding row is zeroed
         before the decomposition (the row is kept exactly in ``padding_row``), so
@@ -206,13 +193,10 @@ class MPOEmbedding(SingleWeightMPO):
                     max_bond=max_bond, rel_tol=rel_tol)
         layer = cls(v, d, 1, padding_idx=embedding.padding_idx, row_factors=rows, dim_factors=dims,
                     device=weight.device, dtype=weight.dtype)
-        layer.cores = nn.ParameterList(
-            nn.Parameter(c.detach().to(device=weight.device, dtype=weight.dtype).contiguous())
-            for c in decomposed.cores)
+        layer._set_mpo("weight", decomposed)
         if layer.padding_row is not None:
             layer.padding_row.copy_(weight.detach()[layer.padding_idx])
-        layer.report = decomposed.report
-        return layer
+        return layer.train(embedding.training)
 
     @staticmethod
     def table_for_decomposition(embedding: nn.Embedding, num_rows: int) -> Tensor:
@@ -237,7 +221,7 @@ class MPOEmbedding(SingleWeightMPO):
                            device=first.device, dtype=first.dtype)
         with torch.no_grad():
             emb.weight.copy_(self.weight)
-        return emb
+        return emb.train(self.training)
 
     # -- MPO-module protocol (used by compress and io); mpo_weights()["weight"] is the padded
     # table itself (rows on the i side, not transposed) -------------------------------------
@@ -259,20 +243,10 @@ class MPOEmbedding(SingleWeightMPO):
         rows, dims = tuple(config["row_factors"]), tuple(config["dim_factors"])
         layer = cls(int(config["num_embeddings"]), int(config["embedding_dim"]), 1,
                     padding_idx=config["padding_idx"], row_factors=rows, dim_factors=dims)
-        bonds = (1, *[int(b) for b in config["bond_dims"]], 1)
-        if len(bonds) != len(rows) + 1 or any(b < 1 for b in bonds):
-            raise ValueError(f"bond_dims {config['bond_dims']} must be {len(rows) - 1} positive integers "
-                             f"for {len(rows)} cores")
-        cores = [torch.empty(bonds[k], i, j, bonds[k + 1]) for k, (i, j) in enumerate(zip(rows, dims))]
-        init_cores_(cores, 1.0)
-        layer.cores = nn.ParameterList(nn.Parameter(c) for c in cores)
+        layer._load_config_of_cores({"in_factors": rows, "out_factors": dims, "bond_dims": config["bond_dims"]}, 1.0)
         return layer
 
     # -- use ------------------------------------------------------------------------
-    def mpo(self) -> MPO:
-        """The MPO of the padded table (num_rows, embedding_dim), sharing the parameters."""
-        return MPO(list(self.cores), self.report)
-
     @property
     def weight(self) -> Tensor:
         """The rebuilt table (num_embeddings, embedding_dim) with the padding row, differentiable."""
@@ -341,4 +315,4 @@ class MPOEmbedding(SingleWeightMPO):
 
 register(LayerType(nn.Embedding, MPOEmbedding, MPOEmbedding.from_embedding, MPOEmbedding.to_embedding,
                    MPOEmbedding.mpo_matrices, lambda embedding, args: [("weight", args[0].reshape(-1))],
-                   ("num_embeddings", "embedding_dim", "padding_idx")))
+                   ("num_embeddings", "embedding_dim", "padding_idx"), "embedding", lambda embedding: ["weight"]))

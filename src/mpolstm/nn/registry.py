@@ -1,8 +1,8 @@
 """The one registry of torch module type -> MPO module type, and the one replace-by-name helper.
 
 Each MPO layer file registers itself once (``register(LayerType(...))`` at its end); compress,
-io, export and prune look types up here and nowhere else. Lookup follows the module's MRO, so
-a subclass of nn.LSTM is handled as an nn.LSTM.
+calibration, io, export and prune look types up here and nowhere else. Lookup follows the
+module's MRO, so a subclass of nn.LSTM is handled as an nn.LSTM.
 
 The MPO-module protocol every registered ``mpo_type`` follows (docs/architecture.md):
 ``mpo_weights() -> {torch weight name: cores}``, ``reports``, ``mpo_config()`` /
@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from torch import Tensor, nn
 
-__all__ = ["LayerType", "register", "layer_type", "layer_type_of_mpo", "mpo_class", "supported_torch_types", "registered_mpo_names", "register_auxiliary",
+__all__ = ["KINDS", "LayerType", "register", "layer_type", "layer_type_of_mpo", "mpo_class", "supported_torch_types", "registered_mpo_names", "register_auxiliary",
            "is_mpo_module", "replace_module"]
 
 
@@ -35,6 +35,8 @@ class LayerType:
         with the module's positional arguments (calibration).
     size_attrs: constructor sizes that must agree between a saved MPO module and the torch
         module it replaces when loading.
+    kind: one of KINDS, how pruning groups the type ("rnn" for recurrent layers and cells).
+    weight_names(module) -> the names of the module's weight matrices (what compress and prune act on).
     """
 
     torch_type: type[nn.Module]
@@ -44,8 +46,15 @@ class LayerType:
     matrices: Callable[..., dict]
     inputs: Callable[[nn.Module, tuple], Iterable[tuple[str, Tensor]]]
     size_attrs: tuple[str, ...]
+    kind: str
+    weight_names: Callable[[nn.Module], list[str]]
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
 
 
+KINDS = ("rnn", "linear", "embedding", "conv")
 _BY_TORCH: dict[type[nn.Module], LayerType] = {}
 _BY_MPO: dict[str, LayerType] = {}
 _AUXILIARY: dict[str, type[nn.Module]] = {}  # MPO-protocol modules that convert no torch type (shared.py)

@@ -10,16 +10,10 @@ Execution:
   directly), checks its shape (torch's CPU kernel does not) and runs torch's fused kernel
   (``_VF.lstm`` / ``_VF.gru`` / ``_VF.rnn_tanh`` / ``_VF.rnn_relu``) through torch's own ``forward``,
   so the input contract (batch_first, unbatched input, PackedSequence, optional state) and its
-  error messages are torch's own.
-- In eval mode, when no gradient w.r.t. the cores is being recorded, the rebuilt weights are cached.
-  The cache is keyed on the identity, ``_version`` counter and storage of every core, so an
-  optimizer step, ``load_state_dict``, an in-place edit, ``.to()`` or ``functional_call``
-  invalidates it; ``train()`` drops it.
-- ``step`` (and the stateful ``stream``) runs one frame at a time. Per weight, ``mpo.matmul_cost``
-  picks the cheapest of a core-by-core contraction, a dense matmul and (eval cache only) a
-  contraction with the chain merged into two cores, which halves the op count and is the fastest
-  at one row (measured at 1024 x 4096, bond 8: ~3x faster than the 4-core sweep and ~4x faster
-  than the dense matmul).
+  error messages are torch's own. In eval mode, when no gradient w.r.t. the cores is being
+  recorded, the rebuilt weights are cached (nn/base.py).
+- ``step`` (and the stateful ``stream``) runs one frame at a time: every product takes the planned
+  path of the cost model (nn/base.py) and the gates are nn/gates.py's, the same code as the cells.
 """
 
 from __future__ import annotations
@@ -34,49 +28,20 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .. import mpo as mpo_math
+from ..mpo import MPO
+from .base import MPOWeights, check_positive_int
+from .gates import NUM_GATES, cell_update
 from .registry import LayerType, register
-from ..mpo import MPO, TruncationReport
-from .cached import CachedCores
-from .linear import init_cores_, resolve_factors
-from .sparse import add_sparse_product, load_sparse_config, sparse_config, sparse_params, with_sparse
 
 __all__ = ["MPOLSTM", "MPOGRU", "MPORNN", "RNNStream", "recurrent_inputs"]
 
-Factors = tuple[tuple[int, ...], tuple[int, ...]]
+FactorSpec = Mapping[str, tuple[Sequence[int], Sequence[int]]]
 
 
-def _default_factors(in_features: int, out_features: int, num_cores: int) -> Factors:
-    """Balanced factors with ``num_cores`` cores, or fewer when the sizes have too few prime
-    factors for that many non-trivial cores (a single core is a dense matrix)."""
-    for n in range(num_cores, 0, -1):
-        try:
-            return resolve_factors(in_features, out_features, None, None, n)
-        except ValueError:
-            continue
-    raise AssertionError("unreachable: one core always resolves")  # pragma: no cover
-
-
-def _merged_halves(cores: Sequence[Tensor]) -> list[Tensor]:
-    """The chain as two cores, (1, I_left, J_left, D) and (D, I_right, J_right, 1), split at the middle bond."""
-
-    def merge(chain: Sequence[Tensor]) -> Tensor:
-        out = chain[0]
-        for core in chain[1:]:
-            d, i, j, _ = out.shape
-            _, k, l, e = core.shape
-            out = torch.einsum("aijb,bklc->aikjlc", out, core).reshape(d, i * k, j * l, e)
-        return out
-
-    half = len(cores) // 2
-    return [merge(cores[:half]), merge(cores[half:])]
-
-
-class _MPORNNBase(CachedCores):
+class _MPORNNBase(MPOWeights):
     """Shared machinery of MPOLSTM, MPOGRU and MPORNN (see the module docstring)."""
 
     _mode: str
-    _num_gates: int
     _torch_class: type[nn.RNNBase]
 
     # torch's own input/state validation, so shapes are checked with torch's exact messages
@@ -84,92 +49,72 @@ class _MPORNNBase(CachedCores):
     get_expected_hidden_size = nn.RNNBase.get_expected_hidden_size
     check_hidden_size = nn.RNNBase.check_hidden_size
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        proj_size: int = 0,
-        device=None,
-        dtype=None,
-        *,
-        bond_dim: int,
-        factors: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
-        num_cores: int = 4,
-    ) -> None:
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, *, bond_dim: int, factors: FactorSpec | None = None,
+                 num_cores: int = 4) -> None:
         super().__init__()
         _check_rnn_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
-        if isinstance(bond_dim, bool) or not isinstance(bond_dim, int) or bond_dim < 1:
-            raise ValueError(f"bond_dim must be a positive integer, got {bond_dim!r}")
-        if isinstance(num_cores, bool) or not isinstance(num_cores, int) or num_cores < 1:
-            raise ValueError(f"num_cores must be a positive integer, got {num_cores!r}")
+        check_positive_int("bond_dim", bond_dim)
         self.mode = self._mode
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size = bool(bidirectional), proj_size
-        self.num_cores = num_cores
+        self._start_weights(num_cores)
+        shapes = self._layout_names()
+        given = dict(factors or {})
+        unknown = sorted(set(given) - set(shapes))
+        if unknown:
+            raise ValueError(f"factors given for unknown weights {unknown}; the weights are {list(shapes)}")
+        std = 1.0 / math.sqrt(hidden_size)  # torch's U(-std, std) init, variance std^2 / 3
+        gate_size = NUM_GATES[self._mode] * hidden_size
+        for name in self._flat_weights_names:  # torch's order (w_ih, w_hh, b_ih, b_hh, w_hr per layer)
+            if name in shapes:
+                self._add_weight(name, shapes[name], bond_dim, given.get(name), std / math.sqrt(3.0), device, dtype)
+            else:
+                setattr(self, name, nn.Parameter(torch.empty(gate_size, device=device, dtype=dtype)))
+                nn.init.uniform_(getattr(self, name), -std, std)
+        self._flat_weights: list[Tensor] | None = None  # set only while torch's forward runs
 
-        # torch's parameter names, shapes and order (flat order: w_ih, w_hh, b_ih, b_hh, w_hr)
-        gate_size = self._num_gates * hidden_size
-        real_hidden = proj_size if proj_size > 0 else hidden_size
-        directions = 2 if bidirectional else 1
+    def _layout_names(self) -> dict[str, tuple[int, int]]:
+        """Set torch's parameter names (``_flat_weights_names``, ``_all_weights``); returns the
+        MPO weights' torch shapes (out, in)."""
+        gate_size = NUM_GATES[self._mode] * self.hidden_size
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        directions = 2 if self.bidirectional else 1
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
-        self._weight_shapes: dict[str, tuple[int, int]] = {}  # MPO weight -> torch shape (out, in)
-        for layer in range(num_layers):
-            layer_in = input_size if layer == 0 else real_hidden * directions
+        shapes: dict[str, tuple[int, int]] = {}
+        for layer in range(self.num_layers):
+            layer_in = self.input_size if layer == 0 else real_hidden * directions
             for direction in range(directions):
                 sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                shapes[f"weight_ih{sfx}"] = (gate_size, layer_in)
+                shapes[f"weight_hh{sfx}"] = (gate_size, real_hidden)
                 names = [f"weight_ih{sfx}", f"weight_hh{sfx}"]
-                self._weight_shapes[names[0]] = (gate_size, layer_in)
-                self._weight_shapes[names[1]] = (gate_size, real_hidden)
-                if bias:
+                if self.bias:
                     names += [f"bias_ih{sfx}", f"bias_hh{sfx}"]
-                if proj_size > 0:
+                if self.proj_size > 0:
                     names.append(f"weight_hr{sfx}")
-                    self._weight_shapes[names[-1]] = (proj_size, hidden_size)
+                    shapes[names[-1]] = (self.proj_size, self.hidden_size)
                 self._flat_weights_names += names
                 self._all_weights.append(names)
-
-        given = dict(factors or {})
-        unknown = sorted(set(given) - set(self._weight_shapes))
-        if unknown:
-            raise ValueError(f"factors given for unknown weights {unknown}; the weights are "
-                             f"{list(self._weight_shapes)}")
-        factors_used: dict[str, Factors] = {}
-        for name, (out_dim, in_dim) in self._weight_shapes.items():
-            if name in given:
-                in_f, out_f = given[name]
-                factors_used[name] = resolve_factors(in_dim, out_dim, in_f, out_f, len(tuple(in_f)))
-            else:
-                factors_used[name] = _default_factors(in_dim, out_dim, num_cores)
-
-        kw = {"device": device, "dtype": dtype}
-        std = 1.0 / math.sqrt(hidden_size)  # torch's U(-std, std) init, variance std^2 / 3
-        for name in self._flat_weights_names:
-            if name in self._weight_shapes:
-                in_f, out_f = factors_used[name]
-                bonds = (1, *mpo_math.capped_bond_dims(in_f, out_f, bond_dim), 1)
-                cores = [torch.empty(bonds[k], i, j, bonds[k + 1], **kw)
-                         for k, (i, j) in enumerate(zip(in_f, out_f))]
-                init_cores_(cores, std / math.sqrt(3.0))
-                setattr(self, f"{name}_cores", nn.ParameterList(nn.Parameter(c) for c in cores))
-            else:
-                bias_param = nn.Parameter(torch.empty(gate_size, **kw))
-                nn.init.uniform_(bias_param, -std, std)
-                setattr(self, name, bias_param)
-        self.reports: dict[str, TruncationReport] = {}
-        self._cache: tuple[tuple, list[Tensor], dict[str, dict]] | None = None  # see _eval_cache
-        self._flat_weights: list[Tensor] | None = None  # set only while torch's forward runs
-        self._plans: dict[tuple, tuple] = {}  # step(): (weight, rows, cached) -> (core shapes, path)
+        # step(): per layer of the forward direction, (w_ih, w_hh, b_ih, b_hh, w_hr), None where absent
+        self._step_names = [(f"weight_ih_l{k}", f"weight_hh_l{k}", *((f"bias_ih_l{k}", f"bias_hh_l{k}") if self.bias
+                             else (None, None)), f"weight_hr_l{k}" if self.proj_size > 0 else None)
+                            for k in range(self.num_layers)]
+        return shapes
 
     # -- conversion -----------------------------------------------------------------
     @classmethod
-    def _from_torch(cls, rnn: nn.RNNBase, max_bond, rel_tol, factors, num_cores, mpos):
+    def from_torch(cls, rnn: nn.RNNBase, max_bond: int | None = None, rel_tol: float | None = None, *,
+                   factors: FactorSpec | None = None, num_cores: int = 4, mpos: Mapping[str, MPO] | None = None):
+        """Decompose every weight of a trained torch layer of this class's type (``from_lstm``,
+        ``from_gru``, ``from_rnn``) by TT-SVD: ``max_bond`` caps the bonds, ``rel_tol=eps``
+        guarantees ||W - W_mpo||_F <= eps ||W||_F per weight; with neither it is exact.
+        ``mpos={name: MPO of W^T}`` uses already decomposed MPOs for those weights; ``factors``
+        pins layouts by weight name. The achieved error per weight is in ``.reports[name].rel_error``;
+        the result has the source's mode, dtype and device."""
         if not isinstance(rnn, cls._torch_class):
             torch_name = cls._torch_class.__name__
             raise ValueError(f"{cls.__name__}.from_{torch_name.lower()} expects a torch.nn.{torch_name}, "
@@ -177,29 +122,12 @@ class _MPORNNBase(CachedCores):
         weight = rnn.weight_ih_l0
         layer = cls(**_torch_args(rnn), device=weight.device, dtype=weight.dtype, bond_dim=1,
                     factors=factors, num_cores=num_cores)
-        given = dict(mpos or {})
-        unknown = sorted(set(given) - set(layer._weight_shapes))
-        if unknown:
-            raise ValueError(f"mpos given for unknown weights {unknown}; the weights are "
-                             f"{list(layer._weight_shapes)}")
-        built_factors = layer.factors
-        for name, (out_dim, in_dim) in layer._weight_shapes.items():
-            if name in given:
-                decomposed = given[name]
-                if decomposed.shape != (in_dim, out_dim):
-                    raise ValueError(f"mpos[{name!r}] has shape {decomposed.shape}, expected "
-                                     f"{(in_dim, out_dim)} (the transposed weight)")
-            else:
-                in_f, out_f = built_factors[name]
-                with torch.no_grad():
-                    decomposed = mpo_math.decompose(getattr(rnn, name).T, in_f, out_f,
-                                                    max_bond=max_bond, rel_tol=rel_tol)
-            layer._set_mpo(name, decomposed)
+        layer._decompose_from({name: getattr(rnn, name) for name in layer._weight_shapes}, max_bond, rel_tol, mpos)
         with torch.no_grad():
             for name in layer._flat_weights_names:
                 if name not in layer._weight_shapes:
                     getattr(layer, name).copy_(getattr(rnn, name))
-        return layer
+        return layer.train(rnn.training)
 
     @classmethod
     def mpo_matrices(cls, rnn: nn.RNNBase, num_cores: int = 4) -> dict[str, tuple[Tensor, tuple]]:
@@ -208,40 +136,21 @@ class _MPORNNBase(CachedCores):
             layout = cls(**_torch_args(rnn), bond_dim=1, num_cores=num_cores)
         return {name: (getattr(rnn, name).detach().T, layout.factors[name]) for name in layout._weight_shapes}
 
-    def _to_torch(self) -> nn.RNNBase:
+    def to_torch(self) -> nn.RNNBase:
+        """The plain torch layer (``to_lstm``, ``to_gru``, ``to_rnn``) with the rebuilt weights."""
         first = next(self.parameters())
         rnn = self._torch_class(**_torch_args(self), device=first.device, dtype=first.dtype)
         with torch.no_grad():
             for name in self._flat_weights_names:
                 source = self._rebuild(name) if name in self._weight_shapes else getattr(self, name)
                 getattr(rnn, name).copy_(source)
-        return rnn
-
-    def _set_mpo(self, name: str, decomposed: MPO) -> None:
-        """Replace the cores of weight ``name`` by those of ``decomposed`` (an MPO of W^T)."""
-        out_dim, in_dim = self._weight_shapes[name]
-        if decomposed.shape != (in_dim, out_dim):
-            raise ValueError(f"an MPO of shape {decomposed.shape} cannot be {name} (expects "
-                             f"{(in_dim, out_dim)}, the transposed weight)")
-        setattr(self, f"{name}_cores",
-                nn.ParameterList(nn.Parameter(c.detach().contiguous()) for c in decomposed.cores))
-        if decomposed.report is not None:
-            self.reports[name] = decomposed.report
-        else:
-            self.reports.pop(name, None)
-        self._cache = None
+        return rnn.train(self.training)
 
     # -- MPO-module protocol (used by compress and io) ---------------------------------
     def mpo_config(self) -> dict[str, Any]:
         """JSON-serialisable description from which ``from_config`` rebuilds the module."""
-        weights = {
-            name: {"in_factors": list(in_f), "out_factors": list(out_f),
-                   "bond_dims": list(mpo_math.bond_dims(self.mpo_weights()[name]))}
-            for name, (in_f, out_f) in self.factors.items()
-        }
-        sparse = sparse_config(self)
         return {"class": type(self).__name__, **_torch_args(self), "num_cores": self.num_cores,
-                "weights": weights, **({"sparse": sparse} if sparse else {})}
+                "weights": self._weights_config()}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]):
@@ -249,58 +158,11 @@ class _MPORNNBase(CachedCores):
         if config.get("class") != cls.__name__:
             raise ValueError(f"config is for {config.get('class')!r}, not {cls.__name__}")
         args = {k: config[k] for k in _torch_args_names(cls)}
-        weights = config["weights"]
         layer = cls(**args, bond_dim=1, num_cores=int(config.get("num_cores", 4)))
-        if set(weights) != set(layer._weight_shapes):
-            raise ValueError(f"config has weights {sorted(weights)}, expected {sorted(layer._weight_shapes)}")
-        std = 1.0 / math.sqrt(3.0 * layer.hidden_size)
-        for name, spec in weights.items():
-            in_f, out_f = tuple(spec["in_factors"]), tuple(spec["out_factors"])
-            if len(in_f) != len(out_f):
-                raise ValueError(f"{name}: in_factors {in_f} and out_factors {out_f} differ in length")
-            bonds = (1, *[int(b) for b in spec["bond_dims"]], 1)
-            if len(bonds) != len(in_f) + 1:
-                raise ValueError(f"{name}: bond_dims {spec['bond_dims']} must have {len(in_f) - 1} "
-                                 f"entries for {len(in_f)} cores")
-            cores = [torch.empty(bonds[k], i, j, bonds[k + 1]) for k, (i, j) in enumerate(zip(in_f, out_f))]
-            init_cores_(cores, std)
-            layer._set_mpo(name, MPO(cores))
-        load_sparse_config(layer, config)
+        layer._load_weights_config(config["weights"], 1.0 / math.sqrt(3.0 * layer.hidden_size))
         return layer
 
     # -- weights --------------------------------------------------------------------
-    def _rebuild(self, name: str) -> Tensor:
-        """The dense weight ``name`` (out, in) from its cores, differentiable; shape-checked."""
-        weight = mpo_math.cores_to_matrix(self._cores(name), transpose=True)
-        if tuple(weight.shape) != self._weight_shapes[name]:
-            raise RuntimeError(f"{type(self).__name__}: cores of {name} rebuild to shape "
-                               f"{tuple(weight.shape)}, expected {self._weight_shapes[name]}")
-        return with_sparse(self, name, weight)
-
-    def _cores(self, name: str) -> list[Tensor]:
-        return list(self._modules[f"{name}_cores"]._parameters.values())  # the ParameterList, fast
-
-    def _core_params(self) -> list[Tensor]:
-        return [p for name in self._weight_shapes for p in self._cores(name)]
-
-    def _eval_cache(self) -> dict[str, dict] | None:
-        """The eval-mode cache, a dict filled on demand ("dense": rebuilt weights, "halves":
-        merged half-chains for streaming); None when caching is not allowed. It is emptied
-        whenever a core changes identity (a replaced parameter, functional_call), version (an
-        in-place edit, an optimizer step, load_state_dict) or storage (``.data =``, ``.to()``),
-        or inference/autocast mode changes."""
-        if self.training:
-            return None
-        params = self._core_params() + sparse_params(self)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return None  # a graph to the cores is being recorded: rebuild on every call
-        # a new dtype, device or shape means new storage, so (id, version, data_ptr) sees it
-        key = (torch.is_inference_mode_enabled(), torch._C._is_any_autocast_enabled(),
-               *[(id(p), p._version, p.data_ptr()) for p in params])
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, params, {})  # params pin the ids in the key
-        return self._cache[2]
-
     def _dense_weights(self, cache: dict | None = None) -> dict[str, Tensor]:
         """Every MPO weight rebuilt once (from the eval cache when it is valid)."""
         cache = self._eval_cache() if cache is None else cache
@@ -322,46 +184,11 @@ class _MPORNNBase(CachedCores):
         flat = dict(zip(self._flat_weights_names, self.flat_weights()))
         return [[flat[n] for n in names] for names in self._all_weights]
 
-    def clear_cache(self) -> None:
-        """Drop the cached dense weights of eval mode."""
-        self._cache = None
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            # torch's weight names read the rebuilt dense weight (read-only: edit the cores)
-            if name in self.__dict__.get("_weight_shapes", {}):
-                return self._rebuild(name)
-            raise
-
     def extra_repr(self) -> str:
         bonds = [c.shape[3] for cores in self.mpo_weights().values() for c in list(cores)[:-1]]
         nonlinearity = f", nonlinearity={self.nonlinearity!r}" if self.mode.startswith("RNN_") else ""
         return (nn.RNNBase.extra_repr(self) + nonlinearity + f", max_bond={max(bonds, default=1)}, "
                 f"params={self.num_params}, compression={self.compression_ratio:.1f}x")
-
-    def _hidden_step(self, input: Tensor, hx: Tensor | None, layer_step) -> tuple[Tensor, Tensor]:
-        """One time step of a model whose state is h alone (GRU, RNN): checks, zero state,
-        inter-layer dropout, unbatched input; ``layer_step(layer, x, h_layer, cache)`` -> new h."""
-        x, batched = self._step_checks(input)
-        n = x.shape[0]
-        if hx is None:
-            h = x.new_zeros(self.num_layers, n, self.hidden_size)
-        else:
-            self._check_step_state(hx, (self.num_layers, n, self.hidden_size), batched, "hidden")
-            h = hx if batched else hx.unsqueeze(1)
-        cache = self._eval_cache()
-        hs = []
-        for layer in range(self.num_layers):
-            if layer > 0 and self.dropout > 0 and self.training:
-                x = F.dropout(x, self.dropout, training=True)
-            x = layer_step(layer, x, h[layer], cache)
-            hs.append(x)
-        h_out = torch.stack(hs)
-        if not batched:
-            return x.squeeze(0), h_out.squeeze(1)
-        return x, h_out
 
     # -- full-sequence forward: torch's own, with the rebuilt weights -------------------
     def _update_flat_weights(self) -> None:  # called by torch's forward; ours are set per call
@@ -395,33 +222,47 @@ class _MPORNNBase(CachedCores):
         """A stateful one-frame-at-a-time runner: ``s = m.stream(); y_t = s(x_t)``."""
         return RNNStream(self, hx)
 
-    def _project(self, x: Tensor, name: str, cache: dict | None) -> Tensor:
-        """x (N, in) @ W^T by the cheapest of: core-by-core contraction, contraction with the two
-        merged halves of the chain (eval cache only: half the op count, the win at one row), and a
-        dense matmul (with the cached weight in eval mode, else rebuilt), per mpo.matmul_cost."""
-        cores = self._cores(name)
-        rows = x.shape[0]
-        halves = None
-        if cache is not None and len(cores) > 2:
-            halves = cache.setdefault("halves", {}).get(name)
-            if halves is None:
-                with torch.no_grad():
-                    halves = cache["halves"][name] = _merged_halves(cores)
-        key = (name, rows, cache is not None)
-        shapes = (cores[0].dtype, *(c.shape for c in cores))
-        plan = self._plans.get(key)
-        if plan is None or plan[0] != shapes:  # the cost model's choice, memoised per shape
-            cost = mpo_math.matmul_cost(rows, cores, weight_cached=cache is not None)
-            options = {"cores": cost["cores"], "dense": cost["rebuild"]}
-            if halves is not None:
-                options["halves"] = mpo_math.matmul_cost(rows, halves)["cores"]
-            plan = self._plans[key] = (shapes, min(options, key=options.get))
-        if plan[1] == "cores":
-            return add_sparse_product(self, name, x, mpo_math.mpo_matmul(x, cores, strategy="cores"))
-        if plan[1] == "halves":
-            return add_sparse_product(self, name, x, mpo_math.mpo_matmul(x, halves, strategy="cores"))
-        weight = self._dense_weights(cache)[name] if cache is not None else self._rebuild(name)
-        return F.linear(x, weight)
+    def step(self, input: Tensor, hx=None):
+        """One time step: ``input`` (N, input_size) or unbatched (input_size,); ``hx`` as for
+        ``forward`` (the LSTM's (h, c): (num_layers, N, H_out), (num_layers, N, H); the others' h
+        (num_layers, N, H); unbatched without N). Returns (output (N, H_out), new state), equal to
+        ``forward`` on a length-1 sequence. Unidirectional layers only."""
+        x, batched = self._step_checks(input)
+        h, c = self._step_state(hx, x.shape[0], batched)
+        cache = self._eval_cache()
+        hs, cs = [], []
+        for layer, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(self._step_names):
+            if layer > 0 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, training=True)
+            gi = self._project(x, w_ih, cache, None if b_ih is None else self._parameters[b_ih])
+            gh = self._project(h[layer], w_hh, cache, None if b_hh is None else self._parameters[b_hh])
+            x, c_new = cell_update(self.mode, gi, gh, h[layer], None if c is None else c[layer])
+            if w_hr is not None:
+                x = self._project(x, w_hr, cache)
+            hs.append(x)
+            cs.append(c_new)
+        join = torch.stack if len(hs) > 1 else (lambda one: one[0].unsqueeze(0))  # a view, not a copy
+        state = join(hs) if c is None else (join(hs), join(cs))
+        if not batched:
+            x = x.squeeze(0)
+            state = state.squeeze(1) if c is None else (state[0].squeeze(1), state[1].squeeze(1))
+        return x, state
+
+    def _step_state(self, hx, n: int, batched: bool) -> tuple[Tensor, Tensor | None]:
+        """The state of ``step`` as batched (h (L, N, H_out), c (L, N, H) or None), zeros without ``hx``."""
+        lstm = self.mode == "LSTM"
+        out_size = self.proj_size or self.hidden_size
+        first = self._cores("weight_ih_l0")[0]
+        if hx is None:
+            h = first.new_zeros(self.num_layers, n, out_size)
+            return h, first.new_zeros(self.num_layers, n, self.hidden_size) if lstm else None
+        h, c = hx if lstm else (hx, None)
+        self._check_step_state(h, (self.num_layers, n, out_size), batched, "hidden[0]" if lstm else "hidden")
+        if lstm:
+            self._check_step_state(c, (self.num_layers, n, self.hidden_size), batched, "hidden[1]")
+        if not batched:
+            h, c = h.unsqueeze(1), None if c is None else c.unsqueeze(1)
+        return h, c
 
     def _step_checks(self, input: Tensor) -> tuple[Tensor, bool]:
         if self.bidirectional:
@@ -430,7 +271,9 @@ class _MPORNNBase(CachedCores):
         if not isinstance(input, Tensor) or input.dim() not in (1, 2):
             raise ValueError(f"{type(self).__name__}.step expects one frame, (N, {self.input_size}) or "
                              f"({self.input_size},), got {tuple(getattr(input, 'shape', ()))}")
-        self._torch_check_input(input.unsqueeze(0) if input.dim() == 2 else input[None, None], None)
+        first = self._modules["weight_ih_l0_cores"]._parameters["0"]
+        if input.shape[-1] != self.input_size or input.dtype != first.dtype:  # torch's check, for its message
+            self._torch_check_input(input.unsqueeze(0) if input.dim() == 2 else input[None, None], None)
         batched = input.dim() == 2
         return (input if batched else input.unsqueeze(0)), batched
 
@@ -501,73 +344,15 @@ class MPOLSTM(_MPORNNBase):
     ``lstm.weight_ih_l0`` etc. read the rebuilt dense weights.
     """
 
-    _mode, _num_gates, _torch_class = "LSTM", 4, nn.LSTM
+    _mode, _torch_class = "LSTM", nn.LSTM
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
 
-    @classmethod
-    def from_lstm(
-        cls,
-        lstm: nn.LSTM,
-        max_bond: int | None = None,
-        rel_tol: float | None = None,
-        *,
-        factors: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
-        num_cores: int = 4,
-        mpos: Mapping[str, MPO] | None = None,
-    ) -> "MPOLSTM":
-        """Decompose every weight of a trained nn.LSTM by TT-SVD (``max_bond`` caps the bonds,
-        ``rel_tol=eps`` guarantees ||W - W_mpo||_F <= eps ||W||_F per weight; with neither it is
-        exact). ``mpos={name: MPO of W^T}`` uses already decomposed MPOs for those weights. The
-        achieved error per weight is in ``.reports[name].rel_error``."""
-        return cls._from_torch(lstm, max_bond, rel_tol, factors, num_cores, mpos)
-
-    def to_lstm(self) -> nn.LSTM:
-        """A plain torch.nn.LSTM with the rebuilt weights."""
-        return self._to_torch()
+    from_lstm, to_lstm = _MPORNNBase.__dict__["from_torch"], _MPORNNBase.to_torch
 
     def _check_packed_hidden(self, input: PackedSequence, hx) -> None:
         self.check_forward_args(input.data, hx, input.batch_sizes)
-
-    def step(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
-        """One time step: ``input`` (N, input_size) or unbatched (input_size,); ``hx`` = (h, c) as
-        for ``forward`` ((num_layers, N, H_out), (num_layers, N, H); unbatched without N).
-        Returns (output (N, H_out), (h, c)), equal to ``forward`` on a length-1 sequence."""
-        x, batched = self._step_checks(input)
-        n, out_size = x.shape[0], self.proj_size or self.hidden_size
-        if hx is None:
-            h = x.new_zeros(self.num_layers, n, out_size)
-            c = x.new_zeros(self.num_layers, n, self.hidden_size)
-        else:
-            h, c = hx
-            self._check_step_state(h, (self.num_layers, n, out_size), batched, "hidden[0]")
-            self._check_step_state(c, (self.num_layers, n, self.hidden_size), batched, "hidden[1]")
-            if not batched:
-                h, c = h.unsqueeze(1), c.unsqueeze(1)
-        cache = self._eval_cache()
-        hs, cs = [], []
-        for layer in range(self.num_layers):
-            if layer > 0 and self.dropout > 0 and self.training:
-                x = F.dropout(x, self.dropout, training=True)
-            gates = self._project(x, f"weight_ih_l{layer}", cache) + \
-                self._project(h[layer], f"weight_hh_l{layer}", cache)
-            if self.bias:
-                gates = gates + (getattr(self, f"bias_ih_l{layer}") + getattr(self, f"bias_hh_l{layer}"))
-            i, f, _, o = torch.sigmoid(gates).chunk(4, 1)  # one sigmoid over all gates: fewer ops
-            g = torch.tanh(gates[:, 2 * self.hidden_size: 3 * self.hidden_size])
-            c_new = torch.addcmul(f * c[layer], i, g)
-            h_new = o * torch.tanh(c_new)
-            if self.proj_size > 0:
-                h_new = self._project(h_new, f"weight_hr_l{layer}", cache)
-            hs.append(h_new)
-            cs.append(c_new)
-            x = h_new
-        h_n, c_n = torch.stack(hs), torch.stack(cs)
-        if not batched:
-            return x.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
-        return x, (h_n, c_n)
-
 
 class MPOGRU(_MPORNNBase):
     """torch.nn.GRU whose W_ih and W_hh (gates r, z, n concatenated) are MPOs.
@@ -578,7 +363,7 @@ class MPOGRU(_MPORNNBase):
     ``to_gru`` mirror MPOLSTM's.
     """
 
-    _mode, _num_gates, _torch_class = "GRU", 3, nn.GRU
+    _mode, _torch_class = "GRU", nn.GRU
     check_forward_args = nn.RNNBase.check_forward_args
     permute_hidden = nn.RNNBase.permute_hidden
 
@@ -590,46 +375,10 @@ class MPOGRU(_MPORNNBase):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, **mpo_kwargs)
 
-    @classmethod
-    def from_gru(
-        cls,
-        gru: nn.GRU,
-        max_bond: int | None = None,
-        rel_tol: float | None = None,
-        *,
-        factors: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
-        num_cores: int = 4,
-        mpos: Mapping[str, MPO] | None = None,
-    ) -> "MPOGRU":
-        """As :meth:`MPOLSTM.from_lstm`, for a trained nn.GRU."""
-        return cls._from_torch(gru, max_bond, rel_tol, factors, num_cores, mpos)
-
-    def to_gru(self) -> nn.GRU:
-        """A plain torch.nn.GRU with the rebuilt weights."""
-        return self._to_torch()
+    from_gru, to_gru = _MPORNNBase.__dict__["from_torch"], _MPORNNBase.to_torch
 
     def _check_packed_hidden(self, input: PackedSequence, hx) -> None:
         pass  # torch's GRU forward checks packed input itself
-
-    def step(self, input: Tensor, hx: Tensor | None = None):
-        """One time step: ``input`` (N, input_size) or (input_size,); ``hx`` (num_layers, N, H)
-        (unbatched (num_layers, H)). Returns (output (N, H), h), equal to ``forward`` on a
-        length-1 sequence."""
-        return self._hidden_step(input, hx, self._gru_layer)
-
-    def _gru_layer(self, layer: int, x: Tensor, h: Tensor, cache) -> Tensor:
-        gi = self._project(x, f"weight_ih_l{layer}", cache)
-        gh = self._project(h, f"weight_hh_l{layer}", cache)
-        if self.bias:
-            gi = gi + getattr(self, f"bias_ih_l{layer}")
-            gh = gh + getattr(self, f"bias_hh_l{layer}")
-        i_r, i_z, i_n = gi.chunk(3, 1)
-        h_r, h_z, h_n = gh.chunk(3, 1)
-        r = torch.sigmoid(i_r + h_r)
-        z = torch.sigmoid(i_z + h_z)
-        cand = torch.tanh(i_n + r * h_n)
-        return cand + z * (h - cand)
-
 
 class MPORNN(_MPORNNBase):
     """torch.nn.RNN (Elman: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), act = tanh or ReLU)
@@ -642,7 +391,7 @@ class MPORNN(_MPORNNBase):
     ``step``, ``stream``, ``from_rnn``, ``to_rnn`` mirror MPOLSTM's.
     """
 
-    _mode, _num_gates, _torch_class = "RNN_TANH", 1, nn.RNN
+    _mode, _torch_class = "RNN_TANH", nn.RNN
     check_forward_args = nn.RNNBase.check_forward_args
     permute_hidden = nn.RNNBase.permute_hidden
 
@@ -658,39 +407,10 @@ class MPORNN(_MPORNNBase):
         self.nonlinearity = nonlinearity
         self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"  # what nn.RNN.forward dispatches on
 
-    @classmethod
-    def from_rnn(
-        cls,
-        rnn: nn.RNN,
-        max_bond: int | None = None,
-        rel_tol: float | None = None,
-        *,
-        factors: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
-        num_cores: int = 4,
-        mpos: Mapping[str, MPO] | None = None,
-    ) -> "MPORNN":
-        """As :meth:`MPOLSTM.from_lstm`, for a trained nn.RNN (either nonlinearity)."""
-        return cls._from_torch(rnn, max_bond, rel_tol, factors, num_cores, mpos)
-
-    def to_rnn(self) -> nn.RNN:
-        """A plain torch.nn.RNN with the rebuilt weights."""
-        return self._to_torch()
+    from_rnn, to_rnn = _MPORNNBase.__dict__["from_torch"], _MPORNNBase.to_torch
 
     def _check_packed_hidden(self, input: PackedSequence, hx) -> None:
         pass  # torch's RNN forward checks packed input itself
-
-    def step(self, input: Tensor, hx: Tensor | None = None):
-        """One time step: ``input`` (N, input_size) or (input_size,); ``hx`` (num_layers, N, H)
-        (unbatched (num_layers, H)). Returns (output (N, H), h), equal to ``forward`` on a
-        length-1 sequence."""
-        return self._hidden_step(input, hx, self._elman_layer)
-
-    def _elman_layer(self, layer: int, x: Tensor, h: Tensor, cache) -> Tensor:
-        pre = self._project(x, f"weight_ih_l{layer}", cache) + self._project(h, f"weight_hh_l{layer}", cache)
-        if self.bias:
-            pre = pre + (getattr(self, f"bias_ih_l{layer}") + getattr(self, f"bias_hh_l{layer}"))
-        return torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)
-
 
 class RNNStream:
     """Runs an MPOLSTM/MPOGRU/MPORNN one frame at a time, keeping the recurrent state.
@@ -775,8 +495,14 @@ def _single_layer(rnn: nn.RNNBase, input_size: int) -> nn.RNNBase:
     return _mpo_class_of(rnn)._torch_class(input_size, rnn.hidden_size, 1, **kwargs)
 
 
+def _recurrent_weights(rnn: nn.RNNBase) -> list[str]:
+    return [name for name in rnn._flat_weights_names if name.startswith("weight_")]
+
+
 _RNN_SIZES = ("input_size", "hidden_size", "num_layers", "bidirectional", "proj_size", "batch_first")
-register(LayerType(nn.LSTM, MPOLSTM, MPOLSTM.from_lstm, MPOLSTM.to_lstm, MPOLSTM.mpo_matrices, recurrent_inputs, _RNN_SIZES))
-register(LayerType(nn.GRU, MPOGRU, MPOGRU.from_gru, MPOGRU.to_gru, MPOGRU.mpo_matrices, recurrent_inputs, _RNN_SIZES))
+register(LayerType(nn.LSTM, MPOLSTM, MPOLSTM.from_lstm, MPOLSTM.to_lstm, MPOLSTM.mpo_matrices, recurrent_inputs,
+                   _RNN_SIZES, "rnn", _recurrent_weights))
+register(LayerType(nn.GRU, MPOGRU, MPOGRU.from_gru, MPOGRU.to_gru, MPOGRU.mpo_matrices, recurrent_inputs,
+                   _RNN_SIZES, "rnn", _recurrent_weights))
 register(LayerType(nn.RNN, MPORNN, MPORNN.from_rnn, MPORNN.to_rnn, MPORNN.mpo_matrices, recurrent_inputs,
-                   _RNN_SIZES + ("nonlinearity",)))
+                   _RNN_SIZES + ("nonlinearity",), "rnn", _recurrent_weights))

@@ -44,6 +44,11 @@ class _Shared(nn.Module):
         """Point at the module called ``owner_name`` in ``model``."""
         self._owner = (model.get_submodule(self.owner_name),)
 
+    @property
+    def weight(self) -> Tensor:
+        """The owner's rebuilt weight, in this layer's torch shape."""
+        return self.owner.weight
+
     def mpo_weights(self) -> dict[str, nn.ParameterList]:
         return {}
 
@@ -73,10 +78,6 @@ class SharedLinear(_Shared):
                 layer.bias.copy_(linear.bias)
         layer._owner = (owner,)
         return layer
-
-    @property
-    def weight(self) -> Tensor:
-        return self.owner.weight
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -120,10 +121,6 @@ class SharedEmbedding(_Shared):
         layer = cls(owner_name, embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx)
         layer._owner = (owner,)
         return layer
-
-    @property
-    def weight(self) -> Tensor:
-        return self.owner.weight
 
     def forward(self, ids: Tensor) -> Tensor:
         return F.embedding(ids, self.weight, self.padding_idx)
