@@ -66,6 +66,10 @@ def test_parity_with_the_rebuilt_torch_layers():
         assert torch.allclose(out, ref[:, 0], atol=1e-10)
         assert torch.allclose(small.cell(h)[0], dense.cell(h)[0], atol=1e-10)
         assert torch.allclose(small.fc(h[:, :8]), dense.fc(h[:, :8]), atol=1e-10)
+    from mpolstm.nn.base import set_factorized
+    set_factorized(small)  # its recurrence runs W_hh through merged halves: no sparse part there
+    with pytest.raises(ValueError, match="does not run sparse residuals"):
+        small(x)
 
 
 def test_budget_and_share():
