@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..io import CONFIG_FILE, WEIGHTS_FILE, read_config
 from ..mpo import MPO
+from ..nn.base import dequantize_int8
 from ..nn.registry import mpo_class
 
 __all__ = ["load_factory", "build_model", "read_inputs", "describe_folder", "inspect_folder"]
@@ -91,7 +92,7 @@ def read_inputs(path: Path) -> tuple[Tensor, ...]:
 def describe_folder(folder: Path) -> list[dict[str, Any]]:
     """One entry per MPO weight of a folder written by ``mpolstm.save``, from its config and
     safetensors alone: name, shape, factors, bonds, params, ratio, error (when recorded),
-    entanglement entropy per bond."""
+    entanglement entropy per bond, and its bytes as stored ("float32" cores, or "int8" with scales)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -112,12 +113,17 @@ def describe_folder(folder: Path) -> list[dict[str, Any]]:
                 probe = cls.from_config(entry["config"])
             prefix = f"{name}." if name else ""
             for wname, cores in probe.mpo_weights().items():
-                core_keys = [f"{prefix}{wname}_cores.{k}" if f"{prefix}{wname}_cores.0" in keys else f"{prefix}cores.{k}"
-                             for k in range(len(cores))]
-                missing = [k for k in core_keys if k not in keys]
+                core_keys = [f"{prefix}{probe._cores_attr(wname)}.{k}" for k in range(len(cores))]
+                scale_keys = ([f"{prefix}{probe._scales_attr(wname)}.{k}" for k in range(len(cores))]
+                              if probe.int8 else [])
+                missing = [k for k in core_keys + scale_keys if k not in keys]
                 if missing:
-                    raise ValueError(f"{weights_file}: missing cores {missing[:3]} of {name}.{wname}")
-                mpo = MPO([tensors.get_tensor(k).double() for k in core_keys])
+                    raise ValueError(f"{weights_file}: missing cores or scales {missing[:3]} of {name}.{wname}")
+                stored = [tensors.get_tensor(k) for k in core_keys + scale_keys]
+                values = stored[:len(cores)]
+                if probe.int8:
+                    values = [dequantize_int8(q, s, torch.float64) for q, s in zip(values, stored[len(cores):])]
+                mpo = MPO([v.double() for v in values])
                 rows_, cols = mpo.shape
                 rows.append({
                     "weight": f"{name}.{wname}" if name else wname, "shape": (cols, rows_),
@@ -125,6 +131,8 @@ def describe_folder(folder: Path) -> list[dict[str, Any]]:
                     "params": mpo.num_params, "ratio": rows_ * cols / mpo.num_params,
                     "error": entry.get("errors", {}).get(wname),
                     "entropy": [float(e) for e in mpo.entanglement_entropy()],
+                    "stored": "int8" if probe.int8 else str(values[0].dtype).removeprefix("torch."),
+                    "bytes": sum(t.numel() * t.element_size() for t in stored),
                 })
     return rows
 
@@ -134,17 +142,19 @@ def inspect_folder(folder: Path) -> str:
     rows = describe_folder(folder)
     if not rows:
         return f"{folder} has no MPO layers (a dense model)"
-    header = ("weight", "shape", "in factors", "out factors", "bonds", "params", "ratio", "rel. error",
-              "entropy per bond")
+    header = ("weight", "shape", "in factors", "out factors", "bonds", "params", "ratio", "rel. error", "stored",
+              "bytes", "entropy per bond")
     table = [header] + [
         (r["weight"], f"{r['shape'][0]}x{r['shape'][1]}", str(r["in_factors"]), str(r["out_factors"]), str(r["bonds"]),
-         f"{r['params']:,}", f"{r['ratio']:.1f}x", "-" if r["error"] is None else f"{r['error']:.4f}",
-         " ".join(f"{e:.2f}" for e in r["entropy"]))
+         f"{r['params']:,}", f"{r['ratio']:.1f}x", "-" if r["error"] is None else f"{r['error']:.4f}", r["stored"],
+         f"{r['bytes']:,}", " ".join(f"{e:.2f}" for e in r["entropy"]))
         for r in rows]
     widths = [max(len(r[c]) for r in table) for c in range(len(header))]
     total = sum(r["params"] for r in rows)
     dense = sum(math.prod(r["shape"]) for r in rows)
-    lines = [f"{folder}: {len(rows)} MPO weights, {dense:,} -> {total:,} entries ({dense / total:.1f}x)"]
+    stored = sum(r["bytes"] for r in rows)
+    lines = [f"{folder}: {len(rows)} MPO weights, {dense:,} -> {total:,} entries ({dense / total:.1f}x); "
+             f"{stored:,} bytes as stored ({4 * dense / stored:.1f}x fewer than float32 dense weights)"]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
     return "\n".join(lines)
 
