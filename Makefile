@@ -1,5 +1,7 @@
 # `make demo` and `make test` set everything up on a fresh machine with Python 3.11 + pip.
+# ARGS passes options to the demo, e.g. `make demo ARGS=--resume` after an interruption.
 PYTHON ?= python3
+ARGS ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -23,7 +25,7 @@ test-all: setup
 	$(BIN)/python -m pytest -m ""
 
 demo: setup
-	$(BIN)/mpolstm demo
+	$(BIN)/mpolstm demo $(ARGS)
 
 bench: setup
 	$(BIN)/python -m pip install -q -e ".[bench]"

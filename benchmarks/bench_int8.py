@@ -14,8 +14,10 @@ Three parts, one torch thread:
   Frobenius error int8 rounding adds to the rebuilt weights, ||W_int8 - W|| / ||W|| over the four,
   with one scale per core ("tensor"), per slice of the right bond ("right") and per slice of the
   larger bond ("larger", what ``quantize`` does), and the scales each takes.
-- ``g2p``: the same compressed g2p models, agreement with the original model's greedy predictions
-  on the 2,000 evaluation words (examples/g2p/evaluate.py) before and after ``quantize`` (and after
+- ``g2p``: g2p-en compressed as examples/g2p/table.py's ``mpo`` method (layout search) at 2x and 5x
+  (no fine-tuning) and at 10x and 30x distilled as that table does (KL, Adam 3e-3, 64-word
+  batches, ``--distill-steps``): agreement with the original model's greedy predictions on the
+  2,000 evaluation words (examples/g2p/evaluate.py) before and after ``quantize`` (and after
   rounding with one scale per core instead).
 """
 
@@ -113,15 +115,30 @@ def error_part() -> list[dict]:
     return rows
 
 
-def g2p_part() -> list[dict]:
+G2P_MODELS = ((2.0, 0), (5.0, 0), (10.0, None), (30.0, None))
+"""(ratio, distillation steps; None: --distill-steps) of the g2p models whose agreement is measured."""
+
+
+def g2p_part(distill_steps: int) -> list[dict]:
     sys.path.insert(0, str(G2P))
     from evaluate import evaluate, load_lexicon, predict, split_words
     from g2p_model import load_g2p
+    from table import distill_batches, distill_forward
 
-    words, lexicon = split_words()["eval"], load_lexicon()
-    reference = predict(load_g2p().eval(), words)
+    splits, lexicon = split_words(), load_lexicon()
+    teacher = load_g2p().eval()
+    words, batches = splits["eval"], None
+    reference = predict(teacher, words)
     rows = []
-    for layout, ratio, model in g2p_models():
+    for ratio, steps in G2P_MODELS:
+        steps = distill_steps if steps is None else steps
+        config = mpolstm.CompressionConfig(target_modules=["encoder", "decoder"], target_ratio=ratio)
+        model = mpolstm.compress(load_g2p(), config)[0]
+        if steps:
+            batches = batches or distill_batches(splits["distill"], teacher, 64)
+            mpolstm.distill(model, teacher, batches, steps=steps, loss="kl", lr=3e-3, temperature=1.0,
+                            forward=distill_forward)
+        model.eval()
         before = evaluate(model, words, reference, lexicon)
         per_tensor = copy.deepcopy(model)
         with torch.no_grad():
@@ -130,10 +147,11 @@ def g2p_part() -> list[dict]:
                     core.copy_(_round(core, "tensor")[0])
         tensor = evaluate(per_tensor, words, reference, lexicon)
         after = evaluate(mpolstm.quantize(model), words, reference, lexicon)
-        row = {"layout": layout, "ratio": ratio, "before": before, "after": after, "per_tensor": tensor,
+        row = {"ratio": ratio, "distill_steps": steps, "before": before, "after": after, "per_tensor": tensor,
                "agreement_cost": before["agreement"] - after["agreement"]}
-        print(f"g2p {layout:11s} {ratio:g}x  agreement {before['agreement']:.4f} -> {after['agreement']:.4f} "
-              f"(per tensor {tensor['agreement']:.4f})  PER {before['per']:.4f} -> {after['per']:.4f}", flush=True)
+        print(f"g2p {ratio:g}x, {steps} distillation steps: agreement {before['agreement']:.4f} -> "
+              f"{after['agreement']:.4f} (one scale per core: {tensor['agreement']:.4f}), PER {before['per']:.4f} -> "
+              f"{after['per']:.4f}", flush=True)
         rows.append(row)
     return rows
 
@@ -142,10 +160,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="bytes,error,g2p")
     parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
+    parser.add_argument("--distill-steps", type=int, default=1200, help="g2p at 10x and 30x: distillation steps "
+                        "(examples/g2p/table.py's default).")
     parser.add_argument("--scratch", type=Path, default=Path("results/bench_int8"), help="Folder for the saved models.")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    parts = {"bytes": lambda: bytes_part(args.scratch), "error": error_part, "g2p": g2p_part}
+    parts = {"bytes": lambda: bytes_part(args.scratch), "error": error_part, "g2p": lambda: g2p_part(args.distill_steps)}
     start = time.perf_counter()
     results = {name: parts[name]() for name in args.parts.split(",")}
     results["seconds"] = time.perf_counter() - start

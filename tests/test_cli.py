@@ -13,8 +13,8 @@ runner = CliRunner()
     [
         (["demo", "--ratios", "0.5"], "--ratios must be comma-separated numbers > 1"),
         (["demo", "--ratios", "ten"], "--ratios must be comma-separated numbers > 1"),
-        (["reproduce", "--task", "seqcls", "--rows", "dense,nonsense"], "unknown protocol rows"),
-        (["reproduce", "--task", "seqcls", "--dataset", "imdb"], "needs data_dir"),
+        (["reproduce", "--task", "seqcls", "--rows", "dense,nonsense"], "unknown protocol --rows"),
+        (["reproduce", "--task", "seqcls", "--dataset", "imdb"], "needs --data-dir"),
         (["reproduce", "--task", "seqcls", "--dataset", "imdb", "--data-dir", "/nonexistent/aclImdb"], "is not a folder"),
         (["reproduce", "--task", "seqcls", "--preset", "huge"], "huge"),
         (["decompose", "--size", "2"], "--size must be >= 4"),
@@ -94,7 +94,7 @@ def test_train_compress_inspect_round_trip(tmp_path, monkeypatch):
     assert "lstm.weight_hh_l0" in result.output and plot.stat().st_size > 1000
 
     bad = runner.invoke(app, ["compress", str(run / "model"), str(tmp_path / "x"), "--rel-tol", "2"])
-    assert bad.exit_code == 2 and "rel_tol" in bad.output and not (tmp_path / "x").exists()
+    assert bad.exit_code == 2 and "--rel-tol" in bad.output and not (tmp_path / "x").exists()
 
 
 def test_export_command_formats_and_errors(tmp_path, monkeypatch):

@@ -200,8 +200,12 @@ def test_budget_allocation_beats_uniform_bonds_at_equal_parameters():
 def test_report_prints_table_and_serialises():
     _, report = compress(Net(), CompressionConfig(max_bond=2, num_cores=2))
     text = str(report)
-    for token in ("module", "rel. error", "emb (MPOEmbedding)", "body.2 (MPOLinear)", "120x16"):
+    for token in ("module", "weight error", "emb (MPOEmbedding)", "body.2 (MPOLinear)", "120x16"):
         assert token in text
+    assert text.splitlines()[1] == "layouts chosen: interleaved for 4 of 4 weights (bonds set by max_bond / rel_tol)"
+    _, budgeted = compress(Net(), CompressionConfig(target_ratio=8, layout="lowrank"))
+    assert str(budgeted).splitlines()[1] == ("layouts chosen: lowrank for 4 of 4 weights (per weight, the least weight "
+                                             "error within the budget)")
     data = json.loads(report.to_json())
     assert data["mpo_params"] == report.mpo_params and len(data["modules"]) == 4
     assert data["modules"][0]["weights"]["weight"]["shape"] == [120, 16]

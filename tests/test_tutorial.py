@@ -21,4 +21,5 @@ def test_tutorial_runs(capsys):
         except Exception as exc:  # name the block that rotted
             raise AssertionError(f"tutorial block {number} failed: {exc!r}\n{block}") from exc
     out = capsys.readouterr().out
-    assert "MPO compression" in out and "KL" in out
+    assert "layouts chosen:" in out and "KL" in out and "error when made" in out
+    assert "pip install '.[harness,export]'" in TUTORIAL.read_text()  # the extras it needs are stated

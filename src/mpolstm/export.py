@@ -32,7 +32,6 @@ import copy
 import io
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -40,7 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, make_temp_dir
 from .io import save
 from .nn.registry import is_mpo_module, layer_type_of_mpo, replace_module
 
@@ -106,7 +105,7 @@ def export_dense(model: nn.Module, path: str | os.PathLike, write: Callable[[nn.
     path = Path(path)
     _check_folder_target(path)
     dense = densify(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = make_temp_dir(path)
     try:
         write(dense, tmp)
         if path.is_dir():

@@ -32,7 +32,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 from safetensors.torch import load as st_load
@@ -44,7 +44,7 @@ from .nn.base import MPOWeights, dequantize_int8
 from .nn.registry import is_mpo_module, layer_type_of_mpo, mpo_class, registered_mpo_names, replace_module
 from .version import __version__
 
-__all__ = ["save", "load", "WEIGHTS_FILE", "CONFIG_FILE"]
+__all__ = ["save", "load", "read_verified", "Verified", "dequantize_cores", "WEIGHTS_FILE", "CONFIG_FILE"]
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -245,14 +245,25 @@ def _compare(expected: Mapping[str, tuple[int, ...]], header: Mapping[str, tuple
         raise ValueError(f"{file}: weights do not match the model ({'; '.join(parts)})")
 
 
-def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Module:
-    """Rebuild what ``save`` wrote in the directory ``path``.
+class Verified(NamedTuple):
+    """A saved folder as :func:`read_verified` returns it."""
 
-    Standalone MPO module: returned fully rebuilt (dtype as saved, on CPU). Compressed
-    model: pass ``base_model``, a freshly built model with the original architecture; its
-    listed modules are replaced by MPO modules (dtype and device of the module they
-    replace) and the whole state_dict is loaded strictly into it; it is returned.
-    Raises ValueError naming the file and the mismatch for anything that does not fit."""
+    config: dict[str, Any]
+    data: bytes
+    header: dict[str, tuple[str, tuple[int, ...]]]
+    weights_file: Path
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The weights, read from ``data``."""
+        return _tensors(self.data, self.weights_file)
+
+
+def read_verified(path: str | os.PathLike) -> Verified:
+    """Read and check a folder written by :func:`save`, as :func:`load` does before building
+    anything: the config's fields, the weights file's SHA-256 against the one the config records,
+    and the safetensors header's layout. Returns (config, the weights file's bytes, its header:
+    name -> (dtype, shape), the weights file's path); any damage (a missing, truncated or altered
+    file) is a ValueError naming the file."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{path}: not a directory; expected one written by mpolstm.save "
@@ -265,7 +276,19 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
     if hashlib.sha256(data).hexdigest() != config["weights_sha256"]:
         raise ValueError(f"{weights_file}: content does not match the SHA-256 recorded in {config_file}; "
                          "the file is corrupt, truncated or from another save")
-    header = _read_header(data, weights_file)
+    return Verified(config, data, _read_header(data, weights_file), weights_file)
+
+
+def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Module:
+    """Rebuild what ``save`` wrote in the directory ``path``.
+
+    Standalone MPO module: returned fully rebuilt (dtype as saved, on CPU). Compressed
+    model: pass ``base_model``, a freshly built model with the original architecture; its
+    listed modules are replaced by MPO modules (dtype and device of the module they
+    replace) and the whole state_dict is loaded strictly into it; it is returned.
+    Raises ValueError naming the file and the mismatch for anything that does not fit."""
+    config, data, header, weights_file = read_verified(path)
+    config_file = Path(path) / CONFIG_FILE
 
     if config["standalone"]:
         if base_model is not None:
@@ -353,9 +376,16 @@ def _check_dtypes(floating: set[str], int8: Mapping[str, str], header: Mapping[s
 
 
 def _restore(data: bytes, file: Path, modules: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
-    """The file's tensors with every int8 core dequantized (dtype of the module's core) by its scales,
-    which must be finite and positive."""
-    tensors = _tensors(data, file)
+    """The file's tensors with every int8 core of ``modules`` dequantized (:func:`dequantize_cores`)."""
+    return dequantize_cores(_tensors(data, file), modules, file)
+
+
+def dequantize_cores(tensors: Mapping[str, torch.Tensor], modules: list[tuple[str, nn.Module]],
+                     file: Path) -> dict[str, torch.Tensor]:
+    """A copy of a saved file's ``tensors`` with the int8 cores of the named ``modules`` (built from
+    the file's config) dequantized, in the dtype of each module's core, by their scales; a scale
+    that is not finite and positive is a ValueError naming ``file`` and the tensor."""
+    tensors = dict(tensors)
     for name, module in modules:
         for core, scales in _int8_keys(name, module).items():
             scale = tensors[scales]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,7 +81,7 @@ class CompressionReport:
     def rows(self) -> list[tuple[str, ...]]:
         """One row of strings per compressed weight, under ``REPORT_COLUMNS``."""
         return [
-            (f"{m.name} ({m.new_class})", wname, f"{w.shape[0]}x{w.shape[1]}", w.layout, str(w.bond_dims),
+            (f"{m.name} ({m.new_class})", wname, "x".join(map(str, w.shape)), w.layout, str(w.bond_dims),
              f"{w.dense_params:,} -> {w.mpo_params:,}", f"{w.dense_params / w.mpo_params:.1f}x",
              "-" if w.rel_error is None else f"{w.rel_error:.4f}",
              "-" if w.output_error is None else f"{w.output_error:.4f}",
@@ -90,7 +91,17 @@ class CompressionReport:
 
     @property
     def title(self) -> str:
-        return f"MPO compression: {self.dense_params:,} -> {self.mpo_params:,} weight entries ({self.ratio:.1f}x)"
+        """What was compressed, which layouts were chosen and why (two lines)."""
+        weights = [w for m in self.modules for w in m.weights.values()]
+        counts = Counter(w.layout for w in weights)
+        chosen = ", ".join(f"{layout} for {n}" + (f" of {len(weights)} weights" if i == 0 else "")
+                           for i, (layout, n) in enumerate(counts.most_common()))
+        calibrated = any(w.output_error is not None for w in weights)
+        error = "output error on the calibration inputs" if calibrated else "weight error"
+        why = (f"per weight, the least {error} within the budget" if self.budget is not None
+               else "bonds set by max_bond / rel_tol")
+        return (f"compression: {self.dense_params:,} -> {self.mpo_params:,} weight entries ({self.ratio:.1f}x)\n"
+                f"layouts chosen: {chosen or 'none'} ({why})")
 
     def __str__(self) -> str:
         rows = [REPORT_COLUMNS, *self.rows()]
@@ -103,7 +114,7 @@ class CompressionReport:
         return "\n".join(lines) + "\n"
 
 
-REPORT_COLUMNS = ("module", "weight", "shape", "layout", "bonds", "params", "ratio", "rel. error", "output error",
+REPORT_COLUMNS = ("module", "weight", "shape", "layout", "bonds", "params", "ratio", "weight error", "output error",
                   "max entropy")
 
 

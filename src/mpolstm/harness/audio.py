@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import numpy as np
 import torch
 from scipy.io import wavfile
 from scipy.signal import resample_poly
+
+from ..atomic import atomic_open
 
 SAMPLE_RATE = 16000
 N_FFT = 512
@@ -83,15 +84,8 @@ def write_wav(path: str | os.PathLike, x: np.ndarray, sample_rate: int = SAMPLE_
     if not np.isfinite(x).all():
         raise ValueError("write_wav: audio contains NaN or infinite samples")
     data = x if float32 else np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        wavfile.write(tmp, sample_rate, data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path, "wb") as fh:
+        wavfile.write(fh, sample_rate, data)
 
 
 def _window(device=None) -> torch.Tensor:

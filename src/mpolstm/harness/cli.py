@@ -1,10 +1,13 @@
 """The ``mpolstm`` command line (typer + rich).
 
-Every usage error (bad option value, missing file) prints one line and exits with code 2.
+Every usage error (bad option value, missing file) prints one line, naming the option the user
+typed, and exits with code 2. Output to a pipe or a file is not wrapped at 80 columns.
 """
 
 from __future__ import annotations
 
+import re
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -18,7 +21,8 @@ from .tasks.registry import PRESETS, task_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress LSTM networks with Matrix Product Operators.")
-console = Console()
+# plain text: no markup or highlighting of what is printed, and no wrapping in pipes and logs
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1000, markup=False, highlight=False)
 err_console = Console(stderr=True)
 
 
@@ -33,6 +37,18 @@ def _fail(message: str) -> None:
     """Print one clear line and exit with code 2 (bad usage or input)."""
     err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+def _flagged(message: str, flags: dict[str, str]) -> str:
+    """``message`` from the library with its argument names replaced by the flags the user typed
+    (``flags``: name -> flag, e.g. ``{"target_ratio": "--ratio"}``)."""
+    for name, flag in flags.items():
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])(=?)", lambda m: flag + (" " if m[1] else ""), message)
+    return message
+
+
+_PROTOCOL_FLAGS = {"dense_epochs": "--dense-epochs", "finetune_epochs": "--finetune-epochs", "rows": "--rows",
+                   "rates": "--rates", "data_dir": "--data-dir", "dataset": "--dataset"}
 
 
 def _parse_ratios(text: str) -> tuple[float, ...]:
@@ -52,21 +68,24 @@ def _protocol_config(ratios: tuple[float, ...], seed: int, distill: bool, rows: 
     try:
         return ProtocolConfig(ratios=ratios, rows=selected, seed=seed, distill=distill, **kwargs)
     except ValueError as exc:
-        _fail(str(exc))
+        _fail(_flagged(str(exc), _PROTOCOL_FLAGS))
 
 
 def _log(line: str) -> None:
-    console.print(line, highlight=False)
+    console.print(line)
 
 
 def _staged(run, *args, **kwargs):
-    """``run(*args, log=..., **kwargs)`` (a protocol runner); a refused staging folder is one error line."""
+    """``run(*args, log=..., **kwargs)`` (a protocol runner); a refused staging folder, or one that
+    cannot be written, is one error line."""
     from .protocol import StagingError
 
     try:
         return run(*args, log=_log, **kwargs)
     except StagingError as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write the results under --out: {exc}")
 
 
 def _run_protocol(task, ratios: tuple[float, ...], out: Path, seed: int, distill: bool, rows: Optional[str],
@@ -194,7 +213,7 @@ def _make_task(task: TaskName, preset: Preset, seed: int, **options):
         accepted = {k: v for k, v in options.items() if k in task_type.options}
         return task_type.make_task(preset.value, seed=seed, **accepted)
     except (ValueError, FileNotFoundError, EspeakMissingError) as exc:
-        _fail(str(exc))
+        _fail(_flagged(str(exc), _PROTOCOL_FLAGS))
 
 
 def _load_model(path: Path):
@@ -231,6 +250,8 @@ def train(
 
     if epochs is not None and epochs < 1:
         _fail(f"--epochs must be >= 1, got {epochs}")
+    if patience is not None and patience < 1:
+        _fail(f"--patience must be >= 1, got {patience}")
     if out.exists() and not out.is_dir():
         _fail(f"--out {out} exists and is not a folder")
     built = _make_task(task, preset, seed, dataset=dataset, data_dir=data_dir)
@@ -263,15 +284,54 @@ def _source_model(model_in: Optional[Path], factory: Optional[str], weights: Opt
     if model_in is not None:
         _fail("give either a saved model folder or --factory/--weights, not both")
     try:
-        return build_model(factory, weights), None
+        model, note = build_model(factory, weights)
     except ValueError as exc:
         _fail(str(exc))
+    if note:
+        console.print(f"note: {note}")
+    return model, None
 
 
 def _batches(inputs: tuple, size: int) -> list[tuple]:
     """Split one batch of inputs (first axis) into batches of ``size`` rows."""
     rows = inputs[0].shape[0]
     return [tuple(x[i:i + size] for x in inputs) for i in range(0, rows, size)]
+
+
+_COMPRESS_FLAGS = {"raise max_params or lower target_ratio": "lower --ratio", "target_ratio": "--ratio",
+                   "max_bond": "--max-bond", "rel_tol": "--rel-tol", "num_cores": "--num-cores", "layout": "--layout",
+                   "target_modules": "--target"}
+
+
+def _compression_config(target: str, max_bond: Optional[int], rel_tol: Optional[float], ratio: Optional[float],
+                        num_cores: int, layout: str):
+    """The CompressionConfig of compress's flags; a bad combination is one error line naming them."""
+    from ..compression import CompressionConfig
+
+    if ratio is None and max_bond is None and rel_tol is None:
+        _fail("give a size: --ratio (dense / compressed parameters of the selected weights), --max-bond or --rel-tol")
+    if ratio is not None and rel_tol is not None:
+        _fail("--rel-tol cannot be combined with --ratio; choose one")
+    targets = [t.strip() for t in target.split(",") if t.strip()]
+    if not targets:
+        _fail(f"--target must name at least one module, got {target!r}")
+    try:
+        return CompressionConfig(target_modules=targets if len(targets) > 1 else targets[0], max_bond=max_bond,
+                                 rel_tol=rel_tol, target_ratio=ratio, num_cores=num_cores, layout=layout)
+    except ValueError as exc:
+        _fail(_flagged(str(exc), _COMPRESS_FLAGS))
+
+
+def _check_targets(model, config) -> None:
+    """``--target`` must select modules compress can replace; if not, the error lists the model's modules."""
+    from ..compression.config import select_modules
+
+    try:
+        select_modules(model, config)
+    except ValueError as exc:
+        modules = [f"{name} ({type(module).__name__})" for name, module in model.named_modules() if name]
+        shown = ", ".join(modules[:30]) + (f", ... ({len(modules) - 30} more)" if len(modules) > 30 else "")
+        _fail(f"{_flagged(str(exc), _COMPRESS_FLAGS)}; the model's modules: {shown}")
 
 
 @app.command("compress")
@@ -285,8 +345,10 @@ def compress_cmd(
     target: str = typer.Option("lstm", help="Comma-separated module names (or one regex) to compress."),
     num_cores: int = typer.Option(4, help="Cores of the paper's interleaved layout."),
     layout: str = typer.Option("auto", help="auto (search per weight) or one of: " + describe_layouts() + "."),
-    factory: Optional[str] = typer.Option(None, help="package.module:function building your dense model."),
-    weights: Optional[Path] = typer.Option(None, help="Its weights: safetensors or a state dict (.pt)."),
+    factory: Optional[str] = typer.Option(None, help="package.module:function building your dense model (looked "
+                                          "up in the current directory first, as python -m does)."),
+    weights: Optional[Path] = typer.Option(None, help="Its weights: safetensors or a state dict (.pt), also inside a "
+                                           "checkpoint under \"model\" or \"state_dict\"."),
     calibrate: Optional[Path] = typer.Option(None, help="Safetensors file of model inputs (input0, input1, ...): "
                                              "minimise the output error on them, not the weight error."),
     distill_steps: int = typer.Option(0, help="Then distil from the original on the --calibrate inputs for N steps."),
@@ -294,35 +356,42 @@ def compress_cmd(
     int8: bool = typer.Option(False, "--int8", help="Then store the MPO cores as int8 with float32 scales "
                               "(mpolstm.quantize: ~4x fewer bytes; the model computes in float32)."),
 ) -> None:
-    """Compress the selected layers of a saved model (or of your own, with --factory) into MPOs and save it."""
+    """Compress the selected layers of a saved model (or of your own, with --factory) into MPOs and save it,
+    with its report (compression.json, shown by inspect)."""
     import copy
 
-    from ..compression import CompressionConfig, compress
+    from ..compression import compress
     from ..distill import distill
     from ..io import save
     from ..quantization import quantize
     from .tasks import save_model
-    from .usermodels import read_inputs, write_factory_note
+    from .usermodels import read_inputs, write_compression_record, write_factory_note
 
     if len(paths) not in (1, 2) or (len(paths) == 1) != (factory is not None):
         _fail("usage: mpolstm compress IN OUT, or mpolstm compress --factory MOD:FN [--weights FILE] OUT")
     model_in, model_out = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
+    if distill_steps < 0 or batch_size < 1:
+        _fail(f"--distill-steps must be >= 0 and --batch-size >= 1, got {distill_steps} and {batch_size}")
     if distill_steps and calibrate is None:
         _fail("--distill-steps needs --calibrate (the inputs to distil on)")
     _fresh_output(model_out)
-    model, spec = _source_model(model_in, factory, weights)
-    targets = [t.strip() for t in target.split(",") if t.strip()]
+    config = _compression_config(target, max_bond, rel_tol, ratio, num_cores, layout)
     try:
-        inputs = read_inputs(calibrate) if calibrate is not None else None
-        config = CompressionConfig(target_modules=targets if len(targets) > 1 else targets[0], max_bond=max_bond,
-                                   rel_tol=rel_tol, target_ratio=ratio, num_cores=num_cores, layout=layout)
-        teacher = copy.deepcopy(model) if distill_steps else None
-        model, report = compress(model, config, calibration=None if inputs is None else [inputs])
-        if teacher is not None:
-            result = distill(model, teacher, _batches(inputs, batch_size), steps=distill_steps, progress=True)
-            console.print(f"distilled {distill_steps} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+        inputs = read_inputs(calibrate, "--calibrate") if calibrate is not None else None
     except ValueError as exc:
         _fail(str(exc))
+    model, spec = _source_model(model_in, factory, weights)
+    _check_targets(model, config)
+    teacher = copy.deepcopy(model) if distill_steps else None
+    try:
+        model, report = compress(model, config, calibration=None if inputs is None else [inputs])
+        console.print(str(report))
+        if teacher is not None:
+            result = distill(model, teacher, _batches(inputs, batch_size), steps=distill_steps, progress=True)
+            console.print(f"distilled {distill_steps} steps on the --calibrate inputs: loss {result.losses[0]:.4f} -> "
+                          f"{result.losses[-1]:.4f} (the errors above were measured before distillation)")
+    except ValueError as exc:
+        _fail(_flagged(str(exc), _COMPRESS_FLAGS))
     if int8:
         try:
             quantize(model)
@@ -333,7 +402,7 @@ def compress_cmd(
     else:
         save(model, model_out)
         write_factory_note(model_out, factory)
-    console.print(str(report), markup=False, highlight=False)
+    write_compression_record(model_out, report, distill_steps)
     console.print(f"saved {model_out}" + (" (MPO cores as int8 + float32 scales; `mpolstm inspect` shows the bytes)"
                                           if int8 else ""))
 
@@ -344,14 +413,14 @@ def inspect(
     plot: Optional[Path] = typer.Option(None, help="Also draw the entanglement entropy per bond to this PNG."),
 ) -> None:
     """Per-weight factors, bonds, parameters, errors and entanglement entropies of a saved model,
-    read from its config and weights alone."""
+    read from its files alone, checked as load checks them (a damaged folder is refused)."""
     from .usermodels import describe_folder, inspect_folder
 
     try:
-        text, rows = inspect_folder(model_path), describe_folder(model_path)
+        rows = describe_folder(model_path)
     except ValueError as exc:
         _fail(str(exc))
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    console.print(inspect_folder(model_path, rows))
     if plot is not None and rows:
         _plot_entropy({r["weight"]: r["entropy"] for r in rows}, plot)
         console.print(f"wrote {plot}")
@@ -419,6 +488,10 @@ def export_cmd(
     """Export a saved model for serving: TorchScript, ONNX, or a dense model for MPO-unaware tools."""
     from .tasks import ARCHITECTURE_FILE, export_task_model
 
+    if not model_path.exists():
+        _fail(f"model {model_path} does not exist")
+    if not out.parent.is_dir():
+        _fail(f"--out {out}: the folder {out.parent} does not exist")
     if (model_path / ARCHITECTURE_FILE).is_file() and factory is None:
         model, spec = _load_model(model_path)
         try:
@@ -445,7 +518,7 @@ def _export_user_model(folder: Path, fmt: str, out: Path, factory: Optional[str]
     if fmt != "dense" and inputs is None:
         _fail(f"--format {fmt} traces the model: pass --inputs FILE (safetensors with input0, input1, ...)")
     try:
-        model = load(folder, build_model(factory, None)).eval()
+        model = load(folder, build_model(factory, None)[0]).eval()
         return export_model(model, fmt, out, None if inputs is None else read_inputs(inputs))
     except ValueError as exc:
         _fail(str(exc))

@@ -2,13 +2,16 @@
 inputs, and describe any folder written by ``mpolstm.save`` without its architecture.
 
 - ``--factory package.module:function`` names a function returning the dense architecture
-  (an nn.Module; called without arguments).
+  (an nn.Module; called without arguments). The module is imported as ``python -m`` would: the
+  current directory comes first on the import path.
 - ``--weights FILE`` is a safetensors file or a torch state dict (read with
-  ``torch.load(weights_only=True)``: nothing is unpickled).
-- ``--inputs FILE`` is a safetensors file holding one batch of the model's positional inputs as
-  tensors ``input0``, ``input1``, ... (used for calibration, distillation and tracing).
+  ``torch.load(weights_only=True)``: nothing is unpickled); a training checkpoint that holds the
+  state dict under ``"model"`` or ``"state_dict"`` is accepted, with a note.
+- ``--inputs FILE`` (``--calibrate FILE``) is a safetensors file holding one batch of the model's
+  positional inputs as tensors ``input0``, ``input1``, ... (used for calibration, distillation
+  and tracing).
 
-Every bad input is a ValueError naming what is wrong and what was expected.
+Every bad input is a ValueError naming the flag, what is wrong and what was expected.
 """
 
 from __future__ import annotations
@@ -16,147 +19,224 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..io import CONFIG_FILE, WEIGHTS_FILE, read_config
+from ..io import CONFIG_FILE, dequantize_cores, read_verified
 from ..mpo import MPO
-from ..nn.base import dequantize_int8
-from ..nn.registry import mpo_class
+from ..nn.registry import layer_type_of_mpo, mpo_class
 
-__all__ = ["load_factory", "build_model", "read_inputs", "describe_folder", "inspect_folder"]
+__all__ = ["load_factory", "build_model", "read_inputs", "describe_folder", "inspect_folder", "COMPRESSION_FILE"]
+
+COMPRESSION_FILE = "compression.json"
+"""Written by ``mpolstm compress`` beside the model: its report and the distillation steps run after it."""
+
+_WRAPPERS = ("model", "state_dict")
 
 
 def load_factory(spec: str) -> Callable[[], nn.Module]:
-    """The callable named by ``package.module:function``."""
+    """The callable named by ``package.module:function``; the module is looked up first in the
+    current directory, as ``python -m`` does."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"--factory must look like package.module:function, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"--factory {spec!r}: cannot import {module_name!r} ({exc})") from None
+        raise ValueError(f"--factory {spec!r}: cannot import {module_name!r} ({exc}; looked in the current "
+                         "directory and on the import path)") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"--factory {spec!r}: {module_name} has no callable {attr!r}")
     return factory
 
 
-def _read_state(path: Path) -> dict[str, Tensor]:
+def _is_state(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, Tensor) for v in value.values())
+
+
+def _read_state(path: Path, flag: str) -> tuple[dict[str, Tensor], str | None]:
+    """(state dict, a note when it was unwrapped from a checkpoint) of a weights file."""
     if not path.is_file():
-        raise ValueError(f"weights file {path} does not exist")
+        raise ValueError(f"{flag} {path}: does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            return load_file(str(path)), None
         except Exception as exc:  # safetensors raises its own error type for malformed files
-            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+            raise ValueError(f"{flag} {path}: not a readable safetensors file ({exc})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or unsafe files
-        raise ValueError(f"{path}: not a state dict readable with weights_only=True ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
-    return state
+        raise ValueError(f"{flag} {path}: not a state dict readable with weights_only=True "
+                         f"({type(exc).__name__})") from None
+    if _is_state(state):
+        return state, None
+    key = next((k for k in _WRAPPERS if isinstance(state, dict) and _is_state(state.get(k))), None)
+    if key is None:
+        keys = f" with keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) else ""
+        raise ValueError(f"{flag} {path}: expected a state dict (name -> tensor), or a checkpoint holding one "
+                         f"under {' or '.join(repr(k) for k in _WRAPPERS)}; got a {type(state).__name__}{keys}")
+    others = sorted(str(k) for k in state if k != key)
+    return state[key], f"{flag} {path}: using the state dict under {key!r}" + (
+        f" (ignoring {', '.join(others[:8])})" if others else "")
 
 
-def build_model(factory: str, weights: Path | None) -> nn.Module:
-    """``factory()`` with ``weights`` loaded strictly (when given)."""
+def _load_error(exc: RuntimeError) -> str:
+    """torch's load_state_dict error on one line: its missing and unexpected keys and size mismatches."""
+    lines = [line.strip().rstrip(".") for line in str(exc).strip().splitlines()[1:] if line.strip()]
+    more = f"; ({len(lines) - 8} more)" if len(lines) > 8 else ""
+    return "; ".join(lines[:8]) + more if lines else str(exc).strip()
+
+
+def build_model(factory: str, weights: Path | None) -> tuple[nn.Module, str | None]:
+    """``factory()`` with ``weights`` loaded strictly (when given), and a note when the weights
+    were unwrapped from a checkpoint."""
     model = load_factory(factory)()
     if not isinstance(model, nn.Module):
         raise ValueError(f"--factory {factory!r} returned a {type(model).__name__}, expected an nn.Module")
-    if weights is not None:
-        try:
-            model.load_state_dict(_read_state(Path(weights)), strict=True)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()
-            raise ValueError(f"{weights} does not fit the model from {factory}: {first[0] if first else exc}") from None
-    return model
+    if weights is None:
+        return model, None
+    state, note = _read_state(Path(weights), "--weights")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"--weights {weights} does not fit the model from --factory {factory}: "
+                         f"{_load_error(exc)}") from None
+    return model, note
 
 
-def read_inputs(path: Path) -> tuple[Tensor, ...]:
-    """The tensors ``input0``, ``input1``, ... of a safetensors file, in order."""
-    tensors = _read_state(Path(path)) if Path(path).suffix == ".safetensors" else None
-    if tensors is None:
-        raise ValueError(f"--inputs {path}: expected a .safetensors file holding input0, input1, ...")
+def read_inputs(path: Path, flag: str = "--inputs") -> tuple[Tensor, ...]:
+    """The tensors ``input0``, ``input1``, ... of a safetensors file, in order; errors name ``flag``."""
+    if Path(path).suffix != ".safetensors":
+        raise ValueError(f"{flag} {path}: expected a .safetensors file holding input0, input1, ...")
+    tensors, _ = _read_state(Path(path), flag)
     names = [f"input{k}" for k in range(len(tensors))]
     if sorted(tensors) != sorted(names):
-        raise ValueError(f"--inputs {path}: expected tensors named {names}, got {sorted(tensors)}")
+        raise ValueError(f"{flag} {path}: expected tensors named {names}, got {sorted(tensors)}")
     return tuple(tensors[n] for n in names)
 
 
-def describe_folder(folder: Path) -> list[dict[str, Any]]:
-    """One entry per MPO weight of a folder written by ``mpolstm.save``, from its config and
-    safetensors alone: name, shape, factors, bonds, params, ratio, error (when recorded),
-    entanglement entropy per bond, and its bytes as stored ("float32" cores, or "int8" with scales)."""
-    from safetensors import safe_open
+def _compression_record(folder: Path) -> dict[str, Any] | None:
+    """``compression.json`` of a folder written by ``mpolstm compress`` (None when absent)."""
+    file = folder / COMPRESSION_FILE
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+        errors = {f"{m['name']}.{w}" if m["name"] else w: (r["rel_error"], r["output_error"])
+                  for m in record["report"]["modules"] for w, r in m["weights"].items()}
+        return {"errors": errors, "distill_steps": int(record.get("distill_steps", 0))}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: not a report written by mpolstm compress ({exc})") from None
 
+
+def _torch_shapes(probe: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Each MPO weight's shape as torch holds it (e.g. (out, in) for nn.Linear, (out, in, k) for
+    nn.Conv1d), from a meta-device module; empty for a module without MPO weights."""
+    entry = layer_type_of_mpo(probe)
+    if entry is None or not probe.mpo_weights():
+        return {}
+    dense = entry.to_torch(probe)
+    return {w: tuple(getattr(dense, w).shape) for w in probe.mpo_weights()}
+
+
+def describe_folder(folder: Path) -> list[dict[str, Any]]:
+    """One entry per MPO weight of a folder written by ``mpolstm.save``, checked as ``load``
+    checks it (:func:`mpolstm.io.read_verified`), from its files alone: name, torch's shape of
+    the weight, factors, bonds, params, ratio, entanglement entropy per bond, and the errors:
+    ``weight_error`` and ``output_error`` from ``mpolstm compress``'s report when the folder has
+    one, else ``recorded_error`` (what config.json recorded when the MPO was made); ``stored``
+    ("float32", or "int8" for cores with scales) and ``bytes`` (its cores and scales in the file)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder written by mpolstm.save")
-    config = read_config(folder / CONFIG_FILE)
-    weights_file = folder / WEIGHTS_FILE
-    if not weights_file.is_file():
-        raise ValueError(f"{weights_file}: missing")
+    verified = read_verified(folder)
+    tensors, record = verified.tensors(), _compression_record(folder)
     rows = []
-    with safe_open(str(weights_file), framework="pt") as tensors:
-        keys = set(tensors.keys())
-        for name, entry in config["modules"].items():
-            cls = mpo_class(entry["config"].get("class"))
-            if cls is None:
-                raise ValueError(f"{folder / CONFIG_FILE}: module {name!r} has unknown class {entry['config'].get('class')!r}")
-            with torch.device("meta"):
-                probe = cls.from_config(entry["config"])
-            prefix = f"{name}." if name else ""
-            for wname, cores in probe.mpo_weights().items():
-                core_keys = [f"{prefix}{probe._cores_attr(wname)}.{k}" for k in range(len(cores))]
-                scale_keys = ([f"{prefix}{probe._scales_attr(wname)}.{k}" for k in range(len(cores))]
-                              if probe.int8 else [])
-                missing = [k for k in core_keys + scale_keys if k not in keys]
-                if missing:
-                    raise ValueError(f"{weights_file}: missing cores or scales {missing[:3]} of {name}.{wname}")
-                stored = [tensors.get_tensor(k) for k in core_keys + scale_keys]
-                values = stored[:len(cores)]
-                if probe.int8:
-                    values = [dequantize_int8(q, s, torch.float64) for q, s in zip(values, stored[len(cores):])]
-                mpo = MPO([v.double() for v in values])
-                rows_, cols = mpo.shape
-                rows.append({
-                    "weight": f"{name}.{wname}" if name else wname, "shape": (cols, rows_),
-                    "in_factors": mpo.in_factors, "out_factors": mpo.out_factors, "bonds": mpo.bond_dims,
-                    "params": mpo.num_params, "ratio": rows_ * cols / mpo.num_params,
-                    "error": entry.get("errors", {}).get(wname),
-                    "entropy": [float(e) for e in mpo.entanglement_entropy()],
-                    "stored": "int8" if probe.int8 else str(values[0].dtype).removeprefix("torch."),
-                    "bytes": sum(t.numel() * t.element_size() for t in stored),
-                })
+    for name, entry in verified.config["modules"].items():
+        cls = mpo_class(entry["config"].get("class"))
+        if cls is None:
+            raise ValueError(f"{folder / CONFIG_FILE}: module {name!r} has unknown class {entry['config'].get('class')!r}")
+        with torch.device("meta"):
+            probe = cls.from_config(entry["config"])
+            shapes = _torch_shapes(probe)
+        prefix = f"{name}." if name else ""
+        parts = {w: ([f"{prefix}{probe._cores_attr(w)}.{k}" for k in range(len(cores))],
+                     [f"{prefix}{probe._scales_attr(w)}.{k}" for k in range(len(cores))] if probe.int8 else [])
+                 for w, cores in probe.mpo_weights().items()}
+        missing = [k for keys, scales in parts.values() for k in keys + scales if k not in tensors]
+        if missing:
+            raise ValueError(f"{verified.weights_file}: missing cores or scales {missing[:3]} of module {name!r}")
+        values = dequantize_cores(tensors, [(name, probe)], verified.weights_file) if probe.int8 else tensors
+        for wname, (keys, scales) in parts.items():
+            mpo = MPO([values[k].double() for k in keys])
+            weight = f"{prefix}{wname}"
+            errors = record["errors"].get(weight, (None, None)) if record else None
+            rows.append({
+                "weight": weight, "shape": shapes[wname], "in_factors": mpo.in_factors,
+                "out_factors": mpo.out_factors, "bonds": mpo.bond_dims, "params": mpo.num_params,
+                "ratio": math.prod(shapes[wname]) / mpo.num_params,
+                **({"weight_error": errors[0], "output_error": errors[1]} if errors else
+                   {"recorded_error": entry.get("errors", {}).get(wname)}),
+                "entropy": [float(e) for e in mpo.entanglement_entropy()],
+                "distill_steps": record["distill_steps"] if record else 0,
+                "stored": "int8" if probe.int8 else str(tensors[keys[0]].dtype).removeprefix("torch."),
+                "bytes": sum(tensors[k].numel() * tensors[k].element_size() for k in keys + scales),
+            })
     return rows
 
 
-def inspect_folder(folder: Path) -> str:
-    """``describe_folder`` as a plain-text table (what ``mpolstm inspect`` prints)."""
-    rows = describe_folder(folder)
+def _error(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def inspect_folder(folder: Path, rows: list[dict[str, Any]] | None = None) -> str:
+    """``describe_folder`` (or its ``rows``) as a plain-text table (what ``mpolstm inspect`` prints)."""
+    rows = describe_folder(folder) if rows is None else rows
     if not rows:
         return f"{folder} has no MPO layers (a dense model)"
-    header = ("weight", "shape", "in factors", "out factors", "bonds", "params", "ratio", "rel. error", "stored",
-              "bytes", "entropy per bond")
+    reported = "weight_error" in rows[0]
+    errors = ("weight error", "output error") if reported else ("error when made",)
+    header = ("weight", "shape", "in factors", "out factors", "bonds", "params", "ratio", *errors, "stored", "bytes",
+              "entropy per bond")
     table = [header] + [
-        (r["weight"], f"{r['shape'][0]}x{r['shape'][1]}", str(r["in_factors"]), str(r["out_factors"]), str(r["bonds"]),
-         f"{r['params']:,}", f"{r['ratio']:.1f}x", "-" if r["error"] is None else f"{r['error']:.4f}", r["stored"],
-         f"{r['bytes']:,}", " ".join(f"{e:.2f}" for e in r["entropy"]))
+        (r["weight"], "x".join(map(str, r["shape"])), str(r["in_factors"]), str(r["out_factors"]), str(r["bonds"]),
+         f"{r['params']:,}", f"{r['ratio']:.1f}x",
+         *((_error(r["weight_error"]), _error(r["output_error"])) if reported else (_error(r["recorded_error"]),)),
+         r["stored"], f"{r['bytes']:,}", " ".join(f"{e:.2f}" for e in r["entropy"]))
         for r in rows]
     widths = [max(len(r[c]) for r in table) for c in range(len(header))]
     total = sum(r["params"] for r in rows)
     dense = sum(math.prod(r["shape"]) for r in rows)
     stored = sum(r["bytes"] for r in rows)
-    lines = [f"{folder}: {len(rows)} MPO weights, {dense:,} -> {total:,} entries ({dense / total:.1f}x); "
-             f"{stored:,} bytes as stored ({4 * dense / stored:.1f}x fewer than float32 dense weights)"]
+    lines = [f"{folder}: {len(rows)} MPO weights, {dense:,} -> {total:,} entries ({dense / total:.1f}x), "
+             f"{stored:,} bytes as stored ({4 * dense / stored:.1f}x fewer than float32 dense); shapes as torch "
+             "holds the weights, in factors over their input side"]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
+    if reported:
+        lines.append("weight error: ||W - W'|| / ||W||; output error: the same on the --calibrate inputs (- without)")
+    else:
+        lines.append("error when made: as config.json recorded it when the MPO was made, before any fine-tuning (the "
+                     "output error if it was compressed with calibration, else the weight error)")
+    if rows[0]["distill_steps"]:
+        lines.append(f"note: distilled for {rows[0]['distill_steps']} steps after these errors were measured; "
+                     "the weights have changed since")
     return "\n".join(lines)
+
+
+def write_compression_record(folder: Path, report: Any, distill_steps: int) -> None:
+    """``compression.json``: what ``mpolstm compress`` did (its report, the distillation steps after it)."""
+    from ..atomic import atomic_write_bytes
+
+    record = {"report": report.to_dict(), "distill_steps": distill_steps}
+    atomic_write_bytes(Path(folder) / COMPRESSION_FILE, json.dumps(record, indent=1, allow_nan=False).encode())
 
 
 def write_factory_note(folder: Path, factory: str) -> None:

@@ -187,14 +187,15 @@ def equal_bytes_nonzeros(ctx: RowContext, value_bytes: int = 4) -> int:
     that CSR or a bitmask allows (each matrix then takes its smaller format, so the stored bytes can
     only be lower)."""
     shapes = [tuple(ctx.dense.get_parameter(w).shape) for w in ctx.weights]
-    limit = 4 * ctx.budget - (4 * len(shapes) if value_bytes == 1 else 0)
+    scales = 4 * len(shapes) if value_bytes == 1 else 0
+    limit = 4 * ctx.budget - scales
     index = max(2 if cols <= 2**15 else 4 for _, cols in shapes)
     csr_index = sum(4 * (rows + 1) for rows, _ in shapes)
     bitmask_index = sum(math.ceil(rows * cols / 8) for rows, cols in shapes)
     nonzeros = max((limit - csr_index) // (value_bytes + index), (limit - bitmask_index) // value_bytes)
     if nonzeros < 1:
-        raise Infeasible(f"the sparse index alone takes {min(csr_index, bitmask_index):,} bytes, at or above the "
-                         f"MPO's {limit:,}")
+        raise Infeasible(f"the sparse index alone takes {min(csr_index, bitmask_index) + scales:,} bytes, at or "
+                         f"above the MPO's {4 * ctx.budget:,}")
     return nonzeros
 
 
@@ -319,14 +320,14 @@ def mpo_int8(ctx: RowContext) -> Trained:
     most entries whose int8 bytes fit, fine-tuning as (a), then every core rounded to int8
     (:func:`mpolstm.quantize`, post-training); ``before_int8`` in the results is the test metric of
     the float cores, the rounding's cost."""
-    limit, entries = 4 * ctx.budget, 4 * ctx.budget
-    for _ in range(4):  # the scales depend on the bonds the allocation picks: shrink until they fit
+    limit = entries = 4 * ctx.budget
+    for _ in range(4):  # the scales depend on the bonds the allocation picks: leave room for the last ones
         config = CompressionConfig(target_modules=ctx.names, max_params=entries, layout=LAYOUT)
         model = compress(copy.deepcopy(ctx.dense), config)[0]
-        over = packed_bytes(pack_weights(model, ctx.names, int8_cores=True)[0]) - limit
-        if over <= 0:
+        stored = pack_weights(model, ctx.names, int8_cores=True)[0]
+        if packed_bytes(stored) <= limit:
             break
-        entries -= over
+        entries = limit - sum(4 * t.numel() for key, t in stored.items() if key.endswith(".scale"))
     else:
         raise Infeasible(f"no int8 MPO within {limit:,} bytes found")
     seconds = ctx.finetune(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -72,14 +73,33 @@ class ProtocolConfig:
             raise ValueError(f"ratios must be numbers > 1, got {list(self.ratios)}")
 
 
-def _train(task: Task, seed: int, runs: Path, resume: bool, model: nn.Module, epochs: int, run: str,
-           callbacks=(), distill: Distillation | None = None) -> float:
-    """Fit ``model`` on the task, checkpointing under ``runs/<run>``; returns the summed epoch times
-    (so they survive a resume)."""
+@dataclass
+class _EpochLog:
+    """A callback that logs one line per finished epoch of a run, so a table shows progress from
+    its first epoch on (and in a log file, where there is no progress bar)."""
+
+    log: Callable[[str], None]
+    run: str
+    metric: str
+    started: float = 0.0
+
+    def on_epoch_start(self, state) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, state) -> None:
+        record = state.record
+        self.log(f"  {self.run} epoch {record['epoch']}/{state.epochs}: loss {record['train_loss']:.4f}, "
+                 f"val {self.metric} {record[f'val_{self.metric}']:.4f} ({time.perf_counter() - self.started:.0f}s)")
+
+
+def _train(task: Task, seed: int, runs: Path, resume: bool, log: Callable[[str], None], model: nn.Module,
+           epochs: int, run: str, callbacks=(), distill: Distillation | None = None) -> float:
+    """Fit ``model`` on the task, checkpointing under ``runs/<run>`` and logging each epoch; returns
+    the summed epoch times (so they survive a resume)."""
     result = fit(model, task.train_loader, task.val_loader, task.loss_fn, task.metric, epochs=epochs,
                  lr=task.lr, optimizer=task.optimizer, grad_clip=task.grad_clip, seed=seed,
-                 out_dir=runs / run, callbacks=callbacks, forward_fn=task.forward_fn, distill=distill,
-                 progress=False, resume=resume)
+                 out_dir=runs / run, callbacks=(*callbacks, _EpochLog(log, run, task.metric.name)),
+                 forward_fn=task.forward_fn, distill=distill, progress=False, resume=resume)
     return sum(record["time_s"] for record in result.history)
 
 
@@ -157,7 +177,7 @@ def run_protocol(task: Task, config: ProtocolConfig, out_dir: str | Path,
     config = replace(
         config, dense_epochs=config.dense_epochs if config.dense_epochs is not None else task.dense_epochs,
         finetune_epochs=config.finetune_epochs if config.finetune_epochs is not None else task.finetune_epochs)
-    train = partial(_train, task, config.seed, out / "runs", resume)
+    train = partial(_train, task, config.seed, out / "runs", resume, log)
 
     seed_everything(config.seed)
     dense = task.build_model()
@@ -213,6 +233,9 @@ def staging_dir(out: str | Path) -> Path:
     return out.parent / f".{out.name}.staging"
 
 
+RESUME_WITH_MAKE = "with make: make demo ARGS=--resume"
+
+
 def run_staged(task: Task, config: ProtocolConfig, out: str | Path, log: Callable[[str], None] = print,
                resume: bool = False) -> dict[str, Any]:
     """:func:`run_protocol` in :func:`staging_dir` and moved to ``out`` at the end (its per-run
@@ -226,8 +249,8 @@ def run_staged(task: Task, config: ProtocolConfig, out: str | Path, log: Callabl
         raise StagingError(f"--out {out} exists and is not an earlier results folder; refusing to replace it")
     staging = staging_dir(out)
     if staging.exists() and not resume:
-        raise StagingError(f"an interrupted run of this table is in {staging}; pass --resume to continue it, "
-                           "or delete that folder to start over")
+        raise StagingError(f"an interrupted run of this table is in {staging}; pass --resume to continue it "
+                           f"({RESUME_WITH_MAKE}), or delete that folder to start over")
     setup()
     main_rank = is_main()
     emit = log if main_rank else (lambda line: None)
@@ -238,7 +261,7 @@ def run_staged(task: Task, config: ProtocolConfig, out: str | Path, log: Callabl
         document = run_protocol(task, config, staging, log=emit, resume=resume)
     except BaseException:
         emit(f"stopped; the finished runs and checkpoints are in {staging}: rerun the same command with "
-             "--resume to continue")
+             f"--resume to continue ({RESUME_WITH_MAKE})")
         raise
     if main_rank:
         shutil.rmtree(staging / "runs", ignore_errors=True)  # per-run checkpoints; the final models stay

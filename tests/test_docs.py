@@ -1,0 +1,43 @@
+"""docs/results.md's `make demo` table has the demo's columns and exactly the rows the demo runs."""
+
+from __future__ import annotations
+
+import inspect
+import pathlib
+import re
+
+from mpolstm.harness import cli
+from mpolstm.harness.protocol import ROWS
+from mpolstm.harness.protocol.report import markdown_table
+
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "results.md"
+
+
+def _demo_section() -> str:
+    text = RESULTS.read_text()
+    start = text.index("## Sequence classification: sequential MNIST, `quick` preset (`make demo`)")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_the_demo_table_is_the_demos():
+    section = _demo_section()
+    table = [line for line in section.splitlines() if line.startswith("| ")]
+    row = {"row": "dense", "target_ratio": None, "accuracy": 0.5, "params": 1, "ratio": 1.0, "bytes": 4,
+           "bytes_ratio": 1.0, "storage": "float32", "total_params": 1, "hidden": 1, "train_s": 0.0,
+           "batched_ms": 0.0, "step_ms": 0.0}
+    document = {"task": "t", "metric": "accuracy", "seed": 0, "dense_epochs": 1, "finetune_epochs": 1,
+                "distill": False, "dense_recurrent_params": 1, "rows": [row]}
+    printed = next(line for line in markdown_table(document).splitlines() if line.startswith("| row "))
+    assert table[0] == "|".join(printed.split("|")[:11]) + "|"  # the demo's columns up to `total`, in order
+
+    ratios = [float(r) for r in inspect.signature(cli.demo).parameters["ratios"].default.default.split(",")]
+    expected = {("dense", "-")} | {(name, "-" if spec.once else f"{ratio:g}x") for name, spec in ROWS.items()
+                                   if spec.recipe is not None for ratio in ratios}
+    documented = {tuple(cell.strip() for cell in line.split("|")[1:3]) for line in table[1:]}
+    note = section[section.index("Skipped"):].split("\n\n")[0]  # "Skipped (...): a at 100x (...); b and c at 100x"
+    missing = {(name, ratio) for a, b, ratio in re.findall(r"([a-z0-9-]+)(?: and ([a-z0-9-]+))? at (\d+x)", note)
+               for name in (a, b) if name}
+    assert documented <= expected and expected - documented == missing
+    assert len(table) - 1 == len(documented)  # no row twice
+    for line in table[1:]:
+        assert re.fullmatch(r"\| [a-z0-9-]+ \| (-|\d+x) \| 0\.\d{4} \| [\d,]+ \| .*", line), line
