@@ -1,10 +1,10 @@
 """int8 cores (``mpolstm.quantize``): bytes, the error the rounding adds, and its accuracy cost on g2p.
 
-    python benchmarks/bench_int8.py                       # all three parts
+    python benchmarks/bench_int8.py                       # all four parts
     python benchmarks/bench_int8.py --parts bytes,error   # without the g2p evaluation
     python benchmarks/bench_int8.py --out results/bench_int8.json
 
-Three parts, one torch thread:
+Four parts, one torch thread:
 
 - ``bytes``: a 2-layer LSTM (hidden 512 and 1024, input = hidden) compressed by ``compress`` at 10x and
   30x (the paper's interleaved layout and the layout search), saved with ``mpolstm.save`` with float32
@@ -14,6 +14,10 @@ Three parts, one torch thread:
   Frobenius error int8 rounding adds to the rebuilt weights, ||W_int8 - W|| / ||W|| over the four,
   with one scale per core ("tensor"), per slice of the right bond ("right") and per slice of the
   larger bond ("larger", what ``quantize`` does), and the scales each takes.
+- ``equal``: the same matrices at exactly the bytes of a float32 MPO at 10x / 30x, stored with int8
+  cores as the protocol's ``mpo-int8`` row sizes them (entries + 4 bytes a scale within the bytes),
+  with one scale per core or per slice of the larger bond: entries, scales, and the error of the
+  rounded MPO against the dense weights (truncation and rounding together).
 - ``g2p``: g2p-en compressed as examples/g2p/table.py's ``mpo`` method (layout search) at 2x and 5x
   (no fine-tuning) and at 10x and 30x distilled as that table does (KL, Adam 3e-3, 64-word
   batches, ``--distill-steps``): agreement with the original model's greedy predictions on the
@@ -115,6 +119,41 @@ def error_part() -> list[dict]:
     return rows
 
 
+def equal_bytes_part() -> list[dict]:
+    sys.path.insert(0, str(G2P))
+    from g2p_model import load_g2p
+
+    dense = load_g2p()
+    weights = {(m, w): getattr(getattr(dense, m), w).detach() for m in ("encoder", "decoder")
+               for w in ("weight_ih_l0", "weight_hh_l0")}
+    rows = []
+    for layout in LAYOUTS:
+        for ratio in RATIOS:
+            row = {"layout": layout, "ratio": ratio, "bytes": 4 * int(sum(w.numel() for w in weights.values()) / ratio)}
+            for scheme in ("tensor", "larger"):
+                entries = row["bytes"]
+                for _ in range(4):  # as the mpo-int8 row: leave room for the scales
+                    config = mpolstm.CompressionConfig(target_modules=["encoder", "decoder"], max_params=entries,
+                                                       layout=layout)
+                    model = mpolstm.compress(load_g2p(), config)[0]
+                    rounded = {(m, w): [_round(c.detach(), scheme) for c in cores] for m in ("encoder", "decoder")
+                               for w, cores in getattr(model, m).mpo_weights().items()}
+                    scales = sum(n for cores in rounded.values() for _, n in cores)
+                    count = sum(c.numel() for cores in rounded.values() for c, _ in cores)
+                    if count + 4 * scales <= row["bytes"]:
+                        break
+                    entries = row["bytes"] - 4 * scales
+                err = sum(float((mpo_math.cores_to_matrix([c for c, _ in cores], transpose=True) - weights[k]).norm()
+                                ** 2) for k, cores in rounded.items())
+                ref = sum(float(w.norm() ** 2) for w in weights.values())
+                row[scheme] = {"entries": count, "scales": scales, "rel_error_vs_dense": (err / ref) ** 0.5}
+            print(f"g2p {layout:11s} {ratio:g}x, {row['bytes']:,} B  " + "  ".join(
+                f"{s}: {row[s]['entries']:,} entries + {row[s]['scales']} scales, error vs dense "
+                f"{row[s]['rel_error_vs_dense']:.5f}" for s in ("tensor", "larger")), flush=True)
+            rows.append(row)
+    return rows
+
+
 G2P_MODELS = ((2.0, 0), (5.0, 0), (10.0, None), (30.0, None))
 """(ratio, distillation steps; None: --distill-steps) of the g2p models whose agreement is measured."""
 
@@ -158,14 +197,14 @@ def g2p_part(distill_steps: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="bytes,error,g2p")
+    parser.add_argument("--parts", default="bytes,error,equal,g2p")
     parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
     parser.add_argument("--distill-steps", type=int, default=1200, help="g2p at 10x and 30x: distillation steps "
                         "(examples/g2p/table.py's default).")
     parser.add_argument("--scratch", type=Path, default=Path("results/bench_int8"), help="Folder for the saved models.")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    parts = {"bytes": lambda: bytes_part(args.scratch), "error": error_part, "g2p": lambda: g2p_part(args.distill_steps)}
+    parts = {"bytes": lambda: bytes_part(args.scratch), "error": error_part, "equal": equal_bytes_part, "g2p": lambda: g2p_part(args.distill_steps)}
     start = time.perf_counter()
     results = {name: parts[name]() for name in args.parts.split(",")}
     results["seconds"] = time.perf_counter() - start

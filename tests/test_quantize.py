@@ -136,3 +136,25 @@ def test_int8_and_float_tensors_in_the_wrong_place_are_refused(tmp_path):
     rewrite(path, edit_config=lambda c: c["modules"]["lstm"]["config"].update({"int8": "yes"}))
     with pytest.raises(ValueError, match="invalid MPOLSTM config: config field 'int8' must be true or false"):
         io.load(path, Net())
+
+
+def test_tied_weights_quantize_save_load_and_inspect(tmp_path):
+    """A decoder tied to the embedding (a SharedLinear) uses the owner's int8 cores, in memory and after load."""
+    from test_tied import TiedLM
+
+    from mpolstm.harness.usermodels import describe_folder
+
+    torch.manual_seed(0)
+    model, _ = mpolstm.compress(TiedLM(), mpolstm.CompressionConfig(target_modules=["encoder", "decoder", "rnn"],
+                                                                    target_ratio=4))
+    mpolstm.quantize(model).eval()
+    assert model.encoder.int8 and model.rnn.int8 and not hasattr(model.decoder, "int8")
+    tokens = torch.randint(0, 200, (7, 2))
+    loaded = io.load(io.save(model, tmp_path / "m"), TiedLM()).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+    assert loaded.decoder.owner is loaded.encoder
+    rows = {r["weight"]: r for r in describe_folder(tmp_path / "m")}
+    assert set(rows) == {"encoder.weight", *(f"rnn.{w}" for w in model.rnn.mpo_weights())}
+    assert {r["stored"] for r in rows.values()} == {"int8"}
+    assert rows["encoder.weight"]["bytes"] == sum(c.numel() + 4 * max(c.shape[0], c.shape[3]) for c in model.encoder.cores)

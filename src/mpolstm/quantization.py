@@ -8,15 +8,14 @@ shape (D_l, 1, 1, 1) when D_l > D_r, else D_r of shape (1, 1, 1, D_r)): s = max 
 :func:`mpolstm.save` then writes q as int8 with the scales (1 byte an entry + 4 bytes a scale, the
 bytes :mod:`mpolstm.storage` counts), and :func:`mpolstm.load` restores the cores bit-exactly.
 
-The model keeps running in float32 on the dequantized cores (no int8 kernel). Training after
+The model keeps computing in its float dtype on the dequantized cores (no int8 kernel). Training after
 quantize moves the cores off their grids: ``save`` then refuses, and calling :func:`quantize` again
 puts them back.
 
-Why per slice along the larger bond: on g2p-en's four trained GRU matrices (examples/g2p; measured
-with benchmarks/bench_int8.py) the relative error that int8 adds to the rebuilt weights is, at 10x /
-30x, 0.0187 / 0.0176 per tensor, 0.0148 / 0.0146 per slice of the right bond and 0.0137 / 0.0117
-per slice of the larger bond (interleaved layout; with the layout search 0.0181 / 0.0142 per tensor
-against 0.0112 / 0.0103), for a few hundred scales (<= 1.5% more bytes).
+Why per slice along the larger bond: on g2p-en's four trained GRU matrices (examples/g2p) the error
+that rounding adds to the rebuilt weights is 1.3-1.6x lower than with one scale per core (and below
+one scale per slice of the right bond), for 0.2-4% more bytes at 10x-30x (8% for a 3 KB layer at
+100x); docs/results.md ("int8 cores") has the numbers and benchmarks/bench_int8.py the commands.
 """
 
 from __future__ import annotations

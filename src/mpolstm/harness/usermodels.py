@@ -167,14 +167,14 @@ def describe_folder(folder: Path) -> list[dict[str, Any]]:
         with torch.device("meta"):
             probe = cls.from_config(entry["config"])
             shapes = _torch_shapes(probe)
-        prefix = f"{name}." if name else ""
+        prefix, int8 = f"{name}." if name else "", getattr(probe, "int8", False)  # shared layers have no cores
         parts = {w: ([f"{prefix}{probe._cores_attr(w)}.{k}" for k in range(len(cores))],
-                     [f"{prefix}{probe._scales_attr(w)}.{k}" for k in range(len(cores))] if probe.int8 else [])
+                     [f"{prefix}{probe._scales_attr(w)}.{k}" for k in range(len(cores))] if int8 else [])
                  for w, cores in probe.mpo_weights().items()}
         missing = [k for keys, scales in parts.values() for k in keys + scales if k not in tensors]
         if missing:
             raise ValueError(f"{verified.weights_file}: missing cores or scales {missing[:3]} of module {name!r}")
-        values = dequantize_cores(tensors, [(name, probe)], verified.weights_file) if probe.int8 else tensors
+        values = dequantize_cores(tensors, [(name, probe)], verified.weights_file) if int8 else tensors
         for wname, (keys, scales) in parts.items():
             mpo = MPO([values[k].double() for k in keys])
             weight = f"{prefix}{wname}"
@@ -187,7 +187,7 @@ def describe_folder(folder: Path) -> list[dict[str, Any]]:
                    {"recorded_error": entry.get("errors", {}).get(wname)}),
                 "entropy": [float(e) for e in mpo.entanglement_entropy()],
                 "distill_steps": record["distill_steps"] if record else 0,
-                "stored": "int8" if probe.int8 else str(tensors[keys[0]].dtype).removeprefix("torch."),
+                "stored": "int8" if int8 else str(tensors[keys[0]].dtype).removeprefix("torch."),
                 "bytes": sum(tensors[k].numel() * tensors[k].element_size() for k in keys + scales),
             })
     return rows
