@@ -18,9 +18,9 @@ def kernels(monkeypatch):
     from mpolstm.nn import base
 
     calls = []
-    split, halves, rebuild = mpo.split_matmul, base._halves_matmul, mpo.cores_to_matrix
+    split, halves, rebuild = mpo.split_matmul, base.halves_matmul, mpo.cores_to_matrix
     monkeypatch.setattr(mpo, "split_matmul", lambda x, cores, at: calls.append("cores") or split(x, cores, at))
-    monkeypatch.setattr(base, "_halves_matmul", lambda x, prepared: calls.append("halves") or halves(x, prepared))
+    monkeypatch.setattr(base, "halves_matmul", lambda x, prepared: calls.append("halves") or halves(x, prepared))
     monkeypatch.setattr(mpo, "cores_to_matrix",
                         lambda cores, transpose=False: calls.append("rebuild") or rebuild(cores, transpose))
     return calls

@@ -219,9 +219,12 @@ def test_an_out_that_cannot_be_created_is_one_line(tmp_path):
 
 
 def test_make_demo_passes_args_and_the_resume_message_says_how():
-    proc = subprocess.run(["make", "-n", "demo", "ARGS=--resume --seed 3"], cwd=ROOT, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # under `make test`
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "demo", "ARGS=--resume --seed 3"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1].endswith("mpolstm demo --resume --seed 3")
+    demo = [line for line in proc.stdout.splitlines() if "mpolstm demo" in line]
+    assert demo and demo[-1].endswith("/mpolstm demo --resume --seed 3"), proc.stdout
     from mpolstm.harness.protocol.run import RESUME_WITH_MAKE
 
     assert "make demo ARGS=--resume" in RESUME_WITH_MAKE

@@ -3,7 +3,7 @@
 For every torch type in ``mpolstm.nn.registry``: the exact conversion equals torch in float64 and keeps
 the source's mode and dtype; compress under a budget, with and without calibration; save/load is
 bit-exact, with float or int8 cores (mpolstm.quantize; the file then holds exactly the bytes mpolstm.storage
-counts); dense, TorchScript and ONNX (in onnxruntime) exports reproduce the model; pruning works
+counts); dense, TorchScript and ONNX (in onnxruntime) exports, in both runtimes, reproduce the model; pruning works
 on the dense model; one distillation step lowers the loss. A type registered without a sample here
 fails ``test_every_registered_type_has_a_sample``.
 """
@@ -206,7 +206,8 @@ def test_int8_cores_run_and_save_bit_exact_at_the_counted_bytes(torch_type, tmp_
 
 
 @pytest.mark.parametrize("torch_type", TYPES, ids=lambda t: t.__name__)
-def test_exports_reproduce_the_model(torch_type, tmp_path):
+@pytest.mark.parametrize("runtime", ["factorized", "dense"])
+def test_exports_reproduce_the_model(torch_type, runtime, tmp_path):
     model = host(torch_type)
     compress(model, CompressionConfig(target_modules=["layer"], max_bond=3))
     model.eval()
@@ -217,12 +218,12 @@ def test_exports_reproduce_the_model(torch_type, tmp_path):
     assert type(dense.layer) is torch_type
     torch.testing.assert_close(dense(x), expected, atol=1e-5, rtol=1e-4)
     assert (export_model(model, "dense", tmp_path / "dense") / io.WEIGHTS_FILE).is_file()
-    traced = torch.jit.load(str(export_model(model, "torchscript", tmp_path / "m.pt", (x,))))
+    traced = torch.jit.load(str(export_model(model, "torchscript", tmp_path / "m.pt", (x,), runtime=runtime)))
     with torch.no_grad():
         torch.testing.assert_close(traced(other), expected_other, atol=1e-5, rtol=1e-4)
     pytest.importorskip("onnx", reason="onnx is not installed")
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    path = export_model(model, "onnx", tmp_path / "m.onnx", (x,))
+    path = export_model(model, "onnx", tmp_path / "m.onnx", (x,), runtime=runtime)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input0": other.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), expected_other, atol=1e-4, rtol=1e-4)

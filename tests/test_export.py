@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mpolstm.compression import CompressionConfig, compress, is_mpo_module
-from mpolstm.export import densify, export_model, export_onnx, export_torchscript
+from mpolstm.export import onnx_weight_bytes, densify, export_model, export_onnx, export_torchscript
 from mpolstm.nn import MPOGRU, MPOLSTM
 from mpolstm.harness.tasks import example_inputs, export_task_model, load_model
 from mpolstm.harness.tasks.ptb import WordLM
@@ -93,7 +93,7 @@ def test_torchscript_keeps_the_cores_and_matches_eager(spec, tmp_path):
     else:
         model = _compressed(SeqClassifier(**SEQCLS["kwargs"]), ["lstm"])
     model(*example_inputs(spec))  # fill the eval cache (and WordLM's state): must not leak into the file
-    path = export_torchscript(model, example_inputs(spec), tmp_path / "model.pt")
+    path = export_torchscript(model, example_inputs(spec), tmp_path / "model.pt", runtime="dense")
     loaded = torch.jit.load(str(path))
     new = example_inputs(spec, batch=3, steps=8)  # other batch and length than traced
     with torch.no_grad():
@@ -101,7 +101,7 @@ def test_torchscript_keeps_the_cores_and_matches_eager(spec, tmp_path):
     torch.testing.assert_close(got, _eager(model, *new), atol=1e-5, rtol=1e-4)
     # the graph rebuilds the weights from the cores: no baked tensors, smaller than the dense trace
     assert dict(loaded.code_with_constants[1].const_mapping) == {}
-    dense_path = export_torchscript(densify(model), example_inputs(spec), tmp_path / "dense.pt")
+    dense_path = export_torchscript(densify(model), example_inputs(spec), tmp_path / "dense.pt", runtime="dense")
     assert os.path.getsize(path) < os.path.getsize(dense_path)
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
 
@@ -123,17 +123,20 @@ def test_onnx_seqcls_with_mpolstm_runs_in_onnxruntime(seqcls, tmp_path):
     _onnx_matches(seqcls, SEQCLS, path)
 
 
-def test_onnx_speech_mask_estimator_with_mpolstm_runs_in_onnxruntime(tmp_path):
+@pytest.mark.parametrize("runtime", ["dense", "factorized"])
+def test_onnx_speech_mask_estimator_with_mpolstm_runs_in_onnxruntime(runtime, tmp_path):
     onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install onnx)")
     torch.manual_seed(3)
     model = _compressed(MaskEstimator(**SPEECH["kwargs"]), ["lstm"])
     assert isinstance(model.lstm, MPOLSTM)
-    path = export_task_model(model, SPEECH, "onnx", tmp_path / "speech.onnx")
-    _onnx_matches(model, SPEECH, path)  # mask, h_n and c_n
-    graph = onnx.load(str(path)).graph
-    assert "LSTM" in {n.op_type for n in graph.node}
-    stored = sum(int(torch.tensor(list(i.dims)).prod()) for i in graph.initializer)
-    assert stored < sum(p.numel() for p in densify(model).parameters())  # cores, not dense weights
+    path = export_task_model(model, SPEECH, "onnx", tmp_path / "speech.onnx", runtime)
+    _onnx_matches(model, SPEECH, path)  # mask, h_n and c_n, at another length than traced
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    # dense: the graph rebuilds the weights and runs ONNX's LSTM; factorized: a Loop over time of products
+    # through the factors, and no LSTM op
+    assert ("LSTM" in ops, "Loop" in ops) == ((True, False) if runtime == "dense" else (False, True))
+    dense_bytes = 4 * sum(p.numel() for p in densify(model).parameters())
+    assert onnx_weight_bytes(path) < dense_bytes  # cores (or merged halves), not dense weights
 
 
 class _ReturnsInt(nn.Module):
@@ -239,3 +242,62 @@ def test_task_registry_errors_name_what_is_known():
     with pytest.raises(ValueError, match="already registered"):
         register_task(TaskType("ptb", SeqClassifier, seqcls.make_task, seqcls.SIZES, seqcls.example_inputs))
     assert get_task("ptb") is ptb.TASK
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_export_step_runs_frame_by_frame_like_the_sequence(kind, fmt, tmp_path):
+    """The exported step, fed its own state back, reproduces the model on the whole sequence."""
+    from mpolstm.export import export_step
+    from mpolstm.nn import MPOGRU, MPORNN
+
+    torch.manual_seed(4)
+    cls = {"lstm": MPOLSTM, "gru": MPOGRU, "rnn": MPORNN}[kind]
+    model = cls(48, 64, num_layers=2, bond_dim=3).eval()
+    path = export_step(model, tmp_path / f"step.{fmt}", fmt=fmt)
+    x = torch.randn(6, 3, 48)  # another batch size than the example frame's
+    with torch.no_grad():
+        expected, expected_state = model(x)
+    states = [torch.zeros(2, 3, 64)] * (2 if kind == "lstm" else 1)
+    if fmt == "onnx":
+        ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        assert names == ["frame", *[f"state{k}" for k in range(len(states))]]
+        run = lambda frame, st: [torch.from_numpy(a) for a in session.run(  # noqa: E731
+            None, dict(zip(names, [frame.numpy(), *[s.numpy() for s in st]])))]
+        # the merged halves of the chains (and biases), far below the dense weights
+        assert onnx_weight_bytes(path) < 4 * sum(w.numel() for w in model.to_torch().parameters()) / 5
+    else:
+        loaded = torch.jit.load(str(path))
+        run = lambda frame, st: list(loaded(frame, *st))  # noqa: E731
+    outs = []
+    for frame in x:
+        out, *states = run(frame, states)
+        outs.append(out)
+    torch.testing.assert_close(torch.stack(outs), expected, atol=1e-5, rtol=1e-4)
+    final = expected_state if isinstance(expected_state, tuple) else (expected_state,)
+    for got, want in zip(states, final, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_export_step_of_a_model_with_step_and_bad_input(tmp_path):
+    from mpolstm.export import export_step
+
+    torch.manual_seed(5)
+    model = _compressed(MaskEstimator(**SPEECH["kwargs"]), ["lstm"]).eval()
+    feat = torch.randn(2, 257)
+    path = export_step(model, tmp_path / "mask.pt", fmt="torchscript", frame=feat)
+    loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        mask, state = model.step(feat)
+        got = loaded(feat, torch.zeros_like(state[0]), torch.zeros_like(state[1]))
+    torch.testing.assert_close(got[0], mask, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="give an example frame"):
+        export_step(model, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="has no step"):
+        export_step(nn.Linear(3, 4), tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="unknown step export format 'tflite'"):
+        export_step(model, tmp_path / "m.onnx", fmt="tflite", frame=feat)
+    with pytest.raises(ValueError, match="cannot run a bidirectional layer"):
+        export_step(MPOLSTM(4, 6, bidirectional=True, bond_dim=2), tmp_path / "m.onnx")

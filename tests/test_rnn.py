@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from mpolstm import mpo
 from mpolstm.calibration import collect_moments
 from mpolstm.nn import MPOGRU, MPOLSTM, MPORNN
+from mpolstm.nn.base import set_factorized
 from mpolstm.nn.registry import layer_type
 
 F64 = torch.float64
@@ -566,3 +567,54 @@ def test_rnn_registry_conversion_and_calibration_moments():
     rev = torch.cat([out[:, 1:, 5:], torch.zeros(3, 1, 5, dtype=F64)], 1).reshape(-1, 5)
     torch.testing.assert_close(m["weight_hh_l1"], fwd.T @ fwd / fwd.shape[0])
     torch.testing.assert_close(m["weight_hh_l1_reverse"], rev.T @ rev / rev.shape[0])
+
+
+# ----------------------------------------------------------------------------- factorized runtime
+
+
+@pytest.mark.parametrize("kind,bidirectional,batch_first,batched,with_state",
+                         [(k, *c) for k in KINDS for c in itertools.product([False, True], [False, True],
+                                                                            [True, False], [False, True])])
+def test_factorized_runtime_equals_torch_with_gradients(kind, bidirectional, batch_first, batched, with_state,
+                                                         kernels):
+    ref, m = make_pair(kind, num_layers=2, bidirectional=bidirectional, batch_first=batch_first)
+    set_factorized(m)
+    x = torch.randn(*((N, T) if batch_first else (T, N)) if batched else (T,), I, dtype=F64, requires_grad=True)
+    state = initial_state(kind, ref, N if batched else None) if with_state else None
+    kernels.clear()
+    (out_r, hid_r), (out_m, hid_m) = [run(mod, x, state, False, None, batch_first) for mod in (ref, m)]
+    assert "rebuild" not in kernels  # no dense weight is formed
+    torch.testing.assert_close(out_m, out_r, atol=1e-12, rtol=0)
+    for a, b in zip(hid_m, hid_r, strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-12)
+    leaves = [x, *state_leaves(state)]
+    losses = [out.pow(2).sum() + sum((h * torch.arange(h.numel(), dtype=F64).view_as(h)).sum() for h in hid)
+              for out, hid in ((out_r, hid_r), (out_m, hid_m))]
+    grads_r, grads_m = (torch.autograd.grad(loss, leaves, retain_graph=True) for loss in losses)
+    for a, b in zip(grads_m, grads_r, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+    for loss in losses:
+        loss.backward()
+    for name, param in ref.named_parameters():  # biases directly, cores as dL/dW pulled back through the rebuild
+        if name.startswith("bias"):
+            assert torch.allclose(getattr(m, name).grad, param.grad, atol=1e-10), name
+        else:
+            cores = list(getattr(m, f"{name}_cores"))
+            expected = torch.autograd.grad(m._rebuild(name), cores, grad_outputs=param.grad)
+            for core, want in zip(cores, expected, strict=True):
+                assert torch.allclose(core.grad, want, atol=1e-10), name
+
+
+def test_factorized_runtime_refuses_packed_input_and_projections():
+    ref, m = make_pair("lstm", proj_size=P)
+    set_factorized(m)
+    with pytest.raises(ValueError, match="factorized runtime runs padded sequences without proj_size"):
+        m(torch.randn(T, N, I, dtype=F64))
+    _, m = make_pair("gru")
+    set_factorized(m)
+    with pytest.raises(ValueError, match="a PackedSequence or proj_size > 0 needs the dense runtime"):
+        m(pack_padded_sequence(torch.randn(T, N, I, dtype=F64), torch.tensor([T, 3, 2])))
+    with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size"):
+        m(torch.randn(T, N, I + 1, dtype=F64))
+    with pytest.raises(RuntimeError, match=r"Expected hidden size \(1, 3, 10\), got \[1, 2, 10\]"):
+        m(torch.randn(T, N, I, dtype=F64), torch.zeros(1, 2, H, dtype=F64))

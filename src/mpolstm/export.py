@@ -2,19 +2,36 @@
 
 One function per format (``mpolstm export MODEL --format ... --out PATH`` calls :func:`export_model`):
 
-- ``export_torchscript(model, example_inputs, path) -> Path``: one TorchScript file (``torch.jit.load``).
-  The MPO model itself is traced in eval mode, so the file holds the MPO cores and the graph rebuilds
-  each dense weight from them on every call before torch's fused LSTM/GRU kernel runs: the file is
-  as small as the compressed model. Outputs are checked against eager mode on the example inputs.
-- ``export_onnx(model, example_inputs, path, opset=17) -> Path``: one ONNX file (TorchScript-based
-  exporter), also holding the cores. Every axis of an integer input and every axis but the last of
+- ``export_torchscript(model, example_inputs, path, runtime="factorized") -> Path``: one TorchScript
+  file (``torch.jit.load``), the model traced in eval mode. Outputs are checked against eager mode on
+  the example inputs.
+- ``export_onnx(model, example_inputs, path, opset=17, runtime="factorized") -> Path``: one ONNX file
+  (TorchScript-based exporter). Every axis of an integer input and every axis but the last of
   a float input is dynamic (batch, time); likewise every axis but the last of each output. Inputs
   are named ``input0, input1, ...`` and the flattened outputs ``output0, output1, ...`` (for the
   speech MaskEstimator: mask, h_n, c_n). Needs the ``onnx`` package.
 - ``export_dense(model, path) -> Path``: the :func:`densify`'d model written by :func:`mpolstm.io.save`
   (a folder with no MPO module inside). ``densify(model)`` alone gives the dense nn.Module.
-- ``export_model(model, fmt, path, example_inputs=None)``: the dispatcher; the traced formats
-  need the example inputs from the caller (the task commands build them from the architecture).
+- ``export_step(model, path, fmt="onnx", frame=None) -> Path``: the streaming step of a model with
+  ``step(frame, state) -> (output, state)`` (MPOLSTM / MPOGRU / MPORNN, or a model built on them):
+  inputs ``frame`` and ``state0, state1, ...``, outputs ``output`` and ``new_state0, ...``; what a
+  real-time application calls per frame. Always the factorized runtime.
+- ``export_model(model, fmt, path, example_inputs=None, runtime="factorized")``: the dispatcher;
+  the traced formats need the example inputs from the caller (the task commands build them).
+
+Runtimes of the traced formats (``RUNTIMES``):
+
+- ``"factorized"`` (the default): every MPO product runs through the cores, or through the chain
+  merged into two halves once at export (graph constants): no dense weight of an MPO layer is ever
+  formed, so the run-time weight memory is that of the factors, and a recurrent layer computes the
+  input products of all time steps in one batched product, then loops over time (an ONNX ``Loop``,
+  dynamic length) with the factorized W_hh. Convolutions keep their (small) rebuilt kernel, and
+  recurrent layers with ``proj_size`` or PackedSequence input need ``"dense"``.
+- ``"dense"``: the graph holds the cores and rebuilds every dense weight from them on each call,
+  then runs torch's fused kernels (ONNX's LSTM/GRU/RNN ops): the smallest file (the cores alone),
+  dense weight memory and dense speed at run time. Better for long sequences at large batch with
+  mild compression, where the fused dense kernel beats a loop of small products
+  (docs/benchmarks.md).
 
 Traced exports (TorchScript, ONNX) record one run on the example inputs: what they serve is the
 eval-mode forward from a zero initial state (every module's ``clear_cache()`` runs first: MPO
@@ -41,11 +58,14 @@ from torch import Tensor, nn
 
 from .atomic import atomic_write_bytes, make_temp_dir
 from .io import save
+from .nn.base import set_factorized
 from .nn.registry import is_mpo_module, layer_type_of_mpo, replace_module
 
-__all__ = ["FORMATS", "densify", "export_dense", "export_model", "export_onnx", "export_torchscript"]
+__all__ = ["FORMATS", "RUNTIMES", "densify", "export_dense", "export_model", "export_onnx", "export_step",
+           "export_torchscript", "onnx_weight_bytes"]
 
 FORMATS = ("torchscript", "onnx", "dense")
+RUNTIMES = ("factorized", "dense")
 
 # expected noise from tracing and the TorchScript ONNX exporter, silenced while exporting
 _QUIET = ("`torch.jit.trace", "You are using the legacy TorchScript-based ONNX export",
@@ -149,25 +169,40 @@ def _flatten(value: Any, where: str = "output") -> list[Tensor]:
 
 
 def _fresh(model: nn.Module) -> nn.Module:
-    """Drop what a forward leaves behind: every module's ``clear_cache()`` runs (MPO RNN eval
-    caches, state a model carries across calls)."""
+    """Drop what a forward leaves behind: every module's ``clear_cache()`` runs (state a model
+    carries across calls; the MPO modules' eval caches, except in the factorized runtime, where the
+    cached merged halves are what the graph should hold as constants)."""
     for module in model.modules():
         clear = getattr(module, "clear_cache", None)
-        if callable(clear):
+        if callable(clear) and not getattr(module, "factorized", False):
             clear()
     return model
 
 
-def _export_copy(model: nn.Module) -> nn.Module:
-    """An eval-mode copy whose MPO layers rebuild their weights inside the traced graph: the eval
-    cache (which would bake the dense weights in as constants) is off while the cores require
-    grad and grad mode is on; carried state is dropped (``_fresh``)."""
+def _warm(model: nn.Module, inputs: tuple[Tensor, ...]) -> nn.Module:
+    """Fill the factorized runtime's caches outside the trace (built inside, their construction would
+    be recorded and rerun on every call), then drop carried state."""
+    if any(getattr(m, "factorized", False) for m in model.modules()):
+        with _quiet(), torch.no_grad():
+            model(*inputs)
+    return _fresh(model)
+
+
+def _export_copy(model: nn.Module, runtime: str) -> nn.Module:
+    """An eval-mode copy prepared for tracing (carried state dropped, ``_fresh``). "dense": the eval
+    cache (which would bake the dense weights in as constants) is off, because the cores require grad
+    and the trace records grad, so the graph rebuilds the weights. "factorized": the MPO modules
+    run factorized and the trace runs without grad, so each chain's merged halves are built once
+    and become constants of the graph."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"export expects an nn.Module, got {type(model).__name__}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
     out = _fresh(copy.deepcopy(model).eval())
+    set_factorized(out, runtime == "factorized")
     for p in out.parameters():
         if p.is_floating_point():
-            p.requires_grad_(True)
+            p.requires_grad_(runtime == "dense")
     return out
 
 
@@ -190,10 +225,11 @@ def _quiet() -> Iterator[None]:
 
 
 def _trace(model: nn.Module, inputs: tuple[Tensor, ...]) -> torch.jit.ScriptModule:
-    """Trace the MPO model (see _export_copy) and check it reproduces eager mode on ``inputs``."""
+    """Trace the prepared copy (see _export_copy) and check it reproduces eager mode on ``inputs``."""
+    record = torch.enable_grad() if any(p.requires_grad for p in model.parameters()) else torch.no_grad()
     try:
-        with _quiet(), torch.enable_grad():
-            traced = torch.jit.trace(_fresh(model), inputs, check_trace=False)
+        with _quiet(), record:
+            traced = torch.jit.trace(_warm(model, inputs), inputs, check_trace=False)
         with _quiet(), torch.no_grad():
             expected = _flatten(_fresh(model)(*inputs))
             got = _flatten(traced(*inputs))
@@ -211,64 +247,137 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...]) -> torch.jit.ScriptModu
     return traced
 
 
-def export_torchscript(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
-                       path: str | os.PathLike) -> Path:
-    """Trace ``model`` (eval mode, MPO cores kept) on ``example_inputs`` and write the TorchScript
-    file ``path``; ``torch.jit.load(path)(*inputs)`` equals ``model.eval()(*inputs)``."""
-    path = _check_file_target(path)
-    inputs = _as_tuple(example_inputs)
-    traced = _trace(_export_copy(model), inputs)
+def _write_torchscript(work: nn.Module, inputs: tuple[Tensor, ...], path: Path) -> Path:
     buffer = io.BytesIO()
-    torch.jit.save(traced, buffer)
+    torch.jit.save(_trace(work, inputs), buffer)
     atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
-def _dynamic_axes(inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> dict[str, dict[int, str]]:
+def export_torchscript(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
+                       path: str | os.PathLike, runtime: str = "factorized") -> Path:
+    """Trace ``model`` (eval mode, ``runtime`` as in the module docstring) on ``example_inputs`` and
+    write the TorchScript file ``path``; ``torch.jit.load(path)(*inputs)`` equals ``model.eval()(*inputs)``."""
+    path = _check_file_target(path)
+    return _write_torchscript(_export_copy(model, runtime), _as_tuple(example_inputs), path)
+
+
+def _dynamic_axes(inputs: Sequence[Tensor], outputs: Sequence[Tensor], input_names: Sequence[str],
+                  output_names: Sequence[str]) -> dict[str, dict[int, str]]:
     axes: dict[str, dict[int, str]] = {}
-    for kind, tensors in (("input", inputs), ("output", outputs)):
-        for i, t in enumerate(tensors):
+    for kind, tensors, names in (("input", inputs, input_names), ("output", outputs, output_names)):
+        for name, t in zip(names, tensors):
             fixed_last = t.is_floating_point() or kind == "output"
             dims = range(t.dim() - 1 if fixed_last else t.dim())
             if dims:
-                axes[f"{kind}{i}"] = {d: f"{kind}{i}_dim{d}" for d in dims}
+                axes[name] = {d: f"{name}_dim{d}" for d in dims}
     return axes
 
 
-def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike,
-                opset: int = 17) -> Path:
-    """Export ``model`` (eval mode, MPO cores kept) to the ONNX file ``path`` with the TorchScript
-    exporter at ``opset``; names and dynamic axes as in the module docstring."""
-    path = _check_file_target(path)
-    inputs = _as_tuple(example_inputs)
-    work = _export_copy(model)
+def _write_onnx(work: nn.Module, inputs: tuple[Tensor, ...], path: Path, opset: int,
+                input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None) -> Path:
     _trace(work, inputs)  # a clear ValueError for untraceable models before the exporter runs
     with torch.no_grad():
         outputs = _flatten(_fresh(work)(*inputs))
-    _fresh(work)
-    input_names = [f"input{i}" for i in range(len(inputs))]
-    output_names = [f"output{i}" for i in range(len(outputs))]
+    _warm(work, inputs)
+    input_names = list(input_names or [f"input{i}" for i in range(len(inputs))])
+    output_names = list(output_names or [f"output{i}" for i in range(len(outputs))])
+    record = torch.enable_grad() if any(p.requires_grad for p in work.parameters()) else torch.no_grad()
     buffer = io.BytesIO()
     try:
-        with _quiet(), torch.enable_grad():
+        with _quiet(), record:
             torch.onnx.export(work, inputs, buffer, dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names,
-                              dynamic_axes=_dynamic_axes(inputs, outputs))
+                              dynamic_axes=_dynamic_axes(inputs, outputs, input_names, output_names))
     except Exception as exc:
-        raise ValueError(f"cannot export {type(model).__name__} to ONNX (opset {opset}): "
+        raise ValueError(f"cannot export {type(work).__name__} to ONNX (opset {opset}): "
                          f"{_first_line(exc)}") from exc
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike,
+                opset: int = 17, runtime: str = "factorized") -> Path:
+    """Export ``model`` (eval mode, ``runtime`` as in the module docstring) to the ONNX file ``path``
+    with the TorchScript exporter at ``opset``; names and dynamic axes as in the module docstring."""
+    path = _check_file_target(path)
+    return _write_onnx(_export_copy(model, runtime), _as_tuple(example_inputs), path, opset)
+
+
+def onnx_weight_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the initializers (the weights held at run time) of the ONNX file ``path``."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    return sum(numpy_helper.to_array(t).nbytes for t in graph.initializer) + _constant_bytes(graph)
+
+
+def _constant_bytes(graph) -> int:
+    """Bytes of the tensors held by Constant nodes, in ``graph`` and its subgraphs (a Loop's body)."""
+    from onnx import numpy_helper
+
+    total = 0
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == attr.TENSOR:
+                total += numpy_helper.to_array(attr.t).nbytes
+            elif attr.type == attr.GRAPH:
+                total += sum(numpy_helper.to_array(t).nbytes for t in attr.g.initializer) + _constant_bytes(attr.g)
+    return total
+
+
+# ----------------------------------------------------------------------------- streaming step
+
+
+class _Step(nn.Module):
+    """``forward(frame, *state) -> (output, *new_state)``: a model's ``step`` with flat tensors."""
+
+    def __init__(self, model: nn.Module, single_state: bool) -> None:
+        super().__init__()
+        self.model, self.single_state = model, single_state
+
+    def forward(self, frame: Tensor, *state: Tensor):
+        output, new = self.model.step(frame, state[0] if self.single_state else tuple(state))
+        return (output, *_flatten(new, "new state"))
+
+
+def export_step(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", frame: Tensor | None = None,
+                opset: int = 17) -> Path:
+    """Export the streaming step of ``model`` (it must have ``step(frame, state) -> (output, state)``,
+    state a tensor or a tuple of tensors, None meaning zeros) in the factorized runtime to ``path``
+    as "onnx" or "torchscript". ``frame`` is an example frame (N, features); default: zeros (1,
+    input_size) for a recurrent MPO layer. The file's inputs are the frame and the state tensors, its
+    outputs the output and the new state (names in the module docstring); checked against eager."""
+    if fmt not in ("onnx", "torchscript"):
+        raise ValueError(f"unknown step export format {fmt!r}; expected onnx or torchscript")
+    if not callable(getattr(model, "step", None)):
+        raise ValueError(f"{type(model).__name__} has no step(frame, state) method to export")
+    path = _check_file_target(path)
+    work = _export_copy(model, "factorized")
+    if frame is None:
+        if not isinstance(getattr(work, "input_size", None), int):
+            raise ValueError(f"give an example frame: {type(model).__name__} has no input_size to make one")
+        frame = next(work.parameters()).new_zeros(1, work.input_size)
+    with torch.no_grad():
+        _, state = work.step(frame, None)
+    states = _flatten(state, "state")
+    wrapper = _Step(work, isinstance(state, Tensor))
+    inputs = (frame, *states)
+    if fmt == "torchscript":
+        return _write_torchscript(wrapper, inputs, path)
+    names = [f"state{i}" for i in range(len(states))]
+    return _write_onnx(wrapper, inputs, path, opset, ["frame", *names], ["output", *[f"new_{n}" for n in names]])
 
 
 # ----------------------------------------------------------------------------- dispatch
 
 
 def export_model(model: nn.Module, fmt: str, path: str | os.PathLike,
-                 example_inputs: Tensor | Sequence[Tensor] | None = None) -> Path:
+                 example_inputs: Tensor | Sequence[Tensor] | None = None, runtime: str = "factorized") -> Path:
     """Export ``model`` in format ``fmt`` (one of :data:`FORMATS`) to ``path`` (a file for
     torchscript/onnx, a folder for dense); the traced formats need ``example_inputs``
-    (floating ones are cast to the model's dtype). Returns ``path``."""
+    (floating ones are cast to the model's dtype) and take ``runtime`` (:data:`RUNTIMES`). Returns ``path``."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "dense":
@@ -279,4 +388,4 @@ def export_model(model: nn.Module, fmt: str, path: str | os.PathLike,
     first = next(model.parameters(), None)
     dtype = torch.float32 if first is None else first.dtype
     inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in _as_tuple(example_inputs))
-    return exporter(model, inputs, path)
+    return exporter(model, inputs, path, runtime=runtime)

@@ -474,12 +474,20 @@ class ExportFormat(str, Enum):
     dense = "dense"
 
 
+class Runtime(str, Enum):
+    factorized = "factorized"
+    dense = "dense"
+
+
 @app.command("export")
 def export_cmd(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="A saved model folder."),
-    fmt: ExportFormat = typer.Option(..., "--format", help="torchscript or onnx (one file, MPO cores kept, "
-                                     "weights rebuilt in the graph) or dense (a plain torch model folder)."),
+    fmt: ExportFormat = typer.Option(..., "--format", help="torchscript or onnx (one file) or dense (a plain "
+                                     "torch model folder)."),
     out: Path = typer.Option(..., help="Output file (torchscript, onnx) or folder (dense)."),
+    runtime: Runtime = typer.Option(Runtime.factorized, help="torchscript/onnx: factorized (products through the "
+                                    "factors, no dense weight at run time) or dense (the graph rebuilds the dense "
+                                    "weights, torch's fused kernels)."),
     factory: Optional[str] = typer.Option(None, help="For a folder of your own model: package.module:function "
                                           "building its dense architecture (default: the one compress recorded)."),
     inputs: Optional[Path] = typer.Option(None, help="For your own model's torchscript/onnx: a safetensors file "
@@ -495,15 +503,21 @@ def export_cmd(
     if (model_path / ARCHITECTURE_FILE).is_file() and factory is None:
         model, spec = _load_model(model_path)
         try:
-            written = export_task_model(model, spec, fmt.value, out)
+            written = export_task_model(model, spec, fmt.value, out, runtime.value)
         except ValueError as exc:
             _fail(str(exc))
     else:
-        written = _export_user_model(model_path, fmt.value, out, factory, inputs)
-    console.print(f"wrote {written}")
+        written = _export_user_model(model_path, fmt.value, out, factory, inputs, runtime.value)
+    if fmt.value == "onnx":
+        from ..export import onnx_weight_bytes
+
+        console.print(f"wrote {written} ({runtime.value} runtime, {onnx_weight_bytes(written):,} bytes of weights)")
+    else:
+        console.print(f"wrote {written}")
 
 
-def _export_user_model(folder: Path, fmt: str, out: Path, factory: Optional[str], inputs: Optional[Path]) -> Path:
+def _export_user_model(folder: Path, fmt: str, out: Path, factory: Optional[str], inputs: Optional[Path],
+                       runtime: str) -> Path:
     import json
 
     from ..export import export_model
@@ -519,7 +533,7 @@ def _export_user_model(folder: Path, fmt: str, out: Path, factory: Optional[str]
         _fail(f"--format {fmt} traces the model: pass --inputs FILE (safetensors with input0, input1, ...)")
     try:
         model = load(folder, build_model(factory, None)[0]).eval()
-        return export_model(model, fmt, out, None if inputs is None else read_inputs(inputs))
+        return export_model(model, fmt, out, None if inputs is None else read_inputs(inputs), runtime=runtime)
     except ValueError as exc:
         _fail(str(exc))
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -39,9 +39,11 @@ from .. import mpo as mpo_math
 from ..mpo import MPO, TruncationReport
 
 __all__ = ["MPOWeights", "SingleWeightMPO", "check_positive_int", "core_scale_shape", "default_factors",
-           "dequantize_int8", "init_cores_", "merged_halves", "quantize_core", "quantize_int8", "resolve_factors"]
+           "dequantize_int8", "halves_matmul", "init_cores_", "merged_halves", "quantize_core", "quantize_int8",
+           "resolve_factors", "set_factorized"]
 
 Factors = tuple[tuple[int, ...], tuple[int, ...]]
+Halves = Tuple[Tensor, Tensor, int, int, int, int, int]  # see halves_matmul
 FactorSpec = Mapping[str, tuple[Sequence[int] | None, Sequence[int] | None]]
 
 
@@ -121,9 +123,12 @@ def merged_halves(cores: Sequence[Tensor]) -> list[Tensor]:
     return [merge(cores[:half]), merge(cores[half:])]
 
 
-def _prepare_halves(cores: Sequence[Tensor]) -> tuple:
-    """The merged halves L (I_L, J_L, D) and R (D, I_R, J_R) as the two contiguous matrices
-    :func:`_halves_matmul` multiplies by (built once per eval cache)."""
+def prepare_halves(cores: Sequence[Tensor]) -> Halves:
+    """The chain merged into two halves L (I_L, J_L, D) and R (D, I_R, J_R), as the operands of
+    :func:`halves_matmul` (a one-core chain is L with R the 1 x 1 identity)."""
+    if len(cores) == 1:
+        _, i, j, _ = cores[0].shape
+        return cores[0][0, :, :, 0].T.contiguous(), cores[0].new_ones(1, 1), i, 1, j, 1, 1
     left, right = merged_halves(cores)
     _, il, jl, d = left.shape
     _, ir, jr, _ = right.shape
@@ -131,9 +136,10 @@ def _prepare_halves(cores: Sequence[Tensor]) -> tuple:
             il, ir, jl, jr, d)
 
 
-def _halves_matmul(x: Tensor, prepared: tuple) -> Tensor:
-    """x (N, I_L I_R) @ W with W[(a, b), (c, e)] = sum_d L[a, c, d] R[d, b, e]: two matmuls,
-    (J_L D, I_L) x (N, I_L, I_R) then (N J_L, D I_R) x (D I_R, J_R)."""
+def halves_matmul(x: Tensor, prepared: Halves) -> Tensor:
+    """x (N, I_L I_R) @ W with W[(a, b), (c, e)] = sum_d L[a, c, d] R[d, b, e], the chain merged into
+    two halves given as ``prepared`` = (L^T (J_L D, I_L), R (D I_R, J_R), I_L, I_R, J_L, J_R, D): two
+    matmuls, (J_L D, I_L) x (N, I_L, I_R), then (N J_L, D I_R) x (D I_R, J_R). TorchScript-compatible."""
     lt, r, il, ir, jl, jr, d = prepared
     n = x.shape[0]
     mid = torch.matmul(lt, x.reshape(n, il, ir))  # (N, J_L * D, I_R)
@@ -467,7 +473,9 @@ class MPOWeights(nn.Module):
         ("halves",) (eval cache only) or ("dense",)."""
         cores = self._cores(name)
         cost = mpo_math.matmul_cost(rows, cores, weight_cached=cached)
-        options = {("cores", mpo_math.best_split(cores, rows)): cost["cores"], ("dense",): cost["rebuild"]}
+        options = {("cores", mpo_math.best_split(cores, rows)): cost["cores"]}
+        if not self.factorized:
+            options[("dense",)] = cost["rebuild"]
         if cached and len(cores) > 2:
             with torch.no_grad():
                 options[("halves",)] = mpo_math.matmul_cost(rows, merged_halves(cores))["cores"]
@@ -496,14 +504,32 @@ class MPOWeights(nn.Module):
         if plan[0] == "dense":
             return F.linear(x, self._dense(name, cache), bias)
         if plan[0] == "halves":
-            prepared = cache.setdefault("halves", {}).get(name)
-            if prepared is None:
-                with torch.no_grad():
-                    prepared = cache["halves"][name] = _prepare_halves(self._cores(name))
-            out = _halves_matmul(x, prepared)
+            out = halves_matmul(x, self._halves(name, cache))
         else:
             out = mpo_math.split_matmul(x, self._cores(name), plan[1])
         return out if bias is None else out + bias
+
+    def _halves(self, name: str, cache: dict[str, Any] | None) -> Halves:
+        """The merged halves of weight ``name`` (:func:`prepare_halves`): from the eval cache, or
+        built from the cores (differentiable) without one."""
+        if cache is None:
+            return prepare_halves(self._cores(name))
+        halves = cache.setdefault("halves", {})
+        if name not in halves:
+            with torch.no_grad():
+                halves[name] = prepare_halves(self._cores(name))
+        return halves[name]
+
+    @property
+    def factorized(self) -> bool:
+        """Whether every product runs through the cores or their merged halves, never a rebuilt
+        dense weight (the deployment runtime; set with :func:`set_factorized`)."""
+        return self.__dict__.get("_factorized", False)
+
+    @factorized.setter
+    def factorized(self, value: bool) -> None:
+        self.__dict__["_factorized"] = bool(value)
+        self._cache, self._plans = None, {}
 
     def clear_cache(self) -> None:
         """Drop the cached weights of eval mode."""
@@ -528,7 +554,8 @@ class MPOWeights(nn.Module):
 
     # -- cache hygiene ---------------------------------------------------------------------
     def train(self, mode: bool = True):
-        self._cache = None
+        if mode != self.training:
+            self._cache = None
         return super().train(mode)
 
     def _apply(self, fn, recurse=True):
@@ -556,6 +583,17 @@ def _config_cores(name: str, spec: Mapping[str, Any], std: float) -> list[Tensor
     cores = _empty_cores(in_f, out_f, bonds)
     init_cores_(cores, std)
     return cores
+
+
+def set_factorized(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every MPO module of ``model`` (or ``model`` itself) to the factorized runtime (every
+    product through the cores or their merged halves; recurrent layers run their loop over time
+    with those products instead of torch's fused kernel on rebuilt weights), or back. Returns
+    ``model``."""
+    for module in model.modules():
+        if isinstance(module, MPOWeights):
+            module.factorized = enabled
+    return model
 
 
 class SingleWeightMPO(MPOWeights):

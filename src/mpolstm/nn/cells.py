@@ -184,8 +184,8 @@ class _MPOCellBase(MPOWeights):
             cache = self._eval_cache()
             gi = self._project(input, "weight_ih", cache, self.bias_ih)
             gh = self._project(states[0], "weight_hh", cache, self.bias_hh)
-            h, c = cell_update(self._mode, gi, gh, *states)
-            out = h if c is None else (h, c)
+            h, c = cell_update(self._mode, gi, gh, states[0], states[-1])
+            out = (h, c) if self._num_gates == 4 else h
         if batched:
             return out
         return tuple(o.squeeze(0) for o in out) if isinstance(out, tuple) else out.squeeze(0)

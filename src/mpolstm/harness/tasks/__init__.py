@@ -72,13 +72,15 @@ def example_inputs(spec: Mapping[str, Any], batch: int = 2, steps: int = 5) -> t
     return get_task(name).example_inputs(spec.get("kwargs", {}), batch, steps)
 
 
-def export_task_model(model: nn.Module, spec: Mapping[str, Any], fmt: str, path: str | Path) -> Path:
-    """Export a task model: traced formats from :func:`example_inputs` of its ``spec``; the dense
-    format as a task model folder (with ``architecture.json``) that :func:`load_model` reads."""
+def export_task_model(model: nn.Module, spec: Mapping[str, Any], fmt: str, path: str | Path,
+                      runtime: str = "factorized") -> Path:
+    """Export a task model: traced formats from :func:`example_inputs` of its ``spec`` in ``runtime``
+    (mpolstm.export.RUNTIMES); the dense format as a task model folder (with ``architecture.json``)
+    that :func:`load_model` reads."""
     from ...export import export_dense, export_model
 
     if fmt != "dense":
-        return export_model(model, fmt, path, example_inputs(spec))
+        return export_model(model, fmt, path, example_inputs(spec), runtime=runtime)
 
     def write(dense: nn.Module, folder: Path) -> None:
         with torch.device("meta"):
