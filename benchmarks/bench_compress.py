@@ -1,4 +1,4 @@
-"""Wall time of compress() on a 4M-weight LSTM, with and without calibration.
+"""Wall time of compress() on a 4M-weight LSTM, with and without calibration, hybrid layout included.
 
     python benchmarks/bench_compress.py [--threads 2] [--ratio 10] [--out benchmarks/results/compress.json]
 
@@ -45,15 +45,20 @@ def main() -> None:
     start = time.perf_counter()
     collect_moments(model, {"lstm": model.lstm}, batches)
     moments_s = time.perf_counter() - start
-    for name, calibration in (("weight error", None), ("calibrated", batches)):
-        start = time.perf_counter()
-        _, report = compress(copy.deepcopy(model), CompressionConfig(target_ratio=args.ratio), calibration=calibration)
-        rows.append({"mode": name, "seconds": time.perf_counter() - start, "ratio": report.ratio,
+    modes = (("weight error", None, {}), ("calibrated", batches, {}),
+             ("calibrated hybrid", batches, {"layout": "lowrank+sparse", "sparse_share": 0.5}),
+             ("hybrid, share searched", batches, {"layout": "lowrank+sparse"}))
+    for name, calibration, extra in modes:
+        start, cpu = time.perf_counter(), time.process_time()
+        _, report = compress(copy.deepcopy(model), CompressionConfig(target_ratio=args.ratio, **extra),
+                             calibration=calibration)
+        rows.append({"mode": name, "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+                     "ratio": report.ratio,
                      "layouts": sorted({w.layout for m in report.modules for w in m.weights.values()})})
     print(f"compress nn.LSTM(512, 512, 2 layers): 4,194,304 weights, target {args.ratio}x, {args.threads} threads")
-    print(f"{'mode':<14}{'seconds':>9}{'ratio':>8}  layouts")
+    print(f"{'mode':<24}{'seconds':>9}{'CPU s':>8}{'ratio':>8}  layouts")
     for r in rows:
-        print(f"{r['mode']:<14}{r['seconds']:>9.1f}{r['ratio']:>8.1f}  {', '.join(r['layouts'])}")
+        print(f"{r['mode']:<24}{r['seconds']:>9.1f}{r['cpu_seconds']:>8.1f}{r['ratio']:>8.1f}  {', '.join(r['layouts'])}")
     print(f"(of which recording the calibration moments: {moments_s:.1f} s)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"threads": args.threads, "target_ratio": args.ratio, "rows": rows,

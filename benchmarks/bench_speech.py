@@ -18,7 +18,7 @@ The MPO models replace the LSTM by an MPOLSTM with the largest uniform bond D re
 compression of the LSTM weights (the structure ``compress(..., max_bond=D)`` gives a trained
 model). ``dense int8`` is ``torch.ao.quantization.quantize_dynamic`` of the dense model (LSTM and
 Linear; its LSTM steps on a length-1 sequence, the only path torch has for it); ``mpo-int8 Rx`` an
-MPO whose int8 cores (1 byte an entry + a 4-byte scale per core) take R times fewer bytes than the
+MPO whose int8 cores (``mpolstm.quantize``: 1 byte an entry + 4-byte scales) take R times fewer bytes than the
 dense float32 weights, i.e. ~4x the entries of ``mpo Rx``, computed in float32 as the protocol's
 ``mpo-int8`` row is. Compression is in bytes of the LSTM weights as stored (mpolstm.storage).
 Timings do not depend on the weights' values, so the models are randomly initialised. Rounds are
@@ -37,11 +37,12 @@ import numpy as np
 import torch
 from torch.utils import benchmark
 
+from mpolstm import quantize
 from mpolstm.harness.audio import N_BINS, SAMPLE_RATE
 from mpolstm.harness.protocol.rows import quantize_dynamic_int8
 from mpolstm.harness.tasks.speech import INPUT_BINS, enhance_streaming, make_model
 from mpolstm.nn import MPOLSTM
-from mpolstm.storage import pack_weights, packed_bytes, round_to_int8_
+from mpolstm.storage import pack_weights, packed_bytes
 
 
 def lstm_weight_bytes(model, int8_cores: bool = False) -> int:
@@ -61,7 +62,7 @@ def mpo_model(hidden: int, layers: int, ratio: float, int8_cores: bool = False):
         achieved = dense_bytes / lstm_weight_bytes(model, int8_cores)
         if achieved >= ratio:
             if int8_cores:
-                round_to_int8_(c for cores in model.lstm.mpo_weights().values() for c in cores)
+                quantize(model.lstm)
             return model.eval(), bond, achieved
     raise ValueError(f"no bond reaches {ratio}x for hidden {hidden}")
 

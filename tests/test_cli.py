@@ -272,3 +272,52 @@ def test_paper_grid_on_a_tiny_imdb_folder(tmp_path, monkeypatch):
     assert rows["mpo-scratch"]["params"] == 2 * (320 * 7 + 8 * 7 ** 2) == rows["prune-agp"]["params"]
     grid = (out / "paper-grid.md").read_text()
     assert "| 100 | 7 | 7 | 5,264 | 99.6x |" in grid and "+0.00 |" in grid  # paper's VBD PESQ tie at 100x
+
+
+def test_compress_int8_and_inspect_bytes_through_the_console_script(tmp_path):
+    """The installed ``mpolstm`` script, in a subprocess: ``compress --int8`` writes int8 cores, ``inspect``
+    prints each weight's bytes as stored (int8 + scales, or float32) and the total."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from mpolstm.harness.tasks import load_model, save_model
+    from mpolstm.harness.tasks.seqcls import SeqClassifier
+    from mpolstm.storage import pack_weights
+
+    spec = {"name": "seqcls", "kwargs": {"num_classes": 3, "hidden_size": 32, "input_size": 16, "vocab_size": None}}
+    torch.manual_seed(0)
+    save_model(SeqClassifier(3, 32, input_size=16), spec, tmp_path / "dense")
+
+    def mpolstm_cli(*args):
+        return subprocess.run([str(Path(sys.executable).parent / "mpolstm"), *map(str, args)], capture_output=True,
+                              text=True, env={**os.environ, "COLUMNS": "250"})
+
+    totals = {}
+    for name, flags in (("float", []), ("int8", ["--int8"])):
+        proc = mpolstm_cli("compress", tmp_path / "dense", tmp_path / name, "--ratio", "4", *flags)
+        assert proc.returncode == 0, proc.stderr
+        model, _ = load_model(tmp_path / name)
+        assert model.lstm.int8 == (name == "int8")
+        tensors, formats = pack_weights(model, ["lstm"], int8_cores=True)
+        proc = mpolstm_cli("inspect", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr
+        rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith("lstm.")}
+        assert set(rows) == set(formats)
+        for weight, row in rows.items():
+            cores = sum(c.numel() for c in model.lstm.mpo_weights()[weight.removeprefix("lstm.")])
+            stored = (sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(weight + "."))
+                      if name == "int8" else 4 * cores)
+            assert ("int8" if name == "int8" else "float32") in row and f"{stored:,}" in row, row
+        totals[name] = int(proc.stdout.split(" bytes as stored")[0].split()[-1].replace(",", ""))
+        assert totals[name] == sum(int(row[row.index("int8" if name == "int8" else "float32") + 1].replace(",", ""))
+                                   for row in rows.values())
+    assert 0.25 < totals["int8"] / totals["float"] < 0.27
+
+    proc = mpolstm_cli("compress", tmp_path / "dense", tmp_path / "none", "--max-bond", "1000", "--int8")
+    assert proc.returncode == 2 and not (tmp_path / "none").exists()
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        "error: --int8: SeqClassifier has no MPO module to quantize (none of its layers is compressed)"], proc.stderr

@@ -2,7 +2,8 @@
 
 For every torch type in ``mpolstm.nn.registry``: the exact conversion equals torch in float64 and keeps
 the source's mode and dtype; compress under a budget, with and without calibration; save/load is
-bit-exact; dense, TorchScript and ONNX (in onnxruntime) exports, in both runtimes, reproduce the model; pruning works
+bit-exact, with float or int8 cores (mpolstm.quantize; the file then holds exactly the bytes mpolstm.storage
+counts); dense, TorchScript and ONNX (in onnxruntime) exports, in both runtimes, reproduce the model; pruning works
 on the dense model; one distillation step lowers the loss. A type registered without a sample here
 fails ``test_every_registered_type_has_a_sample``.
 """
@@ -13,12 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from mpolstm import io
+from mpolstm import io, quantize
 from mpolstm.compression import CompressionConfig, compress
 from mpolstm.distill import distill, distillation_loss
 from mpolstm.export import densify, export_model
 from mpolstm.nn.registry import layer_type, supported_torch_types
 from mpolstm.prune import KINDS, count_nonzero, make_permanent, prunable_weights, prune_global
+from mpolstm.storage import file_data_bytes, pack_weights, packed_bytes
 
 F64 = torch.float64
 
@@ -166,6 +168,41 @@ def test_save_load_is_bit_exact(torch_type, tmp_path):
     assert type(alone) is type(model.layer) and alone.mpo_config() == model.layer.mpo_config()
     with pytest.raises(ValueError, match="in the save, but base_model has"):
         io.load(tmp_path / "whole", base_model=host(torch_type, width=8, dtype=F64))
+
+
+@pytest.mark.parametrize("torch_type", TYPES, ids=lambda t: t.__name__)
+def test_int8_cores_run_and_save_bit_exact_at_the_counted_bytes(torch_type, tmp_path):
+    from safetensors import safe_open
+
+    model = host(torch_type)
+    compress(model, CompressionConfig(target_modules=["layer"], max_bond=3))
+    model.eval()
+    x = example(torch_type)
+    with torch.no_grad():
+        before = model(x)
+    assert quantize(model) is model and model.layer.int8 and model.layer.mpo_config()["int8"] is True
+    with torch.no_grad():
+        after = model(x)
+    assert 0 < (after - before).norm() <= 0.05 * before.norm()  # the rounding moved the cores, a little
+    io.save(model, tmp_path / "whole")
+    loaded = io.load(tmp_path / "whole", base_model=host(torch_type, seed=5)).eval()
+    assert loaded.layer.int8
+    for (ka, va), (kb, vb) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert ka == kb and va.dtype == vb.dtype and torch.equal(va, vb), ka
+    with torch.no_grad():
+        assert torch.equal(loaded(x), after)
+    keys = {f"layer.{k}" for pair in model.layer._int8_keys().items() for k in pair}
+    with safe_open(str(tmp_path / "whole" / io.WEIGHTS_FILE), framework="pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    assert {stored[k].dtype for k in keys} == {torch.int8, torch.float32}
+    int8_bytes = sum(stored[k].numel() * stored[k].element_size() for k in keys)
+    assert int8_bytes == packed_bytes(pack_weights(model, ["layer"], int8_cores=True)[0])
+    assert file_data_bytes(tmp_path / "whole" / io.WEIGHTS_FILE) == sum(t.numel() * t.element_size()
+                                                                         for t in stored.values())
+    io.save(model.layer, tmp_path / "layer")
+    alone = io.load(tmp_path / "layer")
+    assert alone.int8 and alone.mpo_config() == model.layer.mpo_config()
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), model.layer.state_dict().values()))
 
 
 @pytest.mark.parametrize("torch_type", TYPES, ids=lambda t: t.__name__)

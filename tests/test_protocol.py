@@ -63,6 +63,10 @@ def test_protocol_writes_all_rows_at_equal_parameter_counts(tmp_path):
     assert rows["prune-oneshot"]["storage"] in ("csr", "bitmask", "bitmask+csr")
     assert rows["prune-oneshot"]["bytes"] > 4 * budget  # values plus an index
     assert rows["prune-bytes"]["params"] < budget and 0.9 * 4 * budget < rows["prune-bytes"]["bytes"] <= 4 * budget
+    # int8 values: ~2-4x prune-bytes' non-zeros in the same bytes, each matrix in its smallest int8 format
+    assert set(rows["prune-int8"]["storage"].split("+")) <= {"int8", "csr-int8", "bitmask-int8"}
+    assert 2 * rows["prune-bytes"]["params"] < rows["prune-int8"]["params"] and rows["prune-int8"]["bytes"] <= 4 * budget
+    assert 0 <= rows["prune-int8"]["before_int8"] <= 1
     for r in doc["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["batched_ms"] > 0 and r["step_ms"] > 0
         run = r["row"] if r["target_ratio"] is None else f"{r['row']}-{r['target_ratio']:g}x"

@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+import mpolstm
+
 from mpolstm.compression import CompressionConfig, compress
 from mpolstm.harness.protocol import summarize, verdict
 from mpolstm.harness.protocol.rows import quantize_dynamic_int8
@@ -42,13 +44,18 @@ def test_csr_uses_int32_indices_beyond_int16_columns():
 def test_int8_quantization_error_and_idempotence():
     t = torch.randn(3, 5, 7, 2)
     q, scale = quantize_int8(t)
-    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127 and scale.shape == (1,)
     assert (dequantize_int8(q, scale) - t).abs().max() <= scale / 2 + 1e-7
     rounded = t.clone()
     round_to_int8_([rounded])
-    assert torch.equal(quantize_int8(rounded)[0], q) and torch.allclose(rounded, dequantize_int8(q, scale))
+    assert torch.equal(quantize_int8(rounded)[0], q) and torch.equal(rounded, dequantize_int8(q, scale))
     zero_q, zero_scale = quantize_int8(torch.zeros(4))
     assert zero_scale.item() == 1.0 and not zero_q.any()
+    q, scale = quantize_int8(t, dims=(0, 1, 2))  # one scale per slice of the last axis
+    assert scale.shape == (1, 1, 1, 2) and torch.equal(scale.flatten(), t.abs().amax((0, 1, 2)) / 127)
+    assert (q.abs().amax((0, 1, 2)) == 127).all()
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_int8(torch.tensor([1.0, float("nan")]))
 
 
 def test_int8_mpo_cores_store_losslessly_at_one_byte_an_entry(tmp_path):
@@ -57,11 +64,13 @@ def test_int8_mpo_cores_store_losslessly_at_one_byte_an_entry(tmp_path):
     model.lstm = nn.LSTM(16, 16)
     model, _ = compress(model, CompressionConfig(target_modules=["lstm"], max_bond=4))
     cores = [c for cs in model.lstm.mpo_weights().values() for c in cs]
-    round_to_int8_(cores)
+    entries = sum(c.numel() for c in cores)
+    scales = sum(max(c.shape[0], c.shape[3]) for c in cores)  # one per slice along the larger bond
+    unquantized = packed_bytes(pack_weights(model, ["lstm"], int8_cores=True)[0])  # what quantize would store
+    mpolstm.quantize(model)
     tensors, formats = pack_weights(model, ["lstm"], int8_cores=True)
     assert set(formats.values()) == {"int8"}
-    entries = sum(c.numel() for c in cores)
-    assert packed_bytes(tensors) == entries + 4 * len(cores)
+    assert packed_bytes(tensors) == unquantized == entries + 4 * scales
     for name, cs in model.lstm.mpo_weights().items():
         for k, core in enumerate(cs):
             key = f"lstm.{name}.core{k}"
@@ -70,6 +79,23 @@ def test_int8_mpo_cores_store_losslessly_at_one_byte_an_entry(tmp_path):
     assert set(float_formats.values()) == {"float32"} and packed_bytes(floats) == 4 * entries
     path = save_packed(tensors, formats, tmp_path / "w.safetensors")
     assert file_data_bytes(path) == packed_bytes(tensors)
+    with torch.no_grad():
+        cores[1].mul_(1.001)  # trained after quantize: off its grid
+    with pytest.raises(ValueError, match="no longer on its int8 grid"):
+        pack_weights(model, ["lstm"], int8_cores=True)
+
+
+@pytest.mark.parametrize("density,expected", [(0.02, "csr-int8"), (0.3, "bitmask-int8"), (1.0, "int8")])
+def test_pruned_matrices_with_int8_values(density, expected):
+    m = sparse(64, 300, density)
+    round_to_int8_([m])
+    nnz, n = int((m != 0).sum()), m.numel()
+    sizes = sparse_bytes(m, int8=True)
+    assert sizes == {"int8": n + 4, "csr-int8": nnz * (1 + 2) + 4 * 65 + 4, "bitmask-int8": nnz + math.ceil(n / 8) + 4}
+    fmt, parts = pack_matrix(m, int8=True)
+    assert fmt == expected and packed_bytes(parts) == min(sizes.values())
+    assert parts["scale"].dtype == torch.float32 and (parts["values"] if "values" in parts else parts["q"]).dtype == torch.int8
+    assert torch.equal(unpack_matrix(fmt, parts, m.shape), m)
 
 
 def test_dynamically_quantized_lstm_is_one_byte_an_entry_plus_scale_and_zero_point():

@@ -22,6 +22,10 @@ Methods (a ratio r: at most 786,432 / r stored numbers over the four matrices):
 * ``prune-layerwise`` / ``prune-global``: L1 magnitude pruning per matrix / over the four
   (baselines; torch.nn.utils.prune, masks kept as forward pre-hooks).
 * ``int8``: dense int8 dynamic quantization (baselines.quantize_int8), once.
+* ``mpo-output`` / ``mpo-output-refit``: calibrated with ``allocation="output"`` (the model's
+  calibration output error picks per-matrix, uniform or sensitivity-allocated ranks), without /
+  with ``refit=True`` (each weight refitted to the inputs the compressed upstream feeds it).
+* ``hybrid``: calibrated ``layout="lowrank+sparse"``, ``sparse_share=--sparse-share``.
 
 Bytes: float32 = 4 bytes per stored number (MPO cores, SVD factors, dense). int8: 1 byte per
 entry plus a 4-byte scale and a 4-byte zero point per tensor (per-tensor affine; per row if
@@ -84,6 +88,7 @@ from evaluate import evaluate, predict, split_words
 from g2p_model import G2PModel, decoder_inputs, encode_words, load_g2p
 
 import mpolstm
+from mpolstm.storage import pack_weights, packed_bytes
 
 __all__ = [
     "MATRICES",
@@ -137,13 +142,13 @@ def mpo_layouts(report) -> str:
     parts = []
     for module in report.modules:
         for wname, w in module.weights.items():
-            bonds = ",".join(map(str, w.bond_dims))
+            bonds = ",".join(map(str, w.bond_dims)) + (f"+{w.sparse_params}" if w.sparse_params else "")
             parts.append(f"{SHORT[f'{module.name}.{wname}']} {w.layout}({bonds})")
     return "; ".join(parts)
 
 
 def mpo_weights(report) -> dict[str, dict]:
-    return {f"{m.name}.{wname}": {"layout": w.layout, "bonds": list(w.bond_dims), "params": w.mpo_params,
+    return {f"{m.name}.{wname}": {"layout": w.layout, "bonds": list(w.bond_dims), "params": w.mpo_params, "sparse": w.sparse_params,
                                   "rel_error": w.rel_error, "output_error": w.output_error}
             for m in report.modules for wname, w in m.weights.items()}
 
@@ -221,9 +226,14 @@ def gru_params(model: nn.Module, report=None) -> int:
 
 
 def gru_bytes(model: nn.Module, report=None) -> tuple[int, str]:
-    """(bytes, note) of the four GRU matrices of a float32 model (MPO, SVD, pruned, dense)."""
+    """(bytes, note) of the four GRU matrices of a float32 model (MPO, SVD, pruned, dense); an
+    mpolstm model's as ``mpolstm.storage.pack_weights`` stores them (cores, and a hybrid's sparse
+    part as values + the smaller of a CSR and a bitmask index)."""
     if report is not None:
-        return report.mpo_params * FLOAT_BYTES, "float32 cores"
+        tensors, formats = pack_weights(model, ["encoder", "decoder"])
+        kinds = sorted({f for k, f in formats.items() if k.endswith(".sparse")})
+        return packed_bytes(tensors), "float32 cores" + (" + sparse values and " + "/".join(kinds) + " index"
+                                                         if kinds else "")
     total, kinds = 0, set()
     for key in MATRICES:
         module, name = _matrix_owner(model, key)
@@ -377,6 +387,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--n-eval", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", default=["mpo", "mpo-calibrated", "svd", "prune-layerwise",
+                                                         "prune-global"],
+                        help="methods without fine-tuning (hybrid: calibrated lowrank+sparse)")
+    parser.add_argument("--sparse-share", type=float, default=0.5,
+                        help="hybrid: share of each matrix's budget held by the sparse part")
+    parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                        help="distillation learning-rate schedule (the same for every method)")
+    parser.add_argument("--clip", type=float, default=None, help="distillation: clip the gradient norm to this")
+    parser.add_argument("--hidden", action="store_true",
+                        help="distillation also matches the encoder's and decoder's hidden states")
+    parser.add_argument("--distill-loss", choices=["kl", "ce"], default="kl",
+                        help="kl: the teacher's distribution at every position; ce: its argmax "
+                             "(sequence-level distillation on the teacher's decoded outputs)")
     parser.add_argument("--diagnostics", action="store_true",
                         help="also (no fine-tuning) mpo-calibrated-uniform: calibrated low rank at the SVD's "
                              "uniform rank (max_bond, layout='lowrank'), separating whitening from allocation")
@@ -400,7 +423,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             meta = {"threads": args.threads, "torch": torch.__version__, "n_eval": len(words),
-                    "distill": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "loss": "kl",
+                    "argv": list(sys.argv[1:] if argv is None else argv),
+                    "distill": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "loss": args.distill_loss,
+                                "schedule": args.schedule, "hidden": args.hidden, "clip": args.clip,
                                 "temperature": 1.0, "words": len(splits["distill"])}}
             out.write_text(json.dumps({"meta": meta, "rows": rows, "reports": reports}, indent=1))
             out.with_suffix(".md").write_text(markdown(rows) + "\n")
@@ -417,6 +442,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         if method == "mpo-calibrated-uniform":
             config = mpolstm.CompressionConfig(target_modules=["encoder", "decoder"], layout="lowrank",
                                                max_bond=svd_rank(768, 256, ratio))
+            model, report = mpolstm.compress(load_g2p(), config, calibration=calibrate)
+            return model.eval(), report
+        if method in ("mpo-output", "mpo-output-refit"):
+            config = mpolstm.CompressionConfig(target_modules=["encoder", "decoder"], target_ratio=ratio,
+                                               allocation="output", refit=method.endswith("refit"))
+            model, report = mpolstm.compress(load_g2p(), config, calibration=calibrate)
+            return model.eval(), report
+        if method == "hybrid":
+            config = mpolstm.CompressionConfig(target_modules=["encoder", "decoder"], target_ratio=ratio,
+                                               layout="lowrank+sparse", sparse_share=args.sparse_share)
             model, report = mpolstm.compress(load_g2p(), config, calibration=calibrate)
             return model.eval(), report
         if method == "svd":
@@ -438,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         return {"layouts": ""}
 
     for ratio in ratios:
-        methods = ["mpo", "mpo-calibrated", "svd", "prune-layerwise", "prune-global"]
+        methods = list(args.methods)
         for method in methods + (["mpo-calibrated-uniform", "prune-layerwise-bytes"] if args.diagnostics else []):
             with Clock() as clock:
                 model, report = build(method, ratio)
@@ -467,8 +502,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             with Clock() as clock:
                 student, report = build(method, ratio)
                 before = structure(student)
-                result = mpolstm.distill(student, teacher, batches, steps=args.steps, loss="kl", lr=args.lr,
-                                         temperature=1.0, forward=distill_forward)
+                result = mpolstm.distill(student, teacher, batches, steps=args.steps, loss=args.distill_loss,
+                                         lr=args.lr, temperature=1.0, forward=distill_forward,
+                                         schedule=args.schedule,
+                                         hidden=["encoder", "decoder"] if args.hidden else (),
+                                         clip_grad_norm=args.clip)
             student.eval()
             checked = check_structure(student, before)
             nbytes, note = gru_bytes(student, report)

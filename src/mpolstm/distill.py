@@ -5,8 +5,15 @@
 
 The loss is KL(teacher || student) of the softened output distributions (``loss="kl"``, for
 classifiers and language models: outputs are logits over the last axis, scaled by T^2 as in
-Hinton et al.) or the mean squared error of the outputs (``loss="mse"``, for regression). No
-labels are needed: any inputs the model sees in use will do.
+Hinton et al.), the mean squared error of the outputs (``loss="mse"``, for regression) or the
+cross-entropy against the teacher's argmax (``loss="ce"``). No labels are needed: any inputs
+the model sees in use will do. For a decoder, feeding the teacher's own decoded outputs as the
+decoder inputs makes this sequence-level distillation (Kim & Rush 2016; "ce" is their hard-label
+form, "kl" adds the teacher's full distribution at every position).
+
+Recurrent students: ``hidden=["encoder", "decoder"]`` also matches the outputs (hidden states)
+of those submodules, whose errors otherwise compound over the steps; ``schedule="cosine"``
+decays the learning rate to 0 over the run (resumed runs continue the same schedule).
 
 ``batches`` is cycled until ``steps`` optimiser steps are done; each batch is a tensor or a
 tuple/list of the model's positional inputs, and ``forward(model, batch)`` (default: call the
@@ -23,38 +30,47 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils.rnn import PackedSequence
 
 from .checkpoint import load_checkpoint, prepare_dir, restore, save_checkpoint
 
-__all__ = ["DistillResult", "distill", "distillation_loss"]
+__all__ = ["DistillResult", "distill", "distillation_loss", "hidden_state_loss"]
 
-LOSSES = ("kl", "mse")
+LOSSES = ("kl", "mse", "ce")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
 class DistillResult:
     """steps: optimiser steps done in total; losses: the loss of every step; seconds: wall time of
-    this call (a resumed run counts only what it ran)."""
+    this call (a resumed run counts only what it ran); hidden_losses: the hidden-state term of
+    every step this call ran (empty without ``hidden``)."""
 
     steps: int
     losses: list[float]
     seconds: float
+    hidden_losses: list[float] = field(default_factory=list)
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, loss: str = "kl", temperature: float = 1.0) -> Tensor:
     """KL(softmax(teacher / T) || softmax(student / T)) * T^2 averaged over all but the last axis,
-    or the mean squared error of the outputs."""
+    the mean squared error of the outputs ("mse"), or the cross-entropy of the student against
+    the teacher's argmax ("ce": hard labels; on the teacher's own decoded sequences this is
+    sequence-level distillation, Kim & Rush 2016)."""
     if student.shape != teacher.shape:
         raise ValueError(f"student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} differ")
     if loss == "mse":
         return F.mse_loss(student, teacher)
+    if loss == "ce":
+        return F.cross_entropy(student.reshape(-1, student.shape[-1]) / temperature,
+                               teacher.reshape(-1, teacher.shape[-1]).argmax(-1))
     s = F.log_softmax(student.reshape(-1, student.shape[-1]) / temperature, -1)
     t = F.log_softmax(teacher.reshape(-1, teacher.shape[-1]) / temperature, -1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
@@ -80,16 +96,73 @@ def _cycle(batches: Iterable[Any], skip: int) -> Iterator[Any]:
             raise ValueError("distill: batches yielded nothing; give at least one batch")
 
 
-def _check(steps: int, loss: str, lr: float, temperature: float, checkpoint_every: int) -> None:
+def _check(steps: int, loss: str, lr: float, temperature: float, checkpoint_every: int, schedule: str,
+           hidden_weight: float) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     for name, value in (("lr", lr), ("temperature", temperature)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if isinstance(hidden_weight, bool) or not isinstance(hidden_weight, (int, float)) \
+            or not math.isfinite(hidden_weight) or hidden_weight < 0:
+        raise ValueError(f"hidden_weight must be a number >= 0, got {hidden_weight!r}")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+
+
+def _check_clip(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"clip_grad_norm must be a positive number or None, got {value!r}")
+
+
+class _Hidden:
+    """Forward hooks keeping what the named submodules of a model output during one step (the
+    first output of a tuple, a PackedSequence's data; every call when a module runs step by step)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], role: str) -> None:
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules or not n]
+        if missing:
+            raise ValueError(f"hidden: the {role} has no submodule(s) {missing} (names look like "
+                             f"{[n for n in modules if n][:5]})")
+        self.seen: dict[str, list[Tensor]] = {}
+        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            first = output[0] if isinstance(output, (tuple, list)) else output
+            first = first.data if isinstance(first, PackedSequence) else first
+            self.seen.setdefault(name, []).append(first.reshape(-1))
+        return hook
+
+    def take(self) -> dict[str, Tensor]:
+        seen, self.seen = self.seen, {}
+        return {name: torch.cat(parts) for name, parts in seen.items()}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def hidden_state_loss(student: dict[str, Tensor], teacher: dict[str, Tensor]) -> Tensor:
+    """Mean over modules of ||h_s - h_t||^2 / ||h_t||^2 (each module's outputs over the step)."""
+    terms = []
+    for name, target in teacher.items():
+        got = student.get(name)
+        if got is None or got.shape != target.shape:
+            raise ValueError(f"hidden: module {name!r} gave {None if got is None else tuple(got.shape)} in the "
+                             f"student and {tuple(target.shape)} in the teacher")
+        terms.append((got - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
+def _lr_factor(schedule: str, step: int, steps: int) -> float:
+    return 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
 class _Progress:
@@ -133,39 +206,52 @@ def distill(
     checkpoint_every: int = 100,
     seed: int = 0,
     progress: bool = False,
+    schedule: str = "constant",
+    hidden: Sequence[str] = (),
+    hidden_weight: float = 1.0,
+    clip_grad_norm: float | None = None,
 ) -> DistillResult:
     """Train ``student`` (in place, Adam on its trainable parameters) for ``steps`` steps to match
-    ``teacher``'s outputs on ``batches``; see the module docstring. Returns a DistillResult."""
-    _check(steps, loss, lr, temperature, checkpoint_every)
+    ``teacher``'s outputs on ``batches``; see the module docstring. ``schedule``: "constant" lr
+    or "cosine" decay to 0. ``hidden``: names of submodules (e.g. recurrent layers) present in
+    both models whose outputs are matched too: ``hidden_weight`` times the mean relative squared
+    error :func:`hidden_state_loss` is added to the loss. ``clip_grad_norm``: clip the gradients'
+    global norm to it before each step. Returns a DistillResult."""
+    _check(steps, loss, lr, temperature, checkpoint_every, schedule, hidden_weight)
+    _check_clip(clip_grad_norm)
     if iter(batches) is batches:
         raise ValueError("distill: batches must be re-iterable (a list or a DataLoader), not an iterator: "
                          "they are cycled until `steps` steps are done")
+    if isinstance(hidden, str):
+        hidden = [hidden]
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("distill: the student has no trainable parameter")
     optimizer = torch.optim.Adam(params, lr=lr)
     path = None if checkpoint is None else Path(checkpoint)
-    done, losses = 0, []
-    if path is not None:
-        prepare_dir(path.parent, [path.name], label="checkpoint directory")
-    if path is not None and path.exists():
-        tensors, state = load_checkpoint(path, fields={"step": int, "losses": list})
-        restore(path, tensors, state, student, optimizer)
-        done, losses = state["step"], list(state["losses"])
-    else:
-        torch.manual_seed(seed)
+    done, losses = _resume(path, student, optimizer, seed)
+    hooks = (_Hidden(student, hidden, "student"), _Hidden(teacher, hidden, "teacher")) if hidden else None
     modes = (student.training, teacher.training)
     student.train()
     teacher.eval()
     bar = _Progress(progress, steps, done)
     start = time.perf_counter()
+    hidden_losses: list[float] = []
     try:
         for step, batch in zip(range(done, steps), _cycle(batches, done)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * _lr_factor(schedule, step, steps)
             with torch.no_grad():
                 target = forward(teacher, batch)
             value = distillation_loss(forward(student, batch), target, loss, temperature)
+            if hooks is not None:
+                matched = hidden_state_loss(hooks[0].take(), hooks[1].take())
+                hidden_losses.append(float(matched.detach()))
+                value = value + hidden_weight * matched
             optimizer.zero_grad(set_to_none=True)
             value.backward()
+            if clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
             optimizer.step()
             losses.append(float(value.detach()))
             bar.update(step + 1, losses[-1])
@@ -173,6 +259,22 @@ def distill(
                 save_checkpoint(path, student, optimizer, {"step": step + 1, "losses": losses})
     finally:
         bar.close()
+        for hook in hooks or ():
+            hook.remove()
         student.train(modes[0])
         teacher.train(modes[1])
-    return DistillResult(steps, losses, time.perf_counter() - start)
+    return DistillResult(steps, losses, time.perf_counter() - start, hidden_losses)
+
+
+def _resume(path: Path | None, student: nn.Module, optimizer: torch.optim.Optimizer, seed: int
+            ) -> tuple[int, list[float]]:
+    """(steps done, losses so far) from the checkpoint at ``path`` if it exists (restoring the
+    student, the optimizer and the RNG states), else (0, []) after seeding."""
+    if path is not None:
+        prepare_dir(path.parent, [path.name], label="checkpoint directory")
+    if path is not None and path.exists():
+        tensors, state = load_checkpoint(path, fields={"step": int, "losses": list})
+        restore(path, tensors, state, student, optimizer)
+        return state["step"], list(state["losses"])
+    torch.manual_seed(seed)
+    return 0, []

@@ -17,6 +17,12 @@ fsync, os.replace); the weights' SHA-256 in config.json ties the pair together, 
 corrupt, truncated, foreign or mismatched file is refused with a ValueError naming it.
 Shapes implied by the config are checked (on the meta device) against the weights file
 before anything is allocated. requires_grad flags (e.g. from freeze_central) are not saved.
+
+A module with int8 cores (:func:`mpolstm.quantize`) has ``"int8": true`` in its config; each core is
+written as int8 beside its float32 scales (``<weight>_scales.<k>``), so the data section holds 1 byte
+an entry + 4 a scale, and ``load`` restores it as ``(q.float() * scale).to(dtype)``, bit-exact. A core
+off its grid (trained after quantize) is refused by ``save``; a scale that is not finite and positive,
+or an int8 tensor where a float one is expected (or the reverse), by ``load``.
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .atomic import atomic_write_bytes, fsync_dir
+from .nn.base import MPOWeights, dequantize_int8
 from .nn.registry import is_mpo_module, layer_type_of_mpo, mpo_class, registered_mpo_names, replace_module
 from .version import __version__
 
-__all__ = ["save", "load", "read_verified", "Verified", "WEIGHTS_FILE", "CONFIG_FILE"]
+__all__ = ["save", "load", "read_verified", "Verified", "dequantize_cores", "WEIGHTS_FILE", "CONFIG_FILE"]
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -51,6 +58,10 @@ _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 
 
 # ----------------------------------------------------------------------------- save
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
 
 
 def _dtype_name(module: nn.Module) -> str:
@@ -67,17 +78,24 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory; save writes a directory "
                          f"holding {WEIGHTS_FILE} and {CONFIG_FILE}")
+    standalone = is_mpo_module(model)
+    named = [("", model)] if standalone else [(n, m) for n, m in model.named_modules() if n and is_mpo_module(m)]
+    int8 = {}
+    for name, m in named:
+        if isinstance(m, MPOWeights) and m.int8:
+            try:
+                int8.update({_prefix(name) + key: q for key, (q, _) in m._int8_values().items()})
+            except ValueError as exc:  # a core left its grid
+                raise ValueError(f"cannot save module {name or type(m).__name__!r}: {exc}") from None
     tensors, seen = {}, set()
     for key, value in model.state_dict().items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; only tensors are saved")
-        value = value.detach().cpu().contiguous()
+        value = int8.get(key, value).detach().cpu().contiguous()
         ptr = (value.untyped_storage().data_ptr(), value.storage_offset()) if value.numel() else None
         tensors[key] = value.clone() if ptr is not None and ptr in seen else value  # tied weights
         seen.add(ptr)
     data = st_save(tensors, metadata={"format": "pt"})
-    standalone = is_mpo_module(model)
-    named = [("", model)] if standalone else [(n, m) for n, m in model.named_modules() if n and is_mpo_module(m)]
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -279,8 +297,9 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
         cls = _mpo_class(entry["config"].get("class"), config_file, "")
         probe = _build(cls, entry["config"], config_file, "", "meta")
         _compare({k: v.shape for k, v in probe.state_dict().items()}, header, weights_file)
+        _check_dtypes(_floating("", probe), _int8_keys("", probe), header, weights_file)
         module = _build(cls, entry["config"], config_file, "", "cpu").to(_DTYPES[entry["dtype"]])
-        module.load_state_dict(_tensors(data, weights_file), strict=True)
+        module.load_state_dict(_restore(data, weights_file, [("", module)]), strict=True)
         return module
 
     if base_model is None:
@@ -292,6 +311,7 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
         raise ValueError(f"{config_file}: saved from a {config['model_class']}, but base_model is a "
                          f"{type(base_model).__name__}")
     expected = {k: v.shape for k, v in base_model.state_dict().items()}
+    floating, int8 = _floating("", base_model), {}
     plan = []
     for name, entry in config["modules"].items():
         cls = _mpo_class(entry["config"].get("class"), config_file, name)
@@ -303,8 +323,12 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
         _check_base_module(base, probe, name, config_file)
         expected = {k: v for k, v in expected.items() if not k.startswith(name + ".")}
         expected.update({f"{name}.{k}": v.shape for k, v in probe.state_dict().items()})
+        floating = {k for k in floating if not k.startswith(name + ".")} | _floating(name, probe)
+        int8.update(_int8_keys(name, probe))
         plan.append((name, cls, entry, base))
     _compare(expected, header, weights_file)
+    _check_dtypes(floating, int8, header, weights_file)
+    built = []
     for name, cls, entry, base in plan:
         like = next(iter(base.parameters()), None)
         module = _build(cls, entry["config"], config_file, name, "cpu")
@@ -312,6 +336,7 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
             module = module.to(device=like.device, dtype=like.dtype)
         module.train(base.training)
         replace_module(base_model, name, module)
+        built.append((name, module))
     for module in base_model.modules():  # layers using another layer's MPO (tied weights)
         if callable(getattr(module, "bind", None)):
             try:
@@ -319,8 +344,57 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
             except AttributeError:
                 raise ValueError(f"{config_file}: a shared layer's owner {module.owner_name!r} is not in the "
                                  "model") from None
-    base_model.load_state_dict(_tensors(data, weights_file), strict=True)
+    base_model.load_state_dict(_restore(data, weights_file, built), strict=True)
     return base_model
+
+
+def _floating(name: str, module: nn.Module) -> set[str]:
+    """The state_dict keys (under ``name``) of ``module``'s floating-point tensors."""
+    return {_prefix(name) + k for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+def _int8_keys(name: str, module: nn.Module) -> dict[str, str]:
+    """{core key: scales key} (under ``name``) of an int8 MPO module; {} for any other."""
+    if not (isinstance(module, MPOWeights) and module.int8):
+        return {}
+    return {_prefix(name) + core: _prefix(name) + scales for core, scales in module._int8_keys().items()}
+
+
+def _check_dtypes(floating: set[str], int8: Mapping[str, str], header: Mapping[str, tuple[str, Any]],
+                  file: Path) -> None:
+    """The cores of int8 modules must be I8 with F32 scales; every other float entry a float tensor."""
+    scales = set(int8.values())
+    for key, (dtype, _) in header.items():
+        if key in int8 and dtype != "I8":
+            raise ValueError(f"{file}: tensor {key!r} is {dtype}, but its module is saved with int8 cores "
+                             "(expected I8)")
+        if key in scales and dtype != "F32":
+            raise ValueError(f"{file}: tensor {key!r} is {dtype}; the scales of int8 cores are F32")
+        if key not in int8 and key in floating and dtype not in ("F64", "F32", "F16", "BF16"):
+            raise ValueError(f"{file}: tensor {key!r} is {dtype} where a float tensor is expected (its module's "
+                             "config does not mark it int8)")
+
+
+def _restore(data: bytes, file: Path, modules: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+    """The file's tensors with every int8 core of ``modules`` dequantized (:func:`dequantize_cores`)."""
+    return dequantize_cores(_tensors(data, file), modules, file)
+
+
+def dequantize_cores(tensors: Mapping[str, torch.Tensor], modules: list[tuple[str, nn.Module]],
+                     file: Path) -> dict[str, torch.Tensor]:
+    """A copy of a saved file's ``tensors`` with the int8 cores of the named ``modules`` (built from
+    the file's config) dequantized, in the dtype of each module's core, by their scales; a scale
+    that is not finite and positive is a ValueError naming ``file`` and the tensor."""
+    tensors = dict(tensors)
+    for name, module in modules:
+        for core, scales in _int8_keys(name, module).items():
+            scale = tensors[scales]
+            if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+                raise ValueError(f"{file}: tensor {scales!r} holds a non-finite, zero or negative scale; the "
+                                 f"int8 core {core!r} cannot be restored (corrupt, or not written by mpolstm.save)")
+            dtype = module.get_parameter(core.removeprefix(_prefix(name))).dtype
+            tensors[core] = dequantize_int8(tensors[core], scale, dtype)
+    return tensors
 
 
 def _tensors(data: bytes, file: Path) -> dict[str, torch.Tensor]:

@@ -11,10 +11,11 @@ from torch import nn
 
 from ..nn.registry import is_mpo_module, supported_torch_types
 from .layouts import LAYOUTS, describe_layouts
+from .output_aware import ALLOCATIONS
 
 __all__ = ["CompressionConfig", "ModuleSettings", "select_modules"]
 
-_OVERRIDE_KEYS = ("max_bond", "rel_tol", "num_cores", "layout")
+_OVERRIDE_KEYS = ("max_bond", "rel_tol", "num_cores", "layout", "sparse_share")
 
 
 def _check_max_bond(value: Any, where: str) -> None:
@@ -35,6 +36,13 @@ def _check_num_cores(value: Any, where: str) -> None:
 def _check_layout(value: Any, where: str) -> None:
     if value != "auto" and value not in LAYOUTS:
         raise ValueError(f"{where}layout must be 'auto' or one of {list(LAYOUTS)}, got {value!r}")
+
+
+def _check_share(value: Any, where: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or not 0 <= value <= 1):
+        raise ValueError(f"{where}sparse_share must be a number in [0, 1] (the share of a weight's budget "
+                         f"held by the sparse part of layout 'lowrank+sparse') or None (searched), got {value!r}")
 
 
 def _check_selector(value: Any, name: str) -> None:
@@ -87,6 +95,20 @@ class CompressionConfig:
         merged into two halves, ``mpo.step_macs``: a rank-r factor costs r (I + J), an interleaved
         MPO far more than its parameters). Alone or with a parameter budget: layouts and bonds
         are then chosen under both. The report shows MACs per step against dense.
+    sparse_share: for layout "lowrank+sparse" (low rank plus a sparse residual, fitted on the
+        whitened weights; never chosen by "auto", pin it): the share of each weight's budget
+        held by the sparse part, in [0, 1]; None (default) tries 0, 0.25, 0.5 and 0.7 and keeps
+        the lowest (output) error. A pinned weight gets budget in proportion to its size; with
+        ``max_bond`` instead of a budget, the rank is max_bond and the share defaults to 0.5.
+        Sparse entries count one stored number each, like pruning's (their index is counted
+        in bytes by ``mpolstm.storage``); during distillation their values train, the
+        positions stay fixed.
+    allocation: "error" (default): sizes by the per-matrix (output) errors; "output" (budget and
+        calibration needed): the model's calibration output error decides between that, uniform
+        ranks and ranks allocated by each weight's measured output sensitivity
+        (compression/output_aware.py); the report says which won and by how much.
+    refit: with calibration, refit every compressed weight (sizes kept) to the inputs the
+        already-compressed upstream model feeds it, module by module (compression/refit.py).
     """
 
     target_modules: str | list[str] | None = None
@@ -99,6 +121,9 @@ class CompressionConfig:
     target_ratio: float | None = None
     max_params: int | None = None
     max_macs: int | None = None
+    sparse_share: float | None = None
+    allocation: str = "error"
+    refit: bool = False
 
     def __post_init__(self) -> None:
         _check_selector(self.target_modules, "target_modules")
@@ -107,6 +132,16 @@ class CompressionConfig:
         _check_rel_tol(self.rel_tol, "")
         _check_num_cores(self.num_cores, "")
         _check_layout(self.layout, "")
+        _check_share(self.sparse_share, "")
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"refit must be True or False, got {self.refit!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation == "output" and not (self.target_ratio is not None or self.max_params is not None):
+            raise ValueError("allocation='output' allocates a budget: give target_ratio or max_params")
+        if self.allocation == "output" and self.max_macs is not None:
+            raise ValueError("allocation='output' compares allocations of the parameter budget only; drop max_macs "
+                             "or use allocation='error'")
         if self.target_ratio is not None and self.max_params is not None:
             raise ValueError("give at most one budget: target_ratio or max_params, not both")
         if self.target_ratio is not None and (
@@ -136,6 +171,7 @@ class CompressionConfig:
                 _check_num_cores(partial["num_cores"], where)
             if "layout" in partial:
                 _check_layout(partial["layout"], where)
+            _check_share(partial.get("sparse_share"), where)
             if self.budget_mode and partial.get("rel_tol") is not None:
                 raise ValueError(f"{where}rel_tol cannot be combined with a budget (target_ratio/max_params)")
 
@@ -146,7 +182,7 @@ class CompressionConfig:
     def settings_for(self, name: str) -> "ModuleSettings":
         """The settings of the module called ``name``: the config's, with every matching override applied."""
         settings = {"max_bond": self.max_bond, "rel_tol": self.rel_tol, "num_cores": self.num_cores,
-                    "layout": self.layout}
+                    "layout": self.layout, "sparse_share": self.sparse_share}
         for pattern, partial in self.overrides.items():
             if re.fullmatch(pattern, name):
                 settings.update(partial)
@@ -159,12 +195,14 @@ CompressionConfig.__doc__ = CompressionConfig.__doc__.replace("{layouts}", descr
 @dataclass(frozen=True)
 class ModuleSettings:
     """How one module is compressed (CompressionConfig.settings_for): bond cap, tolerance, cores of
-    the paper's layout, and the layout ("auto" or a key of LAYOUTS)."""
+    the paper's layout, the layout ("auto" or a key of LAYOUTS) and, for "lowrank+sparse", the
+    sparse share (None: searched)."""
 
     max_bond: int | None
     rel_tol: float | None
     num_cores: int
     layout: str
+    sparse_share: float | None = None
 
 
 def _supported_names() -> str:

@@ -40,6 +40,7 @@ class LayoutKind:
     description: str
     whitenable: bool
     factors: Callable[[int, int, Factors], Factors]
+    searched: bool = True  # tried by layout="auto"; False: used only when pinned
 
 
 def _two(size: int) -> tuple[int, int]:
@@ -55,6 +56,9 @@ LAYOUTS: dict[str, LayoutKind] = {kind.name: kind for kind in (
                lambda rows, cols, interleaved: ((rows, 1), (1, cols))),
     LayoutKind("lowrank-mpo", "(I, 1, 1) x (1, ja, jb): low rank whose output factor is a 2-core MPO", True,
                lambda rows, cols, interleaved: ((rows, 1, 1), (1, *_two(cols)))),
+    LayoutKind("lowrank+sparse", "low rank plus a sparse residual at fixed positions (compression/hybrid.py); "
+               "pinned only, sparse_share of the budget sparse", True,
+               lambda rows, cols, interleaved: ((rows, 1), (1, cols)), searched=False),
 )}
 
 
@@ -82,7 +86,7 @@ def candidate_factors(shape: tuple[int, int], interleaved: Factors, whitened: bo
     options = {}
     for kind in LAYOUTS.values():
         factors = kind.factors(rows, cols, interleaved)
-        if _useful(factors) and (kind.whitenable or not whitened) and (
+        if kind.searched and _useful(factors) and (kind.whitenable or not whitened) and (
                 kind.name == "interleaved" or factors != interleaved):
             options[kind.name] = factors
     return options

@@ -18,9 +18,10 @@ class WeightReport:
     embedding; rel_error: ||W - W'||_F / ||W||_F measured exactly on the torch weight (an
     embedding's real rows); output_error: ||(W - W') C^{1/2}||_F / ||W C^{1/2}||_F with C the
     calibration inputs' second moment (None without calibration); layout: the chosen layout;
-    entropy: entanglement entropy at each bond of the compressed MPO; dense_macs / macs:
-    multiply-adds of one row through the dense weight / the MPO as deployed (``mpo.step_macs``;
-    0 dense for a table lookup)."""
+    entropy: entanglement entropy at each bond of the compressed MPO; sparse_params: entries of
+    the sparse residual (layout "lowrank+sparse"), included in mpo_params; dense_macs / macs:
+    multiply-adds of one row through the dense weight / the compressed weight as deployed
+    (``mpo.step_macs`` plus the sparse entries; 0 dense for a table lookup)."""
 
     shape: tuple[int, int]
     dense_params: int
@@ -30,6 +31,7 @@ class WeightReport:
     entropy: tuple[float, ...]
     layout: str = "interleaved"
     output_error: float | None = None
+    sparse_params: int = 0
     dense_macs: int = 0
     macs: int = 0
 
@@ -50,11 +52,14 @@ class ModuleReport:
 class CompressionReport:
     """Result of ``compress``: one entry per replaced module, plus skipped modules
     (name, reason: not compressible, or left dense because its MPO would not be smaller) and
-    the budgets used (max MPO core entries, max multiply-adds per step; None when not given)."""
+    the budgets used (max MPO core entries, max multiply-adds per step; None when not given), and
+    with ``allocation="output"`` which allocation won on the calibration output error and each
+    candidate's error."""
 
     modules: list[ModuleReport]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     budget: int | None = None
+    allocation: Any = None  # output_aware.AllocationChoice with allocation="output", else None
     mac_budget: int | None = None
 
     @property
@@ -85,6 +90,8 @@ class CompressionReport:
             "modules": [asdict(m) for m in self.modules],
             "skipped": [list(s) for s in self.skipped],
             "budget": self.budget,
+            "allocation": None if self.allocation is None else {"chosen": self.allocation.chosen,
+                                                                "errors": dict(self.allocation.errors)},
             "mac_budget": self.mac_budget,
             "dense_params": self.dense_params,
             "mpo_params": self.mpo_params,
@@ -99,7 +106,8 @@ class CompressionReport:
     def rows(self) -> list[tuple[str, ...]]:
         """One row of strings per compressed weight, under ``REPORT_COLUMNS``."""
         return [
-            (f"{m.name} ({m.new_class})", wname, "x".join(map(str, w.shape)), w.layout, str(w.bond_dims),
+            (f"{m.name} ({m.new_class})", wname, "x".join(map(str, w.shape)), w.layout,
+             str(w.bond_dims) + (f" +{w.sparse_params:,} sparse" if w.sparse_params else ""),
              f"{w.dense_params:,} -> {w.mpo_params:,}", f"{w.dense_params / w.mpo_params:.1f}x",
              f"{w.dense_macs:,} -> {w.macs:,}",
              "-" if w.rel_error is None else f"{w.rel_error:.4f}",
@@ -131,6 +139,8 @@ class CompressionReport:
         lines = [self.title]
         for r in rows:
             lines.append("  ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))))
+        if self.allocation is not None:
+            lines.append(str(self.allocation))
         if self.skipped:
             lines.append("skipped: " + "; ".join(f"{name} ({reason})" for name, reason in self.skipped))
         return "\n".join(lines) + "\n"

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..io import CONFIG_FILE, read_verified
+from ..io import CONFIG_FILE, dequantize_cores, read_verified
 from ..mpo import MPO
 from ..nn.registry import layer_type_of_mpo, mpo_class
 
@@ -154,7 +154,8 @@ def describe_folder(folder: Path) -> list[dict[str, Any]]:
     checks it (:func:`mpolstm.io.read_verified`), from its files alone: name, torch's shape of
     the weight, factors, bonds, params, ratio, entanglement entropy per bond, and the errors:
     ``weight_error`` and ``output_error`` from ``mpolstm compress``'s report when the folder has
-    one, else ``recorded_error`` (what config.json recorded when the MPO was made)."""
+    one, else ``recorded_error`` (what config.json recorded when the MPO was made); ``stored``
+    ("float32", or "int8" for cores with scales) and ``bytes`` (its cores and scales in the file)."""
     folder = Path(folder)
     verified = read_verified(folder)
     tensors, record = verified.tensors(), _compression_record(folder)
@@ -166,13 +167,16 @@ def describe_folder(folder: Path) -> list[dict[str, Any]]:
         with torch.device("meta"):
             probe = cls.from_config(entry["config"])
             shapes = _torch_shapes(probe)
-        prefix = f"{name}." if name else ""
-        for wname, cores in probe.mpo_weights().items():
-            stem = f"{prefix}{wname}_cores" if f"{prefix}{wname}_cores.0" in tensors else f"{prefix}cores"
-            missing = [f"{stem}.{k}" for k in range(len(cores)) if f"{stem}.{k}" not in tensors]
-            if missing:
-                raise ValueError(f"{verified.weights_file}: missing cores {missing[:3]} of {prefix}{wname}")
-            mpo = MPO([tensors[f"{stem}.{k}"].double() for k in range(len(cores))])
+        prefix, int8 = f"{name}." if name else "", getattr(probe, "int8", False)  # shared layers have no cores
+        parts = {w: ([f"{prefix}{probe._cores_attr(w)}.{k}" for k in range(len(cores))],
+                     [f"{prefix}{probe._scales_attr(w)}.{k}" for k in range(len(cores))] if int8 else [])
+                 for w, cores in probe.mpo_weights().items()}
+        missing = [k for keys, scales in parts.values() for k in keys + scales if k not in tensors]
+        if missing:
+            raise ValueError(f"{verified.weights_file}: missing cores or scales {missing[:3]} of module {name!r}")
+        values = dequantize_cores(tensors, [(name, probe)], verified.weights_file) if int8 else tensors
+        for wname, (keys, scales) in parts.items():
+            mpo = MPO([values[k].double() for k in keys])
             weight = f"{prefix}{wname}"
             errors = record["errors"].get(weight, (None, None)) if record else None
             rows.append({
@@ -183,6 +187,8 @@ def describe_folder(folder: Path) -> list[dict[str, Any]]:
                    {"recorded_error": entry.get("errors", {}).get(wname)}),
                 "entropy": [float(e) for e in mpo.entanglement_entropy()],
                 "distill_steps": record["distill_steps"] if record else 0,
+                "stored": "int8" if int8 else str(tensors[keys[0]].dtype).removeprefix("torch."),
+                "bytes": sum(tensors[k].numel() * tensors[k].element_size() for k in keys + scales),
             })
     return rows
 
@@ -198,18 +204,21 @@ def inspect_folder(folder: Path, rows: list[dict[str, Any]] | None = None) -> st
         return f"{folder} has no MPO layers (a dense model)"
     reported = "weight_error" in rows[0]
     errors = ("weight error", "output error") if reported else ("error when made",)
-    header = ("weight", "shape", "in factors", "out factors", "bonds", "params", "ratio", *errors, "entropy per bond")
+    header = ("weight", "shape", "in factors", "out factors", "bonds", "params", "ratio", *errors, "stored", "bytes",
+              "entropy per bond")
     table = [header] + [
         (r["weight"], "x".join(map(str, r["shape"])), str(r["in_factors"]), str(r["out_factors"]), str(r["bonds"]),
          f"{r['params']:,}", f"{r['ratio']:.1f}x",
          *((_error(r["weight_error"]), _error(r["output_error"])) if reported else (_error(r["recorded_error"]),)),
-         " ".join(f"{e:.2f}" for e in r["entropy"]))
+         r["stored"], f"{r['bytes']:,}", " ".join(f"{e:.2f}" for e in r["entropy"]))
         for r in rows]
     widths = [max(len(r[c]) for r in table) for c in range(len(header))]
     total = sum(r["params"] for r in rows)
     dense = sum(math.prod(r["shape"]) for r in rows)
-    lines = [f"{folder}: {len(rows)} MPO weights, {dense:,} -> {total:,} entries ({dense / total:.1f}x); shapes as "
-             "torch holds the weights, in factors over their input side"]
+    stored = sum(r["bytes"] for r in rows)
+    lines = [f"{folder}: {len(rows)} MPO weights, {dense:,} -> {total:,} entries ({dense / total:.1f}x), "
+             f"{stored:,} bytes as stored ({4 * dense / stored:.1f}x fewer than float32 dense); shapes as torch "
+             "holds the weights, in factors over their input side"]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
     if reported:
         lines.append("weight error: ||W - W'|| / ||W||; output error: the same on the --calibrate inputs (- without)")

@@ -14,12 +14,22 @@ matmul with the rebuilt weight ("dense", cached in eval mode). The choice is a p
 The eval-mode cache is keyed on the identity, ``_version`` counter and storage of every core: an
 optimizer step, ``load_state_dict``, an in-place edit, ``.to()`` or ``functional_call`` invalidate it;
 ``train()`` drops it; it is never copied.
+
+int8 cores (:func:`mpolstm.quantize`): every core is rounded in place onto an int8 grid with one
+float32 scale per slice along its larger bond (the right one on a tie; :func:`core_scale_shape`),
+core = (q.float() * scale).to(dtype) with q in [-127, 127]. The scales are buffers of a small module
+per weight, ``<weight>_scales.<k>`` (``scales.<k>``) beside ``<weight>_cores.<k>``, so they follow
+``state_dict`` and deepcopy, and stay float32 under ``.to(dtype)``. Every layer's ``mpo_config`` then
+carries ``"int8": true`` and its ``from_config`` creates the scale buffers: both are wrapped once
+here (:meth:`MPOWeights.__init_subclass__`), so the layers know nothing of int8. Compute stays
+float32 on the dequantized cores.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Mapping, Sequence, Tuple
+from typing import Any, Callable, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +37,11 @@ from torch.nn import functional as F
 
 from .. import mpo as mpo_math
 from ..mpo import MPO, TruncationReport
+from .sparse import add_sparse_product, load_sparse_config, sparse_config, sparse_params, with_sparse
 
-__all__ = ["MPOWeights", "SingleWeightMPO", "check_positive_int", "default_factors", "halves_matmul", "init_cores_",
-           "merged_halves", "resolve_factors", "set_factorized"]
+__all__ = ["MPOWeights", "SingleWeightMPO", "check_positive_int", "core_scale_shape", "default_factors",
+           "dequantize_int8", "halves_matmul", "init_cores_", "merged_halves", "quantize_core", "quantize_int8",
+           "resolve_factors", "set_factorized"]
 
 Factors = tuple[tuple[int, ...], tuple[int, ...]]
 Halves = Tuple[Tensor, Tensor, int, int, int, int, int]  # see halves_matmul
@@ -137,6 +149,91 @@ def halves_matmul(x: Tensor, prepared: Halves) -> Tensor:
     return (mid.reshape(n * jl, d * ir) @ r).reshape(n, jl * jr)
 
 
+# ----------------------------------------------------------------------------- int8 grids
+
+
+def quantize_int8(t: Tensor, dims: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 of ``t`` (any shape): (q int8 of t's shape, scale float32), t ~ q * scale with
+    q in [-127, 127]. One scale per slice: max |t| over ``dims`` / 127, those dims kept with size 1
+    (the scale broadcasts against q); ``dims=None``: one scale, shape (1,). A slice whose scale would
+    be 0 (all zeros) gets 1. Raises ValueError for non-finite values."""
+    x = t.detach().float()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("cannot quantize non-finite values to int8")
+    if x.numel() == 0:
+        peak = torch.zeros(1 if dims is None else [1 if d in dims else n for d, n in enumerate(x.shape)])
+    else:
+        peak = x.abs().amax().reshape(1) if dims is None else x.abs().amax(dim=tuple(dims), keepdim=True)
+    scale = peak / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(q.float() * scale).to(dtype)``: the one expression that turns int8 values back into floats
+    (quantize, save and load all use it, so a round trip is bit-exact)."""
+    return (q.float() * scale.float()).to(dtype)
+
+
+def core_scale_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
+    """Shape of the scales of a core (D_l, i, j, D_r): one per slice along its larger bond, (D_l, 1, 1, 1)
+    when D_l > D_r, else (1, 1, 1, D_r); the edge cores (a bond of 1) thus get one scale per slice of
+    their inner bond."""
+    left, _, _, right = shape
+    return (left, 1, 1, 1) if left > right else (1, 1, 1, right)
+
+
+def quantize_core(core: Tensor) -> tuple[Tensor, Tensor]:
+    """A core's int8 values and its scales of :func:`core_scale_shape` (float32)."""
+    return quantize_int8(core, [d for d, n in enumerate(core_scale_shape(core.shape)) if n == 1])
+
+
+class _Scales(nn.Module):
+    """The float32 scales of one weight's int8 cores as buffers "0", "1", ... (kept float32 by ``.to``)."""
+
+    def __init__(self, scales: Sequence[Tensor]) -> None:
+        super().__init__()
+        for k, scale in enumerate(scales):
+            self.register_buffer(str(k), scale.detach().to(torch.float32).contiguous())
+
+    def _apply(self, fn, recurse=True):
+        for key, buf in self._buffers.items():
+            moved = fn(buf)
+            self._buffers[key] = moved if moved.dtype == torch.float32 else buf.to(moved.device)
+        return self
+
+
+def _int8_config(mpo_config: Callable) -> Callable:
+    """A layer's ``mpo_config`` with ``"int8": true`` added for an int8 module."""
+
+    @functools.wraps(mpo_config)
+    def wrapped(self) -> dict[str, Any]:
+        config = mpo_config(self)
+        if self.int8:
+            config["int8"] = True
+        return config
+
+    return wrapped
+
+
+def _int8_from_config(from_config: Callable) -> classmethod:
+    """A layer's ``from_config`` (the function under its classmethod) that also creates placeholder
+    scale buffers when the config has ``"int8": true``."""
+
+    @functools.wraps(from_config)
+    def wrapped(cls, config: Mapping[str, Any]):
+        layer = from_config(cls, config)
+        flag = config.get("int8", False)
+        if not isinstance(flag, bool):
+            raise ValueError(f"config field 'int8' must be true or false, got {flag!r}")
+        if flag:
+            layer._set_scales({name: [torch.ones(core_scale_shape(c.shape), device=c.device)
+                                      for c in layer._cores(name)] for name in layer._weight_shapes})
+        return layer
+
+    return classmethod(wrapped)
+
+
 # ----------------------------------------------------------------------------- the base
 
 
@@ -147,6 +244,15 @@ class MPOWeights(nn.Module):
     conversions from dense weights or ready MPOs, and the config of the cores."""
 
     _weight_shapes: dict[str, tuple[int, int]]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Wrap a layer's own ``mpo_config`` / ``from_config`` once, so that they record and restore
+        int8 cores (see the module docstring)."""
+        super().__init_subclass__(**kwargs)
+        if "mpo_config" in cls.__dict__:
+            cls.mpo_config = _int8_config(cls.__dict__["mpo_config"])
+        if isinstance(cls.__dict__.get("from_config"), classmethod):
+            cls.from_config = _int8_from_config(cls.__dict__["from_config"].__func__)
 
     # -- construction --------------------------------------------------------------------
     def _start_weights(self, num_cores: int) -> None:
@@ -220,13 +326,17 @@ class MPOWeights(nn.Module):
 
     @property
     def compression_ratio(self) -> float:
-        """Dense weight entries / MPO core entries (biases excluded on both sides)."""
+        """Dense weight entries / stored entries: MPO cores and sparse residual values (biases excluded)."""
         dense = sum(o * i for o, i in self._weight_shapes.values())
-        return dense / sum(p.numel() for p in self._core_params())
+        return dense / sum(p.numel() for p in [*self._core_params(), *sparse_params(self)])
 
     def _weights_config(self) -> dict[str, dict[str, list[int]]]:
+        """Per weight: in_factors, out_factors, bond_dims, and "sparse" (its sparse residual's entry
+        count, layout "lowrank+sparse") when it has one."""
+        sparse = sparse_config(self)
         return {name: {"in_factors": list(in_f), "out_factors": list(out_f),
-                       "bond_dims": list(mpo_math.bond_dims(self.mpo_weights()[name]))}
+                       "bond_dims": list(mpo_math.bond_dims(self.mpo_weights()[name])),
+                       **({"sparse": sparse[name]} if name in sparse else {})}
                 for name, (in_f, out_f) in self.factors.items()}
 
     def _load_weights_config(self, weights: Mapping[str, Any], std: float) -> None:
@@ -236,6 +346,7 @@ class MPOWeights(nn.Module):
             raise ValueError(f"config has weights {got}, expected {sorted(self._weight_shapes)}")
         for name, spec in weights.items():
             self._set_mpo(name, MPO(_config_cores(name, spec, std)))
+        load_sparse_config(self, {"sparse": {n: spec["sparse"] for n, spec in weights.items() if "sparse" in spec}})
 
     # -- setting weights -----------------------------------------------------------------
     def _decompose_from(self, dense: Mapping[str, Tensor], max_bond, rel_tol,
@@ -275,6 +386,56 @@ class MPOWeights(nn.Module):
             self._reports.pop(name, None)
         self._cache = None
 
+    # -- int8 cores ----------------------------------------------------------------------
+    @property
+    def int8(self) -> bool:
+        """True once :func:`mpolstm.quantize` put the cores on int8 grids (their scales are buffers)."""
+        return all(self._scales_attr(name) in self._modules for name in self._weight_shapes)
+
+    def _scales_attr(self, name: str) -> str:
+        return self._cores_attr(name).removesuffix("cores") + "scales"
+
+    def _set_scales(self, scales: Mapping[str, Sequence[Tensor]]) -> None:
+        for name, values in scales.items():
+            setattr(self, self._scales_attr(name), _Scales(values))
+
+    @torch.no_grad()
+    def _quantize_int8_(self) -> None:
+        """Round every core in place onto its int8 grid (:func:`quantize_core`) and keep the scales."""
+        scales = {}
+        for name in self._weight_shapes:
+            scales[name] = []
+            for core in self._cores(name):
+                q, scale = quantize_core(core)
+                core.copy_(dequantize_int8(q, scale, core.dtype))
+                scales[name].append(scale)
+        self._set_scales(scales)
+
+    def _int8_keys(self) -> dict[str, str]:
+        """{state_dict key of each core: that of its scales} of an int8 module (io reads and writes these)."""
+        return {f"{self._cores_attr(n)}.{k}": f"{self._scales_attr(n)}.{k}"
+                for n in self._weight_shapes for k in range(len(self._cores(n)))}
+
+    @torch.no_grad()
+    def _int8_values(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """{core key: (q int8, scales)} of an int8 module, the q from its stored scales; ValueError when
+        a core is no longer on its grid (trained or replaced after quantize)."""
+        out = {}
+        for name in self._weight_shapes:
+            scales = list(self._modules[self._scales_attr(name)]._buffers.values())
+            cores = self._cores(name)
+            for k, core in enumerate(cores):
+                scale = scales[k] if len(scales) == len(cores) else None
+                q = None
+                if scale is not None and tuple(scale.shape) == core_scale_shape(core.shape):
+                    q = torch.round(core.float() / scale).clamp_(-127, 127).to(torch.int8)
+                if q is None or not torch.equal(dequantize_int8(q, scale, core.dtype), core):
+                    raise ValueError(f"{type(self).__name__}: {self._cores_attr(name)}.{k} is no longer on its "
+                                     "int8 grid (trained or edited after quantize); call mpolstm.quantize(model) "
+                                     "again")
+                out[f"{self._cores_attr(name)}.{k}"] = (q.cpu(), scale.cpu())
+        return out
+
     # -- weights -------------------------------------------------------------------------
     def _cores(self, name: str) -> list[Tensor]:
         return list(self._modules[self._cores_attr(name)]._parameters.values())  # the ParameterList, fast
@@ -289,14 +450,14 @@ class MPOWeights(nn.Module):
         if tuple(weight.shape) != self._weight_shapes[name]:
             raise RuntimeError(f"{type(self).__name__}: cores of {name} rebuild to shape "
                                f"{tuple(weight.shape)}, expected {self._weight_shapes[name]}")
-        return weight
+        return with_sparse(self, name, weight)
 
     def _eval_cache(self) -> dict[str, Any] | None:
         """The eval-mode cache ("dense": rebuilt weights, "halves": merged half-chains, "plans"),
         None when caching is not allowed (training, or a graph to the cores is being recorded)."""
         if self.training:
             return None
-        params = self._core_params()
+        params = self._core_params() + sparse_params(self)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return None
         key = (torch.is_inference_mode_enabled(), torch._C._is_any_autocast_enabled(),
@@ -357,6 +518,7 @@ class MPOWeights(nn.Module):
             out = halves_matmul(x, prepared)
         else:
             out = mpo_math.split_matmul(x, self._cores(name), plan[1])
+        out = add_sparse_product(self, name, x, out)
         return out if bias is None else out + bias
 
     def _halves(self, name: str, cache: dict[str, Any] | None) -> Halves:
@@ -475,5 +637,5 @@ class SingleWeightMPO(MPOWeights):
         return self._weights_config()["weight"]
 
     def _load_config_of_cores(self, config: Mapping[str, Any], std: float) -> None:
-        self._load_weights_config({"weight": {k: config[k] for k in ("in_factors", "out_factors", "bond_dims")}},
-                                  std)
+        keys = ("in_factors", "out_factors", "bond_dims", "sparse")
+        self._load_weights_config({"weight": {k: config[k] for k in keys if k in config}}, std)

@@ -33,6 +33,7 @@ from ..mpo import MPO
 from .base import MPOWeights, check_positive_int
 from .gates import NUM_GATES, cell_update, recurrence
 from .registry import LayerType, register
+from .sparse import sparse_parts
 
 __all__ = ["MPOLSTM", "MPOGRU", "MPORNN", "RNNStream", "recurrent_inputs"]
 
@@ -226,6 +227,9 @@ class _MPORNNBase(MPOWeights):
         through the cores, then the loop over time (``gates.recurrence``, TorchScript: a dynamic time
         axis survives tracing and ONNX export) with W_hh^T's merged halves. No dense weight is formed.
         Padded sequences only, no proj_size (both need the dense runtime)."""
+        if sparse_parts(self):
+            raise ValueError(f"{type(self).__name__}: the factorized runtime does not run sparse residuals (layout "
+                             "'lowrank+sparse'); use the dense runtime (set_factorized(model, False))")
         if isinstance(input, PackedSequence) or self.proj_size > 0:
             raise ValueError(f"{type(self).__name__}: the factorized runtime runs padded sequences without "
                              "proj_size; a PackedSequence or proj_size > 0 needs the dense runtime")

@@ -19,7 +19,10 @@ The baselines a practitioner compares against, at the same budget:
 - ``lowrank-decomp`` / ``lowrank-scratch`` every LSTM weight as a rank-r product (truncated SVD),
   ranks allocated like the MPO bonds, from the dense model + fine-tuning or from scratch.
 - ``int8`` dynamic int8 quantization of the dense model (no training; 4x fewer bytes, once per table).
-- ``mpo-int8`` an MPO with int8 cores at the float rows' bytes (~4x their entries), fine-tuned, rounded.
+- ``mpo-int8`` an MPO with int8 cores at the float rows' bytes (~4x their entries), fine-tuned, rounded
+  (:func:`mpolstm.quantize`).
+- ``prune-bytes`` / ``prune-int8`` AGP pruning at the float MPO's bytes, values float32 / int8 (one
+  scale per matrix) plus the smaller index.
 
 Every row also reports the bytes of its LSTM weights as stored (:mod:`mpolstm.storage`).
 

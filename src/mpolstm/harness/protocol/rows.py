@@ -23,7 +23,8 @@ from ...compression import CompressionConfig, compress, freeze_central
 from ...distill import distill
 from ...nn import init_cores_, is_mpo_module
 from ...prune import AGPPruner, make_permanent, prune_global
-from ...storage import round_to_int8_
+from ...quantization import quantize
+from ...storage import pack_weights, packed_bytes, round_to_int8_
 from ..training import Callback, Distillation, default_forward, evaluate, seed_everything
 from .measure import largest_hidden
 from .schedule import Bonds, BondSchedule
@@ -93,7 +94,10 @@ class Trained:
     """What a recipe returns.
 
     model, seconds: the final model and its training seconds.
-    int8_cores: its MPO cores lie on their int8 grids and are stored as int8 + one scale each.
+    int8_cores: its MPO cores lie on their int8 grids (:func:`mpolstm.quantize`) and are stored as int8
+        + their scales.
+    int8_values: its (pruned) weight matrices lie on int8 grids, one scale each, and are stored with
+        int8 values.
     architecture: the model's spec when it differs from the task's (``small-dense``).
     total_params: every parameter of the model, when ``model.parameters()`` does not show them
         (torch's quantized modules hold packed weights).
@@ -103,6 +107,7 @@ class Trained:
     model: nn.Module
     seconds: float
     int8_cores: bool = False
+    int8_values: bool = False
     architecture: dict[str, Any] | None = None
     total_params: int | None = None
     extra: dict[str, float] = field(default_factory=dict)
@@ -176,19 +181,21 @@ def prune_agp(ctx: RowContext) -> Trained:
     return Trained(model, seconds)
 
 
-def equal_bytes_nonzeros(ctx: RowContext) -> int:
-    """The most non-zeros whose pruned storage fits the float32 MPO's bytes (4 per budget entry): the
-    larger count that CSR or a bitmask allows (each matrix then takes its smaller format, so the
-    stored bytes can only be lower)."""
+def equal_bytes_nonzeros(ctx: RowContext, value_bytes: int = 4) -> int:
+    """The most non-zeros whose pruned storage fits the float32 MPO's bytes (4 per budget entry), with
+    ``value_bytes`` per value (4: float32; 1: int8, plus a 4-byte scale per matrix): the larger count
+    that CSR or a bitmask allows (each matrix then takes its smaller format, so the stored bytes can
+    only be lower)."""
     shapes = [tuple(ctx.dense.get_parameter(w).shape) for w in ctx.weights]
-    limit = 4 * ctx.budget
+    scales = 4 * len(shapes) if value_bytes == 1 else 0
+    limit = 4 * ctx.budget - scales
     index = max(2 if cols <= 2**15 else 4 for _, cols in shapes)
     csr_index = sum(4 * (rows + 1) for rows, _ in shapes)
     bitmask_index = sum(math.ceil(rows * cols / 8) for rows, cols in shapes)
-    nonzeros = max((limit - csr_index) // (4 + index), (limit - bitmask_index) // 4)
+    nonzeros = max((limit - csr_index) // (value_bytes + index), (limit - bitmask_index) // value_bytes)
     if nonzeros < 1:
-        raise Infeasible(f"the sparse index alone takes {min(csr_index, bitmask_index):,} bytes, at or above the "
-                         f"MPO's {limit:,}")
+        raise Infeasible(f"the sparse index alone takes {min(csr_index, bitmask_index) + scales:,} bytes, at or "
+                         f"above the MPO's {4 * ctx.budget:,}")
     return nonzeros
 
 
@@ -199,6 +206,20 @@ def prune_bytes(ctx: RowContext) -> Trained:
     seconds = ctx.finetune(model, callbacks=[agp])
     make_permanent(model)
     return Trained(model, seconds)
+
+
+def prune_int8(ctx: RowContext) -> Trained:
+    """(d) at equal bytes with int8 values: AGP pruning to as many non-zeros as fit the float MPO's bytes
+    as int8 values (+ a float32 scale per matrix) with their index, fine-tuned as (d), then every kept
+    value rounded to int8 (post-training, as mpo-int8; ``before_int8`` is the float metric)."""
+    model = copy.deepcopy(ctx.dense)
+    agp = AGPPruner(ctx.weights, equal_bytes_nonzeros(ctx, value_bytes=1), start=0, end=ctx.schedule_end,
+                    method="global")
+    seconds = ctx.finetune(model, callbacks=[agp])
+    make_permanent(model)
+    before = evaluate(model, ctx.task.test_loader, ctx.task.metric, forward_fn=ctx.task.forward_fn)
+    round_to_int8_(model.get_parameter(w) for w in ctx.weights)
+    return Trained(model, seconds, int8_values=True, extra={"before_int8": before})
 
 
 def prune_oneshot(ctx: RowContext) -> Trained:
@@ -306,16 +327,24 @@ def int8_dynamic(ctx: RowContext) -> Trained:
 
 
 def mpo_int8(ctx: RowContext) -> Trained:
-    """An MPO with the float rows' byte budget: int8 cores (1 byte an entry + a 4-byte scale per core)
-    allow ~4x the entries of (a). TT-SVD of the dense model at that size and fine-tuning as (a),
-    then every core rounded to int8 (post-training quantization); ``before_int8`` in the results
-    is the test metric of the float cores, the rounding's cost."""
-    scale_bytes = 4 * 4 * len(ctx.weights)  # at most 4 cores per weight, a float32 scale each
-    config = CompressionConfig(target_modules=ctx.names, max_params=4 * ctx.budget - scale_bytes, layout=LAYOUT)
-    model = compress(copy.deepcopy(ctx.dense), config)[0]
+    """An MPO with the float rows' byte budget: int8 cores (1 byte an entry + 4 bytes a scale, one per
+    slice along each core's larger bond) allow ~4x the entries of (a). TT-SVD of the dense model at the
+    most entries whose int8 bytes fit, fine-tuning as (a), then every core rounded to int8
+    (:func:`mpolstm.quantize`, post-training); ``before_int8`` in the results is the test metric of
+    the float cores, the rounding's cost."""
+    limit = entries = 4 * ctx.budget
+    for _ in range(4):  # the scales depend on the bonds the allocation picks: leave room for the last ones
+        config = CompressionConfig(target_modules=ctx.names, max_params=entries, layout=LAYOUT)
+        model = compress(copy.deepcopy(ctx.dense), config)[0]
+        stored = pack_weights(model, ctx.names, int8_cores=True)[0]
+        if packed_bytes(stored) <= limit:
+            break
+        entries = limit - sum(4 * t.numel() for key, t in stored.items() if key.endswith(".scale"))
+    else:
+        raise Infeasible(f"no int8 MPO within {limit:,} bytes found")
     seconds = ctx.finetune(model)
     before = evaluate(model, ctx.task.test_loader, ctx.task.metric, forward_fn=ctx.task.forward_fn)
-    round_to_int8_(p for n in ctx.names for cores in model.get_submodule(n).mpo_weights().values() for p in cores)
+    quantize(model)
     return Trained(model, seconds, int8_cores=True, extra={"before_int8": before})
 
 
@@ -327,6 +356,7 @@ ROWS: dict[str, Row] = {
     "prune-agp": Row("(d) AGP magnitude pruning + fine-tuning", prune_agp),
     "prune-oneshot": Row("(e) one-shot magnitude pruning + fine-tuning", prune_oneshot),
     "prune-bytes": Row("(d) AGP pruning at the MPO's bytes (values + index)", prune_bytes),
+    "prune-int8": Row("(d) AGP pruning at the MPO's bytes, int8 values (+ index)", prune_int8),
     "mpo-gradual": Row("(f) gradual bond truncation during fine-tuning", mpo_gradual),
     "mpo-posttrain": Row("(g) MPO post-training: layout search + calibration + distillation", mpo_posttrain),
     "small-dense": Row("small dense LSTM at the budget, from scratch", small_dense),

@@ -119,7 +119,7 @@ def _record(task: Task, out: Path, dense_count: int, log: Callable[[str], None],
     model, names = trained.model, list(task.recurrent)
     run = row if ratio is None else f"{row}-{ratio:g}x"
     folder = out / "models" / run
-    tensors, formats = pack_weights(model, names, int8_cores=trained.int8_cores)
+    tensors, formats = pack_weights(model, names, int8_cores=trained.int8_cores, int8_values=trained.int8_values)
     stored = packed_bytes(tensors)
     file_bytes = stored
     if is_main():

@@ -1,0 +1,106 @@
+"""Sequential refit: fit each compressed weight to what the already-compressed model feeds it.
+
+Whitened truncation fits every weight to the *original* model's inputs X. Once the weights
+upstream are compressed, a weight sees other inputs X_c, and its errors add to theirs. After
+the sizes are chosen, ``CompressionConfig(refit=True)`` (SVD-LLM-like) goes through the
+compressed modules in order; for each it runs the calibration through the original model and
+through the model whose earlier modules are already refitted, pairs the inputs each weight
+multiplies (X_o, X_c: same calls, same order), and refits the weight M (in, out) to
+
+    min ||X_c M' - X_o M||_F  with M' in its chosen layout and bonds:
+    M* = (C_cc + damping)^{-1} C_co M  (least squares),   M' = S^{-1} trunc(S M*),  S = C_cc^{1/2}
+
+with C_cc = X_c^T X_c and C_co = X_c^T X_o, so the compressed weight also corrects the error
+that reaches it. Table lookups (embeddings) see the same rows either way and are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..calibration import DAMPING, Calibration, _run, whitening
+from ..mpo import MPO
+from ..nn.registry import layer_type, layer_type_of_mpo, replace_module
+from .layouts import Target, decompose_target
+
+__all__ = ["paired_moments", "sequential_refit"]
+
+
+@torch.no_grad()
+def _inputs(model: nn.Module, name: str, calibration: Calibration) -> dict[str, list[Tensor]]:
+    """What every weight of module ``name`` multiplies, call by call, while the calibration runs."""
+    module = model.get_submodule(name)
+    entry = layer_type(module) or layer_type_of_mpo(module)  # torch, or already refitted
+    seen: dict[str, list[Tensor]] = {}
+
+    def hook(mod: nn.Module, args: tuple, output: Any) -> None:
+        for weight, x in entry.inputs(mod, args):
+            if x.dim() > 1:
+                seen.setdefault(weight, []).append(x.detach().reshape(-1, x.shape[-1]).double())
+
+    modes = {m: m.training for m in model.modules()}
+    handle = module.register_forward_hook(hook)
+    try:
+        model.eval()
+        _run(model, calibration)
+    finally:
+        handle.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+    return seen
+
+
+def paired_moments(original: nn.Module, current: nn.Module, name: str, calibration: Calibration
+                   ) -> dict[str, tuple[Tensor, Tensor]]:
+    """{weight: (C_cc, C_co)} of module ``name``: second moments of the inputs in ``current``
+    and their cross moments with the matching inputs in ``original``."""
+    got_o, got_c = _inputs(original, name, calibration), _inputs(current, name, calibration)
+    out = {}
+    for weight, xs_o in got_o.items():
+        xs_c = got_c.get(weight, [])
+        if len(xs_c) != len(xs_o) or any(a.shape != b.shape for a, b in zip(xs_c, xs_o)):
+            raise ValueError(f"refit: module {name!r} saw different inputs in the original and the compressed "
+                             "model; the calibration must run both the same way")
+        count = max(sum(x.shape[0] for x in xs_c), 1)
+        out[weight] = (sum(c.T @ c for c in xs_c) / count, sum(c.T @ o for c, o in zip(xs_c, xs_o)) / count)
+    return out
+
+
+def _refit(target: Target, moments: tuple[Tensor, Tensor], mpo: MPO) -> MPO:
+    c_cc, c_co = moments
+    eig_mean = float(torch.linalg.eigvalsh((c_cc + c_cc.T) / 2).clamp_min(0).mean())
+    damped = c_cc + DAMPING * (eig_mean if eig_mean > 0 else 1.0) * torch.eye(c_cc.shape[0], dtype=c_cc.dtype)
+    best = torch.linalg.solve(damped, c_co @ target.matrix)
+    refitted = Target(target.module, target.weight, best, target.interleaved, target.dense_params, whitening(c_cc))
+    factors = (tuple(c.shape[1] for c in mpo.cores), tuple(c.shape[2] for c in mpo.cores))
+    return decompose_target(refitted, factors, list(mpo.bond_dims))
+
+
+def sequential_refit(model: nn.Module, targets: list[Target], results: list[tuple[str, MPO]],
+                     calibration: Calibration, passes: int = 1) -> list[tuple[str, MPO]]:
+    """The results with every weight refitted in module order (see the module docstring); the
+    model itself is left as it is (the refit runs on a copy). ``passes`` > 1 refits each module
+    again on the inputs its own refitted version produces (a recurrent weight's inputs depend on it)."""
+    current = copy.deepcopy(model)
+    out = list(results)
+    order = list(dict.fromkeys(t.module for t in targets))
+    for name in order:
+        original = model.get_submodule(name)
+        for _ in range(passes):
+            moments = paired_moments(model, current, name, calibration)
+            mpos = {}
+            for i, target in enumerate(targets):
+                if target.module != name:
+                    continue
+                layout, mpo = out[i]
+                if target.weight in moments:
+                    out[i] = (layout, _refit(target, moments[target.weight], mpo))
+                mpos[target.weight] = out[i][1]
+            like = next(iter(original.parameters()))
+            cast = {w: MPO([c.to(like) for c in m.cores]) for w, m in mpos.items()}
+            replace_module(current, name, layer_type(original).from_torch(original, mpos=cast))
+    return out
