@@ -15,8 +15,9 @@ One torch thread and one onnxruntime thread, input 256 (the speech front end). R
   (as it chooses on these random weights); ``latency Rx``: ``compress(..., target_ratio=R,
   max_macs=dense MACs / R)``. Both in the factorized runtime: eager ``MPOLSTM.step`` with
   ``set_factorized``, onnxruntime ``mpolstm.export.export_step``.
-- ``... int8``: the same with ``mpolstm.quantize`` (int8 cores; computed on dequantized floats),
-  when the installed mpolstm has it.
+- ``... int8``: in torch eager, the same with ``mpolstm.quantize`` (int8 cores as stored; computed
+  on the dequantized floats); in onnxruntime, the factorized step quantized as dense int8 is
+  (``onnxruntime.quantization.quantize_dynamic``: int8 factors, int8 matmuls).
 - ``latency Rx rebuild`` (onnxruntime only): the same MPO exported as today's dense runtime does
   (``export_onnx(..., runtime="dense")`` of a length-1 sequence: the graph rebuilds the dense weights
   from the cores on every call, then runs ONNX's LSTM op).
@@ -111,8 +112,8 @@ def eager_weight_bytes(module: nn.Module) -> int:
 
 
 def variants(hidden: int, ratios: list[float], seed: int = 0) -> dict[str, tuple[nn.Module, int, int]]:
-    """name -> (a module with step(), stored bytes, MACs per step at batch 1); "dense int8" holds
-    torch.ao's model (eager) and is exported from "dense" (onnxruntime quantizes it)."""
+    """name -> (a module with step(), stored bytes, MACs per step at batch 1); an "... int8" entry holds
+    the eager int8 model (torch.ao's, or mpolstm.quantize's); onnxruntime quantizes the float one."""
     torch.manual_seed(seed)
     dense = nn.LSTM(INPUT, hidden, num_layers=2).eval()
     dense_macs = sum(p.numel() for n, p in dense.named_parameters() if n.startswith("weight"))
@@ -192,8 +193,8 @@ def measure(hidden: int, ratios: list[float], batches: list[int], rounds: int, m
         for name, (module, stored, macs) in models.items():
             for n in batches:
                 fns[("torch", name, n)] = torch_fn(module, n)
-                exported = models["dense"][0] if name == "dense int8" else module
-                run, file_bytes, ort_bytes = ort_fn(exported, n, Path(tmp), f"{name}-{n}", name == "dense int8")
+                exported = models[name.removesuffix(" int8")][0]  # onnxruntime quantizes the float model
+                run, file_bytes, ort_bytes = ort_fn(exported, n, Path(tmp), f"{name}-{n}", name.endswith("int8"))
                 fns[("onnxruntime", name, n)] = run
                 if n == batches[0]:
                     rows += [{"runtime": "torch", "model": name, "stored_bytes": stored, "macs": macs,

@@ -292,8 +292,32 @@ def _write_onnx(work: nn.Module, inputs: tuple[Tensor, ...], path: Path, opset: 
     except Exception as exc:
         raise ValueError(f"cannot export {type(work).__name__} to ONNX (opset {opset}): "
                          f"{_first_line(exc)}") from exc
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, _constants_as_initializers(buffer.getvalue()))
     return path
+
+
+def _constants_as_initializers(model_bytes: bytes, min_size: int = 16) -> bytes:
+    """The ONNX model with every top-level Constant tensor of at least ``min_size`` entries (the
+    factorized runtime's merged halves) turned into an initializer: the same graph, but weights where
+    tools look for them (``onnxruntime.quantization.quantize_dynamic`` quantizes initializers only)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(model_bytes)
+    graph, kept = model.graph, []
+    for node in graph.node:
+        value = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if value is not None and value.type == onnx.AttributeProto.TENSOR and \
+                numpy_helper.to_array(value.t).size >= min_size:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model.SerializeToString()
 
 
 def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike,
