@@ -18,7 +18,7 @@ One torch thread and one onnxruntime thread, input 256 (the speech front end). R
 - ``... int8``: in torch eager, the same with ``mpolstm.quantize`` (int8 cores as stored; computed
   on the dequantized floats); in onnxruntime, the factorized step quantized as dense int8 is
   (``onnxruntime.quantization.quantize_dynamic``: int8 factors, int8 matmuls).
-- ``latency Rx rebuild`` (onnxruntime only): the same MPO exported as today's dense runtime does
+- ``latency Rx rebuild`` (onnxruntime only): the same MPO exported with the dense runtime
   (``export_onnx(..., runtime="dense")`` of a length-1 sequence: the graph rebuilds the dense weights
   from the cores on every call, then runs ONNX's LSTM op).
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import platform
 import statistics
 import tempfile
@@ -161,7 +162,9 @@ def ort_fn(module: nn.Module, rows: int, folder: Path, name: str, quantize: bool
         quantized = path.with_suffix(".int8.onnx")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)  # onnxruntime logs a pre-processing hint per call
             quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
+            logging.disable(logging.NOTSET)
         path = quantized
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
