@@ -152,7 +152,7 @@ def test_weights_inside_a_checkpoint_are_used_with_a_note(user_dir):
     proc = mpolstm("compress", "from-ckpt", "--factory", "mymodels:build", "--weights", "checkpoint.pt",
                    "--target", "rnn", "--ratio", "4", cwd=user_dir, check_rc=0)
     assert "note: --weights checkpoint.pt: using the state dict under 'model' (ignoring epoch, lr)" in proc.stdout
-    plain = mpolstm("compress", "from-plain", "--factory", "mymodels:build", "--weights", "w.pt",
+    mpolstm("compress", "from-plain", "--factory", "mymodels:build", "--weights", "w.pt",
                     "--target", "rnn", "--ratio", "4", cwd=user_dir, check_rc=0)
     a, b = (json.loads((user_dir / f / "config.json").read_text())["weights_sha256"] for f in ("from-ckpt", "from-plain"))
     assert a == b

@@ -141,7 +141,8 @@ def test_paper_layout_is_exact_at_full_bond():
     mpo = MPOLSTM.from_lstm(lstm, factors=paper_factors(256))
     x = torch.randn(5, 2, 256, dtype=torch.float64)
     (out, (h, c)), (ref, (h_ref, c_ref)) = mpo(x), lstm(x)
-    assert torch.allclose(out, ref, atol=1e-10) and torch.allclose(c, c_ref, atol=1e-10)
+    assert torch.allclose(out, ref, atol=1e-10) and torch.allclose(h, h_ref, atol=1e-10)
+    assert torch.allclose(c, c_ref, atol=1e-10)
 
 
 def test_a_row_that_cannot_fit_the_budget_is_skipped_with_its_reason(tmp_path):

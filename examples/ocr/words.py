@@ -14,14 +14,12 @@ the model's preprocessed tensors (:func:`ocr_model.preprocess`).
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 
 _HERE = str(Path(__file__).resolve().parent)

@@ -12,13 +12,14 @@ Execution:
   so the input contract (batch_first, unbatched input, PackedSequence, optional state) and its
   error messages are torch's own. In eval mode, when no gradient w.r.t. the cores is being
   recorded, the rebuilt weights are cached (nn/base.py).
+- In the factorized runtime (``nn.base.set_factorized``) ``forward`` is nn/gates.py's
+  ``factorized_forward``: no dense weight is formed.
 - ``step`` (and the stateful ``stream``) runs one frame at a time: every product takes the planned
   path of the cost model (nn/base.py) and the gates are nn/gates.py's, the same code as the cells.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import warnings
@@ -31,9 +32,8 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ..mpo import MPO
 from .base import MPOWeights, check_positive_int
-from .gates import NUM_GATES, cell_update, recurrence
+from .gates import NUM_GATES, cell_update, factorized_forward
 from .registry import LayerType, register
-from .sparse import sparse_parts
 
 __all__ = ["MPOLSTM", "MPOGRU", "MPORNN", "RNNStream", "recurrent_inputs"]
 
@@ -209,7 +209,7 @@ class _MPORNNBase(MPOWeights):
 
     def forward(self, input, hx=None):
         if self.factorized:
-            return self._factorized_forward(input, hx)
+            return factorized_forward(self, input, hx)
         self._set_flat_weights(self.flat_weights())
         try:
             if isinstance(input, PackedSequence):
@@ -220,50 +220,6 @@ class _MPORNNBase(MPOWeights):
             return self._torch_class.forward(self, input, hx)
         finally:
             self._set_flat_weights(None)
-
-    # -- full-sequence forward of the factorized runtime (nn.base.set_factorized) -----------
-    def _factorized_forward(self, input: Tensor, hx=None):
-        """Per layer and direction: the input products of all time steps as one batched product
-        through the cores, then the loop over time (``gates.recurrence``, TorchScript: a dynamic time
-        axis survives tracing and ONNX export) with W_hh^T's merged halves. No dense weight is formed.
-        Padded sequences only, no proj_size (both need the dense runtime)."""
-        if sparse_parts(self):
-            raise ValueError(f"{type(self).__name__}: the factorized runtime does not run sparse residuals (layout "
-                             "'lowrank+sparse'); use the dense runtime (set_factorized(model, False))")
-        if isinstance(input, PackedSequence) or self.proj_size > 0:
-            raise ValueError(f"{type(self).__name__}: the factorized runtime runs padded sequences without "
-                             "proj_size; a PackedSequence or proj_size > 0 needs the dense runtime")
-        if input.dim() not in (2, 3):
-            raise ValueError(f"{self.mode}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
-        batched = input.dim() == 3
-        x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
-        self._torch_check_input(x, None)
-        x = x.transpose(0, 1) if self.batch_first else x  # (T, N, F)
-        h0, c0 = self._initial_state(hx, x.shape[1], batched)
-        cache, dirs, run = self._eval_cache(), 2 if self.bidirectional else 1, _scripted_recurrence()
-        hs, cs = [], []
-        for layer in range(self.num_layers):
-            if layer > 0 and self.dropout > 0 and self.training:
-                x = F.dropout(x, self.dropout, training=True)
-            outs = []
-            for d in range(dirs):
-                sfx, k = f"_l{layer}" + ("_reverse" if d else ""), layer * dirs + d
-                xproj = self._project(x.reshape(-1, x.shape[-1]), f"weight_ih{sfx}", cache,
-                                      self._parameters.get(f"bias_ih{sfx}")).reshape(x.shape[0], x.shape[1], -1)
-                b_hh = self._parameters.get(f"bias_hh{sfx}")
-                out, h, c = run(self.mode, xproj.flip(0) if d else xproj, h0[k], h0[k] if c0 is None else c0[k],
-                                self._halves(f"weight_hh{sfx}", cache), xproj.new_zeros(()) if b_hh is None else b_hh)
-                outs.append(out.flip(0) if d else out)
-                hs.append(h)
-                cs.append(c)
-            x = torch.cat(outs, -1) if dirs > 1 else outs[0]
-        out = x.transpose(0, 1) if self.batch_first else x
-        if not batched:
-            out = out.squeeze(0 if self.batch_first else 1)
-        h_n = torch.stack(hs) if batched else torch.stack(hs).squeeze(1)
-        if c0 is None:
-            return out, h_n
-        return out, (h_n, torch.stack(cs) if batched else torch.stack(cs).squeeze(1))
 
     def _initial_state(self, hx, n: int, batched: bool) -> tuple[Tensor, Tensor | None]:
         """(h_0, c_0 or None), each (num_layers * directions, N, H): zeros, or ``hx`` checked as torch does."""
@@ -474,12 +430,6 @@ class MPORNN(_MPORNNBase):
 
     def _check_packed_hidden(self, input: PackedSequence, hx) -> None:
         pass  # torch's RNN forward checks packed input itself
-
-@functools.cache
-def _scripted_recurrence():
-    """``gates.recurrence`` compiled by TorchScript (once): traced graphs and ONNX keep its loop."""
-    return torch.jit.script(recurrence)
-
 
 class RNNStream:
     """Runs an MPOLSTM/MPOGRU/MPORNN one frame at a time, keeping the recurrent state.

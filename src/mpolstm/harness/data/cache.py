@@ -8,17 +8,15 @@ variable ``MPOLSTM_CACHE``, else ``~/.cache/mpolstm``. Every write is atomic
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import IO, Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
-from ...atomic import atomic_open, atomic_write_bytes
+from ...atomic import atomic_write_bytes
 
 __all__ = ["CACHE_ENV", "cache_dir", "save_arrays", "load_arrays", "cached_arrays"]
 
