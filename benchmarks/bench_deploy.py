@@ -18,6 +18,9 @@ One torch thread and one onnxruntime thread, input 256 (the speech front end). R
 - ``... int8``: in torch eager, the same with ``mpolstm.quantize`` (int8 cores as stored; computed
   on the dequantized floats); in onnxruntime, the factorized step quantized as dense int8 is
   (``onnxruntime.quantization.quantize_dynamic``: int8 factors, int8 matmuls).
+- ``latency Rx`` in ``torchscript``: the same step exported with ``export_step(..., fmt="torchscript")``
+  and loaded with ``torch.jit.load`` (compared with torch eager's dense int8; its run-time bytes
+  are not measured: "-").
 - ``latency Rx rebuild`` (onnxruntime only): the same MPO exported with the dense runtime
   (``export_onnx(..., runtime="dense")`` of a length-1 sequence: the graph rebuilds the dense weights
   from the cores on every call, then runs ONNX's LSTM op).
@@ -179,6 +182,21 @@ def ort_fn(module: nn.Module, rows: int, folder: Path, name: str, quantize: bool
     return run, path.stat().st_size, onnx_weight_bytes(path)
 
 
+def torchscript_fn(module: nn.Module, rows: int, folder: Path, name: str):
+    """The step exported by ``export_step(..., fmt="torchscript")``, loaded back with torch.jit."""
+    path = folder / f"{name.replace(' ', '_')}.pt"
+    export_step(module, path, fmt="torchscript", frame=torch.zeros(1, INPUT))
+    scripted = torch.jit.load(str(path))
+    frame = torch.randn(rows, INPUT)
+    with torch.no_grad():
+        state = module.step(frame, None)[1]
+
+    def run():
+        with torch.no_grad():
+            scripted(frame, *state)
+    return run, path.stat().st_size
+
+
 def median_seconds(fn, min_time: float) -> float:
     fn()
     times, start = [], time.perf_counter()
@@ -205,6 +223,11 @@ def measure(hidden: int, ratios: list[float], batches: list[int], rounds: int, m
                              {"runtime": "onnxruntime", "model": name, "stored_bytes": file_bytes, "macs": macs,
                               "runtime_bytes": ort_bytes}]
                 if name.startswith("latency") and not name.endswith("int8"):
+                    run, file_bytes = torchscript_fn(module, n, Path(tmp), f"{name}-{n}")
+                    fns[("torchscript", name, n)] = run
+                    if n == batches[0]:
+                        rows.append({"runtime": "torchscript", "model": name, "stored_bytes": file_bytes,
+                                     "macs": macs, "runtime_bytes": None})
                     run, file_bytes, ort_bytes = ort_fn(module, n, Path(tmp), f"{name}-{n}-rebuild", rebuild=True)
                     fns[("onnxruntime", f"{name} rebuild", n)] = run
                     if n == batches[0]:
@@ -217,7 +240,7 @@ def measure(hidden: int, ratios: list[float], batches: list[int], rounds: int, m
     for row in rows:
         for n in batches:
             seconds = best[(row["runtime"], row["model"], n)]
-            int8 = best[(row["runtime"], "dense int8", n)]
+            int8 = best[("torch" if row["runtime"] == "torchscript" else row["runtime"], "dense int8", n)]
             row[f"n{n}"] = {"step_us": 1e6 * seconds, "frames_per_s": n / seconds, "speedup_vs_int8": int8 / seconds}
         row["hidden"] = hidden
     return rows
@@ -233,7 +256,8 @@ def print_table(rows: list[dict], batches: list[int]) -> None:
             m = r[f"n{n}"]
             main = f"{m['step_us']:.0f}" if n == 1 else f"{m['frames_per_s']:,.0f}"
             cells.append(f"{main} / {m['speedup_vs_int8']:.2f}x")
-        print(f"| {r['hidden']} | {r['runtime']} | {r['model']} | {r['stored_bytes']:,} | {r['runtime_bytes']:,} | "
+        held = "-" if r["runtime_bytes"] is None else f"{r['runtime_bytes']:,}"
+        print(f"| {r['hidden']} | {r['runtime']} | {r['model']} | {r['stored_bytes']:,} | {held} | "
               f"{r['macs']:,} | " + " | ".join(cells) + " |")
 
 
