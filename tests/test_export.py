@@ -301,3 +301,33 @@ def test_export_step_of_a_model_with_step_and_bad_input(tmp_path):
         export_step(model, tmp_path / "m.onnx", fmt="tflite", frame=feat)
     with pytest.raises(ValueError, match="cannot run a bidirectional layer"):
         export_step(MPOLSTM(4, 6, bidirectional=True, bond_dim=2), tmp_path / "m.onnx")
+
+
+def test_onnxruntime_dynamic_int8_quantizes_every_factor_of_the_factorized_step(tmp_path):
+    """The factorized export writes the factors as initializers feeding MatMuls (no Gemm with a bias),
+    so onnxruntime's quantize_dynamic stores every factor in int8 and multiplies it in int8; the
+    quantized step still tracks the float one."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from mpolstm.export import export_step
+
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.LSTM(64, 96, num_layers=2))
+    compress(host, CompressionConfig(target_ratio=8, layout="lowrank"))
+    lstm = host[0].eval()
+    path, quantized = tmp_path / "step.onnx", tmp_path / "step.int8.onnx"
+    export_step(lstm, path, frame=torch.zeros(1, 64))
+    quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
+    graph = onnx.load(str(quantized)).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("MatMulInteger") == 8 and "Gemm" not in ops and "MatMul" not in ops  # 2 layers x 2 weights x 2 factors
+    factors = [t for t in graph.initializer if len(t.dims) == 2]
+    assert len(factors) == 8 and all(t.data_type == onnx.TensorProto.INT8 for t in factors)
+    frame, (h, c) = torch.randn(1, 64), (torch.randn(2, 1, 96), torch.randn(2, 1, 96))
+    session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"frame": frame.numpy(), "state0": h.numpy(), "state1": c.numpy()})[0]
+    with torch.no_grad():
+        expected = lstm.step(frame, (h, c))[0]
+    assert (torch.from_numpy(out) - expected).abs().max() < 0.05

@@ -514,6 +514,8 @@ class MPOWeights(nn.Module):
         if plan[0] == "halves":
             prepared = self._halves(name, cache)
             if bias is not None and prepared[3] == 1 and prepared[4] == 1:  # rank-D: (x A) B + b in two ops
+                if torch.onnx.is_in_onnx_export():  # MatMul + Add: int8 tools quantize MatMul, not Gemm with a bias
+                    return torch.matmul(torch.matmul(x, prepared[0].t()), prepared[1]) + bias
                 return torch.addmm(bias, torch.mm(x, prepared[0].t()), prepared[1])
             out = halves_matmul(x, prepared)
         else:
