@@ -3,7 +3,11 @@ against dense float and dense int8 in the same runtime.
 
     python benchmarks/bench_deploy.py                      # 2x512 and 2x1024, 10x / 30x, N = 1, 8, 32
     python benchmarks/bench_deploy.py --quick              # 2x256, fewer rounds (smoke run)
+    python benchmarks/bench_deploy.py --g2p                # the g2p-en decoder's GRU (256 -> 256, 1 layer)
     python benchmarks/bench_deploy.py --out results/bench_deploy.json
+
+``--g2p`` times one decoding step of g2p-en's decoder instead: a one-layer GRU, input 256 (the
+phoneme embedding), hidden 256, with the same rows (the torch float step is ``torch.gru_cell``).
 
 One torch thread and one onnxruntime thread, input 256 (the speech front end). Rows:
 
@@ -53,7 +57,6 @@ from torch import nn
 import mpolstm
 from mpolstm.compression import CompressionConfig, compress
 from mpolstm.export import export_onnx, export_step, onnx_weight_bytes
-from mpolstm.harness.protocol.rows import quantize_dynamic_int8
 from mpolstm.harness.tasks.base import lstm_cell_step
 from mpolstm.nn.base import set_factorized
 from mpolstm.storage import pack_weights, packed_bytes
@@ -61,9 +64,20 @@ from mpolstm.storage import pack_weights, packed_bytes
 INPUT = 256
 
 
+def gru_cell_step(gru: nn.GRU, x: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of a unidirectional nn.GRU via ``torch.gru_cell`` per layer (its fast dense path)."""
+    h = x.new_zeros(gru.num_layers, x.shape[0], gru.hidden_size) if h is None else h
+    hs = []
+    for k in range(gru.num_layers):
+        x = torch.gru_cell(x, h[k], getattr(gru, f"weight_ih_l{k}"), getattr(gru, f"weight_hh_l{k}"),
+                           getattr(gru, f"bias_ih_l{k}"), getattr(gru, f"bias_hh_l{k}"))
+        hs.append(x)
+    return x, torch.stack(hs)
+
+
 class DenseStep(nn.Module):
-    """A dense nn.LSTM (or torch.ao's quantized one) with ``step(frame, state)``: ``torch.lstm_cell``
-    per layer in eager mode for the float LSTM; a length-1 sequence otherwise and for export."""
+    """A dense nn.LSTM / nn.GRU (or torch.ao's quantized one) with ``step(frame, state)``: the torch
+    cell per layer in eager mode for the float layer; a length-1 sequence otherwise and for export."""
 
     def __init__(self, lstm: nn.Module, cell_path: bool) -> None:
         super().__init__()
@@ -72,25 +86,26 @@ class DenseStep(nn.Module):
 
     def step(self, frame, state=None):
         if self.cell_path:
-            return lstm_cell_step(self.lstm, frame, state)
+            return (lstm_cell_step if isinstance(self.lstm, nn.LSTM) else gru_cell_step)(self.lstm, frame, state)
         out, state = self.lstm(frame[None], state)
         return out[0], state
 
 
 class SequenceOfOne(nn.Module):
-    """forward(frame, h, c) -> (output, h, c): an LSTM on a length-1 sequence (for the rebuild export)."""
+    """forward(frame, *state) -> (output, *state): the layer on a length-1 sequence (for the rebuild
+    export); the state is (h, c) for an LSTM, h for a GRU."""
 
     def __init__(self, lstm: nn.Module) -> None:
         super().__init__()
         self.lstm = lstm
 
-    def forward(self, frame, h, c):
-        out, (h, c) = self.lstm(frame[None], (h, c))
-        return out[0], h, c
+    def forward(self, frame, *state):
+        out, new = self.lstm(frame[None], state if len(state) > 1 else state[0])
+        return (out[0], *new) if isinstance(new, tuple) else (out[0], new)
 
 
 class Host(nn.Module):
-    """The LSTM as the model compress and quantize act on."""
+    """The recurrent layer as the model compress and quantize act on."""
 
     def __init__(self, lstm: nn.Module) -> None:
         super().__init__()
@@ -115,14 +130,25 @@ def eager_weight_bytes(module: nn.Module) -> int:
     return total
 
 
-def variants(hidden: int, ratios: list[float], seed: int = 0) -> dict[str, tuple[nn.Module, int, int]]:
+def dynamic_int8(host: Host) -> Host:
+    """torch.ao's dynamic int8 quantization of the host's LSTM / GRU (deprecated in torch 2.13 in
+    favour of torchao, which has no CPU recurrent path: the warning is silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(copy.deepcopy(host).eval(), {nn.LSTM, nn.GRU}, dtype=torch.qint8)
+
+
+def variants(hidden: int, ratios: list[float], cell: type[nn.RNNBase] = nn.LSTM, layers: int = 2,
+             seed: int = 0) -> dict[str, tuple[nn.Module, int, int]]:
     """name -> (a module with step(), stored bytes, MACs per step at batch 1); an "... int8" entry holds
     the eager int8 model (torch.ao's, or mpolstm.quantize's); onnxruntime quantizes the float one."""
     torch.manual_seed(seed)
-    dense = nn.LSTM(INPUT, hidden, num_layers=2).eval()
+    dense = cell(INPUT, hidden, num_layers=layers).eval()
     dense_macs = sum(p.numel() for n, p in dense.named_parameters() if n.startswith("weight"))
     out = {"dense": (DenseStep(dense, True), stored_bytes(Host(dense)), dense_macs)}
-    int8 = quantize_dynamic_int8(Host(dense))
+    int8 = dynamic_int8(Host(dense))
     out["dense int8"] = (DenseStep(int8.lstm, False), stored_bytes(int8), dense_macs)
     for ratio in ratios:
         for name, config in ((f"mpo {ratio:g}x", CompressionConfig(target_ratio=ratio)),
@@ -153,12 +179,11 @@ def ort_fn(module: nn.Module, rows: int, folder: Path, name: str, quantize: bool
 
     path = folder / f"{name.replace(' ', '_')}.onnx"
     if rebuild:
-        zeros = torch.zeros(2, 1, module.hidden_size)
-        export_onnx(SequenceOfOne(module), (torch.zeros(1, INPUT), zeros, zeros), path, runtime="dense")
-        names = ["input0", "input1", "input2"]
+        zeros = torch.zeros(module.num_layers, 1, module.hidden_size)
+        state = (zeros, zeros) if module.mode == "LSTM" else (zeros,)
+        export_onnx(SequenceOfOne(module), (torch.zeros(1, INPUT), *state), path, runtime="dense")
     else:
         export_step(module, path, frame=torch.zeros(1, INPUT))
-        names = ["frame", "state0", "state1"]
     if quantize:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -174,12 +199,17 @@ def ort_fn(module: nn.Module, rows: int, folder: Path, name: str, quantize: bool
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     frame = torch.randn(rows, INPUT)
     with torch.no_grad():
-        state = module.step(frame, None)[1]
-    feeds = dict(zip(names, [frame.numpy(), *(s.numpy() for s in state)]))
+        state = as_tuple(module.step(frame, None)[1])
+    feeds = dict(zip([i.name for i in session.get_inputs()], [frame.numpy(), *(s.numpy() for s in state)]))
 
     def run():
         session.run(None, feeds)
     return run, path.stat().st_size, onnx_weight_bytes(path)
+
+
+def as_tuple(state) -> tuple[torch.Tensor, ...]:
+    """A step's state as a tuple of tensors ((h, c) for an LSTM, (h,) for a GRU)."""
+    return state if isinstance(state, tuple) else (state,)
 
 
 def torchscript_fn(module: nn.Module, rows: int, folder: Path, name: str):
@@ -189,7 +219,7 @@ def torchscript_fn(module: nn.Module, rows: int, folder: Path, name: str):
     scripted = torch.jit.load(str(path))
     frame = torch.randn(rows, INPUT)
     with torch.no_grad():
-        state = module.step(frame, None)[1]
+        state = as_tuple(module.step(frame, None)[1])
 
     def run():
         with torch.no_grad():
@@ -207,8 +237,9 @@ def median_seconds(fn, min_time: float) -> float:
     return statistics.median(times)
 
 
-def measure(hidden: int, ratios: list[float], batches: list[int], rounds: int, min_time: float) -> list[dict]:
-    models = variants(hidden, ratios)
+def measure(hidden: int, ratios: list[float], batches: list[int], rounds: int, min_time: float,
+            cell: type[nn.RNNBase] = nn.LSTM, layers: int = 2) -> list[dict]:
+    models = variants(hidden, ratios, cell, layers)
     rows, fns = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (module, stored, macs) in models.items():
@@ -242,7 +273,7 @@ def measure(hidden: int, ratios: list[float], batches: list[int], rounds: int, m
             seconds = best[(row["runtime"], row["model"], n)]
             int8 = best[("torch" if row["runtime"] == "torchscript" else row["runtime"], "dense int8", n)]
             row[f"n{n}"] = {"step_us": 1e6 * seconds, "frames_per_s": n / seconds, "speedup_vs_int8": int8 / seconds}
-        row["hidden"] = hidden
+        row["hidden"], row["cell"], row["layers"] = hidden, cell.__name__, layers
     return rows
 
 
@@ -269,17 +300,21 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per timed block")
+    parser.add_argument("--g2p", action="store_true", help="the g2p-en decoder's GRU: 256 -> 256, one layer")
     parser.add_argument("--out", type=Path, default=Path("results/bench_deploy.json"))
     args = parser.parse_args()
+    cell, layers = (nn.GRU, 1) if args.g2p else (nn.LSTM, 2)
+    if args.g2p:
+        args.hidden = [256]
     if args.quick:
         args.hidden, args.rounds, args.min_time = [256], 2, 0.1
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False  # oneDNN re-lays out LSTM weights on every one-step call
     rows = [r for hidden in args.hidden for r in measure(hidden, args.ratios, args.batches, args.rounds,
-                                                          args.min_time)]
+                                                          args.min_time, cell, layers)]
     print_table(rows, args.batches)
     report = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(), "threads": 1,
-              "input": INPUT, "layers": 2, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+              "input": INPUT, "cell": cell.__name__, "layers": layers, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
