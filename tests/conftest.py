@@ -41,3 +41,19 @@ def force_path(monkeypatch):
         monkeypatch.setattr(mpo, "matmul_cost", fake_cost)
 
     return force
+
+
+@pytest.fixture
+def param_grads_match():
+    """check(ref, m) after backward through torch's module ``ref`` and its full-bond MPO twin ``m``:
+    every bias gets torch's gradient, and every core gets torch's dL/dW pulled back through the rebuild."""
+    def check(ref, m) -> None:
+        for name, param in ref.named_parameters():
+            if name.startswith("bias"):
+                assert torch.allclose(getattr(m, name).grad, param.grad, atol=1e-10), name
+            else:
+                cores = list(getattr(m, f"{name}_cores"))
+                expected = torch.autograd.grad(m._rebuild(name), cores, grad_outputs=param.grad)
+                for core, want in zip(cores, expected, strict=True):
+                    assert torch.allclose(core.grad, want, atol=1e-10), name
+    return check

@@ -49,7 +49,8 @@ def as_list(value):
 @pytest.mark.parametrize("kind,bias,batched,with_state,path",
                          [(*c, "cores") for c in itertools.product(KINDS, [True, False], [True, False], [True, False])]
                          + [(k, b, True, True, "dense") for k, b in itertools.product(KINDS, [True, False])])
-def test_full_bond_matches_torch_with_gradients(kind, bias, batched, with_state, path, force_path, kernels):
+def test_full_bond_matches_torch_with_gradients(kind, bias, batched, with_state, path, force_path, kernels,
+                                                 param_grads_match):
     force_path(path)
     ref, m = make_pair(kind, bias)
     assert all(r.rel_error < 1e-12 for r in m.reports.values()) and set(m.reports) == {"weight_ih", "weight_hh"}
@@ -69,14 +70,7 @@ def test_full_bond_matches_torch_with_gradients(kind, bias, batched, with_state,
     # parameter gradients: biases directly, cores as torch's dL/dW pulled back through the rebuild
     loss_r.backward()
     loss_m.backward()
-    for name, param in ref.named_parameters():
-        if name.startswith("bias"):
-            assert torch.allclose(getattr(m, name).grad, param.grad, atol=1e-10), name
-        else:
-            cores = list(getattr(m, f"{name}_cores"))
-            expected = torch.autograd.grad(m._rebuild(name), cores, grad_outputs=param.grad)
-            for core, want in zip(cores, expected, strict=True):
-                assert torch.allclose(core.grad, want, atol=1e-10), name
+    param_grads_match(ref, m)
 
 
 @pytest.mark.parametrize("kind,path", list(itertools.product(KINDS, ["cores", "halves", "dense"])))

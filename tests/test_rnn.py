@@ -96,21 +96,14 @@ def test_full_bond_matches_torch(kind, num_layers, bidirectional, batch_first, p
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_parameter_gradients_match_torch(kind):
+def test_parameter_gradients_match_torch(kind, param_grads_match):
     """Biases get torch's gradients; cores get torch's dL/dW pulled back through the rebuild."""
     ref, m = make_pair(kind, num_layers=2, bidirectional=True, proj_size=P if kind == "lstm" else 0)
     x = torch.randn(T, N, I, dtype=F64)
     for module in (ref, m):
         out, _ = module(x)
         out.pow(2).sum().backward()
-    for name, param in ref.named_parameters():
-        if name.startswith("bias"):
-            assert torch.allclose(getattr(m, name).grad, param.grad, atol=1e-10), name
-        else:
-            cores = list(getattr(m, f"{name}_cores"))
-            expected = torch.autograd.grad(m._rebuild(name), cores, grad_outputs=param.grad)
-            for core, want in zip(cores, expected, strict=True):
-                assert torch.allclose(core.grad, want, atol=1e-10), name
+    param_grads_match(ref, m)
 
 
 @pytest.mark.parametrize(
@@ -576,7 +569,7 @@ def test_rnn_registry_conversion_and_calibration_moments():
                          [(k, *c) for k in KINDS for c in itertools.product([False, True], [False, True],
                                                                             [True, False], [False, True])])
 def test_factorized_runtime_equals_torch_with_gradients(kind, bidirectional, batch_first, batched, with_state,
-                                                         kernels):
+                                                         kernels, param_grads_match):
     ref, m = make_pair(kind, num_layers=2, bidirectional=bidirectional, batch_first=batch_first)
     set_factorized(m)
     x = torch.randn(*((N, T) if batch_first else (T, N)) if batched else (T,), I, dtype=F64, requires_grad=True)
@@ -595,14 +588,7 @@ def test_factorized_runtime_equals_torch_with_gradients(kind, bidirectional, bat
         assert torch.allclose(a, b, atol=1e-10)
     for loss in losses:
         loss.backward()
-    for name, param in ref.named_parameters():  # biases directly, cores as dL/dW pulled back through the rebuild
-        if name.startswith("bias"):
-            assert torch.allclose(getattr(m, name).grad, param.grad, atol=1e-10), name
-        else:
-            cores = list(getattr(m, f"{name}_cores"))
-            expected = torch.autograd.grad(m._rebuild(name), cores, grad_outputs=param.grad)
-            for core, want in zip(cores, expected, strict=True):
-                assert torch.allclose(core.grad, want, atol=1e-10), name
+    param_grads_match(ref, m)
 
 
 def test_factorized_runtime_refuses_packed_input_and_projections():

@@ -18,7 +18,7 @@ touched. ``whitening(C)`` gives the damped square root used by ``compress(calibr
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .nn.registry import layer_type
 
-__all__ = ["Calibration", "apply_whitening", "collect_moments", "whitening"]
+__all__ = ["Calibration", "apply_whitening", "collect_moments", "run_hooked", "whitening"]
 
 Calibration = Iterable[Any] | Callable[[nn.Module], Any]
 
@@ -80,6 +80,23 @@ def _run(model: nn.Module, calibration: Calibration) -> int:
     return count
 
 
+def run_hooked(model: nn.Module, calibration: Calibration, hooks: Sequence[tuple[nn.Module, Callable]],
+               with_kwargs: bool = False) -> int:
+    """Run ``calibration`` through ``model`` in eval mode with each (module, forward hook) attached;
+    afterwards the hooks are removed and every module's train/eval mode is restored. Returns the
+    number of batches run."""
+    modes = {m: m.training for m in model.modules()}
+    handles = [module.register_forward_hook(hook, with_kwargs=with_kwargs) for module, hook in hooks]
+    try:
+        model.eval()
+        return _run(model, calibration)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.train(mode)
+
+
 @torch.no_grad()
 def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibration: Calibration
                     ) -> dict[str, dict[str, Tensor]]:
@@ -104,17 +121,8 @@ def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibrat
                     slot.add(seen)
         return hook
 
-    modes = {m: m.training for m in model.modules()}
-    handles = [module.register_forward_hook(hook_for(name, module), with_kwargs=True)
-               for name, module in targets.items()]
-    try:
-        model.eval()
-        batches = _run(model, calibration)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes.items():
-            module.train(mode)
+    batches = run_hooked(model, calibration, [(module, hook_for(name, module)) for name, module in targets.items()],
+                         with_kwargs=True)
     empty = [name for name, slots in moments.items() if not slots or all(s.count == 0 for s in slots.values())]
     if batches == 0 or empty:
         raise ValueError(f"calibration ran no data through module(s) {empty or list(targets)}; "

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..calibration import Calibration, _run
+from ..calibration import Calibration, run_hooked
 from ..mpo import MPO
 from .layouts import Target, decompose_target
 
@@ -64,15 +64,7 @@ def calibration_outputs(model: nn.Module, calibration: Calibration) -> list[Tens
         if isinstance(first, Tensor):
             seen.append(first.detach().double())
 
-    modes = {m: m.training for m in model.modules()}
-    handle = model.register_forward_hook(hook)
-    try:
-        model.eval()
-        _run(model, calibration)
-    finally:
-        handle.remove()
-        for module, mode in modes.items():
-            module.train(mode)
+    run_hooked(model, calibration, [(model, hook)])
     if not seen:
         raise ValueError("allocation='output' needs the model to return a tensor while the calibration runs")
     return seen

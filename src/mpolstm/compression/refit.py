@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..calibration import DAMPING, Calibration, _run, whitening
+from ..calibration import DAMPING, Calibration, run_hooked, whitening
 from ..mpo import MPO
 from ..nn.registry import layer_type, layer_type_of_mpo, replace_module
 from .layouts import Target, decompose_target
@@ -42,15 +42,7 @@ def _inputs(model: nn.Module, name: str, calibration: Calibration) -> dict[str, 
             if x.dim() > 1:
                 seen.setdefault(weight, []).append(x.detach().reshape(-1, x.shape[-1]).double())
 
-    modes = {m: m.training for m in model.modules()}
-    handle = module.register_forward_hook(hook)
-    try:
-        model.eval()
-        _run(model, calibration)
-    finally:
-        handle.remove()
-        for m, mode in modes.items():
-            m.train(mode)
+    run_hooked(model, calibration, [(module, hook)])
     return seen
 
 
