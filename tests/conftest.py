@@ -4,9 +4,10 @@ import pytest
 import torch
 from hypothesis import settings
 
+# Derandomized by default, so every machine runs the same examples; HYPOTHESIS_PROFILE=explore draws new ones.
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
-settings.register_profile("dev", max_examples=40, deadline=None)
-settings.load_profile("ci" if os.environ.get("CI") else "dev")
+settings.register_profile("explore", max_examples=40, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -32,7 +32,7 @@ def test_budget_is_never_worse_than_truncated_svd(ratio):
     svd_error = float(s[rank:].square().sum().sqrt() / s.square().sum().sqrt())
     got = report.modules[0].weights["weight"]
     assert got.mpo_params <= w.numel() / ratio
-    assert got.rel_error <= svd_error + 1e-9
+    assert got.rel_error <= svd_error * (1 + 1e-5)  # a float32 weight against a float64 bound: relative slack
     _, pinned = compress(copy.deepcopy(model), CompressionConfig(target_ratio=ratio, layout="interleaved"))
     assert pinned.modules[0].weights["weight"].layout == "interleaved"
     assert pinned.modules[0].weights["weight"].rel_error > got.rel_error  # the search matters here

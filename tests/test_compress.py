@@ -135,7 +135,7 @@ def test_rel_tol_mode_bounds_every_error():
     _, report = compress(net, CompressionConfig(rel_tol=0.3, num_cores=2))
     for m in report.modules:
         measured = weight_error(net.get_submodule(m.name), dense[m.name])
-        assert measured <= 0.3 + 1e-6
+        assert measured <= 0.3 * (1 + 1e-5)
         assert m.weights["weight"].rel_error == pytest.approx(measured, rel=1e-3, abs=1e-6)
 
 
@@ -392,7 +392,7 @@ def test_max_macs_with_a_parameter_budget_meets_both_and_prefers_cheap_layouts()
     # the error grows as the latency budget tightens, never the reverse
     _, tight = compress(_lstm_model(), CompressionConfig(target_ratio=10, max_macs=dense // 40))
     err = lambda r: sum(w.rel_error ** 2 * w.dense_params for m in r.modules for w in m.weights.values())  # noqa: E731
-    assert tight.macs <= dense // 40 and err(tight) >= err(both) - 1e-9
+    assert tight.macs <= dense // 40 and err(tight) >= err(both) * (1 - 1e-5)
 
 
 @pytest.mark.parametrize("value", [0, -5, 2.5, True, "1e6"])

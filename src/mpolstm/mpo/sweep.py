@@ -161,7 +161,7 @@ def exact_spectra(matrix: Tensor, in_factors: Sequence[int], out_factors: Sequen
 
 def _caps(num_cores: int, max_bond: int | Sequence[int] | None) -> list[int | None]:
     """One cap per internal bond from an int, a sequence of n-1 ints, or None."""
-    if max_bond is None or isinstance(max_bond, int):
+    if max_bond is None or isinstance(max_bond, str) or not isinstance(max_bond, Sequence):
         check_truncation_args(max_bond, None)
         return [max_bond] * (num_cores - 1)
     caps = list(max_bond)
