@@ -1,0 +1,260 @@
+"""The interpreter's arithmetic and neural-network operators, as torch calls with ONNX semantics.
+
+Each operator is ``fn(ctx, inputs, attrs) -> Tensor | list[Tensor]``: ``inputs`` in the node's order
+(None for an omitted optional input), ``attrs`` the node's attributes as Python values, ``ctx`` the
+operator-set version and the float dtype the module computes in. ``OPS`` (this file and
+``shapes.py``) is the whole vocabulary; a graph with any other operator is refused when it is read.
+Every operator is differentiable where torch's is, so distillation runs through the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .reader import DTYPES, FLOAT
+
+__all__ = ["Ctx", "OPS", "dtype_of", "register_ops"]
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What an operator needs besides its inputs: the operator-set version and the float dtype
+    that ONNX FLOAT maps to (float32, or float64 after ``model.double()``)."""
+
+    opset: int
+    float_dtype: torch.dtype = torch.float32
+
+
+OPS: dict[str, Callable] = {}
+
+
+def register_ops(table: dict[str, Callable]) -> None:
+    OPS.update(table)
+
+
+def dtype_of(ctx: Ctx, onnx_type: int) -> torch.dtype:
+    if onnx_type == FLOAT:
+        return ctx.float_dtype
+    if onnx_type not in DTYPES:
+        raise ValueError(f"element type {onnx_type} is not supported")
+    return DTYPES[onnx_type]
+
+
+def _unary(fn: Callable[[Tensor], Tensor]) -> Callable:
+    return lambda ctx, xs, a: fn(xs[0])
+
+
+def _div(ctx, xs, a):
+    x, y = xs
+    return x / y if x.is_floating_point() else torch.div(x, y, rounding_mode="trunc")
+
+
+def _pow(ctx, xs, a):
+    return torch.pow(xs[0], xs[1]).to(xs[0].dtype)
+
+
+def _fold(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable:
+    def run(ctx, xs, a):
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(out, x)
+        return out
+    return run
+
+
+def _clip(ctx, xs, a):
+    x = xs[0]
+    if ctx.opset < 11:
+        low, high = a.get("min"), a.get("max")
+    else:
+        low = None if len(xs) < 2 or xs[1] is None else xs[1].to(x.dtype)
+        high = None if len(xs) < 3 or xs[2] is None else xs[2].to(x.dtype)
+    return x if low is None and high is None else torch.clamp(x, low, high)
+
+
+def _softmax(log: bool) -> Callable:
+    def run(ctx, xs, a):
+        x = xs[0]
+        fn = F.log_softmax if log else F.softmax
+        if ctx.opset >= 13:
+            return fn(x, dim=a.get("axis", -1))
+        axis = a.get("axis", 1) % max(x.dim(), 1)  # before opset 13: over the flattened trailing axes
+        return fn(x.reshape(*x.shape[:axis], -1), dim=-1).reshape(x.shape)
+    return run
+
+
+def _gemm(ctx, xs, a):
+    x, w = xs[0], xs[1]
+    x = x.T if a.get("transA", 0) else x
+    w = w.T if a.get("transB", 0) else w
+    out = a.get("alpha", 1.0) * (x @ w) if a.get("alpha", 1.0) != 1.0 else x @ w
+    if len(xs) > 2 and xs[2] is not None:
+        out = out + (a.get("beta", 1.0) * xs[2] if a.get("beta", 1.0) != 1.0 else xs[2])
+    return out
+
+
+def _cast(ctx, xs, a):
+    return xs[0].to(dtype_of(ctx, a["to"]))
+
+
+def _dropout(ctx, xs, a):
+    return [xs[0], torch.ones_like(xs[0], dtype=torch.bool)]  # inference: the identity
+
+
+def _channel_shape(x: Tensor) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+def _batch_norm(ctx, xs, a):
+    if a.get("training_mode", 0):
+        raise ValueError("training_mode=1 is not supported (inference only)")
+    x, scale, bias, mean, var = xs[:5]
+    shape = _channel_shape(x)
+    inv = torch.rsqrt(var.reshape(shape) + a.get("epsilon", 1e-5))
+    return (x - mean.reshape(shape)) * inv * scale.reshape(shape) + bias.reshape(shape)
+
+
+def _layer_norm(ctx, xs, a):
+    x = xs[0]
+    axis = a.get("axis", -1) % x.dim()
+    dims = tuple(range(axis, x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    var = (x - mean).square().mean(dims, keepdim=True)
+    out = (x - mean) * torch.rsqrt(var + a.get("epsilon", 1e-5)) * xs[1]
+    return out if len(xs) < 3 or xs[2] is None else out + xs[2]
+
+
+def _instance_norm(ctx, xs, a):
+    x, scale, bias = xs
+    dims = tuple(range(2, x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    var = (x - mean).square().mean(dims, keepdim=True)
+    shape = _channel_shape(x)
+    return (x - mean) * torch.rsqrt(var + a.get("epsilon", 1e-5)) * scale.reshape(shape) + bias.reshape(shape)
+
+
+def _symmetric_pads(a: dict, spatial: int, op: str) -> tuple[int, ...]:
+    pads = a.get("pads", [0] * 2 * spatial)
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or list(pads[:spatial]) != list(pads[spatial:]):
+        raise ValueError(f"{op}: only symmetric explicit padding is supported (auto_pad NOTSET or VALID)")
+    return tuple(pads[:spatial]) if a.get("auto_pad", "NOTSET") == "NOTSET" else (0,) * spatial
+
+
+def _pool(kind: str) -> Callable:
+    def run(ctx, xs, a):
+        x = xs[0]
+        spatial = x.dim() - 2
+        if spatial not in (1, 2):
+            raise ValueError(f"{kind}Pool: only 1-D and 2-D pooling are supported")
+        kernel = tuple(a["kernel_shape"])
+        strides = tuple(a.get("strides", [1] * spatial))
+        pads = _symmetric_pads(a, spatial, f"{kind}Pool")
+        ceil = bool(a.get("ceil_mode", 0))
+        if kind == "Max":
+            fn = F.max_pool1d if spatial == 1 else F.max_pool2d
+            return fn(x, kernel, strides, pads, tuple(a.get("dilations", [1] * spatial)), ceil)
+        fn = F.avg_pool1d if spatial == 1 else F.avg_pool2d
+        return fn(x, kernel, strides, pads, ceil, bool(a.get("count_include_pad", 0)))
+    return run
+
+
+def _global_pool(reduce: str) -> Callable:
+    def run(ctx, xs, a):
+        x = xs[0]
+        dims = tuple(range(2, x.dim()))
+        return x.mean(dims, keepdim=True) if reduce == "mean" else x.amax(dims, keepdim=True)
+    return run
+
+
+def _leaky_relu(ctx, xs, a):
+    return F.leaky_relu(xs[0], a.get("alpha", 0.01))
+
+
+def _elu(ctx, xs, a):
+    return F.elu(xs[0], a.get("alpha", 1.0))
+
+
+def _selu(ctx, xs, a):
+    x = xs[0]
+    alpha, gamma = a.get("alpha", 1.67326319217681884765625), a.get("gamma", 1.05070102214813232421875)
+    return gamma * torch.where(x > 0, x, alpha * (torch.exp(x) - 1))
+
+
+def _hard_sigmoid(ctx, xs, a):
+    return torch.clamp(a.get("alpha", 0.2) * xs[0] + a.get("beta", 0.5), 0, 1)
+
+
+def _gelu(ctx, xs, a):
+    return F.gelu(xs[0], approximate=a.get("approximate", "none"))
+
+
+def _prelu(ctx, xs, a):
+    return torch.where(xs[0] >= 0, xs[0], xs[0] * xs[1])
+
+
+register_ops({
+    "Add": lambda ctx, xs, a: xs[0] + xs[1],
+    "Sub": lambda ctx, xs, a: xs[0] - xs[1],
+    "Mul": lambda ctx, xs, a: xs[0] * xs[1],
+    "Div": _div,
+    "Pow": _pow,
+    "Sum": _fold(torch.add),
+    "Max": _fold(torch.maximum),
+    "Min": _fold(torch.minimum),
+    "Mean": lambda ctx, xs, a: _fold(torch.add)(ctx, xs, a) / len(xs),
+    "Equal": lambda ctx, xs, a: torch.eq(xs[0], xs[1]),
+    "Less": lambda ctx, xs, a: torch.lt(xs[0], xs[1]),
+    "LessOrEqual": lambda ctx, xs, a: torch.le(xs[0], xs[1]),
+    "Greater": lambda ctx, xs, a: torch.gt(xs[0], xs[1]),
+    "GreaterOrEqual": lambda ctx, xs, a: torch.ge(xs[0], xs[1]),
+    "And": lambda ctx, xs, a: torch.logical_and(xs[0], xs[1]),
+    "Or": lambda ctx, xs, a: torch.logical_or(xs[0], xs[1]),
+    "Not": _unary(torch.logical_not),
+    "Where": lambda ctx, xs, a: torch.where(xs[0], xs[1], xs[2]),
+    "Relu": _unary(torch.relu),
+    "Sigmoid": _unary(torch.sigmoid),
+    "Tanh": _unary(torch.tanh),
+    "Exp": _unary(torch.exp),
+    "Log": _unary(torch.log),
+    "Sqrt": _unary(torch.sqrt),
+    "Abs": _unary(torch.abs),
+    "Neg": _unary(torch.neg),
+    "Reciprocal": _unary(torch.reciprocal),
+    "Floor": _unary(torch.floor),
+    "Ceil": _unary(torch.ceil),
+    "Round": _unary(torch.round),
+    "Sign": _unary(torch.sign),
+    "Erf": _unary(torch.erf),
+    "Sin": _unary(torch.sin),
+    "Cos": _unary(torch.cos),
+    "Softplus": _unary(F.softplus),
+    "Softsign": _unary(F.softsign),
+    "HardSwish": _unary(F.hardswish),
+    "Identity": _unary(lambda x: x),
+    "LeakyRelu": _leaky_relu,
+    "Elu": _elu,
+    "Selu": _selu,
+    "HardSigmoid": _hard_sigmoid,
+    "Gelu": _gelu,
+    "PRelu": _prelu,
+    "Clip": _clip,
+    "Softmax": _softmax(log=False),
+    "LogSoftmax": _softmax(log=True),
+    "MatMul": lambda ctx, xs, a: torch.matmul(xs[0], xs[1]),
+    "Gemm": _gemm,
+    "Cast": _cast,
+    "CastLike": lambda ctx, xs, a: xs[0].to(xs[1].dtype),
+    "Dropout": _dropout,
+    "BatchNormalization": _batch_norm,
+    "LayerNormalization": _layer_norm,
+    "InstanceNormalization": _instance_norm,
+    "MaxPool": _pool("Max"),
+    "AveragePool": _pool("Average"),
+    "GlobalAveragePool": _global_pool("mean"),
+    "GlobalMaxPool": _global_pool("max"),
+})

@@ -1,0 +1,110 @@
+"""The streaming form of an imported graph (``save(..., step=True)``): recurrent states in and out,
+the time axes fixed to one frame.
+
+Which axes of the graph's inputs are time is found by running the model once on example inputs
+whose named axes have distinct sizes: an input axis is a time axis when its size is the length
+the recurrent nodes see. Graph outputs whose axes carry the same names get length 1 too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .layers import RecurrentSpec
+from .model import OnnxModel, Step
+
+__all__ = ["make_streaming", "time_axes"]
+
+
+def _recurrent(model: OnnxModel) -> dict[str, Step]:
+    steps = {name: s for name, s in model.layers.items() if isinstance(s.spec, RecurrentSpec)}
+    if not steps:
+        raise ValueError("a streaming step needs a recurrent (LSTM or GRU) node; the graph has none")
+    for step in steps.values():
+        if step.spec.directions == 2 or step.spec.reverse:
+            raise ValueError(f"node {step.name!r} runs backwards in time (direction reverse or bidirectional); "
+                             "a streaming step needs forward recurrent nodes only")
+    return steps
+
+
+def time_axes(model: OnnxModel) -> tuple[dict[str, list[int]], set[str]]:
+    """({graph input: its time axes}, the size keys of those axes for ``example_inputs``)."""
+    examples = model.example_inputs()
+    with torch.no_grad():
+        values = model.values(*examples)
+    lengths = {values[s.inputs[0]].shape[s.spec.layout] for s in _recurrent(model).values()}
+    if len(lengths) != 1:
+        raise ValueError(f"the recurrent nodes see sequences of different lengths {sorted(lengths)}; a streaming "
+                         "step needs one time axis")
+    length = lengths.pop()
+    axes: dict[str, list[int]] = {}
+    keys: set[str] = set()
+    for spec, x in zip(model.inputs, examples):
+        for k, dim in enumerate(spec.dims):
+            if not isinstance(dim, int) and x.shape[k] == length:
+                axes.setdefault(spec.name, []).append(k)
+                keys.add(dim or f"{spec.name}:{k}")
+    if not axes:
+        raise ValueError("the recurrent nodes' time axis is no axis of a graph input (e.g. it is resampled); "
+                         "cannot make a one-frame step")
+    return axes, keys
+
+
+def _fix_dims(values, names: dict[str, list[int]] | None, params: set[str]) -> None:
+    """Set the listed axes (``names``: value -> axes) or the axes named in ``params`` to length 1."""
+    for value in values:
+        for k, dim in enumerate(value.type.tensor_type.shape.dim):
+            if (names is not None and k in names.get(value.name, ())) or (names is None and dim.dim_param in params):
+                dim.Clear()
+                dim.dim_value = 1
+
+
+def _state_io(graph, node, slot_in: int, slot_out: int, key: str, spec: RecurrentSpec) -> tuple[str, str]:
+    """Make the node's initial state ``slot_in`` a graph input and its final state ``slot_out`` a
+    graph output (new names ``<node>.<key>0`` / ``<node>.<key>_n`` unless they already are)."""
+    from onnx import TensorProto, helper
+
+    shape = [spec.directions, "batch", spec.hidden] if spec.layout == 0 else ["batch", spec.directions, spec.hidden]
+    inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
+    while len(node.input) <= slot_in:
+        node.input.append("")
+    if node.input[slot_in] not in inputs:
+        node.input[slot_in] = f"{node.name}.{key}0"
+        graph.input.append(helper.make_tensor_value_info(node.input[slot_in], TensorProto.FLOAT, shape))
+    while len(node.output) <= slot_out:
+        node.output.append("")
+    old = node.output[slot_out]
+    if old not in outputs:
+        new = f"{node.name}.{key}_n"
+        for other in graph.node:
+            for k, name in enumerate(other.input):
+                if old and name == old:
+                    other.input[k] = new
+        node.output[slot_out] = new
+        graph.output.append(helper.make_tensor_value_info(new, TensorProto.FLOAT, shape))
+    return node.input[slot_in], node.output[slot_out]
+
+
+def make_streaming(graph, model: OnnxModel) -> tuple[dict[str, Step], dict[str, Step], dict[str, int]]:
+    """Rewire ``graph`` (the model's original graph) for streaming in place. Returns ({layer:
+    its step with the new state names}, {state input: its step}, sizes {time axis key: 1} for
+    ``model.example_inputs``)."""
+    steps = _recurrent(model)
+    axes, keys = time_axes(model)
+    _fix_dims(graph.input, axes, set())
+    _fix_dims(graph.output, None, {k for k in keys if ":" not in k})
+    nodes = {n.name: n for n in graph.node}
+    rewired, states = {}, {}
+    for name, step in steps.items():
+        node, spec = nodes[step.name], step.spec
+        slots = ((5, 1, "h"), (6, 2, "c")) if spec.mode == "LSTM" else ((5, 1, "h"),)
+        wired = [_state_io(graph, node, s_in, s_out, key, spec) for s_in, s_out, key in slots]
+        inputs = (step.inputs[0], *(w[0] for w in wired)) + (("",) if spec.mode == "GRU" else ())
+        outputs = (step.outputs[0] or "", *(w[1] for w in wired)) + (("",) if spec.mode == "GRU" else ())
+        rewired[name] = replace(step, inputs=inputs, outputs=outputs,
+                                spec=replace(spec, inputs=tuple(n or None for n in inputs),
+                                             outputs=tuple(n or None for n in outputs)))
+        states.update({w[0]: rewired[name] for w in wired})
+    return rewired, states, {k: 1 for k in keys}

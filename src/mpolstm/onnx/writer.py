@@ -1,0 +1,330 @@
+"""``save(model, path)``: an imported (and compressed, pruned or fine-tuned) model back to ONNX.
+
+The written file is the original graph with only the layers' nodes changed, so its input and
+output names, shapes and every other node stay as they were:
+
+- a layer that is now an MPO module: its node (a fused MatMul + Add: both) is replaced by the
+  graph ``mpolstm.export.export_onnx`` writes for the layer in the factorized runtime (products
+  through the factors; a recurrent layer's loop over time as an ONNX Loop), or, with
+  ``step=True``, by ``export_step``'s one-frame graph; a layer with a sparse residual (layout
+  "lowrank+sparse") uses the dense runtime (the graph rebuilds its weight);
+- a layer that is still its torch type (pruned, fine-tuned or untouched): its node keeps its op and
+  gets the layer's current weights.
+
+``step=True`` writes the streaming step instead: every recurrent node's initial state becomes a
+graph input ``<node>.h0`` (``<node>.c0``) and its final state a graph output ``<node>.h_n``
+(``<node>.c_n``), unless the graph already has them; the time axes of the graph's inputs and
+outputs (found by running the model) are fixed to 1. Feed each frame with the states the last
+call returned (zeros at the start).
+
+The graph is checked by the ONNX checker and, when onnxruntime is installed, run on example
+inputs against the torch model (``check=True``). ``int8=True`` then stores the MatMul weights as
+int8 (``onnxruntime.quantization.quantize_dynamic``: int8 factors and int8 products at run time).
+The file is written atomically; its metadata ``mpolstm`` (JSON) describes the MPO layers for
+``mpolstm inspect``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..atomic import atomic_write_bytes
+from ..export import export_onnx, export_step
+from ..mpo import MPO
+from ..nn import is_mpo_module
+from ..nn.sparse import sparse_parts
+from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_tensors, linear_tensors, recurrent_tensors,
+                     run_conv, run_recurrent, step_recurrent)
+from .model import OnnxModel, Step
+from .streaming import make_streaming
+
+__all__ = ["METADATA_KEY", "save"]
+
+METADATA_KEY = "mpolstm"
+EXPORT_OPSET = (11, 20)  # the factorized graphs need Loop with scan outputs (11); torch writes up to 20
+_TORCH_TYPES = {RecurrentSpec: (nn.LSTM, nn.GRU), LinearSpec: (nn.Linear,), ConvSpec: (nn.Conv1d, nn.Conv2d)}
+
+
+class _NodeForward(nn.Module):
+    """``forward(*present inputs) -> present outputs`` of one node, computed by its layer."""
+
+    def __init__(self, layer: nn.Module, step: Step) -> None:
+        super().__init__()
+        self.layer, self.spec = layer, step.spec
+        self.slots = [k for k, n in enumerate(step.inputs) if n]
+        self.wanted = [k for k, n in enumerate(step.outputs) if n]
+
+    def forward(self, *xs: Tensor):
+        if isinstance(self.spec, RecurrentSpec):
+            args: list[Tensor | None] = [None, None, None]
+            for slot, x in zip(self.slots, xs):
+                args[slot] = x
+            outs = run_recurrent(self.layer, self.spec, *args)
+            return tuple(outs[k] for k in self.wanted)
+        if isinstance(self.spec, ConvSpec):
+            return run_conv(self.layer, self.spec, xs[0])
+        return self.layer(xs[0])
+
+
+class _NodeStep(nn.Module):
+    """``step(X, state) -> (Y, new state)``: one frame of a recurrent node (``export_step``'s contract)."""
+
+    def __init__(self, layer: nn.Module, step: Step) -> None:
+        super().__init__()
+        self.layer, self.spec = layer, step.spec
+
+    def step(self, frame: Tensor, state=None):
+        return step_recurrent(self.layer, self.spec, frame, state)
+
+
+def _onnx_modules():
+    import onnx
+    from onnx import numpy_helper
+
+    return onnx, numpy_helper
+
+
+def _rename(graph, rename, prefix: str) -> None:
+    """Apply ``rename`` to every tensor name of ``graph`` and its subgraphs; prefix node names."""
+    for node in graph.node:
+        names = [rename(n) for n in node.input]
+        del node.input[:]
+        node.input.extend(names)
+        names = [rename(n) for n in node.output]
+        del node.output[:]
+        node.output.extend(names)
+        node.name = prefix + node.name
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _rename(sub, rename, prefix)
+    for item in [*graph.initializer, *graph.input, *graph.output, *graph.value_info]:
+        item.name = rename(item.name)
+
+
+def _splice(graph, step: Step, sub, inputs: dict[str, str], outputs: dict[str, str]) -> None:
+    """Replace the nodes of ``step`` by the graph ``sub`` whose inputs / outputs are wired to
+    ``inputs`` / ``outputs`` ({sub name: outer name}); its other names get the node's prefix."""
+    prefix = f"{step.name}/"
+    wired = {**inputs, **outputs}
+    _rename(sub.graph, lambda n: wired.get(n, f"{prefix}{n}") if n else "", prefix)
+    nodes = list(graph.node)
+    at = next(k for k, n in enumerate(nodes) if n.name in step.nodes)
+    kept = [n for n in nodes if n.name not in step.nodes]
+    del graph.node[:]
+    graph.node.extend(kept[:at] + list(sub.graph.node) + kept[at:])
+    graph.initializer.extend(sub.graph.initializer)
+
+
+def _export_layer(layer: nn.Module, step: Step, values: dict[str, Tensor], opset: int, streaming: bool, folder: Path):
+    """(the layer's graph, {its input name: outer}, {its output name: outer}) for a spliced node."""
+    onnx, _ = _onnx_modules()
+    path = folder / f"{len(list(folder.iterdir()))}.onnx"
+    present = [n for n in step.inputs if n]
+    if streaming and isinstance(step.spec, RecurrentSpec):
+        states = [n for n in step.inputs[1:] if n]
+        export_step(_NodeStep(layer, step), path, frame=values[step.inputs[0]], opset=opset)
+        inputs = {"frame": step.inputs[0], **{f"state{k}": n for k, n in enumerate(states)}}
+        outs = {"output": step.outputs[0], **{f"new_state{k}": n for k, n in enumerate(step.outputs[1:])}}
+        return onnx.load(str(path)), inputs, {k: v for k, v in outs.items() if v}
+    runtime = "dense" if sparse_parts(layer) else "factorized"
+    export_onnx(_NodeForward(layer, step), tuple(values[n] for n in present), path, opset=opset, runtime=runtime)
+    wanted = [n for n in step.outputs if n]
+    return (onnx.load(str(path)), {f"input{k}": n for k, n in enumerate(present)},
+            {f"output{k}": n for k, n in enumerate(wanted)})
+
+
+def _initializer(graph, name: str, value: Tensor, like: str | None) -> str:
+    """Add ``value`` as the initializer ``name`` (in the dtype of the initializer ``like``, else float32)."""
+    _, numpy_helper = _onnx_modules()
+    dtype = np.float32
+    for t in graph.initializer:
+        if t.name == like:
+            dtype = numpy_helper.to_array(t).dtype
+    graph.initializer.append(numpy_helper.from_array(value.detach().cpu().numpy().astype(dtype), name))
+    return name
+
+
+def _write_dense(graph, step: Step, layer: nn.Module) -> None:
+    """Point the step's nodes at the dense layer's current weights (new initializers)."""
+    nodes = {n.name: n for n in graph.node if n.name in step.nodes}
+    node = nodes[step.nodes[0]]
+    prefix = f"{step.name}/"
+    if isinstance(step.spec, RecurrentSpec):
+        tensors = recurrent_tensors(layer, step.spec)
+        for slot, (key, value) in enumerate(zip("WRB", tensors), start=1):
+            if value is not None:
+                node.input[slot] = _initializer(graph, prefix + key, value, node.input[slot])
+        return
+    if isinstance(step.spec, ConvSpec):
+        weight, bias = conv_tensors(layer)
+        node.input[1] = _initializer(graph, prefix + "W", weight, node.input[1])
+        if bias is not None:
+            node.input[2] = _initializer(graph, prefix + "B", bias, node.input[2])
+        return
+    weight, bias = linear_tensors(layer, step.spec)
+    node.input[1] = _initializer(graph, prefix + "W", weight, node.input[1])
+    if bias is not None:
+        holder = nodes[step.nodes[-1]]
+        slot = list(holder.input).index(step.spec.bias_input)
+        holder.input[slot] = _initializer(graph, prefix + "bias", bias, step.spec.bias_input)
+
+
+def _referenced(node) -> set[str]:
+    """Every name a node reads, its subgraphs' reads included."""
+    names = set(node.input)
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in sub.node:
+                names |= _referenced(inner)
+    return names
+
+
+def _prune(graph) -> None:
+    """Drop the nodes whose outputs nobody reads, the initializers nobody reads and value_info."""
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed |= _referenced(node)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    inits = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    del graph.value_info[:]
+
+
+def _describe(model: OnnxModel) -> list[dict[str, Any]]:
+    """One entry per MPO weight of the model's layers (what ``mpolstm inspect`` shows)."""
+    rows = []
+    for name, step in model.layers.items():
+        layer = getattr(model, name)
+        if not is_mpo_module(layer):
+            continue
+        sparse = sparse_parts(layer)
+        for weight, cores in layer.mpo_weights().items():
+            mpo = MPO([c.detach().double() for c in cores])
+            rows.append({"node": step.name, "layer": name, "class": type(layer).__name__, "weight": weight,
+                         "in_factors": list(mpo.in_factors), "out_factors": list(mpo.out_factors),
+                         "bonds": list(mpo.bond_dims), "params": mpo.num_params,
+                         "sparse": sparse[weight].nnz if weight in sparse else 0,
+                         "entropy": [round(float(e), 4) for e in mpo.entanglement_entropy()]})
+    return rows
+
+
+def _state_shapes(states: dict[str, Step], values: dict[str, Tensor]) -> dict[str, tuple[int, int, int]]:
+    """{state input: its shape} on the example inputs (the batch size read from the node's input)."""
+    shapes = {}
+    for name, step in states.items():
+        spec = step.spec
+        batch = values[step.inputs[0]].shape[1 - spec.layout]
+        shapes[name] = (spec.directions, batch, spec.hidden) if spec.layout == 0 else (batch, spec.directions,
+                                                                                       spec.hidden)
+    return shapes
+
+
+def _check(data: bytes, model: OnnxModel, examples: tuple[Tensor, ...], states: dict[str, tuple]) -> None:
+    """Run the written graph in onnxruntime (when installed) against the torch model; ``states``:
+    the shapes of the state inputs (fed zeros, as the model starts)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    feeds = {n: x.numpy() for n, x in zip(model.input_names, examples)}
+    feeds.update({n: np.zeros(shape, np.float32) for n, shape in states.items()})
+    got = session.run(model.output_names, feeds)
+    with torch.no_grad():
+        want = model(*examples)
+    for name, g, w in zip(model.output_names, got, want if isinstance(want, tuple) else (want,)):
+        w = w.numpy()
+        if g.shape != w.shape or not np.allclose(g, w, rtol=1e-3, atol=1e-4):
+            diff = float(np.abs(g - w).max()) if g.shape == w.shape else f"shape {g.shape} vs {w.shape}"
+            raise ValueError(f"the written graph does not reproduce the model's output {name!r} in onnxruntime "
+                             f"(max difference {diff})")
+
+
+def _quantize(data: bytes) -> bytes:
+    """The graph with its MatMul weights as int8 (onnxruntime's dynamic quantization)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        source.write_bytes(data)
+        logging.disable(logging.WARNING)  # onnxruntime logs a pre-processing hint per call
+        try:
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
+        return target.read_bytes()
+
+
+def _layers_into(graph, work: OnnxModel, values: dict[str, Tensor], opset: int, rewired: dict[str, Step] | None
+                 ) -> None:
+    """Splice every MPO layer's graph in, write every dense layer's weights; ``rewired``: the
+    recurrent steps of a streaming graph (None for the whole-sequence graph)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, step in work.layers.items():
+            step = (rewired or {}).get(name, step)
+            layer = getattr(work, name)
+            if is_mpo_module(layer):
+                sub, inputs, outputs = _export_layer(layer, step, values, opset, rewired is not None, Path(tmp))
+                _splice(graph, step, sub, inputs, outputs)
+            elif isinstance(layer, _TORCH_TYPES[type(step.spec)]):
+                _write_dense(graph, step, layer)
+            else:
+                raise ValueError(f"layer {name!r} (node {step.name!r}) is a {type(layer).__name__}; ONNX writing "
+                                 "takes MPO layers and torch layers of the node's own type")
+
+
+def save(model: OnnxModel, path: str | os.PathLike, *, step: bool = False, int8: bool = False,
+         check: bool = True, record: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (from :func:`mpolstm.onnx.load`, then compressed, pruned or fine-tuned) as
+    an ONNX file at ``path``; see the module docstring. ``record``: extra JSON-able facts stored in
+    the metadata beside the layer descriptions (``mpolstm compress`` stores its report). Returns ``path``."""
+    if not isinstance(model, OnnxModel):
+        raise ValueError(f"mpolstm.onnx.save writes a model read by mpolstm.onnx.load, got {type(model).__name__}")
+    path = Path(path)
+    if not path.parent.is_dir() or path.is_dir():
+        raise ValueError(f"{path}: expected a file path in an existing folder")
+    onnx, _ = _onnx_modules()
+    work = copy.deepcopy(model).float().eval()
+    proto = onnx.load_from_string(work.source)
+    for k, node in enumerate(proto.graph.node):  # the names load gave
+        node.name = node.name or f"{node.op_type}_{k}"
+    opset = min(max(work.opset, EXPORT_OPSET[0]), EXPORT_OPSET[1])
+    if work.opset < EXPORT_OPSET[0]:
+        proto = onnx.version_converter.convert_version(proto, EXPORT_OPSET[0])
+    rewired, states, sizes = make_streaming(proto.graph, work) if step else (None, {}, {})
+    examples = work.example_inputs(sizes)
+    with torch.no_grad():
+        values = work.values(*examples)
+    _layers_into(proto.graph, work, values, opset, rewired)
+    _prune(proto.graph)
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = max(entry.version, opset)
+    proto.ir_version = max(proto.ir_version, 7)
+    facts = {"step": step, "int8": int8, "layers": _describe(work), **(record or {})}
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(facts))
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ValueError(f"the written graph fails the ONNX checker ({str(exc).strip().splitlines()[0]})") from exc
+    data = proto.SerializeToString()
+    if check:
+        _check(data, work, examples, _state_shapes(states, values))
+    atomic_write_bytes(path, _quantize(data) if int8 else data)
+    return path
