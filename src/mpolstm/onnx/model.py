@@ -150,7 +150,7 @@ def _dtype(elem_type: int) -> torch.dtype:
 
 def _attribute_name(node_name: str, taken: set[str]) -> str:
     """A Python identifier for a node's layer, unique and not an nn.Module attribute."""
-    base = re.sub(r"\W", "_", node_name) or "layer"
+    base = re.sub(r"\W+", "_", node_name).strip("_") or "layer"
     if base[0].isdigit() or keyword.iskeyword(base):
         base = f"n_{base}"
     name, k = base, 2

@@ -61,22 +61,41 @@ def _fix_dims(values, names: dict[str, list[int]] | None, params: set[str]) -> N
                 dim.dim_value = 1
 
 
-def _state_io(graph, node, slot_in: int, slot_out: int, key: str, spec: RecurrentSpec) -> tuple[str, str]:
+SHAPE_ONLY = ("Shape", "Size", "ConstantOfShape")  # their outputs do not depend on their inputs' values
+
+
+def _flows(graph) -> tuple[set[str], set[str]]:
+    """(the tensors whose values depend on a graph input, the tensors some graph output depends on)."""
+    dependent = {i.name for i in graph.input}
+    for node in graph.node:
+        if node.op_type not in SHAPE_ONLY and dependent & set(node.input):
+            dependent.update(node.output)
+    reaching = {o.name for o in graph.output}
+    for node in reversed(list(graph.node)):
+        if reaching & set(node.output):
+            reaching.update(node.input)
+    return dependent, reaching
+
+
+def _state_io(graph, node, slot_in: int, slot_out: int, key: str, spec: RecurrentSpec) -> tuple[str, str, bool]:
     """Make the node's initial state ``slot_in`` a graph input and its final state ``slot_out`` a
-    graph output (new names ``<node>.<key>0`` / ``<node>.<key>_n`` unless they already are)."""
+    graph output (new names ``<node>.<key>0`` / ``<node>.<key>_n``), unless the state already
+    comes from the graph's inputs and reaches its outputs (the graph carries it itself).
+    Returns (state input name, state output name, whether the input is a new graph input)."""
     from onnx import TensorProto, helper
 
     shape = [spec.directions, "batch", spec.hidden] if spec.layout == 0 else ["batch", spec.directions, spec.hidden]
-    inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
+    inputs, outputs = _flows(graph)
     while len(node.input) <= slot_in:
         node.input.append("")
-    if node.input[slot_in] not in inputs:
+    created = node.input[slot_in] not in inputs
+    if created:
         node.input[slot_in] = f"{node.name}.{key}0"
         graph.input.append(helper.make_tensor_value_info(node.input[slot_in], TensorProto.FLOAT, shape))
     while len(node.output) <= slot_out:
         node.output.append("")
     old = node.output[slot_out]
-    if old not in outputs:
+    if not old or old not in outputs:
         new = f"{node.name}.{key}_n"
         for other in graph.node:
             for k, name in enumerate(other.input):
@@ -84,12 +103,12 @@ def _state_io(graph, node, slot_in: int, slot_out: int, key: str, spec: Recurren
                     other.input[k] = new
         node.output[slot_out] = new
         graph.output.append(helper.make_tensor_value_info(new, TensorProto.FLOAT, shape))
-    return node.input[slot_in], node.output[slot_out]
+    return node.input[slot_in], node.output[slot_out], created
 
 
 def make_streaming(graph, model: OnnxModel) -> tuple[dict[str, Step], dict[str, Step], dict[str, int]]:
     """Rewire ``graph`` (the model's original graph) for streaming in place. Returns ({layer:
-    its step with the new state names}, {state input: its step}, sizes {time axis key: 1} for
+    its step with the new state names}, {new state input: its step}, sizes {time axis key: 1} for
     ``model.example_inputs``)."""
     steps = _recurrent(model)
     axes, keys = time_axes(model)
@@ -106,5 +125,5 @@ def make_streaming(graph, model: OnnxModel) -> tuple[dict[str, Step], dict[str, 
         rewired[name] = replace(step, inputs=inputs, outputs=outputs,
                                 spec=replace(spec, inputs=tuple(n or None for n in inputs),
                                              outputs=tuple(n or None for n in outputs)))
-        states.update({w[0]: rewired[name] for w in wired})
+        states.update({w[0]: rewired[name] for w in wired if w[2]})
     return rewired, states, {k: 1 for k in keys}

@@ -271,6 +271,14 @@ def _quantize(data: bytes) -> bytes:
         return target.read_bytes()
 
 
+def _check_layers(model: OnnxModel) -> None:
+    for name, step in model.layers.items():
+        layer = getattr(model, name)
+        if not is_mpo_module(layer) and not isinstance(layer, _TORCH_TYPES[type(step.spec)]):
+            raise ValueError(f"layer {name!r} (node {step.name!r}) is a {type(layer).__name__}; ONNX writing "
+                             "takes MPO layers and torch layers of the node's own type")
+
+
 def _layers_into(graph, work: OnnxModel, values: dict[str, Tensor], opset: int, rewired: dict[str, Step] | None
                  ) -> None:
     """Splice every MPO layer's graph in, write every dense layer's weights; ``rewired``: the
@@ -282,11 +290,8 @@ def _layers_into(graph, work: OnnxModel, values: dict[str, Tensor], opset: int, 
             if is_mpo_module(layer):
                 sub, inputs, outputs = _export_layer(layer, step, values, opset, rewired is not None, Path(tmp))
                 _splice(graph, step, sub, inputs, outputs)
-            elif isinstance(layer, _TORCH_TYPES[type(step.spec)]):
-                _write_dense(graph, step, layer)
             else:
-                raise ValueError(f"layer {name!r} (node {step.name!r}) is a {type(layer).__name__}; ONNX writing "
-                                 "takes MPO layers and torch layers of the node's own type")
+                _write_dense(graph, step, layer)
 
 
 def save(model: OnnxModel, path: str | os.PathLike, *, step: bool = False, int8: bool = False,
@@ -299,6 +304,7 @@ def save(model: OnnxModel, path: str | os.PathLike, *, step: bool = False, int8:
     path = Path(path)
     if not path.parent.is_dir() or path.is_dir():
         raise ValueError(f"{path}: expected a file path in an existing folder")
+    _check_layers(model)
     onnx, _ = _onnx_modules()
     work = copy.deepcopy(model).float().eval()
     proto = onnx.load_from_string(work.source)
