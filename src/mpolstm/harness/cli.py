@@ -371,6 +371,11 @@ def compress_cmd(
     from .tasks import save_model
     from .usermodels import read_inputs, write_compression_record, write_factory_note
 
+    if paths[0].suffix.lower() == ".onnx":  # an ONNX model in, an ONNX model out (harness/onnxfiles.py)
+        return _onnx_command("compress_onnx", paths, factory=factory, weights=weights, target=target,
+                             max_bond=max_bond, rel_tol=rel_tol, ratio=ratio, max_macs=max_macs, num_cores=num_cores,
+                             layout=layout, calibrate=calibrate, distill_steps=distill_steps, batch_size=batch_size,
+                             int8=int8)
     if len(paths) not in (1, 2) or (len(paths) == 1) != (factory is not None):
         _fail("usage: mpolstm compress IN OUT, or mpolstm compress --factory MOD:FN [--weights FILE] OUT")
     model_in, model_out = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
@@ -420,6 +425,8 @@ def inspect(
     read from its files alone, checked as load checks them (a damaged folder is refused)."""
     from .usermodels import describe_folder, inspect_folder
 
+    if model_path.suffix.lower() == ".onnx":
+        return _onnx_command("inspect_onnx", model_path)
     try:
         rows = describe_folder(model_path)
     except ValueError as exc:
@@ -428,6 +435,19 @@ def inspect(
     if plot is not None and rows:
         _plot_entropy({r["weight"]: r["entropy"] for r in rows}, plot)
         console.print(f"wrote {plot}")
+
+
+def _onnx_command(name: str, *args, **kwargs) -> None:
+    """Run ``harness.onnxfiles.<name>`` and print what it returns (a text or lines); a ValueError is one
+    error line, with library argument names replaced by the flags."""
+    from . import onnxfiles
+
+    try:
+        result = getattr(onnxfiles, name)(*args, **kwargs)
+        for line in [result] if isinstance(result, str) else result:
+            console.print(line)
+    except ValueError as exc:
+        _fail(_flagged(str(exc), _COMPRESS_FLAGS))
 
 
 def _plot_entropy(curves: dict[str, list[float]], plot: Path) -> None:

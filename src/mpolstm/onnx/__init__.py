@@ -6,6 +6,7 @@
 """
 
 from .model import OnnxModel, load
-from .writer import save
+from .pipeline import as_batches, compress_file, recurrent_layers
+from .writer import save, to_bytes
 
-__all__ = ["OnnxModel", "load", "save"]
+__all__ = ["OnnxModel", "as_batches", "compress_file", "load", "recurrent_layers", "save", "to_bytes"]

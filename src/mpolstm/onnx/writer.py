@@ -47,7 +47,7 @@ from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_tensors, linear_t
 from .model import OnnxModel, Step
 from .streaming import make_streaming
 
-__all__ = ["METADATA_KEY", "save"]
+__all__ = ["METADATA_KEY", "save", "to_bytes"]
 
 METADATA_KEY = "mpolstm"
 EXPORT_OPSET = (11, 20)  # the factorized graphs need Loop with scan outputs (11); torch writes up to 20
@@ -294,16 +294,11 @@ def _layers_into(graph, work: OnnxModel, values: dict[str, Tensor], opset: int, 
                 _write_dense(graph, step, layer)
 
 
-def save(model: OnnxModel, path: str | os.PathLike, *, step: bool = False, int8: bool = False,
-         check: bool = True, record: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (from :func:`mpolstm.onnx.load`, then compressed, pruned or fine-tuned) as
-    an ONNX file at ``path``; see the module docstring. ``record``: extra JSON-able facts stored in
-    the metadata beside the layer descriptions (``mpolstm compress`` stores its report). Returns ``path``."""
+def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check: bool = True,
+             record: dict[str, Any] | None = None) -> bytes:
+    """The ONNX file :func:`save` writes, as bytes."""
     if not isinstance(model, OnnxModel):
-        raise ValueError(f"mpolstm.onnx.save writes a model read by mpolstm.onnx.load, got {type(model).__name__}")
-    path = Path(path)
-    if not path.parent.is_dir() or path.is_dir():
-        raise ValueError(f"{path}: expected a file path in an existing folder")
+        raise ValueError(f"mpolstm.onnx writes a model read by mpolstm.onnx.load, got {type(model).__name__}")
     _check_layers(model)
     onnx, _ = _onnx_modules()
     work = copy.deepcopy(model).float().eval()
@@ -332,5 +327,16 @@ def save(model: OnnxModel, path: str | os.PathLike, *, step: bool = False, int8:
     data = proto.SerializeToString()
     if check:
         _check(data, work, examples, _state_shapes(states, values))
-    atomic_write_bytes(path, _quantize(data) if int8 else data)
+    return _quantize(data) if int8 else data
+
+
+def save(model: OnnxModel, path: str | os.PathLike, *, step: bool = False, int8: bool = False,
+         check: bool = True, record: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (from :func:`mpolstm.onnx.load`, then compressed, pruned or fine-tuned) as
+    an ONNX file at ``path``; see the module docstring. ``record``: extra JSON-able facts stored in
+    the metadata beside the layer descriptions (``mpolstm compress`` stores its report). Returns ``path``."""
+    path = Path(path)
+    if not path.parent.is_dir() or path.is_dir():
+        raise ValueError(f"{path}: expected a file path in an existing folder")
+    atomic_write_bytes(path, to_bytes(model, step=step, int8=int8, check=check, record=record))
     return path

@@ -1,0 +1,104 @@
+"""`mpolstm compress MODEL.onnx OUT.onnx` and `mpolstm inspect FILE.onnx`: a compressed file that
+drops in for the original, and one error line, exit 2 and nothing written for every bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+from onnx_models import export_tagger, feeds, run_ort  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from mpolstm.harness.cli import app  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A GRU tagger as ONNX, its calibration inputs, and calibration inputs of the wrong width."""
+    folder = tmp_path_factory.mktemp("onnx_cli")
+    export_tagger(folder / "m.onnx", nn.GRU, bidirectional=False)
+    torch.manual_seed(0)
+    save_file({"input0": torch.randn(8, 12, 6), "input1": torch.zeros(2, 8, 8)}, folder / "cal.safetensors")
+    save_file({"input0": torch.randn(8, 12, 5), "input1": torch.zeros(2, 8, 8)}, folder / "wide.safetensors")
+    relu = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(relu, opset_imports=[helper.make_opsetid("", 14)]), folder / "relu.onnx")
+    einsum = helper.make_graph([helper.make_node("Einsum", ["x", "x"], ["y"], name="mix", equation="i,i->i")], "g",
+                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(einsum, opset_imports=[helper.make_opsetid("", 14)]), folder / "einsum.onnx")
+    data = (folder / "m.onnx").read_bytes()
+    (folder / "cut.onnx").write_bytes(data[: len(data) // 2])
+    (folder / "text.onnx").write_text("not a model")
+    return folder
+
+
+def test_compress_writes_a_drop_in_file_that_inspect_reads(files, tmp_path):
+    out = tmp_path / "small.onnx"
+    result = runner.invoke(app, ["compress", str(files / "m.onnx"), str(out), "--ratio", "3", "--max-macs", "600",
+                                 "--calibrate", str(files / "cal.safetensors"), "--distill-steps", "4",
+                                 "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert "rnn_GRU (MPOGRU)" in result.output and f"wrote {out}" in result.output
+    original, written = onnx.load(files / "m.onnx"), onnx.load(out)
+    for a, b in ((original.graph.input, written.graph.input), (original.graph.output, written.graph.output)):
+        assert [(v.name, v.type) for v in a] == [(v.name, v.type) for v in b]
+    inputs = feeds(original)
+    got, want = run_ort(out, inputs), run_ort(files / "m.onnx", inputs)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert np.abs(got[0] - want[0]).mean() < np.abs(want[0]).mean()  # close to the original, not equal
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert "written by mpolstm compress from m.onnx" in shown.output and "distilled 4 steps" in shown.output
+    assert shown.output.count("weight_hh_l0") == 2 and "lowrank" in shown.output
+
+
+def test_int8_file_is_smaller_and_inspect_lists_what_an_original_can_compress(files, tmp_path):
+    out = tmp_path / "q.onnx"
+    result = runner.invoke(app, ["compress", str(files / "m.onnx"), str(out), "--ratio", "2", "--int8"])
+    assert result.exit_code == 0, result.output
+    assert "MatMul weights as int8" in result.output
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in onnx.load(out).graph.node)
+    assert len(run_ort(out, feeds(onnx.load(out)))) == 2
+    shown = runner.invoke(app, ["inspect", str(files / "m.onnx")])
+    assert shown.exit_code == 0 and "not written by mpolstm compress" in shown.output and "rnn_GRU_1" in shown.output
+
+
+@pytest.mark.parametrize("model,extra,message", [
+    ("text.onnx", [], "not a readable ONNX model"),
+    ("cut.onnx", [], "ONNX"),
+    ("missing.onnx", [], "does not exist"),
+    ("einsum.onnx", [], "node 'mix' (Einsum)"),
+    ("relu.onnx", [], "no LSTM, GRU, MatMul"),
+    ("m.onnx", ["--calibrate", "wide.safetensors"], "input0 ('x') is (8, 12, 5)"),
+    ("m.onnx", ["--distill-steps", "3"], "--distill-steps needs --calibrate"),
+    ("m.onnx", ["--target", "nothing_here"], "nothing_here"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(files, tmp_path, model, extra, message):
+    out = tmp_path / "out.onnx"
+    extra = [str(files / e) if e.endswith(".safetensors") else e for e in extra]
+    result = runner.invoke(app, ["compress", str(files / model), str(out), "--ratio", "2", *extra])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert not out.exists()
+
+
+def test_inspect_refuses_a_damaged_file_and_compress_an_existing_output(files, tmp_path):
+    result = runner.invoke(app, ["inspect", str(files / "cut.onnx")])
+    assert result.exit_code == 2 and result.output.startswith("error: ")
+    (tmp_path / "taken.onnx").write_bytes(b"keep")
+    result = runner.invoke(app, ["compress", str(files / "m.onnx"), str(tmp_path / "taken.onnx"), "--ratio", "2"])
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert (tmp_path / "taken.onnx").read_bytes() == b"keep"
