@@ -7,6 +7,6 @@
 
 from .model import OnnxModel, load
 from .pipeline import as_batches, compress_file, recurrent_layers
-from .writer import save, to_bytes
+from .writer import dynamic_int8, save, to_bytes
 
-__all__ = ["OnnxModel", "as_batches", "compress_file", "load", "recurrent_layers", "save", "to_bytes"]
+__all__ = ["OnnxModel", "as_batches", "compress_file", "dynamic_int8", "load", "recurrent_layers", "save", "to_bytes"]

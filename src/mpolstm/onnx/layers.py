@@ -67,6 +67,13 @@ class ConvSpec:
     has_bias: bool
 
 
+def _effective(layer: nn.Module, name: str) -> Tensor:
+    """A weight as the layer computes with it: ``orig * mask`` for a pruned one (torch.nn.utils.prune
+    refreshes the plain attribute only at the next forward), else the parameter."""
+    mask = getattr(layer, f"{name}_mask", None)
+    return (getattr(layer, f"{name}_orig") * mask if mask is not None else getattr(layer, name)).detach()
+
+
 def _permute_gates(w: Tensor, mode: str, to_torch: bool) -> Tensor:
     blocks = w.chunk(len(GATE_ORDER[mode]), dim=0)
     order = GATE_ORDER[mode]
@@ -126,8 +133,8 @@ def recurrent_tensors(layer: nn.Module, spec: RecurrentSpec) -> tuple[Tensor, Te
     ws, rs, bs = [], [], []
     for d in range(spec.directions):
         sfx = "_l0" + ("_reverse" if d else "")
-        ws.append(_permute_gates(getattr(layer, f"weight_ih{sfx}").detach(), spec.mode, False))
-        rs.append(_permute_gates(getattr(layer, f"weight_hh{sfx}").detach(), spec.mode, False))
+        ws.append(_permute_gates(_effective(layer, f"weight_ih{sfx}"), spec.mode, False))
+        rs.append(_permute_gates(_effective(layer, f"weight_hh{sfx}"), spec.mode, False))
         if layer.bias:
             bs.append(torch.cat([_permute_gates(getattr(layer, f"{k}{sfx}").detach(), spec.mode, False)
                                  for k in ("bias_ih", "bias_hh")]))
@@ -172,7 +179,7 @@ def step_recurrent(layer: nn.Module, spec: RecurrentSpec, x: Tensor, state) -> t
 
 def linear_tensors(layer: nn.Linear, spec: LinearSpec) -> tuple[Tensor, Tensor | None]:
     """(weight, bias) of a dense nn.Linear in the node's ONNX layout."""
-    weight = layer.weight.detach()
+    weight = _effective(layer, "weight")
     bias = None if layer.bias is None else layer.bias.detach().reshape(spec.bias_shape)
     return (weight if spec.transposed else weight.T.contiguous()), bias
 
@@ -224,4 +231,4 @@ def run_conv(layer: nn.Module, spec: ConvSpec, x: Tensor) -> Tensor:
 
 def conv_tensors(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
     """(W, B) of a dense torch convolution in ONNX's layout (the same as torch's)."""
-    return layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+    return _effective(layer, "weight"), None if layer.bias is None else layer.bias.detach()

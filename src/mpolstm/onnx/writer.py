@@ -47,7 +47,7 @@ from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_tensors, linear_t
 from .model import OnnxModel, Step
 from .streaming import make_streaming
 
-__all__ = ["METADATA_KEY", "save", "to_bytes"]
+__all__ = ["METADATA_KEY", "dynamic_int8", "save", "to_bytes"]
 
 METADATA_KEY = "mpolstm"
 EXPORT_OPSET = (11, 20)  # the factorized graphs need Loop with scan outputs (11); torch writes up to 20
@@ -254,8 +254,9 @@ def _check(data: bytes, model: OnnxModel, examples: tuple[Tensor, ...], states: 
                              f"(max difference {diff})")
 
 
-def _quantize(data: bytes) -> bytes:
-    """The graph with its MatMul weights as int8 (onnxruntime's dynamic quantization)."""
+def dynamic_int8(data: bytes) -> bytes:
+    """The ONNX model ``data`` with its MatMul weights as int8 (onnxruntime's dynamic quantization:
+    int8 weights, activations quantized per call, int8 products)."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -301,6 +302,8 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
         raise ValueError(f"mpolstm.onnx writes a model read by mpolstm.onnx.load, got {type(model).__name__}")
     _check_layers(model)
     onnx, _ = _onnx_modules()
+    with torch.no_grad():  # weights a forward pre-hook made with grad (pruning in training) cannot be copied
+        model(*model.example_inputs())
     work = copy.deepcopy(model).float().eval()
     proto = onnx.load_from_string(work.source)
     for k, node in enumerate(proto.graph.node):  # the names load gave
@@ -327,7 +330,7 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
     data = proto.SerializeToString()
     if check:
         _check(data, work, examples, _state_shapes(states, values))
-    return _quantize(data) if int8 else data
+    return dynamic_int8(data) if int8 else data
 
 
 def save(model: OnnxModel, path: str | os.PathLike, *, step: bool = False, int8: bool = False,
