@@ -2,7 +2,8 @@
 at the same budget, with and without the same distillation.
 
     python examples/nsnet2/table.py --out examples/nsnet2/results/table.json
-    python examples/nsnet2/table.py --rate 48000 --ratios 10 --distill-ratios 10 --out examples/nsnet2/results/table_48k.json
+    python examples/nsnet2/table.py --rate 48000 --ratios 10 --distill-ratios 10 \
+        --out examples/nsnet2/results/table_48k.json
 
 Data: the project's synthetic noisy-speech corpus (``mpolstm data speech --preset quick``: espeak-ng
 voices reading PTB sentences, white / pink / brown / babble / hum noise at -5 to 10 dB). Evaluation on
@@ -157,7 +158,8 @@ def stored_bytes(model: mo.OnnxModel, original: mo.OnnxModel) -> int:
     """The GRU matrices as mpolstm.storage packs them, plus every other weight and bias of the
     original in float32 (they are the same in every row)."""
     names = gru_layers(original)
-    matrices = sum(getattr(original, n).get_parameter(w).numel() for n in names for w in ("weight_ih_l0", "weight_hh_l0"))
+    matrices = sum(getattr(original, n).get_parameter(w).numel() for n in names
+                   for w in ("weight_ih_l0", "weight_hh_l0"))
     others = sum(t.numel() for t in [*original.parameters(), *original.buffers()] if t.is_floating_point()) - matrices
     return packed_bytes(pack_weights(model, names)[0]) + 4 * others
 
@@ -179,7 +181,44 @@ def distill_grus(model: mo.OnnxModel, teacher: mo.OnnxModel, data: Data, steps: 
     return float(np.mean(result.losses[-20:]))
 
 
-def main(argv=None) -> list[dict]:
+class Table:
+    """The rows so far: each is scored, printed and (with ``out``) the JSON rewritten."""
+
+    def __init__(self, data: Data, out: Path | None, meta: dict) -> None:
+        self.data, self.out, self.meta, self.rows = data, out, meta, []
+
+    def add(self, method, ratio, finetune, session, nbytes, onnx_bytes, seconds, **extra) -> None:
+        metrics = evaluate(session, self.data) if session is not None else noisy_scores(self.data)
+        row = {"method": method, "ratio": ratio, "finetune": finetune, "stored_bytes": nbytes,
+               "onnx_bytes": onnx_bytes, **{k: round(v, 4) for k, v in metrics.items()},
+               "seconds": round(seconds, 1), **extra}
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        if self.out:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+
+
+def markdown(document: dict) -> str:
+    """The rows of a table JSON as a Markdown table: "gain kept" against the noisy and original rows."""
+    rows = document["rows"]
+    noisy = next(r["pesq"] for r in rows if r["method"] == "noisy")
+    original = next(r for r in rows if r["method"] == "original")
+    lines = ["| method | ratio | fine-tuning | PESQ-WB | gain kept | STOI | SI-SDR (dB) | stored bytes | x fewer | "
+             "ONNX bytes | layouts |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        kept = "-" if r["method"] == "noisy" else f"{(r['pesq'] - noisy) / (original['pesq'] - noisy):.0%}"
+        stored = r["stored_bytes"] or r["onnx_bytes"]
+        fewer = f"{original['stored_bytes'] / stored:.2f}x" if stored else "-"
+        stored, onnx_bytes = (f"{stored:,}", f"{r['onnx_bytes']:,}") if stored else ("-", "-")
+        layouts = r.get("layouts", "").replace("weight_", "")
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:g}x"
+        lines.append(f"| {r['method']} | {ratio} | {r['finetune']} | {r['pesq']:.3f} | {kept} | {r['stoi']:.3f} | "
+                     f"{r['si_sdr']:.2f} | {stored} | {fewer} | {onnx_bytes} | {layouts} |")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=int, default=16000, choices=(16000, 48000))
     parser.add_argument("--out", type=Path, default=None)
@@ -196,53 +235,44 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--n-distill", type=int, default=None, help="train utterances cropped (default all)")
     parser.add_argument("--corpus", default="quick")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
+    parser.add_argument("--render", type=Path, default=None, help="print the Markdown table of a table JSON and stop")
+    return parser
+
+
+def main(argv=None) -> list[dict]:
+    args = _parser().parse_args(argv)
+    if args.render is not None:
+        document = json.loads(args.render.read_text())
+        print(markdown(document))
+        return document["rows"]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
     data = load_data(args.rate, args.n_test, args.n_calib, args.crop, args.batch, args.corpus, args.n_distill)
     original = mo.load(model_file(args.rate))
-    rows: list[dict] = []
-
-    def add(method, ratio, finetune, session, nbytes, onnx_bytes, seconds, **extra):
-        metrics = evaluate(session, data) if session is not None else noisy_scores(data)
-        row = {"method": method, "ratio": ratio, "finetune": finetune, "stored_bytes": nbytes,
-               "onnx_bytes": onnx_bytes, **{k: round(v, 4) for k, v in metrics.items()},
-               "seconds": round(seconds, 1), **extra}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            meta = {"argv": list(sys.argv[1:] if argv is None else argv), "torch": torch.__version__,
-                    "threads": args.threads, "rate": args.rate, "n_test": len(data.test),
-                    "distill_batches": len(data.distill)}
-            args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-
-    print(f"data in {time.perf_counter() - start:.0f} s: {len(data.test)} test utterances, {len(data.calib)} calibration "
-          f"batches, {len(data.distill)} distillation batches", flush=True)
-    add("noisy", None, "-", None, 0, 0, 0)
+    meta = {"argv": list(sys.argv[1:] if argv is None else argv), "torch": torch.__version__, "threads": args.threads,
+            "rate": args.rate, "n_test": len(data.test), "distill_batches": len(data.distill)}
+    table = Table(data, args.out, meta)
+    print(f"data in {time.perf_counter() - start:.0f} s: {len(data.test)} test utterances, {len(data.calib)} "
+          f"calibration batches, {len(data.distill)} distillation batches", flush=True)
+    table.add("noisy", None, "-", None, 0, 0, 0)
     source = model_file(args.rate)
-    add("original", None, "-", ort_session(source), stored_bytes(original, original), onnx_weight_bytes(source), 0)
+    table.add("original", None, "-", ort_session(source), stored_bytes(original, original),
+              onnx_weight_bytes(source), 0)
     int8 = mo.dynamic_int8(source.read_bytes())
-    add("ort-int8", None, "none", ort_session(int8), None, _bytes_of(int8), 0)
-
-    def row(method, ratio, finetune):
+    table.add("ort-int8", None, "none", ort_session(int8), None, _bytes_of(int8), 0)
+    runs = [(m, r, "none") for r in args.ratios for m in args.methods] + \
+        [(m, r, "distill") for r in args.distill_ratios for m in args.distill_methods]
+    for method, ratio, finetune in runs:
         t0 = time.perf_counter()
         model, layouts = build(method, copy.deepcopy(original), ratio, data.calib)
         loss = distill_grus(model, original, data, args.steps, args.lr) if finetune == "distill" else None
         seconds = time.perf_counter() - t0
         written = mo.to_bytes(model)
-        add(method, ratio, finetune, ort_session(written), stored_bytes(model, original), _bytes_of(written), seconds,
-            layouts=layouts, **({"last_loss": round(loss, 6)} if loss is not None else {}))
-
-    for ratio in args.ratios:
-        for method in args.methods:
-            row(method, ratio, "none")
-    for ratio in args.distill_ratios:
-        for method in args.distill_methods:
-            row(method, ratio, "distill")
+        table.add(method, ratio, finetune, ort_session(written), stored_bytes(model, original), _bytes_of(written),
+                  seconds, layouts=layouts, **({"last_loss": round(loss, 6)} if loss is not None else {}))
     print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
-    return rows
+    return table.rows
 
 
 def _bytes_of(data: bytes) -> int:

@@ -73,7 +73,8 @@ def _batch_axes(model: OnnxModel) -> list[int | None]:
 def _rows(model: OnnxModel, batches: list[tuple[Tensor, ...]], size: int) -> list[tuple[Tensor, ...]]:
     """The batches split along their batch axes into batches of ``size`` rows."""
     axes = _batch_axes(model)
-    return [tuple(x if axis is None else x.narrow(axis, i, min(size, x.shape[axis] - i)) for x, axis in zip(batch, axes))
+    return [tuple(x if axis is None else x.narrow(axis, i, min(size, x.shape[axis] - i))
+                  for x, axis in zip(batch, axes))
             for batch in batches for i in range(0, batch[0].shape[0], size)]
 
 
@@ -83,8 +84,9 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
                   ) -> tuple[CompressionReport, OnnxModel]:
     """Compress the ONNX model ``source`` under ``config`` (its ``target_modules`` name the
     layers: node names with other characters than letters, digits and _ replaced by _; None
-    selects the recurrent layers, or every layer of a graph without one) and write it to ``target`` (``mpolstm.onnx.save``: the original's
-    inputs and outputs, the compressed layers factorized). ``calibration``: inputs of the graph
+    selects the recurrent layers, or every layer of a graph without one) and write it to
+    ``target`` (``mpolstm.onnx.save``: the original's inputs and outputs, the compressed layers
+    factorized). ``calibration``: inputs of the graph
     (see :func:`as_batches`) for calibrated compression and distillation; ``distill_steps``:
     then distil from the original for that many steps (``loss`` on the outputs, batches of
     ``batch_size`` rows of the calibration inputs); ``int8``: int8 MatMul weights; ``step``: also
