@@ -244,6 +244,7 @@ class MPOWeights(nn.Module):
     conversions from dense weights or ready MPOs, and the config of the cores."""
 
     _weight_shapes: dict[str, tuple[int, int]]
+    separate_bias = False  # a rank-D product adds its bias in its own op (set by the ONNX export)
 
     def __init_subclass__(cls, **kwargs) -> None:
         """Wrap a layer's own ``mpo_config`` / ``from_config`` once, so that they record and restore
@@ -514,7 +515,7 @@ class MPOWeights(nn.Module):
         if plan[0] == "halves":
             prepared = self._halves(name, cache)
             if bias is not None and prepared[3] == 1 and prepared[4] == 1:  # rank-D: (x A) B + b in two ops
-                if torch.onnx.is_in_onnx_export():  # MatMul + Add: int8 tools quantize MatMul, not Gemm with a bias
+                if self.separate_bias:  # MatMul + Add (ONNX export): int8 tools quantize MatMul, not Gemm with a bias
                     return torch.matmul(torch.matmul(x, prepared[0].t()), prepared[1]) + bias
                 return torch.addmm(bias, torch.mm(x, prepared[0].t()), prepared[1])
             out = halves_matmul(x, prepared)
