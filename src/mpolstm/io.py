@@ -40,7 +40,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .atomic import atomic_write_bytes, fsync_dir
-from .nn.base import MPOWeights, dequantize_int8
+from .mpo import dequantize_int8
+from .nn.base import MPOWeights
 from .nn.registry import is_mpo_module, layer_type_of_mpo, mpo_class, registered_mpo_names, replace_module
 from .nn.shared import SharedLayer
 from .version import __version__

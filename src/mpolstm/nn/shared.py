@@ -20,12 +20,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .registry import register_auxiliary
+from .registry import MPOModule, register_auxiliary
 
 __all__ = ["SharedLayer", "SharedLinear", "SharedEmbedding", "SHARED_TYPES", "shared_for"]
 
 
-class SharedLayer(nn.Module):
+class SharedLayer(MPOModule):
     """The part shared by both kinds: the owner reference and the MPO-module protocol."""
 
     def __init__(self, owner_name: str) -> None:
