@@ -36,11 +36,6 @@ def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optiona
         raise ValueError(f"output {out}: an ONNX model is written as an ONNX file (OUT.onnx)")
     if out.exists():
         raise ValueError(f"output {out} already exists; choose a new path")
-    if ratio is None and max_bond is None and rel_tol is None and max_macs is None:
-        raise ValueError("give a size: --ratio (dense / compressed parameters of the selected weights), --max-macs, "
-                         "--max-bond or --rel-tol")
-    if ratio is not None and rel_tol is not None:
-        raise ValueError("--rel-tol cannot be combined with --ratio; choose one")
     if distill_steps and calibrate is None:
         raise ValueError("--distill-steps needs --calibrate (the inputs to distil on)")
     targets = [t.strip() for t in target.split(",") if t.strip()]

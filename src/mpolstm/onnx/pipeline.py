@@ -18,6 +18,7 @@ from torch import Tensor
 from ..atomic import atomic_write_bytes
 from ..compression import CompressionConfig, CompressionReport, compress
 from ..distill import distill
+from ..errors import ConfigError, must_be
 from .layers import RecurrentSpec
 from .model import OnnxModel, load
 from .reader import FLOAT
@@ -32,9 +33,10 @@ def recurrent_layers(model: OnnxModel) -> list[str]:
 
 
 def _check_batch(model: OnnxModel, batch: tuple[Tensor, ...], where: str) -> None:
+    """``where`` names the batch after the field: "" (one batch) or " batch <k>"."""
     if len(batch) != len(model.inputs):
-        raise ValueError(f"{where} has {len(batch)} tensor(s); the graph takes {len(model.inputs)} input(s) "
-                         f"{model.input_names}")
+        raise ConfigError("calibration", lambda n: f"{n('calibration')}{where} has {len(batch)} tensor(s); the graph "
+                                                   f"takes {len(model.inputs)} input(s) {model.input_names}")
     for k, (x, spec) in enumerate(zip(batch, model.inputs)):
         dims = ["?" if d is None else d for d in spec.dims]
         fixed_ok = all(not isinstance(d, int) or d == s for d, s in zip(spec.dims, x.shape))
@@ -42,21 +44,22 @@ def _check_batch(model: OnnxModel, batch: tuple[Tensor, ...], where: str) -> Non
                 x.is_floating_point() != (spec.elem_type in (FLOAT, 10, 11, 16)):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             kind = str(x.dtype).removeprefix("torch.") if isinstance(x, Tensor) else ""
-            raise ValueError(f"{where}: input{k} ({spec.name!r}) is {shape} {kind}; the graph expects {dims} "
-                             f"({'float' if spec.elem_type == FLOAT else f'element type {spec.elem_type}'})")
+            expected = "float" if spec.elem_type == FLOAT else f"element type {spec.elem_type}"
+            raise ConfigError("calibration", lambda n: f"{n('calibration')}{where}: input{k} ({spec.name!r}) is "
+                                                       f"{shape} {kind}; the graph expects {dims} ({expected})")
 
 
-def as_batches(model: OnnxModel, calibration: Any, where: str = "calibration") -> list[tuple[Tensor, ...]]:
+def as_batches(model: OnnxModel, calibration: Any) -> list[tuple[Tensor, ...]]:
     """``calibration`` (a tensor or tuple of the graph's inputs, or a list of them) as a list of
     input tuples, each checked against the graph's declared inputs (count, rank, fixed sizes, kind)."""
     if isinstance(calibration, Tensor) or (isinstance(calibration, tuple) and calibration and
                                            all(isinstance(x, Tensor) for x in calibration)):
         calibration = [calibration]
     if not isinstance(calibration, (list, tuple)) or not calibration:
-        raise ValueError(f"{where} must be a non-empty list of batches (each a tuple of the graph's inputs)")
+        raise must_be("calibration", "a non-empty list of batches (each a tuple of the graph's inputs)", calibration)
     batches = [(b,) if isinstance(b, Tensor) else tuple(b) for b in calibration]
     for k, batch in enumerate(batches):
-        _check_batch(model, batch, f"{where} batch {k}" if len(batches) > 1 else where)
+        _check_batch(model, batch, f" batch {k}" if len(batches) > 1 else "")
     return batches
 
 
