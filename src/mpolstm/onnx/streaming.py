@@ -77,14 +77,16 @@ def _flows(graph) -> tuple[set[str], set[str]]:
     return dependent, reaching
 
 
-def _state_io(graph, node, slot_in: int, slot_out: int, key: str, spec: RecurrentSpec) -> tuple[str, str, bool]:
+def _state_io(graph, node, slot_in: int, slot_out: int, key: str, spec: RecurrentSpec, batch: str
+              ) -> tuple[str, str, bool]:
     """Make the node's initial state ``slot_in`` a graph input and its final state ``slot_out`` a
     graph output (new names ``<node>.<key>0`` / ``<node>.<key>_n``), unless the state already
     comes from the graph's inputs and reaches its outputs (the graph carries it itself).
-    Returns (state input name, state output name, whether the input is a new graph input)."""
+    ``batch`` names the batch axis of a new state. Returns (state input name, state output name,
+    whether the input is a new graph input)."""
     from onnx import TensorProto, helper
 
-    shape = [spec.directions, "batch", spec.hidden] if spec.layout == 0 else ["batch", spec.directions, spec.hidden]
+    shape = [spec.directions, batch, spec.hidden] if spec.layout == 0 else [batch, spec.directions, spec.hidden]
     inputs, outputs = _flows(graph)
     while len(node.input) <= slot_in:
         node.input.append("")
@@ -115,11 +117,13 @@ def make_streaming(graph, model: OnnxModel) -> tuple[dict[str, Step], dict[str, 
     _fix_dims(graph.input, axes, set())
     _fix_dims(graph.output, None, {k for k in keys if ":" not in k})
     nodes = {n.name: n for n in graph.node}
+    named = [d for d in (model.inputs[0].dims if model.inputs else ()) if isinstance(d, str) and d not in keys]
+    batch = named[0] if named else "batch"  # the first input's first named axis that is not time
     rewired, states = {}, {}
     for name, step in steps.items():
         node, spec = nodes[step.name], step.spec
         slots = ((5, 1, "h"), (6, 2, "c")) if spec.mode == "LSTM" else ((5, 1, "h"),)
-        wired = [_state_io(graph, node, s_in, s_out, key, spec) for s_in, s_out, key in slots]
+        wired = [_state_io(graph, node, s_in, s_out, key, spec, batch) for s_in, s_out, key in slots]
         inputs = (step.inputs[0], *(w[0] for w in wired)) + (("",) if spec.mode == "GRU" else ())
         outputs = (step.outputs[0] or "", *(w[1] for w in wired)) + (("",) if spec.mode == "GRU" else ())
         rewired[name] = replace(step, inputs=inputs, outputs=outputs,
