@@ -262,3 +262,28 @@ def test_save_refuses_foreign_layers_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="Identity"):
         mo.save(model, tmp_path / "b.onnx")
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()
+
+
+def test_step_file_adds_the_states_a_graph_keeps_inside(tmp_path):
+    """An LSTM whose initial states are not graph inputs: the step file makes them inputs (h and c)."""
+    graph = recurrent_graph("LSTM", hidden=4)
+    node = graph.graph.node[0]
+    node.input[5], node.input[6] = "", ""
+    kept = [i for i in graph.graph.input if i.name == "X"]
+    del graph.graph.input[:]
+    graph.graph.input.extend(kept)
+    onnx.save(graph, tmp_path / "m.onnx")
+    model = _full_bond(mo.load(tmp_path / "m.onnx"))
+    mo.save(model, tmp_path / "step.onnx", step=True)
+    step = onnx.load(tmp_path / "step.onnx")
+    assert [i.name for i in step.graph.input] == ["X", "rnn.h0", "rnn.c0"]
+    assert [o.name for o in step.graph.output] == ["Y", "Y_h", "Y_c"]
+    inputs = feeds(graph, sizes={"time": 5})
+    whole = run_ort(graph, inputs)
+    state = {"rnn.h0": np.zeros((1, 2, 4), np.float32), "rnn.c0": np.zeros((1, 2, 4), np.float32)}
+    frames = []
+    for t in range(5):
+        y, h, c = run_ort(tmp_path / "step.onnx", {"X": inputs["X"][t:t + 1], **state})
+        frames.append(y)
+        state = {"rnn.h0": h, "rnn.c0": c}
+    _assert_close([np.concatenate(frames), h, c], whole)
