@@ -36,7 +36,7 @@ from .gates import NUM_GATES, cell_update, factorized_forward
 from .registry import LayerType, register
 from .rnn_inputs import recurrent_inputs
 
-__all__ = ["MPOLSTM", "MPOGRU", "MPORNN", "RNNStream", "recurrent_inputs"]  # recurrent_inputs: nn.rnn_inputs
+__all__ = ["MPOLSTM", "MPOGRU", "MPORNN", "RNNStream"]
 
 FactorSpec = Mapping[str, tuple[Sequence[int], Sequence[int]]]
 
