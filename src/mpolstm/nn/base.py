@@ -454,12 +454,16 @@ class MPOWeights(nn.Module):
 
     def _eval_cache(self) -> dict[str, Any] | None:
         """The eval-mode cache ("dense": rebuilt weights, "halves": merged half-chains, "plans"),
-        None when caching is not allowed (training, or a graph to the cores is being recorded)."""
+        None when caching is not allowed (training, or a graph to the cores is being recorded).
+        Under torch.compile / torch.export it lives for one call: the graph rebuilds from the
+        parameters once per call (constant folding, or inductor's freezing, removes that)."""
         if self.training:
             return None
         params = self._core_params() + sparse_params(self)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return None
+        if torch.compiler.is_compiling():  # a graph has no data pointers to key on: a cache for this call only
+            return {}
         key = (torch.is_inference_mode_enabled(), torch._C._is_any_autocast_enabled(),
                *[(id(p), p._version, p.data_ptr()) for p in params])
         if self._cache is None or self._cache[0] != key:
@@ -493,7 +497,10 @@ class MPOWeights(nn.Module):
         """The memoised plan for ``x``'s rows, dtype and device, in training or eval mode: in eval
         mode it lives in the cache (emptied when a core changes); in training mode it is checked
         against the core shapes (a TT-rounding may replace cores)."""
-        rows = int(x.shape[0])  # a plain int also while tracing (the plan is a Python decision)
+        rows = x.shape[0]
+        if isinstance(rows, torch.SymInt):  # a dynamic size (torch.export): plan at its example value,
+            rows = rows.node.hint or 1      # not specialize on it (every path is exact for any count)
+        rows = int(rows)  # a plain int also while tracing (the plan is a Python decision)
         key = (name, rows, x.dtype, x.device)
         if cache is not None:
             plans = cache.setdefault("plans", {})

@@ -12,8 +12,11 @@ Execution:
   so the input contract (batch_first, unbatched input, PackedSequence, optional state) and its
   error messages are torch's own. In eval mode, when no gradient w.r.t. the cores is being
   recorded, the rebuilt weights are cached (nn/base.py).
-- In the factorized runtime (``nn.base.set_factorized``) ``forward`` is nn/gates.py's
-  ``factorized_forward``: no dense weight is formed.
+- Under torch.compile the rebuild is compiled and the fused kernel runs outside the graph, as
+  torch.compile runs nn.LSTM itself (see ``_fused_outside_graph``).
+- In the factorized runtime (``nn.base.set_factorized``), and under torch.export, ``forward`` is
+  nn/gates.py's ``loop_forward``: the loop over time as TorchScript or as torch's ``scan`` (one
+  exported program for every sequence length); no dense weight is formed in the factorized runtime.
 - ``step`` (and the stateful ``stream``) runs one frame at a time: every product takes the planned
   path of the cost model (nn/base.py) and the gates are nn/gates.py's, the same code as the cells.
 """
@@ -32,7 +35,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ..mpo import MPO
 from .base import MPOWeights, check_positive_int
-from .gates import NUM_GATES, cell_update, factorized_forward
+from .gates import NUM_GATES, cell_update, loop_forward
 from .registry import LayerType, register
 
 __all__ = ["MPOLSTM", "MPOGRU", "MPORNN", "RNNStream", "recurrent_inputs"]
@@ -208,29 +211,22 @@ class _MPORNNBase(MPOWeights):
             self._set_flat_weights(None)
 
     def forward(self, input, hx=None):
-        if self.factorized:
-            return factorized_forward(self, input, hx)
-        self._set_flat_weights(self.flat_weights())
-        try:
-            if isinstance(input, PackedSequence):
-                # torch's LSTM checks nothing for packed input; check it like torch's GRU does
-                self.check_input(input.data, input.batch_sizes)
-                if hx is not None:
-                    self._check_packed_hidden(input, hx)
-            return self._torch_class.forward(self, input, hx)
-        finally:
-            self._set_flat_weights(None)
+        if self.factorized or torch.compiler.is_exporting():
+            return loop_forward(self, input, hx)  # torch.export: one program for every sequence length
+        weights = self.flat_weights()  # rebuilt; inside the graph under torch.compile
+        return (_fused_outside_graph if torch.compiler.is_compiling() else _fused)(self, weights, input, hx)
 
     def _initial_state(self, hx, n: int, batched: bool) -> tuple[Tensor, Tensor | None]:
-        """(h_0, c_0 or None), each (num_layers * directions, N, H): zeros, or ``hx`` checked as torch does."""
+        """(h_0 (num_layers * directions, N, H_out), c_0 (..., H) or None): zeros, or ``hx`` checked as torch does."""
         shape = (self.num_layers * (2 if self.bidirectional else 1), n, self.hidden_size)
+        h_shape = (*shape[:2], self.proj_size or self.hidden_size)
         first = self._cores("weight_ih_l0")[0]
         if hx is None:
-            return first.new_zeros(shape), first.new_zeros(shape) if self.mode == "LSTM" else None
+            return first.new_zeros(h_shape), first.new_zeros(shape) if self.mode == "LSTM" else None
         h, c = hx if self.mode == "LSTM" else (hx, None)
         if not batched:
             h, c = h.unsqueeze(1), None if c is None else c.unsqueeze(1)
-        self.check_hidden_size(h, shape, "Expected hidden[0] size {}, got {}" if c is not None else
+        self.check_hidden_size(h, h_shape, "Expected hidden[0] size {}, got {}" if c is not None else
                                "Expected hidden size {}, got {}")
         if c is not None:
             self.check_hidden_size(c, shape, "Expected hidden[1] size {}, got {}")
@@ -300,6 +296,29 @@ class _MPORNNBase(MPOWeights):
         want = expected if batched else (expected[0], expected[2])
         if tuple(state.shape) != want:
             raise RuntimeError(f"Expected {what} size {want}, got {list(state.shape)}")
+
+
+def _fused(rnn: _MPORNNBase, weights: list[Tensor], input, hx):
+    """torch's own forward of ``rnn``'s class (its fused kernel) with the rebuilt ``weights``."""
+    rnn._set_flat_weights(weights)
+    try:
+        if isinstance(input, PackedSequence):
+            # torch's LSTM checks nothing for packed input; check it like torch's GRU does
+            rnn.check_input(input.data, input.batch_sizes)
+            if hx is not None:
+                rnn._check_packed_hidden(input, hx)
+        return rnn._torch_class.forward(rnn, input, hx)
+    finally:
+        rnn._set_flat_weights(None)
+
+
+# torch.compile runs the fused kernel outside its graph, as it runs nn.LSTM / GRU / RNN themselves
+# (Dynamo does not trace them). Traced, torch's LSTM decomposition takes oneDNN's
+# mkldnn_rnn_layer whenever the input does not require grad, in its inference form, even when the
+# weights do (rebuilt from trainable cores): Inductor then fails on the op's undefined workspace
+# ("expected Tensor() for op: torch.ops.aten.mkldnn_rnn_layer.default"); the GRU and RNN
+# decompositions unroll the time axis and compile again for every new length.
+_fused_outside_graph = torch.compiler.disable(_fused, reason="torch's fused RNN kernel, as for nn.LSTM")
 
 
 def _check_rnn_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size) -> None:
