@@ -10,6 +10,7 @@ The top level re-exports the everyday API; the compression module is ``mpolstm.c
 
 from .compression import CompressionConfig, CompressionReport, compress, freeze_central, print_trainable_parameters
 from .distill import distill
+from .errors import ConfigError
 from .io import load, save
 from .mpo import MPO, decompose, factorize, mpo_matmul
 from .quantization import quantize
@@ -21,6 +22,7 @@ __all__ = [
     "__version__",
     "CompressionConfig",
     "CompressionReport",
+    "ConfigError",
     "compress",
     "distill",
     "freeze_central",

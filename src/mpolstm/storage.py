@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,9 +31,11 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
 from .atomic import atomic_write_bytes
-from .nn.base import MPOWeights, dequantize_int8, quantize_core, quantize_int8
+from .mpo import dequantize_int8, quantize_core, quantize_int8
+from .nn.base import MPOWeights
 from .nn.registry import is_mpo_module
 from .nn.sparse import sparse_parts
+from .tensorfile import read_header
 
 __all__ = ["FORMATS", "quantize_int8", "quantized_rnn_weights", "dequantize_int8", "round_to_int8_", "sparse_bytes",
            "pack_matrix", "unpack_matrix", "pack_weights", "packed_bytes", "save_packed", "file_data_bytes"]
@@ -201,6 +202,5 @@ def save_packed(tensors: dict[str, Tensor], formats: dict[str, str], path: str |
 def file_data_bytes(path: str | Path) -> int:
     """Bytes of a safetensors file's tensor data (the file less its 8-byte length and JSON header)."""
     path = Path(path)
-    with path.open("rb") as fh:
-        (header,) = struct.unpack("<Q", fh.read(8))
-    return path.stat().st_size - 8 - header
+    data = path.read_bytes()
+    return read_header(data, path).data_bytes(data)

@@ -1,7 +1,7 @@
 """The recurrent equations, written once: the gates of one step for the cells and every layer's
 ``step``, and the loop over time of the factorized runtime and of torch.export: TorchScript-compatible
 (an exported graph keeps a dynamic time axis: an ONNX ``Loop``), or torch's ``scan`` under
-torch.compile / torch.export (one program for every sequence length).
+torch.export (one program for every sequence length).
 
 ``gi`` = W_ih x + b_ih and ``gh`` = W_hh h + b_hh (N, G*H), the gates concatenated in torch's order.
 """
@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from .base import Halves, halves_matmul
+from ..mpo import Halves, halves_matmul
 from .sparse import sparse_parts
 
 __all__ = ["NUM_GATES", "cell_update", "loop_forward", "recurrence", "scan_recurrence"]
@@ -132,8 +132,8 @@ def loop_forward(rnn, input: Tensor, hx=None):
     Per layer and direction: the input products of all time steps as one batched product, then the
     loop over time with W_hh: ``recurrence`` compiled by TorchScript (a dynamic time axis survives
     tracing and ONNX export as a ``Loop``; torch.compile runs it outside its graph) or, under
-    torch.export, ``scan_recurrence``. Padded sequences only; the factorized runtime runs neither proj_size nor
-    sparse residuals."""
+    torch.export, ``scan_recurrence``. Padded sequences only; the factorized runtime runs neither
+    proj_size nor sparse residuals."""
     _check_loop_input(rnn, input)
     batched = input.dim() == 3
     x = input if batched else input.unsqueeze(0 if rnn.batch_first else 1)
