@@ -80,3 +80,82 @@ def test_what_cannot_be_exported_says_why_in_one_line():
     model = compressed_tagger("auto")
     with pytest.raises(ValueError, match=r"^MPOLSTM: torch.export runs padded sequences[^\n]*$"):
         torch.export.export(Packed(model.lstm).eval(), (torch.randn(2, 4, 12), torch.tensor([4, 2])))
+
+
+# ----------------------------------------------------------------------------- step files for PyTorch 2 runtimes
+
+PRODUCTS = ("mm", "addmm", "bmm", "linear", "matmul", "convolution")
+
+
+def streaming_lstm():
+    torch.manual_seed(0)
+
+    class Host(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(16, 32, 2)
+
+    host, _ = compress(Host(), CompressionConfig(target_ratio=4, layout="lowrank"))
+    return host.lstm.eval()
+
+
+def run_steps(step, lstm, frames):
+    """(outputs, final state) of ``step(frame, h, c) -> (out, h, c)`` and of eager ``lstm.step`` over ``frames``."""
+    state, eager_state, outs, eager_outs = None, None, [], []
+    zeros = torch.zeros(lstm.num_layers, 1, lstm.hidden_size)
+    state = (zeros, zeros)
+    for frame in frames:
+        out, *state = step(frame, *state)
+        with torch.no_grad():
+            eager_out, eager_state = lstm.step(frame, eager_state)
+        outs.append(out)
+        eager_outs.append(eager_out)
+    return (torch.cat(outs), *state), (torch.cat(eager_outs), *eager_state)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_executorch_step_file_runs_every_product_in_xnnpack_and_equals_eager(int8, tmp_path):
+    pytest.importorskip("executorch", reason="executorch is not installed (pip install 'mpolstm[pt2]')")
+    from executorch.runtime import Runtime
+
+    from mpolstm.export import export_step
+    from mpolstm.export.pt2 import lower_executorch
+    from mpolstm.export.step import _Step
+    from mpolstm.export.trace import export_copy
+
+    lstm = streaming_lstm()
+    path = export_step(lstm, tmp_path / "step.pte", fmt="executorch", int8=int8)
+    program = Runtime.get().load_program(path.read_bytes())
+    method = program.load_method("forward")
+    frames = torch.randn(5, 1, 16, generator=torch.Generator().manual_seed(2))
+    got, expected = run_steps(lambda *args: method.execute(list(args)), lstm, frames)
+    assert_close_relative(got, expected, rtol=0.05 if int8 else 1e-4)
+    error = float((got[0] - expected[0]).norm() / expected[0].norm())
+    assert (error > 1e-4) == int8  # int8 matmuls move the output, a little
+    work = export_copy(lstm, "factorized")
+    with torch.no_grad():
+        state = work.step(frames[0], None)[1]
+    _, outside = lower_executorch(_Step(work, False), (frames[0], *state), int8)
+    assert not [op for op in outside if op.split(".")[-2 if "." in op else 0] in PRODUCTS], outside
+
+
+@pytest.mark.slow
+def test_aoti_step_package_equals_eager(tmp_path):
+    """AOTInductor compiles C++ at export (15-40 s here): slow."""
+    from mpolstm.export import export_step
+
+    lstm = streaming_lstm()
+    runner = torch._inductor.aoti_load_package(str(export_step(lstm, tmp_path / "step.pt2", fmt="aoti")))
+    frames = torch.randn(5, 1, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got, expected = run_steps(runner, lstm, frames)
+    assert_close_relative(got, expected, rtol=1e-4)
+
+
+def test_int8_step_files_are_executorch_only(tmp_path):
+    from mpolstm.export import export_step
+
+    for fmt in ("onnx", "torchscript", "aoti"):
+        with pytest.raises(ValueError, match=f"int8=True quantizes the factors for fmt='executorch', not '{fmt}'"):
+            export_step(streaming_lstm(), tmp_path / "step", fmt=fmt, int8=True)
+    assert list(tmp_path.iterdir()) == []
