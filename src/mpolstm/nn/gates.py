@@ -172,13 +172,11 @@ def _run_direction(rnn, sfx: str, cache: dict | None, xproj: Tensor, h: Tensor, 
     if torch.compiler.is_exporting():
         projection = _loop_product(rnn, f"weight_hr{sfx}", cache, None) if rnn.proj_size > 0 else None
         return scan_recurrence(rnn.mode, xproj, h, c, _loop_product(rnn, f"weight_hh{sfx}", cache, b_hh), projection)
-    run = _scripted_outside_graph if torch.compiler.is_compiling() else _scripted_recurrence()
-    return run(rnn.mode, xproj, h, c, rnn._halves(f"weight_hh{sfx}", cache),
-               xproj.new_zeros(()) if b_hh is None else b_hh)
+    args = (rnn.mode, xproj, h, c, rnn._halves(f"weight_hh{sfx}", cache), xproj.new_zeros(()) if b_hh is None else b_hh)
+    if torch.compiler.is_compiling():  # outside the graph, as torch's fused RNN kernels (Inductor fails on scan here)
+        return torch.compiler.disable(_run_scripted, reason="the factorized runtime's TorchScript loop")(*args)
+    return _run_scripted(*args)
 
 
-@torch.compiler.disable(reason="the factorized runtime's TorchScript loop over time, as torch's fused RNN kernel")
-def _scripted_outside_graph(*args):
-    """torch.compile runs the TorchScript loop outside its graph (Inductor cannot compile ``scan``
-    with these bodies in torch 2.13), as it runs torch's own fused RNN kernels."""
+def _run_scripted(*args) -> Tuple[Tensor, Tensor, Tensor]:
     return _scripted_recurrence()(*args)

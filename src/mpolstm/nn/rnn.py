@@ -204,7 +204,9 @@ class _MPORNNBase(MPOWeights):
         if self.factorized or torch.compiler.is_exporting():
             return loop_forward(self, input, hx)  # torch.export: one program for every sequence length
         weights = self.flat_weights()  # rebuilt; inside the graph under torch.compile
-        return (_fused_outside_graph if torch.compiler.is_compiling() else _fused)(self, weights, input, hx)
+        if torch.compiler.is_compiling():  # the fused kernel outside the graph (see _fused), as for nn.LSTM
+            return torch.compiler.disable(_fused, reason="torch's fused RNN kernel, as for nn.LSTM")(self, weights, input, hx)
+        return _fused(self, weights, input, hx)
 
     def _initial_state(self, hx, n: int, batched: bool) -> tuple[Tensor, Tensor | None]:
         """(h_0 (num_layers * directions, N, H_out), c_0 (..., H) or None): zeros, or ``hx`` checked as torch does."""
@@ -289,7 +291,14 @@ class _MPORNNBase(MPOWeights):
 
 
 def _fused(rnn: _MPORNNBase, weights: list[Tensor], input, hx):
-    """torch's own forward of ``rnn``'s class (its fused kernel) with the rebuilt ``weights``."""
+    """torch's own forward of ``rnn``'s class (its fused kernel) with the rebuilt ``weights``.
+
+    torch.compile runs it outside its graph, as it runs nn.LSTM / GRU / RNN themselves (Dynamo does
+    not trace them). Traced, torch's LSTM decomposition takes oneDNN's mkldnn_rnn_layer whenever the
+    input does not require grad, in its inference form, even when the weights do (rebuilt from
+    trainable cores): Inductor then fails on the op's undefined workspace ("expected Tensor() for op:
+    torch.ops.aten.mkldnn_rnn_layer.default"); the GRU and RNN decompositions unroll the time axis
+    and compile again for every new length."""
     rnn._set_flat_weights(weights)
     try:
         if isinstance(input, PackedSequence):
@@ -300,15 +309,6 @@ def _fused(rnn: _MPORNNBase, weights: list[Tensor], input, hx):
         return rnn._torch_class.forward(rnn, input, hx)
     finally:
         rnn._set_flat_weights(None)
-
-
-# torch.compile runs the fused kernel outside its graph, as it runs nn.LSTM / GRU / RNN themselves
-# (Dynamo does not trace them). Traced, torch's LSTM decomposition takes oneDNN's
-# mkldnn_rnn_layer whenever the input does not require grad, in its inference form, even when the
-# weights do (rebuilt from trainable cores): Inductor then fails on the op's undefined workspace
-# ("expected Tensor() for op: torch.ops.aten.mkldnn_rnn_layer.default"); the GRU and RNN
-# decompositions unroll the time axis and compile again for every new length.
-_fused_outside_graph = torch.compiler.disable(_fused, reason="torch's fused RNN kernel, as for nn.LSTM")
 
 
 def _check_rnn_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size) -> None:
