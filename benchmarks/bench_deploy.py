@@ -37,7 +37,8 @@ file per batch size; the eager rows as above, in the same process):
   thread) run by ExecuTorch's runtime: ``dense`` and ``dense int8`` are the dense step written as
   linear ops (``DenseLinearStep``; lstm_cell is one op pt2e cannot quantize), float and quantized by
   the same pt2e XNNPACK flow as ``latency Rx int8`` (``int8=True``); ratios to ExecuTorch's dense int8.
-  ``outside`` lists the ops the delegate did not take.
+  ``outside`` lists the ops the delegate did not take. ``latency Rx unfolded`` is the step lowered as
+  first tried (issue 24): the merged halves built from the cores inside the program, not folded.
 - ``aoti``: ``export_step(..., fmt="aoti")`` loaded with ``torch._inductor.aoti_load_package``;
   ``compiled``: ``torch.compile`` of the eager step (Inductor, ``freezing=True`` so the merged halves
   are folded once); both against torch eager's dense int8. ``compile_s`` is the export or first call.
@@ -282,6 +283,29 @@ def executorch_fn(module: nn.Module, rows: int, int8: bool):
     return (lambda: (program, buffer) and method.execute(inputs)), len(buffer), outside, seconds
 
 
+def executorch_unfolded_fn(module: nn.Module, rows: int):
+    """The factorized step lowered to ExecuTorch as first tried (issue 24): the merged halves built
+    from the cores inside the program, no constant folding. (run, ops outside the delegate)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from mpolstm.export.pt2 import outside_delegate
+    from mpolstm.export.step import _Step
+    from mpolstm.export.trace import export_copy
+
+    work = export_copy(module, "factorized")
+    frame = torch.randn(rows, INPUT)
+    with torch.no_grad():
+        state = as_tuple(work.step(frame, None)[1])
+        edge = to_edge_transform_and_lower(torch.export.export(_Step(work, False), (frame, *state)),
+                                           partitioner=[XnnpackPartitioner()])
+    buffer = edge.to_executorch().buffer
+    program = Runtime.get().load_program(buffer)
+    method, inputs = program.load_method("forward"), [frame, *state]
+    return (lambda: (program, buffer) and method.execute(inputs)), len(buffer), outside_delegate(edge)
+
+
 def aoti_fn(module: nn.Module, rows: int, folder: Path, name: str):
     """The step as an AOTInductor package: (run, package bytes, export + compile seconds)."""
     path = folder / f"{name.replace(' ', '_')}.pt2"
@@ -381,6 +405,11 @@ def measure_pt2(hidden: int, ratios: list[float], rounds: int, min_time: float) 
             fns[("executorch", name)] = run
             rows.append({"runtime": "executorch", "model": name, "stored_bytes": size, "macs": macs or dense_macs,
                          "runtime_bytes": None, "outside": outside, "compile_s": seconds})
+            if name == f"latency {ratios[0]:g}x":
+                run, size, outside = executorch_unfolded_fn(module, 1)
+                fns[("executorch", f"{name} unfolded")] = run
+                rows.append({"runtime": "executorch", "model": f"{name} unfolded", "stored_bytes": size, "macs": macs,
+                             "runtime_bytes": None, "outside": outside})
             if name.startswith("latency") and not name.endswith("int8"):
                 run, size, seconds = aoti_fn(module, 1, Path(tmp), name)
                 fns[("aoti", name)] = run
