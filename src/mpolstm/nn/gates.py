@@ -139,7 +139,7 @@ def loop_forward(rnn, input: Tensor, hx=None):
     x = input if batched else input.unsqueeze(0 if rnn.batch_first else 1)
     rnn._torch_check_input(x, None)
     x = x.transpose(0, 1) if rnn.batch_first else x  # (T, N, F)
-    h0, c0 = rnn._initial_state(hx, x.shape[1], batched)
+    h0, c0 = _initial_state(rnn, hx, x.shape[1], batched)
     cache, dirs = rnn._eval_cache(), 2 if rnn.bidirectional else 1
     hs, cs = [], []
     for layer in range(rnn.num_layers):
@@ -163,6 +163,23 @@ def loop_forward(rnn, input: Tensor, hx=None):
     if c0 is None:
         return out, h_n
     return out, (h_n, torch.stack(cs) if batched else torch.stack(cs).squeeze(1))
+
+
+def _initial_state(rnn, hx, n: int, batched: bool) -> Tuple[Tensor, Tensor | None]:
+    """(h_0 (num_layers * directions, N, H_out), c_0 (..., H) or None): zeros, or ``hx`` checked as torch does."""
+    shape = (rnn.num_layers * (2 if rnn.bidirectional else 1), n, rnn.hidden_size)
+    h_shape = (*shape[:2], rnn.proj_size or rnn.hidden_size)
+    first = rnn._cores("weight_ih_l0")[0]
+    if hx is None:
+        return first.new_zeros(h_shape), first.new_zeros(shape) if rnn.mode == "LSTM" else None
+    h, c = hx if rnn.mode == "LSTM" else (hx, None)
+    if not batched:
+        h, c = h.unsqueeze(1), None if c is None else c.unsqueeze(1)
+    rnn.check_hidden_size(h, h_shape, "Expected hidden[0] size {}, got {}" if c is not None else
+                          "Expected hidden size {}, got {}")
+    if c is not None:
+        rnn.check_hidden_size(c, shape, "Expected hidden[1] size {}, got {}")
+    return h, c
 
 
 def _run_direction(rnn, sfx: str, cache: dict | None, xproj: Tensor, h: Tensor, c: Tensor

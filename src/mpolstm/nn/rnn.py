@@ -12,11 +12,9 @@ Execution:
   so the input contract (batch_first, unbatched input, PackedSequence, optional state) and its
   error messages are torch's own. In eval mode, when no gradient w.r.t. the cores is being
   recorded, the rebuilt weights are cached (nn/base.py).
-- Under torch.compile the rebuild is compiled and the fused kernel runs outside the graph, as
-  torch.compile runs nn.LSTM itself (see ``_fused_outside_graph``).
-- In the factorized runtime (``nn.base.set_factorized``), and under torch.export, ``forward`` is
-  nn/gates.py's ``loop_forward``: the loop over time as TorchScript or as torch's ``scan`` (one
-  exported program for every sequence length); no dense weight is formed in the factorized runtime.
+- Under torch.compile the rebuild is compiled and the fused kernel runs outside the graph (``_fused``).
+- In the factorized runtime (``nn.base.set_factorized``; no dense weight is formed) and under
+  torch.export (torch's ``scan``: one program for every length) ``forward`` is nn/gates.py's ``loop_forward``.
 - ``step`` (and the stateful ``stream``) runs one frame at a time: every product takes the planned
   path of the cost model (nn/base.py) and the gates are nn/gates.py's, the same code as the cells.
 """
@@ -208,22 +206,6 @@ class _MPORNNBase(MPOWeights):
             return torch.compiler.disable(_fused, reason="torch's fused RNN kernel, as for nn.LSTM")(self, weights, input, hx)
         return _fused(self, weights, input, hx)
 
-    def _initial_state(self, hx, n: int, batched: bool) -> tuple[Tensor, Tensor | None]:
-        """(h_0 (num_layers * directions, N, H_out), c_0 (..., H) or None): zeros, or ``hx`` checked as torch does."""
-        shape = (self.num_layers * (2 if self.bidirectional else 1), n, self.hidden_size)
-        h_shape = (*shape[:2], self.proj_size or self.hidden_size)
-        first = self._cores("weight_ih_l0")[0]
-        if hx is None:
-            return first.new_zeros(h_shape), first.new_zeros(shape) if self.mode == "LSTM" else None
-        h, c = hx if self.mode == "LSTM" else (hx, None)
-        if not batched:
-            h, c = h.unsqueeze(1), None if c is None else c.unsqueeze(1)
-        self.check_hidden_size(h, h_shape, "Expected hidden[0] size {}, got {}" if c is not None else
-                               "Expected hidden size {}, got {}")
-        if c is not None:
-            self.check_hidden_size(c, shape, "Expected hidden[1] size {}, got {}")
-        return h, c
-
     # -- streaming -----------------------------------------------------------------------
     def stream(self, hx=None) -> "RNNStream":
         """A stateful one-frame-at-a-time runner: ``s = m.stream(); y_t = s(x_t)``."""
@@ -291,14 +273,8 @@ class _MPORNNBase(MPOWeights):
 
 
 def _fused(rnn: _MPORNNBase, weights: list[Tensor], input, hx):
-    """torch's own forward of ``rnn``'s class (its fused kernel) with the rebuilt ``weights``.
-
-    torch.compile runs it outside its graph, as it runs nn.LSTM / GRU / RNN themselves (Dynamo does
-    not trace them). Traced, torch's LSTM decomposition takes oneDNN's mkldnn_rnn_layer whenever the
-    input does not require grad, in its inference form, even when the weights do (rebuilt from
-    trainable cores): Inductor then fails on the op's undefined workspace ("expected Tensor() for op:
-    torch.ops.aten.mkldnn_rnn_layer.default"); the GRU and RNN decompositions unroll the time axis
-    and compile again for every new length."""
+    """torch's own forward of ``rnn``'s class (its fused kernel) with the rebuilt ``weights``; outside
+    a torch.compile graph, as for nn.LSTM (traced, it fails in Inductor: docs/architecture.md)."""
     rnn._set_flat_weights(weights)
     try:
         if isinstance(input, PackedSequence):
