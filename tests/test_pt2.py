@@ -159,3 +159,24 @@ def test_int8_step_files_are_executorch_only(tmp_path):
         with pytest.raises(ValueError, match=f"int8=True quantizes the factors for fmt='executorch', not '{fmt}'"):
             export_step(streaming_lstm(), tmp_path / "step", fmt=fmt, int8=True)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["executorch", "aoti"])
+def test_whole_model_in_the_pt2_formats_equals_eager(fmt, tmp_path):
+    """export_model (and so `mpolstm export --format executorch|aoti`) of a whole compressed model,
+    its recurrent layers as torch's scan; the file is loaded back and run."""
+    from mpolstm.export import export_model
+
+    model = compressed_tagger("lowrank").eval()
+    path = export_model(model, fmt, tmp_path / f"tagger.{fmt}", (tokens(),))
+    with torch.no_grad():
+        expected = model(tokens())
+    if fmt == "aoti":
+        got = torch._inductor.aoti_load_package(str(path))(tokens())
+    else:
+        from executorch.runtime import Runtime
+
+        program = Runtime.get().load_program(path.read_bytes())
+        got = program.load_method("forward").execute([tokens()])[0]
+    assert_close_relative([got], [expected], rtol=1e-4)
