@@ -289,7 +289,8 @@ def main() -> None:
                   "nn.LSTM (> 1: slower), first call")
             for name, t in config["times"].items():
                 first = config["compile_s"].get(name)
-                print(f"  {name:24s} {t['min_s']:.3f} s  {t['ratio_min']:.2f}x" + (f"  first call {first:.1f} s" if first else ""))
+                tail = f"  first call {first:.1f} s" if first else ""
+                print(f"  {name:24s} {t['min_s']:.3f} s  {t['ratio_min']:.2f}x" + tail)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.out}")

@@ -42,8 +42,8 @@ def compressed_tagger(layout):
 
 
 # auto and interleaved trace the same code as the contract's samples, lowrank as the hybrid's low-rank part
-@pytest.mark.parametrize("layout", [pytest.param(layout, marks=pytest.mark.slow) if layout in ("auto", "lowrank", "interleaved")
-                                    else layout for layout in LAYOUTS])
+@pytest.mark.parametrize("layout", [pytest.param(layout, marks=pytest.mark.slow)
+                                    if layout in ("auto", "lowrank", "interleaved") else layout for layout in LAYOUTS])
 def test_torch_compile_traces_each_layout(layout):
     model = compressed_tagger(layout)
     for training in (True, False):

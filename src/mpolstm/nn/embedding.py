@@ -305,9 +305,10 @@ class MPOEmbedding(SingleWeightMPO):
     def _check_indices(self, flat: Tensor) -> None:
         """ValueError naming the first bad index; under torch.compile / torch.export an assertion in
         the graph (a graph cannot branch on values)."""
-        expected = f"MPOEmbedding with num_embeddings={self.num_embeddings}; expected indices in [0, {self.num_embeddings})"
+        n = self.num_embeddings
+        expected = f"MPOEmbedding with num_embeddings={n}; expected indices in [0, {n})"
         if torch.compiler.is_compiling():
-            torch._assert_async(((flat >= 0) & (flat < self.num_embeddings)).all(), f"index out of range for {expected}")
+            torch._assert_async(((flat >= 0) & (flat < n)).all(), f"index out of range for {expected}")
         elif flat.numel() > 0:
             low, high = int(flat.min()), int(flat.max())
             if low < 0 or high >= self.num_embeddings:

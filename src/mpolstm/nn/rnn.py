@@ -203,7 +203,7 @@ class _MPORNNBase(MPOWeights):
             return loop_forward(self, input, hx)  # torch.export: one program for every sequence length
         weights = self.flat_weights()  # rebuilt; inside the graph under torch.compile
         if torch.compiler.is_compiling():  # the fused kernel outside the graph (see _fused), as for nn.LSTM
-            return torch.compiler.disable(_fused, reason="torch's fused RNN kernel, as for nn.LSTM")(self, weights, input, hx)
+            return torch.compiler.disable(_fused, reason="torch's fused RNN kernel")(self, weights, input, hx)
         return _fused(self, weights, input, hx)
 
     # -- streaming -----------------------------------------------------------------------
