@@ -28,15 +28,20 @@ class _Step(nn.Module):
 
 
 def export_step(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", frame: Tensor | None = None,
-                opset: int = 17) -> Path:
+                opset: int = 17, int8: bool = False) -> Path:
     """Export the streaming step of ``model`` (it must have ``step(frame, state) -> (output, state)``,
     state a tensor or a tuple of tensors, None meaning zeros) in the factorized runtime to ``path``
-    in the traced format ``fmt`` (:data:`mpolstm.export.WRITERS`: "onnx", "torchscript"). ``frame`` is
-    an example frame (N, features); default: zeros (1, input_size) for a recurrent MPO layer. The
-    file's inputs are the frame and the state tensors, its outputs the output and the new state
-    (names in the package docstring); checked against eager."""
+    in the traced format ``fmt`` (:data:`mpolstm.export.WRITERS`: "onnx", "executorch" (.pte,
+    XNNPACK; ``int8=True`` quantizes the factors to int8), "aoti" (an AOTInductor package),
+    "torchscript" (legacy)). ``frame`` is an example frame (N, features); default: zeros (1,
+    input_size) for a recurrent MPO layer; the PyTorch 2 formats keep its N. The file's inputs are
+    the frame and the state tensors, its outputs the output and the new state (names in the package
+    docstring); checked against eager."""
     if fmt not in WRITERS:
         raise ValueError(f"unknown step export format {fmt!r}; expected one of {', '.join(WRITERS)}")
+    if int8 and fmt != "executorch":
+        raise ValueError(f"int8=True quantizes the factors for fmt='executorch', not {fmt!r} (for ONNX: "
+                         "onnxruntime.quantization.quantize_dynamic of the exported file)")
     if not callable(getattr(model, "step", None)):
         raise ValueError(f"{type(model).__name__} has no step(frame, state) method to export")
     path = check_file_target(path)
@@ -50,5 +55,5 @@ def export_step(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", fr
     states = flatten(state, "state")
     names = [f"state{i}" for i in range(len(states))]
     job = ExportJob(_Step(work, isinstance(state, Tensor)), (frame, *states), ["frame", *names],
-                    ["output", *[f"new_{n}" for n in names]], opset)
+                    ["output", *[f"new_{n}" for n in names]], opset, int8)
     return WRITERS[fmt](job, path)

@@ -35,13 +35,15 @@ _QUIET = ("`torch.jit.trace", "You are using the legacy TorchScript-based ONNX e
 @dataclass
 class ExportJob:
     """What a format writer receives: ``module`` (an :func:`export_copy`), the example ``inputs``, the
-    graph's input and output names (None: ``input0, ...`` / ``output0, ...``) and the ONNX ``opset``."""
+    graph's input and output names (None: ``input0, ...`` / ``output0, ...``), the ONNX ``opset`` and
+    ``int8`` (ExecuTorch's int8 factors)."""
 
     module: nn.Module
     inputs: tuple[Tensor, ...]
     input_names: Sequence[str] | None = None
     output_names: Sequence[str] | None = None
     opset: int = 17
+    int8: bool = False  # the executorch format: quantize the factors to int8 (pt2e, XNNPACK)
 
     def names(self, outputs: Sequence[Tensor]) -> tuple[list[str], list[str]]:
         """The input and output names, defaulted for ``outputs`` (the flattened outputs)."""
