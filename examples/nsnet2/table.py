@@ -24,7 +24,8 @@ Methods (ratio r: the two GRUs' 4 weight matrices, 1,920,000 / 4,320,000 entries
   between that allocation, uniform ranks and ranks from each matrix's measured output sensitivity);
   ``mpo-output-refit``: also ``refit=True`` (each matrix refitted to what the compressed upstream feeds it).
 * ``mpo-latency``: ``mpo-calibrated`` with ``max_macs`` = dense multiply-adds per frame / r (latency budget).
-* ``hybrid``: ``mpo-calibrated`` with ``layout="lowrank+sparse"`` (sparse share searched).
+* ``hybrid``: ``mpo-calibrated`` with ``layout="lowrank+sparse"`` (sparse share searched); ``hybrid-half``
+  (not in the default rows): half of each matrix's budget sparse.
 * ``prune-global`` / ``prune-layerwise``: magnitude pruning over the 4 matrices / per matrix
   (``mpolstm.prune``), to 1/r of the entries.
 * ``ort-int8``: ``onnxruntime.quantization.quantize_dynamic`` of the original file (its MatMuls in
@@ -67,7 +68,7 @@ METHODS = ("mpo-calibrated", "mpo-output", "mpo-output-refit", "mpo-latency", "h
            "prune-layerwise")
 DISTILL_METHODS = ("mpo-calibrated", "mpo-output", "mpo-latency", "hybrid", "prune-global", "prune-layerwise")
 OPTIONS = {"mpo-output": {"allocation": "output"}, "mpo-output-refit": {"allocation": "output", "refit": True},
-           "hybrid": {"layout": "lowrank+sparse"}}
+           "hybrid": {"layout": "lowrank+sparse"}, "hybrid-half": {"layout": "lowrank+sparse", "sparse_share": 0.5}}
 MIN_GAIN = 1e-4  # the application's floor, -80 dB
 
 
@@ -212,6 +213,7 @@ def markdown(document: dict) -> str:
         fewer = f"{original['stored_bytes'] / stored:.2f}x" if stored else "-"
         stored, onnx_bytes = (f"{stored:,}", f"{r['onnx_bytes']:,}") if stored else ("-", "-")
         layouts = r.get("layouts", "").replace("weight_", "")
+        layouts = "as above" if layouts and r["finetune"] == "distill" else layouts
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:g}x"
         lines.append(f"| {r['method']} | {ratio} | {r['finetune']} | {r['pesq']:.3f} | {kept} | {r['stoi']:.3f} | "
                      f"{r['si_sdr']:.2f} | {stored} | {fewer} | {onnx_bytes} | {layouts} |")
