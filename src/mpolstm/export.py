@@ -366,13 +366,60 @@ class _Step(nn.Module):
         return (output, *_flatten(new, "new state"))
 
 
+# frames the step export is checked on (random, never zeros: a zero frame hides wrong input products)
+_CHECK_FRAMES = 4
+
+
+def _random_step_inputs(work: nn.Module, frame: Tensor) -> tuple[Tensor, Any]:
+    """A random frame shaped like ``frame`` (integer frames are kept) and the state after
+    ``_CHECK_FRAMES`` random frames from zeros: the example the trace is made and checked on. A
+    recurrent MPO layer's step over those frames must equal its ``forward`` on them as one sequence,
+    else ValueError."""
+    generator = torch.Generator().manual_seed(0)
+
+    def draw() -> Tensor:
+        if not frame.is_floating_point():
+            return frame
+        return torch.randn(frame.shape, generator=generator, dtype=torch.float64).to(frame)
+
+    frames = [draw() for _ in range(_CHECK_FRAMES + 1)]
+    state, outputs = None, []
+    with torch.no_grad():
+        for x in frames[:-1]:
+            out, state = work.step(x, state)
+            outputs.append(out)
+        entry = layer_type_of_mpo(work)
+        if entry is not None and entry.kind == "rnn":
+            _check_step_equals_forward(work, frames[:-1], outputs)
+    return frames[-1], state
+
+
+def _check_step_equals_forward(rnn: nn.Module, frames: list[Tensor], outputs: list[Tensor]) -> None:
+    """ValueError unless ``outputs`` (the step's, frame by frame) equal the dense runtime's forward
+    (torch's fused kernel) on ``frames`` as one sequence."""
+    axis = 1 if rnn.batch_first and frames[0].dim() == 2 else 0
+    set_factorized(rnn, False)
+    try:
+        expected = rnn(torch.stack(frames, axis))[0]
+    finally:
+        set_factorized(rnn, True)
+    got = torch.stack(outputs, axis)
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+        error = float((got - expected).abs().max())
+        raise ValueError(f"{type(rnn).__name__}.step frame by frame differs from its forward on the same "
+                         f"random frames by {error:.3g}; the step cannot be exported")
+
+
 def export_step(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", frame: Tensor | None = None,
                 opset: int = 17) -> Path:
     """Export the streaming step of ``model`` (it must have ``step(frame, state) -> (output, state)``,
     state a tensor or a tuple of tensors, None meaning zeros) in the factorized runtime to ``path``
     as "onnx" or "torchscript". ``frame`` is an example frame (N, features); default: zeros (1,
     input_size) for a recurrent MPO layer. The file's inputs are the frame and the state tensors, its
-    outputs the output and the new state (names in the module docstring); checked against eager."""
+    outputs the output and the new state (names in the module docstring). The graph is traced and
+    checked against eager on a random frame and the state after a few random frames (never zeros,
+    which would hide a wrong input product); for a recurrent MPO layer the step over those frames
+    must also equal its forward on them as one sequence."""
     if fmt not in ("onnx", "torchscript"):
         raise ValueError(f"unknown step export format {fmt!r}; expected onnx or torchscript")
     if not callable(getattr(model, "step", None)):
@@ -383,8 +430,7 @@ def export_step(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", fr
         if not isinstance(getattr(work, "input_size", None), int):
             raise ValueError(f"give an example frame: {type(model).__name__} has no input_size to make one")
         frame = next(work.parameters()).new_zeros(1, work.input_size)
-    with torch.no_grad():
-        _, state = work.step(frame, None)
+    frame, state = _random_step_inputs(work, frame)
     states = _flatten(state, "state")
     wrapper = _Step(work, isinstance(state, Tensor))
     inputs = (frame, *states)

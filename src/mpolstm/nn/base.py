@@ -515,8 +515,10 @@ class MPOWeights(nn.Module):
             prepared = self._halves(name, cache)
             if bias is not None and prepared[3] == 1 and prepared[4] == 1:  # rank-D: (x A) B + b in two ops
                 if torch.onnx.is_in_onnx_export():  # MatMul + Add: int8 tools quantize MatMul, not Gemm with a bias
-                    return torch.matmul(torch.matmul(x, prepared[0].t()), prepared[1]) + bias
-                return torch.addmm(bias, torch.mm(x, prepared[0].t()), prepared[1])
+                    out = torch.matmul(torch.matmul(x, prepared[0].t()), prepared[1]) + bias
+                else:
+                    out = torch.addmm(bias, torch.mm(x, prepared[0].t()), prepared[1])
+                return add_sparse_product(self, name, x, out)
             out = halves_matmul(x, prepared)
         else:
             out = mpo_math.split_matmul(x, self._cores(name), plan[1])
