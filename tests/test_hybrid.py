@@ -144,3 +144,17 @@ def test_bad_input_is_refused_clearly():
         compress(model, CompressionConfig(target_ratio=2, layout="lowrank+sparse"))
     with pytest.raises(ValueError, match="rel_tol does not apply"):
         compress(nn.Sequential(nn.Linear(8, 8)), CompressionConfig(rel_tol=0.5, layout="lowrank+sparse"))
+
+
+def test_hybrid_fit_is_a_fit_whose_factors_are_balanced_and_whose_matrix_is_low_rank_plus_sparse():
+    torch.manual_seed(8)
+    w = torch.randn(30, 20, dtype=torch.float64)
+    c = torch.randn(100, 30, dtype=torch.float64) * torch.logspace(0, -2, 30, dtype=torch.float64)
+    fit = fit_hybrid(w, whitening(c.T @ c / 100), 400, 0.5)
+    left, right = fit.mpo.cores[0].flatten(0, 2).norm(dim=0), fit.mpo.cores[1].flatten(1).norm(dim=1)
+    torch.testing.assert_close(left, right)  # the one balancing rule (compression/fit.py)
+    sparse = torch.zeros(20 * 30, dtype=torch.float64).index_add(0, fit.index, fit.values).reshape(20, 30)
+    torch.testing.assert_close(fit.matrix(), fit.mpo.to_matrix() + sparse.T)
+    assert fit.params == fit.mpo.num_params + fit.nnz <= 400 and fit.nnz > 0
+    target = Target("m", "w", w, ((30, 1), (1, 20)), w.numel(), whitening(c.T @ c / 100))
+    assert target.output_error(fit.matrix()) == pytest.approx(fit.error, rel=1e-9)

@@ -26,11 +26,11 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .nn.registry import layer_type
 
-__all__ = ["Calibration", "apply_whitening", "collect_moments", "run_hooked", "whitening"]
+__all__ = ["Calibration", "apply_whitening", "collect_moments", "damping", "run_hooked", "whitening"]
 
 Calibration = Iterable[Any] | Callable[[nn.Module], Any]
 
-# Relative eigenvalue floor of the damped second moment: C + DAMPING * mean(eig C) * I.
+# Relative eigenvalue floor of the damped second moment: C + DAMPING * mean(eig C) * I (see damping).
 DAMPING = 1e-2
 
 
@@ -63,15 +63,20 @@ def _run(model: nn.Module, calibration: Calibration) -> int:
         calibration(model)
         return 1
     if isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
-        raise ValueError("calibration must be an iterable of batches (a tensor or a tuple of model "
-                         f"inputs each) or a callable that runs the model, got {type(calibration).__name__}")
+        raise ValueError("calibration must be an iterable of batches (a tensor, a tuple of model inputs or a "
+                         "callable that runs the model, each) or a callable that runs the model, got "
+                         f"{type(calibration).__name__}")
     batches = [calibration] if isinstance(calibration, Tensor) else calibration
     count = 0
     for batch in batches:
+        if callable(batch) and not isinstance(batch, (Tensor, nn.Module)):  # runs the model on its batch
+            batch(model)
+            count += 1
+            continue
         inputs = batch if isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence) else (batch,)
         if not inputs or not all(isinstance(x, (Tensor, PackedSequence)) for x in inputs):
-            raise ValueError("each calibration batch must be a tensor or a tuple/list of tensors (the model's "
-                             f"positional inputs), got {type(batch).__name__}")
+            raise ValueError("each calibration batch must be a tensor, a tuple/list of tensors (the model's "
+                             f"positional inputs) or a callable that runs the model, got {type(batch).__name__}")
         try:
             model(*inputs)
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
@@ -130,17 +135,24 @@ def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibrat
     return {name: {w: s.mean() for w, s in slots.items()} for name, slots in moments.items()}
 
 
+def damping(eigenvalues: Tensor) -> float:
+    """What is added to every eigenvalue of a second moment C before it is inverted or rooted:
+    DAMPING * mean(eig C), or DAMPING itself when C is 0 (inputs without energy: S is then a
+    multiple of I, and no fit depends on which). The one damping rule (whitening, refit)."""
+    mean = float(eigenvalues.clamp_min(0.0).mean()) if eigenvalues.numel() else 0.0
+    return DAMPING * (mean if mean > 0 else 1.0)
+
+
 def whitening(moment: Tensor) -> tuple[Tensor, Tensor]:
-    """(S, S^{-1}) with S = (C + DAMPING * mean(eig C) * I)^{1/2}, symmetric, float64; for a
-    diagonal C given as a vector, S and S^{-1} are vectors too."""
+    """(S, S^{-1}) with S = (C + damping(eig C) I)^{1/2} (:func:`damping`), symmetric, float64; for
+    a diagonal C given as a vector, S and S^{-1} are vectors too."""
     c = moment.double()
     if c.dim() == 1:
         eig = c.clamp_min(0.0)
     else:
         eig, vec = torch.linalg.eigh((c + c.T) / 2)
         eig = eig.clamp_min(0.0)
-    floor = DAMPING * float(eig.mean()) if float(eig.mean()) > 0 else 1.0
-    root = (eig + floor).sqrt()
+    root = (eig + damping(eig)).sqrt()
     if c.dim() == 1:
         return root, 1.0 / root
     return (vec * root) @ vec.T, (vec / root) @ vec.T

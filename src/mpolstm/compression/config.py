@@ -104,9 +104,11 @@ class CompressionConfig:
         in bytes by ``mpolstm.storage``); during distillation their values train, the
         positions stay fixed.
     allocation: "error" (default): sizes by the per-matrix (output) errors; "output" (budget and
-        calibration needed): the model's calibration output error decides between that, uniform
-        ranks and ranks allocated by each weight's measured output sensitivity
-        (compression/output_aware.py); the report says which won and by how much.
+        calibration as a list of at least 2 batches needed): each weight's output sensitivity is
+        measured on the even-numbered batches, and the model's output error on the odd-numbered
+        (held-out) ones decides between the per-matrix allocation, uniform ratios and the
+        sensitivity-weighted allocation; another than the per-matrix one only when it is at least
+        2% better there (compression/output_aware.py). The report says which won and by how much.
     refit: with calibration, refit every compressed weight (sizes kept) to the inputs the
         already-compressed upstream model feeds it, module by module (compression/refit.py).
     """
