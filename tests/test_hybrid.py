@@ -67,9 +67,9 @@ def test_parity_with_the_rebuilt_torch_layers():
         assert torch.allclose(small.cell(h)[0], dense.cell(h)[0], atol=1e-10)
         assert torch.allclose(small.fc(h[:, :8]), dense.fc(h[:, :8]), atol=1e-10)
     from mpolstm.nn.base import set_factorized
-    set_factorized(small)  # its recurrence runs W_hh through merged halves: no sparse part there
-    with pytest.raises(ValueError, match="does not run sparse residuals"):
-        small(x)
+    set_factorized(small)  # the recurrence adds W_hh's sparse part to its merged halves (CSR in eager)
+    with torch.no_grad():
+        assert torch.allclose(small(x), dense(x), atol=1e-10)
 
 
 def test_budget_and_share():
@@ -158,3 +158,26 @@ def test_hybrid_fit_is_a_fit_whose_factors_are_balanced_and_whose_matrix_is_low_
     assert fit.params == fit.mpo.num_params + fit.nnz <= 400 and fit.nnz > 0
     target = Target("m", "w", w, ((30, 1), (1, 20)), w.numel(), whitening(c.T @ c / 100))
     assert target.output_error(fit.matrix()) == pytest.approx(fit.error, rel=1e-9)
+
+
+def test_a_hybrid_model_exports_with_the_default_factorized_runtime(tmp_path):
+    """Every layer type with a sparse part, exported to ONNX in the default runtime: the sparse parts are
+    sparse initializers (also W_hh's, inside the recurrence's Loop), and onnxruntime reproduces the model."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    import onnx
+
+    from mpolstm.export import export_onnx, onnx_weight_bytes
+
+    _, small, report, x = _compressed(dtype=torch.float32)
+    small.eval()
+    path = export_onnx(small, (x,), tmp_path / "hybrid.onnx")
+    graph = onnx.load(str(path)).graph
+    nnz = sum(w.sparse_params for m in report.modules for w in m.weights.values())
+    stored = sum(len(t.values.float_data) or len(t.values.raw_data) // 4 for t in graph.sparse_initializer)
+    assert len(graph.sparse_initializer) >= 4 and stored <= nnz
+    assert onnx_weight_bytes(path) >= 4 * sum(t.dims[0] * t.dims[1] for t in graph.sparse_initializer)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    other = torch.randn(2, 11, 6)  # another batch and length than the example's
+    got = torch.from_numpy(session.run(None, {"input0": other.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, small(other), rtol=1e-4, atol=1e-5)

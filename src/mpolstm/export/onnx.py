@@ -63,34 +63,57 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], pat
 def _constants_as_initializers(model_bytes: bytes, min_size: int = 16) -> bytes:
     """The ONNX model with every top-level Constant tensor of at least ``min_size`` entries (the
     factorized runtime's merged halves) turned into an initializer: the same graph, but weights where
-    tools look for them (``onnxruntime.quantization.quantize_dynamic`` quantizes initializers only)."""
+    tools look for them (``onnxruntime.quantization.quantize_dynamic`` quantizes initializers only);
+    a matrix mostly of zeros (a sparse part, layout "lowrank+sparse"), also one inside a loop's
+    body, becomes a sparse initializer of the main graph, values and int64 positions (onnxruntime
+    makes it dense when it loads the file)."""
+    import onnx
+
+    model = onnx.load_from_string(model_bytes)
+    _move_constants(model.graph, model.graph, min_size, top=True)
+    return model.SerializeToString()
+
+
+def _move_constants(graph, main, min_size: int, top: bool) -> None:
+    """Move ``graph``'s large Constant nodes into ``main``'s (sparse) initializers (see above);
+    in a subgraph (``top`` False) only the sparse ones, recursively."""
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load_from_string(model_bytes)
-    graph, kept = model.graph, []
+    kept = []
     for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _move_constants(attr.g, main, min_size, top=False)
         value = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
-        if value is not None and value.type == onnx.AttributeProto.TENSOR and \
-                numpy_helper.to_array(value.t).size >= min_size:
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(value.t)
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
+        array = numpy_helper.to_array(value.t) if value is not None and value.type == value.TENSOR else None
+        if array is None or array.size < min_size:
+            kept.append(node)
+            continue
+        nonzero = array.reshape(-1).nonzero()[0]
+        if array.ndim == 2 and array.dtype.kind == "f" and nonzero.size * (array.itemsize + 8) < array.nbytes:
+            main.sparse_initializer.append(onnx.helper.make_sparse_tensor(
+                numpy_helper.from_array(array.reshape(-1)[nonzero], node.output[0]),
+                numpy_helper.from_array(nonzero.astype("int64"), node.output[0] + "_index"), array.shape))
+        elif top:
+            main.initializer.append(numpy_helper.from_array(array, node.output[0]))
         else:
             kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)
-    return model.SerializeToString()
 
 
 def onnx_weight_bytes(path: str | os.PathLike) -> int:
-    """Bytes of the initializers (the weights held at run time) of the ONNX file ``path``."""
+    """Bytes of the initializers (the weights held at run time) of the ONNX file ``path``; a sparse
+    initializer counts as the dense tensor onnxruntime makes of it."""
+    import math
+
     import onnx
     from onnx import numpy_helper
 
     graph = onnx.load(str(path)).graph
-    return sum(numpy_helper.to_array(t).nbytes for t in graph.initializer) + _constant_bytes(graph)
+    sparse = sum(math.prod(t.dims) * numpy_helper.to_array(t.values).itemsize for t in graph.sparse_initializer)
+    return sum(numpy_helper.to_array(t).nbytes for t in graph.initializer) + sparse + _constant_bytes(graph)
 
 
 def _constant_bytes(graph) -> int:

@@ -128,14 +128,17 @@ def export_copy(model: nn.Module, runtime: str) -> nn.Module:
     """An eval-mode copy prepared for tracing (carried state dropped). "dense": the eval cache (which
     would bake the dense weights in as constants) is off, because the cores require grad and the
     trace records grad, so the graph rebuilds the weights. "factorized": the MPO modules run
-    factorized and the trace runs without grad, so each chain's merged halves are built once and
-    become constants of the graph."""
+    factorized and the trace runs without grad, so each chain's merged halves (and a sparse part,
+    dense) are built once and become constants of the graph."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"export expects an nn.Module, got {type(model).__name__}")
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
     out = _fresh(copy.deepcopy(model).eval())
     set_factorized(out, runtime == "factorized")
+    for module in out.modules():
+        if hasattr(module, "sparse_csr"):  # the graph holds sparse parts dense (nn/sparse.py says why)
+            module.sparse_csr = False
     for p in out.parameters():
         if p.is_floating_point():
             p.requires_grad_(runtime == "dense")

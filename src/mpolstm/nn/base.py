@@ -69,6 +69,7 @@ class MPOWeights(Int8Cores, MPOModule):
 
     _weight_shapes: dict[str, tuple[int, int]]
     separate_bias = False  # a rank-D product adds its bias in its own op (set by the ONNX export)
+    sparse_csr = True  # eval-mode sparse parts multiply in CSR; False: dense (set by traced exports)
 
     # -- construction --------------------------------------------------------------------
     def _start_weights(self, num_cores: int) -> None:
@@ -309,11 +310,11 @@ class MPOWeights(Int8Cores, MPOModule):
                     out = torch.matmul(torch.matmul(x, prepared[0].t()), prepared[1]) + bias
                 else:
                     out = torch.addmm(bias, torch.mm(x, prepared[0].t()), prepared[1])
-                return add_sparse_product(self, name, x, out)
+                return add_sparse_product(self, name, x, out, cache)
             out = mpo_math.halves_matmul(x, prepared)
         else:
             out = mpo_math.split_matmul(x, self._cores(name), plan[1])
-        out = add_sparse_product(self, name, x, out)
+        out = add_sparse_product(self, name, x, out, cache)
         return out if bias is None else out + bias
 
     def _halves(self, name: str, cache: dict[str, Any] | None) -> Halves:

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from ..mpo import Halves, halves_matmul
-from .sparse import sparse_parts
+from .sparse import sparse_operand
 
 __all__ = ["NUM_GATES", "cell_update", "factorized_forward", "recurrence"]
 
@@ -46,15 +46,18 @@ def cell_update(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor) -> Tupl
     return h_new, h_new
 
 
-def recurrence(mode: str, xproj: Tensor, h: Tensor, c: Tensor, hh: Halves, b_hh: Tensor
+def recurrence(mode: str, xproj: Tensor, h: Tensor, c: Tensor, hh: Halves, b_hh: Tensor, p_hh: List[Tensor]
                ) -> Tuple[Tensor, Tensor, Tensor]:
     """Run one layer and direction over time: ``xproj`` (T, N, G*H) the input products (bias
     included), h (N, H) and c (N, H) the initial state (c is only read by the LSTM: pass h for the
-    others), ``hh`` the merged halves of W_hh^T, ``b_hh`` (G*H) its bias (zeros for none). Returns
-    (outputs (T, N, H), h_T, c_T). No Optional types: they do not survive the ONNX export."""
+    others), ``hh`` the merged halves of W_hh^T, ``b_hh`` (G*H) its bias (zeros for none), ``p_hh``
+    W_hh's sparse part P (G*H, H) (``sparse.sparse_operand``) or nothing. Returns (outputs
+    (T, N, H), h_T, c_T). No Optional types: they do not survive the ONNX export."""
     outs: List[Tensor] = []
     for t in range(xproj.shape[0]):
         gh = halves_matmul(h, hh) + b_hh
+        for p in p_hh:
+            gh = gh + torch.mm(p, h.t()).t()
         h, c = cell_update(mode, xproj[t], gh, h, c)
         outs.append(h)
     return torch.stack(outs), h, c
@@ -71,10 +74,8 @@ def factorized_forward(rnn, input: Tensor, hx=None):
     (nn.base.set_factorized). Per layer and direction: the input products of all time steps as
     one batched product through the cores, then the loop over time (``recurrence``, TorchScript:
     a dynamic time axis survives tracing and ONNX export) with W_hh^T's merged halves. No dense
-    weight is formed. Padded sequences only, no proj_size (both need the dense runtime)."""
-    if sparse_parts(rnn):
-        raise ValueError(f"{type(rnn).__name__}: the factorized runtime does not run sparse residuals (layout "
-                         "'lowrank+sparse'); use the dense runtime (set_factorized(model, False))")
+    weight is formed (a sparse part multiplies as ``sparse.sparse_operand`` says). Padded sequences
+    only, no proj_size (both need the dense runtime)."""
     if isinstance(input, PackedSequence) or rnn.proj_size > 0:
         raise ValueError(f"{type(rnn).__name__}: the factorized runtime runs padded sequences without "
                          "proj_size; a PackedSequence or proj_size > 0 needs the dense runtime")
@@ -95,9 +96,10 @@ def factorized_forward(rnn, input: Tensor, hx=None):
             sfx, k = f"_l{layer}" + ("_reverse" if d else ""), layer * dirs + d
             xproj = rnn._project(x.reshape(-1, x.shape[-1]), f"weight_ih{sfx}", cache,
                                   rnn._parameters.get(f"bias_ih{sfx}")).reshape(x.shape[0], x.shape[1], -1)
-            b_hh = rnn._parameters.get(f"bias_hh{sfx}")
+            b_hh, p_hh = rnn._parameters.get(f"bias_hh{sfx}"), sparse_operand(rnn, f"weight_hh{sfx}", cache)
             out, h, c = run(rnn.mode, xproj.flip(0) if d else xproj, h0[k], h0[k] if c0 is None else c0[k],
-                            rnn._halves(f"weight_hh{sfx}", cache), xproj.new_zeros(()) if b_hh is None else b_hh)
+                            rnn._halves(f"weight_hh{sfx}", cache), xproj.new_zeros(()) if b_hh is None else b_hh,
+                            [] if p_hh is None else [p_hh.to(xproj.dtype)])
             outs.append(out.flip(0) if d else out)
             hs.append(h)
             cs.append(c)

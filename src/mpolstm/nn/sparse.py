@@ -8,21 +8,22 @@ in distillation), its ``index`` (k,) the flat positions in W (row-major, int64) 
 ``mpo_config()`` lists each weight's k under "sparse" so ``from_config`` rebuilds the shapes.
 
 The layers call :func:`with_sparse` where they rebuild a weight and :func:`add_sparse_product`
-where they multiply by the cores without rebuilding; modules without sparse parts are
-unchanged. Storage counts P as pruning is counted: k float32 values plus the smaller of a
+where they multiply by the cores without rebuilding (the factorized runtime's loop over time takes
+:func:`sparse_operand` of W_hh); modules without sparse parts are unchanged. Storage counts P as pruning is counted: k float32 values plus the smaller of a
 CSR and a bitmask index (``mpolstm.storage``).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["SparseResidual", "add_sparse_product", "attach_sparse", "sparse_config", "sparse_of",
-           "sparse_params", "sparse_parts", "load_sparse_config", "with_sparse"]
+__all__ = ["SparseResidual", "add_sparse_product", "attach_sparse", "sparse_config", "sparse_matmul", "sparse_of",
+           "sparse_operand", "sparse_params", "sparse_parts", "load_sparse_config", "with_sparse"]
 
 SUFFIX = "_sparse"
 
@@ -111,10 +112,37 @@ def with_sparse(module: nn.Module, name: str, weight: Tensor) -> Tensor:
     return weight if part is None else weight + part.dense().to(weight.dtype)
 
 
-def add_sparse_product(module: nn.Module, name: str, x: Tensor, out: Tensor) -> Tensor:
-    """``out`` (x @ rebuild(cores)^T) plus x @ P^T when weight ``name`` has a sparse part."""
+def sparse_operand(module: nn.Module, name: str, cache: dict[str, Any] | None) -> Tensor | None:
+    """P (out, in) of weight ``name`` as the operand of :func:`sparse_matmul`, None without a sparse
+    part. Without an eval cache (gradients may reach the values): the dense P, differentiable. With
+    one, built once and cached: P in CSR (torch's sparse-dense product, the fastest eager form
+    measured, benchmarks/bench_sparse_product.py), or the dense P when ``module.sparse_csr`` is False
+    (a traced export: ONNX has no sparse product, and onnxruntime multiplies a dense P faster than
+    any gather / scatter form of it; the ONNX file stores it as a sparse initializer)."""
     part = sparse_of(module, name)
-    return out if part is None else out + F.linear(x, part.dense().to(x.dtype))
+    if part is None:
+        return None
+    if cache is None:
+        return part.dense()
+    operands = cache.setdefault("sparse", {})
+    if name not in operands:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta")
+            dense = part.dense().detach()
+            operands[name] = dense.to_sparse_csr() if getattr(module, "sparse_csr", True) else dense
+    return operands[name]
+
+
+def sparse_matmul(p: Tensor, x: Tensor) -> Tensor:
+    """x (N, in) @ P^T for P (out, in) dense or CSR (TorchScript-compatible)."""
+    return torch.mm(p, x.t()).t()
+
+
+def add_sparse_product(module: nn.Module, name: str, x: Tensor, out: Tensor, cache: dict[str, Any] | None = None
+                       ) -> Tensor:
+    """``out`` (x @ rebuild(cores)^T) plus x @ P^T when weight ``name`` has a sparse part."""
+    p = sparse_operand(module, name, cache)
+    return out if p is None else out + sparse_matmul(p.to(x.dtype), x)
 
 
 def sparse_config(module: nn.Module) -> dict[str, int]:
