@@ -53,8 +53,8 @@ class CompressionReport:
     """Result of ``compress``: one entry per replaced module, plus skipped modules
     (name, reason: not compressible, or left dense because its MPO would not be smaller) and
     the budgets used (max MPO core entries, max multiply-adds per step; None when not given), and
-    with ``allocation="output"`` which allocation won on the calibration output error and each
-    candidate's error."""
+    with ``allocation="output"`` which allocation won on the held-out calibration batches' output
+    error and each candidate's error there."""
 
     modules: list[ModuleReport]
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -90,8 +90,9 @@ class CompressionReport:
             "modules": [asdict(m) for m in self.modules],
             "skipped": [list(s) for s in self.skipped],
             "budget": self.budget,
-            "allocation": None if self.allocation is None else {"chosen": self.allocation.chosen,
-                                                                "errors": dict(self.allocation.errors)},
+            "allocation": None if self.allocation is None else {
+                "chosen": self.allocation.chosen, "errors": dict(self.allocation.errors),
+                "fit_batches": self.allocation.fit_batches, "held_out_batches": self.allocation.held_out_batches},
             "mac_budget": self.mac_budget,
             "dense_params": self.dense_params,
             "mpo_params": self.mpo_params,

@@ -37,6 +37,7 @@ class Sizing:
         self.settings = [settings[t.module] for t in self.targets]
         self.sizes = [t.dense_params for t in self.targets]
         self._candidates: list[list[Candidate] | None] = [None] * len(self.targets)
+        self._fits: dict[tuple, Fit] = {}
 
     def kind(self, i: int) -> LayoutKind | None:
         """The layout target ``i`` is pinned to (None for "auto")."""
@@ -61,11 +62,14 @@ class Sizing:
         return self.kind(i).sized.fit(self.targets[i], params, self.settings[i].sparse_share)
 
     def fit_point(self, i: int, point: CurvePoint) -> Fit:
-        """Target ``i`` fitted at an allocator point of its candidates."""
-        candidate = self.candidates(i)[point.option]
-        if self.sized_by_params(i):
-            return self.fit_params(i, point.params)
-        return Fit(candidate.name, decompose_target(self.targets[i], candidate.factors, list(point.bonds)))
+        """Target ``i`` fitted at an allocator point of its candidates (each point fitted once:
+        several allocations of one compress often share points)."""
+        key = (i, point.option, point.bonds, point.params)
+        if key not in self._fits:
+            candidate = self.candidates(i)[point.option]
+            self._fits[key] = self.fit_params(i, point.params) if self.sized_by_params(i) else \
+                Fit(candidate.name, decompose_target(self.targets[i], candidate.factors, list(point.bonds)))
+        return self._fits[key]
 
     def allocate(self, budget: int | None, mac_budget: int | None = None,
                  scales: Sequence[float] | None = None) -> list[Fit]:
