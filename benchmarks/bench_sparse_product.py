@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from bench_deploy import median_seconds  # this folder is on sys.path when the script runs
 from torch import nn
 
 from mpolstm.compression import CompressionConfig, compress
@@ -123,14 +122,8 @@ FORMS = {"dense": Dense, "scatter": Scatter, "rows": Rows, "segment64": Segment,
          "segment32": lambda part: Segment(part, torch.float32), "ell": Ell, "csr": Csr}
 
 
-def median_us(fn, min_time: float = 0.2) -> float:
-    fn()
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < min_time or len(times) < 5:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e6 * statistics.median(times)
+def median_us(fn) -> float:
+    return 1e6 * median_seconds(fn, 0.2)
 
 
 def onnx_session(module: nn.Module, x: torch.Tensor):
