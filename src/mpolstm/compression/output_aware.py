@@ -179,10 +179,6 @@ def choose_allocation(model: nn.Module, sizing: Sizing, per_matrix: list[Fit], b
 
 
 def _same(a: list[Fit], b: list[Fit]) -> bool:
-    """Whether two candidates hold the same fits (same layouts and core shapes, equal cores)."""
-    def equal(x: Tensor, y: Tensor) -> bool:
-        return x.shape == y.shape and torch.equal(x, y)
-
-    return all(x.layout == y.layout and len(x.mpo.cores) == len(y.mpo.cores) and equal(x.index, y.index)
-               and equal(x.values, y.values) and all(equal(p, q) for p, q in zip(x.mpo.cores, y.mpo.cores))
-               for x, y in zip(a, b))
+    """Whether two candidates hold the same fits (``Sizing`` fits each allocator point once, so the
+    same choice is the same object)."""
+    return all(x is y for x, y in zip(a, b))
