@@ -180,3 +180,19 @@ def test_one_damping_rule_for_whitening_and_refit_including_inputs_without_energ
     torch.testing.assert_close(_refit(target, (c_cc, c_co), fit).matrix(), expected.matrix())
     zero = _refit(target, (torch.zeros(12, 12, dtype=torch.float64), torch.zeros(12, 12, dtype=torch.float64)), fit)
     assert torch.isfinite(zero.matrix()).all() and float(zero.matrix().abs().max()) == 0.0
+
+
+def test_a_one_bond_candidate_split_once_gives_the_cores_of_decompose_target_at_every_rank():
+    from mpolstm.calibration import whitening
+    from mpolstm.compression.layouts import Candidate, Target, decompose_target
+
+    torch.manual_seed(7)
+    m = torch.randn(40, 24, dtype=torch.float64)
+    x = torch.randn(300, 40, dtype=torch.float64) * torch.logspace(0, -2, 40, dtype=torch.float64)
+    target = Target("m", "weight", m, ((4, 10), (4, 6)), m.numel(), whitening(x.T @ x / 300))
+    candidate = Candidate.of(target, "lowrank", ((40, 1), (1, 24)), None)
+    for rank in (24, 7, 1, 12):
+        got, want = candidate.decompose(target, [rank]), decompose_target(target, ((40, 1), (1, 24)), [rank])
+        for a, b in zip(got.cores, want.cores):
+            torch.testing.assert_close(a, b)
+        assert got.report.rel_error == pytest.approx(want.report.rel_error, rel=1e-9, abs=1e-12)

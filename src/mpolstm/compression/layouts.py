@@ -13,14 +13,15 @@ MPO form only when the whole input side sits in the first core, so only the layo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from ..calibration import apply_whitening
-from ..mpo import MPO, decompose, factorize, max_bond_dims
+from ..mpo import MPO, TruncationReport, decompose, factorize, max_bond_dims
 from ..mpo.allocation import ErrorModel
 from ..mpo.sweep import exact_spectra
 from . import hybrid
@@ -129,8 +130,9 @@ class Target:
         """Multiply-adds of one row through the dense weight (0 for a table lookup)."""
         return 0 if self.lookup else self.dense_params
 
-    @property
+    @cached_property
     def whitened(self) -> Tensor:
+        """S M (M itself without calibration), computed once."""
         return self.matrix if self.whitening is None else apply_whitening(self.whitening[0], self.matrix)
 
     def output_error(self, approx: Tensor) -> float | None:
@@ -163,6 +165,7 @@ class Candidate:
     name: str
     factors: Factors
     model: ErrorModel
+    _split: MPO | None = field(default=None, repr=False, compare=False)  # one-bond layouts: S M split once
 
     @classmethod
     def of(cls, target: Target, name: str, factors: Factors, max_bond: int | None) -> "Candidate":
@@ -171,11 +174,30 @@ class Candidate:
         sizes = [i * j for i, j in zip(*factors)]
         return cls(name, factors, ErrorModel.from_spectra(sizes, caps, spectra, factors, target.lookup))
 
+    def decompose(self, target: Target, bonds: list[int]) -> MPO:
+        """``decompose_target`` of ``target`` in this layout at ``bonds``. A layout with one bond (two
+        cores: the truncated SVD of S M) is split once at full rank and sliced at each rank asked for
+        (the same cores: TT-SVD truncates that split)."""
+        if len(bonds) != 1:
+            return decompose_target(target, self.factors, bonds)
+        if self._split is None:
+            self._split = decompose(target.whitened, *self.factors)
+        left, right = self._split.cores
+        rank = min(bonds[0], left.shape[3])
+        spectrum = right.flatten(1).norm(dim=1)  # the singular values: the left core is orthonormal
+        norm = float(spectrum.norm())
+        error = float(spectrum[rank:].norm()) / norm if norm > 0 else 0.0
+        return _unwhitened(target, MPO([left[..., :rank], right[:rank]], TruncationReport(error, bonds[0], None)))
+
 
 def decompose_target(target: Target, factors: Factors, max_bond, rel_tol: float | None = None) -> MPO:
     """The MPO of M in this layout: TT-SVD of S M truncated by ``max_bond`` (int or per bond)
     / ``rel_tol``, then S^{-1} folded into the first core (which holds the whole input side)."""
-    mpo = decompose(target.whitened, *factors, max_bond=max_bond, rel_tol=rel_tol)
+    return _unwhitened(target, decompose(target.whitened, *factors, max_bond=max_bond, rel_tol=rel_tol))
+
+
+def _unwhitened(target: Target, mpo: MPO) -> MPO:
+    """The MPO of S M' turned into that of M': S^{-1} folded into the first core, bond balanced."""
     if target.whitening is None:
         return mpo
     first = apply_whitening(target.whitening[1], mpo.cores[0][0].reshape(mpo.cores[0].shape[1], -1))

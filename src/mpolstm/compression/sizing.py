@@ -68,7 +68,7 @@ class Sizing:
         if key not in self._fits:
             candidate = self.candidates(i)[point.option]
             self._fits[key] = self.fit_params(i, point.params) if self.sized_by_params(i) else \
-                Fit(candidate.name, decompose_target(self.targets[i], candidate.factors, list(point.bonds)))
+                Fit(candidate.name, candidate.decompose(self.targets[i], list(point.bonds)))
         return self._fits[key]
 
     def allocate(self, budget: int | None, mac_budget: int | None = None,
