@@ -49,7 +49,7 @@ DEFAULT, SENSITIVITY = "per-matrix error", "output sensitivity"
 # A candidate replaces the per-matrix allocation only when its held-out output error is lower by this share.
 MARGIN = 0.02
 # Sensitivities are measured on at most this many fit batches (evenly spaced): one run per weight each.
-SENSITIVITY_BATCHES = 16
+SENSITIVITY_BATCHES = 8
 
 
 @dataclass
