@@ -26,7 +26,10 @@ Runtimes of the traced formats (``RUNTIMES``):
   formed, so the run-time weight memory is that of the factors, and a recurrent layer computes the
   input products of all time steps in one batched product, then loops over time (an ONNX ``Loop``,
   dynamic length) with the factorized W_hh. Convolutions keep their (small) rebuilt kernel, and
-  recurrent layers with ``proj_size`` or PackedSequence input need ``"dense"``.
+  recurrent layers with ``proj_size`` or PackedSequence input need ``"dense"``. A sparse part
+  (layout "lowrank+sparse") is the exception: the graph multiplies it as a dense matrix (ONNX has
+  no sparse product; onnxruntime runs that fastest), stored in an ONNX file as a sparse
+  initializer that onnxruntime makes dense when it loads it.
 - ``"dense"``: the graph holds the cores and rebuilds every dense weight from them on each call,
   then runs torch's fused kernels (ONNX's LSTM/GRU/RNN ops): the smallest file (the cores alone),
   dense weight memory and dense speed at run time. Better for long sequences at large batch with
