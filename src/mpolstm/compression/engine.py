@@ -27,6 +27,7 @@ from ..mpo.allocation import allocate
 from ..nn.registry import is_mpo_module, layer_type, replace_module
 from ..nn.shared import shared_for
 from ..nn.sparse import attach_sparse, sparse_of
+from ..storage import mpo_stored, packed_bytes
 from .config import CompressionConfig, ModuleSettings, select_modules
 from .hybrid import HYBRID, HybridFit, bound_params, fit_target, whitened_error
 from .layouts import Candidate, Target, bound_default, decompose_target, output_error
@@ -118,7 +119,8 @@ def _weight_report(old: nn.Module, new: nn.Module, rebuilt_module: nn.Module, ta
         entropy=tuple(float(x) for x in mpo.entanglement_entropy()), layout=layout,
         output_error=output_error(target, mpo) if sparse is None else whitened_error(target, rebuilt),
         sparse_params=nnz, dense_macs=target.dense_macs,
-        macs=step_macs(mpo.in_factors, mpo.out_factors, mpo.bond_dims, target.lookup) + nnz)
+        macs=step_macs(mpo.in_factors, mpo.out_factors, mpo.bond_dims, target.lookup) + nnz,
+        stored_bytes=packed_bytes(mpo_stored(new)[target.weight][1]))
 
 
 def _cast(mpo: MPO, like: Tensor) -> MPO:

@@ -21,7 +21,9 @@ class WeightReport:
     entropy: entanglement entropy at each bond of the compressed MPO; sparse_params: entries of
     the sparse residual (layout "lowrank+sparse"), included in mpo_params; dense_macs / macs:
     multiply-adds of one row through the dense weight / the compressed weight as deployed
-    (``mpo.step_macs`` plus the sparse entries; 0 dense for a table lookup)."""
+    (``mpo.step_macs`` plus the sparse entries; 0 dense for a table lookup); stored_bytes: the
+    bytes of the compressed weight as ``mpolstm.save`` writes it in float32 (cores, sparse values and
+    their index; ``mpolstm.storage.mpo_stored``)."""
 
     shape: tuple[int, int]
     dense_params: int
@@ -34,6 +36,7 @@ class WeightReport:
     sparse_params: int = 0
     dense_macs: int = 0
     macs: int = 0
+    stored_bytes: int = 0
 
 
 @dataclass
@@ -71,6 +74,11 @@ class CompressionReport:
         return sum(w.mpo_params for m in self.modules for w in m.weights.values())
 
     @property
+    def stored_bytes(self) -> int:
+        """Bytes of the compressed weights as stored in float32 (``WeightReport.stored_bytes``)."""
+        return sum(w.stored_bytes for m in self.modules for w in m.weights.values())
+
+    @property
     def dense_macs(self) -> int:
         """Multiply-adds per step at batch 1 of the compressed weights when dense."""
         return sum(w.dense_macs for m in self.modules for w in m.weights.values())
@@ -96,6 +104,7 @@ class CompressionReport:
             "dense_params": self.dense_params,
             "mpo_params": self.mpo_params,
             "ratio": self.ratio,
+            "stored_bytes": self.stored_bytes,
             "dense_macs": self.dense_macs,
             "macs": self.macs,
         }
@@ -129,8 +138,8 @@ class CompressionReport:
                                if v is not None)
         why = f"per weight, the least {error} within the {budgets} budget" if budgets else "bonds set by max_bond / rel_tol"
         macs = f"{self.dense_macs / self.macs:.1f}x fewer" if self.macs else "none"
-        return (f"compression: {self.dense_params:,} -> {self.mpo_params:,} weight entries ({self.ratio:.1f}x); "
-                f"multiply-adds per step at batch 1: {self.dense_macs:,} -> {self.macs:,} ({macs})\n"
+        return (f"compression: {self.dense_params:,} -> {self.mpo_params:,} weight entries ({self.ratio:.1f}x), "
+                f"{self.stored_bytes:,} bytes as stored in float32; multiply-adds per step at batch 1: {self.dense_macs:,} -> {self.macs:,} ({macs})\n"
                 f"layouts chosen: {chosen or 'none'} ({why})")
 
     def __str__(self) -> str:

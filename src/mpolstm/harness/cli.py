@@ -336,6 +336,13 @@ def _check_targets(model, config) -> None:
         _fail(f"{_flagged(str(exc), _COMPRESS_FLAGS)}; the model's modules: {shown}")
 
 
+def _stored_bytes(model, names: list[str]) -> int:
+    """Bytes of the named MPO modules' weights as stored (int8 ones as int8), as inspect reads them from the file."""
+    from ..storage import pack_weights, packed_bytes
+
+    return packed_bytes(pack_weights(model, names, int8_cores=True)[0])
+
+
 @app.command("compress")
 def compress_cmd(
     paths: list[Path] = typer.Argument(..., metavar="[IN] OUT", help="IN: a saved task-model folder (mpolstm "
@@ -357,8 +364,8 @@ def compress_cmd(
                                              "minimise the output error on them, not the weight error."),
     distill_steps: int = typer.Option(0, help="Then distil from the original on the --calibrate inputs for N steps."),
     batch_size: int = typer.Option(32, help="Rows per distillation batch."),
-    int8: bool = typer.Option(False, "--int8", help="Then store the MPO cores as int8 with float32 scales "
-                              "(mpolstm.quantize: ~4x fewer bytes; the model computes in float32)."),
+    int8: bool = typer.Option(False, "--int8", help="Then store the MPO cores (and a hybrid's sparse values) as int8 "
+                              "with float32 scales (mpolstm.quantize: ~4x fewer bytes; the model computes in float32)."),
 ) -> None:
     """Compress the selected layers of a saved model (or of your own, with --factory) into MPOs and save it,
     with its report (compression.json, shown by inspect)."""
@@ -401,14 +408,16 @@ def compress_cmd(
             quantize(model)
         except ValueError as exc:
             _fail(f"--int8: {exc}")
+        stored = _stored_bytes(model, [m.name for m in report.modules])
+        console.print(f"int8: {report.stored_bytes:,} -> {stored:,} bytes as stored (the cores and sparse values as "
+                      "int8 with float32 scales)")
     if spec is not None:
         save_model(model, spec, model_out)
     else:
         save(model, model_out)
         write_factory_note(model_out, factory)
     write_compression_record(model_out, report, distill_steps)
-    console.print(f"saved {model_out}" + (" (MPO cores as int8 + float32 scales; `mpolstm inspect` shows the bytes)"
-                                          if int8 else ""))
+    console.print(f"saved {model_out}")
 
 
 @app.command()

@@ -37,7 +37,8 @@ from torch.nn import functional as F
 
 from .. import mpo as mpo_math
 from ..mpo import MPO, TruncationReport
-from .sparse import add_sparse_product, load_sparse_config, sparse_config, sparse_params, with_sparse
+from .sparse import SUFFIX as SPARSE
+from .sparse import add_sparse_product, load_sparse_config, sparse_config, sparse_params, sparse_parts, with_sparse
 
 __all__ = ["MPOWeights", "SingleWeightMPO", "check_positive_int", "core_scale_shape", "default_factors",
            "dequantize_int8", "halves_matmul", "init_cores_", "merged_halves", "quantize_core", "quantize_int8",
@@ -332,11 +333,10 @@ class MPOWeights(nn.Module):
 
     def _weights_config(self) -> dict[str, dict[str, list[int]]]:
         """Per weight: in_factors, out_factors, bond_dims, and "sparse" (its sparse residual's entry
-        count, layout "lowrank+sparse") when it has one."""
+        count, layout "lowrank+sparse"; "sparse_int8" when its values are int8) when it has one."""
         sparse = sparse_config(self)
         return {name: {"in_factors": list(in_f), "out_factors": list(out_f),
-                       "bond_dims": list(mpo_math.bond_dims(self.mpo_weights()[name])),
-                       **({"sparse": sparse[name]} if name in sparse else {})}
+                       "bond_dims": list(mpo_math.bond_dims(self.mpo_weights()[name])), **sparse.get(name, {})}
                 for name, (in_f, out_f) in self.factors.items()}
 
     def _load_weights_config(self, weights: Mapping[str, Any], std: float) -> None:
@@ -346,7 +346,7 @@ class MPOWeights(nn.Module):
             raise ValueError(f"config has weights {got}, expected {sorted(self._weight_shapes)}")
         for name, spec in weights.items():
             self._set_mpo(name, MPO(_config_cores(name, spec, std)))
-        load_sparse_config(self, {"sparse": {n: spec["sparse"] for n, spec in weights.items() if "sparse" in spec}})
+        load_sparse_config(self, weights)
 
     # -- setting weights -----------------------------------------------------------------
     def _decompose_from(self, dense: Mapping[str, Tensor], max_bond, rel_tol,
@@ -410,11 +410,15 @@ class MPOWeights(nn.Module):
                 core.copy_(dequantize_int8(q, scale, core.dtype))
                 scales[name].append(scale)
         self._set_scales(scales)
+        for part in sparse_parts(self).values():  # the hybrid's sparse values: one scale each
+            part.quantize_()
 
     def _int8_keys(self) -> dict[str, str]:
-        """{state_dict key of each core: that of its scales} of an int8 module (io reads and writes these)."""
-        return {f"{self._cores_attr(n)}.{k}": f"{self._scales_attr(n)}.{k}"
+        """{state_dict key of each core (and of int8 sparse values): that of its scales} of an int8 module
+        (io reads and writes these)."""
+        keys = {f"{self._cores_attr(n)}.{k}": f"{self._scales_attr(n)}.{k}"
                 for n in self._weight_shapes for k in range(len(self._cores(n)))}
+        return keys | {f"{n}{SPARSE}.values": f"{n}{SPARSE}.scale" for n, p in sparse_parts(self).items() if p.int8}
 
     @torch.no_grad()
     def _int8_values(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -434,6 +438,12 @@ class MPOWeights(nn.Module):
                                      "int8 grid (trained or edited after quantize); call mpolstm.quantize(model) "
                                      "again")
                 out[f"{self._cores_attr(name)}.{k}"] = (q.cpu(), scale.cpu())
+        for name, part in sparse_parts(self).items():
+            if part.int8:
+                try:
+                    out[f"{name}{SPARSE}.values"] = part.int8_values()
+                except ValueError as exc:
+                    raise ValueError(f"{type(self).__name__}: {name}{SPARSE}: {exc}") from None
         return out
 
     # -- weights -------------------------------------------------------------------------
@@ -639,5 +649,5 @@ class SingleWeightMPO(MPOWeights):
         return self._weights_config()["weight"]
 
     def _load_config_of_cores(self, config: Mapping[str, Any], std: float) -> None:
-        keys = ("in_factors", "out_factors", "bond_dims", "sparse")
+        keys = ("in_factors", "out_factors", "bond_dims", "sparse", "sparse_index", "sparse_int8")
         self._load_weights_config({"weight": {k: config[k] for k in keys if k in config}}, std)
