@@ -210,7 +210,8 @@ def test_any_model_compress_inspect_export(tmp_path, monkeypatch):
     scripted = torch.jit.load(str(tmp_path / "m.pt"))
     torch.testing.assert_close(scripted(x)[0], loaded.eval()(x)[0], atol=1e-5, rtol=1e-4)
 
-    for args, message in ((["compress", str(tmp_path / "x"), "--factory", "nope:build", "--ratio", "3"], "cannot import"),
+    for args, message in ((["compress", str(tmp_path / "x"), "--factory", "nope:build", "--random-init", "--ratio", "3"],
+                           "cannot import"),
                           (["compress", str(tmp_path / "x"), "--factory", "usernet:build", "--weights",
                             str(tmp_path / "missing.pt"), "--ratio", "3"], "does not exist"),
                           (["export", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx")], "--inputs")):

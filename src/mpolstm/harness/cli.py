@@ -227,9 +227,19 @@ def _load_model(path: Path):
         _fail(str(exc))
 
 
-def _fresh_output(path: Path) -> None:
-    if path.exists():
-        _fail(f"output {path} already exists; choose a new path")
+def _check_output(path: Path, overwrite: bool, what: str, folder: bool = True) -> None:
+    """The one rule for every output (``mpolstm.atomic``): an existing ``path`` (but an empty folder) is
+    refused unless --overwrite; ``what`` names it as the user typed it (e.g. "--out x", "OUT x")."""
+    from ..atomic import check_target
+
+    if (path.exists() or path.is_symlink()) and folder != path.is_dir():
+        _fail(f"{what} is {'a file' if folder else 'a folder'}; the output is {'a folder' if folder else 'one file'}: "
+              "choose another path")
+    try:
+        check_target(path, overwrite, folder)
+    except ValueError:
+        _fail(f"{what} already exists; choose a new path, or add --overwrite to replace it (the whole "
+              f"{'folder' if folder else 'file'})")
 
 
 @app.command()
@@ -266,23 +276,30 @@ def train(
         _fail(str(exc))
     if not distributed.is_main():
         return
-    save_model(model, built.architecture, out / "model")
+    save_model(model, built.architecture, out / "model", overwrite=True)  # the run folder's own (--resume)
     console.print(f"best val {built.metric.name} {result.best_metric:.4f} at epoch {result.best_epoch}; "
                   f"model saved to {out / 'model'}")
 
 
-def _source_model(model_in: Optional[Path], factory: Optional[str], weights: Optional[Path]):
-    """(model, task spec or None): a saved task-model folder, or a user's factory + weights."""
+def _source_model(model_in: Optional[Path], factory: Optional[str], weights: Optional[Path], random_init: bool):
+    """(model, task spec or None): a saved task-model folder, or a user's factory + weights (or, with
+    ``random_init``, the factory's own initialisation)."""
     from .usermodels import build_model
 
     if factory is None:
-        if weights is not None:
-            _fail("--weights needs --factory (the function that builds the dense architecture)")
+        if weights is not None or random_init:
+            _fail(f"{'--weights' if weights is not None else '--random-init'} needs --factory (the function that "
+                  "builds the dense architecture)")
         if model_in is None:
-            _fail("give a saved model folder, or --factory package.module:function [--weights FILE]")
+            _fail("give a saved model folder, or --factory package.module:function --weights FILE")
         return _load_model(model_in)
     if model_in is not None:
         _fail("give either a saved model folder or --factory/--weights, not both")
+    if weights is None and not random_init:
+        _fail(f"--factory {factory} without --weights would compress the model's random initialisation: pass "
+              "--weights FILE (its trained state dict), or --random-init if that is what you want")
+    if weights is not None and random_init:
+        _fail("--random-init and --weights contradict each other; give one")
     try:
         model, note = build_model(factory, weights)
     except ValueError as exc:
@@ -347,7 +364,7 @@ def _stored_bytes(model, names: list[str]) -> int:
 def compress_cmd(
     paths: list[Path] = typer.Argument(..., metavar="[IN] OUT", help="IN: a saved task-model folder (mpolstm "
                                        "train/reproduce), left out with --factory; OUT: the folder to write "
-                                       "(must not exist)."),
+                                       "(new or empty, or any with --overwrite; missing parents are created)."),
     max_bond: Optional[int] = typer.Option(None, help="Cap every bond of every compressed weight."),
     rel_tol: Optional[float] = typer.Option(None, help="Per-weight relative Frobenius error bound, in (0, 1)."),
     ratio: Optional[float] = typer.Option(None, help="Global budget: dense / MPO parameters of the selected weights."),
@@ -360,12 +377,16 @@ def compress_cmd(
                                           "up in the current directory first, as python -m does)."),
     weights: Optional[Path] = typer.Option(None, help="Its weights: safetensors or a state dict (.pt), also inside a "
                                            "checkpoint under \"model\" or \"state_dict\"."),
+    random_init: bool = typer.Option(False, "--random-init", help="With --factory and no --weights: compress the "
+                                     "factory's random initialisation (for trying the command; refused otherwise)."),
     calibrate: Optional[Path] = typer.Option(None, help="Safetensors file of model inputs (input0, input1, ...): "
                                              "minimise the output error on them, not the weight error."),
     distill_steps: int = typer.Option(0, help="Then distil from the original on the --calibrate inputs for N steps."),
     batch_size: int = typer.Option(32, help="Rows per distillation batch."),
     int8: bool = typer.Option(False, "--int8", help="Then store the MPO cores (and a hybrid's sparse values) as int8 "
                               "with float32 scales (mpolstm.quantize: ~4x fewer bytes; the model computes in float32)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (the whole folder: nothing "
+                                   "of the old one is kept)."),
 ) -> None:
     """Compress the selected layers of a saved model (or of your own, with --factory) into MPOs and save it,
     with its report (compression.json, shown by inspect)."""
@@ -376,7 +397,7 @@ def compress_cmd(
     from ..io import save
     from ..quantization import quantize
     from .tasks import save_model
-    from .usermodels import read_inputs, write_compression_record, write_factory_note
+    from .usermodels import compression_files, read_inputs
 
     if len(paths) not in (1, 2) or (len(paths) == 1) != (factory is not None):
         _fail("usage: mpolstm compress IN OUT, or mpolstm compress --factory MOD:FN [--weights FILE] OUT")
@@ -385,13 +406,13 @@ def compress_cmd(
         _fail(f"--distill-steps must be >= 0 and --batch-size >= 1, got {distill_steps} and {batch_size}")
     if distill_steps and calibrate is None:
         _fail("--distill-steps needs --calibrate (the inputs to distil on)")
-    _fresh_output(model_out)
+    _check_output(model_out, overwrite, f"OUT {model_out}")
     config = _compression_config(target, max_bond, rel_tol, ratio, num_cores, layout, max_macs)
     try:
         inputs = read_inputs(calibrate, "--calibrate") if calibrate is not None else None
     except ValueError as exc:
         _fail(str(exc))
-    model, spec = _source_model(model_in, factory, weights)
+    model, spec = _source_model(model_in, factory, weights, random_init)
     _check_targets(model, config)
     teacher = copy.deepcopy(model) if distill_steps else None
     try:
@@ -411,12 +432,14 @@ def compress_cmd(
         stored = _stored_bytes(model, [m.name for m in report.modules])
         console.print(f"int8: {report.stored_bytes:,} -> {stored:,} bytes as stored (the cores and sparse values as "
                       "int8 with float32 scales)")
-    if spec is not None:
-        save_model(model, spec, model_out)
-    else:
-        save(model, model_out)
-        write_factory_note(model_out, factory)
-    write_compression_record(model_out, report, distill_steps)
+    files = compression_files(report, distill_steps, factory if spec is None else None)
+    try:
+        if spec is not None:
+            save_model(model, spec, model_out, overwrite=overwrite, files=files)
+        else:
+            save(model, model_out, overwrite=overwrite, files=files)
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot write OUT {model_out}: {exc}")
     console.print(f"saved {model_out}")
 
 
@@ -427,9 +450,13 @@ def inspect(
 ) -> None:
     """Per-weight factors, bonds, parameters, errors and entanglement entropies of a saved model,
     read from its files alone, checked as load checks them (a damaged folder is refused)."""
-    from .usermodels import describe_folder, inspect_folder
+    from ..io import CONFIG_FILE
+    from .usermodels import STORED_WEIGHTS, describe_folder, describe_stored, inspect_folder
 
     try:
+        if not (model_path / CONFIG_FILE).exists() and (model_path / STORED_WEIGHTS).is_file():
+            console.print(describe_stored(model_path / STORED_WEIGHTS))  # a protocol row of torch's int8 model
+            return
         rows = describe_folder(model_path)
     except ValueError as exc:
         _fail(str(exc))
@@ -535,9 +562,9 @@ def _export_user_model(folder: Path, fmt: str, out: Path, factory: Optional[str]
 
     from ..export import export_model
     from ..io import load
-    from .usermodels import build_model, read_inputs
+    from .usermodels import FACTORY_FILE, build_model, read_inputs
 
-    note = folder / "factory.json"
+    note = folder / FACTORY_FILE
     if factory is None and note.is_file():
         factory = json.loads(note.read_text()).get("factory")
     if factory is None:

@@ -34,10 +34,17 @@ from ..nn.sparse import SUFFIX as SPARSE_SUFFIX
 from ..nn.sparse import sparse_of
 from ..storage import file_data_bytes
 
-__all__ = ["load_factory", "build_model", "read_inputs", "describe_folder", "inspect_folder", "COMPRESSION_FILE"]
+__all__ = ["load_factory", "build_model", "read_inputs", "describe_folder", "describe_stored", "inspect_folder",
+           "compression_files", "COMPRESSION_FILE", "FACTORY_FILE", "STORED_WEIGHTS"]
 
 COMPRESSION_FILE = "compression.json"
 """Written by ``mpolstm compress`` beside the model: its report and the distillation steps run after it."""
+
+FACTORY_FILE = "factory.json"
+"""Written by ``mpolstm compress --factory`` beside the model: the factory of its dense architecture."""
+
+STORED_WEIGHTS = "recurrent-weights.safetensors"
+"""In every saved protocol row: its LSTM weights in their stored form (:func:`mpolstm.storage.pack_weights`)."""
 
 _WRAPPERS = ("model", "state_dict")
 
@@ -224,9 +231,12 @@ def _error(value: float | None) -> str:
 
 
 def _unlayered(folder: Path) -> str:
-    """What inspect says of a saved folder without MPO layers: dense, or pruned (its zeros counted)."""
+    """What inspect says of a saved folder without MPO layers: dense, or pruned (its zeros counted; a
+    live torch.nn.utils.prune mask, ``<w>_orig`` and ``<w>_mask``, counts as ``orig * mask``)."""
     tensors = read_verified(folder).tensors()
-    matrices = [t for k, t in tensors.items() if t.dim() >= 2 and t.is_floating_point() and "weight" in k]
+    matrices = [tensors[k] * tensors[k.removesuffix("_orig") + "_mask"] if k.endswith("_orig") else tensors[k]
+                for k in tensors if "weight" in k and not k.endswith("_mask")]
+    matrices = [t for t in matrices if t.dim() >= 2 and t.is_floating_point()]
     entries = sum(t.numel() for t in matrices)
     nonzero = sum(int(torch.count_nonzero(t)) for t in matrices)
     if entries and nonzero < entries:
@@ -234,6 +244,25 @@ def _unlayered(folder: Path) -> str:
                 f"{entries:,} entries ({100 * nonzero / entries:.1f}%), stored dense in {WEIGHTS_FILE} "
                 f"({sum(map(_tensor_bytes, tensors.values())):,} bytes of tensors)")
     return f"{folder} has no MPO layers (a dense model: {entries:,} weight entries)"
+
+
+def describe_stored(file: Path) -> str:
+    """A weights file of :func:`mpolstm.storage.save_packed` (a protocol row's stored LSTM weights): each
+    weight's format and bytes."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as fh:
+            formats = json.loads((fh.metadata() or {}).get("formats", "{}"))
+            sizes = {k: _tensor_bytes(fh.get_tensor(k)) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"{file}: not a stored-weights file ({exc})") from None
+    rows = [(w, fmt, sum(b for k, b in sizes.items() if k.startswith(w + "."))) for w, fmt in sorted(formats.items())]
+    width = max([len(w) for w, _, _ in rows] + [6])
+    lines = [f"{file.parent}: no model to load (no {CONFIG_FILE}); {file.name} holds a protocol row's weights in their "
+             f"stored form, {sum(sizes.values()):,} bytes (mpolstm.storage):"]
+    lines += [f"{w.ljust(width)}  {fmt.ljust(14)}  {b:,}" for w, fmt, b in rows]
+    return "\n".join(lines)
 
 
 def inspect_folder(folder: Path, rows: list[dict[str, Any]] | None = None) -> str:
@@ -273,16 +302,12 @@ def inspect_folder(folder: Path, rows: list[dict[str, Any]] | None = None) -> st
     return "\n".join(lines)
 
 
-def write_compression_record(folder: Path, report: Any, distill_steps: int) -> None:
-    """``compression.json``: what ``mpolstm compress`` did (its report, the distillation steps after it)."""
-    from ..atomic import atomic_write_bytes
-
+def compression_files(report: Any, distill_steps: int, factory: str | None) -> dict[str, bytes]:
+    """The files ``mpolstm compress`` writes beside the model: ``compression.json`` (its report, the
+    distillation steps after it) and, for a model from ``--factory``, ``factory.json`` (the factory its
+    dense architecture comes from)."""
     record = {"report": report.to_dict(), "distill_steps": distill_steps}
-    atomic_write_bytes(Path(folder) / COMPRESSION_FILE, json.dumps(record, indent=1, allow_nan=False).encode())
-
-
-def write_factory_note(folder: Path, factory: str) -> None:
-    """Record the factory a folder's dense architecture comes from (``factory.json``)."""
-    from ..atomic import atomic_write_bytes
-
-    atomic_write_bytes(Path(folder) / "factory.json", json.dumps({"factory": factory}).encode())
+    files = {COMPRESSION_FILE: json.dumps(record, indent=1, allow_nan=False).encode()}
+    if factory is not None:
+        files[FACTORY_FILE] = json.dumps({"factory": factory}).encode()
+    return files

@@ -36,14 +36,14 @@ def build_architecture(spec: Mapping[str, Any]) -> nn.Module:
     return _task_of(spec).build_model(spec["kwargs"])
 
 
-def save_model(model: nn.Module, spec: Mapping[str, Any], path: str | Path) -> Path:
-    """Save a (compressed or dense) task model with :func:`mpolstm.io.save` plus its architecture."""
-    from ...atomic import atomic_write_bytes
+def save_model(model: nn.Module, spec: Mapping[str, Any], path: str | Path, *, overwrite: bool = False,
+               files: Mapping[str, bytes] | None = None) -> Path:
+    """Save a (compressed or dense) task model with :func:`mpolstm.io.save` plus its architecture (and
+    ``files``), as one folder; ``overwrite`` as for :func:`mpolstm.io.save`."""
     from ...io import save
 
-    out = save(model, path)
-    atomic_write_bytes(out / ARCHITECTURE_FILE, json.dumps(dict(spec), indent=2).encode())
-    return out
+    architecture = {ARCHITECTURE_FILE: json.dumps(dict(spec), indent=2).encode()}
+    return save(model, path, overwrite=overwrite, files={**architecture, **(files or {})})
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -55,6 +55,12 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a saved model folder (expected a directory from mpolstm train/reproduce)")
     if not spec_file.is_file():
+        from ..usermodels import STORED_WEIGHTS
+
+        if (folder / STORED_WEIGHTS).is_file() and not (folder / "config.json").exists():
+            raise ValueError(f"{folder} holds only a protocol row's stored LSTM weights ({STORED_WEIGHTS}; torch's int8 "
+                             "model cannot be saved as a model): nothing to load. Compress the dense model of the same "
+                             "run (models/dense) instead, with --int8 for int8 cores")
         raise ValueError(f"{folder} has no {ARCHITECTURE_FILE}; it was not saved by mpolstm's task commands")
     try:
         spec = json.loads(spec_file.read_text())
