@@ -65,7 +65,10 @@ def _run(model: nn.Module, calibration: Calibration) -> int:
     if isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
         raise ValueError("calibration must be an iterable of batches (a tensor or a tuple of model "
                          f"inputs each) or a callable that runs the model, got {type(calibration).__name__}")
-    batches = [calibration] if isinstance(calibration, Tensor) else calibration
+    if isinstance(calibration, Tensor):
+        raise ValueError(f"calibration is one tensor {tuple(calibration.shape)}: pass a list of batches, e.g. "
+                         "[x] for one batch (a bare tensor would be ambiguous: one batch, or batches along dim 0)")
+    batches = calibration
     count = 0
     for batch in batches:
         inputs = batch if isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence) else (batch,)

@@ -219,6 +219,9 @@ def distill(
     global norm to it before each step. Returns a DistillResult."""
     _check(steps, loss, lr, temperature, checkpoint_every, schedule, hidden_weight)
     _check_clip(clip_grad_norm)
+    if isinstance(batches, Tensor):
+        raise ValueError(f"distill: batches is one tensor {tuple(batches.shape)}: pass a list of batches, e.g. [x] "
+                         "for one batch (iterating a tensor would feed its rows as unbatched inputs)")
     if iter(batches) is batches:
         raise ValueError("distill: batches must be re-iterable (a list or a DataLoader), not an iterator: "
                          "they are cycled until `steps` steps are done")

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from ..nn.registry import is_mpo_module, supported_torch_types
+from .hybrid import HYBRID
 from .layouts import LAYOUTS, describe_layouts
 from .output_aware import ALLOCATIONS
 
@@ -29,8 +30,9 @@ def _check_rel_tol(value: Any, where: str) -> None:
 
 
 def _check_num_cores(value: Any, where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}num_cores must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(f"{where}num_cores must be an integer >= 2 (the cores of the interleaved layout; one core "
+                         f"would be the dense matrix), got {value!r}")
 
 
 def _check_layout(value: Any, where: str) -> None:
@@ -78,7 +80,7 @@ class CompressionConfig:
         when they are of another type or cannot be factorised; listed ones raise.
     exclude_modules: same forms; removed from the selection.
     max_bond, rel_tol: truncation per weight. compress needs one of these or a budget.
-    num_cores: cores of the paper's interleaved layout.
+    num_cores: cores of the paper's interleaved layout (at least 2).
     layout: "auto" (default) searches the layouts of ``LAYOUTS`` per weight (with a budget,
         layout and bonds are chosen together by error per parameter; with ``rel_tol``, the
         layout with the fewest parameters; with only ``max_bond``, "interleaved", or "lowrank"
@@ -133,6 +135,10 @@ class CompressionConfig:
         _check_num_cores(self.num_cores, "")
         _check_layout(self.layout, "")
         _check_share(self.sparse_share, "")
+        if self.sparse_share is not None and self.layout != HYBRID and \
+                not any(p.get("layout") == HYBRID for p in self.overrides.values() if isinstance(p, Mapping)):
+            raise ValueError(f"sparse_share applies only to layout='{HYBRID}' (low rank + sparse), but layout is "
+                             f"{self.layout!r} and no override pins it; drop sparse_share or set layout='{HYBRID}'")
         if not isinstance(self.refit, bool):
             raise ValueError(f"refit must be True or False, got {self.refit!r}")
         if self.allocation not in ALLOCATIONS:
@@ -172,6 +178,9 @@ class CompressionConfig:
             if "layout" in partial:
                 _check_layout(partial["layout"], where)
             _check_share(partial.get("sparse_share"), where)
+            if partial.get("sparse_share") is not None and partial.get("layout", self.layout) != HYBRID:
+                raise ValueError(f"{where}sparse_share applies only to layout='{HYBRID}', but the layout there is "
+                                 f"{partial.get('layout', self.layout)!r}")
             if self.budget_mode and partial.get("rel_tol") is not None:
                 raise ValueError(f"{where}rel_tol cannot be combined with a budget (target_ratio/max_params)")
 

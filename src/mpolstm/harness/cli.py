@@ -447,11 +447,15 @@ def compress_cmd(
 def inspect(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="A folder written by mpolstm.save (any model)."),
     plot: Optional[Path] = typer.Option(None, help="Also draw the entanglement entropy per bond to this PNG."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --plot file if it exists."),
 ) -> None:
     """Per-weight factors, bonds, parameters, errors and entanglement entropies of a saved model,
     read from its files alone, checked as load checks them (a damaged folder is refused)."""
     from ..io import CONFIG_FILE
     from .usermodels import STORED_WEIGHTS, describe_folder, describe_stored, inspect_folder
+
+    if plot is not None:
+        _check_output(plot, overwrite, f"--plot {plot}", folder=False)
 
     try:
         if not (model_path / CONFIG_FILE).exists() and (model_path / STORED_WEIGHTS).is_file():
@@ -469,6 +473,8 @@ def inspect(
 def _plot_entropy(curves: dict[str, list[float]], plot: Path) -> None:
     import matplotlib
 
+    from ..atomic import atomic_open
+
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
@@ -479,7 +485,9 @@ def _plot_entropy(curves: dict[str, list[float]], plot: Path) -> None:
     ax.set_ylabel("entanglement entropy S_k")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(plot, dpi=120)
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(plot, "wb") as fh:
+        fig.savefig(fh, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -488,12 +496,14 @@ def enhance(
     noisy: Path = typer.Argument(..., help="Noisy WAV (converted to 16 kHz mono if needed)."),
     out: Path = typer.Argument(..., help="Enhanced WAV to write (16-bit PCM, 16 kHz)."),
     model_path: Path = typer.Option(..., "--model", help="A saved speech model (mpolstm reproduce --task speech)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Enhance a WAV frame by frame (streaming) and report the real-time factor and per-frame latency."""
     from .tasks.speech import enhance_file
 
     if not noisy.is_file():
         _fail(f"input {noisy} does not exist")
+    _check_output(out, overwrite, f"OUT {out}", folder=False)
     model, spec = _load_model(model_path)
     if spec.get("name") != "speech":
         _fail(f"model {model_path} is a {spec.get('name')!r} model; enhance needs a speech model")
