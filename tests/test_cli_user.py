@@ -106,6 +106,7 @@ def test_compress_prints_the_report_then_the_distillation(distilled):
     out = proc.stdout
     assert out.index("layouts chosen:") < out.index("distilled 3 steps") < out.index("saved small")
     assert "measured before distillation" in out
+    assert "distill step 3/3 loss" in proc.stderr  # progress reaches a log when stderr is not a terminal
     # torch's weight shapes: Linear(128, 500) is 500x128, Conv1d(16, 40, 5) is 40x16x5
     assert " 500x128 " in out and " 40x16x5 " in out and "weight error" in out and "output error" in out
 

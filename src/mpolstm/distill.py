@@ -166,12 +166,13 @@ def _lr_factor(schedule: str, step: int, steps: int) -> float:
 
 
 class _Progress:
-    """A rich progress bar when rich is installed (the harness extra), else a line every 10%."""
+    """A rich progress bar on a terminal when rich is installed (the harness extra); else (a log file, a
+    pipe) a line on stderr every 10% of the steps."""
 
     def __init__(self, enabled: bool, total: int, done: int) -> None:
         self.total, self.bar = total, None
         self.enabled = enabled
-        if not enabled:
+        if not enabled or not sys.stderr.isatty():
             return
         try:
             from rich.progress import Progress
@@ -184,8 +185,8 @@ class _Progress:
     def update(self, step: int, loss: float) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, description=f"distill loss {loss:.4f}")
-        elif self.enabled and step % max(self.total // 10, 1) == 0:
-            print(f"distill step {step}/{self.total} loss {loss:.4f}", file=sys.stderr)
+        elif self.enabled and (step % max(self.total // 10, 1) == 0 or step == self.total):
+            print(f"distill step {step}/{self.total} loss {loss:.4f}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -33,6 +33,21 @@ Preset = Enum("Preset", [(name, name) for name in PRESETS], type=str)
 """The preset vocabulary every task uses (each task checks it has the one asked for)."""
 
 
+@app.callback()
+def _global_options(
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: one per core). On a "
+                                          "machine shared with other jobs, use the cores that are free (e.g. "
+                                          "--threads 1); OMP_WAIT_POLICY=PASSIVE is set unless you set it."),
+) -> None:
+    """Options for every command: mpolstm --threads N COMMAND ..."""
+    if threads is not None:
+        if threads < 1:
+            _fail(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _fail(message: str) -> None:
     """Print one clear line and exit with code 2 (bad usage or input)."""
     err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
