@@ -40,7 +40,7 @@ from torch import nn
 
 import mpolstm
 from mpolstm import mpo as mpo_math
-from mpolstm.nn.base import core_scale_shape, dequantize_int8, quantize_int8
+from mpolstm.mpo import core_scale_shape, dequantize_int8, quantize_int8
 
 G2P = Path(__file__).resolve().parent.parent / "examples" / "g2p"
 LAYOUTS = ("interleaved", "auto")

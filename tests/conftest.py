@@ -16,12 +16,11 @@ def kernels(monkeypatch):
     """The product kernels the MPO layers run, in order: "cores" (contraction through the chain),
     "halves" (the eval cache's merged halves) and "rebuild" (a dense weight formed from the cores)."""
     from mpolstm import mpo
-    from mpolstm.nn import base
 
     calls = []
-    split, halves, rebuild = mpo.split_matmul, base.halves_matmul, mpo.cores_to_matrix
+    split, halves, rebuild = mpo.split_matmul, mpo.halves_matmul, mpo.cores_to_matrix
     monkeypatch.setattr(mpo, "split_matmul", lambda x, cores, at: calls.append("cores") or split(x, cores, at))
-    monkeypatch.setattr(base, "halves_matmul", lambda x, prepared: calls.append("halves") or halves(x, prepared))
+    monkeypatch.setattr(mpo, "halves_matmul", lambda x, prepared: calls.append("halves") or halves(x, prepared))
     monkeypatch.setattr(mpo, "cores_to_matrix",
                         lambda cores, transpose=False: calls.append("rebuild") or rebuild(cores, transpose))
     return calls

@@ -362,7 +362,7 @@ def _lstm_model(seed=0):
 
 def test_step_macs_count_the_deployed_products():
     """step_macs equals the multiply-adds of the two matmuls of halves_matmul for one row."""
-    from mpolstm.nn.base import prepare_halves
+    from mpolstm.mpo import prepare_halves
 
     torch.manual_seed(0)
     for in_f, out_f, bond in [((4, 8, 8, 4), (8, 8, 8, 8), 5), ((1024, 1), (1, 256), 7), ((64, 1, 1), (1, 16, 16), 3),

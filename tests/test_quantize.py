@@ -14,7 +14,7 @@ from torch import nn
 import mpolstm
 from mpolstm import io
 from mpolstm.nn import MPOLinear
-from mpolstm.nn.base import core_scale_shape, dequantize_int8
+from mpolstm.mpo import core_scale_shape, dequantize_int8
 
 
 class Net(nn.Module):

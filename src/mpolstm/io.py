@@ -41,8 +41,10 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .atomic import atomic_folder, atomic_write_bytes, check_target
-from .nn.base import MPOWeights, dequantize_int8
+from .mpo import dequantize_int8
+from .nn.base import MPOWeights
 from .nn.registry import is_mpo_module, layer_type_of_mpo, mpo_class, registered_mpo_names, replace_module
+from .nn.shared import SharedLayer
 from .version import __version__
 
 __all__ = ["save", "load", "read_verified", "Verified", "dequantize_cores", "WEIGHTS_FILE", "CONFIG_FILE"]
@@ -353,7 +355,7 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
         replace_module(base_model, name, module)
         built.append((name, module))
     for module in base_model.modules():  # layers using another layer's MPO (tied weights)
-        if callable(getattr(module, "bind", None)):
+        if isinstance(module, SharedLayer):
             try:
                 module.bind(base_model)
             except AttributeError:

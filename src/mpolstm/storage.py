@@ -37,7 +37,8 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
 from .atomic import atomic_write_bytes
-from .nn.base import MPOWeights, dequantize_int8, quantize_core, quantize_int8
+from .mpo import dequantize_int8, quantize_core, quantize_int8
+from .nn.base import MPOWeights
 from .nn.registry import is_mpo_module
 from .nn.sparse import SparseResidual, decode_index, encode_index, index_bytes, index_parts, sparse_parts
 

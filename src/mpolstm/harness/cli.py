@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 
 from ..compression.layouts import describe_layouts
+from ..export import FORMATS as EXPORT_FORMATS
+from ..export import RUNTIMES, WRITERS
 from . import distributed
 from .tasks.registry import PRESETS, task_names
 
@@ -533,22 +535,16 @@ def enhance(
                   f"{stats.algorithmic_latency_ms:.0f} ms")
 
 
-class ExportFormat(str, Enum):
-    torchscript = "torchscript"
-    onnx = "onnx"
-    dense = "dense"
-
-
-class Runtime(str, Enum):
-    factorized = "factorized"
-    dense = "dense"
+ExportFormat = Enum("ExportFormat", [(name, name) for name in EXPORT_FORMATS], type=str)
+"""mpolstm.export.FORMATS: the traced formats of its WRITERS table, and dense."""
+Runtime = Enum("Runtime", [(name, name) for name in RUNTIMES], type=str)
 
 
 @app.command("export")
 def export_cmd(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="A saved model folder."),
-    fmt: ExportFormat = typer.Option(..., "--format", help="torchscript or onnx (one file) or dense (a plain "
-                                     "torch model folder)."),
+    fmt: ExportFormat = typer.Option(..., "--format", help=f"{' or '.join(WRITERS)} (one file) or "
+                                     "dense (a plain torch model folder)."),
     out: Path = typer.Option(..., help="Output file (torchscript, onnx) or folder (dense)."),
     runtime: Runtime = typer.Option(Runtime.factorized, help="torchscript/onnx: factorized (products through the "
                                     "factors, no dense weight at run time) or dense (the graph rebuilds the dense "

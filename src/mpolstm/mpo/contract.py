@@ -1,5 +1,6 @@
-"""Contraction of MPO cores: rebuild the dense matrix, or multiply without forming it, and the
-cost model that chooses between the two per call.
+"""Contraction of MPO cores: rebuild the dense matrix, or multiply without forming it (the chain
+merged into two halves: per call, or once and kept, :func:`prepare_halves` / :func:`halves_matmul`,
+the deployed product), and the cost model that chooses per call.
 
 Cores are (D_{k-1}, i_k, j_k, D_k); ``x @ W`` maps (..., I) -> (..., J).
 """
@@ -7,13 +8,13 @@ Cores are (D_{k-1}, i_k, j_k, D_k); ``x @ W`` maps (..., I) -> (..., J).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, Tuple  # TorchScript reads Tuple (Halves)
 
 import torch
 from torch import Tensor
 
-__all__ = ["Strategy", "best_split", "check_cores", "cores_to_matrix", "matmul_cost", "mpo_matmul", "split_matmul",
-           "step_macs"]
+__all__ = ["Halves", "Strategy", "best_split", "check_cores", "cores_to_matrix", "halves_matmul", "matmul_cost",
+           "merged_halves", "mpo_matmul", "prepare_halves", "split_matmul", "step_macs"]
 
 Strategy = Literal["auto", "cores", "rebuild"]
 
@@ -113,21 +114,57 @@ def split_matmul(x: Tensor, cores: Sequence[Tensor], split: int) -> Tensor:
 
     Each half is merged into one small block (independent of N), then x (N, I_L, I_R) is
     contracted with the left block (one broadcast matmul whose output (N, J_L, D, I_R) needs no
-    permute) and the result with the right block (one GEMM over (D, I_R)). Two large ops instead
-    of a matmul and a permute per core (docs/benchmarks.md)."""
-    n_rows = x.shape[0]
+    permute) and the result with the right block (one GEMM over (D, I_R)): :func:`halves_matmul`.
+    Two large ops instead of a matmul and a permute per core (docs/benchmarks.md)."""
     if len(cores) == 1:
         return x @ cores[0][0, :, :, 0]
-    left, right = _halves(cores, split)
+    return halves_matmul(x, _as_operands(*_halves(cores, split)))
+
+
+# ----------------------------------------------------------------------------- merged halves
+
+Halves = Tuple[Tensor, Tensor, int, int, int, int, int]  # the operands of halves_matmul
+
+
+def _as_operands(left: Tensor, right: Tensor) -> Halves:
+    """Halves L (I_L, J_L, D) and R (D, I_R, J_R) as the operands of :func:`halves_matmul`."""
     il, jl, d = left.shape
     _, ir, jr = right.shape
-    mid = torch.matmul(left.reshape(il, jl * d).T, x.reshape(n_rows, il, ir))  # (N, J_L * D, I_R)
-    return (mid.reshape(n_rows * jl, d * ir) @ right.reshape(d * ir, jr)).reshape(n_rows, jl * jr)
+    return left.reshape(il, jl * d).T, right.reshape(d * ir, jr), il, ir, jl, jr, d
+
+
+def merged_halves(cores: Sequence[Tensor]) -> list[Tensor]:
+    """The chain as two cores, (1, I_left, J_left, D) and (D, I_right, J_right, 1), split at the middle bond."""
+    left, right = _halves(cores, len(cores) // 2)
+    return [left.unsqueeze(0), right.unsqueeze(-1)]
+
+
+def prepare_halves(cores: Sequence[Tensor]) -> Halves:
+    """The chain merged into two halves at its middle bond, as the (contiguous) operands of
+    :func:`halves_matmul`: what the eval cache and the factorized runtime keep (a one-core chain is
+    L with R the 1 x 1 identity)."""
+    if len(cores) == 1:
+        _, i, j, _ = cores[0].shape
+        return cores[0][0, :, :, 0].T.contiguous(), cores[0].new_ones(1, 1), i, 1, j, 1, 1
+    lt, r, *sizes = _as_operands(*_halves(cores, len(cores) // 2))
+    return (lt.contiguous(), r.contiguous(), *sizes)
+
+
+def halves_matmul(x: Tensor, prepared: Halves) -> Tensor:
+    """x (N, I_L I_R) @ W with W[(a, b), (c, e)] = sum_d L[a, c, d] R[d, b, e], the chain merged into
+    two halves given as ``prepared`` = (L^T (J_L D, I_L), R (D I_R, J_R), I_L, I_R, J_L, J_R, D): two
+    matmuls, (J_L D, I_L) x (N, I_L, I_R), then (N J_L, D I_R) x (D I_R, J_R). TorchScript-compatible."""
+    lt, r, il, ir, jl, jr, d = prepared
+    if ir == 1 and jl == 1:  # a rank-D factorization (I, D) x (D, J): two plain matmuls
+        return torch.mm(torch.mm(x, lt.t()), r)
+    n = x.shape[0]
+    mid = torch.matmul(lt, x.reshape(n, il, ir))  # (N, J_L * D, I_R)
+    return (mid.reshape(n * jl, d * ir) @ r).reshape(n, jl * jr)
 
 
 def step_macs(in_factors: Sequence[int], out_factors: Sequence[int], bonds: Sequence[int], lookup: bool = False) -> int:
     """Multiply-adds of one row through the MPO as deployed: x (1, I) times the chain merged into two
-    halves at its middle bond D (``nn.base.halves_matmul``), D J_L I_R (I_L + J_R); a rank-D
+    halves at its middle bond D (:func:`halves_matmul`), D J_L I_R (I_L + J_R); a rank-D
     factorization, (I, 1) x (1, J), costs D (I + J), exactly its parameters; one core, I J. A table
     lookup (``lookup``: an embedding row) joins its two gathered halves, J_L D J_R."""
     n = len(in_factors)

@@ -12,10 +12,11 @@ from .embedding import MPOEmbedding  # isort: skip
 from .rnn import MPOGRU, MPOLSTM, MPORNN  # isort: skip
 from .cells import MPOGRUCell, MPOLSTMCell, MPORNNCell  # isort: skip
 from .conv import MPOConv1d, MPOConv2d  # isort: skip
-from .base import MPOWeights, init_cores_
-from .registry import LayerType, is_mpo_module, layer_type, register, replace_module
+from ..mpo import init_cores_
+from .base import MPOWeights
+from .registry import LayerType, MPOModule, is_mpo_module, layer_type, register, replace_module
 from .shared import SharedEmbedding, SharedLinear
 
 __all__ = ["MPOEmbedding", "MPOLinear", "MPOLSTM", "MPOGRU", "MPORNN", "MPOLSTMCell", "MPOGRUCell", "MPORNNCell",
-           "MPOConv1d", "MPOConv2d", "MPOWeights", "LayerType", "init_cores_", "is_mpo_module", "layer_type",
+           "MPOConv1d", "MPOConv2d", "MPOModule", "MPOWeights", "LayerType", "init_cores_", "is_mpo_module", "layer_type",
            "register", "replace_module", "SharedEmbedding", "SharedLinear"]

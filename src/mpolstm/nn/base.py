@@ -1,5 +1,5 @@
 """The one base of every MPO layer: the cores of named weights, their rebuild and eval-mode cache,
-products through the cost model with cached plans, factor resolution and initialisation.
+products through the cost model with cached plans, and the layer's config.
 
 A layer declares its weights as ``_weight_shapes`` ({torch weight name: (out, in)}); each is one MPO
 of W^T (input side i, output side j) held as an ``nn.ParameterList`` of cores (D_{k-1}, i_k, j_k, D_k)
@@ -7,49 +7,39 @@ named ``<weight>_cores`` (``cores`` for the single-weight layers, :class:`Single
 
 Products ``x W^T`` (:meth:`MPOWeights._project`) take the cheapest path of the cost model
 (``mpo.matmul_cost``): a contraction through the chain split into two halves ("cores"), the same with
-the halves merged once and kept in the eval cache ("halves": the fastest at one row), or a dense
-matmul with the rebuilt weight ("dense", cached in eval mode). The choice is a plan memoised per
-(weight, rows, dtype, device, mode), so a repeated call plans nothing.
+the halves merged once and kept in the eval cache ("halves", ``mpo.prepare_halves``: the fastest at
+one row), or a dense matmul with the rebuilt weight ("dense", cached in eval mode). The choice is a
+plan memoised per (weight, rows, dtype, device, mode), so a repeated call plans nothing.
 
 The eval-mode cache is keyed on the identity, ``_version`` counter and storage of every core: an
 optimizer step, ``load_state_dict``, an in-place edit, ``.to()`` or ``functional_call`` invalidate it;
 ``train()`` drops it; it is never copied.
 
-int8 cores (:func:`mpolstm.quantize`): every core is rounded in place onto an int8 grid with one
-float32 scale per slice along its larger bond (the right one on a tie; :func:`core_scale_shape`),
-core = (q.float() * scale).to(dtype) with q in [-127, 127]. The scales are buffers of a small module
-per weight, ``<weight>_scales.<k>`` (``scales.<k>``) beside ``<weight>_cores.<k>``, so they follow
-``state_dict`` and deepcopy, and stay float32 under ``.to(dtype)``. Every layer's ``mpo_config`` then
-carries ``"int8": true`` and its ``from_config`` creates the scale buffers: both are wrapped once
-here (:meth:`MPOWeights.__init_subclass__`), so the layers know nothing of int8. Compute stays
-float32 on the dequantized cores.
+The config (``mpo_config`` / ``from_config``, what io saves and loads) is written once here: a layer
+gives only its own constructor arguments (``_config_args`` and ``_args_from_config``); the cores'
+factors and bonds, sparse residuals and int8 scales (``nn.int8``) are the base's.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from typing import Any, Callable, Mapping, Sequence, Tuple
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import mpo as mpo_math
-from ..mpo import MPO, TruncationReport
-from .sparse import SUFFIX as SPARSE
-from .sparse import add_sparse_product, load_sparse_config, sparse_config, sparse_params, sparse_parts, with_sparse
+from ..mpo import MPO, Factors, Halves, TruncationReport, default_factors, random_cores, resolve_factors
+# moved to mpolstm.mpo (int8 grid, merged halves, factors); still importable from here
+from ..mpo import (core_scale_shape, dequantize_int8, halves_matmul, init_cores_, merged_halves,  # noqa: F401
+                   prepare_halves, quantize_core, quantize_int8)
+from .int8 import Int8Cores
+from .registry import MPOModule
+from .sparse import add_sparse_product, load_sparse_config, sparse_config, sparse_params, with_sparse
 
-__all__ = ["MPOWeights", "SingleWeightMPO", "check_positive_int", "core_scale_shape", "default_factors",
-           "dequantize_int8", "halves_matmul", "init_cores_", "merged_halves", "quantize_core", "quantize_int8",
-           "resolve_factors", "set_factorized"]
+__all__ = ["MPOWeights", "SingleWeightMPO", "check_positive_int", "pinned_factors", "set_factorized"]
 
-Factors = tuple[tuple[int, ...], tuple[int, ...]]
-Halves = Tuple[Tensor, Tensor, int, int, int, int, int]  # see halves_matmul
 FactorSpec = Mapping[str, tuple[Sequence[int] | None, Sequence[int] | None]]
-
-
-# ----------------------------------------------------------------------------- factors and init
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -57,209 +47,35 @@ def check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def resolve_factors(in_features: int, out_features: int, in_factors: Sequence[int] | None,
-                    out_factors: Sequence[int] | None, num_cores: int) -> Factors:
-    """Default or validate the (in, out) factorisations of a layer's weight.
-
-    Raises ValueError when they do not multiply to the feature sizes, differ in length, or
-    cannot split the matrix usefully (every core but one would have i_k = j_k = 1)."""
-    in_f = tuple(in_factors) if in_factors is not None else mpo_math.factorize(in_features, num_cores)
-    out_f = tuple(out_factors) if out_factors is not None else mpo_math.factorize(out_features, len(in_f))
-    for name, factors, total in (("in_factors", in_f, in_features), ("out_factors", out_f, out_features)):
-        if any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in factors):
-            raise ValueError(f"{name} must be positive integers, got {factors!r}")
-        if math.prod(factors) != total:
-            raise ValueError(f"{name}={factors} multiply to {math.prod(factors)}, expected {total}")
-    if len(in_f) != len(out_f):
-        raise ValueError(f"in_factors {in_f} and out_factors {out_f} must have the same length")
-    if len(in_f) > 1 and sum(i * j > 1 for i, j in zip(in_f, out_f)) < 2:
-        raise ValueError(
-            f"factors in={in_f} out={out_f} leave all but one core trivial, so the MPO cannot "
-            f"compress ({in_features}x{out_features} has too few prime factors); pass factors "
-            "explicitly or use fewer cores")
-    return in_f, out_f
-
-
-def default_factors(in_features: int, out_features: int, num_cores: int) -> Factors:
-    """Balanced factors with ``num_cores`` cores, or fewer when the sizes have too few prime
-    factors for that many non-trivial cores (a single core is a dense matrix)."""
-    for n in range(num_cores, 1, -1):
-        try:
-            return resolve_factors(in_features, out_features, None, None, n)
-        except ValueError:
-            continue
-    return (in_features,), (out_features,)
-
-
-def init_cores_(cores: Sequence[Tensor], target_std: float) -> None:
-    """Fill cores with N(0, s^2) so that every entry of the rebuilt matrix has variance
-    ``target_std**2``: Var(W) = prod_k s^2 * prod_k D_k, so s^2 = (target^2 / prod D)^(1/n)."""
-    n = len(cores)
-    bond_product = math.prod(mpo_math.bond_dims(cores))
-    core_std = (target_std**2 / bond_product) ** (1.0 / (2 * n))
-    with torch.no_grad():
-        for c in cores:
-            c.normal_(0.0, core_std)
-
-
-def _empty_cores(in_f: Sequence[int], out_f: Sequence[int], bonds: Sequence[int], **kw) -> list[Tensor]:
-    d = (1, *bonds, 1)
-    return [torch.empty(d[k], int(i), int(j), d[k + 1], **kw) for k, (i, j) in enumerate(zip(in_f, out_f))]
-
-
-# ----------------------------------------------------------------------------- half-chain kernels
-
-
-def merged_halves(cores: Sequence[Tensor]) -> list[Tensor]:
-    """The chain as two cores, (1, I_left, J_left, D) and (D, I_right, J_right, 1), split at the middle bond."""
-
-    def merge(chain: Sequence[Tensor]) -> Tensor:
-        out = chain[0]
-        for core in chain[1:]:
-            d, i, j, _ = out.shape
-            _, k, l, e = core.shape
-            out = torch.einsum("aijb,bklc->aikjlc", out, core).reshape(d, i * k, j * l, e)
-        return out
-
-    half = len(cores) // 2
-    return [merge(cores[:half]), merge(cores[half:])]
-
-
-def prepare_halves(cores: Sequence[Tensor]) -> Halves:
-    """The chain merged into two halves L (I_L, J_L, D) and R (D, I_R, J_R), as the operands of
-    :func:`halves_matmul` (a one-core chain is L with R the 1 x 1 identity)."""
-    if len(cores) == 1:
-        _, i, j, _ = cores[0].shape
-        return cores[0][0, :, :, 0].T.contiguous(), cores[0].new_ones(1, 1), i, 1, j, 1, 1
-    left, right = merged_halves(cores)
-    _, il, jl, d = left.shape
-    _, ir, jr, _ = right.shape
-    return (left[0].reshape(il, jl * d).T.contiguous(), right[..., 0].reshape(d * ir, jr).contiguous(),
-            il, ir, jl, jr, d)
-
-
-def halves_matmul(x: Tensor, prepared: Halves) -> Tensor:
-    """x (N, I_L I_R) @ W with W[(a, b), (c, e)] = sum_d L[a, c, d] R[d, b, e], the chain merged into
-    two halves given as ``prepared`` = (L^T (J_L D, I_L), R (D I_R, J_R), I_L, I_R, J_L, J_R, D): two
-    matmuls, (J_L D, I_L) x (N, I_L, I_R), then (N J_L, D I_R) x (D I_R, J_R). TorchScript-compatible."""
-    lt, r, il, ir, jl, jr, d = prepared
-    if ir == 1 and jl == 1:  # a rank-D factorization (I, D) x (D, J): two plain matmuls
-        return torch.mm(torch.mm(x, lt.t()), r)
-    n = x.shape[0]
-    mid = torch.matmul(lt, x.reshape(n, il, ir))  # (N, J_L * D, I_R)
-    return (mid.reshape(n * jl, d * ir) @ r).reshape(n, jl * jr)
-
-
-# ----------------------------------------------------------------------------- int8 grids
-
-
-def quantize_int8(t: Tensor, dims: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 of ``t`` (any shape): (q int8 of t's shape, scale float32), t ~ q * scale with
-    q in [-127, 127]. One scale per slice: max |t| over ``dims`` / 127, those dims kept with size 1
-    (the scale broadcasts against q); ``dims=None``: one scale, shape (1,). A slice whose scale would
-    be 0 (all zeros) gets 1. Raises ValueError for non-finite values."""
-    x = t.detach().float()
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("cannot quantize non-finite values to int8")
-    if x.numel() == 0:
-        peak = torch.zeros(1 if dims is None else [1 if d in dims else n for d, n in enumerate(x.shape)])
-    else:
-        peak = x.abs().amax().reshape(1) if dims is None else x.abs().amax(dim=tuple(dims), keepdim=True)
-    scale = peak / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
-
-
-def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``(q.float() * scale).to(dtype)``: the one expression that turns int8 values back into floats
-    (quantize, save and load all use it, so a round trip is bit-exact)."""
-    return (q.float() * scale.float()).to(dtype)
-
-
-def core_scale_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
-    """Shape of the scales of a core (D_l, i, j, D_r): one per slice along its larger bond, (D_l, 1, 1, 1)
-    when D_l > D_r, else (1, 1, 1, D_r); the edge cores (a bond of 1) thus get one scale per slice of
-    their inner bond."""
-    left, _, _, right = shape
-    return (left, 1, 1, 1) if left > right else (1, 1, 1, right)
-
-
-def quantize_core(core: Tensor) -> tuple[Tensor, Tensor]:
-    """A core's int8 values and its scales of :func:`core_scale_shape` (float32)."""
-    return quantize_int8(core, [d for d, n in enumerate(core_scale_shape(core.shape)) if n == 1])
-
-
-class _Scales(nn.Module):
-    """The float32 scales of one weight's int8 cores as buffers "0", "1", ... (kept float32 by ``.to``)."""
-
-    def __init__(self, scales: Sequence[Tensor]) -> None:
-        super().__init__()
-        for k, scale in enumerate(scales):
-            self.register_buffer(str(k), scale.detach().to(torch.float32).contiguous())
-
-    def _apply(self, fn, recurse=True):
-        for key, buf in self._buffers.items():
-            moved = fn(buf)
-            self._buffers[key] = moved if moved.dtype == torch.float32 else buf.to(moved.device)
-        return self
-
-
-def _int8_config(mpo_config: Callable) -> Callable:
-    """A layer's ``mpo_config`` with ``"int8": true`` added for an int8 module."""
-
-    @functools.wraps(mpo_config)
-    def wrapped(self) -> dict[str, Any]:
-        config = mpo_config(self)
-        if self.int8:
-            config["int8"] = True
-        return config
-
-    return wrapped
-
-
-def _int8_from_config(from_config: Callable) -> classmethod:
-    """A layer's ``from_config`` (the function under its classmethod) that also creates placeholder
-    scale buffers when the config has ``"int8": true``."""
-
-    @functools.wraps(from_config)
-    def wrapped(cls, config: Mapping[str, Any]):
-        layer = from_config(cls, config)
-        flag = config.get("int8", False)
-        if not isinstance(flag, bool):
-            raise ValueError(f"config field 'int8' must be true or false, got {flag!r}")
-        if flag:
-            layer._set_scales({name: [torch.ones(core_scale_shape(c.shape), device=c.device)
-                                      for c in layer._cores(name)] for name in layer._weight_shapes})
-        return layer
-
-    return classmethod(wrapped)
+def pinned_factors(factors: FactorSpec | None, shapes: Mapping[str, Any]) -> dict[str, tuple]:
+    """``factors`` ({weight name: (in_factors, out_factors)}) as a dict; ValueError naming any weight
+    that is not among ``shapes``."""
+    given = dict(factors or {})
+    unknown = sorted(set(given) - set(shapes))
+    if unknown:
+        raise ValueError(f"factors given for unknown weights {unknown}; the weights are {list(shapes)}")
+    return given
 
 
 # ----------------------------------------------------------------------------- the base
 
 
-class MPOWeights(nn.Module):
+class MPOWeights(Int8Cores, MPOModule):
     """Machinery of every MPO module (see the module docstring). A subclass declares its weights
-    with :meth:`_init_weights` (or :meth:`_add_weight` one at a time) in its constructor and gets
-    the MPO-module protocol's ``mpo_weights`` / ``reports`` / ``factors``, rebuild, products,
-    conversions from dense weights or ready MPOs, and the config of the cores."""
+    with :meth:`_init_weights` (or :meth:`_add_weight` one at a time) in its constructor, gives its
+    constructor arguments to the config (:meth:`_config_args`, :meth:`_args_from_config`) and gets
+    the MPO-module protocol (``mpo_weights`` / ``reports`` / ``mpo_config`` / ``from_config``),
+    ``factors``, rebuild, products, conversions from dense weights or ready MPOs and int8 cores."""
 
     _weight_shapes: dict[str, tuple[int, int]]
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        """Wrap a layer's own ``mpo_config`` / ``from_config`` once, so that they record and restore
-        int8 cores (see the module docstring)."""
-        super().__init_subclass__(**kwargs)
-        if "mpo_config" in cls.__dict__:
-            cls.mpo_config = _int8_config(cls.__dict__["mpo_config"])
-        if isinstance(cls.__dict__.get("from_config"), classmethod):
-            cls.from_config = _int8_from_config(cls.__dict__["from_config"].__func__)
+    separate_bias = False  # a rank-D product adds its bias in its own op (set by the ONNX export)
 
     # -- construction --------------------------------------------------------------------
     def _start_weights(self, num_cores: int) -> None:
         check_positive_int("num_cores", num_cores)
         self.num_cores = num_cores
         self._weight_shapes = {}
+        self._init_stds: dict[str, float] = {}  # the entry std of each rebuilt weight at init (from_config)
         self._reports: dict[str, TruncationReport] = {}
         self._cache: tuple[tuple, list[Tensor], dict[str, Any]] | None = None
         self._plans: dict[tuple, tuple] = {}  # training-mode plans (eval ones live in the cache)
@@ -278,9 +94,8 @@ class MPOWeights(nn.Module):
             n = len(tuple(in_f if in_f is not None else out_f if out_f is not None else ())) or self.num_cores
             in_f, out_f = resolve_factors(in_dim, out_dim, in_f, out_f, n)
         self._weight_shapes[name] = (out_dim, in_dim)
-        cores = _empty_cores(in_f, out_f, mpo_math.capped_bond_dims(in_f, out_f, bond_dim), device=device,
-                             dtype=dtype)
-        init_cores_(cores, std)
+        self._init_stds[name] = std
+        cores = random_cores(in_f, out_f, mpo_math.capped_bond_dims(in_f, out_f, bond_dim), std, device, dtype)
         setattr(self, self._cores_attr(name), nn.ParameterList(nn.Parameter(c) for c in cores))
 
     def _init_weights(self, shapes: Mapping[str, tuple[int, int]], bond_dim: int, factors: FactorSpec | None,
@@ -288,10 +103,7 @@ class MPOWeights(nn.Module):
         """Create the cores of every weight (shapes (out, in)); ``factors`` pins layouts by name."""
         check_positive_int("bond_dim", bond_dim)
         self._start_weights(num_cores)
-        given = dict(factors or {})
-        unknown = sorted(set(given) - set(shapes))
-        if unknown:
-            raise ValueError(f"factors given for unknown weights {unknown}; the weights are {list(shapes)}")
+        given = pinned_factors(factors, shapes)
         for name, shape in shapes.items():
             self._add_weight(name, shape, bond_dim, given.get(name), std, device, dtype)
 
@@ -331,21 +143,50 @@ class MPOWeights(nn.Module):
         dense = sum(o * i for o, i in self._weight_shapes.values())
         return dense / sum(p.numel() for p in [*self._core_params(), *sparse_params(self)])
 
-    def _weights_config(self) -> dict[str, dict[str, list[int]]]:
-        """Per weight: in_factors, out_factors, bond_dims, and "sparse" (its sparse residual's entry
-        count, layout "lowrank+sparse"; "sparse_int8" when its values are int8) when it has one."""
-        sparse = sparse_config(self)
-        return {name: {"in_factors": list(in_f), "out_factors": list(out_f),
-                       "bond_dims": list(mpo_math.bond_dims(self.mpo_weights()[name])), **sparse.get(name, {})}
-                for name, (in_f, out_f) in self.factors.items()}
+    # -- the config (io) -------------------------------------------------------------------
+    def _config_args(self) -> dict[str, Any]:
+        """The layer's constructor arguments that fix its shapes, JSON-serialisable (each layer)."""
+        raise NotImplementedError
 
-    def _load_weights_config(self, weights: Mapping[str, Any], std: float) -> None:
-        """Replace every weight's cores by fresh ones of exactly the configured shapes."""
+    @classmethod
+    def _args_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The constructor arguments (all but ``bond_dim``) that ``config`` gives (each layer)."""
+        raise NotImplementedError
+
+    def mpo_config(self) -> dict[str, Any]:
+        """JSON-serialisable description from which ``from_config`` rebuilds the module: its class,
+        constructor arguments, the cores' factors and bonds (and sparse residuals), ``"int8"``."""
+        return {"class": type(self).__name__, **self._config_args(), **self._cores_config(), **self._int8_config()}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "MPOWeights":
+        """A module with cores of exactly the configured shapes (values from the default init)."""
+        if config.get("class", cls.__name__) != cls.__name__:
+            raise ValueError(f"config is for {config.get('class')!r}, not {cls.__name__}")
+        layer = cls(**cls._args_from_config(config), bond_dim=1, num_cores=int(config.get("num_cores", 4)))
+        layer._load_cores_config(config)
+        layer._load_int8_config(config)
+        return layer
+
+    def _cores_config(self) -> dict[str, Any]:
+        """The cores' part of the config: ``num_cores`` and, per weight, in_factors, out_factors,
+        bond_dims, and "sparse" (its sparse residual's entry count, layout "lowrank+sparse"; with
+        "sparse_index", its index format, and "sparse_int8" for int8 values) when it has one."""
+        sparse = sparse_config(self)
+        return {"num_cores": self.num_cores, "weights": {
+            name: {"in_factors": list(in_f), "out_factors": list(out_f),
+                   "bond_dims": list(mpo_math.bond_dims(self.mpo_weights()[name])),
+                   **sparse.get(name, {})}
+            for name, (in_f, out_f) in self.factors.items()}}
+
+    def _load_cores_config(self, config: Mapping[str, Any]) -> None:
+        """Replace every weight's cores by fresh ones of exactly the shapes ``config["weights"]`` gives."""
+        weights = config["weights"]
         if not isinstance(weights, Mapping) or set(weights) != set(self._weight_shapes):
             got = sorted(weights) if isinstance(weights, Mapping) else weights
             raise ValueError(f"config has weights {got}, expected {sorted(self._weight_shapes)}")
         for name, spec in weights.items():
-            self._set_mpo(name, MPO(_config_cores(name, spec, std)))
+            self._set_mpo(name, MPO(_config_cores(name, spec, self._init_stds[name])))
         load_sparse_config(self, weights)
 
     # -- setting weights -----------------------------------------------------------------
@@ -385,66 +226,6 @@ class MPOWeights(nn.Module):
         else:
             self._reports.pop(name, None)
         self._cache = None
-
-    # -- int8 cores ----------------------------------------------------------------------
-    @property
-    def int8(self) -> bool:
-        """True once :func:`mpolstm.quantize` put the cores on int8 grids (their scales are buffers)."""
-        return all(self._scales_attr(name) in self._modules for name in self._weight_shapes)
-
-    def _scales_attr(self, name: str) -> str:
-        return self._cores_attr(name).removesuffix("cores") + "scales"
-
-    def _set_scales(self, scales: Mapping[str, Sequence[Tensor]]) -> None:
-        for name, values in scales.items():
-            setattr(self, self._scales_attr(name), _Scales(values))
-
-    @torch.no_grad()
-    def _quantize_int8_(self) -> None:
-        """Round every core in place onto its int8 grid (:func:`quantize_core`) and keep the scales."""
-        scales = {}
-        for name in self._weight_shapes:
-            scales[name] = []
-            for core in self._cores(name):
-                q, scale = quantize_core(core)
-                core.copy_(dequantize_int8(q, scale, core.dtype))
-                scales[name].append(scale)
-        self._set_scales(scales)
-        for part in sparse_parts(self).values():  # the hybrid's sparse values: one scale each
-            part.quantize_()
-
-    def _int8_keys(self) -> dict[str, str]:
-        """{state_dict key of each core (and of int8 sparse values): that of its scales} of an int8 module
-        (io reads and writes these)."""
-        keys = {f"{self._cores_attr(n)}.{k}": f"{self._scales_attr(n)}.{k}"
-                for n in self._weight_shapes for k in range(len(self._cores(n)))}
-        return keys | {f"{n}{SPARSE}.values": f"{n}{SPARSE}.scale" for n, p in sparse_parts(self).items() if p.int8}
-
-    @torch.no_grad()
-    def _int8_values(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """{core key: (q int8, scales)} of an int8 module, the q from its stored scales; ValueError when
-        a core is no longer on its grid (trained or replaced after quantize)."""
-        out = {}
-        for name in self._weight_shapes:
-            scales = list(self._modules[self._scales_attr(name)]._buffers.values())
-            cores = self._cores(name)
-            for k, core in enumerate(cores):
-                scale = scales[k] if len(scales) == len(cores) else None
-                q = None
-                if scale is not None and tuple(scale.shape) == core_scale_shape(core.shape):
-                    q = torch.round(core.float() / scale).clamp_(-127, 127).to(torch.int8)
-                if q is None or not torch.equal(dequantize_int8(q, scale, core.dtype), core):
-                    raise ValueError(f"{type(self).__name__}: {self._cores_attr(name)}.{k} is no longer on its "
-                                     "int8 grid (trained or edited after quantize); call mpolstm.quantize(model) "
-                                     "again")
-                out[f"{self._cores_attr(name)}.{k}"] = (q.cpu(), scale.cpu())
-        for name, part in sparse_parts(self).items():
-            if part.int8:
-                try:
-                    out[f"{name}{SPARSE}.values"] = part.int8_values()
-                except ValueError as exc:
-                    raise ValueError(f"{type(self).__name__}: {name}{SPARSE}: {exc}") from None
-        return out
 
     # -- weights -------------------------------------------------------------------------
     def _cores(self, name: str) -> list[Tensor]:
@@ -496,7 +277,7 @@ class MPOWeights(nn.Module):
             options[("dense",)] = cost["rebuild"]
         if cached and len(cores) > 1:  # prepared once: no per-call merging (for two cores: contiguous copies)
             with torch.no_grad():
-                options[("halves",)] = mpo_math.matmul_cost(rows, merged_halves(cores))["cores"]
+                options[("halves",)] = mpo_math.matmul_cost(rows, mpo_math.merged_halves(cores))["cores"]
         return min(options, key=lambda k: (options[k], k != ("halves",)))
 
     def _plan_for(self, x: Tensor, name: str, cache: dict[str, Any] | None) -> tuple:
@@ -524,10 +305,10 @@ class MPOWeights(nn.Module):
         if plan[0] == "halves":
             prepared = self._halves(name, cache)
             if bias is not None and prepared[3] == 1 and prepared[4] == 1:  # rank-D: (x A) B + b in two ops
-                if torch.onnx.is_in_onnx_export():  # MatMul + Add: int8 tools quantize MatMul, not Gemm with a bias
+                if self.separate_bias:  # MatMul + Add (ONNX export): int8 tools quantize MatMul, not Gemm with a bias
                     return torch.matmul(torch.matmul(x, prepared[0].t()), prepared[1]) + bias
                 return torch.addmm(bias, torch.mm(x, prepared[0].t()), prepared[1])
-            out = halves_matmul(x, prepared)
+            out = mpo_math.halves_matmul(x, prepared)
         else:
             out = mpo_math.split_matmul(x, self._cores(name), plan[1])
         out = add_sparse_product(self, name, x, out)
@@ -537,11 +318,11 @@ class MPOWeights(nn.Module):
         """The merged halves of weight ``name`` (:func:`prepare_halves`): from the eval cache, or
         built from the cores (differentiable) without one."""
         if cache is None:
-            return prepare_halves(self._cores(name))
+            return mpo_math.prepare_halves(self._cores(name))
         halves = cache.setdefault("halves", {})
         if name not in halves:
             with torch.no_grad():
-                halves[name] = prepare_halves(self._cores(name))
+                halves[name] = mpo_math.prepare_halves(self._cores(name))
         return halves[name]
 
     @property
@@ -604,9 +385,7 @@ def _config_cores(name: str, spec: Mapping[str, Any], std: float) -> list[Tensor
                          f"{len(in_f)} cores")
     if any(b < 1 for b in bonds):
         raise ValueError(f"{name}: bond_dims {spec['bond_dims']} must be positive integers")
-    cores = _empty_cores(in_f, out_f, bonds)
-    init_cores_(cores, std)
-    return cores
+    return random_cores(in_f, out_f, bonds, std)
 
 
 def set_factorized(model: nn.Module, enabled: bool = True) -> nn.Module:
@@ -644,10 +423,14 @@ class SingleWeightMPO(MPOWeights):
     def out_factors(self) -> tuple[int, ...]:
         return self.factors["weight"][1]
 
-    def _config_of_cores(self) -> dict[str, Any]:
-        """The cores' part of the config: in_factors, out_factors, bond_dims."""
-        return self._weights_config()["weight"]
+    _factor_keys = ("in_factors", "out_factors")  # the config's names of the weight's factors
 
-    def _load_config_of_cores(self, config: Mapping[str, Any], std: float) -> None:
-        keys = ("in_factors", "out_factors", "bond_dims", "sparse", "sparse_index", "sparse_int8")
-        self._load_weights_config({"weight": {k: config[k] for k in keys if k in config}}, std)
+    def _cores_config(self) -> dict[str, Any]:
+        """The cores' part of the config, flat: the factors (``_factor_keys``), bond_dims, sparse."""
+        spec = super()._cores_config()["weights"]["weight"]
+        return {self._factor_keys[0]: spec.pop("in_factors"), self._factor_keys[1]: spec.pop("out_factors"), **spec}
+
+    def _load_cores_config(self, config: Mapping[str, Any]) -> None:
+        keys = dict(zip(("in_factors", "out_factors"), self._factor_keys), bond_dims="bond_dims", sparse="sparse",
+                    sparse_index="sparse_index", sparse_int8="sparse_int8")
+        super()._load_cores_config({"weights": {"weight": {k: config[c] for k, c in keys.items() if c in config}}})

@@ -59,12 +59,12 @@ class _MPOCellBase(MPOWeights):
             self.register_parameter("bias_hh", None)
 
     # -- conversion -----------------------------------------------------------------------
-    def _torch_args(self) -> dict[str, Any]:
-        return {"input_size": self.input_size, "hidden_size": self.hidden_size, "bias": self.bias}
+    _arg_names = ("input_size", "hidden_size", "bias")  # torch's constructor arguments (RNNCell: + nonlinearity)
 
     @classmethod
-    def _args_of(cls, cell: nn.RNNCellBase) -> dict[str, Any]:
-        return {"input_size": cell.input_size, "hidden_size": cell.hidden_size, "bias": cell.bias}
+    def _args_of(cls, cell: nn.Module) -> dict[str, Any]:
+        """The torch constructor arguments of ``cell`` (a torch cell or this MPO cell)."""
+        return {name: getattr(cell, name) for name in cls._arg_names}
 
     @classmethod
     def from_torch(cls, cell: nn.RNNCellBase, max_bond: int | None = None, rel_tol: float | None = None, *,
@@ -92,7 +92,7 @@ class _MPOCellBase(MPOWeights):
     def to_torch(self) -> nn.RNNCellBase:
         """The plain torch cell (``to_lstm_cell``, ...) with the rebuilt weights."""
         first = self._cores("weight_ih")[0]
-        cell = self._torch_class(**self._torch_args(), device=first.device, dtype=first.dtype)
+        cell = self._torch_class(**self._args_of(self), device=first.device, dtype=first.dtype)
         with torch.no_grad():
             cell.weight_ih.copy_(self._rebuild("weight_ih"))
             cell.weight_hh.copy_(self._rebuild("weight_hh"))
@@ -109,24 +109,12 @@ class _MPOCellBase(MPOWeights):
                 for name in ("weight_ih", "weight_hh")}
 
     # -- MPO-module protocol ---------------------------------------------------------------
-    def mpo_config(self) -> dict[str, Any]:
-        """JSON-serialisable description from which ``from_config`` rebuilds the module."""
-        return {"class": type(self).__name__, **self._torch_args(), "num_cores": self.num_cores,
-                "weights": self._weights_config()}
+    def _config_args(self) -> dict[str, Any]:
+        return self._args_of(self)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]):
-        """A module with cores of exactly the configured shapes (values from the default init)."""
-        if config.get("class") != cls.__name__:
-            raise ValueError(f"config is for {config.get('class')!r}, not {cls.__name__}")
-        args = {k: config[k] for k in cls._config_keys()}
-        layer = cls(**args, bond_dim=1, num_cores=int(config.get("num_cores", 4)))
-        layer._load_weights_config(config["weights"], 1.0 / math.sqrt(3.0 * layer.hidden_size))
-        return layer
-
-    @classmethod
-    def _config_keys(cls) -> tuple[str, ...]:
-        return ("input_size", "hidden_size", "bias")
+    def _args_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: config[k] for k in cls._arg_names}
 
     def extra_repr(self) -> str:
         return f"{nn.RNNCellBase.extra_repr(self)}, {self._mpo_repr()}"
@@ -245,16 +233,7 @@ class MPORNNCell(_MPOCellBase):
 
     from_rnn_cell, to_rnn_cell = _MPOCellBase.__dict__["from_torch"], _MPOCellBase.to_torch
 
-    def _torch_args(self) -> dict[str, Any]:
-        return {**super()._torch_args(), "nonlinearity": self.nonlinearity}
-
-    @classmethod
-    def _args_of(cls, cell: nn.RNNCellBase) -> dict[str, Any]:
-        return {**super()._args_of(cell), "nonlinearity": cell.nonlinearity}
-
-    @classmethod
-    def _config_keys(cls) -> tuple[str, ...]:
-        return super()._config_keys() + ("nonlinearity",)
+    _arg_names = _MPOCellBase._arg_names + ("nonlinearity",)
 
     @property
     def _mode(self) -> str:

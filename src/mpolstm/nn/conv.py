@@ -130,21 +130,12 @@ class _MPOConvNd(MPOWeights):
         return {"weight": (matrix.T, default_factors(matrix.shape[1], matrix.shape[0], num_cores))}
 
     # -- MPO-module protocol -------------------------------------------------------------------
-    def mpo_config(self) -> dict[str, Any]:
-        """JSON-serialisable description from which ``from_config`` rebuilds the module."""
-        args = {k: (v if isinstance(v, (str, int, bool)) else list(v)) for k, v in self._torch_args().items()}
-        return {"class": type(self).__name__, **args, "num_cores": self.num_cores, "weights": self._weights_config()}
+    def _config_args(self) -> dict[str, Any]:
+        return {k: (v if isinstance(v, (str, int, bool)) else list(v)) for k, v in self._torch_args().items()}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]):
-        """A module with cores of exactly the configured shapes (values from the default init)."""
-        if config.get("class") != cls.__name__:
-            raise ValueError(f"config is for {config.get('class')!r}, not {cls.__name__}")
-        args = {k: _tuple_or_str(config[k]) for k in _ARGS}
-        layer = cls(**args, bond_dim=1, num_cores=int(config.get("num_cores", 4)))
-        fan_in = layer._weight_shapes["weight"][1]
-        layer._load_weights_config(config["weights"], 1.0 / math.sqrt(3.0 * fan_in))
-        return layer
+    def _args_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: _tuple_or_str(config[k]) for k in _ARGS}
 
     # -- use ----------------------------------------------------------------------------------
     def _torch_weight(self, name: str) -> Tensor:

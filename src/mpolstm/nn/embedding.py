@@ -225,26 +225,17 @@ class MPOEmbedding(SingleWeightMPO):
 
     # -- MPO-module protocol (used by compress and io); mpo_weights()["weight"] is the padded
     # table itself (rows on the i side, not transposed) -------------------------------------
-    def mpo_config(self) -> dict[str, Any]:
-        """JSON-serialisable description from which ``from_config`` rebuilds the module."""
-        return {
-            "class": type(self).__name__,
-            "num_embeddings": self.num_embeddings,
-            "embedding_dim": self.embedding_dim,
-            "padding_idx": self.padding_idx,
-            "row_factors": list(self.row_factors),
-            "dim_factors": list(self.dim_factors),
-            "bond_dims": list(mpo_math.bond_dims(self.cores)),
-        }
+    _factor_keys = ("row_factors", "dim_factors")
+
+    def _config_args(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "padding_idx": self.padding_idx}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "MPOEmbedding":
-        """A module with cores of exactly the configured shapes (values from the default init)."""
-        rows, dims = tuple(config["row_factors"]), tuple(config["dim_factors"])
-        layer = cls(int(config["num_embeddings"]), int(config["embedding_dim"]), 1,
-                    padding_idx=config["padding_idx"], row_factors=rows, dim_factors=dims)
-        layer._load_config_of_cores({"in_factors": rows, "out_factors": dims, "bond_dims": config["bond_dims"]}, 1.0)
-        return layer
+    def _args_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {"num_embeddings": int(config["num_embeddings"]), "embedding_dim": int(config["embedding_dim"]),
+                "padding_idx": config["padding_idx"], "row_factors": tuple(config["row_factors"]),
+                "dim_factors": tuple(config["dim_factors"])}
 
     # -- use ------------------------------------------------------------------------
     @property

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from .base import Halves, halves_matmul
+from ..mpo import Halves, halves_matmul
 from .sparse import sparse_parts
 
 __all__ = ["NUM_GATES", "cell_update", "factorized_forward", "recurrence"]

@@ -107,19 +107,14 @@ class MPOLinear(SingleWeightMPO):
         return linear.train(self.training)
 
     # -- MPO-module protocol (used by compress and io) ---------------------------------
-    def mpo_config(self) -> dict[str, Any]:
-        """JSON-serialisable description from which ``from_config`` rebuilds the module."""
-        return {"class": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None, **self._config_of_cores()}
+    def _config_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "MPOLinear":
-        """A module with cores of exactly the configured shapes (values from the default init)."""
-        layer = cls(int(config["in_features"]), int(config["out_features"]), 1,
-                    in_factors=tuple(config["in_factors"]), out_factors=tuple(config["out_factors"]),
-                    bias=bool(config["bias"]))
-        layer._load_config_of_cores(config, 1.0 / math.sqrt(3 * layer.in_features))
-        return layer
+    def _args_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {"in_features": int(config["in_features"]), "out_features": int(config["out_features"]),
+                "bias": bool(config["bias"]), "in_factors": tuple(config["in_factors"]),
+                "out_factors": tuple(config["out_factors"])}
 
     # -- use ------------------------------------------------------------------------
     @property

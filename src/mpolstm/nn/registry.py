@@ -12,12 +12,12 @@ The MPO-module protocol every registered ``mpo_type`` follows (docs/architecture
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from torch import Tensor, nn
 
-__all__ = ["KINDS", "LayerType", "register", "layer_type", "layer_type_of_mpo", "mpo_class", "supported_torch_types", "registered_mpo_names", "register_auxiliary",
-           "is_mpo_module", "replace_module"]
+__all__ = ["KINDS", "LayerType", "MPOModule", "register", "layer_type", "layer_type_of_mpo", "mpo_class",
+           "supported_torch_types", "registered_mpo_names", "register_auxiliary", "is_mpo_module", "replace_module"]
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,33 @@ def registered_mpo_names() -> list[str]:
     return sorted([*_BY_MPO, *_AUXILIARY])
 
 
+class MPOModule(nn.Module):
+    """The MPO-module protocol (see the module docstring), as a type: every MPO layer (``nn.base``)
+    and every layer that uses another's MPO (``nn.shared``) derives from it, so "is this an MPO
+    module" is :func:`is_mpo_module`, one isinstance check."""
+
+    def mpo_weights(self) -> dict[str, nn.ParameterList]:
+        """torch weight name -> its cores (the MPO of W^T); empty for a layer using another's MPO."""
+        raise NotImplementedError
+
+    @property
+    def reports(self) -> dict:
+        """weight name -> the TruncationReport of its decomposition."""
+        raise NotImplementedError
+
+    def mpo_config(self) -> dict[str, Any]:
+        """JSON-serialisable description from which ``from_config`` rebuilds the module."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "MPOModule":
+        """A module with exactly the configured shapes (``io.load`` then loads the weights)."""
+        raise NotImplementedError
+
+
 def is_mpo_module(module: nn.Module) -> bool:
-    """True for modules that follow the MPO-module protocol."""
-    return callable(getattr(module, "mpo_weights", None)) and callable(getattr(module, "mpo_config", None))
+    """True for modules that follow the MPO-module protocol (:class:`MPOModule`)."""
+    return isinstance(module, MPOModule)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

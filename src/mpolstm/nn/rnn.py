@@ -23,19 +23,20 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from ..mpo import MPO
-from .base import MPOWeights, check_positive_int
+from .base import MPOWeights, check_positive_int, pinned_factors
 from .gates import NUM_GATES, cell_update, factorized_forward
 from .registry import LayerType, register
+from .rnn_inputs import recurrent_inputs
 
-__all__ = ["MPOLSTM", "MPOGRU", "MPORNN", "RNNStream", "recurrent_inputs"]
+__all__ = ["MPOLSTM", "MPOGRU", "MPORNN", "RNNStream", "recurrent_inputs"]  # recurrent_inputs: nn.rnn_inputs
 
 FactorSpec = Mapping[str, tuple[Sequence[int], Sequence[int]]]
 
@@ -64,10 +65,7 @@ class _MPORNNBase(MPOWeights):
         self.bidirectional, self.proj_size = bool(bidirectional), proj_size
         self._start_weights(num_cores)
         shapes = self._layout_names()
-        given = dict(factors or {})
-        unknown = sorted(set(given) - set(shapes))
-        if unknown:
-            raise ValueError(f"factors given for unknown weights {unknown}; the weights are {list(shapes)}")
+        given = pinned_factors(factors, shapes)
         std = 1.0 / math.sqrt(hidden_size)  # torch's U(-std, std) init, variance std^2 / 3
         gate_size = NUM_GATES[self._mode] * hidden_size
         for name in self._flat_weights_names:  # torch's order (w_ih, w_hh, b_ih, b_hh, w_hr per layer)
@@ -149,20 +147,12 @@ class _MPORNNBase(MPOWeights):
         return rnn.train(self.training)
 
     # -- MPO-module protocol (used by compress and io) ---------------------------------
-    def mpo_config(self) -> dict[str, Any]:
-        """JSON-serialisable description from which ``from_config`` rebuilds the module."""
-        return {"class": type(self).__name__, **_torch_args(self), "num_cores": self.num_cores,
-                "weights": self._weights_config()}
+    def _config_args(self) -> dict[str, Any]:
+        return _torch_args(self)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]):
-        """A module with cores of exactly the configured shapes (values from the default init)."""
-        if config.get("class") != cls.__name__:
-            raise ValueError(f"config is for {config.get('class')!r}, not {cls.__name__}")
-        args = {k: config[k] for k in _torch_args_names(cls)}
-        layer = cls(**args, bond_dim=1, num_cores=int(config.get("num_cores", 4)))
-        layer._load_weights_config(config["weights"], 1.0 / math.sqrt(3.0 * layer.hidden_size))
-        return layer
+    def _args_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: config[k] for k in _torch_args_names(cls._mode)}
 
     # -- weights --------------------------------------------------------------------
     def _dense_weights(self, cache: dict | None = None) -> dict[str, Tensor]:
@@ -327,21 +317,15 @@ def _check_rnn_args(input_size, hidden_size, num_layers, bias, batch_first, drop
         raise ValueError("proj_size has to be smaller than hidden_size")
 
 
-def _torch_args_names(cls) -> tuple[str, ...]:
+def _torch_args_names(mode: str) -> tuple[str, ...]:
+    """torch's constructor arguments of the layer of ``mode`` ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")."""
     names = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
-    if cls._mode == "LSTM":
-        return names + ("proj_size",)
-    return names + (("nonlinearity",) if cls._mode.startswith("RNN_") else ())
-
-
-def _mpo_class_of(module) -> type["_MPORNNBase"]:
-    """The MPO class of an nn.LSTM/GRU/RNN or MPOLSTM/MPOGRU/MPORNN, by its ``mode``."""
-    return {"LSTM": MPOLSTM, "GRU": MPOGRU, "RNN_TANH": MPORNN, "RNN_RELU": MPORNN}[module.mode]
+    return names + (("proj_size",) if mode == "LSTM" else ("nonlinearity",) if mode.startswith("RNN_") else ())
 
 
 def _torch_args(module) -> dict[str, Any]:
     """The torch constructor arguments of an nn.LSTM/GRU/RNN or an MPOLSTM/MPOGRU/MPORNN."""
-    return {name: getattr(module, name) for name in _torch_args_names(_mpo_class_of(module))}
+    return {name: getattr(module, name) for name in _torch_args_names(module.mode)}
 
 
 class MPOLSTM(_MPORNNBase):
@@ -446,72 +430,6 @@ class RNNStream:
 
     def reset(self, hx=None) -> None:
         self.state = hx
-
-
-def recurrent_inputs(rnn: nn.RNNBase, args: tuple) -> Iterator[tuple[str, Tensor]]:
-    """(weight name, the vectors it multiplies (samples, features)) for every layer and
-    direction of an nn.LSTM / nn.GRU / nn.RNN called with ``args`` (the registry's ``inputs`` hook).
-
-    W_ih of layer l multiplies x_t of layer l (the module input for l = 0, the previous
-    layer's output otherwise) and W_hh multiplies h_{t-1} (the initial state at t = 0). The
-    input is re-run one layer and direction at a time with the module's own weights to read
-    those sequences (padded positions of a PackedSequence are left out). W_hr (proj_size > 0)
-    is not recorded."""
-    x, hx = args[0], args[1] if len(args) > 1 else None
-    mask = None
-    if isinstance(x, PackedSequence):
-        x, lengths = pad_packed_sequence(x, batch_first=True)
-        mask = torch.arange(x.shape[1])[None, :] < lengths[:, None]  # (N, T)
-    elif x.dim() == 2:  # unbatched (T, F)
-        x = x.unsqueeze(0)
-    elif not rnn.batch_first:
-        x = x.transpose(0, 1)
-    lstm = rnn.mode == "LSTM"
-    h0_all, c0_all = hx if lstm and hx is not None else (hx, None)
-    if h0_all is not None and h0_all.dim() == 2:
-        h0_all, c0_all = h0_all.unsqueeze(1), None if c0_all is None else c0_all.unsqueeze(1)
-    directions = 2 if rnn.bidirectional else 1
-    real_hidden = rnn.proj_size or rnn.hidden_size
-    layer_input = x  # (N, T, F), batch first from here on
-    for layer in range(rnn.num_layers):
-        outputs = []
-        for d in range(directions):
-            sfx = f"_l{layer}" + ("_reverse" if d else "")
-            single = _single_layer(rnn, layer_input.shape[-1])
-            single.to(device=layer_input.device, dtype=layer_input.dtype)
-            with torch.no_grad():
-                for name in single._flat_weights_names:
-                    getattr(single, name).copy_(getattr(rnn, name.replace("_l0", sfx)))
-            seq = layer_input.flip(1) if d else layer_input
-            k = layer * directions + d
-            h0 = None if h0_all is None else h0_all[k : k + 1]
-            state = h0 if h0 is None or not lstm else (h0, c0_all[k : k + 1])
-            if d and mask is not None:  # reverse each sequence within its own length
-                seq = torch.stack([torch.cat([s[:n].flip(0), s[n:]]) for s, n in
-                                   zip(layer_input, mask.sum(1))])
-            with torch.no_grad():
-                out, _ = single(seq, state)
-            start = torch.zeros_like(out[:, :1]) if h0 is None else h0.transpose(0, 1)
-            previous = torch.cat([start, out[:, :-1]], 1)  # h_{t-1}
-            keep = mask if mask is not None else torch.ones(out.shape[:2], dtype=torch.bool)
-            yield f"weight_ih{sfx}", seq[keep]
-            yield f"weight_hh{sfx}", previous[keep]
-            if d and mask is not None:
-                out = torch.stack([torch.cat([o[:n].flip(0), o[n:]]) for o, n in zip(out, mask.sum(1))])
-            elif d:
-                out = out.flip(1)
-            outputs.append(out[..., :real_hidden])
-        layer_input = torch.cat(outputs, -1)
-
-
-def _single_layer(rnn: nn.RNNBase, input_size: int) -> nn.RNNBase:
-    """A one-layer, one-direction, batch-first torch RNN of ``rnn``'s kind (LSTM, GRU, RNN)."""
-    kwargs: dict[str, Any] = {"bias": rnn.bias, "batch_first": True}
-    if rnn.mode == "LSTM":
-        kwargs["proj_size"] = rnn.proj_size
-    elif rnn.mode.startswith("RNN_"):
-        kwargs["nonlinearity"] = "tanh" if rnn.mode == "RNN_TANH" else "relu"
-    return _mpo_class_of(rnn)._torch_class(input_size, rnn.hidden_size, 1, **kwargs)
 
 
 def _recurrent_weights(rnn: nn.RNNBase) -> list[str]:

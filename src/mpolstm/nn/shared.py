@@ -20,12 +20,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .registry import register_auxiliary
+from .registry import MPOModule, register_auxiliary
 
-__all__ = ["SharedLinear", "SharedEmbedding", "SHARED_TYPES", "shared_for"]
+__all__ = ["SharedLayer", "SharedLinear", "SharedEmbedding", "SHARED_TYPES", "shared_for"]
 
 
-class _Shared(nn.Module):
+class SharedLayer(MPOModule):
     """The part shared by both kinds: the owner reference and the MPO-module protocol."""
 
     def __init__(self, owner_name: str) -> None:
@@ -58,7 +58,7 @@ class _Shared(nn.Module):
 
 
 @register_auxiliary
-class SharedLinear(_Shared):
+class SharedLinear(SharedLayer):
     """nn.Linear whose weight (out_features, in_features) is the owner's ``weight``."""
 
     torch_type = nn.Linear
@@ -106,7 +106,7 @@ class SharedLinear(_Shared):
 
 
 @register_auxiliary
-class SharedEmbedding(_Shared):
+class SharedEmbedding(SharedLayer):
     """nn.Embedding whose table (num_embeddings, embedding_dim) is the owner's ``weight``."""
 
     torch_type = nn.Embedding
@@ -148,7 +148,7 @@ class SharedEmbedding(_Shared):
 SHARED_TYPES = {nn.Linear: SharedLinear, nn.Embedding: SharedEmbedding}
 
 
-def shared_for(module: nn.Module) -> type[_Shared] | None:
+def shared_for(module: nn.Module) -> type[SharedLayer] | None:
     """The Shared* class that can stand in for ``module`` (an nn.Linear or nn.Embedding)."""
     for cls in type(module).__mro__:
         if cls in SHARED_TYPES:

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..mpo import dequantize_int8, quantize_int8
+
 __all__ = ["INDEX_FORMATS", "SparseResidual", "add_sparse_product", "attach_sparse", "decode_index", "encode_index",
            "index_bytes", "index_dtype", "index_parts", "load_sparse_config", "smallest_index_format", "sparse_config",
            "sparse_of", "sparse_params", "sparse_parts", "with_sparse"]
@@ -161,8 +163,6 @@ class SparseResidual(nn.Module):
     def quantize_(self) -> None:
         """Round the values in place onto an int8 grid with one float32 scale (max |value| / 127) and keep
         the scale as the buffer ``scale``."""
-        from .base import dequantize_int8, quantize_int8
-
         q, scale = quantize_int8(self.values)
         self.values.copy_(dequantize_int8(q, scale, self.values.dtype))
         self.register_buffer("scale", scale.to(self.values.device))

@@ -1,0 +1,94 @@
+"""Export a (compressed or dense) model for serving: TorchScript, ONNX, or a plain dense torch model.
+
+One function per format (``mpolstm export MODEL --format ... --out PATH`` calls :func:`export_model`):
+
+- ``export_torchscript(model, example_inputs, path, runtime="factorized") -> Path``: one TorchScript
+  file (``torch.jit.load``), the model traced in eval mode. Outputs are checked against eager mode on
+  the example inputs.
+- ``export_onnx(model, example_inputs, path, opset=17, runtime="factorized") -> Path``: one ONNX file
+  (TorchScript-based exporter). Every axis of an integer input and every axis but the last of
+  a float input is dynamic (batch, time); likewise every axis but the last of each output. Inputs
+  are named ``input0, input1, ...`` and the flattened outputs ``output0, output1, ...`` (for the
+  speech MaskEstimator: mask, h_n, c_n). Needs the ``onnx`` package.
+- ``export_dense(model, path) -> Path``: the :func:`densify`'d model written by :func:`mpolstm.io.save`
+  (a folder with no MPO module inside). ``densify(model)`` alone gives the dense nn.Module.
+- ``export_step(model, path, fmt="onnx", frame=None) -> Path``: the streaming step of a model with
+  ``step(frame, state) -> (output, state)`` (MPOLSTM / MPOGRU / MPORNN, or a model built on them):
+  inputs ``frame`` and ``state0, state1, ...``, outputs ``output`` and ``new_state0, ...``; what a
+  real-time application calls per frame. Always the factorized runtime.
+- ``export_model(model, fmt, path, example_inputs=None, runtime="factorized")``: the dispatcher;
+  the traced formats need the example inputs from the caller (the task commands build them).
+
+Runtimes of the traced formats (``RUNTIMES``):
+
+- ``"factorized"`` (the default): every MPO product runs through the cores, or through the chain
+  merged into two halves once at export (graph constants): no dense weight of an MPO layer is ever
+  formed, so the run-time weight memory is that of the factors, and a recurrent layer computes the
+  input products of all time steps in one batched product, then loops over time (an ONNX ``Loop``,
+  dynamic length) with the factorized W_hh. Convolutions keep their (small) rebuilt kernel, and
+  recurrent layers with ``proj_size`` or PackedSequence input need ``"dense"``.
+- ``"dense"``: the graph holds the cores and rebuilds every dense weight from them on each call,
+  then runs torch's fused kernels (ONNX's LSTM/GRU/RNN ops): the smallest file (the cores alone),
+  dense weight memory and dense speed at run time. Better for long sequences at large batch with
+  mild compression, where the fused dense kernel beats a loop of small products
+  (docs/benchmarks.md).
+
+Traced exports (TorchScript, ONNX) record one run on the example inputs: what they serve is the
+eval-mode forward from a zero initial state (every module's ``clear_cache()`` runs first: MPO
+RNNs drop their cached weights, a model that carries state across calls drops it), and input
+checks that read tensor values (MPOEmbedding's index range) are not in the graph. The model is
+traced once (``torch.jit.trace``), checked against eager mode, and that trace is what each format
+writes.
+Every file or folder is written to a temporary name beside ``path`` and renamed into place, so a
+failure leaves no partial output. Bad arguments (unknown format, missing parent directory, a model
+that cannot be traced or exported) raise ValueError.
+
+The package, by concern:
+
+- ``dense.py``: :func:`densify`, :func:`export_dense`.
+- ``trace.py``: the export copy (eval mode, runtime, caches), the one checked trace, ``ExportJob``.
+- ``torchscript.py``, ``onnx.py``: one writer per traced format (``onnx.py`` also turns the
+  factorized runtime's constants into initializers and counts an ONNX file's weight bytes).
+- ``formats.py``: ``WRITERS``, the table of traced formats (name -> writer), and the export of a
+  whole model through it. **A new format is one writer ``(job, path) -> path`` and one entry
+  there**; :func:`export_model`, :func:`export_step` and the CLI's ``--format`` then offer it.
+- ``step.py``: :func:`export_step`, a model's one-frame ``step`` through any writer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .dense import densify, export_dense
+from .formats import RUNTIMES, WRITERS, export_traced
+from .onnx import export_onnx, onnx_weight_bytes
+from .step import export_step
+from .torchscript import export_torchscript
+from .trace import as_tuple
+
+__all__ = ["FORMATS", "RUNTIMES", "WRITERS", "densify", "export_dense", "export_model", "export_onnx",
+           "export_step", "export_torchscript", "onnx_weight_bytes"]
+
+FORMATS = (*WRITERS, "dense")
+
+
+def export_model(model: nn.Module, fmt: str, path: str | os.PathLike,
+                 example_inputs: Tensor | Sequence[Tensor] | None = None, runtime: str = "factorized") -> Path:
+    """Export ``model`` in format ``fmt`` (one of :data:`FORMATS`) to ``path`` (a file for the traced
+    formats, a folder for dense); the traced formats need ``example_inputs`` (floating ones are cast
+    to the model's dtype) and take ``runtime`` (:data:`RUNTIMES`). Returns ``path``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "dense":
+        return export_dense(model, path)
+    if example_inputs is None:
+        raise ValueError(f"the {fmt} export traces the model: pass example_inputs (a tensor or a tuple of tensors)")
+    first = next(model.parameters(), None)
+    dtype = torch.float32 if first is None else first.dtype
+    inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in as_tuple(example_inputs))
+    return export_traced(fmt, model, inputs, path, runtime=runtime)

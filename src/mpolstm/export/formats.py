@@ -1,0 +1,36 @@
+"""The traced formats, by name: ``WRITERS`` maps each to its writer ``(ExportJob, path) -> path``.
+
+Adding a format is one writer module (see ``torchscript.py``: it receives the export copy, the
+example inputs and the graph's names in an :class:`~mpolstm.export.trace.ExportJob`) and one entry
+here; :func:`mpolstm.export.export_model`, :func:`mpolstm.export.export_step` and the CLI's
+``--format`` read this table.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from torch import Tensor, nn
+
+from .onnx import write_onnx
+from .torchscript import write_torchscript
+from .trace import RUNTIMES, Writer, export_with
+
+__all__ = ["RUNTIMES", "WRITERS", "export_traced", "writer"]
+
+WRITERS: dict[str, Writer] = {"torchscript": write_torchscript, "onnx": write_onnx}
+
+
+def writer(fmt: str) -> Writer:
+    """The writer of the traced format ``fmt``; ValueError naming the known ones otherwise."""
+    if fmt not in WRITERS:
+        raise ValueError(f"unknown traced format {fmt!r}; expected one of {', '.join(WRITERS)}")
+    return WRITERS[fmt]
+
+
+def export_traced(fmt: str, model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike,
+                  runtime: str = "factorized", opset: int = 17) -> Path:
+    """Export ``model`` on ``example_inputs`` in ``runtime`` to the file ``path`` as ``fmt``."""
+    return export_with(writer(fmt), model, example_inputs, path, runtime, opset)

@@ -1,0 +1,107 @@
+"""The ONNX format: the checked trace exported by torch's TorchScript-based exporter, its large
+constants turned into initializers, and the byte count of an ONNX file's weights. Needs ``onnx``."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..atomic import atomic_write_bytes
+from ..nn.base import MPOWeights
+from .trace import ExportJob, export_with, first_line, quiet, trace
+
+__all__ = ["export_onnx", "onnx_weight_bytes", "write_onnx"]
+
+
+def _dynamic_axes(inputs: Sequence[Tensor], outputs: Sequence[Tensor], input_names: Sequence[str],
+                  output_names: Sequence[str]) -> dict[str, dict[int, str]]:
+    """Every axis of an integer input, every axis but the last of a float input or of an output."""
+    axes: dict[str, dict[int, str]] = {}
+    for kind, tensors, names in (("input", inputs, input_names), ("output", outputs, output_names)):
+        for name, t in zip(names, tensors):
+            fixed_last = t.is_floating_point() or kind == "output"
+            dims = range(t.dim() - 1 if fixed_last else t.dim())
+            if dims:
+                axes[name] = {d: f"{name}_dim{d}" for d in dims}
+    return axes
+
+
+def write_onnx(job: ExportJob, path: Path) -> Path:
+    """Export the trace of ``job`` to the ONNX file ``path`` (names and dynamic axes as in the package
+    docstring). A rank-D product with a bias is traced as MatMul + Add, not a Gemm with a bias
+    (onnxruntime's int8 tools quantize MatMul)."""
+    for module in job.module.modules():
+        if isinstance(module, MPOWeights):
+            module.separate_bias = True
+    traced = trace(job)
+    input_names, output_names = job.names(traced.outputs)
+    buffer = io.BytesIO()
+    try:
+        with quiet(), (torch.enable_grad() if traced.with_grad else torch.no_grad()):
+            torch.onnx.export(traced.module, job.inputs, buffer, dynamo=False, opset_version=job.opset,
+                              input_names=input_names, output_names=output_names,
+                              dynamic_axes=_dynamic_axes(job.inputs, traced.outputs, input_names, output_names))
+    except Exception as exc:
+        raise ValueError(f"cannot export {type(job.module).__name__} to ONNX (opset {job.opset}): "
+                         f"{first_line(exc)}") from exc
+    atomic_write_bytes(path, _constants_as_initializers(buffer.getvalue()))
+    return path
+
+
+def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike,
+                opset: int = 17, runtime: str = "factorized") -> Path:
+    """Export ``model`` (eval mode, ``runtime`` as in the package docstring) to the ONNX file ``path``
+    with the TorchScript exporter at ``opset``; names and dynamic axes as in the package docstring."""
+    return export_with(write_onnx, model, example_inputs, path, runtime, opset)
+
+
+def _constants_as_initializers(model_bytes: bytes, min_size: int = 16) -> bytes:
+    """The ONNX model with every top-level Constant tensor of at least ``min_size`` entries (the
+    factorized runtime's merged halves) turned into an initializer: the same graph, but weights where
+    tools look for them (``onnxruntime.quantization.quantize_dynamic`` quantizes initializers only)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(model_bytes)
+    graph, kept = model.graph, []
+    for node in graph.node:
+        value = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if value is not None and value.type == onnx.AttributeProto.TENSOR and \
+                numpy_helper.to_array(value.t).size >= min_size:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model.SerializeToString()
+
+
+def onnx_weight_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the initializers (the weights held at run time) of the ONNX file ``path``."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    return sum(numpy_helper.to_array(t).nbytes for t in graph.initializer) + _constant_bytes(graph)
+
+
+def _constant_bytes(graph) -> int:
+    """Bytes of the tensors held by Constant nodes, in ``graph`` and its subgraphs (a Loop's body)."""
+    from onnx import numpy_helper
+
+    total = 0
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == attr.TENSOR:
+                total += numpy_helper.to_array(attr.t).nbytes
+            elif attr.type == attr.GRAPH:
+                total += sum(numpy_helper.to_array(t).nbytes for t in attr.g.initializer) + _constant_bytes(attr.g)
+    return total

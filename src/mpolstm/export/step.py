@@ -1,0 +1,54 @@
+"""The streaming step export: a model's ``step(frame, state) -> (output, state)`` as a graph of flat
+tensors (inputs ``frame, state0, ...``; outputs ``output, new_state0, ...``), in any traced format."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .formats import WRITERS
+from .trace import ExportJob, check_file_target, export_copy, flatten
+
+__all__ = ["export_step"]
+
+
+class _Step(nn.Module):
+    """``forward(frame, *state) -> (output, *new_state)``: a model's ``step`` with flat tensors."""
+
+    def __init__(self, model: nn.Module, single_state: bool) -> None:
+        super().__init__()
+        self.model, self.single_state = model, single_state
+
+    def forward(self, frame: Tensor, *state: Tensor):
+        output, new = self.model.step(frame, state[0] if self.single_state else tuple(state))
+        return (output, *flatten(new, "new state"))
+
+
+def export_step(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", frame: Tensor | None = None,
+                opset: int = 17) -> Path:
+    """Export the streaming step of ``model`` (it must have ``step(frame, state) -> (output, state)``,
+    state a tensor or a tuple of tensors, None meaning zeros) in the factorized runtime to ``path``
+    in the traced format ``fmt`` (:data:`mpolstm.export.WRITERS`: "onnx", "torchscript"). ``frame`` is
+    an example frame (N, features); default: zeros (1, input_size) for a recurrent MPO layer. The
+    file's inputs are the frame and the state tensors, its outputs the output and the new state
+    (names in the package docstring); checked against eager."""
+    if fmt not in WRITERS:
+        raise ValueError(f"unknown step export format {fmt!r}; expected one of {', '.join(WRITERS)}")
+    if not callable(getattr(model, "step", None)):
+        raise ValueError(f"{type(model).__name__} has no step(frame, state) method to export")
+    path = check_file_target(path)
+    work = export_copy(model, "factorized")
+    if frame is None:
+        if not isinstance(getattr(work, "input_size", None), int):
+            raise ValueError(f"give an example frame: {type(model).__name__} has no input_size to make one")
+        frame = next(work.parameters()).new_zeros(1, work.input_size)
+    with torch.no_grad():
+        _, state = work.step(frame, None)
+    states = flatten(state, "state")
+    names = [f"state{i}" for i in range(len(states))]
+    job = ExportJob(_Step(work, isinstance(state, Tensor)), (frame, *states), ["frame", *names],
+                    ["output", *[f"new_{n}" for n in names]], opset)
+    return WRITERS[fmt](job, path)

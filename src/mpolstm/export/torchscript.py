@@ -1,0 +1,31 @@
+"""The TorchScript format: the checked trace, saved with ``torch.jit.save``."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..atomic import atomic_write_bytes
+from .trace import ExportJob, export_with, trace
+
+__all__ = ["export_torchscript", "write_torchscript"]
+
+
+def write_torchscript(job: ExportJob, path: Path) -> Path:
+    """Write the trace of ``job`` to the TorchScript file ``path`` (``torch.jit.load`` reads it)."""
+    buffer = io.BytesIO()
+    torch.jit.save(trace(job).module, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def export_torchscript(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
+                       path: str | os.PathLike, runtime: str = "factorized") -> Path:
+    """Trace ``model`` (eval mode, ``runtime`` as in the package docstring) on ``example_inputs`` and
+    write the TorchScript file ``path``; ``torch.jit.load(path)(*inputs)`` equals ``model.eval()(*inputs)``."""
+    return export_with(write_torchscript, model, example_inputs, path, runtime)

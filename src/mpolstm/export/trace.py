@@ -1,0 +1,178 @@
+"""What every traced format shares: the export copy of a model, the one checked trace, the job a
+format writer receives.
+
+:func:`export_copy` prepares an eval-mode deep copy in a runtime (``RUNTIMES``); :func:`trace`
+records it once with ``torch.jit.trace`` on the example inputs and checks the trace against eager
+mode, so untraceable models (value-dependent control flow) fail with a clear ValueError before any
+writer runs. A writer gets an :class:`ExportJob` and turns its trace into a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.base import set_factorized
+
+__all__ = ["RUNTIMES", "ExportJob", "Traced", "Writer", "as_tuple", "check_file_target", "export_copy",
+           "export_with", "first_line", "flatten", "quiet", "trace"]
+
+RUNTIMES = ("factorized", "dense")
+
+# expected noise from tracing and the TorchScript ONNX exporter, silenced while exporting
+_QUIET = ("`torch.jit.trace", "You are using the legacy TorchScript-based ONNX export",
+          "Exporting a model to ONNX with a batch_size other than 1", "no signature found for <torch.ScriptMethod")
+
+
+@dataclass
+class ExportJob:
+    """What a format writer receives: ``module`` (an :func:`export_copy`), the example ``inputs``, the
+    graph's input and output names (None: ``input0, ...`` / ``output0, ...``) and the ONNX ``opset``."""
+
+    module: nn.Module
+    inputs: tuple[Tensor, ...]
+    input_names: Sequence[str] | None = None
+    output_names: Sequence[str] | None = None
+    opset: int = 17
+
+    def names(self, outputs: Sequence[Tensor]) -> tuple[list[str], list[str]]:
+        """The input and output names, defaulted for ``outputs`` (the flattened outputs)."""
+        return (list(self.input_names or [f"input{i}" for i in range(len(self.inputs))]),
+                list(self.output_names or [f"output{i}" for i in range(len(outputs))]))
+
+
+@dataclass
+class Traced:
+    """The checked trace of a job's module: the TorchScript module, its flattened eager outputs on the
+    example inputs, and whether it was recorded with grad (the "dense" runtime rebuilds in the graph)."""
+
+    module: torch.jit.ScriptModule
+    outputs: list[Tensor]
+    with_grad: bool
+
+
+Writer = Callable[[ExportJob, Path], Path]  # a traced format: writes the job's file at the path, returns it
+
+
+def check_file_target(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: the parent directory {path.parent} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; this format writes a single file")
+    return path
+
+
+def as_tuple(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    if not inputs or not all(isinstance(x, Tensor) for x in inputs):
+        raise ValueError("example_inputs must be a tensor or a non-empty sequence of tensors, got "
+                         f"{[type(x).__name__ for x in inputs]}")
+    return inputs
+
+
+def flatten(value: Any, where: str = "output") -> list[Tensor]:
+    """The tensors of a (nested tuple/list of) model output, in order."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for i, v in enumerate(value) for t in flatten(v, f"{where}[{i}]")]
+    raise ValueError(f"{where} is a {type(value).__name__}; exported models must return tensors "
+                     "or (nested) tuples of tensors")
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the expected warnings of tracing and of the TorchScript ONNX exporter."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        for message in _QUIET:
+            warnings.filterwarnings("ignore", message=f".*{message}")
+        yield
+
+
+def _fresh(model: nn.Module) -> nn.Module:
+    """Drop what a forward leaves behind: every module's ``clear_cache()`` runs (state a model
+    carries across calls; the MPO modules' eval caches, except in the factorized runtime, where the
+    cached merged halves are what the graph should hold as constants)."""
+    for module in model.modules():
+        clear = getattr(module, "clear_cache", None)
+        if callable(clear) and not getattr(module, "factorized", False):
+            clear()
+    return model
+
+
+def _warm(model: nn.Module, inputs: tuple[Tensor, ...]) -> nn.Module:
+    """Fill the factorized runtime's caches outside the trace (built inside, their construction would
+    be recorded and rerun on every call), then drop carried state."""
+    if any(getattr(m, "factorized", False) for m in model.modules()):
+        with quiet(), torch.no_grad():
+            model(*inputs)
+    return _fresh(model)
+
+
+def export_copy(model: nn.Module, runtime: str) -> nn.Module:
+    """An eval-mode copy prepared for tracing (carried state dropped). "dense": the eval cache (which
+    would bake the dense weights in as constants) is off, because the cores require grad and the
+    trace records grad, so the graph rebuilds the weights. "factorized": the MPO modules run
+    factorized and the trace runs without grad, so each chain's merged halves are built once and
+    become constants of the graph."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"export expects an nn.Module, got {type(model).__name__}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    out = _fresh(copy.deepcopy(model).eval())
+    set_factorized(out, runtime == "factorized")
+    for p in out.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(runtime == "dense")
+    return out
+
+
+def _describe(inputs: Sequence[Tensor]) -> str:
+    return ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for x in inputs)
+
+
+def trace(job: ExportJob) -> Traced:
+    """Trace ``job.module`` once on ``job.inputs`` and check the trace reproduces eager mode there."""
+    model, inputs = job.module, job.inputs
+    with_grad = any(p.requires_grad for p in model.parameters())
+    try:
+        with quiet(), (torch.enable_grad() if with_grad else torch.no_grad()):
+            traced = torch.jit.trace(_warm(model, inputs), inputs, check_trace=False)
+        with quiet(), torch.no_grad():
+            expected = flatten(_fresh(model)(*inputs))
+            got = flatten(traced(*inputs))
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"cannot trace {type(model).__name__} on example inputs {_describe(inputs)}: "
+                         f"{first_line(exc)}") from exc
+    for i, (e, g) in enumerate(zip(expected, got, strict=True)):
+        if e.shape != g.shape or not torch.allclose(e, g, rtol=1e-4, atol=1e-5):
+            raise ValueError(f"the traced {type(model).__name__} does not reproduce eager output {i} on "
+                             "the example inputs (value-dependent control flow cannot be traced)")
+    for p in traced.parameters():
+        p.requires_grad_(False)
+    return Traced(traced, expected, with_grad)
+
+
+def export_with(write: Writer, model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike,
+                runtime: str = "factorized", opset: int = 17) -> Path:
+    """Export ``model`` on ``example_inputs`` in ``runtime`` to the file ``path`` with the format writer
+    ``write`` (default input and output names)."""
+    path = check_file_target(path)
+    return write(ExportJob(export_copy(model, runtime), as_tuple(example_inputs), opset=opset), path)
