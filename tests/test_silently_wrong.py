@@ -157,3 +157,23 @@ def test_a_protocol_row_of_torchs_int8_model_is_inspected_and_refused_by_compres
     line = one_line(runner.invoke(app, ["compress", str(folder), str(tmp_path / "x"), "--ratio", "4"]))
     assert "only a protocol row's stored LSTM weights" in line and "models/dense" in line
     assert not (tmp_path / "x").exists()
+
+
+def test_every_export_follows_the_output_rule_and_takes_its_arguments_in_one_order(tmp_path):
+    from mpolstm.export import export_model, export_step
+    from mpolstm.nn import MPOLSTM
+
+    torch.manual_seed(0)
+    lstm = MPOLSTM(8, 12, bond_dim=2)
+    (tmp_path / "step.onnx").write_bytes(b"an older file")
+    with pytest.raises(ValueError, match="step.onnx already exists; choose a new path, or pass overwrite=True"):
+        export_step(lstm, tmp_path / "step.onnx")
+    assert (tmp_path / "step.onnx").read_bytes() == b"an older file"
+    export_step(lstm, tmp_path / "step.onnx", overwrite=True)
+    assert (tmp_path / "step.onnx").read_bytes() != b"an older file"
+    export_step(lstm, tmp_path / "new" / "folder" / "step.onnx")  # missing parents are created
+    x = torch.randn(2, 3, 8)
+    export_model(lstm, tmp_path / "m.pt", "torchscript", x)  # export_model(model, path, fmt), as export_step
+    with pytest.warns(DeprecationWarning, match="export_model\\(model, path, fmt\\)"):
+        old = export_model(lstm, "torchscript", tmp_path / "old.pt", x)
+    assert old == tmp_path / "old.pt" and old.is_file()

@@ -15,9 +15,17 @@ One function per format (``mpolstm export MODEL --format ... --out PATH`` calls 
 - ``export_step(model, path, fmt="onnx", frame=None) -> Path``: the streaming step of a model with
   ``step(frame, state) -> (output, state)`` (MPOLSTM / MPOGRU / MPORNN, or a model built on them):
   inputs ``frame`` and ``state0, state1, ...``, outputs ``output`` and ``new_state0, ...``; what a
-  real-time application calls per frame. Always the factorized runtime.
-- ``export_model(model, fmt, path, example_inputs=None, runtime="factorized")``: the dispatcher;
+  real-time application calls per frame. Always the factorized runtime. Shapes, for the recurrent
+  layers (N streams, any N): ``frame`` (N, input_size); MPOLSTM ``state0`` = h (num_layers, N, H_out)
+  and ``state1`` = c (num_layers, N, hidden_size), MPOGRU / MPORNN ``state0`` = h (num_layers, N,
+  hidden_size); ``output`` (N, H_out) and the new states shaped as the old. Start from zeros and feed
+  each call's new state to the next.
+- ``export_model(model, path, fmt, example_inputs=None, runtime="factorized")``: the dispatcher;
   the traced formats need the example inputs from the caller (the task commands build them).
+
+Every export takes ``overwrite=False``: as ``mpolstm.save`` (``mpolstm.atomic``), an existing file or
+folder (but an empty folder) is refused unless ``overwrite``, which replaces it whole, and missing
+parent folders are created.
 
 Runtimes of the traced formats (``RUNTIMES``):
 
@@ -40,8 +48,8 @@ checks that read tensor values (MPOEmbedding's index range) are not in the graph
 traced once (``torch.jit.trace``), checked against eager mode, and that trace is what each format
 writes.
 Every file or folder is written to a temporary name beside ``path`` and renamed into place, so a
-failure leaves no partial output. Bad arguments (unknown format, missing parent directory, a model
-that cannot be traced or exported) raise ValueError.
+failure leaves no partial output. Bad arguments (unknown format, an existing target without
+``overwrite``, a model that cannot be traced or exported) raise ValueError.
 
 The package, by concern:
 
@@ -58,6 +66,7 @@ The package, by concern:
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -77,18 +86,26 @@ __all__ = ["FORMATS", "RUNTIMES", "WRITERS", "densify", "export_dense", "export_
 FORMATS = (*WRITERS, "dense")
 
 
-def export_model(model: nn.Module, fmt: str, path: str | os.PathLike,
-                 example_inputs: Tensor | Sequence[Tensor] | None = None, runtime: str = "factorized") -> Path:
-    """Export ``model`` in format ``fmt`` (one of :data:`FORMATS`) to ``path`` (a file for the traced
-    formats, a folder for dense); the traced formats need ``example_inputs`` (floating ones are cast
-    to the model's dtype) and take ``runtime`` (:data:`RUNTIMES`). Returns ``path``."""
+def export_model(model: nn.Module, path: str | os.PathLike, fmt: str,
+                 example_inputs: Tensor | Sequence[Tensor] | None = None, runtime: str = "factorized",
+                 overwrite: bool = False) -> Path:
+    """Export ``model`` to ``path`` (a file for the traced formats, a folder for dense) in format ``fmt``
+    (one of :data:`FORMATS`); the traced formats need ``example_inputs`` (floating ones are cast to the
+    model's dtype) and take ``runtime`` (:data:`RUNTIMES`). An existing ``path`` is refused unless
+    ``overwrite``, which replaces it whole. Returns ``path``. (Arguments in the order of
+    :func:`export_step`; the older ``export_model(model, fmt, path, ...)`` still works, with a
+    DeprecationWarning.)"""
+    if isinstance(path, str) and path in FORMATS and not (isinstance(fmt, str) and fmt in FORMATS):
+        warnings.warn("export_model(model, fmt, path) is deprecated: call export_model(model, path, fmt), the "
+                      "order of export_step", DeprecationWarning, stacklevel=2)
+        path, fmt = fmt, path
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "dense":
-        return export_dense(model, path)
+        return export_dense(model, path, overwrite=overwrite)
     if example_inputs is None:
         raise ValueError(f"the {fmt} export traces the model: pass example_inputs (a tensor or a tuple of tensors)")
     first = next(model.parameters(), None)
     dtype = torch.float32 if first is None else first.dtype
     inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in as_tuple(example_inputs))
-    return export_traced(fmt, model, inputs, path, runtime=runtime)
+    return export_traced(fmt, model, inputs, path, runtime=runtime, overwrite=overwrite)

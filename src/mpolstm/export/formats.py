@@ -31,6 +31,7 @@ def writer(fmt: str) -> Writer:
 
 
 def export_traced(fmt: str, model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike,
-                  runtime: str = "factorized", opset: int = 17) -> Path:
-    """Export ``model`` on ``example_inputs`` in ``runtime`` to the file ``path`` as ``fmt``."""
-    return export_with(writer(fmt), model, example_inputs, path, runtime, opset)
+                  runtime: str = "factorized", opset: int = 17, overwrite: bool = False) -> Path:
+    """Export ``model`` on ``example_inputs`` in ``runtime`` to the file ``path`` as ``fmt`` (an existing
+    ``path`` refused unless ``overwrite``)."""
+    return export_with(writer(fmt), model, example_inputs, path, runtime, opset, overwrite)

@@ -54,10 +54,10 @@ def write_onnx(job: ExportJob, path: Path) -> Path:
 
 
 def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike,
-                opset: int = 17, runtime: str = "factorized") -> Path:
+                opset: int = 17, runtime: str = "factorized", overwrite: bool = False) -> Path:
     """Export ``model`` (eval mode, ``runtime`` as in the package docstring) to the ONNX file ``path``
     with the TorchScript exporter at ``opset``; names and dynamic axes as in the package docstring."""
-    return export_with(write_onnx, model, example_inputs, path, runtime, opset)
+    return export_with(write_onnx, model, example_inputs, path, runtime, opset, overwrite)
 
 
 def _constants_as_initializers(model_bytes: bytes, min_size: int = 16) -> bytes:

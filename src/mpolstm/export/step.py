@@ -28,18 +28,19 @@ class _Step(nn.Module):
 
 
 def export_step(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", frame: Tensor | None = None,
-                opset: int = 17) -> Path:
+                opset: int = 17, overwrite: bool = False) -> Path:
     """Export the streaming step of ``model`` (it must have ``step(frame, state) -> (output, state)``,
     state a tensor or a tuple of tensors, None meaning zeros) in the factorized runtime to ``path``
     in the traced format ``fmt`` (:data:`mpolstm.export.WRITERS`: "onnx", "torchscript"). ``frame`` is
     an example frame (N, features); default: zeros (1, input_size) for a recurrent MPO layer. The
     file's inputs are the frame and the state tensors, its outputs the output and the new state
-    (names in the package docstring); checked against eager."""
+    (names and shapes in the package docstring); checked against eager. An existing ``path`` is
+    refused unless ``overwrite``."""
     if fmt not in WRITERS:
         raise ValueError(f"unknown step export format {fmt!r}; expected one of {', '.join(WRITERS)}")
     if not callable(getattr(model, "step", None)):
         raise ValueError(f"{type(model).__name__} has no step(frame, state) method to export")
-    path = check_file_target(path)
+    path = check_file_target(path, overwrite)
     work = export_copy(model, "factorized")
     if frame is None:
         if not isinstance(getattr(work, "input_size", None), int):

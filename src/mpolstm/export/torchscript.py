@@ -25,7 +25,7 @@ def write_torchscript(job: ExportJob, path: Path) -> Path:
 
 
 def export_torchscript(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
-                       path: str | os.PathLike, runtime: str = "factorized") -> Path:
+                       path: str | os.PathLike, runtime: str = "factorized", overwrite: bool = False) -> Path:
     """Trace ``model`` (eval mode, ``runtime`` as in the package docstring) on ``example_inputs`` and
     write the TorchScript file ``path``; ``torch.jit.load(path)(*inputs)`` equals ``model.eval()(*inputs)``."""
-    return export_with(write_torchscript, model, example_inputs, path, runtime)
+    return export_with(write_torchscript, model, example_inputs, path, runtime, overwrite=overwrite)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..atomic import check_target
 from ..nn.base import set_factorized
 
 __all__ = ["RUNTIMES", "ExportJob", "Traced", "Writer", "as_tuple", "check_file_target", "export_copy",
@@ -62,12 +63,11 @@ class Traced:
 Writer = Callable[[ExportJob, Path], Path]  # a traced format: writes the job's file at the path, returns it
 
 
-def check_file_target(path: str | os.PathLike) -> Path:
+def check_file_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``path`` as a Path, after the output rule (``mpolstm.atomic.check_target``): an existing file is
+    refused unless ``overwrite``, a folder always; missing parents are created when it is written."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise ValueError(f"{path}: the parent directory {path.parent} does not exist")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; this format writes a single file")
+    check_target(path, overwrite, folder=False)
     return path
 
 
@@ -171,8 +171,8 @@ def trace(job: ExportJob) -> Traced:
 
 
 def export_with(write: Writer, model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike,
-                runtime: str = "factorized", opset: int = 17) -> Path:
+                runtime: str = "factorized", opset: int = 17, overwrite: bool = False) -> Path:
     """Export ``model`` on ``example_inputs`` in ``runtime`` to the file ``path`` with the format writer
-    ``write`` (default input and output names)."""
-    path = check_file_target(path)
+    ``write`` (default input and output names); an existing ``path`` is refused unless ``overwrite``."""
+    path = check_file_target(path, overwrite)
     return write(ExportJob(export_copy(model, runtime), as_tuple(example_inputs), opset=opset), path)

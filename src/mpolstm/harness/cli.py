@@ -545,7 +545,8 @@ def export_cmd(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="A saved model folder."),
     fmt: ExportFormat = typer.Option(..., "--format", help=f"{' or '.join(WRITERS)} (one file) or "
                                      "dense (a plain torch model folder)."),
-    out: Path = typer.Option(..., help="Output file (torchscript, onnx) or folder (dense)."),
+    out: Path = typer.Option(..., help="Output file (torchscript, onnx) or folder (dense); new (missing parents are "
+                             "created), or replaced with --overwrite."),
     runtime: Runtime = typer.Option(Runtime.factorized, help="torchscript/onnx: factorized (products through the "
                                     "factors, no dense weight at run time) or dense (the graph rebuilds the dense "
                                     "weights, torch's fused kernels)."),
@@ -553,22 +554,22 @@ def export_cmd(
                                           "building its dense architecture (default: the one compress recorded)."),
     inputs: Optional[Path] = typer.Option(None, help="For your own model's torchscript/onnx: a safetensors file "
                                           "of example inputs (input0, input1, ...)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists (the whole file or folder)."),
 ) -> None:
     """Export a saved model for serving: TorchScript, ONNX, or a dense model for MPO-unaware tools."""
     from .tasks import ARCHITECTURE_FILE, export_task_model
 
     if not model_path.exists():
         _fail(f"model {model_path} does not exist")
-    if not out.parent.is_dir():
-        _fail(f"--out {out}: the folder {out.parent} does not exist")
+    _check_output(out, overwrite, f"--out {out}", folder=fmt.value == "dense")
     if (model_path / ARCHITECTURE_FILE).is_file() and factory is None:
         model, spec = _load_model(model_path)
         try:
-            written = export_task_model(model, spec, fmt.value, out, runtime.value)
-        except ValueError as exc:
-            _fail(str(exc))
+            written = export_task_model(model, spec, fmt.value, out, runtime.value, overwrite=overwrite)
+        except (ValueError, OSError) as exc:
+            _fail(_export_error(exc))
     else:
-        written = _export_user_model(model_path, fmt.value, out, factory, inputs, runtime.value)
+        written = _export_user_model(model_path, fmt.value, out, factory, inputs, runtime.value, overwrite)
     if fmt.value == "onnx":
         from ..export import onnx_weight_bytes
 
@@ -577,8 +578,13 @@ def export_cmd(
         console.print(f"wrote {written}")
 
 
+def _export_error(exc: Exception) -> str:
+    """An export error in the CLI's terms (the Python call it suggests becomes the flag)."""
+    return str(exc).replace("the dense runtime (set_factorized(model, False))", "--runtime dense")
+
+
 def _export_user_model(folder: Path, fmt: str, out: Path, factory: Optional[str], inputs: Optional[Path],
-                       runtime: str) -> Path:
+                       runtime: str, overwrite: bool) -> Path:
     import json
 
     from ..export import export_model
@@ -594,9 +600,10 @@ def _export_user_model(folder: Path, fmt: str, out: Path, factory: Optional[str]
         _fail(f"--format {fmt} traces the model: pass --inputs FILE (safetensors with input0, input1, ...)")
     try:
         model = load(folder, build_model(factory, None)[0]).eval()
-        return export_model(model, fmt, out, None if inputs is None else read_inputs(inputs), runtime=runtime)
-    except ValueError as exc:
-        _fail(str(exc))
+        return export_model(model, out, fmt, None if inputs is None else read_inputs(inputs), runtime=runtime,
+                            overwrite=overwrite)
+    except (ValueError, OSError) as exc:
+        _fail(_export_error(exc))
 
 
 data_app = typer.Typer(help="Build the offline data sets.", no_args_is_help=True)

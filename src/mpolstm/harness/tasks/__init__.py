@@ -79,16 +79,16 @@ def example_inputs(spec: Mapping[str, Any], batch: int = 2, steps: int = 5) -> t
 
 
 def export_task_model(model: nn.Module, spec: Mapping[str, Any], fmt: str, path: str | Path,
-                      runtime: str = "factorized") -> Path:
+                      runtime: str = "factorized", overwrite: bool = False) -> Path:
     """Export a task model: traced formats from :func:`example_inputs` of its ``spec`` in ``runtime``
     (mpolstm.export.RUNTIMES); the dense format as a task model folder (with ``architecture.json``)
-    that :func:`load_model` reads."""
+    that :func:`load_model` reads. ``overwrite`` as for :func:`mpolstm.export.export_model`."""
     from ...export import export_dense, export_model
 
     if fmt != "dense":
-        return export_model(model, fmt, path, example_inputs(spec), runtime=runtime)
+        return export_model(model, path, fmt, example_inputs(spec), runtime=runtime, overwrite=overwrite)
 
-    def write(dense: nn.Module, folder: Path) -> None:
+    def write(dense: nn.Module, folder: Path, overwrite: bool) -> None:
         with torch.device("meta"):
             reference = build_architecture(spec)
         expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
@@ -97,6 +97,6 @@ def export_task_model(model: nn.Module, spec: Mapping[str, Any], fmt: str, path:
             diff = sorted(set(expected.items()) ^ set(got.items()))
             raise ValueError(f"the dense model does not match its architecture {dict(spec)}: "
                              f"parameters differ in {diff[:6]}")
-        save_model(dense, spec, folder)
+        save_model(dense, spec, folder, overwrite=overwrite)
 
-    return export_dense(model, path, write)
+    return export_dense(model, path, write, overwrite=overwrite)
