@@ -177,3 +177,31 @@ def test_every_export_follows_the_output_rule_and_takes_its_arguments_in_one_ord
     with pytest.warns(DeprecationWarning, match="export_model\\(model, path, fmt\\)"):
         old = export_model(lstm, "torchscript", tmp_path / "old.pt", x)
     assert old == tmp_path / "old.pt" and old.is_file()
+
+
+def test_an_int8_model_exports_int8_factors_or_is_refused(tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'mpolstm[export]')")
+    from mpolstm import quantize
+    from mpolstm.export import export_model, export_step, int8_report, onnx_weight_bytes
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(4, 7, 16)
+    compress(model, CompressionConfig(target_modules=["rnn"], target_ratio=4, layout="lowrank"))
+    export_model(model, tmp_path / "float.onnx", "onnx", x)
+    assert int8_report(tmp_path / "float.onnx") is None
+    quantize(model)
+    path = export_model(model, tmp_path / "int8.onnx", "onnx", x)  # int8 survives: the factors are int8
+    report = int8_report(path)
+    assert report["factor_bytes"] > 0 and report["float_factor_bytes"] == 0  # low rank: every factor quantizes
+    assert report["relative_error"] < 0.02
+    assert onnx_weight_bytes(path) < onnx_weight_bytes(tmp_path / "float.onnx")
+    step = int8_report(export_step(model.rnn, tmp_path / "step.onnx", frame=torch.zeros(1, 16)))
+    assert step["factor_bytes"] > 0 and step["float_factor_bytes"] == 0
+    for fmt, target in (("torchscript", "m.pt"), ("dense", "dense")):
+        with pytest.raises(ValueError, match=f"has int8 cores .*but the {fmt} format .* pass int8=False"):
+            export_model(model, tmp_path / target, fmt, x)
+        assert not (tmp_path / target).exists()
+    with pytest.raises(ValueError, match="'dense' runtime rebuilds float32 weights"):
+        export_model(model, tmp_path / "rebuild.onnx", "onnx", x, runtime="dense")
+    export_model(model, tmp_path / "m.pt", "torchscript", x, int8=False)  # float32 factors, asked for
+    assert int8_report(export_model(model, tmp_path / "f.onnx", "onnx", x, int8=False)) is None

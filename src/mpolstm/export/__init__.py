@@ -27,6 +27,12 @@ Every export takes ``overwrite=False``: as ``mpolstm.save`` (``mpolstm.atomic``)
 folder (but an empty folder) is refused unless ``overwrite``, which replaces it whole, and missing
 parent folders are created.
 
+int8 survives export: a model with int8 cores (``mpolstm.quantize``) exports to ONNX with its factors
+stored and multiplied in int8 (``int8.py``: onnxruntime's dynamic quantization of the int8 modules'
+products; the file's metadata records the int8 and float32 factor bytes and the output error,
+``int8_report``), and the formats that hold float32 (TorchScript, dense) or the dense runtime refuse it
+unless ``int8=False``. ``int8=True`` gives a float model int8 factors the same way.
+
 Runtimes of the traced formats (``RUNTIMES``):
 
 - ``"factorized"`` (the default): every MPO product runs through the cores, or through the chain
@@ -75,24 +81,27 @@ from torch import Tensor, nn
 
 from .dense import densify, export_dense
 from .formats import RUNTIMES, WRITERS, export_traced
+from .int8 import int8_report
 from .onnx import export_onnx, onnx_weight_bytes
 from .step import export_step
 from .torchscript import export_torchscript
 from .trace import as_tuple
 
 __all__ = ["FORMATS", "RUNTIMES", "WRITERS", "densify", "export_dense", "export_model", "export_onnx",
-           "export_step", "export_torchscript", "onnx_weight_bytes"]
+           "export_step", "export_torchscript", "int8_report", "onnx_weight_bytes"]
 
 FORMATS = (*WRITERS, "dense")
 
 
 def export_model(model: nn.Module, path: str | os.PathLike, fmt: str,
                  example_inputs: Tensor | Sequence[Tensor] | None = None, runtime: str = "factorized",
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, int8: bool | None = None) -> Path:
     """Export ``model`` to ``path`` (a file for the traced formats, a folder for dense) in format ``fmt``
     (one of :data:`FORMATS`); the traced formats need ``example_inputs`` (floating ones are cast to the
     model's dtype) and take ``runtime`` (:data:`RUNTIMES`). An existing ``path`` is refused unless
-    ``overwrite``, which replaces it whole. Returns ``path``. (Arguments in the order of
+    ``overwrite``, which replaces it whole. ``int8``: store the MPO factors in int8 (ONNX only; the
+    default: when the model has int8 cores, which the other formats then refuse unless
+    ``int8=False``; :mod:`mpolstm.export.int8`). Returns ``path``. (Arguments in the order of
     :func:`export_step`; the older ``export_model(model, fmt, path, ...)`` still works, with a
     DeprecationWarning.)"""
     if isinstance(path, str) and path in FORMATS and not (isinstance(fmt, str) and fmt in FORMATS):
@@ -102,10 +111,10 @@ def export_model(model: nn.Module, path: str | os.PathLike, fmt: str,
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "dense":
-        return export_dense(model, path, overwrite=overwrite)
+        return export_dense(model, path, overwrite=overwrite, int8=int8)
     if example_inputs is None:
         raise ValueError(f"the {fmt} export traces the model: pass example_inputs (a tensor or a tuple of tensors)")
     first = next(model.parameters(), None)
     dtype = torch.float32 if first is None else first.dtype
     inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in as_tuple(example_inputs))
-    return export_traced(fmt, model, inputs, path, runtime=runtime, overwrite=overwrite)
+    return export_traced(fmt, model, inputs, path, runtime=runtime, overwrite=overwrite, int8=int8)

@@ -14,6 +14,7 @@ from ..atomic import check_target
 from ..io import save
 from ..nn.registry import is_mpo_module, layer_type_of_mpo, replace_module
 from ..nn.shared import SharedLayer
+from .trace import has_int8_cores
 
 __all__ = ["densify", "export_dense"]
 
@@ -55,11 +56,16 @@ def densify(model: nn.Module) -> nn.Module:
 
 
 def export_dense(model: nn.Module, path: str | os.PathLike, write: Callable[..., Any] = save,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, int8: bool | None = None) -> Path:
     """Write ``densify(model)`` to the folder ``path`` with ``write(dense_model, path, overwrite=overwrite)``
     (default :func:`mpolstm.io.save`, which fills a folder beside ``path`` and swaps it in whole): an
-    existing folder (but an empty one) is refused unless ``overwrite``; missing parents are created."""
+    existing folder (but an empty one) is refused unless ``overwrite``; missing parents are created.
+    The dense model is float32: a model with int8 cores is refused unless ``int8=False``."""
     path = Path(path)
+    if int8 or (int8 is None and has_int8_cores(model)):
+        raise ValueError(f"{type(model).__name__} has int8 cores (mpolstm.quantize), but the dense format writes "
+                         "float32 weights: export to onnx for int8 factors, or pass int8=False for a float32 "
+                         "dense model")
     check_target(path, overwrite)
     write(densify(model), path, overwrite=overwrite)
     return path

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .formats import WRITERS
-from .trace import ExportJob, check_file_target, export_copy, flatten
+from .trace import ExportJob, check_file_target, export_copy, flatten, int8_factors
 
 __all__ = ["export_step"]
 
@@ -28,19 +28,21 @@ class _Step(nn.Module):
 
 
 def export_step(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", frame: Tensor | None = None,
-                opset: int = 17, overwrite: bool = False) -> Path:
+                opset: int = 17, overwrite: bool = False, int8: bool | None = None) -> Path:
     """Export the streaming step of ``model`` (it must have ``step(frame, state) -> (output, state)``,
     state a tensor or a tuple of tensors, None meaning zeros) in the factorized runtime to ``path``
     in the traced format ``fmt`` (:data:`mpolstm.export.WRITERS`: "onnx", "torchscript"). ``frame`` is
     an example frame (N, features); default: zeros (1, input_size) for a recurrent MPO layer. The
     file's inputs are the frame and the state tensors, its outputs the output and the new state
     (names and shapes in the package docstring); checked against eager. An existing ``path`` is
-    refused unless ``overwrite``."""
+    refused unless ``overwrite``; ``int8``: int8 factors (default: when the model has int8 cores; see
+    :func:`~.trace.int8_factors`)."""
     if fmt not in WRITERS:
         raise ValueError(f"unknown step export format {fmt!r}; expected one of {', '.join(WRITERS)}")
     if not callable(getattr(model, "step", None)):
         raise ValueError(f"{type(model).__name__} has no step(frame, state) method to export")
     path = check_file_target(path, overwrite)
+    quantized = int8_factors(model, int8, "factorized", WRITERS[fmt])
     work = export_copy(model, "factorized")
     if frame is None:
         if not isinstance(getattr(work, "input_size", None), int):
@@ -51,5 +53,5 @@ def export_step(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", fr
     states = flatten(state, "state")
     names = [f"state{i}" for i in range(len(states))]
     job = ExportJob(_Step(work, isinstance(state, Tensor)), (frame, *states), ["frame", *names],
-                    ["output", *[f"new_{n}" for n in names]], opset)
+                    ["output", *[f"new_{n}" for n in names]], opset, quantized)
     return WRITERS[fmt](job, path)

@@ -555,6 +555,9 @@ def export_cmd(
     inputs: Optional[Path] = typer.Option(None, help="For your own model's torchscript/onnx: a safetensors file "
                                           "of example inputs (input0, input1, ...)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists (the whole file or folder)."),
+    int8: Optional[bool] = typer.Option(None, "--int8/--float", help="onnx: store and multiply the MPO factors in "
+                                        "int8 (default for a model compressed with --int8, which the other formats "
+                                        "refuse unless --float), or write float32 factors."),
 ) -> None:
     """Export a saved model for serving: TorchScript, ONNX, or a dense model for MPO-unaware tools."""
     from .tasks import ARCHITECTURE_FILE, export_task_model
@@ -565,26 +568,33 @@ def export_cmd(
     if (model_path / ARCHITECTURE_FILE).is_file() and factory is None:
         model, spec = _load_model(model_path)
         try:
-            written = export_task_model(model, spec, fmt.value, out, runtime.value, overwrite=overwrite)
+            written = export_task_model(model, spec, fmt.value, out, runtime.value, overwrite=overwrite, int8=int8)
         except (ValueError, OSError) as exc:
             _fail(_export_error(exc))
     else:
-        written = _export_user_model(model_path, fmt.value, out, factory, inputs, runtime.value, overwrite)
+        written = _export_user_model(model_path, fmt.value, out, factory, inputs, runtime.value, overwrite, int8)
     if fmt.value == "onnx":
-        from ..export import onnx_weight_bytes
+        from ..export import int8_report, onnx_weight_bytes
 
-        console.print(f"wrote {written} ({runtime.value} runtime, {onnx_weight_bytes(written):,} bytes of weights)")
+        report = int8_report(written)
+        int8_note = "" if report is None else (
+            f"; MPO factors int8 ({report['method']} quantization by onnxruntime): {report['factor_bytes']:,} bytes "
+            f"int8, {report['float_factor_bytes']:,} left float32; output within {report['relative_error']:.2%} "
+            "of the model on random inputs")
+        console.print(f"wrote {written} ({runtime.value} runtime, {onnx_weight_bytes(written):,} bytes of "
+                      f"weights{int8_note})")
     else:
         console.print(f"wrote {written}")
 
 
 def _export_error(exc: Exception) -> str:
     """An export error in the CLI's terms (the Python call it suggests becomes the flag)."""
-    return str(exc).replace("the dense runtime (set_factorized(model, False))", "--runtime dense")
+    return (str(exc).replace("the dense runtime (set_factorized(model, False))", "--runtime dense")
+            .replace("pass int8=False", "add --float").replace("int8=True, but", "--int8, but"))
 
 
 def _export_user_model(folder: Path, fmt: str, out: Path, factory: Optional[str], inputs: Optional[Path],
-                       runtime: str, overwrite: bool) -> Path:
+                       runtime: str, overwrite: bool, int8: Optional[bool]) -> Path:
     import json
 
     from ..export import export_model
@@ -601,7 +611,7 @@ def _export_user_model(folder: Path, fmt: str, out: Path, factory: Optional[str]
     try:
         model = load(folder, build_model(factory, None)[0]).eval()
         return export_model(model, out, fmt, None if inputs is None else read_inputs(inputs), runtime=runtime,
-                            overwrite=overwrite)
+                            overwrite=overwrite, int8=int8)
     except (ValueError, OSError) as exc:
         _fail(_export_error(exc))
 

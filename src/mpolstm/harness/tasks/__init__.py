@@ -79,14 +79,14 @@ def example_inputs(spec: Mapping[str, Any], batch: int = 2, steps: int = 5) -> t
 
 
 def export_task_model(model: nn.Module, spec: Mapping[str, Any], fmt: str, path: str | Path,
-                      runtime: str = "factorized", overwrite: bool = False) -> Path:
+                      runtime: str = "factorized", overwrite: bool = False, int8: bool | None = None) -> Path:
     """Export a task model: traced formats from :func:`example_inputs` of its ``spec`` in ``runtime``
     (mpolstm.export.RUNTIMES); the dense format as a task model folder (with ``architecture.json``)
-    that :func:`load_model` reads. ``overwrite`` as for :func:`mpolstm.export.export_model`."""
+    that :func:`load_model` reads. ``overwrite`` and ``int8`` as for :func:`mpolstm.export.export_model`."""
     from ...export import export_dense, export_model
 
     if fmt != "dense":
-        return export_model(model, path, fmt, example_inputs(spec), runtime=runtime, overwrite=overwrite)
+        return export_model(model, path, fmt, example_inputs(spec), runtime=runtime, overwrite=overwrite, int8=int8)
 
     def write(dense: nn.Module, folder: Path, overwrite: bool) -> None:
         with torch.device("meta"):
@@ -99,4 +99,4 @@ def export_task_model(model: nn.Module, spec: Mapping[str, Any], fmt: str, path:
                              f"parameters differ in {diff[:6]}")
         save_model(dense, spec, folder, overwrite=overwrite)
 
-    return export_dense(model, path, write, overwrite=overwrite)
+    return export_dense(model, path, write, overwrite=overwrite, int8=int8)
