@@ -205,3 +205,23 @@ def test_an_int8_model_exports_int8_factors_or_is_refused(tmp_path):
         export_model(model, tmp_path / "rebuild.onnx", "onnx", x, runtime="dense")
     export_model(model, tmp_path / "m.pt", "torchscript", x, int8=False)  # float32 factors, asked for
     assert int8_report(export_model(model, tmp_path / "f.onnx", "onnx", x, int8=False)) is None
+
+
+def test_a_hybrid_exports_with_the_dense_runtime_correctly_and_smaller_than_dense(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'mpolstm[export]')")
+    import warnings
+
+    from mpolstm.export import export_model, onnx_weight_bytes
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(4, 7, 16)
+    dense_bytes = sum(p.numel() * 4 for p in model.parameters())
+    compress(model, CompressionConfig(target_modules=["rnn"], target_ratio=4, layout="lowrank+sparse"),
+             calibration=[x])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export_model(model.eval(), tmp_path / "h.onnx", "onnx", x, runtime="dense")
+    assert not [w for w in caught if "incorrect" in str(w.message)]  # torch's "the ONNX model will be incorrect"
+    assert onnx_weight_bytes(path) < dense_bytes  # no (out, in) constant for the sparse part
+    got = ort.InferenceSession(str(path)).run(None, {"input0": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-5)
