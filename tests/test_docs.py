@@ -41,3 +41,21 @@ def test_the_demo_table_is_the_demos():
     assert len(table) - 1 == len(documented)  # no row twice
     for line in table[1:]:
         assert re.fullmatch(r"\| [a-z0-9-]+ \| (-|\d+x) \| 0\.\d{4} \| [\d,]+ \| .*", line), line
+
+
+def test_every_table_of_numbers_says_where_it_ran():
+    """Issue 27: a table that does not say on which machine it ran cannot be checked on another one."""
+    checked = 0
+    for doc in ("results.md", "benchmarks.md"):
+        lines = (RESULTS.parent / doc).read_text().splitlines()
+        for i, line in enumerate(lines):
+            if not line.startswith("|") or lines[i - 1].startswith("|"):
+                continue  # not the first line of a table
+            end = next((k for k in range(i, len(lines)) if not lines[k].startswith("|")), len(lines))
+            if not any(re.search(r"\| *[-+]?\d[\d,.]*(x| s| ms| us|%)? *\|", row) for row in lines[i + 2:end]):
+                continue  # a table of words (the rows' definitions)
+            start = max(k for k in range(i + 1) if k == 0 or lines[k].startswith("## "))
+            context = "\n".join(lines[start:i])
+            assert re.search(r"Where it ran|Machine:|Machine and conditions", context), (doc, lines[start], line)
+            checked += 1
+    assert checked >= 30

@@ -136,8 +136,14 @@ def demo(
     resume: bool = typer.Option(False, help="Continue an interrupted run of the same command."),
 ) -> None:
     """MPO-LSTM vs pruning and the other baselines on sequential MNIST, end to end (quick preset, ~6 min on 2 cores)."""
+    import json
+
+    from .protocol.spread import spread_table
+
     built = _make_task(TaskName("seqcls"), Preset.quick, seed)
     _run_protocol(built, _parse_ratios(ratios), out, seed, False, None, resume)
+    if distributed.is_main():
+        console.print(spread_table(json.loads((out / "results.json").read_text())), highlight=False)
 
 
 @app.command()
