@@ -14,6 +14,8 @@ command's entry point) runs before torch is imported: the command sets ``OMP_WAI
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from .version import __version__
@@ -30,6 +32,20 @@ _SUBMODULES = ("atomic", "calibration", "checkpoint", "compression", "distill", 
                "quantization", "storage")
 
 __all__ = ["__version__", *_EXPORTS]
+
+
+class _Package(types.ModuleType):
+    """The import system binds an imported submodule as an attribute of its package; for the submodule
+    named like the function it exports (``mpolstm.distill``), the package keeps the function, as the
+    eager imports it replaces did (the module stays ``sys.modules["mpolstm.distill"]``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
