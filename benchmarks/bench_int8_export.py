@@ -10,6 +10,8 @@ search by error alone, and with ``max_macs`` = dense / R: "latency"), its cores 
 That file is then written four ways, all with onnxruntime's tools (``onnxruntime.quantization``):
 
 - ``float``: as exported (the factors in float32: what an int8 model exported without int8);
+- ``mpolstm``: what ``export_step`` now writes for an int8 model (``mpolstm.export.int8``: dynamic
+  quantization of the MPO products only, torch.mm's Gemm as MatMul);
 - ``dynamic``: ``quantize_dynamic`` (weights int8 per tensor, activations quantized per call:
   DynamicQuantizeLinear + MatMulInteger);
 - ``dynamic-pc``: the same with one scale per output channel;
@@ -42,7 +44,7 @@ from mpolstm.compression import CompressionConfig, compress
 from mpolstm.export import export_step, onnx_weight_bytes
 
 INPUT, STEPS = 256, 20
-VARIANTS = ("float", "dynamic", "dynamic-pc", "qdq")
+VARIANTS = ("float", "mpolstm", "dynamic", "dynamic-pc", "qdq")
 
 
 def compressed(hidden: int, ratio: float, latency: bool) -> nn.Module:
@@ -71,7 +73,8 @@ def write_variants(module: nn.Module, folder: Path) -> dict[str, Path]:
 
     float_path = export_step(module, folder / "float.onnx", frame=torch.zeros(1, INPUT), int8=False)
     paths = {"float": float_path, "dynamic": folder / "dynamic.onnx", "dynamic-pc": folder / "dynamic-pc.onnx",
-             "qdq": folder / "qdq.onnx"}
+             "qdq": folder / "qdq.onnx",
+             "mpolstm": export_step(module, folder / "mpolstm.onnx", frame=torch.zeros(1, INPUT))}
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

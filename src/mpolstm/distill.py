@@ -114,6 +114,15 @@ def _check(steps: int, loss: str, lr: float, temperature: float, checkpoint_ever
         raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
 
 
+def _check_batches(batches: Any) -> None:
+    if isinstance(batches, Tensor):
+        raise ValueError(f"distill: batches is one tensor {tuple(batches.shape)}: pass a list of batches, e.g. [x] "
+                         "for one batch (iterating a tensor would feed its rows as unbatched inputs)")
+    if iter(batches) is batches:
+        raise ValueError("distill: batches must be re-iterable (a list or a DataLoader), not an iterator: "
+                         "they are cycled until `steps` steps are done")
+
+
 def _check_clip(value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not math.isfinite(value) or value <= 0):
@@ -220,12 +229,7 @@ def distill(
     global norm to it before each step. Returns a DistillResult."""
     _check(steps, loss, lr, temperature, checkpoint_every, schedule, hidden_weight)
     _check_clip(clip_grad_norm)
-    if isinstance(batches, Tensor):
-        raise ValueError(f"distill: batches is one tensor {tuple(batches.shape)}: pass a list of batches, e.g. [x] "
-                         "for one batch (iterating a tensor would feed its rows as unbatched inputs)")
-    if iter(batches) is batches:
-        raise ValueError("distill: batches must be re-iterable (a list or a DataLoader), not an iterator: "
-                         "they are cycled until `steps` steps are done")
+    _check_batches(batches)
     if isinstance(hidden, str):
         hidden = [hidden]
     params = [p for p in student.parameters() if p.requires_grad]
