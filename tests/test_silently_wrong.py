@@ -225,3 +225,22 @@ def test_a_hybrid_exports_with_the_dense_runtime_correctly_and_smaller_than_dens
     assert onnx_weight_bytes(path) < dense_bytes  # no (out, in) constant for the sparse part
     got = ort.InferenceSession(str(path)).run(None, {"input0": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_demo_prints_each_row_against_the_documented_seed_spread(tmp_path, monkeypatch):
+    from mpolstm.harness import cli
+    from mpolstm.harness.protocol.spread import SEQCLS_QUICK
+
+    def fake_run(task, ratios, out, seed, distill, rows, resume=False):
+        out.mkdir(parents=True)
+        rows = [{"row": "dense", "target_ratio": None, "accuracy": SEQCLS_QUICK[("dense", None)][0]},
+                {"row": "mpo-scratch", "target_ratio": 30.0, "accuracy": 0.5}]
+        (out / "results.json").write_text(json.dumps({"metric": "accuracy", "rows": rows}))
+
+    monkeypatch.setattr(cli, "_run_protocol", fake_run)
+    monkeypatch.setattr(cli, "_make_task", lambda *args, **kwargs: None)
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    assert "Against the documented seed spread" in result.output
+    assert "| dense | - |" in result.output and "| mpo-scratch | 30x | 0.5000 | 0.9047 ± 0.0074 | no: -0.4047 |" in \
+        result.output and "1 of 2 rows within" in result.output
