@@ -106,6 +106,14 @@ def test_train_compress_inspect_round_trip(tmp_path, monkeypatch):
     bad = runner.invoke(app, ["compress", str(run / "model"), str(tmp_path / "x"), "--rel-tol", "2"])
     assert bad.exit_code == 2 and "--rel-tol" in bad.output and not (tmp_path / "x").exists()
 
+    checkpoint = run / "checkpoint.safetensors"  # one flipped bit in its weights: resume refuses
+    damaged = bytearray(checkpoint.read_bytes())
+    damaged[-2] ^= 0x01
+    checkpoint.write_bytes(bytes(damaged))
+    refused = runner.invoke(app, ["train", "--task", "seqcls", "--out", str(run), "--epochs", "2", "--resume"])
+    assert refused.exit_code == 2 and "damaged" in refused.output and str(checkpoint) in refused.output.replace("\n", "")
+    assert len([line for line in refused.output.splitlines() if line.strip()]) == 1, refused.output
+
 
 def test_export_command_formats_and_errors(tmp_path, monkeypatch):
     import torch

@@ -91,7 +91,8 @@ def test_num_cores_1_is_refused(user):
 
 
 def test_sparse_share_without_the_hybrid_layout_is_refused():
-    with pytest.raises(ValueError, match="sparse_share applies only to layout='lowrank\\+sparse'.*'auto'"):
+    with pytest.raises(ValueError, match="sparse_share applies only to layout 'lowrank\\+sparse'.*'auto'.*"
+                                         "layout='lowrank\\+sparse'"):
         CompressionConfig(target_ratio=4, sparse_share=0.5)
     with pytest.raises(ValueError, match="overrides\\['rnn'\\]: sparse_share applies only"):
         CompressionConfig(target_ratio=4, overrides={"rnn": {"sparse_share": 0.5}})

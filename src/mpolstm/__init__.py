@@ -22,14 +22,15 @@ from .version import __version__
 
 _EXPORTS = {
     "CompressionConfig": "compression", "CompressionReport": "compression", "compress": "compression",
+    "ConfigError": "errors",
     "freeze_central": "compression", "print_trainable_parameters": "compression",
     "distill": "distill", "quantize": "quantization", "load": "io", "save": "io",
     "MPO": "mpo", "decompose": "mpo", "factorize": "mpo", "mpo_matmul": "mpo",
     **{name: "nn" for name in ("MPOGRU", "MPOLSTM", "MPORNN", "MPOGRUCell", "MPOLSTMCell", "MPORNNCell", "MPOConv1d",
                                "MPOConv2d", "MPOEmbedding", "MPOLinear")},
 }
-_SUBMODULES = ("atomic", "calibration", "checkpoint", "compression", "distill", "export", "io", "mpo", "nn", "prune",
-               "quantization", "storage")
+_SUBMODULES = ("atomic", "calibration", "checkpoint", "compression", "distill", "errors", "export", "io", "mpo", "nn",
+               "prune", "quantization", "storage", "tensorfile")
 
 __all__ = ["__version__", *_EXPORTS]
 
@@ -66,6 +67,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .compression import CompressionConfig, CompressionReport, compress, freeze_central, print_trainable_parameters
     from .distill import distill
+    from .errors import ConfigError
     from .io import load, save
     from .mpo import MPO, decompose, factorize, mpo_matmul
     from .nn import (MPOGRU, MPOLSTM, MPORNN, MPOConv1d, MPOConv2d, MPOEmbedding, MPOGRUCell, MPOLinear, MPOLSTMCell,

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .errors import ConfigError, must_be
 from .nn.registry import layer_type
 
 __all__ = ["Calibration", "apply_whitening", "collect_moments", "run_hooked", "whitening"]
@@ -63,22 +64,26 @@ def _run(model: nn.Module, calibration: Calibration) -> int:
         calibration(model)
         return 1
     if isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
-        raise ValueError("calibration must be an iterable of batches (a tensor or a tuple of model "
-                         f"inputs each) or a callable that runs the model, got {type(calibration).__name__}")
+        raise must_be("calibration", "an iterable of batches (a tensor or a tuple of model inputs each) or a "
+                      "callable that runs the model", type(calibration).__name__)
     if isinstance(calibration, Tensor):
-        raise ValueError(f"calibration is one tensor {tuple(calibration.shape)}: pass a list of batches, e.g. "
-                         "[x] for one batch (a bare tensor would be ambiguous: one batch, or batches along dim 0)")
+        shape = tuple(calibration.shape)
+        raise ConfigError("calibration", lambda n: f"{n('calibration')} is one tensor {shape}: pass a list of batches"
+                          f"{', e.g. [x] for one batch' if n.api else ' (a file of inputs holds one batch)'} (a bare "
+                          "tensor would be ambiguous: one batch, or batches along dim 0)")
     batches = calibration
     count = 0
     for batch in batches:
         inputs = batch if isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence) else (batch,)
         if not inputs or not all(isinstance(x, (Tensor, PackedSequence)) for x in inputs):
-            raise ValueError("each calibration batch must be a tensor or a tuple/list of tensors (the model's "
-                             f"positional inputs), got {type(batch).__name__}")
+            raise ConfigError("calibration", lambda n: f"each {n('calibration')} batch must be a tensor or a tuple/list "
+                                                       f"of tensors (the model's positional inputs), got "
+                                                       f"{type(batch).__name__}")
         try:
             model(*inputs)
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            raise ValueError(f"calibration batch {count} failed in the model: {exc}") from exc
+            raise ConfigError("calibration", lambda n, exc=exc: f"{n('calibration')} batch {count} failed in the "
+                                                                f"model: {exc}") from exc
         count += 1
     return count
 
@@ -128,8 +133,9 @@ def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibrat
                          with_kwargs=True)
     empty = [name for name, slots in moments.items() if not slots or all(s.count == 0 for s in slots.values())]
     if batches == 0 or empty:
-        raise ValueError(f"calibration ran no data through module(s) {empty or list(targets)}; "
-                         "give batches that reach them")
+        modules = empty or list(targets)
+        raise ConfigError("calibration", lambda n: f"{n('calibration')} ran no data through module(s) {modules}; "
+                                                   "give batches that reach them")
     return {name: {w: s.mean() for w, s in slots.items()} for name, slots in moments.items()}
 
 

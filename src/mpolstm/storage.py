@@ -28,7 +28,6 @@ csr-int8 and bitmask-int8). :func:`pack_weights` gives the tensors of that store
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -41,6 +40,7 @@ from .mpo import dequantize_int8, quantize_core, quantize_int8
 from .nn.base import MPOWeights
 from .nn.registry import is_mpo_module
 from .nn.sparse import SparseResidual, decode_index, encode_index, index_bytes, index_parts, sparse_parts
+from .tensorfile import read_header
 
 __all__ = ["FORMATS", "mpo_stored", "quantize_int8", "quantized_rnn_weights", "dequantize_int8", "round_to_int8_", "sparse_bytes",
            "pack_matrix", "unpack_matrix", "pack_weights", "packed_bytes", "save_packed", "file_data_bytes"]
@@ -212,6 +212,5 @@ def save_packed(tensors: dict[str, Tensor], formats: dict[str, str], path: str |
 def file_data_bytes(path: str | Path) -> int:
     """Bytes of a safetensors file's tensor data (the file less its 8-byte length and JSON header)."""
     path = Path(path)
-    with path.open("rb") as fh:
-        (header,) = struct.unpack("<Q", fh.read(8))
-    return path.stat().st_size - 8 - header
+    data = path.read_bytes()
+    return read_header(data, path).data_bytes(data)

@@ -63,9 +63,9 @@ def _targets(name: str, module: nn.Module, settings: ModuleSettings, moments: di
 
 
 def _budget_mpos(targets: list[Target], settings: dict[str, ModuleSettings], budget: int | None,
-                 mac_budget: int | None) -> list[tuple[str, MPO | HybridFit]]:
+                 max_macs: int | None) -> list[tuple[str, MPO | HybridFit]]:
     """(layout name, MPO or HybridFit) per target: layout and bonds allocated together under the
-    parameter ``budget`` and / or the MAC budget. Weights pinned to the hybrid layout get their
+    parameter ``budget`` and / or ``max_macs``. Weights pinned to the hybrid layout get their
     share of the parameter budget in proportion to their size (uniform ratio); the others share
     what is left by the allocator."""
     out: list[tuple[str, MPO | HybridFit] | None] = [None] * len(targets)
@@ -78,12 +78,12 @@ def _budget_mpos(targets: list[Target], settings: dict[str, ModuleSettings], bud
     rest = [i for i, o in enumerate(out) if o is None]
     hybrid = sum(o[1].params for o in out if o is not None)  # a rank-r + sparse product: MACs = entries
     budget = None if budget is None else budget - hybrid
-    mac_budget = None if mac_budget is None else mac_budget - hybrid
+    max_macs = None if max_macs is None else max_macs - hybrid
     candidates = [[Candidate.of(targets[i], name, f, settings[targets[i].module].max_bond)
                    for name, f in targets[i].candidates(settings[targets[i].module].layout).items()] for i in rest]
     sizes = [targets[i].dense_params for i in rest]
-    points = allocate([[c.model for c in cs] for cs in candidates], scales=sizes, limits=sizes, budget=budget,
-                      floor=FLOOR_BOND, mac_budget=mac_budget) if rest else []
+    points = allocate([[c.model for c in cs] for cs in candidates], scales=sizes, limits=sizes, max_params=budget,
+                      floor=FLOOR_BOND, max_macs=max_macs) if rest else []
     for i, cs, point in zip(rest, candidates, points):
         pick = cs[point.option]
         out[i] = (pick.name, decompose_target(targets[i], pick.factors, list(point.bonds)))
@@ -192,14 +192,7 @@ def _check_sized(config: CompressionConfig, chosen: list[tuple[str, nn.Module, b
         if settings.layout == HYBRID and settings.rel_tol is not None:
             raise ValueError(f"layout {HYBRID!r} of module {name!r} needs a budget or max_bond; rel_tol does not "
                              "apply to it")
-    if config.budget_mode:
-        return
-    for name, _, _ in chosen:
-        settings = config.settings_for(name)
-        if settings.max_bond is None and settings.rel_tol is None:
-            raise ValueError(f"compress needs a size for module {name!r}: give target_ratio, max_params, max_bond "
-                             "or rel_tol (an exact MPO is larger than the dense layer; for an exact drop-in use "
-                             "mpolstm.nn.MPO<Layer>.from_<torch>())")
+    config.check_sized([name for name, _, _ in chosen])
 
 
 def compress(model: nn.Module, config: CompressionConfig | None = None, *,
@@ -254,7 +247,7 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *,
             results = sequential_refit(model, targets, results, calibration, passes=REFIT_PASSES)
     reports = _replace(model, modules, targets, results, skipped)
     _tie_followers(model, followers, modules, reports)
-    return model, CompressionReport(reports, skipped, budget, choice, mac_budget=config.max_macs)
+    return model, CompressionReport(reports, skipped, budget, choice, max_macs=config.max_macs)
 
 
 def _replace(model: nn.Module, modules: dict[str, nn.Module], targets: list[Target],

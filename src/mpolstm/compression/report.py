@@ -63,7 +63,7 @@ class CompressionReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     budget: int | None = None
     allocation: Any = None  # output_aware.AllocationChoice with allocation="output", else None
-    mac_budget: int | None = None
+    max_macs: int | None = None
 
     @property
     def dense_params(self) -> int:
@@ -100,7 +100,7 @@ class CompressionReport:
             "budget": self.budget,
             "allocation": None if self.allocation is None else {"chosen": self.allocation.chosen,
                                                                 "errors": dict(self.allocation.errors)},
-            "mac_budget": self.mac_budget,
+            "max_macs": self.max_macs,
             "dense_params": self.dense_params,
             "mpo_params": self.mpo_params,
             "ratio": self.ratio,
@@ -134,7 +134,7 @@ class CompressionReport:
                            for i, (layout, n) in enumerate(counts.most_common()))
         calibrated = any(w.output_error is not None for w in weights)
         error = "output error on the calibration inputs" if calibrated else "weight error"
-        budgets = " and ".join(b for b, v in (("parameter", self.budget), ("multiply-add", self.mac_budget))
+        budgets = " and ".join(b for b, v in (("parameter", self.budget), ("multiply-add", self.max_macs))
                                if v is not None)
         why = f"per weight, the least {error} within the {budgets} budget" if budgets else "bonds set by max_bond / rel_tol"
         macs = f"{self.dense_macs / self.macs:.1f}x fewer" if self.macs else "none"

@@ -6,7 +6,6 @@ typed, and exits with code 2. Output to a pipe or a file is not wrapped at 80 co
 
 from __future__ import annotations
 
-import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -16,6 +15,7 @@ import typer
 from rich.console import Console
 
 from ..compression.layouts import describe_layouts
+from ..errors import ConfigError
 from ..export import FORMATS as EXPORT_FORMATS
 from ..export import RUNTIMES, WRITERS
 from . import distributed
@@ -56,16 +56,14 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _flagged(message: str, flags: dict[str, str]) -> str:
-    """``message`` from the library with its argument names replaced by the flags the user typed
-    (``flags``: name -> flag, e.g. ``{"target_ratio": "--ratio"}``)."""
-    for name, flag in flags.items():
-        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])(=?)", lambda m: flag + (" " if m[1] else ""), message)
-    return message
+def _said(exc: ValueError, flags: dict[str, str]) -> str:
+    """The message of a library error; a :class:`ConfigError`'s with its fields named by the flags the
+    user typed (``flags``: field -> flag, e.g. ``{"target_ratio": "--ratio"}``)."""
+    return exc.render(flags) if isinstance(exc, ConfigError) else str(exc)
 
 
 _PROTOCOL_FLAGS = {"dense_epochs": "--dense-epochs", "finetune_epochs": "--finetune-epochs", "rows": "--rows",
-                   "rates": "--rates", "data_dir": "--data-dir", "dataset": "--dataset"}
+                   "ratios": "--ratios", "data_dir": "--data-dir", "dataset": "--dataset"}
 
 
 def _parse_ratios(text: str) -> tuple[float, ...]:
@@ -82,10 +80,11 @@ def _protocol_config(ratios: tuple[float, ...], seed: int, distill: bool, rows: 
     from .protocol import ROWS, ProtocolConfig
 
     selected = tuple(ROWS) if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip())
+    flags = {**_PROTOCOL_FLAGS, "ratios": "--rates" if kwargs.get("layout") == "paper" else "--ratios"}
     try:
         return ProtocolConfig(ratios=ratios, rows=selected, seed=seed, distill=distill, **kwargs)
     except ValueError as exc:
-        _fail(_flagged(str(exc), _PROTOCOL_FLAGS))
+        _fail(_said(exc, flags))
 
 
 def _log(line: str) -> None:
@@ -236,7 +235,7 @@ def _make_task(task: TaskName, preset: Preset, seed: int, **options):
         accepted = {k: v for k, v in options.items() if k in task_type.options}
         return task_type.make_task(preset.value, seed=seed, **accepted)
     except (ValueError, FileNotFoundError, EspeakMissingError) as exc:
-        _fail(_flagged(str(exc), _PROTOCOL_FLAGS))
+        _fail(_said(exc, _PROTOCOL_FLAGS))
 
 
 def _load_model(path: Path):
@@ -338,21 +337,17 @@ def _batches(inputs: tuple, size: int) -> list[tuple]:
     return [tuple(x[i:i + size] for x in inputs) for i in range(0, rows, size)]
 
 
-_COMPRESS_FLAGS = {"raise max_params or lower target_ratio": "lower --ratio", "target_ratio": "--ratio",
-                   "max_bond": "--max-bond", "rel_tol": "--rel-tol", "num_cores": "--num-cores", "layout": "--layout",
-                   "target_modules": "--target", "max_macs": "--max-macs"}
+_COMPRESS_FLAGS = {"target_ratio": "--ratio", "max_bond": "--max-bond", "rel_tol": "--rel-tol", "num_cores": "--num-cores",
+                   "layout": "--layout", "target_modules": "--target", "max_macs": "--max-macs",
+                   "calibration": "--calibrate"}
 
 
 def _compression_config(target: str, max_bond: Optional[int], rel_tol: Optional[float], ratio: Optional[float],
                         num_cores: int, layout: str, max_macs: Optional[int] = None):
-    """The CompressionConfig of compress's flags; a bad combination is one error line naming them."""
+    """The CompressionConfig of compress's flags; a bad value or combination is one error line naming
+    the flags (the config's own rules, said with the flags' names)."""
     from ..compression import CompressionConfig
 
-    if ratio is None and max_bond is None and rel_tol is None and max_macs is None:
-        _fail("give a size: --ratio (dense / compressed parameters of the selected weights), --max-macs, "
-              "--max-bond or --rel-tol")
-    if ratio is not None and rel_tol is not None:
-        _fail("--rel-tol cannot be combined with --ratio; choose one")
     targets = [t.strip() for t in target.split(",") if t.strip()]
     if not targets:
         _fail(f"--target must name at least one module, got {target!r}")
@@ -361,7 +356,7 @@ def _compression_config(target: str, max_bond: Optional[int], rel_tol: Optional[
                                  rel_tol=rel_tol, target_ratio=ratio, num_cores=num_cores, layout=layout,
                                  max_macs=max_macs)
     except ValueError as exc:
-        _fail(_flagged(str(exc), _COMPRESS_FLAGS))
+        _fail(_said(exc, _COMPRESS_FLAGS))
 
 
 def _check_targets(model, config) -> None:
@@ -373,7 +368,7 @@ def _check_targets(model, config) -> None:
     except ValueError as exc:
         modules = [f"{name} ({type(module).__name__})" for name, module in model.named_modules() if name]
         shown = ", ".join(modules[:30]) + (f", ... ({len(modules) - 30} more)" if len(modules) > 30 else "")
-        _fail(f"{_flagged(str(exc), _COMPRESS_FLAGS)}; the model's modules: {shown}")
+        _fail(f"{_said(exc, _COMPRESS_FLAGS)}; the model's modules: {shown}")
 
 
 def _stored_bytes(model, names: list[str]) -> int:
@@ -446,7 +441,7 @@ def compress_cmd(
             console.print(f"distilled {distill_steps} steps on the --calibrate inputs: loss {result.losses[0]:.4f} -> "
                           f"{result.losses[-1]:.4f} (the errors above were measured before distillation)")
     except ValueError as exc:
-        _fail(_flagged(str(exc), _COMPRESS_FLAGS))
+        _fail(_said(exc, _COMPRESS_FLAGS))
     if int8:
         try:
             quantize(model)
