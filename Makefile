@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[pt2]" torch==2.13.0
 	$(BIN)/python -m pip install -q --no-deps g2p-en==2.1.0
 	$(BIN)/python -m pip install -q --no-deps nano-ocr==0.1.0
 	touch $(STAMP)

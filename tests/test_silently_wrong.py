@@ -52,14 +52,15 @@ class Net(nn.Module):
 
 @pytest.fixture
 def user(tmp_path, monkeypatch):
-    """A folder with the user's module (usernet.py) and its trained weights (w.pt), as the current directory."""
-    (tmp_path / "usernet.py").write_text(USERNET)
+    """A folder with the user's module (silentnet.py) and its trained weights (w.pt), as the current directory."""
+    (tmp_path / "silentnet.py").write_text(USERNET)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "usernet", raising=False)
+    monkeypatch.delitem(sys.modules, "silentnet", raising=False)
     torch.manual_seed(0)
     torch.save(Net().state_dict(), tmp_path / "w.pt")
-    return tmp_path
+    yield tmp_path
+    sys.modules.pop("silentnet", None)  # the next test's module of that name is its own
 
 
 def one_line(result) -> str:
@@ -70,14 +71,14 @@ def one_line(result) -> str:
 
 
 def test_factory_without_weights_is_refused_unless_random_init(user):
-    line = one_line(runner.invoke(app, ["compress", "small", "--factory", "usernet:build", "--target", "rnn",
+    line = one_line(runner.invoke(app, ["compress", "small", "--factory", "silentnet:build", "--target", "rnn",
                                         "--ratio", "4"]))
-    assert "--factory usernet:build without --weights" in line and "--random-init" in line
+    assert "--factory silentnet:build without --weights" in line and "--random-init" in line
     assert not (user / "small").exists()
-    line = one_line(runner.invoke(app, ["compress", "small", "--factory", "usernet:build", "--weights", "w.pt",
+    line = one_line(runner.invoke(app, ["compress", "small", "--factory", "silentnet:build", "--weights", "w.pt",
                                         "--random-init", "--target", "rnn", "--ratio", "4"]))
     assert "--random-init and --weights" in line
-    ok = runner.invoke(app, ["compress", "small", "--factory", "usernet:build", "--random-init", "--target", "rnn",
+    ok = runner.invoke(app, ["compress", "small", "--factory", "silentnet:build", "--random-init", "--target", "rnn",
                              "--ratio", "4"])
     assert ok.exit_code == 0, ok.output
 
@@ -85,7 +86,7 @@ def test_factory_without_weights_is_refused_unless_random_init(user):
 def test_num_cores_1_is_refused(user):
     with pytest.raises(ValueError, match="num_cores must be an integer >= 2"):
         CompressionConfig(target_ratio=4, num_cores=1)
-    line = one_line(runner.invoke(app, ["compress", "small", "--factory", "usernet:build", "--weights", "w.pt",
+    line = one_line(runner.invoke(app, ["compress", "small", "--factory", "silentnet:build", "--weights", "w.pt",
                                         "--target", "rnn", "--ratio", "4", "--num-cores", "1"]))
     assert "--num-cores must be an integer >= 2" in line and "num_cores" not in line.replace("--num-cores", "")
 
@@ -112,7 +113,7 @@ def test_a_bare_tensor_as_calibration_or_distillation_batches_is_refused():
 
 
 def test_compress_over_an_existing_out_needs_overwrite_and_leaves_nothing_stale(user):
-    args = ["compress", "small", "--factory", "usernet:build", "--weights", "w.pt", "--target", "rnn", "--ratio", "4"]
+    args = ["compress", "small", "--factory", "silentnet:build", "--weights", "w.pt", "--target", "rnn", "--ratio", "4"]
     assert runner.invoke(app, args).exit_code == 0
     (user / "small" / "stale.txt").write_text("from an older run")
     before = (user / "small" / "model.safetensors").read_bytes()

@@ -6,7 +6,7 @@ records C for every selected weight while the caller's data runs through the mod
 each weight multiplies is told by its layer type's ``inputs`` hook in the registry
 (``mpolstm.nn.registry``): nn.Linear its input; nn.Embedding a one-hot row selector, so C is
 diagonal (how often each row is looked up); nn.LSTM / nn.GRU / nn.RNN x_t and h_{t-1} at every
-step, layer and direction (mpolstm.nn.rnn.recurrent_inputs); the cells x for weight_ih and the
+step, layer and direction (mpolstm.nn.rnn_inputs.recurrent_inputs); the cells x for weight_ih and the
 given state h (zeros without one) for weight_hh; Conv1d / Conv2d the unfolded input patches.
 Arguments passed by keyword (``cell(x, hx=h)``) are bound to the forward's signature, so they
 count as if passed by position.

@@ -1,10 +1,16 @@
-"""Export a (compressed or dense) model for serving: TorchScript, ONNX, or a plain dense torch model.
+"""Export a (compressed or dense) model for serving: ONNX, ExecuTorch, AOTInductor, a plain dense torch
+model, or TorchScript (legacy: deprecated in PyTorch 2, kept while torch ships it).
 
 One function per format (``mpolstm export MODEL --format ... --out PATH`` calls :func:`export_model`):
 
+- ``"executorch"`` / ``"aoti"`` (``export_model`` / ``export_step`` with ``fmt=``; ``pt2.py``): the
+  model (or its step) through ``torch.export`` in eval mode, the merged halves folded into
+  constants: a ``.pte`` program for ExecuTorch with the XNNPACK delegate (``export_step(...,
+  int8=True)``: int8 factors), or an AOTInductor package (``torch._inductor.aoti_load_package``).
+  The example inputs' shapes are the program's. Checked against eager mode.
 - ``export_torchscript(model, example_inputs, path, runtime="factorized") -> Path``: one TorchScript
-  file (``torch.jit.load``), the model traced in eval mode. Outputs are checked against eager mode on
-  the example inputs.
+  file (``torch.jit.load``; legacy), the model traced in eval mode. Outputs are checked against eager
+  mode on the example inputs.
 - ``export_onnx(model, example_inputs, path, opset=17, runtime="factorized") -> Path``: one ONNX file
   (TorchScript-based exporter). Every axis of an integer input and every axis but the last of
   a float input is dynamic (batch, time); likewise every axis but the last of each output. Inputs
@@ -63,6 +69,7 @@ The package, by concern:
 - ``trace.py``: the export copy (eval mode, runtime, caches), the one checked trace, ``ExportJob``.
 - ``torchscript.py``, ``onnx.py``: one writer per traced format (``onnx.py`` also turns the
   factorized runtime's constants into initializers and counts an ONNX file's weight bytes).
+- ``pt2.py``: the writers of the PyTorch 2 formats (executorch, aoti), from ``torch.export``.
 - ``formats.py``: ``WRITERS``, the table of traced formats (name -> writer), and the export of a
   whole model through it. **A new format is one writer ``(job, path) -> path`` and one entry
   there**; :func:`export_model`, :func:`export_step` and the CLI's ``--format`` then offer it.

@@ -16,12 +16,15 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from .onnx import write_onnx
+from .pt2 import write_aoti, write_executorch
 from .torchscript import write_torchscript
 from .trace import RUNTIMES, Writer, export_with
 
 __all__ = ["RUNTIMES", "WRITERS", "export_traced", "writer"]
 
-WRITERS: dict[str, Writer] = {"torchscript": write_torchscript, "onnx": write_onnx}
+# torchscript is the legacy format (TorchScript is deprecated in PyTorch 2): executorch / aoti replace it
+WRITERS: dict[str, Writer] = {"torchscript": write_torchscript, "onnx": write_onnx, "executorch": write_executorch,
+                              "aoti": write_aoti}
 
 
 def writer(fmt: str) -> Writer:

@@ -31,12 +31,14 @@ def export_step(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", fr
                 opset: int = 17, overwrite: bool = False, int8: bool | None = None) -> Path:
     """Export the streaming step of ``model`` (it must have ``step(frame, state) -> (output, state)``,
     state a tensor or a tuple of tensors, None meaning zeros) in the factorized runtime to ``path``
-    in the traced format ``fmt`` (:data:`mpolstm.export.WRITERS`: "onnx", "torchscript"). ``frame`` is
-    an example frame (N, features); default: zeros (1, input_size) for a recurrent MPO layer. The
-    file's inputs are the frame and the state tensors, its outputs the output and the new state
-    (names and shapes in the package docstring); checked against eager. An existing ``path`` is
-    refused unless ``overwrite``; ``int8``: int8 factors (default: when the model has int8 cores; see
-    :func:`~.trace.int8_factors`)."""
+    in the traced format ``fmt`` (:data:`mpolstm.export.WRITERS`: "onnx", "executorch" (.pte,
+    XNNPACK), "aoti" (an AOTInductor package), "torchscript" (legacy)). ``frame`` is an example frame
+    (N, features); default: zeros (1, input_size) for a recurrent MPO layer; the PyTorch 2 formats keep
+    its N. The file's inputs are the frame and the state tensors, its outputs the output and the new
+    state (names and shapes in the package docstring); checked against eager. An existing ``path`` is
+    refused unless ``overwrite``; ``int8``: int8 factors (onnx: onnxruntime dynamic quantization,
+    executorch: pt2e; default: when the model has int8 cores, which the other formats refuse unless
+    ``int8=False``; :func:`~.trace.int8_factors`)."""
     if fmt not in WRITERS:
         raise ValueError(f"unknown step export format {fmt!r}; expected one of {', '.join(WRITERS)}")
     if not callable(getattr(model, "step", None)):

@@ -37,14 +37,14 @@ _QUIET = ("`torch.jit.trace", "You are using the legacy TorchScript-based ONNX e
 class ExportJob:
     """What a format writer receives: ``module`` (an :func:`export_copy`), the example ``inputs``, the
     graph's input and output names (None: ``input0, ...`` / ``output0, ...``), the ONNX ``opset`` and
-    ``int8`` (:func:`int8_factors`: only writers with ``supports_int8`` accept it)."""
+    ``int8`` (:func:`int8_factors`: only writers with ``supports_int8`` accept it: ONNX, ExecuTorch)."""
 
     module: nn.Module
     inputs: tuple[Tensor, ...]
     input_names: Sequence[str] | None = None
     output_names: Sequence[str] | None = None
     opset: int = 17
-    int8: bool = False  # store and multiply the factors of the int8 MPO modules in int8 (int8_factors)
+    int8: bool = False  # store and multiply the MPO factors in int8 (int8_factors; onnx: export.int8, executorch: pt2e)
 
     def names(self, outputs: Sequence[Tensor]) -> tuple[list[str], list[str]]:
         """The input and output names, defaulted for ``outputs`` (the flattened outputs)."""

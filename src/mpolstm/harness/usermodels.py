@@ -31,7 +31,7 @@ from ..io import CONFIG_FILE, WEIGHTS_FILE, dequantize_cores, read_verified
 from ..mpo import MPO
 from ..nn.registry import layer_type_of_mpo, mpo_class
 from ..nn.sparse import SUFFIX as SPARSE_SUFFIX
-from ..nn.sparse import sparse_of
+from ..nn.sparse import index_parts, sparse_of
 from ..storage import file_data_bytes
 
 __all__ = ["load_factory", "build_model", "read_inputs", "describe_folder", "describe_stored", "inspect_folder",
@@ -169,8 +169,8 @@ def _stored_keys(probe: nn.Module, name: str, weight: str) -> dict[str, list[str
             "sparse": []}
     part = sparse_of(probe, weight)
     if part is not None:
-        keys["sparse"] = [f"{prefix}{weight}{SPARSE_SUFFIX}.{key}" for key, _ in part.named_buffers()] + \
-                         [f"{prefix}{weight}{SPARSE_SUFFIX}.values"]
+        stored = [*index_parts(part.index_format, part.nnz, part.shape), "values", *(["scale"] if part.int8 else [])]
+        keys["sparse"] = [f"{prefix}{weight}{SPARSE_SUFFIX}.{key}" for key in stored]
     return keys
 
 

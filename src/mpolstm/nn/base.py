@@ -245,12 +245,16 @@ class MPOWeights(Int8Cores, MPOModule):
 
     def _eval_cache(self) -> dict[str, Any] | None:
         """The eval-mode cache ("dense": rebuilt weights, "halves": merged half-chains, "plans"),
-        None when caching is not allowed (training, or a graph to the cores is being recorded)."""
+        None when caching is not allowed (training, or a graph to the cores is being recorded).
+        Under torch.compile / torch.export it lives for one call: the graph rebuilds from the
+        parameters once per call (constant folding, or inductor's freezing, removes that)."""
         if self.training:
             return None
         params = self._core_params() + sparse_params(self)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return None
+        if torch.compiler.is_compiling():  # a graph has no data pointers to key on: a cache for this call only
+            return {}
         key = (torch.is_inference_mode_enabled(), torch._C._is_any_autocast_enabled(),
                *[(id(p), p._version, p.data_ptr()) for p in params])
         if self._cache is None or self._cache[0] != key:
@@ -284,7 +288,10 @@ class MPOWeights(Int8Cores, MPOModule):
         """The memoised plan for ``x``'s rows, dtype and device, in training or eval mode: in eval
         mode it lives in the cache (emptied when a core changes); in training mode it is checked
         against the core shapes (a TT-rounding may replace cores)."""
-        rows = int(x.shape[0])  # a plain int also while tracing (the plan is a Python decision)
+        rows = x.shape[0]
+        if isinstance(rows, torch.SymInt):  # a dynamic size (torch.export): plan at its example value,
+            rows = rows.node.hint or 1      # not specialize on it (every path is exact for any count)
+        rows = int(rows)  # a plain int also while tracing (the plan is a Python decision)
         key = (name, rows, x.dtype, x.device)
         if cache is not None:
             plans = cache.setdefault("plans", {})
@@ -304,6 +311,10 @@ class MPOWeights(Int8Cores, MPOModule):
             return F.linear(x, self._dense(name, cache), bias)
         if plan[0] == "halves":
             prepared = self._halves(name, cache)
+            if prepared[3] == 1 and prepared[4] == 1 and torch.compiler.is_exporting():  # rank-D as two linear
+                # ops: what ExecuTorch's XNNPACK delegates and pt2e quantizes (mm with a computed weight is neither)
+                out = F.linear(F.linear(x, prepared[0]), prepared[1].t(), bias)
+                return add_sparse_product(self, name, x, out)
             if bias is not None and prepared[3] == 1 and prepared[4] == 1:  # rank-D: (x A) B + b in two ops
                 if self.separate_bias:  # MatMul + Add (ONNX export): int8 tools quantize MatMul, not Gemm with a bias
                     return torch.matmul(torch.matmul(x, prepared[0].t()), prepared[1]) + bias

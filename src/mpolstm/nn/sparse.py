@@ -106,7 +106,9 @@ class SparseResidual(nn.Module):
     """k entries of an (out, in) matrix at fixed positions; ``values`` (k,) train. The positions are
     held (and saved) as the index format ``index_format`` (default: the smallest,
     :func:`smallest_index_format`), its parts buffers of this module; ``index`` gives them as flat
-    row-major positions, ascending, ``values`` in that order."""
+    row-major positions (int64, ascending; ``values`` in that order): a non-persistent buffer, decoded
+    when the module is made and after every ``load_state_dict``, so compiled and exported graphs see a
+    plain tensor."""
 
     def __init__(self, shape: tuple[int, int], index: Tensor, values: Tensor, index_format: str | None = None) -> None:
         super().__init__()
@@ -127,18 +129,14 @@ class SparseResidual(nn.Module):
         for name, part in encode_index(index, self.shape, self.index_format).items():
             self.register_buffer(name, part.to(values.device))
         self.values = nn.Parameter(values.detach().clone())
-        self._flat: tuple[tuple, Tensor] | None = None
+        self.register_buffer("index", index.to(values.device), persistent=False)
+        self.register_load_state_dict_post_hook(_decode_after_load)
 
-    @property
-    def index(self) -> Tensor:
-        """The flat row-major positions (k,) int64, ascending (decoded once per change of the index buffers)."""
+    def _decode(self) -> None:
+        """Set ``index`` from the index buffers (a shape-only module keeps its placeholder)."""
         parts = {name: self._buffers[name] for name in index_parts(self.index_format, 0, self.shape)}
-        if self.values.is_meta:  # a shape-only module: positions unknown
-            return torch.empty(self.nnz, dtype=torch.long, device="meta")
-        key = tuple((t.data_ptr(), t._version, t.device) for t in parts.values())
-        if self._flat is None or self._flat[0] != key:
-            self._flat = (key, decode_index(parts, self.shape, self.index_format))
-        return self._flat[1]
+        if not self.values.is_meta:
+            self._buffers["index"] = decode_index(parts, self.shape, self.index_format).to(self.values.device)
 
     @property
     def nnz(self) -> int:
@@ -184,13 +182,13 @@ class SparseResidual(nn.Module):
             self._buffers["scale"] = scale.to(self._buffers["scale"].device)
         return self
 
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_flat"] = None
-        return state
-
     def extra_repr(self) -> str:
         return f"shape={self.shape}, nnz={self.nnz}, index={self.index_format}" + (", int8" if self.int8 else "")
+
+
+def _decode_after_load(module: SparseResidual, incompatible_keys: Any) -> None:
+    """``load_state_dict`` filled the index buffers: decode ``index`` from them."""
+    module._decode()
 
 
 def sparse_of(module: nn.Module, name: str) -> SparseResidual | None:
