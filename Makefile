@@ -1,7 +1,9 @@
 # `make demo` and `make test` set everything up on a fresh machine with Python 3.11 + pip.
-# ARGS passes options to the demo, e.g. `make demo ARGS=--resume` after an interruption.
+# ARGS passes options to the demo, e.g. `make demo ARGS=--resume` after an interruption; THREADS=N
+# runs it with N torch threads (e.g. THREADS=1 on a machine shared with other jobs).
 PYTHON ?= python3
 ARGS ?=
+THREADS ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -15,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[pt2]" torch==2.13.0
 	$(BIN)/python -m pip install -q --no-deps g2p-en==2.1.0
 	$(BIN)/python -m pip install -q --no-deps nano-ocr==0.1.0
 	touch $(STAMP)
@@ -26,7 +29,7 @@ test-all: setup
 	$(BIN)/python -m pytest -m ""
 
 demo: setup
-	$(BIN)/mpolstm demo $(ARGS)
+	$(BIN)/mpolstm $(if $(THREADS),--threads $(THREADS) )demo $(ARGS)
 
 bench: setup
 	$(BIN)/python -m pip install -q -e ".[bench]"

@@ -6,6 +6,7 @@ against dense float and dense int8 in the same runtime.
     python benchmarks/bench_deploy.py --g2p                # the g2p-en decoder's GRU (256 -> 256, 1 layer)
     python benchmarks/bench_deploy.py --hybrid 10 --ratios 10   # with the lowrank+sparse hybrid rows
     python benchmarks/bench_deploy.py --out results/bench_deploy.json
+    python benchmarks/bench_deploy.py --pt2 --out results/bench_deploy_pt2.json   # the PyTorch 2 rows
 
 ``--g2p`` times one decoding step of g2p-en's decoder instead: a one-layer GRU, input 256 (the
 phoneme embedding), hidden 256, with the same rows (the torch float step is ``torch.gru_cell``).
@@ -32,6 +33,19 @@ One torch thread and one onnxruntime thread, input 256 (the speech front end). R
 - ``latency Rx rebuild`` (onnxruntime only): the same MPO exported with the dense runtime
   (``export_onnx(..., runtime="dense")`` of a length-1 sequence: the graph rebuilds the dense weights
   from the cores on every call, then runs ONNX's LSTM op).
+
+``--pt2``: the PyTorch 2 runtimes instead of onnxruntime and TorchScript, at N = 1 (one step
+file per batch size; the eager rows as above, in the same process):
+
+- ``executorch``: ``export_step(..., fmt="executorch")`` (.pte, XNNPACK delegate, one XNNPACK
+  thread) run by ExecuTorch's runtime: ``dense`` and ``dense int8`` are the dense step written as
+  linear ops (``DenseLinearStep``; lstm_cell is one op pt2e cannot quantize), float and quantized by
+  the same pt2e XNNPACK flow as ``latency Rx int8`` (``int8=True``); ratios to ExecuTorch's dense int8.
+  ``outside`` lists the ops the delegate did not take. ``latency Rx unfolded`` is the step lowered as
+  first tried (issue 24): the merged halves built from the cores inside the program, not folded.
+- ``aoti``: ``export_step(..., fmt="aoti")`` loaded with ``torch._inductor.aoti_load_package``;
+  ``compiled``: ``torch.compile`` of the eager step (Inductor, ``freezing=True`` so the merged halves
+  are folded once); both against torch eager's dense int8. ``compile_s`` is the export or first call.
 
 Columns: bytes of the LSTM weights as stored (``mpolstm.storage``; the file for onnxruntime),
 weight bytes held at run time (eager: parameters + the factorized runtime's merged halves;
@@ -250,6 +264,103 @@ def torchscript_fn(module: nn.Module, rows: int, folder: Path, name: str):
     return run, path.stat().st_size
 
 
+class DenseLinearStep(nn.Module):
+    """The dense LSTM step as linear ops and mpolstm's gates (what pt2e quantizes and XNNPACK runs)."""
+
+    def __init__(self, lstm: nn.LSTM) -> None:
+        super().__init__()
+        self.lstm, self.input_size = lstm, lstm.input_size
+
+    def step(self, frame, state=None):
+        from mpolstm.nn.gates import cell_update
+
+        n, layers = frame.shape[0], self.lstm.num_layers
+        h, c = state if state is not None else (frame.new_zeros(layers, n, self.lstm.hidden_size),) * 2
+        hs, cs, x = [], [], frame
+        for k in range(layers):
+            gi = nn.functional.linear(x, getattr(self.lstm, f"weight_ih_l{k}"), getattr(self.lstm, f"bias_ih_l{k}"))
+            gh = nn.functional.linear(h[k], getattr(self.lstm, f"weight_hh_l{k}"), getattr(self.lstm, f"bias_hh_l{k}"))
+            x, c_new = cell_update("LSTM", gi, gh, h[k], c[k])
+            hs.append(x)
+            cs.append(c_new)
+        return x, (torch.stack(hs), torch.stack(cs))
+
+
+def executorch_fn(module: nn.Module, rows: int, int8: bool):
+    """The step lowered to ExecuTorch (XNNPACK): (run, .pte bytes, ops outside the delegate, seconds)."""
+    from executorch.runtime import Runtime
+
+    from mpolstm.export.pt2 import lower_executorch
+    from mpolstm.export.step import _Step
+    from mpolstm.export.trace import export_copy
+
+    work = export_copy(module, "factorized")
+    frame = torch.randn(rows, INPUT)
+    with torch.no_grad():
+        state = as_tuple(work.step(frame, None)[1])
+    start = time.perf_counter()
+    buffer, outside = lower_executorch(_Step(work, False), (frame, *state), int8)
+    seconds = time.perf_counter() - start
+    program = Runtime.get().load_program(buffer)  # the method needs its program (and the bytes) alive
+    method, inputs = program.load_method("forward"), [frame, *state]
+    return (lambda: (program, buffer) and method.execute(inputs)), len(buffer), outside, seconds
+
+
+def executorch_unfolded_fn(module: nn.Module, rows: int):
+    """The factorized step lowered to ExecuTorch as first tried (issue 24): the merged halves built
+    from the cores inside the program, no constant folding. (run, ops outside the delegate)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from mpolstm.export.pt2 import outside_delegate
+    from mpolstm.export.step import _Step
+    from mpolstm.export.trace import export_copy
+
+    work = export_copy(module, "factorized")
+    frame = torch.randn(rows, INPUT)
+    with torch.no_grad():
+        state = as_tuple(work.step(frame, None)[1])
+        edge = to_edge_transform_and_lower(torch.export.export(_Step(work, False), (frame, *state)),
+                                           partitioner=[XnnpackPartitioner()])
+    buffer = edge.to_executorch().buffer
+    program = Runtime.get().load_program(buffer)
+    method, inputs = program.load_method("forward"), [frame, *state]
+    return (lambda: (program, buffer) and method.execute(inputs)), len(buffer), outside_delegate(edge)
+
+
+def aoti_fn(module: nn.Module, rows: int, folder: Path, name: str):
+    """The step as an AOTInductor package: (run, package bytes, export + compile seconds)."""
+    path = folder / f"{name.replace(' ', '_')}.pt2"
+    start = time.perf_counter()
+    export_step(module, path, fmt="aoti", frame=torch.zeros(rows, INPUT))
+    seconds = time.perf_counter() - start
+    runner = torch._inductor.aoti_load_package(str(path))
+    frame = torch.randn(rows, INPUT)
+    with torch.no_grad():
+        state = as_tuple(module.step(frame, None)[1])
+    return (lambda: runner(frame, *state)), path.stat().st_size, seconds
+
+
+def compiled_fn(module: nn.Module, rows: int):
+    """``torch.compile`` of the eager step with Inductor's freezing: (run, first-call seconds)."""
+    import torch._inductor.config as inductor_config
+
+    frame = torch.randn(rows, INPUT)
+    with torch.no_grad():
+        state = module.step(frame, None)[1]
+    step = torch.compile(module.step)
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        start = time.perf_counter()
+        step(frame, state)
+        seconds = time.perf_counter() - start
+
+    def run():
+        with torch.no_grad():
+            step(frame, state)
+    return run, seconds
+
+
 def median_seconds(fn, min_time: float) -> float:
     fn()
     times, start = [], time.perf_counter()
@@ -300,6 +411,59 @@ def measure(hidden: int, ratios: list[float], batches: list[int], rounds: int, m
     return rows
 
 
+def measure_pt2(hidden: int, ratios: list[float], rounds: int, min_time: float) -> list[dict]:
+    """The PyTorch 2 rows at N = 1 (module docstring), with torch eager's in the same process."""
+    models = variants(hidden, ratios)
+    dense = models["dense"][0].lstm
+    dense_macs = models["dense"][2]
+    rows, fns = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ["dense", "dense int8"] + [f"latency {r:g}x{q}" for r in ratios for q in ("", " int8")]:
+            module, stored, macs = models[name]
+            fns[("torch", name)] = torch_fn(module, 1)
+            rows.append({"runtime": "torch", "model": name, "stored_bytes": stored, "macs": macs,
+                         "runtime_bytes": eager_weight_bytes(module)})
+            source = DenseLinearStep(dense) if name.startswith("dense") else models[name.removesuffix(" int8")][0]
+            run, size, outside, seconds = executorch_fn(source, 1, name.endswith("int8"))
+            fns[("executorch", name)] = run
+            rows.append({"runtime": "executorch", "model": name, "stored_bytes": size, "macs": macs or dense_macs,
+                         "runtime_bytes": None, "outside": outside, "compile_s": seconds})
+            if name == f"latency {ratios[0]:g}x":
+                run, size, outside = executorch_unfolded_fn(module, 1)
+                fns[("executorch", f"{name} unfolded")] = run
+                rows.append({"runtime": "executorch", "model": f"{name} unfolded", "stored_bytes": size, "macs": macs,
+                             "runtime_bytes": None, "outside": outside})
+            if name.startswith("latency") and not name.endswith("int8"):
+                run, size, seconds = aoti_fn(module, 1, Path(tmp), name)
+                fns[("aoti", name)] = run
+                rows.append({"runtime": "aoti", "model": name, "stored_bytes": size, "macs": macs,
+                             "runtime_bytes": None, "compile_s": seconds})
+                run, seconds = compiled_fn(module, 1)
+                fns[("compiled", name)] = run
+                rows.append({"runtime": "compiled", "model": name, "stored_bytes": stored, "macs": macs,
+                             "runtime_bytes": None, "compile_s": seconds})
+        best = {key: float("inf") for key in fns}
+        for _ in range(rounds):
+            for key, fn in fns.items():
+                best[key] = min(best[key], median_seconds(fn, min_time))
+    for row in rows:
+        seconds = best[(row["runtime"], row["model"])]
+        int8 = best[("executorch" if row["runtime"] == "executorch" else "torch", "dense int8")]
+        row["n1"] = {"step_us": 1e6 * seconds, "frames_per_s": 1 / seconds, "speedup_vs_int8": int8 / seconds}
+        row["hidden"], row["cell"], row["layers"] = hidden, "LSTM", 2
+    return rows
+
+
+def print_pt2_table(rows: list[dict]) -> None:
+    print("| hidden | runtime | model | file bytes | N=1: us / x int8 | compile s | outside the delegate |")
+    print("|" + "---|" * 7)
+    for r in rows:
+        outside = ", ".join(f"{k.split('.')[-2] if '.' in k else k} x{v}" for k, v in r.get("outside", {}).items())
+        compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
+        print(f"| {r['hidden']} | {r['runtime']} | {r['model']} | {r['stored_bytes']:,} | {r['n1']['step_us']:.0f} / "
+              f"{r['n1']['speedup_vs_int8']:.2f}x | {compile_s} | {outside or '-'} |")
+
+
 def print_table(rows: list[dict], batches: list[int]) -> None:
     cols = " | ".join(f"N={n}: us / x int8" if n == 1 else f"N={n}: frames/s / x int8" for n in batches)
     print(f"| hidden | runtime | model | stored bytes | run-time weight bytes | MACs/step | {cols} |")
@@ -326,6 +490,7 @@ def main() -> None:
     parser.add_argument("--g2p", action="store_true", help="the g2p-en decoder's GRU: 256 -> 256, one layer")
     parser.add_argument("--hybrid", type=float, default=None, metavar="RATIO",
                         help="add the lowrank+sparse hybrid at RATIO and the latency model at its bytes")
+    parser.add_argument("--pt2", action="store_true", help="ExecuTorch, AOTInductor and torch.compile rows (N = 1)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_deploy.json"))
     args = parser.parse_args()
     cell, layers = (nn.GRU, 1) if args.g2p else (nn.LSTM, 2)
@@ -335,9 +500,16 @@ def main() -> None:
         args.hidden, args.rounds, args.min_time = [256], 2, 0.1
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False  # oneDNN re-lays out LSTM weights on every one-step call
-    rows = [r for hidden in args.hidden for r in measure(hidden, args.ratios, args.batches, args.rounds,
-                                                          args.min_time, cell, layers, args.hybrid)]
-    print_table(rows, args.batches)
+    if args.pt2:
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(1)  # XNNPACK's threads: one, as torch's and onnxruntime's
+        rows = [r for hidden in args.hidden for r in measure_pt2(hidden, args.ratios, args.rounds, args.min_time)]
+        print_pt2_table(rows)
+    else:
+        rows = [r for hidden in args.hidden for r in measure(hidden, args.ratios, args.batches, args.rounds,
+                                                              args.min_time, cell, layers, args.hybrid)]
+        print_table(rows, args.batches)
     report = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(), "threads": 1,
               "input": INPUT, "cell": cell.__name__, "layers": layers, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

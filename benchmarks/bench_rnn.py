@@ -6,6 +6,14 @@ one streaming step each.
     python benchmarks/bench_rnn.py --quick         # a small grid for a smoke run
     python benchmarks/bench_rnn.py --streaming-only --sizes 1024x1024   # only the streaming tables
     python benchmarks/bench_rnn.py --out results/bench_rnn.json
+    python benchmarks/bench_rnn.py --compiled --threads 1 --out results/bench_rnn_compiled.json
+                                                    # torch.compile'd training steps (2x1024, 2x512, 10x)
+
+``--compiled``: one training step (forward, backward, SGD) of a 2-layer LSTM, input 256, batch 32,
+length 50, hidden 1024 and 512: nn.LSTM and MPOLSTM (``compress(..., target_ratio=10)``), each in
+eager mode and under ``torch.compile`` (default settings: Inductor; torch.compile runs nn.LSTM's and
+MPOLSTM's fused kernel outside its graph, and compiles MPOLSTM's rebuild of the weights). Ratios to
+compiled nn.LSTM; ``compile_s`` is the first call.
 
 Timing: every candidate of one configuration runs once per round, rounds interleaved, so a load
 spike on a shared machine hits all of them; the table gives the minimum over rounds (the least
@@ -92,6 +100,34 @@ def inference_fn(model: nn.Module, x: torch.Tensor):
             model(x)
 
     return run
+
+
+def compiled_training(hidden: int, rounds: int, ratio: float = 10.0, batch: int = 32, steps: int = 50) -> dict:
+    """Eager and torch.compile'd training steps of nn.LSTM and its ``ratio``x MPOLSTM (module docstring)."""
+    from mpolstm.compression import CompressionConfig, compress
+
+    class Host(nn.Module):
+        def __init__(self, lstm):
+            super().__init__()
+            self.lstm = lstm
+
+        def forward(self, x):
+            return self.lstm(x)
+
+    torch.manual_seed(0)
+    dense = nn.LSTM(256, hidden, num_layers=2)
+    mpo_host, _ = compress(Host(nn.LSTM(256, hidden, num_layers=2)), CompressionConfig(target_ratio=ratio))
+    x = torch.randn(steps, batch, 256)
+    fns, compile_s = {}, {}
+    for name, model in (("nn.LSTM", Host(dense)), (f"MPOLSTM {ratio:g}x", mpo_host)):
+        fns[f"{name} eager"] = train_step_fn(model, x)
+        fns[f"{name} compiled"] = train_step_fn(torch.compile(model), x)
+        start = time.perf_counter()
+        fns[f"{name} compiled"]()
+        compile_s[f"{name} compiled"] = time.perf_counter() - start
+    times = summarize(interleaved(fns, rounds), "nn.LSTM compiled")
+    return {"hidden": hidden, "layers": 2, "input": 256, "batch": batch, "seq_len": steps, "times": times,
+            "compile_s": compile_s, "params": {"nn.LSTM": params(dense), "MPOLSTM": params(mpo_host)}}
 
 
 def interleaved(fns: dict[str, callable], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -224,6 +260,7 @@ def main() -> None:
     parser.add_argument("--streaming-only", action="store_true", help="only the streaming tables (LSTM step, cells)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_rnn.json"))
+    parser.add_argument("--compiled", action="store_true", help="torch.compile'd training steps (2x1024, 2x512)")
     parser.add_argument("--child-memory", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
@@ -244,6 +281,20 @@ def main() -> None:
                           "torch": torch.__version__, "load_avg": os.getloadavg()},
               "batch": batch, "seq_len": steps, "configs": []}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, T {steps}")
+
+    if args.compiled:
+        report["compiled"] = [compiled_training(hidden, rounds) for hidden in ((64,) if args.quick else (1024, 512))]
+        for config in report["compiled"]:
+            print(f"\n2x{config['hidden']}, batch 32, T 50: seconds per training step (min over rounds), x compiled "
+                  "nn.LSTM (> 1: slower), first call")
+            for name, t in config["times"].items():
+                first = config["compile_s"].get(name)
+                tail = f"  first call {first:.1f} s" if first else ""
+                print(f"  {name:24s} {t['min_s']:.3f} s  {t['ratio_min']:.2f}x" + tail)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.out}")
+        return
 
     frames = 20 if args.quick else 50
     stream_bonds = [b for b in bonds if b <= 16]

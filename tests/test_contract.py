@@ -217,13 +217,13 @@ def test_exports_reproduce_the_model(torch_type, runtime, tmp_path):
     dense = densify(model)
     assert type(dense.layer) is torch_type
     torch.testing.assert_close(dense(x), expected, atol=1e-5, rtol=1e-4)
-    assert (export_model(model, "dense", tmp_path / "dense") / io.WEIGHTS_FILE).is_file()
-    traced = torch.jit.load(str(export_model(model, "torchscript", tmp_path / "m.pt", (x,), runtime=runtime)))
+    assert (export_model(model, tmp_path / "dense", "dense") / io.WEIGHTS_FILE).is_file()
+    traced = torch.jit.load(str(export_model(model, tmp_path / "m.pt", "torchscript", (x,), runtime=runtime)))
     with torch.no_grad():
         torch.testing.assert_close(traced(other), expected_other, atol=1e-5, rtol=1e-4)
     pytest.importorskip("onnx", reason="onnx is not installed")
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    path = export_model(model, "onnx", tmp_path / "m.onnx", (x,), runtime=runtime)
+    path = export_model(model, tmp_path / "m.onnx", "onnx", (x,), runtime=runtime)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input0": other.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), expected_other, atol=1e-4, rtol=1e-4)
@@ -263,3 +263,88 @@ def test_one_distillation_step_lowers_the_loss(torch_type):
     before = loss()
     distill(student, teacher, [x], steps=1, loss="mse", lr=1e-3)
     assert loss() < before
+
+
+# ----------------------------------------------------------------------------- PyTorch 2: compile and export
+
+# the time axis of each recurrent sample's input (the LSTM and RNN samples are batch-first)
+TIME_AXIS = {nn.LSTM: 1, nn.GRU: 0, nn.RNN: 1}
+
+
+def compressed(torch_type, layout="auto"):
+    model = host(torch_type)
+    compress(model, CompressionConfig(target_modules=["layer"], max_bond=3, layout=layout))
+    return model
+
+
+def assert_close_relative(got, expected, rtol=1e-5):
+    for g, e in zip(got, expected, strict=True):
+        assert g.shape == e.shape and (g - e).norm() <= rtol * e.norm(), float((g - e).norm() / e.norm())
+
+
+def assert_compiles_like_eager(model, inputs, backward, backend="inductor"):
+    """torch.compile(model) with the default settings equals eager mode: outputs, and with ``backward``
+    every parameter's gradient (the same seed before both runs: the fused recurrent kernels draw
+    their dropout masks in eager mode in both)."""
+    import torch._dynamo
+
+    def run(module):
+        model.zero_grad()
+        torch.manual_seed(5)
+        with torch.set_grad_enabled(backward):
+            out = module(*inputs)
+            out = out if isinstance(out, tuple) else (out,)
+            if backward:
+                sum(o.pow(2).sum() for o in out).backward()
+        return [o.detach() for o in out], [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    torch._dynamo.reset()
+    got, got_grads = run(torch.compile(model, backend=backend))
+    expected, grads = run(model)
+    assert_close_relative(got, expected)
+    assert len(got_grads) == len(grads) == (sum(p.requires_grad for p in model.parameters()) if backward else 0)
+    assert_close_relative(got_grads, grads)
+
+
+@pytest.mark.parametrize("torch_type", TYPES, ids=lambda t: t.__name__)
+def test_torch_compile_traces_every_registered_type(torch_type):
+    """Dynamo and AOTAutograd with Inductor's decompositions and partitioner (all but Inductor's C++
+    code generation, which costs 30-70 s of CPU per type cold: Inductor itself runs the MPOLSTM
+    below and every type in the slow tests): forward and backward in train mode, forward in eval
+    mode without grad, equal to eager."""
+    model = compressed(torch_type)
+    for training in (True, False):
+        assert_compiles_like_eager(model.train(training), [example(torch_type)], training,
+                                   backend="aot_eager_decomp_partition")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train-backward", "eval-no-grad"])
+def test_torch_compile_with_inductor_runs_a_compressed_lstm(training):
+    """torch.compile's defaults (Inductor) on a model holding an MPOLSTM (it failed there before:
+    torch's traced LSTM took oneDNN's inference kernel while the cores trained)."""
+    model = compressed(nn.LSTM).train(training)
+    assert_compiles_like_eager(model, [example(nn.LSTM)], backward=training)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("torch_type", TYPES, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_compile_with_inductor_of_each_type(torch_type, training):
+    """Inductor on every type: forward and backward in train and eval mode, and eval without grad."""
+    model = compressed(torch_type).train(training)
+    for backward in (True, False) if not training else (True,):
+        assert_compiles_like_eager(model, [example(torch_type)], backward)
+
+
+@pytest.mark.parametrize("torch_type", TYPES, ids=lambda t: t.__name__)
+def test_torch_export_in_eval_mode_one_program_for_every_length(torch_type):
+    """torch.export of the eval-mode model equals eager; a recurrent layer's sequence length is
+    dynamic: one program runs every length from 1 to beyond the example's."""
+    model = compressed(torch_type).eval()
+    x, axis = example(torch_type), TIME_AXIS.get(torch_type)
+    dynamic = None if axis is None else ({axis: torch.export.Dim("T", min=1, max=64)},)
+    program = torch.export.export(model, (x,), dynamic_shapes=dynamic).module()
+    lengths = range(1, x.shape[axis] + 3) if axis is not None else []
+    for inputs in [x, *(torch.randn(*x.shape[:axis], n, *x.shape[axis + 1:]) for n in lengths)]:
+        with torch.no_grad():
+            assert_close_relative([program(inputs)], [model(inputs)])

@@ -1,7 +1,6 @@
 """Hostile input: fuzzed checkpoint files for load_checkpoint / fit(resume=True), fuzzed arguments for
 mpo.decompose, and a scan of src/ for unpickling. Every bad input must be a ValueError."""
 
-import json
 import math
 import re
 import struct
@@ -15,6 +14,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 from torch.nn import functional as F
 
+from mpolstm.checkpoint import write_file
 from mpolstm.mpo import decompose
 from mpolstm.harness.training import ACCURACY, BEST_FORMAT, CHECKPOINT_FORMAT, fit, load_checkpoint
 
@@ -82,11 +82,26 @@ def test_declared_header_size_is_checked_before_reading(tmp_path, size, tail):
 @FUZZ
 @given(offset=st.integers(min_value=0), byte=st.integers(min_value=0, max_value=255))
 def test_flipped_byte(valid, tmp_path, offset, byte):
+    """Any changed byte (header, metadata, state or tensor data) is refused: the checksum covers it all."""
     data = bytearray(valid[0])
     data[offset % len(data)] = byte
     path = tmp_path / "c.safetensors"
     path.write_bytes(bytes(data))
-    loads_or_value_error(path)
+    assert loads_or_value_error(path) == (bytes(data) == valid[0])
+
+
+def test_damaged_checkpoint_refuses_to_resume_naming_the_file(tmp_path):
+    """A flipped bit in the weights of a real checkpoint: resume refuses in one line naming the file
+    instead of training on from damaged weights."""
+    train(tmp_path)
+    path = tmp_path / "checkpoint.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x04  # inside the last tensor's float data: still a well-formed file
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged") as refused:
+        train(tmp_path, epochs=2, resume=True)
+    message = str(refused.value)
+    assert str(path) in message and "\n" not in message
 
 
 @FUZZ
@@ -106,11 +121,9 @@ def test_foreign_safetensors(tmp_path, meta, names, dtype):
 @given(state=json_values)
 def test_random_state_document(tmp_path, state):
     path = tmp_path / "c.safetensors"
-    path.write_bytes(st_save({"model/w": torch.zeros(2)}, metadata={"format": CHECKPOINT_FORMAT,
-                                                                    "state": json.dumps(state)}))
+    write_file(path, {"model/w": torch.zeros(2)}, CHECKPOINT_FORMAT, state)
     assert not loads_or_value_error(path)
-    path.write_bytes(st_save({"model/w": torch.zeros(2)}, metadata={"format": BEST_FORMAT,
-                                                                    "state": json.dumps(state)}))
+    write_file(path, {"model/w": torch.zeros(2)}, BEST_FORMAT, state)
     assert not loads_or_value_error(path, BEST_FORMAT)
 
 
@@ -150,8 +163,7 @@ def test_mutated_checkpoint_fields_then_resume(valid, tmp_path, field, value, te
     out = tmp_path / "run"
     out.mkdir(exist_ok=True)
     path = out / "checkpoint.safetensors"
-    path.write_bytes(st_save(tensors, metadata={"format": CHECKPOINT_FORMAT,
-                                                "state": json.dumps(_mutate(state, field, value))}))
+    write_file(path, tensors, CHECKPOINT_FORMAT, _mutate(state, field, value))  # with a valid checksum
     if loads_or_value_error(path):
         try:
             train(out, epochs=2, resume=True)

@@ -77,7 +77,7 @@ def test_step_stream_and_exported_step_equal_the_full_forward(torch_type, layout
         set_factorized(layer, False)
     lstm = torch_type is nn.LSTM
     zeros = [torch.zeros(LAYERS, BATCH, HIDDEN)] * (2 if lstm else 1)
-    onnx_path = export_step(layer, tmp_path / "step.onnx")
+    onnx_path = export_step(layer, tmp_path / "step.onnx", int8=False)  # int8 cores as float factors: exact
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     state = [zeros]
@@ -88,7 +88,7 @@ def test_step_stream_and_exported_step_equal_the_full_forward(torch_type, layout
         return out
 
     torch.testing.assert_close(_frame_by_frame(onnx_step, x), expected, **TOL)
-    loaded = torch.jit.load(str(export_step(layer, tmp_path / "step.pt", fmt="torchscript")))
+    loaded = torch.jit.load(str(export_step(layer, tmp_path / "step.pt", fmt="torchscript", int8=False)))
     state = [zeros]
 
     def script_step(frame):

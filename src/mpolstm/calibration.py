@@ -6,7 +6,7 @@ records C for every selected weight while the caller's data runs through the mod
 each weight multiplies is told by its layer type's ``inputs`` hook in the registry
 (``mpolstm.nn.registry``): nn.Linear its input; nn.Embedding a one-hot row selector, so C is
 diagonal (how often each row is looked up); nn.LSTM / nn.GRU / nn.RNN x_t and h_{t-1} at every
-step, layer and direction (mpolstm.nn.rnn.recurrent_inputs); the cells x for weight_ih and the
+step, layer and direction (mpolstm.nn.rnn_inputs.recurrent_inputs); the cells x for weight_ih and the
 given state h (zeros without one) for weight_hh; Conv1d / Conv2d the unfolded input patches.
 Arguments passed by keyword (``cell(x, hx=h)``) are bound to the forward's signature, so they
 count as if passed by position.
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .errors import ConfigError, must_be
 from .nn.registry import layer_type
 
 __all__ = ["Calibration", "apply_whitening", "collect_moments", "damping", "run_hooked", "whitening"]
@@ -63,10 +64,14 @@ def _run(model: nn.Module, calibration: Calibration) -> int:
         calibration(model)
         return 1
     if isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
-        raise ValueError("calibration must be an iterable of batches (a tensor, a tuple of model inputs or a "
-                         "callable that runs the model, each) or a callable that runs the model, got "
-                         f"{type(calibration).__name__}")
-    batches = [calibration] if isinstance(calibration, Tensor) else calibration
+        raise must_be("calibration", "an iterable of batches (a tensor, a tuple of model inputs or a callable that "
+                      "runs the model, each) or a callable that runs the model", type(calibration).__name__)
+    if isinstance(calibration, Tensor):
+        shape = tuple(calibration.shape)
+        raise ConfigError("calibration", lambda n: f"{n('calibration')} is one tensor {shape}: pass a list of batches"
+                          f"{', e.g. [x] for one batch' if n.api else ' (a file of inputs holds one batch)'} (a bare "
+                          "tensor would be ambiguous: one batch, or batches along dim 0)")
+    batches = calibration
     count = 0
     for batch in batches:
         if callable(batch) and not isinstance(batch, (Tensor, nn.Module)):  # runs the model on its batch
@@ -75,12 +80,14 @@ def _run(model: nn.Module, calibration: Calibration) -> int:
             continue
         inputs = batch if isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence) else (batch,)
         if not inputs or not all(isinstance(x, (Tensor, PackedSequence)) for x in inputs):
-            raise ValueError("each calibration batch must be a tensor, a tuple/list of tensors (the model's "
-                             f"positional inputs) or a callable that runs the model, got {type(batch).__name__}")
+            raise ConfigError("calibration", lambda n: f"each {n('calibration')} batch must be a tensor, a tuple/list "
+                                                       f"of tensors (the model's positional inputs) or a callable that "
+                                                       f"runs the model, got {type(batch).__name__}")
         try:
             model(*inputs)
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            raise ValueError(f"calibration batch {count} failed in the model: {exc}") from exc
+            raise ConfigError("calibration", lambda n, exc=exc: f"{n('calibration')} batch {count} failed in the "
+                                                                f"model: {exc}") from exc
         count += 1
     return count
 
@@ -130,8 +137,9 @@ def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibrat
                          with_kwargs=True)
     empty = [name for name, slots in moments.items() if not slots or all(s.count == 0 for s in slots.values())]
     if batches == 0 or empty:
-        raise ValueError(f"calibration ran no data through module(s) {empty or list(targets)}; "
-                         "give batches that reach them")
+        modules = empty or list(targets)
+        raise ConfigError("calibration", lambda n: f"{n('calibration')} ran no data through module(s) {modules}; "
+                                                   "give batches that reach them")
     return {name: {w: s.mean() for w, s in slots.items()} for name, slots in moments.items()}
 
 

@@ -8,7 +8,8 @@ Checkpoint layout (:func:`save_checkpoint` / :func:`load_checkpoint`):
 
 - tensors ``model/<state_dict key>`` (the model's weights, copied to CPU) and
   ``optim/<param index>/<state key>`` (the optimizer's tensor state);
-- header metadata ``format`` (default :data:`CHECKPOINT_FORMAT`) and ``state``: a JSON document
+- header metadata ``format`` (default :data:`CHECKPOINT_FORMAT`), ``sha256`` (the checksum, below) and
+  ``state``: a JSON document
   holding the caller's ``state`` entries plus three that this module writes and validates:
   ``optimizer`` (``name`` = the optimizer's class name in lower case, ``param_groups``,
   ``scalar_state``), ``rng`` (``torch``, ``cuda``, ``numpy``, ``python`` and ``loader``: the global
@@ -37,10 +38,16 @@ optimizer state, the Python/NumPy/torch (CPU and CUDA) RNG states and the state 
 ``torch.Generator`` (``loader.generator``, ``loader.sampler.generator``,
 ``loader.batch_sampler.generator``) are captured after an epoch and restored before the next.
 
-Every problem with a file read back (missing, truncated, foreign, corrupt, a malformed field, an
-unexpected tensor name, weights that do not fit the model, an optimizer state that does not fit
-the optimizer) is a ValueError whose message names the file. The safetensors header's declared size
-is checked against the file before anything is read, and tensors come from a memory map.
+Every file carries a checksum, as a saved model does (``mpolstm.io``): the SHA-256 of its content
+(tensor entries, metadata and data; :func:`mpolstm.tensorfile.content_digest`), written in the
+header in the same atomic write as the tensors. Reading verifies it before any tensor is used, so a
+flipped byte, a partial copy or an edited file is refused instead of resuming with damaged weights.
+
+Every problem with a file read back (missing, truncated, foreign, corrupt, damaged, a malformed
+field, an unexpected tensor name, weights that do not fit the model, an optimizer state that does
+not fit the optimizer) is a one-line ValueError whose message names the file. The safetensors
+header's layout is checked against the file (:func:`mpolstm.tensorfile.read_header`) before any
+tensor is read.
 """
 
 from __future__ import annotations
@@ -56,11 +63,11 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from .atomic import atomic_write_bytes
+from .tensorfile import DamagedFile, content_digest, read_header, read_tensors
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -78,6 +85,7 @@ __all__ = [
     "restore_rng",
     "prepare_dir",
     "name_write_errors",
+    "write_file",
 ]
 
 CHECKPOINT_FORMAT = "mpolstm.train.checkpoint/1"
@@ -87,6 +95,7 @@ BEST_FORMAT = "mpolstm.train.best/1"
 
 Fields = Mapping[str, type | tuple[type, ...]]
 _PROBE_NAME = ".write-probe"
+_CHECKSUM = "sha256"  # the metadata entry holding the content digest
 _RESERVED = ("optimizer", "rng", "shapes")
 _ENVELOPE: dict[str, tuple[type, ...]] = {"optimizer": (dict,), "rng": (dict,), "shapes": (dict,)}
 _NESTED: dict[str, dict[str, tuple[type, ...]]] = {
@@ -111,17 +120,23 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     doc = {**state, "optimizer": {"name": optimizer_name(optimizer), **opt_payload}, "rng": capture_rng(loader),
            "shapes": {k: list(v.shape) for k, v in weights.items()}}
     tensors = {**{f"model/{k}": v for k, v in weights.items()}, **cpu_copy(opt_tensors)}
-    _write(Path(path), tensors, fmt, doc)
+    write_file(Path(path), tensors, fmt, doc)
 
 
 def save_weights(path: str | os.PathLike, weights: Mapping[str, Tensor], state: Mapping[str, Any], *,
                  fmt: str = BEST_FORMAT) -> None:
     """Atomically write a state dict (``model/<key>`` tensors) and a JSON ``state`` to ``path``."""
-    _write(Path(path), {f"model/{k}": v for k, v in cpu_copy(weights).items()}, fmt, dict(state))
+    write_file(Path(path), {f"model/{k}": v for k, v in cpu_copy(weights).items()}, fmt, dict(state))
 
 
-def _write(path: Path, tensors: Mapping[str, Tensor], fmt: str, state: Mapping[str, Any]) -> None:
-    data = st_save(dict(tensors), metadata={"format": fmt, "state": json.dumps(state)})
+def write_file(path: str | os.PathLike, tensors: Mapping[str, Tensor], fmt: str, state: Mapping[str, Any]) -> None:
+    """Atomically write ``tensors`` (CPU, contiguous) with the metadata ``format`` = ``fmt``, the JSON
+    ``state`` and the checksum of it all (the one writer of checkpoints and weights files)."""
+    path = Path(path)
+    metadata = {"format": fmt, "state": json.dumps(state)}
+    draft = st_save(dict(tensors), metadata=metadata)
+    digest = content_digest(draft, read_header(draft, path), _CHECKSUM)
+    data = st_save(dict(tensors), metadata={**metadata, _CHECKSUM: digest})
     with name_write_errors(path):
         atomic_write_bytes(path, data)
 
@@ -200,23 +215,34 @@ def load_weights(path: str | os.PathLike, fmt: str = BEST_FORMAT, *,
 
 
 def _read(path: Path, fmt: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, state) of the file ``path``, its format, layout and checksum verified."""
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != fmt:
-                raise ValueError(f"{path} is not an mpolstm checkpoint (metadata format {meta.get('format')!r}, "
-                                 f"expected {fmt!r})")
-            if "state" not in meta:
-                raise ValueError(f"checkpoint {path} has no 'state' metadata")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        data = path.read_bytes()
+        header = read_header(data, path)
+    except (DamagedFile, OSError) as e:
+        raise ValueError(f"checkpoint {path} is unreadable or corrupt: {getattr(e, 'problem', e)}") from None
+    meta = header.metadata
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path} is not an mpolstm checkpoint (metadata format {meta.get('format')!r}, "
+                         f"expected {fmt!r})")
+    if "state" not in meta:
+        raise ValueError(f"checkpoint {path} has no 'state' metadata")
+    try:
         state = json.loads(meta["state"])
-    except (SafetensorError, OSError, json.JSONDecodeError, RecursionError) as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"checkpoint {path} is unreadable or corrupt: {type(e).__name__}: {e}") from None
+    if meta.get(_CHECKSUM) != content_digest(data, header, _CHECKSUM):
+        raise ValueError(f"checkpoint {path} is damaged: its content does not match the checksum it was written "
+                         "with (a changed byte, a partial copy or an edit; a file without one predates checksums); "
+                         "refusing to resume from it")
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} has a malformed state (expected a JSON object)")
-    return tensors, state
+    try:
+        return read_tensors(data, path), state
+    except DamagedFile as e:
+        raise ValueError(f"checkpoint {path} is unreadable or corrupt: {e.problem}") from None
 
 
 def _normalise(fields: Fields | None) -> dict[str, tuple[type, ...]]:

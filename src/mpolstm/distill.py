@@ -63,9 +63,11 @@ def distillation_loss(student: Tensor, teacher: Tensor, loss: str = "kl", temper
     """KL(softmax(teacher / T) || softmax(student / T)) * T^2 averaged over all but the last axis,
     the mean squared error of the outputs ("mse"), or the cross-entropy of the student against
     the teacher's argmax ("ce": hard labels; on the teacher's own decoded sequences this is
-    sequence-level distillation, Kim & Rush 2016)."""
+    sequence-level distillation, Kim & Rush 2016). Half-precision outputs are compared in float32.
+    The one distillation loss: :func:`distill` and the trainer's ``Distillation`` callback use it."""
     if student.shape != teacher.shape:
         raise ValueError(f"student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} differ")
+    student, teacher = _at_least_float32(student), _at_least_float32(teacher)
     if loss == "mse":
         return F.mse_loss(student, teacher)
     if loss == "ce":
@@ -74,6 +76,10 @@ def distillation_loss(student: Tensor, teacher: Tensor, loss: str = "kl", temper
     s = F.log_softmax(student.reshape(-1, student.shape[-1]) / temperature, -1)
     t = F.log_softmax(teacher.reshape(-1, teacher.shape[-1]) / temperature, -1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _call(model: nn.Module, batch: Any) -> Tensor:
@@ -97,7 +103,7 @@ def _cycle(batches: Iterable[Any], skip: int) -> Iterator[Any]:
 
 
 def _check(steps: int, loss: str, lr: float, temperature: float, checkpoint_every: int, schedule: str,
-           hidden_weight: float) -> None:
+           hidden_weight: float, clip_grad_norm: Any, batches: Iterable[Any]) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if loss not in LOSSES:
@@ -112,12 +118,15 @@ def _check(steps: int, loss: str, lr: float, temperature: float, checkpoint_ever
         raise ValueError(f"hidden_weight must be a number >= 0, got {hidden_weight!r}")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
-
-
-def _check_clip(value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not math.isfinite(value) or value <= 0):
-        raise ValueError(f"clip_grad_norm must be a positive number or None, got {value!r}")
+    if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
+                                       or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0):
+        raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
+    if isinstance(batches, Tensor):
+        raise ValueError(f"distill: batches is one tensor {tuple(batches.shape)}: pass a list of batches, e.g. [x] "
+                         "for one batch (iterating a tensor would feed its rows as unbatched inputs)")
+    if iter(batches) is batches:
+        raise ValueError("distill: batches must be re-iterable (a list or a DataLoader), not an iterator: "
+                         "they are cycled until `steps` steps are done")
 
 
 class _Hidden:
@@ -161,17 +170,38 @@ def hidden_state_loss(student: dict[str, Tensor], teacher: dict[str, Tensor]) ->
     return torch.stack(terms).mean()
 
 
+def _matched(hooks: tuple[_Hidden, _Hidden], record: list[float]) -> Tensor:
+    """The hidden-state term of this step (student vs teacher hooks), its value appended to ``record``."""
+    matched = hidden_state_loss(hooks[0].take(), hooks[1].take())
+    record.append(float(matched.detach()))
+    return matched
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, params: list[Tensor], value: Tensor, lr: float,
+                    clip: float | None) -> None:
+    """Backpropagate ``value`` and take one step at learning rate ``lr``, the gradients' global norm
+    clipped to ``clip`` (None: not clipped)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    value.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+
+
 def _lr_factor(schedule: str, step: int, steps: int) -> float:
     return 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
 class _Progress:
-    """A rich progress bar when rich is installed (the harness extra), else a line every 10%."""
+    """A rich progress bar on a terminal when rich is installed (the harness extra); else (a log file, a
+    pipe) a line on stderr every 10% of the steps."""
 
     def __init__(self, enabled: bool, total: int, done: int) -> None:
         self.total, self.bar = total, None
         self.enabled = enabled
-        if not enabled:
+        if not enabled or not sys.stderr.isatty():
             return
         try:
             from rich.progress import Progress
@@ -184,8 +214,8 @@ class _Progress:
     def update(self, step: int, loss: float) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, description=f"distill loss {loss:.4f}")
-        elif self.enabled and step % max(self.total // 10, 1) == 0:
-            print(f"distill step {step}/{self.total} loss {loss:.4f}", file=sys.stderr)
+        elif self.enabled and (step % max(self.total // 10, 1) == 0 or step == self.total):
+            print(f"distill step {step}/{self.total} loss {loss:.4f}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -217,13 +247,8 @@ def distill(
     both models whose outputs are matched too: ``hidden_weight`` times the mean relative squared
     error :func:`hidden_state_loss` is added to the loss. ``clip_grad_norm``: clip the gradients'
     global norm to it before each step. Returns a DistillResult."""
-    _check(steps, loss, lr, temperature, checkpoint_every, schedule, hidden_weight)
-    _check_clip(clip_grad_norm)
-    if iter(batches) is batches:
-        raise ValueError("distill: batches must be re-iterable (a list or a DataLoader), not an iterator: "
-                         "they are cycled until `steps` steps are done")
-    if isinstance(hidden, str):
-        hidden = [hidden]
+    _check(steps, loss, lr, temperature, checkpoint_every, schedule, hidden_weight, clip_grad_norm, batches)
+    hidden = [hidden] if isinstance(hidden, str) else hidden
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("distill: the student has no trainable parameter")
@@ -239,20 +264,12 @@ def distill(
     hidden_losses: list[float] = []
     try:
         for step, batch in zip(range(done, steps), _cycle(batches, done)):
-            for group in optimizer.param_groups:
-                group["lr"] = lr * _lr_factor(schedule, step, steps)
             with torch.no_grad():
                 target = forward(teacher, batch)
             value = distillation_loss(forward(student, batch), target, loss, temperature)
             if hooks is not None:
-                matched = hidden_state_loss(hooks[0].take(), hooks[1].take())
-                hidden_losses.append(float(matched.detach()))
-                value = value + hidden_weight * matched
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            if clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-            optimizer.step()
+                value = value + hidden_weight * _matched(hooks, hidden_losses)
+            _optimizer_step(optimizer, params, value, lr * _lr_factor(schedule, step, steps), clip_grad_norm)
             losses.append(float(value.detach()))
             bar.update(step + 1, losses[-1])
             if path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):

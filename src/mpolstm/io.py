@@ -1,6 +1,7 @@
 """Save and load MPO modules and compressed models; safetensors + JSON, never pickle.
 
-``save(model, path)`` writes the directory ``path`` with two files:
+``save(model, path)`` writes the directory ``path`` (refusing an existing one unless ``overwrite=True``,
+which replaces it whole) with two files:
 
     model.safetensors   model.state_dict() (safetensors: raw tensors, no code)
     config.json         {"format": "mpolstm", "format_version": 1, "library_version",
@@ -12,8 +13,8 @@
 rebuilds it with ``Class.from_config`` and loads the weights. Otherwise ``load(path,
 base_model)`` replaces the listed modules of a freshly built base model (e.g. the dense
 architecture) by ``from_config``'ed MPO modules and loads the whole state_dict strictly,
-as PEFT does. Each file is written atomically (temporary file in the same directory,
-fsync, os.replace); the weights' SHA-256 in config.json ties the pair together, so a
+as PEFT does. The folder is written under a temporary name beside ``path`` and renamed into
+place (``mpolstm.atomic``); the weights' SHA-256 in config.json ties the pair together, so a
 corrupt, truncated, foreign or mismatched file is refused with a ValueError naming it.
 Shapes implied by the config are checked (on the meta device) against the weights file
 before anything is allocated. requires_grad flags (e.g. from freeze_central) are not saved.
@@ -29,21 +30,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .atomic import atomic_write_bytes, fsync_dir
+from .atomic import atomic_folder, atomic_write_bytes, check_target
 from .mpo import dequantize_int8
 from .nn.base import MPOWeights
 from .nn.registry import is_mpo_module, layer_type_of_mpo, mpo_class, registered_mpo_names, replace_module
 from .nn.shared import SharedLayer
+from .tensorfile import read_header, read_tensors
 from .version import __version__
 
 __all__ = ["save", "load", "read_verified", "Verified", "dequantize_cores", "WEIGHTS_FILE", "CONFIG_FILE"]
@@ -52,11 +52,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT, FORMAT_VERSION = "mpolstm", 1
 _MAX_CONFIG_BYTES = 16 << 20
-_MAX_HEADER_BYTES = 100 << 20
 _MAX_CONFIG_INT = 1 << 40
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 # ----------------------------------------------------------------------------- save
@@ -71,15 +68,34 @@ def _dtype_name(module: nn.Module) -> str:
     return "float32" if first is None else str(first.dtype).removeprefix("torch.")
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` (an MPO module or a model containing MPO modules) to the directory
-    ``path`` (created if needed; the two files in it are replaced atomically). Returns it."""
+def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False,
+         files: Mapping[str, bytes] | None = None) -> Path:
+    """Write ``model`` (an MPO module or a model containing MPO modules) to the folder ``path``, with
+    ``files`` ({name: bytes}, e.g. the harness's architecture.json) beside the model. An existing
+    ``path`` (unless an empty folder) is refused unless ``overwrite``, which replaces it whole: the
+    folder is written under a temporary name beside it and swapped in, so no file of the old folder
+    survives (``mpolstm.atomic``). Missing parents are created. Returns ``path``."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"save expects an nn.Module, got {type(model).__name__}")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory; save writes a directory "
                          f"holding {WEIGHTS_FILE} and {CONFIG_FILE}")
+    check_target(path, overwrite)
+    extra = dict(files or {})
+    clash = sorted(set(extra) & {WEIGHTS_FILE, CONFIG_FILE})
+    if clash or not all(isinstance(v, bytes) and n and "/" not in n for n, v in extra.items()):
+        raise ValueError(f"files must map plain file names other than {WEIGHTS_FILE} and {CONFIG_FILE} to bytes, "
+                         f"got {sorted(extra)}")
+    data, text = _serialise(model)
+    with atomic_folder(path, overwrite) as folder:
+        for name, content in {WEIGHTS_FILE: data, CONFIG_FILE: text.encode(), **extra}.items():
+            atomic_write_bytes(folder / name, content)
+    return path
+
+
+def _serialise(model: nn.Module) -> tuple[bytes, str]:
+    """The weights file's bytes (int8 cores as int8) and config.json's text of ``model``."""
     standalone = is_mpo_module(model)
     named = [("", model)] if standalone else [(n, m) for n, m in model.named_modules() if n and is_mpo_module(m)]
     int8 = {}
@@ -109,14 +125,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
                            "errors": {w: r.rel_error for w, r in m.reports.items()}} for name, m in named},
     }
     try:
-        text = json.dumps(config, indent=2, allow_nan=False)
+        return data, json.dumps(config, indent=2, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"the model's MPO configs are not JSON-serialisable: {exc}") from None
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path / WEIGHTS_FILE, data)
-    atomic_write_bytes(path / CONFIG_FILE, text.encode())
-    fsync_dir(path)
-    return path
 
 
 # ----------------------------------------------------------------------------- load
@@ -163,37 +174,6 @@ def _check_ints(value: Any, file: Path, name: str) -> None:
             _check_ints(v, file, name)
     elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_CONFIG_INT:
         raise ValueError(f"{file}: module {name!r} has a size {value} larger than {_MAX_CONFIG_INT}")
-
-
-def _read_header(data: bytes, file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Validate a safetensors buffer's layout; name -> (dtype, shape)."""
-    if len(data) < 8:
-        raise ValueError(f"{file}: {len(data)} bytes, truncated (a safetensors file starts with an 8-byte length)")
-    size = int.from_bytes(data[:8], "little")
-    if size > min(len(data) - 8, _MAX_HEADER_BYTES):
-        raise ValueError(f"{file}: header length {size} exceeds the file ({len(data)} bytes); truncated or not safetensors")
-    try:
-        header = json.loads(data[8:8 + size].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"{file}: the safetensors header is not valid JSON; corrupt or not safetensors") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{file}: the safetensors header is not a JSON object")
-    body = len(data) - 8 - size
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            ok = (dtype in _ST_SIZES and all(isinstance(d, int) and d >= 0 for d in shape)
-                  and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= body
-                  and end - start == math.prod(shape) * _ST_SIZES[dtype])
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"{file}: tensor {name!r} has an invalid entry {info!r} (body {body} bytes); truncated or corrupt")
-        out[name] = (dtype, shape)
-    return out
 
 
 def _mpo_class(name: Any, file: Path, module: str) -> type[nn.Module]:
@@ -257,7 +237,7 @@ class Verified(NamedTuple):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The weights, read from ``data``."""
-        return _tensors(self.data, self.weights_file)
+        return read_tensors(self.data, self.weights_file)
 
 
 def read_verified(path: str | os.PathLike) -> Verified:
@@ -278,7 +258,7 @@ def read_verified(path: str | os.PathLike) -> Verified:
     if hashlib.sha256(data).hexdigest() != config["weights_sha256"]:
         raise ValueError(f"{weights_file}: content does not match the SHA-256 recorded in {config_file}; "
                          "the file is corrupt, truncated or from another save")
-    return Verified(config, data, _read_header(data, weights_file), weights_file)
+    return Verified(config, data, read_header(data, weights_file).tensors, weights_file)
 
 
 def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Module:
@@ -289,21 +269,12 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
     listed modules are replaced by MPO modules (dtype and device of the module they
     replace) and the whole state_dict is loaded strictly into it; it is returned.
     Raises ValueError naming the file and the mismatch for anything that does not fit."""
-    config, data, header, weights_file = read_verified(path)
-    config_file = Path(path) / CONFIG_FILE
-
+    saved = read_verified(path)
+    config, config_file = saved.config, Path(path) / CONFIG_FILE
     if config["standalone"]:
         if base_model is not None:
             raise ValueError(f"{config_file}: holds a standalone {config['model_class']}; call load without base_model")
-        entry = config["modules"][""]
-        cls = _mpo_class(entry["config"].get("class"), config_file, "")
-        probe = _build(cls, entry["config"], config_file, "", "meta")
-        _compare({k: v.shape for k, v in probe.state_dict().items()}, header, weights_file)
-        _check_dtypes(_floating("", probe), _int8_keys("", probe), header, weights_file)
-        module = _build(cls, entry["config"], config_file, "", "cpu").to(_DTYPES[entry["dtype"]])
-        module.load_state_dict(_restore(data, weights_file, [("", module)]), strict=True)
-        return module
-
+        return _load_standalone(saved, config_file)
     if base_model is None:
         raise ValueError(f"{config_file}: holds a compressed {config['model_class']}; pass base_model=<a freshly "
                          "built model of that architecture> to load it")
@@ -312,24 +283,7 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
     if type(base_model).__name__ != config["model_class"]:
         raise ValueError(f"{config_file}: saved from a {config['model_class']}, but base_model is a "
                          f"{type(base_model).__name__}")
-    expected = {k: v.shape for k, v in base_model.state_dict().items()}
-    floating, int8 = _floating("", base_model), {}
-    plan = []
-    for name, entry in config["modules"].items():
-        cls = _mpo_class(entry["config"].get("class"), config_file, name)
-        try:
-            base = base_model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{config_file}: module {name!r} does not exist in base_model") from None
-        probe = _build(cls, entry["config"], config_file, name, "meta")
-        _check_base_module(base, probe, name, config_file)
-        expected = {k: v for k, v in expected.items() if not k.startswith(name + ".")}
-        expected.update({f"{name}.{k}": v.shape for k, v in probe.state_dict().items()})
-        floating = {k for k in floating if not k.startswith(name + ".")} | _floating(name, probe)
-        int8.update(_int8_keys(name, probe))
-        plan.append((name, cls, entry, base))
-    _compare(expected, header, weights_file)
-    _check_dtypes(floating, int8, header, weights_file)
+    plan = _plan_modules(saved, base_model, config_file)
     built = []
     for name, cls, entry, base in plan:
         like = next(iter(base.parameters()), None)
@@ -346,8 +300,44 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
             except AttributeError:
                 raise ValueError(f"{config_file}: a shared layer's owner {module.owner_name!r} is not in the "
                                  "model") from None
-    base_model.load_state_dict(_restore(data, weights_file, built), strict=True)
+    base_model.load_state_dict(_restore(saved.data, saved.weights_file, built), strict=True)
     return base_model
+
+
+def _load_standalone(saved: Verified, config_file: Path) -> nn.Module:
+    """The MPO module a standalone save holds, rebuilt (dtype as saved, on CPU)."""
+    entry = saved.config["modules"][""]
+    cls = _mpo_class(entry["config"].get("class"), config_file, "")
+    probe = _build(cls, entry["config"], config_file, "", "meta")
+    _compare({k: v.shape for k, v in probe.state_dict().items()}, saved.header, saved.weights_file)
+    _check_dtypes(_floating("", probe), _int8_keys("", probe), saved.header, saved.weights_file)
+    module = _build(cls, entry["config"], config_file, "", "cpu").to(_DTYPES[entry["dtype"]])
+    module.load_state_dict(_restore(saved.data, saved.weights_file, [("", module)]), strict=True)
+    return module
+
+
+def _plan_modules(saved: Verified, base_model: nn.Module, config_file: Path) -> list[tuple]:
+    """(name, MPO class, saved entry, the base module it replaces) for every saved module, after
+    checking on the meta device that the base model and the weights file fit them (nothing built)."""
+    expected = {k: v.shape for k, v in base_model.state_dict().items()}
+    floating, int8 = _floating("", base_model), {}
+    plan = []
+    for name, entry in saved.config["modules"].items():
+        cls = _mpo_class(entry["config"].get("class"), config_file, name)
+        try:
+            base = base_model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{config_file}: module {name!r} does not exist in base_model") from None
+        probe = _build(cls, entry["config"], config_file, name, "meta")
+        _check_base_module(base, probe, name, config_file)
+        expected = {k: v for k, v in expected.items() if not k.startswith(name + ".")}
+        expected.update({f"{name}.{k}": v.shape for k, v in probe.state_dict().items()})
+        floating = {k for k in floating if not k.startswith(name + ".")} | _floating(name, probe)
+        int8.update(_int8_keys(name, probe))
+        plan.append((name, cls, entry, base))
+    _compare(expected, saved.header, saved.weights_file)
+    _check_dtypes(floating, int8, saved.header, saved.weights_file)
+    return plan
 
 
 def _floating(name: str, module: nn.Module) -> set[str]:
@@ -379,7 +369,7 @@ def _check_dtypes(floating: set[str], int8: Mapping[str, str], header: Mapping[s
 
 def _restore(data: bytes, file: Path, modules: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
     """The file's tensors with every int8 core of ``modules`` dequantized (:func:`dequantize_cores`)."""
-    return dequantize_cores(_tensors(data, file), modules, file)
+    return dequantize_cores(read_tensors(data, file), modules, file)
 
 
 def dequantize_cores(tensors: Mapping[str, torch.Tensor], modules: list[tuple[str, nn.Module]],
@@ -397,10 +387,3 @@ def dequantize_cores(tensors: Mapping[str, torch.Tensor], modules: list[tuple[st
             dtype = module.get_parameter(core.removeprefix(_prefix(name))).dtype
             tensors[core] = dequantize_int8(tensors[core], scale, dtype)
     return tensors
-
-
-def _tensors(data: bytes, file: Path) -> dict[str, torch.Tensor]:
-    try:
-        return st_load(data)
-    except Exception as exc:  # safetensors raises its own error type for malformed buffers
-        raise ValueError(f"{file}: cannot be read as safetensors: {exc}") from None

@@ -239,9 +239,9 @@ def agp_nonzeros(t: float, total: int, target: int, *, start: float, end: float,
 
 
 class AGPPruner:
-    """Gradual magnitude pruning (AGP) during :func:`~mpolstm.train.fit`, ending at exactly ``nonzeros``.
+    """Gradual magnitude pruning (AGP) during :func:`~mpolstm.harness.training.fit`, ending at exactly ``nonzeros``.
 
-    A fit callback (it follows :class:`mpolstm.train.Callback`'s protocol without importing it).
+    A fit callback (it follows :class:`mpolstm.harness.training.Callback`'s protocol without importing it).
 
     ``unit="epoch"``: at the start of epoch e (0-based) the weights are pruned to
     ``agp_nonzeros(e, ...)``; the final count holds from epoch ``end`` on. ``unit="step"``: after

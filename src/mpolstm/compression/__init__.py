@@ -9,7 +9,7 @@ nn.LSTM / GRU / RNN and their cells, nn.Conv1d / Conv2d; ``mpolstm.nn.registry``
 Modules are replaced in place (like PEFT and torch.nn.utils.prune), through the layer
 registry (mpolstm.nn.registry) only.
 
-config        CompressionConfig and module selection
+config        CompressionConfig and module selection (a bad field is a ConfigError naming it)
 fit           Fit: one weight as compressed, in any layout (MPO + optional sparse part)
 layouts       the layout table, Target, candidates and their (whitened) decomposition
 hybrid        the "lowrank+sparse" fitter
@@ -20,6 +20,7 @@ engine        compress() and freeze_central()
 report        CompressionReport
 """
 
+from ..errors import ConfigError
 from ..mpo import central_core
 from ..nn.registry import is_mpo_module
 from .config import CompressionConfig
@@ -31,6 +32,7 @@ __all__ = [
     "LAYOUTS",
     "CompressionConfig",
     "CompressionReport",
+    "ConfigError",
     "ModuleReport",
     "WeightReport",
     "central_core",

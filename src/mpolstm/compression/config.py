@@ -9,40 +9,55 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
+from ..errors import ConfigError, must_be, one_of
 from ..nn.registry import is_mpo_module, supported_torch_types
+from .hybrid import HYBRID
 from .layouts import LAYOUTS, describe_layouts
 from .output_aware import ALLOCATIONS
 
-__all__ = ["CompressionConfig", "ModuleSettings", "select_modules"]
+__all__ = ["CompressionConfig", "ConfigError", "ModuleSettings", "select_modules"]
 
 _OVERRIDE_KEYS = ("max_bond", "rel_tol", "num_cores", "layout", "sparse_share")
+_BUDGETS = ("target_ratio", "max_params", "max_macs")
+_SIZES = (*_BUDGETS, "max_bond", "rel_tol")  # the fields that size a compression
 
 
-def _check_max_bond(value: Any, where: str) -> None:
+def _check_max_bond(value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{where}max_bond must be a positive integer or None, got {value!r}")
+        raise must_be("max_bond", "a positive integer", value, optional=True)
 
 
-def _check_rel_tol(value: Any, where: str) -> None:
+def _check_rel_tol(value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
-        raise ValueError(f"{where}rel_tol must be a number in (0, 1) or None, got {value!r}")
+        raise must_be("rel_tol", "a number in (0, 1)", value, optional=True)
 
 
-def _check_num_cores(value: Any, where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}num_cores must be a positive integer, got {value!r}")
+def _check_num_cores(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise must_be("num_cores", "an integer >= 2 (the cores of the interleaved layout; one core would be the "
+                      "dense matrix)", value)
 
 
-def _check_layout(value: Any, where: str) -> None:
+def _check_share_layout(share: Any, layout: str, where: str = "", pinned_elsewhere: bool = False) -> None:
+    """``sparse_share`` only with the layout it sizes ("lowrank+sparse"), here or pinned by an override."""
+    if share is not None and layout != HYBRID and not pinned_elsewhere:
+        raise ConfigError("sparse_share", lambda n: (
+            f"{where}{n('sparse_share')} applies only to layout '{HYBRID}' (low rank + sparse), but the layout is "
+            f"{layout!r}{'' if where else ' and no override pins it'}: drop {n('sparse_share')} or set "
+            f"{n.given('layout', HYBRID)}"))
+
+
+def _check_layout(value: Any) -> None:
     if value != "auto" and value not in LAYOUTS:
-        raise ValueError(f"{where}layout must be 'auto' or one of {list(LAYOUTS)}, got {value!r}")
+        raise must_be("layout", f"'auto' or one of {list(LAYOUTS)}", value)
 
 
-def _check_share(value: Any, where: str) -> None:
+def _check_share(value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not math.isfinite(value) or not 0 <= value <= 1):
-        raise ValueError(f"{where}sparse_share must be a number in [0, 1] (the share of a weight's budget "
-                         f"held by the sparse part of layout 'lowrank+sparse') or None (searched), got {value!r}")
+        raise ConfigError("sparse_share", lambda n: (
+            f"{n('sparse_share')} must be a number in [0, 1] (the share of a weight's budget held by the sparse part "
+            f"of layout 'lowrank+sparse'){' or None (searched)' if n.api else ''}, got {value!r}"))
 
 
 def _check_selector(value: Any, name: str) -> None:
@@ -52,10 +67,70 @@ def _check_selector(value: Any, name: str) -> None:
         try:
             re.compile(value)
         except re.error as exc:
-            raise ValueError(f"{name} regex {value!r} is invalid: {exc}") from None
+            raise ConfigError(name, lambda n, exc=exc: f"{n(name)} regex {value!r} is invalid: {exc}") from None
         return
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"{name} must be None, a regex string or a non-empty list of module names, got {value!r}")
+        raise ConfigError(name, lambda n: f"{n(name)} must be {'None, ' if n.api else ''}a regex string or a "
+                                          f"non-empty list of module names, got {value!r}")
+
+
+def _check_budgets(config: "CompressionConfig") -> None:
+    """target_ratio, max_params, max_macs: their values, and the rules that combine them."""
+    if config.target_ratio is not None and config.max_params is not None:
+        raise ConfigError("max_params", lambda n: f"give at most one budget: {n('target_ratio')} or "
+                                                  f"{n('max_params')}, not both")
+    ratio = config.target_ratio
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                              or not math.isfinite(ratio) or ratio < 1):
+        raise must_be("target_ratio", "a finite number >= 1", ratio)
+    for name in ("max_params", "max_macs"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise must_be(name, "a positive integer", value)
+    given = [b for b in _BUDGETS if getattr(config, b) is not None]
+    if given and config.rel_tol is not None:
+        raise ConfigError("rel_tol", lambda n: f"{n('rel_tol')} cannot be combined with " + (
+            "a budget (target_ratio/max_params/max_macs)" if n.api else one_of([n(b) for b in given])) + "; choose one")
+
+
+def _check_allocation(config: "CompressionConfig") -> None:
+    if config.allocation not in ALLOCATIONS:
+        raise must_be("allocation", f"one of {list(ALLOCATIONS)}", config.allocation)
+    if config.allocation == "output" and config.target_ratio is None and config.max_params is None:
+        raise ConfigError("allocation", lambda n: f"allocation='output' allocates a budget: give "
+                                                  f"{one_of(n.offered(['target_ratio', 'max_params']))}")
+    if config.allocation == "output" and config.max_macs is not None:
+        raise ConfigError("max_macs", lambda n: "allocation='output' compares allocations of the parameter budget "
+                                                f"only; drop {n('max_macs')} or use allocation='error'")
+
+
+def _check_overrides(config: "CompressionConfig") -> None:
+    """Each override: a regex -> a partial config of known keys with valid values."""
+    if not isinstance(config.overrides, Mapping):
+        raise must_be("overrides", "a dict of regex -> partial config", type(config.overrides).__name__)
+    for pattern, partial in config.overrides.items():
+        if not isinstance(pattern, str) or not isinstance(partial, Mapping):
+            raise ConfigError("overrides", lambda n: f"{n('overrides')} must map regex strings to dicts, got "
+                                                     f"{pattern!r}: {partial!r}")
+        unknown = sorted(set(partial) - set(_OVERRIDE_KEYS))
+        if unknown:
+            raise ConfigError("overrides", lambda n: f"{n('overrides')}[{pattern!r}] has unknown keys {unknown}; "
+                                                     f"allowed: {list(_OVERRIDE_KEYS)}")
+        try:
+            _check_selector(pattern, "overrides key")
+            _check_max_bond(partial.get("max_bond"))
+            _check_rel_tol(partial.get("rel_tol"))
+            if "num_cores" in partial:
+                _check_num_cores(partial["num_cores"])
+            if "layout" in partial:
+                _check_layout(partial["layout"])
+            _check_share(partial.get("sparse_share"))
+            _check_share_layout(partial.get("sparse_share"), partial.get("layout", config.layout))
+        except ConfigError as exc:
+            raise ConfigError("overrides", lambda n, exc=exc: f"{n('overrides')}[{pattern!r}]: {exc}") from None
+        if config.budget_mode and partial.get("rel_tol") is not None:
+            raise ConfigError("overrides", lambda n: f"{n('overrides')}[{pattern!r}]: rel_tol cannot be combined "
+                                                     "with a budget (target_ratio/max_params/max_macs)")
 
 
 def _matches(selector: str | Sequence[str], name: str) -> bool:
@@ -78,7 +153,7 @@ class CompressionConfig:
         when they are of another type or cannot be factorised; listed ones raise.
     exclude_modules: same forms; removed from the selection.
     max_bond, rel_tol: truncation per weight. compress needs one of these or a budget.
-    num_cores: cores of the paper's interleaved layout.
+    num_cores: cores of the paper's interleaved layout (at least 2).
     layout: "auto" (default) searches the layouts of ``LAYOUTS`` per weight (with a budget,
         layout and bonds are chosen together by error per parameter; with ``rel_tol``, the
         layout with the fewest parameters; with only ``max_bond``, "interleaved", or "lowrank"
@@ -128,58 +203,40 @@ class CompressionConfig:
     refit: bool = False
 
     def __post_init__(self) -> None:
+        """Every field checked; a bad one is a :class:`~mpolstm.errors.ConfigError` naming it."""
         _check_selector(self.target_modules, "target_modules")
         _check_selector(self.exclude_modules, "exclude_modules")
-        _check_max_bond(self.max_bond, "")
-        _check_rel_tol(self.rel_tol, "")
-        _check_num_cores(self.num_cores, "")
-        _check_layout(self.layout, "")
-        _check_share(self.sparse_share, "")
+        _check_max_bond(self.max_bond)
+        _check_rel_tol(self.rel_tol)
+        _check_num_cores(self.num_cores)
+        _check_layout(self.layout)
+        _check_share(self.sparse_share)
+        _check_share_layout(self.sparse_share, self.layout, pinned_elsewhere=any(
+            isinstance(p, Mapping) and p.get("layout") == HYBRID for p in self.overrides.values()))
         if not isinstance(self.refit, bool):
-            raise ValueError(f"refit must be True or False, got {self.refit!r}")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}")
-        if self.allocation == "output" and not (self.target_ratio is not None or self.max_params is not None):
-            raise ValueError("allocation='output' allocates a budget: give target_ratio or max_params")
-        if self.allocation == "output" and self.max_macs is not None:
-            raise ValueError("allocation='output' compares allocations of the parameter budget only; drop max_macs "
-                             "or use allocation='error'")
-        if self.target_ratio is not None and self.max_params is not None:
-            raise ValueError("give at most one budget: target_ratio or max_params, not both")
-        if self.target_ratio is not None and (
-                isinstance(self.target_ratio, bool) or not isinstance(self.target_ratio, (int, float))
-                or not math.isfinite(self.target_ratio) or self.target_ratio < 1):
-            raise ValueError(f"target_ratio must be a finite number >= 1, got {self.target_ratio!r}")
-        for name in ("max_params", "max_macs"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.budget_mode and self.rel_tol is not None:
-            raise ValueError("rel_tol cannot be combined with a budget (target_ratio/max_params/max_macs); choose one")
-        if not isinstance(self.overrides, Mapping):
-            raise ValueError(f"overrides must be a dict of regex -> partial config, got {type(self.overrides).__name__}")
-        for pattern, partial in self.overrides.items():
-            if not isinstance(pattern, str) or not isinstance(partial, Mapping):
-                raise ValueError(f"overrides must map regex strings to dicts, got {pattern!r}: {partial!r}")
-            _check_selector(pattern, "overrides key")
-            unknown = set(partial) - set(_OVERRIDE_KEYS)
-            if unknown:
-                raise ValueError(f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; "
-                                 f"allowed: {list(_OVERRIDE_KEYS)}")
-            where = f"overrides[{pattern!r}]: "
-            _check_max_bond(partial.get("max_bond"), where)
-            _check_rel_tol(partial.get("rel_tol"), where)
-            if "num_cores" in partial:
-                _check_num_cores(partial["num_cores"], where)
-            if "layout" in partial:
-                _check_layout(partial["layout"], where)
-            _check_share(partial.get("sparse_share"), where)
-            if self.budget_mode and partial.get("rel_tol") is not None:
-                raise ValueError(f"{where}rel_tol cannot be combined with a budget (target_ratio/max_params)")
+            raise must_be("refit", "True or False", self.refit)
+        _check_allocation(self)
+        _check_budgets(self)
+        _check_overrides(self)
 
     @property
     def budget_mode(self) -> bool:
         return self.target_ratio is not None or self.max_params is not None or self.max_macs is not None
+
+    def check_sized(self, names: Sequence[str]) -> None:
+        """Every module called one of ``names`` gets a size: a budget, or max_bond / rel_tol (its
+        own or an override's); a ConfigError naming the first that gets none."""
+        if self.budget_mode:
+            return
+        for name in names:
+            settings = self.settings_for(name)
+            if settings.max_bond is None and settings.rel_tol is None:
+                raise ConfigError("target_ratio", lambda n: (
+                    f"compress needs a size for module {name!r}: give target_ratio, max_params, max_bond or rel_tol "
+                    "(an exact MPO is larger than the dense layer; for an exact drop-in use "
+                    "mpolstm.nn.MPO<Layer>.from_<torch>())" if n.api else
+                    f"give a size: {one_of(n.offered(_SIZES))} (module {name!r} has none; an exact MPO is larger "
+                    "than the dense layer)"))
 
     def settings_for(self, name: str) -> "ModuleSettings":
         """The settings of the module called ``name``: the config's, with every matching override applied."""
@@ -224,8 +281,9 @@ def select_modules(model: nn.Module, config: CompressionConfig) -> list[tuple[st
     if isinstance(target, (list, tuple)):
         for t in target:
             if not any(_matches([t], n) for n, _ in named):
-                raise ValueError(f"target_modules entry {t!r} matches no module of the model "
-                                 f"(names look like {[n for n, _ in named][:5]})")
+                shown = [n for n, _ in named][:5]
+                raise ConfigError("target_modules", lambda n: f"{n('target_modules')} entry {t!r} matches no module "
+                                                              f"of the model (names look like {shown})")
     chosen = []
     for name, module in named:
         if is_mpo_module(module) or any(name.startswith(c + ".") for c, _, _ in chosen):
@@ -237,12 +295,14 @@ def select_modules(model: nn.Module, config: CompressionConfig) -> list[tuple[st
             continue
         if not isinstance(module, supported):
             if explicit:
-                raise ValueError(f"target module {name!r} is of type {type(module).__name__}; compress handles "
-                                 f"{_supported_names()}")
+                raise ConfigError("target_modules", lambda n: f"target module {name!r} is of type "
+                                                              f"{type(module).__name__}; compress handles "
+                                                              f"{_supported_names()}")
             continue
         chosen.append((name, module, explicit))
     if target is not None and not chosen:
-        raise ValueError(f"target_modules={target!r} selects no module of a supported type ({_supported_names()})")
+        raise ConfigError("target_modules", lambda n: f"{n.given('target_modules', target)} selects no module of a "
+                                                      f"supported type ({_supported_names()})")
     return chosen
 
 

@@ -26,6 +26,7 @@ from ..mpo import MPO, canonicalize, central_core, step_macs
 from ..nn.registry import is_mpo_module, layer_type, replace_module
 from ..nn.shared import shared_for
 from ..nn.sparse import sparse_of
+from ..storage import mpo_stored, packed_bytes
 from .config import CompressionConfig, ModuleSettings, select_modules
 from .fit import Fit, mpo_module
 from .layouts import LAYOUTS, Target
@@ -74,7 +75,8 @@ def _weight_report(old: nn.Module, new: nn.Module, rebuilt_module: nn.Module, ta
         rel_error=float((dense - rebuilt).norm()) / norm if norm > 0 else 0.0,
         entropy=tuple(float(x) for x in mpo.entanglement_entropy()), layout=layout,
         output_error=target.output_error(held.matrix()), sparse_params=held.nnz, dense_macs=target.dense_macs,
-        macs=step_macs(mpo.in_factors, mpo.out_factors, mpo.bond_dims, target.lookup) + held.nnz)
+        macs=step_macs(mpo.in_factors, mpo.out_factors, mpo.bond_dims, target.lookup) + held.nnz,
+        stored_bytes=packed_bytes(mpo_stored(new)[target.weight][1]))
 
 
 def _ties(model: nn.Module, chosen: list[tuple[str, nn.Module, bool]]) -> dict[str, str]:
@@ -139,14 +141,7 @@ def _check_sized(config: CompressionConfig, chosen: list[tuple[str, nn.Module, b
         if kind is not None and kind.sized is not None and settings.rel_tol is not None:
             raise ValueError(f"layout {kind.name!r} of module {name!r} needs a budget or max_bond; rel_tol does not "
                              "apply to it")
-    if config.budget_mode:
-        return
-    for name, _, _ in chosen:
-        settings = config.settings_for(name)
-        if settings.max_bond is None and settings.rel_tol is None:
-            raise ValueError(f"compress needs a size for module {name!r}: give target_ratio, max_params, max_bond "
-                             "or rel_tol (an exact MPO is larger than the dense layer; for an exact drop-in use "
-                             "mpolstm.nn.MPO<Layer>.from_<torch>())")
+    config.check_sized([name for name, _, _ in chosen])
 
 
 def compress(model: nn.Module, config: CompressionConfig | None = None, *,
@@ -201,7 +196,7 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *,
             fits = sequential_refit(model, targets, fits, calibration, passes=REFIT_PASSES)
     reports = _replace(model, modules, targets, fits, skipped)
     _tie_followers(model, followers, modules, reports)
-    return model, CompressionReport(reports, skipped, budget, choice, mac_budget=config.max_macs)
+    return model, CompressionReport(reports, skipped, budget, choice, max_macs=config.max_macs)
 
 
 def _replace(model: nn.Module, modules: dict[str, nn.Module], targets: list[Target], fits: list[Fit],

@@ -71,7 +71,7 @@ class Sizing:
                 Fit(candidate.name, candidate.decompose(self.targets[i], list(point.bonds)))
         return self._fits[key]
 
-    def allocate(self, budget: int | None, mac_budget: int | None = None,
+    def allocate(self, budget: int | None, max_macs: int | None = None,
                  scales: Sequence[float] | None = None) -> list[Fit]:
         """One Fit per target under the parameter and / or MAC budgets; ``scales`` (default: the
         weights' sizes, layouts sized by parameters then proportional) weight the objective."""
@@ -85,13 +85,13 @@ class Sizing:
                 fits[i] = self.fit_params(i, int(budget * self.sizes[i] / total))
             spent = sum(f.params for f in fits if f is not None)  # a sparse entry costs one multiply-add
             budget = None if budget is None else budget - spent
-            mac_budget = None if mac_budget is None else mac_budget - spent
+            max_macs = None if max_macs is None else max_macs - spent
             scales = self.sizes
         rest = [i for i, f in enumerate(fits) if f is None]
         if rest:
             points = allocate([[c.model for c in self.candidates(i)] for i in rest], scales=[scales[i] for i in rest],
-                              limits=[self.sizes[i] for i in rest], budget=budget, floor=FLOOR_BOND,
-                              mac_budget=mac_budget)
+                              limits=[self.sizes[i] for i in rest], max_params=budget, floor=FLOOR_BOND,
+                              max_macs=max_macs)
             for i, point in zip(rest, points):
                 fits[i] = self.fit_point(i, point)
         return fits  # type: ignore[return-value]

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..nn.base import set_factorized
 from ..nn.registry import layer_type_of_mpo
 from .formats import WRITERS
-from .trace import ExportJob, check_file_target, export_copy, flatten
+from .trace import ExportJob, check_file_target, export_copy, flatten, int8_factors
 
 # frames the step export is checked on (random, never zeros: a zero frame hides wrong input products)
 CHECK_FRAMES = 4
@@ -71,21 +71,26 @@ def _check_step_equals_forward(rnn: nn.Module, frames: list[Tensor], outputs: li
 
 
 def export_step(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", frame: Tensor | None = None,
-                opset: int = 17) -> Path:
+                opset: int = 17, overwrite: bool = False, int8: bool | None = None) -> Path:
     """Export the streaming step of ``model`` (it must have ``step(frame, state) -> (output, state)``,
     state a tensor or a tuple of tensors, None meaning zeros) in the factorized runtime to ``path``
-    in the traced format ``fmt`` (:data:`mpolstm.export.WRITERS`: "onnx", "torchscript"). ``frame`` is
-    an example frame (N, features); default: zeros (1, input_size) for a recurrent MPO layer. The
-    file's inputs are the frame and the state tensors, its outputs the output and the new state
-    (names in the package docstring). The graph is traced and checked against eager on a random
-    frame and the state after a few random frames (never zeros, which would hide a wrong input
-    product); for a recurrent MPO layer the step over those frames must also equal its forward on
-    them as one sequence, else ValueError."""
+    in the traced format ``fmt`` (:data:`mpolstm.export.WRITERS`: "onnx", "executorch" (.pte,
+    XNNPACK), "aoti" (an AOTInductor package), "torchscript" (legacy)). ``frame`` is an example frame
+    (N, features); default: zeros (1, input_size) for a recurrent MPO layer; the PyTorch 2 formats keep
+    its N. The file's inputs are the frame and the state tensors, its outputs the output and the new
+    state (names and shapes in the package docstring). The graph is traced and checked against eager
+    on a random frame and the state after a few random frames (never zeros, which would hide a wrong
+    input product); for a recurrent MPO layer the step over those frames must also equal its forward
+    on them as one sequence, else ValueError. An existing ``path`` is
+    refused unless ``overwrite``; ``int8``: int8 factors (onnx: onnxruntime dynamic quantization,
+    executorch: pt2e; default: when the model has int8 cores, which the other formats refuse unless
+    ``int8=False``; :func:`~.trace.int8_factors`)."""
     if fmt not in WRITERS:
         raise ValueError(f"unknown step export format {fmt!r}; expected one of {', '.join(WRITERS)}")
     if not callable(getattr(model, "step", None)):
         raise ValueError(f"{type(model).__name__} has no step(frame, state) method to export")
-    path = check_file_target(path)
+    path = check_file_target(path, overwrite)
+    quantized = int8_factors(model, int8, "factorized", WRITERS[fmt])
     work = export_copy(model, "factorized")
     if frame is None:
         if not isinstance(getattr(work, "input_size", None), int):
@@ -95,5 +100,5 @@ def export_step(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", fr
     states = flatten(state, "state")
     names = [f"state{i}" for i in range(len(states))]
     job = ExportJob(_Step(work, isinstance(state, Tensor)), (frame, *states), ["frame", *names],
-                    ["output", *[f"new_{n}" for n in names]], opset)
+                    ["output", *[f"new_{n}" for n in names]], opset, quantized)
     return WRITERS[fmt](job, path)

@@ -29,6 +29,7 @@ from typing import Sequence
 
 from torch import Tensor
 
+from ..errors import ConfigError, one_of
 from .contract import step_macs
 
 __all__ = ["Budget", "ErrorModel", "CurvePoint", "tradeoff_curve", "allocate"]
@@ -104,16 +105,17 @@ class CurvePoint:
 class Budget:
     """Most parameters and most MACs over all weights (None: no limit of that kind)."""
 
-    params: int | None
-    macs: int | None = None
+    max_params: int | None
+    max_macs: int | None = None
 
     def cost(self, p: CurvePoint) -> float:
         """What a point spends of the budgets, as one number."""
-        return (p.params / self.params if self.params else 0.0) + (p.macs / self.macs if self.macs else 0.0)
+        return ((p.params / self.max_params if self.max_params else 0.0)
+                + (p.macs / self.max_macs if self.max_macs else 0.0))
 
     def holds(self, points: Sequence[CurvePoint]) -> bool:
-        return ((self.params is None or sum(p.params for p in points) <= self.params)
-                and (self.macs is None or sum(p.macs for p in points) <= self.macs))
+        return ((self.max_params is None or sum(p.params for p in points) <= self.max_params)
+                and (self.max_macs is None or sum(p.macs for p in points) <= self.max_macs))
 
 
 def tradeoff_curve(model: ErrorModel, option: int = 0, budget: Budget | None = None) -> list[CurvePoint]:
@@ -166,18 +168,18 @@ def _lower_hull(points: Sequence[CurvePoint], budget: Budget) -> list[CurvePoint
 
 
 def allocate(
-    options: Sequence[Sequence[ErrorModel]], scales: Sequence[float], limits: Sequence[int], budget: int | None,
-    floor: int = 1, mac_budget: int | None = None,
+    options: Sequence[Sequence[ErrorModel]], scales: Sequence[float], limits: Sequence[int], max_params: int | None,
+    floor: int = 1, max_macs: int | None = None,
 ) -> list[CurvePoint]:
-    """Choose one point (layout option + bonds) per weight with total params <= ``budget`` and
-    total MACs <= ``mac_budget`` (either may be None, not both).
+    """Choose one point (layout option + bonds) per weight with total params <= ``max_params`` and
+    total MACs <= ``max_macs`` (either may be None, not both).
 
     options[w]: the error models of weight w's candidate layouts; scales[w]: its weight in the objective;
     limits[w]: most parameters it may keep (its dense size: an MPO never grows a weight);
     floor: no bond is cut below min(floor, its largest value) unless the budgets cannot be met
     otherwise. Raises ValueError naming the smallest possible total when a budget cannot be met."""
-    spend = Budget(budget, mac_budget)
-    if budget is None and mac_budget is None:
+    spend = Budget(max_params, max_macs)
+    if max_params is None and max_macs is None:
         raise ValueError("allocate needs a parameter budget, a MAC budget, or both")
     curves = []
     for w, models in enumerate(options):
@@ -200,14 +202,15 @@ def _refuse(curves: list[list[CurvePoint]], spend: Budget) -> None:
     """The ValueError of budgets that cannot be met, naming the smallest possible totals."""
     params = sum(min(p.params for p in c) for c in curves)
     macs = sum(min(p.macs for p in c) for c in curves)
-    if spend.params is not None and params > spend.params:
-        raise ValueError(f"the budget of {spend.params:,} MPO parameters is below the smallest possible "
-                         f"({params:,}, every bond 1); raise max_params or lower target_ratio")
-    if spend.macs is not None and macs > spend.macs:
-        raise ValueError(f"max_macs={spend.macs:,} is below the smallest possible ({macs:,} multiply-adds per "
-                         "step, every bond 1)")
-    raise ValueError(f"no choice of bonds meets both budgets ({spend.params:,} parameters and {spend.macs:,} "
-                     f"multiply-adds); the smallest possible are {params:,} and {macs:,}")
+    if spend.max_params is not None and params > spend.max_params:
+        raise ConfigError("max_params", lambda n: (
+            f"the budget of {spend.max_params:,} MPO parameters is below the smallest possible ({params:,}, every "
+            f"bond 1); {one_of(n.offered(['max_params', 'target_ratio'], ['raise {}', 'lower {}'])) or 'raise it'}"))
+    if spend.max_macs is not None and macs > spend.max_macs:
+        raise ConfigError("max_macs", lambda n: f"{n.given('max_macs', spend.max_macs)} is below the smallest "
+                                                f"possible ({macs:,} multiply-adds per step, every bond 1)")
+    raise ValueError(f"no choice of bonds meets both budgets ({spend.max_params:,} parameters and "
+                     f"{spend.max_macs:,} multiply-adds); the smallest possible are {params:,} and {macs:,}")
 
 
 def _descend(hulls: list[list[CurvePoint]], scales: Sequence[float], spend: Budget) -> list[CurvePoint] | None:
@@ -239,8 +242,9 @@ def _spend(curves, chosen: list[CurvePoint], scales: Sequence[float], spend: Bud
             here = chosen[w]
             for p in curve:
                 gain = scales[w] * (here.error - p.error)
-                if gain <= 0 or (spend.params is not None and params - here.params + p.params > spend.params) or (
-                        spend.macs is not None and macs - here.macs + p.macs > spend.macs):
+                over_params = spend.max_params is not None and params - here.params + p.params > spend.max_params
+                over_macs = spend.max_macs is not None and macs - here.macs + p.macs > spend.max_macs
+                if gain <= 0 or over_params or over_macs:
                     continue
                 rate = gain / max(spend.cost(p) - spend.cost(here), 1e-12)
                 if best is None or rate > best[0]:

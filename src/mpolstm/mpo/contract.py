@@ -193,9 +193,9 @@ def matmul_cost(rows: int, cores: Sequence[Tensor], weight_cached: bool = False)
     "cores": contract x with the two merged halves of the chain (``split_matmul``).
     "rebuild": form W (skipped if ``weight_cached``) then one dense matmul."""
     shapes = [tuple(c.shape) for c in cores]
-    size = cores[0].element_size()
-    in_dim = math.prod(s[1] for s in shapes)
-    out_dim = math.prod(s[2] for s in shapes)
+    size = cores[0].dtype.itemsize  # (element_size() breaks a torch.compile graph)
+    in_dim = math.prod([s[1] for s in shapes])  # (a generator breaks a torch.compile graph)
+    out_dim = math.prod([s[2] for s in shapes])
 
     if len(shapes) == 1:
         cores_s = 2.0 * rows * in_dim * out_dim / _FLOPS_PER_S + _OP_OVERHEAD_S
@@ -221,7 +221,7 @@ def mpo_matmul(x: Tensor, mpo_or_cores: Any, strategy: Strategy = "auto") -> Ten
     Both give the same result to float tolerance and are differentiable."""
     cores = list(getattr(mpo_or_cores, "cores", mpo_or_cores))
     check_cores(cores)
-    in_dim = math.prod(c.shape[1] for c in cores)
+    in_dim = math.prod([c.shape[1] for c in cores])
     if x.dim() == 0 or x.shape[-1] != in_dim:
         raise ValueError(f"x must have last dimension {in_dim} (the MPO's input size), got shape {tuple(x.shape)}")
     if strategy not in ("auto", "cores", "rebuild"):

@@ -171,13 +171,13 @@ class MPOWeights(Int8Cores, MPOModule):
 
     def _cores_config(self) -> dict[str, Any]:
         """The cores' part of the config: ``num_cores`` and, per weight, in_factors, out_factors,
-        bond_dims, and "sparse" (its sparse residual's entry count, layout "lowrank+sparse") when it
-        has one."""
+        bond_dims, and "sparse" (its sparse residual's entry count, layout "lowrank+sparse"; with
+        "sparse_index", its index format, and "sparse_int8" for int8 values) when it has one."""
         sparse = sparse_config(self)
         return {"num_cores": self.num_cores, "weights": {
             name: {"in_factors": list(in_f), "out_factors": list(out_f),
                    "bond_dims": list(mpo_math.bond_dims(self.mpo_weights()[name])),
-                   **({"sparse": sparse[name]} if name in sparse else {})}
+                   **sparse.get(name, {})}
             for name, (in_f, out_f) in self.factors.items()}}
 
     def _load_cores_config(self, config: Mapping[str, Any]) -> None:
@@ -188,7 +188,7 @@ class MPOWeights(Int8Cores, MPOModule):
             raise ValueError(f"config has weights {got}, expected {sorted(self._weight_shapes)}")
         for name, spec in weights.items():
             self._set_mpo(name, MPO(_config_cores(name, spec, self._init_stds[name])))
-        load_sparse_config(self, {"sparse": {n: spec["sparse"] for n, spec in weights.items() if "sparse" in spec}})
+        load_sparse_config(self, weights)
 
     # -- setting weights -----------------------------------------------------------------
     def _decompose_from(self, dense: Mapping[str, Tensor], max_bond, rel_tol,
@@ -246,12 +246,16 @@ class MPOWeights(Int8Cores, MPOModule):
 
     def _eval_cache(self) -> dict[str, Any] | None:
         """The eval-mode cache ("dense": rebuilt weights, "halves": merged half-chains, "plans"),
-        None when caching is not allowed (training, or a graph to the cores is being recorded)."""
+        None when caching is not allowed (training, or a graph to the cores is being recorded).
+        Under torch.compile / torch.export it lives for one call: the graph rebuilds from the
+        parameters once per call (constant folding, or inductor's freezing, removes that)."""
         if self.training:
             return None
         params = self._core_params() + sparse_params(self)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return None
+        if torch.compiler.is_compiling():  # a graph has no data pointers to key on: a cache for this call only
+            return {}
         key = (torch.is_inference_mode_enabled(), torch._C._is_any_autocast_enabled(),
                *[(id(p), p._version, p.data_ptr()) for p in params])
         if self._cache is None or self._cache[0] != key:
@@ -285,7 +289,10 @@ class MPOWeights(Int8Cores, MPOModule):
         """The memoised plan for ``x``'s rows, dtype and device, in training or eval mode: in eval
         mode it lives in the cache (emptied when a core changes); in training mode it is checked
         against the core shapes (a TT-rounding may replace cores)."""
-        rows = int(x.shape[0])  # a plain int also while tracing (the plan is a Python decision)
+        rows = x.shape[0]
+        if isinstance(rows, torch.SymInt):  # a dynamic size (torch.export): plan at its example value,
+            rows = rows.node.hint or 1      # not specialize on it (every path is exact for any count)
+        rows = int(rows)  # a plain int also while tracing (the plan is a Python decision)
         key = (name, rows, x.dtype, x.device)
         if cache is not None:
             plans = cache.setdefault("plans", {})
@@ -305,6 +312,10 @@ class MPOWeights(Int8Cores, MPOModule):
             return F.linear(x, self._dense(name, cache), bias)
         if plan[0] == "halves":
             prepared = self._halves(name, cache)
+            if prepared[3] == 1 and prepared[4] == 1 and torch.compiler.is_exporting():  # rank-D as two linear
+                # ops: what ExecuTorch's XNNPACK delegates and pt2e quantizes (mm with a computed weight is neither)
+                out = F.linear(F.linear(x, prepared[0]), prepared[1].t(), bias)
+                return add_sparse_product(self, name, x, out)
             if bias is not None and prepared[3] == 1 and prepared[4] == 1:  # rank-D: (x A) B + b in two ops
                 if self.separate_bias:  # MatMul + Add (ONNX export): int8 tools quantize MatMul, not Gemm with a bias
                     out = torch.matmul(torch.matmul(x, prepared[0].t()), prepared[1]) + bias
@@ -434,5 +445,6 @@ class SingleWeightMPO(MPOWeights):
         return {self._factor_keys[0]: spec.pop("in_factors"), self._factor_keys[1]: spec.pop("out_factors"), **spec}
 
     def _load_cores_config(self, config: Mapping[str, Any]) -> None:
-        keys = dict(zip(("in_factors", "out_factors"), self._factor_keys), bond_dims="bond_dims", sparse="sparse")
+        keys = dict(zip(("in_factors", "out_factors"), self._factor_keys), bond_dims="bond_dims", sparse="sparse",
+                    sparse_index="sparse_index", sparse_int8="sparse_int8")
         super()._load_cores_config({"weights": {"weight": {k: config[c] for k, c in keys.items() if c in config}}})

@@ -19,8 +19,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import _VF, Tensor, nn
 
-from ..mpo import MPO
-from .base import MPOWeights, check_positive_int, default_factors
+from ..mpo import MPO, default_factors
+from .base import MPOWeights, check_positive_int
 from .gates import cell_update
 from .registry import LayerType, register
 

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..mpo import MPO
-from .base import MPOWeights, default_factors
+from ..mpo import MPO, default_factors
+from .base import MPOWeights
 from .registry import LayerType, register
 
 __all__ = ["MPOConv1d", "MPOConv2d", "conv_inputs"]

@@ -79,6 +79,14 @@ def embedding_factors(
     return rows, dims
 
 
+def _distinct(values: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(distinct values, inverse) so that each row is contracted once; (values, None) under
+    torch.compile / torch.export, whose graphs have no shapes that depend on values."""
+    if torch.compiler.is_compiling():
+        return values, None
+    return torch.unique(values, return_inverse=True)
+
+
 def _digits(rows: Tensor, factors: Sequence[int]) -> list[Tensor]:
     """Row-major digits (i_1..i_n) of ``rows`` (N,) for the given factors."""
     digits = []
@@ -271,30 +279,40 @@ class MPOEmbedding(SingleWeightMPO):
             return cores[0][0, :, :, 0].index_select(0, flat)
         half = (len(cores) + 1) // 2
         right_rows = math.prod(self.row_factors[half:])
-        prefix, prefix_inv = torch.unique(flat // right_rows, return_inverse=True)
-        suffix, suffix_inv = torch.unique(flat % right_rows, return_inverse=True)
+        prefix, prefix_inv = _distinct(flat // right_rows)
+        suffix, suffix_inv = _distinct(flat % right_rows)
         left = _left_chain(cores[:half], _digits(prefix, self.row_factors[:half]))  # (P, J_L, D)
         right = _right_chain(cores[half:], _digits(suffix, self.row_factors[half:]))  # (S, D, J_R)
-        out = torch.bmm(left.index_select(0, prefix_inv), right.index_select(0, suffix_inv))
-        return out.reshape(flat.shape[0], self.embedding_dim)
+        if prefix_inv is not None:
+            left, right = left.index_select(0, prefix_inv), right.index_select(0, suffix_inv)
+        return torch.bmm(left, right).reshape(flat.shape[0], self.embedding_dim)
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor) or input.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"MPOEmbedding expects an integer tensor (int64 or int32) of indices, got "
                              f"{getattr(input, 'dtype', type(input).__name__)}")
         flat = input.reshape(-1).long()
-        if flat.numel() > 0:
-            low, high = int(flat.min()), int(flat.max())
-            if low < 0 or high >= self.num_embeddings:
-                bad = low if low < 0 else high
-                raise ValueError(f"index {bad} is out of range for MPOEmbedding with num_embeddings="
-                                 f"{self.num_embeddings}; expected indices in [0, {self.num_embeddings})")
-        unique, inverse = torch.unique(flat, return_inverse=True)
-        rows = self._gather(unique).index_select(0, inverse)
+        self._check_indices(flat)
+        unique, inverse = _distinct(flat)
+        rows = self._gather(unique)
+        if inverse is not None:
+            rows = rows.index_select(0, inverse)
         if self.padding_row is not None:
             is_pad = (flat == self.padding_idx).unsqueeze(1)
             rows = torch.where(is_pad, self.padding_row.to(rows.dtype), rows)
         return rows.reshape(*input.shape, self.embedding_dim)
+
+    def _check_indices(self, flat: Tensor) -> None:
+        """ValueError naming the first bad index; under torch.compile / torch.export an assertion in
+        the graph (a graph cannot branch on values)."""
+        n = self.num_embeddings
+        expected = f"MPOEmbedding with num_embeddings={n}; expected indices in [0, {n})"
+        if torch.compiler.is_compiling():
+            torch._assert_async(((flat >= 0) & (flat < n)).all(), f"index out of range for {expected}")
+        elif flat.numel() > 0:
+            low, high = int(flat.min()), int(flat.max())
+            if low < 0 or high >= self.num_embeddings:
+                raise ValueError(f"index {low if low < 0 else high} is out of range for {expected}")
 
     def extra_repr(self) -> str:
         bonds = mpo_math.bond_dims(self.cores)

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import mpo as mpo_math
-from ..mpo import MPO
-from .base import SingleWeightMPO, check_positive_int, resolve_factors
+from ..mpo import MPO, resolve_factors
+from .base import SingleWeightMPO, check_positive_int
 from .registry import LayerType, register
 
 __all__ = ["MPOLinear"]

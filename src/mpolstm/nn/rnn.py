@@ -12,8 +12,9 @@ Execution:
   so the input contract (batch_first, unbatched input, PackedSequence, optional state) and its
   error messages are torch's own. In eval mode, when no gradient w.r.t. the cores is being
   recorded, the rebuilt weights are cached (nn/base.py).
-- In the factorized runtime (``nn.base.set_factorized``) ``forward`` is nn/gates.py's
-  ``factorized_forward``: no dense weight is formed.
+- Under torch.compile the rebuild is compiled and the fused kernel runs outside the graph (``_fused``).
+- In the factorized runtime (``nn.base.set_factorized``; no dense weight is formed) and under
+  torch.export (torch's ``scan``: one program for every length) ``forward`` is nn/gates.py's ``loop_forward``.
 - ``step`` (and the stateful ``stream``) runs one frame at a time: every product takes the planned
   path of the cost model (nn/base.py) and the gates are nn/gates.py's, the same code as the cells.
 """
@@ -32,11 +33,11 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..mpo import MPO
 from .base import MPOWeights, check_positive_int, pinned_factors
-from .gates import NUM_GATES, cell_update, factorized_forward
+from .gates import NUM_GATES, cell_update, loop_forward
 from .registry import LayerType, register
 from .rnn_inputs import recurrent_inputs
 
-__all__ = ["MPOLSTM", "MPOGRU", "MPORNN", "RNNStream", "recurrent_inputs"]  # recurrent_inputs: nn.rnn_inputs
+__all__ = ["MPOLSTM", "MPOGRU", "MPORNN", "RNNStream"]
 
 FactorSpec = Mapping[str, tuple[Sequence[int], Sequence[int]]]
 
@@ -198,33 +199,12 @@ class _MPORNNBase(MPOWeights):
             self._set_flat_weights(None)
 
     def forward(self, input, hx=None):
-        if self.factorized:
-            return factorized_forward(self, input, hx)
-        self._set_flat_weights(self.flat_weights())
-        try:
-            if isinstance(input, PackedSequence):
-                # torch's LSTM checks nothing for packed input; check it like torch's GRU does
-                self.check_input(input.data, input.batch_sizes)
-                if hx is not None:
-                    self._check_packed_hidden(input, hx)
-            return self._torch_class.forward(self, input, hx)
-        finally:
-            self._set_flat_weights(None)
-
-    def _initial_state(self, hx, n: int, batched: bool) -> tuple[Tensor, Tensor | None]:
-        """(h_0, c_0 or None), each (num_layers * directions, N, H): zeros, or ``hx`` checked as torch does."""
-        shape = (self.num_layers * (2 if self.bidirectional else 1), n, self.hidden_size)
-        first = self._cores("weight_ih_l0")[0]
-        if hx is None:
-            return first.new_zeros(shape), first.new_zeros(shape) if self.mode == "LSTM" else None
-        h, c = hx if self.mode == "LSTM" else (hx, None)
-        if not batched:
-            h, c = h.unsqueeze(1), None if c is None else c.unsqueeze(1)
-        self.check_hidden_size(h, shape, "Expected hidden[0] size {}, got {}" if c is not None else
-                               "Expected hidden size {}, got {}")
-        if c is not None:
-            self.check_hidden_size(c, shape, "Expected hidden[1] size {}, got {}")
-        return h, c
+        if self.factorized or torch.compiler.is_exporting():
+            return loop_forward(self, input, hx)  # torch.export: one program for every sequence length
+        weights = self.flat_weights()  # rebuilt; inside the graph under torch.compile
+        if torch.compiler.is_compiling():  # the fused kernel outside the graph (see _fused), as for nn.LSTM
+            return torch.compiler.disable(_fused, reason="torch's fused RNN kernel")(self, weights, input, hx)
+        return _fused(self, weights, input, hx)
 
     # -- streaming -----------------------------------------------------------------------
     def stream(self, hx=None) -> "RNNStream":
@@ -290,6 +270,21 @@ class _MPORNNBase(MPOWeights):
         want = expected if batched else (expected[0], expected[2])
         if tuple(state.shape) != want:
             raise RuntimeError(f"Expected {what} size {want}, got {list(state.shape)}")
+
+
+def _fused(rnn: _MPORNNBase, weights: list[Tensor], input, hx):
+    """torch's own forward of ``rnn``'s class (its fused kernel) with the rebuilt ``weights``; outside
+    a torch.compile graph, as for nn.LSTM (traced, it fails in Inductor: docs/architecture.md)."""
+    rnn._set_flat_weights(weights)
+    try:
+        if isinstance(input, PackedSequence):
+            # torch's LSTM checks nothing for packed input; check it like torch's GRU does
+            rnn.check_input(input.data, input.batch_sizes)
+            if hx is not None:
+                rnn._check_packed_hidden(input, hx)
+        return rnn._torch_class.forward(rnn, input, hx)
+    finally:
+        rnn._set_flat_weights(None)
 
 
 def _check_rnn_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size) -> None:

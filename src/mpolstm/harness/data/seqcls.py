@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from ...errors import ConfigError
 from .cache import cached_arrays
 
 __all__ = [
@@ -259,7 +260,8 @@ def load_imdb(
     _check_fraction("val_fraction", val_fraction)
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise ValueError(f"IMDB data_dir {root} is not a directory; expected an aclImdb/ folder")
+        raise ConfigError("data_dir", lambda n: f"IMDB {n('data_dir')} {root} is not a directory; expected an "
+                                                "aclImdb/ folder")
     train_files, test_files = _imdb_files(root, "train"), _imdb_files(root, "test")
     key = hashlib.sha256()
     key.update(json.dumps([str(root.resolve()), vocab_size, max_len, side]).encode())
@@ -300,11 +302,14 @@ def load_seqcls(name: str, *, data_dir: str | os.PathLike | None = None, **kwarg
 
     Keyword arguments go to the loader (``seed``, ``val_fraction``, ``cache``, IMDB's ``max_len``...)."""
     if name not in DATASETS:
-        raise ValueError(f"unknown sequence-classification dataset {name!r}; expected one of {sorted(DATASETS)}")
+        raise ConfigError("dataset", lambda n: f"unknown sequence-classification {n('dataset')} {name!r}; expected "
+                                               f"one of {sorted(DATASETS)}")
     if name == "imdb":
         if data_dir is None:
-            raise ValueError("the imdb dataset needs data_dir, the path of an aclImdb/ folder")
+            raise ConfigError("data_dir", lambda n: f"the imdb dataset needs {n('data_dir')}, the path of an aclImdb/ "
+                                                    "folder")
         return load_imdb(data_dir, **kwargs)
     if data_dir is not None:
-        raise ValueError(f"dataset {name!r} is built in and takes no data_dir (got {data_dir!r})")
+        raise ConfigError("data_dir", lambda n: f"{n('dataset')} {name!r} is built in and takes no {n('data_dir')} "
+                                                f"(got {data_dir!r})")
     return DATASETS[name](**kwargs)

@@ -20,12 +20,14 @@ from torch import nn
 
 from ...atomic import atomic_write_bytes
 from ...compression import CompressionConfig, compress
+from ...errors import ConfigError, must_be
 from ...nn import replace_module
 from ...storage import file_data_bytes, pack_weights, packed_bytes, save_packed
 from ..distributed import barrier, is_main, setup
 from ..tasks import save_model
 from ..tasks.base import Task
 from ..training import Distillation, evaluate, fit, seed_everything
+from ..usermodels import STORED_WEIGHTS
 from .measure import compressed_params, dense_params, latencies, recurrent_weight_names
 from .report import markdown_table, plot_results
 from .paper import PAPER_BONDS, PAPER_ROWS, paper_lstm
@@ -55,22 +57,25 @@ class ProtocolConfig:
     def __post_init__(self) -> None:
         unknown = [r for r in self.rows if r not in ROWS]
         if unknown:
-            raise ValueError(f"unknown protocol rows {unknown}; expected a subset of {list(ROWS)}")
+            raise ConfigError("rows", lambda n: f"unknown protocol {n('rows')} {unknown}; expected a subset of "
+                                                f"{list(ROWS)}")
         if self.layout not in (LAYOUT, "paper"):
-            raise ValueError(f"layout must be {LAYOUT!r} or 'paper', got {self.layout!r}")
+            raise must_be("layout", f"{LAYOUT!r} or 'paper'", self.layout)
         if self.layout == "paper":
             off_grid = [r for r in self.rows if r not in PAPER_ROWS]
             rates = [r for r in self.ratios if r not in PAPER_BONDS]
             if off_grid:
-                raise ValueError(f"rows {off_grid} cannot run on the paper's layout; expected a subset of {list(PAPER_ROWS)}")
+                raise ConfigError("rows", lambda n: f"{n('rows')} {off_grid} cannot run on the paper's layout; "
+                                                    f"expected a subset of {list(PAPER_ROWS)}")
             if rates:
-                raise ValueError(f"rates {rates} are not in the paper's Table 2; expected some of {sorted(PAPER_BONDS)}")
-        if self.dense_epochs is not None and self.dense_epochs < 1:
-            raise ValueError(f"dense_epochs must be >= 1, got {self.dense_epochs}")
-        if self.finetune_epochs is not None and self.finetune_epochs < 1:
-            raise ValueError(f"finetune_epochs must be >= 1, got {self.finetune_epochs}")
+                raise ConfigError("ratios", lambda n: f"{n('ratios')} {rates} are not in the paper's Table 2; "
+                                                      f"expected some of {sorted(PAPER_BONDS)}")
+        for name in ("dense_epochs", "finetune_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(name, lambda n: f"{n(name)} must be >= 1, got {value}")
         if not self.ratios or any(not (isinstance(r, (int, float)) and r > 1) for r in self.ratios):
-            raise ValueError(f"ratios must be numbers > 1, got {list(self.ratios)}")
+            raise must_be("ratios", "numbers > 1", list(self.ratios))
 
 
 @dataclass
@@ -103,8 +108,6 @@ def _train(task: Task, seed: int, runs: Path, resume: bool, log: Callable[[str],
     return sum(record["time_s"] for record in result.history)
 
 
-STORED_WEIGHTS = "recurrent-weights.safetensors"
-"""In every saved row model: the LSTM weights in their stored form (:func:`mpolstm.storage.pack_weights`)."""
 
 
 def _is_quantized(model: nn.Module) -> bool:
@@ -124,7 +127,7 @@ def _record(task: Task, out: Path, dense_count: int, log: Callable[[str], None],
     file_bytes = stored
     if is_main():
         if task.architecture and not _is_quantized(model):  # torch's quantized modules: stored weights only
-            save_model(model, trained.architecture or task.architecture, folder)
+            save_model(model, trained.architecture or task.architecture, folder, overwrite=True)  # a rerun row
         folder.mkdir(parents=True, exist_ok=True)
         file_bytes = file_data_bytes(save_packed(tensors, formats, folder / STORED_WEIGHTS))
     metric = evaluate(model, task.test_loader, task.metric, forward_fn=task.forward_fn)

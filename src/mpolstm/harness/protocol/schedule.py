@@ -46,7 +46,7 @@ def truncate_bonds(model: nn.Module, bonds: dict[str, dict[str, Sequence[int]]])
 
 
 class BondSchedule(Callback):
-    """Shrink MPO bonds on Zhu & Gupta's cubic schedule during :func:`~mpolstm.train.fit`.
+    """Shrink MPO bonds on Zhu & Gupta's cubic schedule during :func:`~mpolstm.harness.training.fit`.
 
     At the start of epoch e the bonds of every weight are
     ``target + ceil((initial - target) * (1 - e / end)^3)`` (per bond), reaching ``target`` at

@@ -176,7 +176,7 @@ def _frame_mask(lengths: Tensor, frames: int) -> Tensor:
 
 
 def forward_fn(model: nn.Module, batch: Batch) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """For :func:`mpolstm.train.fit`: batch -> (mask (B, F, 257), (IRM target (B, F, 257), valid (B, F)))."""
+    """For :func:`mpolstm.harness.training.fit`: batch -> (mask (B, F, 257), (IRM target (B, F, 257), valid (B, F)))."""
     noisy, clean, lengths = batch
     spec_y = audio.stft(noisy)
     spec_s = audio.stft(clean)
@@ -331,7 +331,7 @@ def _stream(model: MaskEstimator, noisy: np.ndarray) -> tuple[np.ndarray, Stream
 
 def enhance_file(model: MaskEstimator, noisy_path: str | os.PathLike, out_path: str | os.PathLike,
                  float32: bool = False) -> tuple[StreamStats, list[str]]:
-    """Read a WAV (converted to 16 kHz mono as documented in :func:`mpolstm.audio.read_wav`), enhance
+    """Read a WAV (converted to 16 kHz mono as documented in :func:`mpolstm.harness.audio.read_wav`), enhance
     it by streaming, write the result; returns (StreamStats, notes on the input conversions)."""
     noisy, notes = audio.read_wav(noisy_path)
     enhanced, stats = enhance_streaming(model, noisy)

@@ -12,8 +12,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
+from ...distill import distillation_loss
 from .metrics import Metric
 
 __all__ = ["TrainState", "Callback", "Distillation", "call_hooks", "all_ready", "track_best", "ProgressBar"]
@@ -118,10 +118,8 @@ class Distillation:
             raise ValueError(f"Distillation.temperature must be > 0, got {self.temperature}")
 
     def loss(self, student: Tensor, teacher: Tensor) -> Tensor:
-        t = self.temperature
-        s = F.log_softmax(student.reshape(-1, student.shape[-1]).float() / t, dim=-1)
-        p = F.log_softmax(teacher.reshape(-1, teacher.shape[-1]).float() / t, dim=-1)
-        return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
+        """T^2 KL(softmax(teacher / T) || softmax(student / T)): :func:`mpolstm.distill.distillation_loss`."""
+        return distillation_loss(student, teacher, "kl", self.temperature)
 
     def blend(self, task_loss: Tensor, student: Tensor, teacher: Tensor) -> Tensor:
         """The training loss: ``(1 - alpha) * task_loss + alpha * loss(student, teacher)``."""
