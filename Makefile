@@ -1,7 +1,9 @@
 # `make demo` and `make test` set everything up on a fresh machine with Python 3.11 + pip.
-# ARGS passes options to the demo, e.g. `make demo ARGS=--resume` after an interruption.
+# ARGS passes options to the demo, e.g. `make demo ARGS=--resume` after an interruption; THREADS=N
+# runs it with N torch threads (e.g. THREADS=1 on a machine shared with other jobs).
 PYTHON ?= python3
 ARGS ?=
+THREADS ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -28,7 +30,7 @@ test-all: setup
 	$(BIN)/python -m pytest -m ""
 
 demo: setup
-	$(BIN)/mpolstm demo $(ARGS)
+	$(BIN)/mpolstm $(if $(THREADS),--threads $(THREADS) )demo $(ARGS)
 
 bench: setup
 	$(BIN)/python -m pip install -q -e ".[bench]"

@@ -4,6 +4,7 @@ against dense float and dense int8 in the same runtime.
     python benchmarks/bench_deploy.py                      # 2x512 and 2x1024, 10x / 30x, N = 1, 8, 32
     python benchmarks/bench_deploy.py --quick              # 2x256, fewer rounds (smoke run)
     python benchmarks/bench_deploy.py --g2p                # the g2p-en decoder's GRU (256 -> 256, 1 layer)
+    python benchmarks/bench_deploy.py --hybrid 10 --ratios 10   # with the lowrank+sparse hybrid rows
     python benchmarks/bench_deploy.py --out results/bench_deploy.json
     python benchmarks/bench_deploy.py --pt2 --out results/bench_deploy_pt2.json   # the PyTorch 2 rows
 
@@ -26,6 +27,9 @@ One torch thread and one onnxruntime thread, input 256 (the speech front end). R
 - ``latency Rx`` in ``torchscript``: the same step exported with ``export_step(..., fmt="torchscript")``
   and loaded with ``torch.jit.load`` (compared with torch eager's dense int8; its run-time bytes
   are not measured: "-").
+- ``hybrid Rx`` (``--hybrid R``): ``layout="lowrank+sparse"``, half the budget sparse, in the
+  factorized runtime (eager: the sparse parts in CSR; onnxruntime: held dense, stored as sparse
+  initializers); ``hybrid-bytes latency``: the latency model at the hybrid's stored bytes.
 - ``latency Rx rebuild`` (onnxruntime only): the same MPO exported with the dense runtime
   (``export_onnx(..., runtime="dense")`` of a length-1 sequence: the graph rebuilds the dense weights
   from the cores on every call, then runs ONNX's LSTM op).
@@ -132,13 +136,17 @@ def stored_bytes(host: Host) -> int:
 
 
 def eager_weight_bytes(module: nn.Module) -> int:
-    """Parameters and buffers, plus the tensors of every MPO module's eval cache (merged halves)."""
+    """Parameters and buffers, plus the tensors of every MPO module's eval cache (merged halves, sparse
+    parts in CSR)."""
     total = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
     for m in module.modules():
         cache = getattr(m, "_cache", None)
         if cache:
             for halves in cache[2].get("halves", {}).values():
                 total += sum(t.numel() * t.element_size() for t in halves if isinstance(t, torch.Tensor))
+            for p in cache[2].get("sparse", {}).values():  # a sparse part in CSR (or dense)
+                parts = (p.values(), p.col_indices(), p.crow_indices()) if p.layout == torch.sparse_csr else (p,)
+                total += sum(t.numel() * t.element_size() for t in parts)
     if hasattr(module, "lstm") and hasattr(module.lstm, "_weight_bias"):  # torch.ao's packed int8 LSTM
         total = sum(w.numel() for w in dict(module.lstm._weight_bias()["weight"]).values())
     return total
@@ -155,7 +163,7 @@ def dynamic_int8(host: Host) -> Host:
 
 
 def variants(hidden: int, ratios: list[float], cell: type[nn.RNNBase] = nn.LSTM, layers: int = 2,
-             seed: int = 0) -> dict[str, tuple[nn.Module, int, int]]:
+             seed: int = 0, hybrid_ratio: float | None = None) -> dict[str, tuple[nn.Module, int, int]]:
     """name -> (a module with step(), stored bytes, MACs per step at batch 1); an "... int8" entry holds
     the eager int8 model (torch.ao's, or mpolstm.quantize's); onnxruntime quantizes the float one."""
     torch.manual_seed(seed)
@@ -174,6 +182,21 @@ def variants(hidden: int, ratios: list[float], cell: type[nn.RNNBase] = nn.LSTM,
             if hasattr(mpolstm, "quantize"):
                 qhost = mpolstm.quantize(copy.deepcopy(host))
                 out[f"{name} int8"] = (set_factorized(qhost.lstm).eval(), stored_bytes(qhost), report.macs)
+    if hybrid_ratio:
+        out.update(hybrid_variants(dense, dense_macs, hybrid_ratio))
+    return out
+
+
+def hybrid_variants(dense: nn.Module, dense_macs: int, ratio: float) -> dict[str, tuple[nn.Module, int, int]]:
+    """"hybrid Rx": lowrank+sparse at ``ratio`` (half the budget sparse), in the factorized runtime;
+    "hybrid-bytes latency": the latency model (``max_macs``) at the hybrid's stored bytes."""
+    config = CompressionConfig(target_ratio=ratio, layout="lowrank+sparse", sparse_share=0.5)
+    host, report = compress(Host(copy.deepcopy(dense)), config)
+    out = {f"hybrid {ratio:g}x": (set_factorized(host.lstm).eval(), stored_bytes(host), report.macs)}
+    same = 4 * dense_macs / stored_bytes(host)  # float32 factors: the ratio that stores as many bytes
+    host, report = compress(Host(copy.deepcopy(dense)), CompressionConfig(target_ratio=same,
+                                                                          max_macs=int(dense_macs / same)))
+    out["hybrid-bytes latency"] = (set_factorized(host.lstm).eval(), stored_bytes(host), report.macs)
     return out
 
 
@@ -349,8 +372,8 @@ def median_seconds(fn, min_time: float) -> float:
 
 
 def measure(hidden: int, ratios: list[float], batches: list[int], rounds: int, min_time: float,
-            cell: type[nn.RNNBase] = nn.LSTM, layers: int = 2) -> list[dict]:
-    models = variants(hidden, ratios, cell, layers)
+            cell: type[nn.RNNBase] = nn.LSTM, layers: int = 2, hybrid_ratio: float | None = None) -> list[dict]:
+    models = variants(hidden, ratios, cell, layers, hybrid_ratio=hybrid_ratio)
     rows, fns = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (module, stored, macs) in models.items():
@@ -465,6 +488,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per timed block")
     parser.add_argument("--g2p", action="store_true", help="the g2p-en decoder's GRU: 256 -> 256, one layer")
+    parser.add_argument("--hybrid", type=float, default=None, metavar="RATIO",
+                        help="add the lowrank+sparse hybrid at RATIO and the latency model at its bytes")
     parser.add_argument("--pt2", action="store_true", help="ExecuTorch, AOTInductor and torch.compile rows (N = 1)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_deploy.json"))
     args = parser.parse_args()
@@ -483,7 +508,7 @@ def main() -> None:
         print_pt2_table(rows)
     else:
         rows = [r for hidden in args.hidden for r in measure(hidden, args.ratios, args.batches, args.rounds,
-                                                              args.min_time, cell, layers)]
+                                                              args.min_time, cell, layers, args.hybrid)]
         print_table(rows, args.batches)
     report = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(), "threads": 1,
               "input": INPUT, "cell": cell.__name__, "layers": layers, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}

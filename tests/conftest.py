@@ -1,8 +1,20 @@
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 from hypothesis import settings
+
+# The data cache of this test session: a fresh folder, never the user's ~/.cache/mpolstm (subprocesses
+# inherit it); removed when the session ends.
+_CACHE = tempfile.mkdtemp(prefix="mpolstm-test-cache-")
+os.environ["MPOLSTM_CACHE"] = _CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
 
 # Derandomized by default, so every machine runs the same examples; HYPOTHESIS_PROFILE=explore draws new ones.
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)

@@ -152,3 +152,47 @@ def test_whitened_factors_are_balanced_and_represent_the_same_weight():
     u, sv, vh = torch.linalg.svd(a)
     expected = s_inv @ (u[:, :6] * sv[:6]) @ vh[:6]
     torch.testing.assert_close(mpo.to_matrix(), expected)
+
+
+def test_one_damping_rule_for_whitening_and_refit_including_inputs_without_energy():
+    """calibration.damping is the one rule: DAMPING * mean eigenvalue, or DAMPING itself when the
+    second moment is 0; whitening and the refit's least squares both use it."""
+    from mpolstm.calibration import DAMPING, damping, whitening
+    from mpolstm.compression.fit import Fit
+    from mpolstm.compression.layouts import Target, decompose_target, fit_like
+    from mpolstm.compression.refit import _refit
+
+    assert damping(torch.zeros(5, dtype=torch.float64)) == DAMPING
+    assert damping(torch.tensor([2.0, 4.0, -1e-18], dtype=torch.float64)) == pytest.approx(DAMPING * 2.0)
+    s, s_inv = whitening(torch.zeros(4, 4, dtype=torch.float64))
+    torch.testing.assert_close(s, DAMPING ** 0.5 * torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(s @ s_inv, torch.eye(4, dtype=torch.float64))
+
+    torch.manual_seed(6)
+    m = torch.randn(12, 9, dtype=torch.float64)
+    x = torch.randn(40, 12, dtype=torch.float64) * torch.logspace(0, -3, 12, dtype=torch.float64)
+    c_cc, c_co = x.T @ x / 40, x.T @ (x + 0.1 * torch.randn_like(x)) / 40
+    target = Target("m", "w", m, ((3, 4), (3, 3)), m.numel(), whitening(c_cc))
+    fit = Fit("lowrank", decompose_target(target, ((12, 1), (1, 9)), [4]))
+    eig = torch.linalg.eigvalsh(c_cc)
+    best = torch.linalg.solve(c_cc + damping(eig) * torch.eye(12, dtype=torch.float64), c_co @ m)
+    expected = fit_like(Target("m", "w", best, target.interleaved, m.numel(), whitening(c_cc)), fit)
+    torch.testing.assert_close(_refit(target, (c_cc, c_co), fit).matrix(), expected.matrix())
+    zero = _refit(target, (torch.zeros(12, 12, dtype=torch.float64), torch.zeros(12, 12, dtype=torch.float64)), fit)
+    assert torch.isfinite(zero.matrix()).all() and float(zero.matrix().abs().max()) == 0.0
+
+
+def test_a_one_bond_candidate_split_once_gives_the_cores_of_decompose_target_at_every_rank():
+    from mpolstm.calibration import whitening
+    from mpolstm.compression.layouts import Candidate, Target, decompose_target
+
+    torch.manual_seed(7)
+    m = torch.randn(40, 24, dtype=torch.float64)
+    x = torch.randn(300, 40, dtype=torch.float64) * torch.logspace(0, -2, 40, dtype=torch.float64)
+    target = Target("m", "weight", m, ((4, 10), (4, 6)), m.numel(), whitening(x.T @ x / 300))
+    candidate = Candidate.of(target, "lowrank", ((40, 1), (1, 24)), None)
+    for rank in (24, 7, 1, 12):
+        got, want = candidate.decompose(target, [rank]), decompose_target(target, ((40, 1), (1, 24)), [rank])
+        for a, b in zip(got.cores, want.cores):
+            torch.testing.assert_close(a, b)
+        assert got.report.rel_error == pytest.approx(want.report.rel_error, rel=1e-9, abs=1e-12)

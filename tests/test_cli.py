@@ -138,8 +138,13 @@ def test_export_command_formats_and_errors(tmp_path, monkeypatch):
     assert isinstance(dense.lstm, torch.nn.LSTM)
     assert torch.allclose(dense.eval()(x), model(x), atol=1e-5)
 
-    bad = runner.invoke(app, ["export", str(tmp_path / "m"), "--format", "onnx", "--out", str(tmp_path / "no" / "m.onnx")])
-    assert bad.exit_code == 2 and not (tmp_path / "no").exists()
+    again = runner.invoke(app, ["export", str(tmp_path / "m"), "--format", "torchscript", "--out", str(ts)])
+    assert again.exit_code == 2 and f"--out {ts} already exists" in again.output and "--overwrite" in again.output
+    assert runner.invoke(app, ["export", str(tmp_path / "m"), "--format", "torchscript", "--out", str(ts),
+                               "--overwrite"]).exit_code == 0
+    new = tmp_path / "no" / "such" / "m.pt"  # missing parents are created, as by every command
+    assert runner.invoke(app, ["export", str(tmp_path / "m"), "--format", "torchscript", "--out", str(new)]).exit_code == 0
+    assert new.is_file()
 
 
 def test_interrupted_reproduce_resumes_to_the_same_table(tmp_path, monkeypatch):
@@ -218,7 +223,8 @@ def test_any_model_compress_inspect_export(tmp_path, monkeypatch):
     scripted = torch.jit.load(str(tmp_path / "m.pt"))
     torch.testing.assert_close(scripted(x)[0], loaded.eval()(x)[0], atol=1e-5, rtol=1e-4)
 
-    for args, message in ((["compress", str(tmp_path / "x"), "--factory", "nope:build", "--ratio", "3"], "cannot import"),
+    for args, message in ((["compress", str(tmp_path / "x"), "--factory", "nope:build", "--random-init", "--ratio", "3"],
+                           "cannot import"),
                           (["compress", str(tmp_path / "x"), "--factory", "usernet:build", "--weights",
                             str(tmp_path / "missing.pt"), "--ratio", "3"], "does not exist"),
                           (["export", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx")], "--inputs")):

@@ -106,6 +106,7 @@ def test_compress_prints_the_report_then_the_distillation(distilled):
     out = proc.stdout
     assert out.index("layouts chosen:") < out.index("distilled 3 steps") < out.index("saved small")
     assert "measured before distillation" in out
+    assert "distill step 3/3 loss" in proc.stderr  # progress reaches a log when stderr is not a terminal
     # torch's weight shapes: Linear(128, 500) is 500x128, Conv1d(16, 40, 5) is 40x16x5
     assert " 500x128 " in out and " 40x16x5 " in out and "weight error" in out and "output error" in out
 
@@ -168,7 +169,8 @@ def test_weights_that_do_not_fit_keep_torchs_details(user_dir):
 
 
 def test_a_target_that_matches_nothing_lists_the_models_modules(user_dir):
-    line = one_error_line(mpolstm("compress", "x", "--factory", "mymodels:build", "--ratio", "4", cwd=user_dir))
+    line = one_error_line(mpolstm("compress", "x", "--factory", "mymodels:build", "--weights", "w.pt", "--ratio", "4",
+                                  cwd=user_dir))
     assert "--target 'lstm'" in line
     assert "the model's modules: front (Conv1d), rnn (LSTM), proj (Linear), out (Linear)" in line
 
@@ -191,7 +193,9 @@ def test_a_target_that_matches_nothing_lists_the_models_modules(user_dir):
 ])
 def test_compress_errors_name_the_flag_typed(user_dir, args, flag):
     target = [] if "--target" in args else ["--target", "rnn"]
-    line = one_error_line(mpolstm("compress", "x", "--factory", "mymodels:build", *target, *args, cwd=user_dir))
+    weights = [] if "--weights" in args else ["--weights", "w.pt"]
+    line = one_error_line(mpolstm("compress", "x", "--factory", "mymodels:build", *target, *weights, *args,
+                                  cwd=user_dir))
     assert flag in line
     for api_name in ("target_ratio", "max_params", "max_bond", "rel_tol", "num_cores", "target_modules", "weights file"):
         assert api_name not in line

@@ -217,13 +217,13 @@ def test_exports_reproduce_the_model(torch_type, runtime, tmp_path):
     dense = densify(model)
     assert type(dense.layer) is torch_type
     torch.testing.assert_close(dense(x), expected, atol=1e-5, rtol=1e-4)
-    assert (export_model(model, "dense", tmp_path / "dense") / io.WEIGHTS_FILE).is_file()
-    traced = torch.jit.load(str(export_model(model, "torchscript", tmp_path / "m.pt", (x,), runtime=runtime)))
+    assert (export_model(model, tmp_path / "dense", "dense") / io.WEIGHTS_FILE).is_file()
+    traced = torch.jit.load(str(export_model(model, tmp_path / "m.pt", "torchscript", (x,), runtime=runtime)))
     with torch.no_grad():
         torch.testing.assert_close(traced(other), expected_other, atol=1e-5, rtol=1e-4)
     pytest.importorskip("onnx", reason="onnx is not installed")
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    path = export_model(model, "onnx", tmp_path / "m.onnx", (x,), runtime=runtime)
+    path = export_model(model, tmp_path / "m.onnx", "onnx", (x,), runtime=runtime)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input0": other.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), expected_other, atol=1e-4, rtol=1e-4)

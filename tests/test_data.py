@@ -176,3 +176,14 @@ def test_batchify_and_bptt():
         batchify(stream, 30)
     with pytest.raises(ValueError, match="bptt"):
         BPTTLoader(data, 0)
+
+
+def test_the_test_suite_never_writes_the_users_cache():
+    """tests/conftest.py points $MPOLSTM_CACHE at a temporary folder of the session (issue 27)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    folder = cache_dir()
+    assert folder == Path(os.environ["MPOLSTM_CACHE"]) and folder != Path.home() / ".cache" / "mpolstm"
+    assert folder.parent == Path(tempfile.gettempdir())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -78,10 +80,14 @@ def test_export_dense_loads_back_without_mpo_modules(seqcls, tmp_path):
     model, spec = load_model(out)
     assert spec == SEQCLS and _mpo_count(model) == 0
     torch.testing.assert_close(_eager(model, x), _eager(seqcls, x), atol=1e-5, rtol=1e-4)
-    with torch.no_grad():  # exporting again over the folder replaces its files
+    with torch.no_grad():  # exporting again over the folder: refused, or with overwrite replaced whole
         seqcls.head.bias.add_(1.0)
-    export_task_model(seqcls, SEQCLS, "dense", out)
+    (out / "stale.txt").write_text("from an older export")
+    with pytest.raises(ValueError, match="already exists.*overwrite=True"):
+        export_task_model(seqcls, SEQCLS, "dense", out)
+    export_task_model(seqcls, SEQCLS, "dense", out, overwrite=True)
     torch.testing.assert_close(_eager(load_model(out)[0], x), _eager(seqcls, x), atol=1e-5, rtol=1e-4)
+    assert "stale.txt" not in {p.name for p in out.iterdir()}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no temporary folders left
 
 
@@ -153,9 +159,15 @@ def test_bad_input_raises_value_error_and_leaves_no_output(seqcls, tmp_path):
     x = example_inputs(SEQCLS)
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
         export_task_model(seqcls, SEQCLS, "tflite", tmp_path / "m")
-    for fmt in ("torchscript", "onnx", "dense"):
-        with pytest.raises(ValueError, match="parent directory .* does not exist"):
-            export_task_model(seqcls, SEQCLS, fmt, tmp_path / "missing" / "m")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "m").write_bytes(b"earlier")
+    for fmt in ("torchscript", "onnx"):  # the output rule: an existing target needs overwrite=True
+        with pytest.raises(ValueError, match="already exists; choose a new path, or pass overwrite=True"):
+            export_task_model(seqcls, SEQCLS, fmt, tmp_path / "taken" / "m")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        export_task_model(seqcls, SEQCLS, "dense", tmp_path / "taken" / "m", overwrite=True)
+    assert (tmp_path / "taken" / "m").read_bytes() == b"earlier"
+    shutil.rmtree(tmp_path / "taken")
     with pytest.raises(ValueError, match="cannot trace _ReturnsInt"):
         export_torchscript(_ReturnsInt(), x, tmp_path / "int.pt")
     with pytest.raises(ValueError, match="cannot trace _ReturnsInt"):
@@ -170,7 +182,7 @@ def test_bad_input_raises_value_error_and_leaves_no_output(seqcls, tmp_path):
     previous.write_bytes(b"earlier export")
     pytest.importorskip("onnx", reason="onnx is not installed (pip install onnx)")
     with pytest.raises(ValueError, match="cannot export _NoOnnxOp to ONNX.*bessel_j0"):
-        export_onnx(_NoOnnxOp(), x, previous)
+        export_onnx(_NoOnnxOp(), x, previous, overwrite=True)
     assert previous.read_bytes() == b"earlier export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
@@ -198,13 +210,13 @@ def test_library_export_needs_no_task(tmp_path):
 
     model, _ = compress(base(), CompressionConfig(target_modules=["0"], max_bond=3, num_cores=2))
     x = torch.randn(5, 12)
-    out = export_model(model, "dense", tmp_path / "dense")
+    out = export_model(model, tmp_path / "dense", "dense")
     dense = io.load(out, base())
     assert _mpo_count(dense) == 0
     torch.testing.assert_close(dense(x), model(x), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="pass example_inputs"):
-        export_model(model, "torchscript", tmp_path / "m.pt")
-    scripted = torch.jit.load(str(export_model(model, "torchscript", tmp_path / "m.pt", x)))
+        export_model(model, tmp_path / "m.pt", "torchscript")
+    scripted = torch.jit.load(str(export_model(model, tmp_path / "m.pt", "torchscript", x)))
     torch.testing.assert_close(scripted(x), model(x), atol=1e-5, rtol=1e-4)
 
 

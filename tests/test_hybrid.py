@@ -13,8 +13,8 @@ from mpolstm.compression.layouts import Target
 from mpolstm.calibration import whitening
 from mpolstm.io import load, save
 from mpolstm.nn.registry import layer_type_of_mpo
-from mpolstm.nn.sparse import sparse_of
-from mpolstm.storage import file_data_bytes, pack_weights, packed_bytes, save_packed, sparse_bytes
+from mpolstm.nn.sparse import INDEX_FORMATS, index_bytes, sparse_of
+from mpolstm.storage import file_data_bytes, pack_weights, packed_bytes, save_packed
 
 
 class Net(nn.Module):
@@ -67,9 +67,9 @@ def test_parity_with_the_rebuilt_torch_layers():
         assert torch.allclose(small.cell(h)[0], dense.cell(h)[0], atol=1e-10)
         assert torch.allclose(small.fc(h[:, :8]), dense.fc(h[:, :8]), atol=1e-10)
     from mpolstm.nn.base import set_factorized
-    set_factorized(small)  # its recurrence runs W_hh through merged halves: no sparse part there
-    with pytest.raises(ValueError, match="does not run sparse residuals"):
-        small(x)
+    set_factorized(small)  # the recurrence adds W_hh's sparse part to its merged halves (CSR in eager)
+    with torch.no_grad():
+        assert torch.allclose(small(x), dense(x), atol=1e-10)
 
 
 def test_budget_and_share():
@@ -84,17 +84,17 @@ def test_budget_and_share():
     assert hybrid_sizes((100, 50), 3000, 1.0) == (1, 2850)
 
 
-def test_bytes_as_stored_match_the_file_and_pruning_rules(tmp_path):
+def test_bytes_as_stored_match_the_file_and_the_smallest_index(tmp_path):
     _, small, _, _ = _compressed(dtype=torch.float32)
     names = ["conv", "lstm", "gru", "cell", "fc"]
     tensors, formats = pack_weights(small, names)
     path = save_packed(tensors, formats, tmp_path / "w.safetensors")
     assert file_data_bytes(path) == packed_bytes(tensors)
     parts = [sparse_of(small.get_submodule(n), w) for n in names for w in small.get_submodule(n).mpo_weights()]
-    sparse = sum(min(sparse_bytes(p.dense().detach()).values()) for p in parts if p is not None)
+    sparse = sum(4 * p.nnz + min(index_bytes(f, p.nnz, p.shape) for f in INDEX_FORMATS) for p in parts if p is not None)
     cores = sum(4 * c.numel() for n in names for cs in small.get_submodule(n).mpo_weights().values() for c in cs)
     assert packed_bytes(tensors) == cores + sparse
-    assert any(k.endswith(".sparse") and f in ("csr", "bitmask") for k, f in formats.items())
+    assert any(k.endswith(".sparse") and f in INDEX_FORMATS for k, f in formats.items())
 
 
 def test_io_round_trip(tmp_path):
@@ -144,3 +144,40 @@ def test_bad_input_is_refused_clearly():
         compress(model, CompressionConfig(target_ratio=2, layout="lowrank+sparse"))
     with pytest.raises(ValueError, match="rel_tol does not apply"):
         compress(nn.Sequential(nn.Linear(8, 8)), CompressionConfig(rel_tol=0.5, layout="lowrank+sparse"))
+
+
+def test_hybrid_fit_is_a_fit_whose_factors_are_balanced_and_whose_matrix_is_low_rank_plus_sparse():
+    torch.manual_seed(8)
+    w = torch.randn(30, 20, dtype=torch.float64)
+    c = torch.randn(100, 30, dtype=torch.float64) * torch.logspace(0, -2, 30, dtype=torch.float64)
+    fit = fit_hybrid(w, whitening(c.T @ c / 100), 400, 0.5)
+    left, right = fit.mpo.cores[0].flatten(0, 2).norm(dim=0), fit.mpo.cores[1].flatten(1).norm(dim=1)
+    torch.testing.assert_close(left, right)  # the one balancing rule (compression/fit.py)
+    sparse = torch.zeros(20 * 30, dtype=torch.float64).index_add(0, fit.index, fit.values).reshape(20, 30)
+    torch.testing.assert_close(fit.matrix(), fit.mpo.to_matrix() + sparse.T)
+    assert fit.params == fit.mpo.num_params + fit.nnz <= 400 and fit.nnz > 0
+    target = Target("m", "w", w, ((30, 1), (1, 20)), w.numel(), whitening(c.T @ c / 100))
+    assert target.output_error(fit.matrix()) == pytest.approx(fit.error, rel=1e-9)
+
+
+def test_a_hybrid_model_exports_with_the_default_factorized_runtime(tmp_path):
+    """Every layer type with a sparse part, exported to ONNX in the default runtime: the sparse parts are
+    sparse initializers (also W_hh's, inside the recurrence's Loop), and onnxruntime reproduces the model."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    import onnx
+
+    from mpolstm.export import export_onnx, onnx_weight_bytes
+
+    _, small, report, x = _compressed(dtype=torch.float32)
+    small.eval()
+    path = export_onnx(small, (x,), tmp_path / "hybrid.onnx")
+    graph = onnx.load(str(path)).graph
+    nnz = sum(w.sparse_params for m in report.modules for w in m.weights.values())
+    stored = sum(len(t.values.float_data) or len(t.values.raw_data) // 4 for t in graph.sparse_initializer)
+    assert len(graph.sparse_initializer) >= 4 and stored <= nnz
+    assert onnx_weight_bytes(path) >= 4 * sum(t.dims[0] * t.dims[1] for t in graph.sparse_initializer)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    other = torch.randn(2, 11, 6)  # another batch and length than the example's
+    got = torch.from_numpy(session.run(None, {"input0": other.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, small(other), rtol=1e-4, atol=1e-5)

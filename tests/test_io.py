@@ -68,9 +68,20 @@ def test_compressed_model_round_trip_onto_base_model(tmp_path):
     assert_same_state(loaded, net)
     idx = torch.tensor([[0, 3, 49]])
     assert torch.equal(loaded(idx), net(idx))
-    # saving again over the same directory replaces both files atomically, no temp files left
-    io.save(loaded, tmp_path / "ckpt")
+    # saving again over the same folder is refused; overwrite=True replaces it whole (issue 27: an old
+    # compression.json used to survive), leaving no temporary folder beside it
+    (tmp_path / "ckpt" / "compression.json").write_text("{}")
+    before = (tmp_path / "ckpt" / io.WEIGHTS_FILE).read_bytes()
+    with pytest.raises(ValueError, match="already exists; choose a new path, or pass overwrite=True"):
+        io.save(loaded, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / io.WEIGHTS_FILE).read_bytes() == before
+    io.save(loaded, tmp_path / "ckpt", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [io.CONFIG_FILE, io.WEIGHTS_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    (tmp_path / "empty").mkdir()  # an empty folder counts as absent; missing parents are created
+    io.save(loaded, tmp_path / "empty")
+    io.save(loaded, tmp_path / "new" / "parents" / "ckpt")
+    assert (tmp_path / "new" / "parents" / "ckpt" / io.WEIGHTS_FILE).is_file()
 
 
 def test_tied_weights_are_saved(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mpolstm import CompressionConfig, compress
-from mpolstm.compression.output_aware import calibration_outputs, relative_output_error
+from mpolstm.compression.output_aware import MARGIN, calibration_outputs, relative_output_error
 
 
 class Tagger(nn.Module):
@@ -30,21 +30,94 @@ def _trained_like(model: nn.Module) -> nn.Module:
     return model
 
 
-def test_output_allocation_is_never_worse_than_uniform_or_per_matrix_on_calibration_data():
+def test_output_allocation_is_never_worse_than_the_per_matrix_one_on_held_out_calibration_data():
     torch.manual_seed(0)
     model = _trained_like(Tagger())
     batches = [torch.randn(8, 10, 12) for _ in range(3)]
-    reference = calibration_outputs(model, batches)
+    held_out = batches[1::2]  # the odd-numbered batches decide; the even ones measure the sensitivities
+    reference = calibration_outputs(model, held_out)
     small, report = compress(copy.deepcopy(model), CompressionConfig(target_ratio=4, allocation="output"),
                              calibration=batches)
     choice = report.allocation
-    assert set(choice.errors) == {"per-matrix error", "uniform", "output sensitivity"}
-    assert choice.errors[choice.chosen] == min(choice.errors.values())
-    assert choice.errors[choice.chosen] <= choice.errors["uniform"]
+    assert set(choice.errors) == {"per-matrix error", "output sensitivity"}
+    assert (choice.fit_batches, choice.held_out_batches) == (2, 1)
+    assert choice.errors[choice.chosen] <= choice.errors["per-matrix error"]
+    if choice.chosen != "per-matrix error":
+        assert choice.errors[choice.chosen] == min(choice.errors.values())
+        assert choice.errors[choice.chosen] < (1 - MARGIN) * choice.errors["per-matrix error"]
     assert report.mpo_params <= report.dense_params / 4
-    measured = relative_output_error(small, batches, reference)  # the compressed model, as returned
+    measured = relative_output_error(small, held_out, reference)  # the compressed model, as returned
     assert measured == pytest.approx(choice.errors[choice.chosen], rel=1e-3, abs=1e-6)
     assert "allocation: " + choice.chosen in str(report) and report.to_dict()["allocation"]["chosen"] == choice.chosen
+
+
+class TwoBranches(nn.Module):
+    """y = A x + B x with A's outputs 30 times larger: the output error is A's, although the two
+    weights are the same size (the per-matrix objective weighs their relative errors alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def _two_branches() -> nn.Module:
+    torch.manual_seed(2)
+    model = _trained_like(TwoBranches())
+    with torch.no_grad():
+        model.a.weight.mul_(30)
+    return model
+
+
+def test_output_allocation_moves_the_budget_to_the_weight_the_output_depends_on_and_holds_on_new_data():
+    model = _two_branches()
+    batches = [torch.randn(64, 32) for _ in range(6)]
+    fresh = [torch.randn(64, 32) for _ in range(4)]  # never seen by compress
+    reference = calibration_outputs(model, fresh)
+    config = CompressionConfig(target_ratio=4, layout="lowrank")
+    default, _ = compress(copy.deepcopy(model), config, calibration=batches)
+    config.allocation = "output"
+    small, report = compress(copy.deepcopy(model), config, calibration=batches)
+    assert report.allocation.chosen == "output sensitivity"
+    ranks = {m.name: m.weights["weight"].bond_dims[0] for m in report.modules}
+    assert ranks["a"] > ranks["b"] and report.mpo_params <= report.dense_params / 4
+    assert relative_output_error(small, fresh, reference) < 0.7 * relative_output_error(default, fresh, reference)
+
+
+def test_output_allocation_keeps_the_default_unless_held_out_data_prefer_another_by_the_margin(monkeypatch):
+    """The choice is made on the held-out half only: when it cannot tell the candidates apart the
+    per-matrix allocation (the default's result) is returned unchanged."""
+    from mpolstm.compression import output_aware
+
+    model = _two_branches()
+    batches = [torch.randn(64, 32) for _ in range(4)]
+    default, _ = compress(copy.deepcopy(model), CompressionConfig(target_ratio=4, layout="lowrank"), calibration=batches)
+    monkeypatch.setattr(output_aware, "MARGIN", 1.0)  # nothing can be 100% better
+    small, report = compress(copy.deepcopy(model), CompressionConfig(target_ratio=4, layout="lowrank",
+                                                                     allocation="output"), calibration=batches)
+    assert report.allocation.chosen == "per-matrix error"
+    assert report.allocation.errors["output sensitivity"] < report.allocation.errors["per-matrix error"]
+    for name in ("a", "b"):
+        for p, q in zip(small.get_submodule(name).parameters(), default.get_submodule(name).parameters()):
+            assert torch.equal(p, q)
+
+
+def test_output_allocation_and_refit_treat_the_hybrid_like_any_layout():
+    model = _two_branches()
+    batches = [torch.randn(64, 32) for _ in range(4)]
+    reference = calibration_outputs(model, batches)
+    errors = {}
+    for refit in (False, True):
+        config = CompressionConfig(target_ratio=4, layout="lowrank+sparse", sparse_share=0.5, allocation="output",
+                                   refit=refit)
+        small, report = compress(copy.deepcopy(model), config, calibration=batches)
+        assert report.mpo_params <= report.dense_params / 4 and report.allocation is not None
+        assert all(w.layout == "lowrank+sparse" and w.sparse_params > 0 for m in report.modules
+                   for w in m.weights.values())
+        errors[refit] = relative_output_error(small, batches, reference)
+    assert errors[True] <= errors[False] * 1.01
 
 
 def test_refit_lowers_the_output_error_of_the_last_layer():
@@ -70,6 +143,8 @@ def test_bad_allocation_input_is_refused():
     model = Tagger()
     with pytest.raises(ValueError, match="give calibration="):
         compress(model, CompressionConfig(target_ratio=4, allocation="output"))
-    with pytest.raises(ValueError, match="does not apply to layout 'lowrank\\+sparse'"):
-        compress(model, CompressionConfig(target_ratio=4, refit=True, layout="lowrank+sparse"),
-                 calibration=[torch.randn(2, 5, 12)])
+    with pytest.raises(ValueError, match="give at least 2 batches"):
+        compress(model, CompressionConfig(target_ratio=4, allocation="output"), calibration=[torch.randn(2, 5, 12)])
+    with pytest.raises(ValueError, match="not one callable"):
+        compress(model, CompressionConfig(target_ratio=4, allocation="output"), calibration=lambda m: m(
+            torch.randn(2, 5, 12)))

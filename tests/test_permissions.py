@@ -41,9 +41,9 @@ def test_saves_exports_checkpoints_and_atomic_writes_honour_the_umask(tmp_path, 
     old = os.umask(mask)
     try:
         io.save(model, out / "saved")
-        export_model(model, "torchscript", out / "model.pt", x)
-        export_model(model, "onnx", out / "model.onnx", x)
-        export_model(model, "dense", out / "dense")
+        export_model(model, out / "model.pt", "torchscript", x)
+        export_model(model, out / "model.onnx", "onnx", x)
+        export_model(model, out / "dense", "dense")
         save_checkpoint(out / "checkpoint.safetensors", model, torch.optim.Adam(model.parameters()), {"epoch": 1})
         atomic_write_bytes(out / "results.json", b"{}")
     finally:

@@ -62,12 +62,12 @@ def test_tie_survives_save_load_and_dense_export(tmp_path):
     dense = densify(model)
     assert type(dense.decoder) is nn.Linear and dense.decoder.weight is dense.encoder.weight
     torch.testing.assert_close(dense(tokens), expected, atol=1e-5, rtol=1e-4)
-    scripted = torch.jit.load(str(export_model(model, "torchscript", tmp_path / "m.pt", tokens)))
+    scripted = torch.jit.load(str(export_model(model, tmp_path / "m.pt", "torchscript", tokens)))
     torch.testing.assert_close(scripted(tokens), expected, atol=1e-5, rtol=1e-4)
     copied = copy.deepcopy(model)
     assert copied.decoder.owner is copied.encoder
     onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    onnx_file = export_model(model.eval(), "onnx", tmp_path / "m.onnx", tokens)
+    onnx_file = export_model(model.eval(), tmp_path / "m.onnx", "onnx", tokens)
     served = onnxruntime.InferenceSession(str(onnx_file)).run(None, {"input0": tokens.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(served), expected, atol=1e-5, rtol=1e-4)
 

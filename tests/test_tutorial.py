@@ -20,6 +20,7 @@ def test_tutorial_runs(capsys):
             exec(compile(block, f"{TUTORIAL.name}[block {number}]", "exec"), namespace)
         except Exception as exc:  # name the block that rotted
             raise AssertionError(f"tutorial block {number} failed: {exc!r}\n{block}") from exc
+    assert not pathlib.Path(namespace["workdir"].name).exists()  # the tutorial leaves no folder behind
     out = capsys.readouterr().out
     assert "layouts chosen:" in out and "KL" in out and "error when made" in out
     assert "pip install '.[harness,export]'" in TUTORIAL.read_text()  # the extras it needs are stated

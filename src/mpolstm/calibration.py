@@ -27,11 +27,11 @@ from torch.nn.utils.rnn import PackedSequence
 from .errors import ConfigError, must_be
 from .nn.registry import layer_type
 
-__all__ = ["Calibration", "apply_whitening", "collect_moments", "run_hooked", "whitening"]
+__all__ = ["Calibration", "apply_whitening", "collect_moments", "damping", "run_hooked", "whitening"]
 
 Calibration = Iterable[Any] | Callable[[nn.Module], Any]
 
-# Relative eigenvalue floor of the damped second moment: C + DAMPING * mean(eig C) * I.
+# Relative eigenvalue floor of the damped second moment: C + DAMPING * mean(eig C) * I (see damping).
 DAMPING = 1e-2
 
 
@@ -64,16 +64,25 @@ def _run(model: nn.Module, calibration: Calibration) -> int:
         calibration(model)
         return 1
     if isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
-        raise must_be("calibration", "an iterable of batches (a tensor or a tuple of model inputs each) or a "
-                      "callable that runs the model", type(calibration).__name__)
-    batches = [calibration] if isinstance(calibration, Tensor) else calibration
+        raise must_be("calibration", "an iterable of batches (a tensor, a tuple of model inputs or a callable that "
+                      "runs the model, each) or a callable that runs the model", type(calibration).__name__)
+    if isinstance(calibration, Tensor):
+        shape = tuple(calibration.shape)
+        raise ConfigError("calibration", lambda n: f"{n('calibration')} is one tensor {shape}: pass a list of batches"
+                          f"{', e.g. [x] for one batch' if n.api else ' (a file of inputs holds one batch)'} (a bare "
+                          "tensor would be ambiguous: one batch, or batches along dim 0)")
+    batches = calibration
     count = 0
     for batch in batches:
+        if callable(batch) and not isinstance(batch, (Tensor, nn.Module)):  # runs the model on its batch
+            batch(model)
+            count += 1
+            continue
         inputs = batch if isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence) else (batch,)
         if not inputs or not all(isinstance(x, (Tensor, PackedSequence)) for x in inputs):
-            raise ConfigError("calibration", lambda n: f"each {n('calibration')} batch must be a tensor or a tuple/list "
-                                                       f"of tensors (the model's positional inputs), got "
-                                                       f"{type(batch).__name__}")
+            raise ConfigError("calibration", lambda n: f"each {n('calibration')} batch must be a tensor, a tuple/list "
+                                                       f"of tensors (the model's positional inputs) or a callable that "
+                                                       f"runs the model, got {type(batch).__name__}")
         try:
             model(*inputs)
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
@@ -134,17 +143,24 @@ def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibrat
     return {name: {w: s.mean() for w, s in slots.items()} for name, slots in moments.items()}
 
 
+def damping(eigenvalues: Tensor) -> float:
+    """What is added to every eigenvalue of a second moment C before it is inverted or rooted:
+    DAMPING * mean(eig C), or DAMPING itself when C is 0 (inputs without energy: S is then a
+    multiple of I, and no fit depends on which). The one damping rule (whitening, refit)."""
+    mean = float(eigenvalues.clamp_min(0.0).mean()) if eigenvalues.numel() else 0.0
+    return DAMPING * (mean if mean > 0 else 1.0)
+
+
 def whitening(moment: Tensor) -> tuple[Tensor, Tensor]:
-    """(S, S^{-1}) with S = (C + DAMPING * mean(eig C) * I)^{1/2}, symmetric, float64; for a
-    diagonal C given as a vector, S and S^{-1} are vectors too."""
+    """(S, S^{-1}) with S = (C + damping(eig C) I)^{1/2} (:func:`damping`), symmetric, float64; for
+    a diagonal C given as a vector, S and S^{-1} are vectors too."""
     c = moment.double()
     if c.dim() == 1:
         eig = c.clamp_min(0.0)
     else:
         eig, vec = torch.linalg.eigh((c + c.T) / 2)
         eig = eig.clamp_min(0.0)
-    floor = DAMPING * float(eig.mean()) if float(eig.mean()) > 0 else 1.0
-    root = (eig + floor).sqrt()
+    root = (eig + damping(eig)).sqrt()
     if c.dim() == 1:
         return root, 1.0 / root
     return (vec * root) @ vec.T, (vec / root) @ vec.T

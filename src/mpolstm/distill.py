@@ -121,6 +121,9 @@ def _check(steps: int, loss: str, lr: float, temperature: float, checkpoint_ever
     if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
                                        or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0):
         raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
+    if isinstance(batches, Tensor):
+        raise ValueError(f"distill: batches is one tensor {tuple(batches.shape)}: pass a list of batches, e.g. [x] "
+                         "for one batch (iterating a tensor would feed its rows as unbatched inputs)")
     if iter(batches) is batches:
         raise ValueError("distill: batches must be re-iterable (a list or a DataLoader), not an iterator: "
                          "they are cycled until `steps` steps are done")
@@ -192,12 +195,13 @@ def _lr_factor(schedule: str, step: int, steps: int) -> float:
 
 
 class _Progress:
-    """A rich progress bar when rich is installed (the harness extra), else a line every 10%."""
+    """A rich progress bar on a terminal when rich is installed (the harness extra); else (a log file, a
+    pipe) a line on stderr every 10% of the steps."""
 
     def __init__(self, enabled: bool, total: int, done: int) -> None:
         self.total, self.bar = total, None
         self.enabled = enabled
-        if not enabled:
+        if not enabled or not sys.stderr.isatty():
             return
         try:
             from rich.progress import Progress
@@ -210,8 +214,8 @@ class _Progress:
     def update(self, step: int, loss: float) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, description=f"distill loss {loss:.4f}")
-        elif self.enabled and step % max(self.total // 10, 1) == 0:
-            print(f"distill step {step}/{self.total} loss {loss:.4f}", file=sys.stderr)
+        elif self.enabled and (step % max(self.total // 10, 1) == 0 or step == self.total):
+            print(f"distill step {step}/{self.total} loss {loss:.4f}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,6 +1,7 @@
 """Save and load MPO modules and compressed models; safetensors + JSON, never pickle.
 
-``save(model, path)`` writes the directory ``path`` with two files:
+``save(model, path)`` writes the directory ``path`` (refusing an existing one unless ``overwrite=True``,
+which replaces it whole) with two files:
 
     model.safetensors   model.state_dict() (safetensors: raw tensors, no code)
     config.json         {"format": "mpolstm", "format_version": 1, "library_version",
@@ -12,8 +13,8 @@
 rebuilds it with ``Class.from_config`` and loads the weights. Otherwise ``load(path,
 base_model)`` replaces the listed modules of a freshly built base model (e.g. the dense
 architecture) by ``from_config``'ed MPO modules and loads the whole state_dict strictly,
-as PEFT does. Each file is written atomically (temporary file in the same directory,
-fsync, os.replace); the weights' SHA-256 in config.json ties the pair together, so a
+as PEFT does. The folder is written under a temporary name beside ``path`` and renamed into
+place (``mpolstm.atomic``); the weights' SHA-256 in config.json ties the pair together, so a
 corrupt, truncated, foreign or mismatched file is refused with a ValueError naming it.
 Shapes implied by the config are checked (on the meta device) against the weights file
 before anything is allocated. requires_grad flags (e.g. from freeze_central) are not saved.
@@ -37,7 +38,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .atomic import atomic_write_bytes, fsync_dir
+from .atomic import atomic_folder, atomic_write_bytes, check_target
 from .mpo import dequantize_int8
 from .nn.base import MPOWeights
 from .nn.registry import is_mpo_module, layer_type_of_mpo, mpo_class, registered_mpo_names, replace_module
@@ -67,15 +68,34 @@ def _dtype_name(module: nn.Module) -> str:
     return "float32" if first is None else str(first.dtype).removeprefix("torch.")
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` (an MPO module or a model containing MPO modules) to the directory
-    ``path`` (created if needed; the two files in it are replaced atomically). Returns it."""
+def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False,
+         files: Mapping[str, bytes] | None = None) -> Path:
+    """Write ``model`` (an MPO module or a model containing MPO modules) to the folder ``path``, with
+    ``files`` ({name: bytes}, e.g. the harness's architecture.json) beside the model. An existing
+    ``path`` (unless an empty folder) is refused unless ``overwrite``, which replaces it whole: the
+    folder is written under a temporary name beside it and swapped in, so no file of the old folder
+    survives (``mpolstm.atomic``). Missing parents are created. Returns ``path``."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"save expects an nn.Module, got {type(model).__name__}")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory; save writes a directory "
                          f"holding {WEIGHTS_FILE} and {CONFIG_FILE}")
+    check_target(path, overwrite)
+    extra = dict(files or {})
+    clash = sorted(set(extra) & {WEIGHTS_FILE, CONFIG_FILE})
+    if clash or not all(isinstance(v, bytes) and n and "/" not in n for n, v in extra.items()):
+        raise ValueError(f"files must map plain file names other than {WEIGHTS_FILE} and {CONFIG_FILE} to bytes, "
+                         f"got {sorted(extra)}")
+    data, text = _serialise(model)
+    with atomic_folder(path, overwrite) as folder:
+        for name, content in {WEIGHTS_FILE: data, CONFIG_FILE: text.encode(), **extra}.items():
+            atomic_write_bytes(folder / name, content)
+    return path
+
+
+def _serialise(model: nn.Module) -> tuple[bytes, str]:
+    """The weights file's bytes (int8 cores as int8) and config.json's text of ``model``."""
     standalone = is_mpo_module(model)
     named = [("", model)] if standalone else [(n, m) for n, m in model.named_modules() if n and is_mpo_module(m)]
     int8 = {}
@@ -105,14 +125,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
                            "errors": {w: r.rel_error for w, r in m.reports.items()}} for name, m in named},
     }
     try:
-        text = json.dumps(config, indent=2, allow_nan=False)
+        return data, json.dumps(config, indent=2, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"the model's MPO configs are not JSON-serialisable: {exc}") from None
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path / WEIGHTS_FILE, data)
-    atomic_write_bytes(path / CONFIG_FILE, text.encode())
-    fsync_dir(path)
-    return path
 
 
 # ----------------------------------------------------------------------------- load

@@ -6,7 +6,9 @@ shape (D_l, 1, 1, 1) when D_l > D_r, else D_r of shape (1, 1, 1, D_r)): s = max 
 ``(q.float() * s).to(dtype)``. The scales are buffers ``<weight>_scales.<k>`` of the module
 (``scales.<k>`` for MPOLinear / MPOEmbedding) and its config records ``"int8": true``;
 :func:`mpolstm.save` then writes q as int8 with the scales (1 byte an entry + 4 bytes a scale, the
-bytes :mod:`mpolstm.storage` counts), and :func:`mpolstm.load` restores the cores bit-exactly.
+bytes :mod:`mpolstm.storage` counts), and :func:`mpolstm.load` restores the cores bit-exactly. The sparse
+residual of a hybrid weight (layout "lowrank+sparse") is rounded too, with one float32 scale per residual
+(``<weight>_sparse.scale``), and written as int8 values beside its index.
 
 The model keeps computing in its float dtype on the dequantized cores (no int8 kernel). Training after
 quantize moves the cores off their grids: ``save`` then refuses, and calling :func:`quantize` again
@@ -28,8 +30,8 @@ __all__ = ["quantize"]
 
 
 def quantize(model: nn.Module, bits: int = 8) -> nn.Module:
-    """Round every core of every MPO module of ``model`` (or of ``model`` itself, an MPO layer) onto
-    its int8 grid in place, keeping the float32 scales as buffers; returns ``model``.
+    """Round every core (and sparse residual) of every MPO module of ``model`` (or of ``model`` itself, an
+    MPO layer) onto its int8 grid in place, keeping the float32 scales as buffers; returns ``model``.
 
     Raises ValueError when ``bits`` is not 8, when ``model`` has no MPO module, or when a core holds
     non-finite values (nothing is changed then)."""

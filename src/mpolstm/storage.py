@@ -12,6 +12,12 @@ Formats, per weight tensor (biases are not counted, as in the parameter counts):
   columns on) and int32 row pointers (rows + 1).
 - ``bitmask``: float32 non-zero values and one bit per entry (uint8, ``ceil(rows * cols / 8)`` bytes).
 - ``csr-int8`` / ``bitmask-int8``: the same with int8 values and one float32 scale per matrix.
+- ``coo``: a pruned matrix's values with their flat positions in the smallest integer type that fits
+  (int16 up to 32,768 entries, else int32); only the sparse residuals below use it.
+
+The sparse residual of a hybrid weight (layout "lowrank+sparse") is stored as the model holds it and
+``mpolstm.save`` writes it: its k values (float32, or int8 + one float32 scale) and the smallest of
+the coo, csr and bitmask indices for k entries (``mpolstm.nn.sparse``), chosen when it is made.
 
 A matrix with zeros takes the smallest of float32, csr and bitmask (with int8 values: of int8,
 csr-int8 and bitmask-int8). :func:`pack_weights` gives the tensors of that stored form,
@@ -22,7 +28,6 @@ csr-int8 and bitmask-int8). :func:`pack_weights` gives the tensors of that store
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -34,13 +39,13 @@ from .atomic import atomic_write_bytes
 from .mpo import dequantize_int8, quantize_core, quantize_int8
 from .nn.base import MPOWeights
 from .nn.registry import is_mpo_module
-from .nn.sparse import sparse_parts
+from .nn.sparse import SparseResidual, decode_index, encode_index, index_bytes, index_parts, sparse_parts
 from .tensorfile import read_header
 
-__all__ = ["FORMATS", "quantize_int8", "quantized_rnn_weights", "dequantize_int8", "round_to_int8_", "sparse_bytes",
+__all__ = ["FORMATS", "mpo_stored", "quantize_int8", "quantized_rnn_weights", "dequantize_int8", "round_to_int8_", "sparse_bytes",
            "pack_matrix", "unpack_matrix", "pack_weights", "packed_bytes", "save_packed", "file_data_bytes"]
 
-FORMATS = ("float32", "int8", "int8-affine", "csr", "bitmask", "csr-int8", "bitmask-int8")
+FORMATS = ("float32", "int8", "int8-affine", "csr", "bitmask", "csr-int8", "bitmask-int8", "coo", "coo-int8")
 
 
 @torch.no_grad()
@@ -52,20 +57,15 @@ def round_to_int8_(tensors: Iterable[Tensor]) -> None:
         t.copy_(dequantize_int8(*quantize_int8(t), t.dtype))
 
 
-def _index_dtype(cols: int) -> torch.dtype:
-    return torch.int16 if cols <= 2**15 else torch.int32
-
-
 def sparse_bytes(matrix: Tensor, int8: bool = False) -> dict[str, int]:
     """Bytes of a (rows, cols) matrix in each format: {"float32", "csr", "bitmask": bytes}, or with
     ``int8`` (values of its int8 rounding, one 4-byte scale) {"int8", "csr-int8", "bitmask-int8": bytes}."""
     rows, cols = matrix.shape
     nnz = int(torch.count_nonzero(quantize_int8(matrix)[0] if int8 else matrix))
-    index = torch.empty((), dtype=_index_dtype(cols)).element_size()
     value, scale, suffix = (1, 4, "-int8") if int8 else (4, 0, "")
     return {"int8" if int8 else "float32": value * rows * cols + scale,
-            f"csr{suffix}": nnz * (value + index) + 4 * (rows + 1) + scale,
-            f"bitmask{suffix}": value * nnz + math.ceil(rows * cols / 8) + scale}
+            **{f"{fmt}{suffix}": value * nnz + index_bytes(fmt, nnz, (rows, cols)) + scale
+               for fmt in ("csr", "bitmask")}}
 
 
 def pack_matrix(matrix: Tensor, int8: bool = False) -> tuple[str, dict[str, Tensor]]:
@@ -86,18 +86,9 @@ def pack_matrix(matrix: Tensor, int8: bool = False) -> tuple[str, dict[str, Tens
             return fmt, {"q": m.contiguous(), **extra}
     if fmt == "float32":
         return fmt, {"values": m.contiguous()}
-    nonzero = m != 0
-    values = m[nonzero]
-    if fmt.startswith("csr"):
-        counts = nonzero.sum(1)
-        row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
-        col_index = nonzero.nonzero()[:, 1].to(_index_dtype(m.shape[1]))
-        return fmt, {"values": values, "col_index": col_index, "row_ptr": row_ptr, **extra}
-    bits = torch.zeros(math.ceil(m.numel() / 8) * 8, dtype=torch.uint8)
-    bits[: m.numel()] = nonzero.reshape(-1).to(torch.uint8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-    mask = (bits.reshape(-1, 8) * weights).sum(1, dtype=torch.uint8)
-    return fmt, {"values": values, "mask": mask, **extra}
+    flat = m.reshape(-1).nonzero().reshape(-1)
+    return fmt, {"values": m.reshape(-1)[flat], **encode_index(flat, tuple(m.shape), fmt.removesuffix("-int8")),
+                 **extra}
 
 
 def unpack_matrix(fmt: str, parts: dict[str, Tensor], shape: Sequence[int]) -> Tensor:
@@ -107,17 +98,11 @@ def unpack_matrix(fmt: str, parts: dict[str, Tensor], shape: Sequence[int]) -> T
         return parts["values"].reshape(rows, cols)
     if fmt == "int8":
         return dequantize_int8(parts["q"], parts["scale"])
-    if fmt not in ("csr", "bitmask", "csr-int8", "bitmask-int8"):
+    if fmt not in ("csr", "bitmask", "csr-int8", "bitmask-int8", "coo", "coo-int8"):
         raise ValueError(f"unknown storage format {fmt!r}; expected one of {list(FORMATS)}")
     values = dequantize_int8(parts["values"], parts["scale"]) if fmt.endswith("-int8") else parts["values"]
     out = torch.zeros(rows * cols, dtype=torch.float32)
-    if fmt.startswith("csr"):
-        ptr = parts["row_ptr"].long()
-        row = torch.repeat_interleave(torch.arange(rows), ptr[1:] - ptr[:-1])
-        out[row * cols + parts["col_index"].long()] = values
-        return out.reshape(rows, cols)
-    bits = (parts["mask"].unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
-    out[bits.reshape(-1)[: rows * cols].bool()] = values
+    out[decode_index(parts, (rows, cols), fmt.removesuffix("-int8"))] = values.float()
     return out.reshape(rows, cols)
 
 
@@ -139,13 +124,36 @@ def _int8_cores(module: nn.Module) -> dict[str, list[tuple[Tensor, Tensor]]]:
     return {w: [quantize_core(core) for core in cores] for w, cores in module.mpo_weights().items()}
 
 
+def mpo_stored(module: nn.Module, int8: bool = False) -> dict[str, tuple[dict[str, str], dict[str, Tensor]]]:
+    """Each MPO weight of ``module`` as stored: {weight: ({"": "float32" or "int8", ".sparse": its
+    residual's format}, {key: tensor})}, keys ``core<k>.values`` (float32) or ``core<k>.q`` and
+    ``core<k>.scale`` (``int8``: the module's own grid, or rounded as :func:`mpolstm.quantize` would),
+    and ``sparse.<part>`` for a sparse residual (:func:`pack_weights`)."""
+    out = {}
+    for weight, cores in (_int8_cores(module) if int8 else module.mpo_weights()).items():
+        tensors: dict[str, Tensor] = {}
+        for k, core in enumerate(cores):
+            if int8:
+                tensors[f"core{k}.q"], tensors[f"core{k}.scale"] = core
+            else:
+                tensors[f"core{k}.values"] = core.detach().to(torch.float32).cpu().contiguous()
+        formats = {"": "int8" if int8 else "float32"}
+        part = sparse_parts(module).get(weight)
+        if part is not None:
+            formats[".sparse"], sparse = _sparse_stored(part, int8)
+            tensors.update({f"sparse.{key}": t for key, t in sparse.items()})
+        out[weight] = (formats, tensors)
+    return out
+
+
 def pack_weights(model: nn.Module, names: Sequence[str], *, int8_cores: bool = False, int8_values: bool = False
                  ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The stored form of the weights of the named modules: ({key: tensor}, {weight: format}).
 
     MPO modules store their cores (float32, or with ``int8_cores`` int8 + scales per slice, as
     :func:`mpolstm.quantize` gives and ``mpolstm.save`` writes them) and any sparse residual
-    (layout "lowrank+sparse") as a pruned matrix is stored; torch's dynamically quantized
+    (layout "lowrank+sparse") as the model holds it (values, int8 with ``int8_cores``, and its index:
+    coo, csr or bitmask, whichever is smallest); torch's dynamically quantized
     RNNs their int8 weights, scale and zero point; any other module each ``weight*`` parameter in
     its smallest format (:func:`pack_matrix`, int8 values with ``int8_values``). Keys are
     ``<module>.<weight>[.core<k>].<part>``."""
@@ -155,19 +163,9 @@ def pack_weights(model: nn.Module, names: Sequence[str], *, int8_cores: bool = F
         module = model.get_submodule(name)
         quantized = quantized_rnn_weights(module)
         if is_mpo_module(module):
-            cores = _int8_cores(module) if int8_cores else module.mpo_weights()
-            for weight, parts in cores.items():
-                formats[f"{name}.{weight}"] = "int8" if int8_cores else "float32"
-                for k, core in enumerate(parts):
-                    key = f"{name}.{weight}.core{k}"
-                    if int8_cores:
-                        tensors[f"{key}.q"], tensors[f"{key}.scale"] = core
-                    else:
-                        tensors[f"{key}.values"] = core.detach().to(torch.float32).cpu().contiguous()
-            for weight, part in sparse_parts(module).items():  # as a pruned matrix: values + index
-                fmt, parts = pack_matrix(part.dense().detach())
-                formats[f"{name}.{weight}.sparse"] = fmt
-                tensors.update({f"{name}.{weight}.sparse.{p}": t for p, t in parts.items()})
+            for weight, (weight_formats, parts) in mpo_stored(module, int8_cores).items():
+                formats.update({f"{name}.{weight}{suffix}": fmt for suffix, fmt in weight_formats.items()})
+                tensors.update({f"{name}.{weight}.{key}": t for key, t in parts.items()})
         elif quantized is not None:
             for weight, q in quantized.items():
                 formats[f"{name}.{weight}"] = "int8-affine"
@@ -185,6 +183,18 @@ def pack_weights(model: nn.Module, names: Sequence[str], *, int8_cores: bool = F
     if not formats:
         raise ValueError(f"none of the modules {list(names)} has weights to pack")
     return tensors, formats
+
+
+def _sparse_stored(part: SparseResidual, int8: bool) -> tuple[str, dict[str, Tensor]]:
+    """A sparse residual as the model holds it and ``mpolstm.save`` writes it: (its index format,
+    {"values", index parts}), or with ``int8`` (format + "-int8", {"values" int8, "scale", index
+    parts}): its own grid when quantized, else rounded as :func:`mpolstm.quantize` would."""
+    index = {name: part.get_buffer(name).detach().cpu().contiguous()
+             for name in index_parts(part.index_format, part.nnz, part.shape)}
+    if not int8:
+        return part.index_format, {"values": part.values.detach().to(torch.float32).cpu().contiguous(), **index}
+    q, scale = part.int8_values() if part.int8 else quantize_int8(part.values)
+    return f"{part.index_format}-int8", {"values": q.contiguous(), "scale": scale, **index}
 
 
 def packed_bytes(tensors: dict[str, Tensor]) -> int:

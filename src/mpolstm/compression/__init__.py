@@ -9,10 +9,15 @@ nn.LSTM / GRU / RNN and their cells, nn.Conv1d / Conv2d; ``mpolstm.nn.registry``
 Modules are replaced in place (like PEFT and torch.nn.utils.prune), through the layer
 registry (mpolstm.nn.registry) only.
 
-config   CompressionConfig and module selection (a bad field is a ConfigError naming it)
-layouts  candidate layouts of a weight and their (whitened) decomposition
-engine   compress() and freeze_central()
-report   CompressionReport
+config        CompressionConfig and module selection (a bad field is a ConfigError naming it)
+fit           Fit: one weight as compressed, in any layout (MPO + optional sparse part)
+layouts       the layout table, Target, candidates and their (whitened) decomposition
+hybrid        the "lowrank+sparse" fitter
+sizing        fits under budgets (allocation) or bounds
+output_aware  allocation="output": decided on held-out calibration batches
+refit         refit=True: each fit refitted to the compressed upstream's inputs
+engine        compress() and freeze_central()
+report        CompressionReport
 """
 
 from ..errors import ConfigError

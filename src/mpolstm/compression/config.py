@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError, must_be, one_of
 from ..nn.registry import is_mpo_module, supported_torch_types
+from .hybrid import HYBRID
 from .layouts import LAYOUTS, describe_layouts
 from .output_aware import ALLOCATIONS
 
@@ -32,8 +33,18 @@ def _check_rel_tol(value: Any) -> None:
 
 
 def _check_num_cores(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise must_be("num_cores", "a positive integer", value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise must_be("num_cores", "an integer >= 2 (the cores of the interleaved layout; one core would be the "
+                      "dense matrix)", value)
+
+
+def _check_share_layout(share: Any, layout: str, where: str = "", pinned_elsewhere: bool = False) -> None:
+    """``sparse_share`` only with the layout it sizes ("lowrank+sparse"), here or pinned by an override."""
+    if share is not None and layout != HYBRID and not pinned_elsewhere:
+        raise ConfigError("sparse_share", lambda n: (
+            f"{where}{n('sparse_share')} applies only to layout '{HYBRID}' (low rank + sparse), but the layout is "
+            f"{layout!r}{'' if where else ' and no override pins it'}: drop {n('sparse_share')} or set "
+            f"{n.given('layout', HYBRID)}"))
 
 
 def _check_layout(value: Any) -> None:
@@ -114,6 +125,7 @@ def _check_overrides(config: "CompressionConfig") -> None:
             if "layout" in partial:
                 _check_layout(partial["layout"])
             _check_share(partial.get("sparse_share"))
+            _check_share_layout(partial.get("sparse_share"), partial.get("layout", config.layout))
         except ConfigError as exc:
             raise ConfigError("overrides", lambda n, exc=exc: f"{n('overrides')}[{pattern!r}]: {exc}") from None
         if config.budget_mode and partial.get("rel_tol") is not None:
@@ -141,7 +153,7 @@ class CompressionConfig:
         when they are of another type or cannot be factorised; listed ones raise.
     exclude_modules: same forms; removed from the selection.
     max_bond, rel_tol: truncation per weight. compress needs one of these or a budget.
-    num_cores: cores of the paper's interleaved layout.
+    num_cores: cores of the paper's interleaved layout (at least 2).
     layout: "auto" (default) searches the layouts of ``LAYOUTS`` per weight (with a budget,
         layout and bonds are chosen together by error per parameter; with ``rel_tol``, the
         layout with the fewest parameters; with only ``max_bond``, "interleaved", or "lowrank"
@@ -167,9 +179,11 @@ class CompressionConfig:
         in bytes by ``mpolstm.storage``); during distillation their values train, the
         positions stay fixed.
     allocation: "error" (default): sizes by the per-matrix (output) errors; "output" (budget and
-        calibration needed): the model's calibration output error decides between that, uniform
-        ranks and ranks allocated by each weight's measured output sensitivity
-        (compression/output_aware.py); the report says which won and by how much.
+        calibration as a list of at least 2 batches needed): each weight's output sensitivity is
+        measured on the even-numbered batches and weights the allocator's objective; the model's
+        output error on the odd-numbered (held-out) ones keeps that allocation only when it is at
+        least 2% lower there than the per-matrix one's (compression/output_aware.py). The report
+        says which won and by how much.
     refit: with calibration, refit every compressed weight (sizes kept) to the inputs the
         already-compressed upstream model feeds it, module by module (compression/refit.py).
     """
@@ -197,6 +211,8 @@ class CompressionConfig:
         _check_num_cores(self.num_cores)
         _check_layout(self.layout)
         _check_share(self.sparse_share)
+        _check_share_layout(self.sparse_share, self.layout, pinned_elsewhere=any(
+            isinstance(p, Mapping) and p.get("layout") == HYBRID for p in self.overrides.values()))
         if not isinstance(self.refit, bool):
             raise must_be("refit", "True or False", self.refit)
         _check_allocation(self)

@@ -23,21 +23,20 @@ from torch import Tensor, nn
 
 from ..calibration import Calibration, collect_moments, whitening
 from ..mpo import MPO, canonicalize, central_core, step_macs
-from ..mpo.allocation import allocate
 from ..nn.registry import is_mpo_module, layer_type, replace_module
 from ..nn.shared import shared_for
-from ..nn.sparse import attach_sparse, sparse_of
+from ..nn.sparse import sparse_of
+from ..storage import mpo_stored, packed_bytes
 from .config import CompressionConfig, ModuleSettings, select_modules
-from .hybrid import HYBRID, HybridFit, bound_params, fit_target, whitened_error
-from .layouts import Candidate, Target, bound_default, decompose_target, output_error
+from .fit import Fit, mpo_module
+from .layouts import LAYOUTS, Target
 from .output_aware import choose_allocation
 from .refit import sequential_refit
 from .report import CompressionReport, ModuleReport, WeightReport
+from .sizing import Sizing
 
 __all__ = ["compress", "freeze_central"]
 
-# A bond is not cut below this (or its largest useful value) unless the budget forces it.
-FLOOR_BOND = 2
 # Refit passes per module: the second refits a recurrent module on its own refitted states
 # (g2p-en at 10x, uniform rank 19, 1,000 words: agreement 0.093 without refit, 0.087 / 0.109 / 0.101
 # with 1 / 2 / 3 passes).
@@ -61,68 +60,23 @@ def _targets(name: str, module: nn.Module, settings: ModuleSettings, moments: di
     return targets
 
 
-def _budget_mpos(targets: list[Target], settings: dict[str, ModuleSettings], budget: int | None,
-                 max_macs: int | None) -> list[tuple[str, MPO | HybridFit]]:
-    """(layout name, MPO or HybridFit) per target: layout and bonds allocated together under the
-    parameter ``budget`` and / or ``max_macs``. Weights pinned to the hybrid layout get their
-    share of the parameter budget in proportion to their size (uniform ratio); the others share
-    what is left by the allocator."""
-    out: list[tuple[str, MPO | HybridFit] | None] = [None] * len(targets)
-    total = sum(t.dense_params for t in targets)
-    for i, t in enumerate(targets):
-        if settings[t.module].layout == HYBRID:
-            if budget is None:
-                raise ValueError(f"layout {HYBRID!r} needs a parameter budget (target_ratio or max_params)")
-            out[i] = (HYBRID, fit_target(t, int(budget * t.dense_params / total), settings[t.module].sparse_share))
-    rest = [i for i, o in enumerate(out) if o is None]
-    hybrid = sum(o[1].params for o in out if o is not None)  # a rank-r + sparse product: MACs = entries
-    budget = None if budget is None else budget - hybrid
-    max_macs = None if max_macs is None else max_macs - hybrid
-    candidates = [[Candidate.of(targets[i], name, f, settings[targets[i].module].max_bond)
-                   for name, f in targets[i].candidates(settings[targets[i].module].layout).items()] for i in rest]
-    sizes = [targets[i].dense_params for i in rest]
-    points = allocate([[c.model for c in cs] for cs in candidates], scales=sizes, limits=sizes, max_params=budget,
-                      floor=FLOOR_BOND, max_macs=max_macs) if rest else []
-    for i, cs, point in zip(rest, candidates, points):
-        pick = cs[point.option]
-        out[i] = (pick.name, decompose_target(targets[i], pick.factors, list(point.bonds)))
-    return out
-
-
-def _bound_mpo(target: Target, settings: ModuleSettings) -> tuple[str, MPO | HybridFit]:
-    """(layout name, MPO or HybridFit) of one target under max_bond / rel_tol."""
-    layout = settings.layout
-    if layout == HYBRID:
-        params = bound_params(tuple(target.matrix.shape), settings.max_bond, settings.sparse_share)
-        return HYBRID, fit_target(target, params, settings.sparse_share)
-    if layout == "auto" and settings.rel_tol is None:
-        layout = bound_default(target.whitening is not None)
-    options = {name: decompose_target(target, f, settings.max_bond, settings.rel_tol)
-               for name, f in target.candidates(layout).items()}
-    return min(options.items(), key=lambda kv: kv[1].num_params)
-
-
 def _weight_report(old: nn.Module, new: nn.Module, rebuilt_module: nn.Module, target: Target,
                    layout: str) -> WeightReport:
-    """Sizes, bonds and errors of one weight: ``rebuilt_module`` is ``new`` as a torch module."""
+    """Sizes, bonds and errors of one weight as ``new`` holds it: ``rebuilt_module`` is ``new`` as a
+    torch module."""
     dense = getattr(old, target.weight).detach().double()
     rebuilt = getattr(rebuilt_module, target.weight).detach().double()
-    cores = [c.detach().double() for c in new.mpo_weights()[target.weight]]
-    mpo = MPO(cores)
     sparse = sparse_of(new, target.weight)
-    nnz = 0 if sparse is None else sparse.nnz
-    norm = float(dense.norm())
+    held = Fit(layout, MPO([c.detach().double() for c in new.mpo_weights()[target.weight]]),
+               *(() if sparse is None else (sparse.index, sparse.values.detach().double())))
+    mpo, norm = held.mpo, float(dense.norm())
     return WeightReport(
-        shape=tuple(dense.shape), dense_params=dense.numel(), mpo_params=mpo.num_params + nnz, bond_dims=mpo.bond_dims,
+        shape=tuple(dense.shape), dense_params=dense.numel(), mpo_params=held.params, bond_dims=mpo.bond_dims,
         rel_error=float((dense - rebuilt).norm()) / norm if norm > 0 else 0.0,
         entropy=tuple(float(x) for x in mpo.entanglement_entropy()), layout=layout,
-        output_error=output_error(target, mpo) if sparse is None else whitened_error(target, rebuilt),
-        sparse_params=nnz, dense_macs=target.dense_macs,
-        macs=step_macs(mpo.in_factors, mpo.out_factors, mpo.bond_dims, target.lookup) + nnz)
-
-
-def _cast(mpo: MPO, like: Tensor) -> MPO:
-    return MPO([c.to(device=like.device, dtype=like.dtype) for c in mpo.cores], mpo.report)
+        output_error=target.output_error(held.matrix()), sparse_params=held.nnz, dense_macs=target.dense_macs,
+        macs=step_macs(mpo.in_factors, mpo.out_factors, mpo.bond_dims, target.lookup) + held.nnz,
+        stored_bytes=packed_bytes(mpo_stored(new)[target.weight][1]))
 
 
 def _ties(model: nn.Module, chosen: list[tuple[str, nn.Module, bool]]) -> dict[str, str]:
@@ -172,23 +126,20 @@ def _tie_followers(model: nn.Module, followers: dict[str, str], modules: dict[st
         replace_module(model, name, new)
 
 
-def _check_output_allocation(calibration, targets: list[Target], settings: dict[str, ModuleSettings],
-                             what: str) -> None:
+def _check_calibrated(calibration, what: str) -> None:
     if calibration is None:
         raise ValueError(f"{what} works on the model's calibration data: give calibration=")
-    hybrid = sorted({t.module for t in targets if settings[t.module].layout == HYBRID})
-    if hybrid:
-        raise ValueError(f"{what} does not apply to layout {HYBRID!r}, which module(s) {hybrid} are pinned to")
 
 
 def _check_sized(config: CompressionConfig, chosen: list[tuple[str, nn.Module, bool]]) -> None:
     for name, module, _ in chosen:
         settings = config.settings_for(name)
-        if settings.layout == HYBRID and isinstance(module, nn.Embedding):
-            raise ValueError(f"layout {HYBRID!r} applies to linear, recurrent, cell and convolution weights, "
+        kind = LAYOUTS.get(settings.layout)
+        if kind is not None and kind.sized is not None and isinstance(module, nn.Embedding):
+            raise ValueError(f"layout {kind.name!r} applies to linear, recurrent, cell and convolution weights, "
                              f"not to the embedding {name!r}; exclude it or give it another layout in overrides")
-        if settings.layout == HYBRID and settings.rel_tol is not None:
-            raise ValueError(f"layout {HYBRID!r} of module {name!r} needs a budget or max_bond; rel_tol does not "
+        if kind is not None and kind.sized is not None and settings.rel_tol is not None:
+            raise ValueError(f"layout {kind.name!r} of module {name!r} needs a budget or max_bond; rel_tol does not "
                              "apply to it")
     config.check_sized([name for name, _, _ in chosen])
 
@@ -227,53 +178,45 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *,
     if not targets and config.budget_mode:
         raise ValueError("the budget applies to no weight: no selected module could be compressed")
 
-    settings = {name: config.settings_for(name) for name in modules}
+    sizing = Sizing(targets, {name: config.settings_for(name) for name in modules})
     budget, choice = None, None
     with torch.no_grad():
         if config.budget_mode:
             dense = sum(t.dense_params for t in targets)
             budget = config.max_params if config.max_params is not None else \
                 int(dense / config.target_ratio) if config.target_ratio is not None else None
-            results = _budget_mpos(targets, settings, budget, config.max_macs)
+            fits = sizing.allocate(budget, config.max_macs)
             if config.allocation == "output":
-                _check_output_allocation(calibration, targets, settings, "allocation='output'")
-                results, choice = choose_allocation(model, targets, results, budget, calibration)
+                _check_calibrated(calibration, "allocation='output'")
+                fits, choice = choose_allocation(model, sizing, fits, budget, calibration)
         else:
-            results = [_bound_mpo(t, settings[t.module]) for t in targets]
+            fits = sizing.bounded()
         if config.refit:
-            _check_output_allocation(calibration, targets, settings, "refit=True")
-            results = sequential_refit(model, targets, results, calibration, passes=REFIT_PASSES)
-    reports = _replace(model, modules, targets, results, skipped)
+            _check_calibrated(calibration, "refit=True")
+            fits = sequential_refit(model, targets, fits, calibration, passes=REFIT_PASSES)
+    reports = _replace(model, modules, targets, fits, skipped)
     _tie_followers(model, followers, modules, reports)
     return model, CompressionReport(reports, skipped, budget, choice, max_macs=config.max_macs)
 
 
-def _replace(model: nn.Module, modules: dict[str, nn.Module], targets: list[Target],
-             results: list[tuple[str, MPO | HybridFit]], skipped: list[tuple[str, str]]) -> list[ModuleReport]:
-    """Swap in the MPO modules (modules whose MPOs would not be smaller stay dense); a hybrid
-    fit's sparse part is attached to its weight."""
-    by_module: dict[str, list[tuple[Target, str, MPO | HybridFit]]] = {}
-    for target, (layout, mpo) in zip(targets, results):
-        by_module.setdefault(target.module, []).append((target, layout, mpo))
+def _replace(model: nn.Module, modules: dict[str, nn.Module], targets: list[Target], fits: list[Fit],
+             skipped: list[tuple[str, str]]) -> list[ModuleReport]:
+    """Swap in the MPO modules (modules whose fits would not be smaller stay dense)."""
+    by_module: dict[str, list[tuple[Target, Fit]]] = {}
+    for target, fit in zip(targets, fits):
+        by_module.setdefault(target.module, []).append((target, fit))
     reports = []
     for name, module in modules.items():
         items = by_module[name]
-        size = sum(m.params if isinstance(m, HybridFit) else m.num_params for _, _, m in items)
-        dense = sum(t.dense_params for t, _, _ in items)
+        size = sum(fit.params for _, fit in items)
+        dense = sum(t.dense_params for t, _ in items)
         if size >= dense:
             skipped.append((name, f"kept dense: its MPO would have {size:,} entries, not fewer than the dense "
                                   f"{dense:,}"))
             continue
-        like = next(iter(module.parameters()))
-        with torch.no_grad():
-            new = layer_type(module).from_torch(
-                module, mpos={t.weight: _cast(m.mpo if isinstance(m, HybridFit) else m, like) for t, _, m in items})
-            for t, _, m in items:
-                if isinstance(m, HybridFit) and m.index.numel():
-                    attach_sparse(new, t.weight, m.index.to(like.device), m.values.to(like))
-        new.train(module.training)
+        new = mpo_module(module, {t.weight: fit for t, fit in items})
         rebuilt = layer_type(module).to_torch(new)
-        weights = {t.weight: _weight_report(module, new, rebuilt, t, layout) for t, layout, _ in items}
+        weights = {t.weight: _weight_report(module, new, rebuilt, t, fit.layout) for t, fit in items}
         reports.append(ModuleReport(
             name=name, old_class=type(module).__name__, new_class=type(new).__name__,
             params_before=sum(p.numel() for p in module.parameters()),

@@ -22,36 +22,19 @@ sparse part is stored as pruning is: k values plus an index (``mpolstm.storage``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..calibration import apply_whitening
 from ..mpo import MPO
+from .fit import Fit, balance_first_bond
 
-__all__ = ["HYBRID", "ITERATIONS", "SHARES", "HybridFit", "fit_hybrid", "hybrid_sizes"]
+__all__ = ["HYBRID", "ITERATIONS", "SHARES", "bound_params", "fit_hybrid", "fit_target", "hybrid_sizes"]
 
 HYBRID = "lowrank+sparse"
 ITERATIONS = 12
 SHARES = (0.0, 0.25, 0.5, 0.7)  # sparse shares tried when none is given
-
-
-@dataclass
-class HybridFit:
-    """The fitted parts of one weight: the rank-r MPO of L (input side in the first core),
-    the sparse part's flat positions in the torch weight (out, in) = M^T and its values, and
-    the relative output (or weight, uncalibrated) error of L + P on the whitened matrix."""
-
-    mpo: MPO
-    index: Tensor
-    values: Tensor
-    error: float
-    share: float
-
-    @property
-    def params(self) -> int:
-        return self.mpo.num_params + self.index.numel()
 
 
 def hybrid_sizes(shape: tuple[int, int], params: int, share: float) -> tuple[int, int]:
@@ -75,17 +58,21 @@ def _truncate(a: Tensor, rank: int, basis: Tensor | None) -> tuple[Tensor, Tenso
 def _lowrank_mpo(left: Tensor, s: Tensor, vh: Tensor) -> MPO:
     """The two-core MPO (I, 1) x (1, J) of left diag(s) vh, the two factors equally scaled."""
     root = s.clamp_min(0).sqrt()
-    a = left * root
-    b = root[:, None] * vh
-    scale = torch.where((a.norm(dim=0) > 0) & (b.norm(dim=1) > 0),
-                        (b.norm(dim=1) / a.norm(dim=0).clamp_min(1e-300)).sqrt(), torch.ones_like(root))
-    a, b = a * scale, b / scale[:, None]
-    rows, cols, rank = a.shape[0], b.shape[1], a.shape[1]
-    return MPO([a.reshape(1, rows, 1, rank), b.reshape(rank, 1, cols, 1)])
+    rows, cols, rank = left.shape[0], vh.shape[1], s.numel()
+    cores = [(left * root).reshape(1, rows, 1, rank), (root[:, None] * vh).reshape(rank, 1, cols, 1)]
+    return MPO(balance_first_bond(cores))
+
+
+def _largest_entries(residual: Tensor, scale: Tensor, k: int) -> Tensor:
+    """The residual kept on its k entries of largest |R_ia| d_i, zero elsewhere."""
+    keep = torch.topk((residual.abs() * scale).reshape(-1), k, sorted=False).indices
+    sparse = torch.zeros_like(residual).reshape(-1)
+    sparse[keep] = residual.reshape(-1)[keep]
+    return sparse.reshape(residual.shape)
 
 
 def fit_hybrid(matrix: Tensor, whitening: tuple[Tensor, Tensor] | None, params: int, share: float,
-               iterations: int = ITERATIONS) -> HybridFit:
+               iterations: int = ITERATIONS) -> Fit:
     """Low rank plus sparse for M (I, J) within ``params`` stored numbers, ``share`` of them
     sparse (0 <= share <= 1), fitted by ``iterations`` alternations (see the module docstring)."""
     if not 0.0 <= share <= 1.0:
@@ -93,41 +80,28 @@ def fit_hybrid(matrix: Tensor, whitening: tuple[Tensor, Tensor] | None, params: 
     m = matrix.to(torch.float64)
     rows, cols = m.shape
     rank, k = hybrid_sizes((rows, cols), params, share)
-    if whitening is None:
-        s_mat, s_inv, scale = None, None, torch.ones(rows, 1, dtype=m.dtype)
-    else:
-        s_mat, s_inv = whitening
-        diag = s_mat if s_mat.dim() == 1 else (s_mat * s_mat).sum(1).sqrt()  # sqrt of the damped C_ii
-        scale = diag.to(m.dtype)[:, None]
+    s_mat, s_inv = whitening if whitening is not None else (None, None)
     white = m if s_mat is None else apply_whitening(s_mat, m)
-    sparse = torch.zeros_like(m)
-    basis = None
+    scale = torch.ones(rows, 1, dtype=m.dtype) if s_mat is None else \
+        (s_mat if s_mat.dim() == 1 else (s_mat * s_mat).sum(1).sqrt()).to(m.dtype)[:, None]  # sqrt of damped C_ii
+    sparse, basis = torch.zeros_like(m), None
     for _ in range(max(1, iterations) if k else 1):
         target = white if not k else white - (sparse if s_mat is None else apply_whitening(s_mat, sparse))
         u, sv, vh = _truncate(target, rank, basis)
         basis = vh.T
         left = u if s_inv is None else apply_whitening(s_inv, u)
-        if not k:
-            break
-        residual = m - (left * sv) @ vh
-        score = (residual.abs() * scale).reshape(-1)
-        keep = torch.topk(score, k, sorted=False).indices
-        sparse = torch.zeros_like(m).reshape(-1)
-        sparse[keep] = residual.reshape(-1)[keep]
-        sparse = sparse.reshape(rows, cols)
-    approx = (left * sv) @ vh + sparse
-    diff = m - approx
-    err_num = diff if s_mat is None else apply_whitening(s_mat, diff)
+        if k:
+            sparse = _largest_entries(m - (left * sv) @ vh, scale, k)
+    diff = m - (left * sv) @ vh - sparse
     norm = float(white.norm())
+    error = float((diff if s_mat is None else apply_whitening(s_mat, diff)).norm()) / norm if norm > 0 else 0.0
     flat = sparse.reshape(-1).nonzero().reshape(-1) if k else torch.zeros(0, dtype=torch.long)
-    i, j = flat // cols, flat % cols  # M = W^T: entry (i, j) of M is entry (j, i) of W
-    index = j * rows + i
+    index = (flat % cols) * rows + flat // cols  # entry (i, j) of M is entry (j, i) of W = M^T
     order = torch.argsort(index)
-    return HybridFit(_lowrank_mpo(left, sv, vh), index[order], sparse.reshape(-1)[flat][order],
-                     float(err_num.norm()) / norm if norm > 0 else 0.0, share)
+    return Fit(HYBRID, _lowrank_mpo(left, sv, vh), index[order], sparse.reshape(-1)[flat][order], share, error)
 
 
-def fit_target(target, params: int, share: float | None, iterations: int = ITERATIONS) -> HybridFit:
+def fit_target(target, params: int, share: float | None, iterations: int = ITERATIONS) -> Fit:
     """The hybrid fit of a compression ``Target`` within ``params`` stored numbers; with
     ``share=None`` every share of ``SHARES`` is fitted and the one with the lowest (output)
     error kept."""
@@ -148,15 +122,3 @@ def bound_params(shape: tuple[int, int], max_bond: int | None, share: float | No
     rows, cols = shape
     rank = min(max_bond, rows, cols)
     return min(rows * cols, math.ceil(rank * (rows + cols) / (1.0 - share)))
-
-
-def whitened_error(target, weight: Tensor) -> float | None:
-    """||S (M - W'^T)||_F / ||S M||_F for the rebuilt torch weight W' (out, in) of a calibrated
-    target (None without calibration)."""
-    if target.whitening is None:
-        return None
-    s = target.whitening[0]
-    reference = apply_whitening(s, target.matrix)
-    norm = float(reference.norm())
-    diff = apply_whitening(s, target.matrix - weight.to(target.matrix).reshape(weight.shape[0], -1).T)
-    return float(diff.norm()) / norm if norm > 0 else 0.0

@@ -1,57 +1,86 @@
-"""Output-aware allocation: choose each weight's size by what it does to the model's output.
+"""Output-aware allocation: size each weight by what it does to the model's output, decided on
+calibration data the decision was not made from.
 
-The per-matrix allocation (``mpo.allocation``) minimises sum_W numel(W) err_W^2 of each weight's
-own (output) error; errors of different weights do not add up like that in the model's output
-(a recurrent weight's error compounds over the steps, a decoder's over fed-back tokens). With
-``CompressionConfig(allocation="output")`` and calibration, compress measures instead (ASVD-like):
+The per-matrix allocation (``sizing.Sizing.allocate``) minimises sum_W numel(W) err_W^2 of each
+weight's own (output) error; errors of different weights do not add up like that in the model's
+output (a recurrent weight's error compounds over the steps, a decoder's over fed-back tokens).
+With ``CompressionConfig(allocation="output")`` and calibration given as batches, compress:
 
-1. the calibration outputs of the original model (the first tensor the model returns on every
-   call while the calibration runs);
-2. for every weight alone and a few candidate ranks around the uniform one (x 0.5, 0.75, 1,
-   1.5, 2), the relative squared error of those outputs with only that weight truncated
-   (whitened low rank), i.e. the model's sensitivity to it;
-3. an allocation of ranks by those sensitivities: from the smallest candidates, repeatedly the
-   upgrade that lowers the summed sensitivity most per parameter, while the budget holds;
-4. the calibration output error of three complete candidates: the per-matrix allocation,
-   uniform ranks (every weight the same ratio) and the sensitivity allocation; the lowest
-   wins, so the result is never worse on the calibration data than the other two.
+1. splits the batches: the even-numbered ones (0, 2, 4, ...) are the *fit* half, the odd-numbered
+   ones the *held-out* half (the whitening of every candidate below, as in the default, uses all);
+2. measures on the fit half (at most ``SENSITIVITY_BATCHES`` of its batches, evenly spaced) each
+   weight's output sensitivity: the relative squared error of the model's outputs with only that
+   weight replaced by its per-matrix fit, divided by that fit's squared (whitened) error: beta_W,
+   the output error per unit of the allocator's error measure;
+3. reruns the allocator with the objective sum_W beta_W err_W^2 ("output sensitivity"), all layouts
+   and bonds alike (a layout sized by parameters on its low-rank part's curve);
+4. keeps it only when its output error on the held-out half is at least ``MARGIN`` (relatively)
+   lower than the per-matrix allocation's (the default's result): never a choice worse than the
+   default's on data the decision was not fitted to.
 
-Candidates are evaluated by writing the approximated weights into the model in place and
-restoring them afterwards (no module is replaced until the winner is known).
+Cost: one run of the model over those fit batches per weight, and three over the held-out half
+(reference, per-matrix, sensitivity; one fewer when the two allocations agree); candidates are
+evaluated by writing their matrices into the model's weights in place and restoring them
+afterwards. (A third candidate, every weight at the same ratio, was dropped: it never won on the
+tagger, nano-ocr or g2p-en once the sensitivities weight the allocator, docs/results.md.)
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..calibration import Calibration, run_hooked
-from ..mpo import MPO
-from .layouts import Target, decompose_target
+from .fit import Fit
+from .layouts import Target
+from .sizing import Sizing
 
-__all__ = ["ALLOCATIONS", "FACTORS", "AllocationChoice", "calibration_outputs", "choose_allocation",
-           "relative_output_error"]
+__all__ = ["ALLOCATIONS", "MARGIN", "AllocationChoice", "calibration_outputs", "choose_allocation",
+           "relative_output_error", "split_calibration"]
 
 ALLOCATIONS = ("error", "output")
-FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
+DEFAULT, SENSITIVITY = "per-matrix error", "output sensitivity"
+# A candidate replaces the per-matrix allocation only when its held-out output error is lower by this share.
+MARGIN = 0.02
+# Sensitivities are measured on at most this many fit batches (evenly spaced): one run per weight each.
+SENSITIVITY_BATCHES = 8
 
 
 @dataclass
 class AllocationChoice:
-    """Which allocation compress kept and the calibration output error (relative squared error
-    of the model's outputs) of each candidate."""
+    """Which allocation compress kept, each candidate's output error on the held-out half of the
+    calibration batches (relative squared error of the model's outputs), and how many batches
+    the sensitivities were measured on (fit) and the choice made on (held out)."""
 
     chosen: str
     errors: dict[str, float] = field(default_factory=dict)
+    fit_batches: int = 0
+    held_out_batches: int = 0
 
     def __str__(self) -> str:
         parts = ", ".join(f"{name} {err:.4g}" for name, err in self.errors.items())
-        return f"allocation: {self.chosen} (calibration output error: {parts})"
+        return (f"allocation: {self.chosen} (held-out output error on {self.held_out_batches} of "
+                f"{self.fit_batches + self.held_out_batches} calibration batches: {parts})")
+
+
+def split_calibration(calibration: Calibration) -> tuple[list[Any], list[Any]]:
+    """(fit batches, held-out batches): the even- and the odd-numbered calibration batches.
+    ValueError for a callable or fewer than two batches (nothing to hold out)."""
+    if callable(calibration) and not isinstance(calibration, (Tensor, nn.Module)):
+        raise ValueError("allocation='output' holds out half of the calibration batches to decide on: give "
+                         "calibration as a list of batches (tensors, tuples of inputs, or callables that each run "
+                         "the model on one batch), not one callable")
+    batches = [calibration] if isinstance(calibration, Tensor) else list(calibration)
+    if len(batches) < 2:
+        raise ValueError(f"allocation='output' holds out every second calibration batch to decide on: give at least "
+                         f"2 batches (got {len(batches)}; split a large batch into several)")
+    return batches[0::2], batches[1::2]
 
 
 @torch.no_grad()
@@ -89,17 +118,17 @@ def _torch_form(module: nn.Module, target: Target, matrix: Tensor) -> Tensor:
 
 
 @contextmanager
-def _substituted(model: nn.Module, targets: list[Target], matrices: list[Tensor | None]) -> Iterator[None]:
-    """Temporarily write approximated matrices into the model's weights (None: keep the weight)."""
+def _substituted(model: nn.Module, targets: Sequence[Target], fits: Sequence[Fit | None]) -> Iterator[None]:
+    """Temporarily write the fits' matrices into the model's weights (None: keep the weight)."""
     saved = []
     with torch.no_grad():
-        for target, matrix in zip(targets, matrices):
-            if matrix is None:
+        for target, fit in zip(targets, fits):
+            if fit is None:
                 continue
             module = model.get_submodule(target.module)
             weight = getattr(module, target.weight)
             saved.append((weight, weight.detach().clone()))
-            weight.copy_(_torch_form(module, target, matrix))
+            weight.copy_(_torch_form(module, target, fit.matrix()))
     try:
         yield
     finally:
@@ -108,68 +137,38 @@ def _substituted(model: nn.Module, targets: list[Target], matrices: list[Tensor 
                 weight.copy_(value)
 
 
-def _rank_matrix(target: Target, rank: int) -> tuple[Tensor, int]:
-    """(approximated M, params) of the whitened low rank of ``target`` at ``rank``."""
-    rows, cols = target.matrix.shape
-    mpo = decompose_target(target, ((rows, 1), (1, cols)), min(rank, rows, cols))
-    return mpo.to_matrix(), mpo.num_params
+def _sensitivities(model: nn.Module, targets: Sequence[Target], fits: Sequence[Fit], batches: list,
+                   reference: list[Tensor]) -> list[float]:
+    """beta_W per target (step 2 of the module docstring); a weight whose fit is exact gets the
+    median beta per entry of the others, times its size."""
+    betas: list[float | None] = []
+    for i, (target, fit) in enumerate(zip(targets, fits)):
+        own = (target.output_error(fit.matrix()) or 0.0) ** 2
+        if own <= 1e-12:
+            betas.append(None)
+            continue
+        with _substituted(model, targets, [fit if k == i else None for k in range(len(fits))]):
+            betas.append(relative_output_error(model, batches, reference) / own)
+    per_entry = [b / t.dense_params for b, t in zip(betas, targets) if b is not None]
+    fill = statistics.median(per_entry) if per_entry else 1.0
+    return [b if b is not None else fill * t.dense_params for b, t in zip(betas, targets)]
 
 
-def _uniform_ranks(targets: list[Target], budget: int) -> list[int]:
-    total = sum(t.dense_params for t in targets)
-    return [max(1, math.floor(budget * t.dense_params / total / sum(t.matrix.shape))) for t in targets]
-
-
-def _greedy(options: list[list[tuple[int, float]]], budget: int) -> list[int]:
-    """Index of one (params, error) option per weight: from the smallest, upgrade by the best error
-    decrease per parameter while the budget holds (options sorted by params)."""
-    pick = [0] * len(options)
-    spent = sum(o[0][0] for o in options)
-    while True:
-        best, gain = None, 0.0
-        for w, opts in enumerate(options):
-            for j in range(pick[w] + 1, len(opts)):
-                extra = opts[j][0] - opts[pick[w]][0]
-                drop = opts[pick[w]][1] - opts[j][1]
-                if extra > 0 and spent + extra <= budget and drop / extra > gain:
-                    best, gain = (w, j), drop / extra
-        if best is None:
-            return pick
-        w, j = best
-        spent += options[w][j][0] - options[w][pick[w]][0]
-        pick[w] = j
-
-
-def choose_allocation(model: nn.Module, targets: list[Target], per_matrix: list[tuple[str, MPO]], budget: int,
-                      calibration: Calibration) -> tuple[list[tuple[str, MPO]], AllocationChoice]:
-    """The (layout, MPO) per target of the candidate with the lowest calibration output error
-    (see the module docstring), and the AllocationChoice saying which and by how much."""
-    reference = calibration_outputs(model, calibration)
-    uniform = _uniform_ranks(targets, budget)
-    options = []
-    for i, (target, rank) in enumerate(zip(targets, uniform)):
-        ranks = sorted({max(1, round(rank * f)) for f in FACTORS})
-        opts = []
-        for r in ranks:
-            matrix, params = _rank_matrix(target, r)
-            single = [matrix if k == i else None for k in range(len(targets))]
-            with _substituted(model, targets, single):
-                opts.append((params, relative_output_error(model, calibration, reference), r))
-        options.append(opts)
-    picks = _greedy([[(p, e) for p, e, _ in opts] for opts in options], budget)
-    candidates = {"per-matrix error": [mpo for _, mpo in per_matrix],
-                  "uniform": [_lowrank(t, r) for t, r in zip(targets, uniform)],
-                  "output sensitivity": [_lowrank(t, options[i][j][2]) for i, (t, j) in enumerate(zip(targets, picks))]}
-    errors = {}
-    for name, mpos in candidates.items():
-        with _substituted(model, targets, [m.to_matrix() for m in mpos]):
-            errors[name] = relative_output_error(model, calibration, reference)
-    chosen = min(errors, key=errors.get)
-    if chosen == "per-matrix error":
-        return per_matrix, AllocationChoice(chosen, errors)
-    return [("lowrank", m) for m in candidates[chosen]], AllocationChoice(chosen, errors)
-
-
-def _lowrank(target: Target, rank: int) -> MPO:
-    rows, cols = target.matrix.shape
-    return decompose_target(target, ((rows, 1), (1, cols)), min(rank, rows, cols))
+def choose_allocation(model: nn.Module, sizing: Sizing, per_matrix: list[Fit], budget: int,
+                      calibration: Calibration) -> tuple[list[Fit], AllocationChoice]:
+    """The fits of the candidate kept by the held-out rule (see the module docstring), and the
+    AllocationChoice saying which and by how much."""
+    fit_half, held_out = split_calibration(calibration)
+    targets, probe = sizing.targets, fit_half[::math.ceil(len(fit_half) / SENSITIVITY_BATCHES)]
+    scales = _sensitivities(model, targets, per_matrix, probe, calibration_outputs(model, probe))
+    candidates = {DEFAULT: per_matrix, SENSITIVITY: sizing.allocate(budget, scales=scales)}
+    reference = calibration_outputs(model, held_out)
+    errors: dict[str, float] = {}
+    for name, fits in candidates.items():
+        if errors and all(a is b for a, b in zip(fits, per_matrix)):  # Sizing fits each point once
+            errors[name] = errors[DEFAULT]
+            continue
+        with _substituted(model, targets, fits):
+            errors[name] = relative_output_error(model, held_out, reference)
+    chosen = SENSITIVITY if errors[SENSITIVITY] < (1.0 - MARGIN) * errors[DEFAULT] else DEFAULT
+    return candidates[chosen], AllocationChoice(chosen, errors, len(fit_half), len(held_out))

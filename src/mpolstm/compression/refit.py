@@ -8,10 +8,12 @@ through the model whose earlier modules are already refitted, pairs the inputs e
 multiplies (X_o, X_c: same calls, same order), and refits the weight M (in, out) to
 
     min ||X_c M' - X_o M||_F  with M' in its chosen layout and bonds:
-    M* = (C_cc + damping)^{-1} C_co M  (least squares),   M' = S^{-1} trunc(S M*),  S = C_cc^{1/2}
+    M* = S^{-2} C_co M  (least squares),   M' = S^{-1} trunc(S M*),   S = (C_cc + damping)^{1/2}
 
-with C_cc = X_c^T X_c and C_co = X_c^T X_o, so the compressed weight also corrects the error
-that reaches it. Table lookups (embeddings) see the same rows either way and are kept.
+with C_cc = X_c^T X_c and C_co = X_c^T X_o (``calibration.whitening``: the one damping rule), so the
+compressed weight also corrects the error that reaches it; every layout is refitted at its size
+(``layouts.fit_like``: the same bonds, or the same stored numbers and sparse share). Table lookups
+(embeddings) see the same rows either way and are kept.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..calibration import DAMPING, Calibration, run_hooked, whitening
-from ..mpo import MPO
+from ..calibration import Calibration, apply_whitening, run_hooked, whitening
 from ..nn.registry import layer_type, layer_type_of_mpo, replace_module
-from .layouts import Target, decompose_target
+from .fit import Fit, mpo_module
+from .layouts import Target, fit_like
 
 __all__ = ["paired_moments", "sequential_refit"]
 
@@ -62,37 +64,27 @@ def paired_moments(original: nn.Module, current: nn.Module, name: str, calibrati
     return out
 
 
-def _refit(target: Target, moments: tuple[Tensor, Tensor], mpo: MPO) -> MPO:
+def _refit(target: Target, moments: tuple[Tensor, Tensor], fit: Fit) -> Fit:
     c_cc, c_co = moments
-    eig_mean = float(torch.linalg.eigvalsh((c_cc + c_cc.T) / 2).clamp_min(0).mean())
-    damped = c_cc + DAMPING * (eig_mean if eig_mean > 0 else 1.0) * torch.eye(c_cc.shape[0], dtype=c_cc.dtype)
-    best = torch.linalg.solve(damped, c_co @ target.matrix)
-    refitted = Target(target.module, target.weight, best, target.interleaved, target.dense_params, whitening(c_cc))
-    factors = (tuple(c.shape[1] for c in mpo.cores), tuple(c.shape[2] for c in mpo.cores))
-    return decompose_target(refitted, factors, list(mpo.bond_dims))
+    s, s_inv = whitening(c_cc)
+    best = apply_whitening(s_inv, apply_whitening(s_inv, c_co @ target.matrix))  # (C_cc + damping)^{-1} C_co M
+    return fit_like(Target(target.module, target.weight, best, target.interleaved, target.dense_params, (s, s_inv)),
+                    fit)
 
 
-def sequential_refit(model: nn.Module, targets: list[Target], results: list[tuple[str, MPO]],
-                     calibration: Calibration, passes: int = 1) -> list[tuple[str, MPO]]:
-    """The results with every weight refitted in module order (see the module docstring); the
+def sequential_refit(model: nn.Module, targets: list[Target], fits: list[Fit], calibration: Calibration,
+                     passes: int = 1) -> list[Fit]:
+    """The fits with every weight refitted in module order (see the module docstring); the
     model itself is left as it is (the refit runs on a copy). ``passes`` > 1 refits each module
     again on the inputs its own refitted version produces (a recurrent weight's inputs depend on it)."""
     current = copy.deepcopy(model)
-    out = list(results)
-    order = list(dict.fromkeys(t.module for t in targets))
-    for name in order:
-        original = model.get_submodule(name)
+    out = list(fits)
+    for name in dict.fromkeys(t.module for t in targets):
+        mine = [i for i, t in enumerate(targets) if t.module == name]
         for _ in range(passes):
             moments = paired_moments(model, current, name, calibration)
-            mpos = {}
-            for i, target in enumerate(targets):
-                if target.module != name:
-                    continue
-                layout, mpo = out[i]
-                if target.weight in moments:
-                    out[i] = (layout, _refit(target, moments[target.weight], mpo))
-                mpos[target.weight] = out[i][1]
-            like = next(iter(original.parameters()))
-            cast = {w: MPO([c.to(like) for c in m.cores]) for w, m in mpos.items()}
-            replace_module(current, name, layer_type(original).from_torch(original, mpos=cast))
+            for i in mine:
+                if targets[i].weight in moments:
+                    out[i] = _refit(targets[i], moments[targets[i].weight], out[i])
+            replace_module(current, name, mpo_module(model.get_submodule(name), {targets[i].weight: out[i] for i in mine}))
     return out

@@ -21,7 +21,9 @@ class WeightReport:
     entropy: entanglement entropy at each bond of the compressed MPO; sparse_params: entries of
     the sparse residual (layout "lowrank+sparse"), included in mpo_params; dense_macs / macs:
     multiply-adds of one row through the dense weight / the compressed weight as deployed
-    (``mpo.step_macs`` plus the sparse entries; 0 dense for a table lookup)."""
+    (``mpo.step_macs`` plus the sparse entries; 0 dense for a table lookup); stored_bytes: the
+    bytes of the compressed weight as ``mpolstm.save`` writes it in float32 (cores, sparse values and
+    their index; ``mpolstm.storage.mpo_stored``)."""
 
     shape: tuple[int, int]
     dense_params: int
@@ -34,6 +36,7 @@ class WeightReport:
     sparse_params: int = 0
     dense_macs: int = 0
     macs: int = 0
+    stored_bytes: int = 0
 
 
 @dataclass
@@ -53,8 +56,8 @@ class CompressionReport:
     """Result of ``compress``: one entry per replaced module, plus skipped modules
     (name, reason: not compressible, or left dense because its MPO would not be smaller) and
     the budgets used (max MPO core entries, max multiply-adds per step; None when not given), and
-    with ``allocation="output"`` which allocation won on the calibration output error and each
-    candidate's error."""
+    with ``allocation="output"`` which allocation won on the held-out calibration batches' output
+    error and each candidate's error there."""
 
     modules: list[ModuleReport]
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -69,6 +72,11 @@ class CompressionReport:
     @property
     def mpo_params(self) -> int:
         return sum(w.mpo_params for m in self.modules for w in m.weights.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the compressed weights as stored in float32 (``WeightReport.stored_bytes``)."""
+        return sum(w.stored_bytes for m in self.modules for w in m.weights.values())
 
     @property
     def dense_macs(self) -> int:
@@ -90,12 +98,14 @@ class CompressionReport:
             "modules": [asdict(m) for m in self.modules],
             "skipped": [list(s) for s in self.skipped],
             "budget": self.budget,
-            "allocation": None if self.allocation is None else {"chosen": self.allocation.chosen,
-                                                                "errors": dict(self.allocation.errors)},
+            "allocation": None if self.allocation is None else {
+                "chosen": self.allocation.chosen, "errors": dict(self.allocation.errors),
+                "fit_batches": self.allocation.fit_batches, "held_out_batches": self.allocation.held_out_batches},
             "max_macs": self.max_macs,
             "dense_params": self.dense_params,
             "mpo_params": self.mpo_params,
             "ratio": self.ratio,
+            "stored_bytes": self.stored_bytes,
             "dense_macs": self.dense_macs,
             "macs": self.macs,
         }
@@ -129,8 +139,8 @@ class CompressionReport:
                                if v is not None)
         why = f"per weight, the least {error} within the {budgets} budget" if budgets else "bonds set by max_bond / rel_tol"
         macs = f"{self.dense_macs / self.macs:.1f}x fewer" if self.macs else "none"
-        return (f"compression: {self.dense_params:,} -> {self.mpo_params:,} weight entries ({self.ratio:.1f}x); "
-                f"multiply-adds per step at batch 1: {self.dense_macs:,} -> {self.macs:,} ({macs})\n"
+        return (f"compression: {self.dense_params:,} -> {self.mpo_params:,} weight entries ({self.ratio:.1f}x), "
+                f"{self.stored_bytes:,} bytes as stored in float32; multiply-adds per step at batch 1: {self.dense_macs:,} -> {self.macs:,} ({macs})\n"
                 f"layouts chosen: {chosen or 'none'} ({why})")
 
     def __str__(self) -> str:

@@ -21,9 +21,23 @@ One function per format (``mpolstm export MODEL --format ... --out PATH`` calls 
 - ``export_step(model, path, fmt="onnx", frame=None) -> Path``: the streaming step of a model with
   ``step(frame, state) -> (output, state)`` (MPOLSTM / MPOGRU / MPORNN, or a model built on them):
   inputs ``frame`` and ``state0, state1, ...``, outputs ``output`` and ``new_state0, ...``; what a
-  real-time application calls per frame. Always the factorized runtime.
-- ``export_model(model, fmt, path, example_inputs=None, runtime="factorized")``: the dispatcher;
+  real-time application calls per frame. Always the factorized runtime. Shapes, for the recurrent
+  layers (N streams, any N): ``frame`` (N, input_size); MPOLSTM ``state0`` = h (num_layers, N, H_out)
+  and ``state1`` = c (num_layers, N, hidden_size), MPOGRU / MPORNN ``state0`` = h (num_layers, N,
+  hidden_size); ``output`` (N, H_out) and the new states shaped as the old. Start from zeros and feed
+  each call's new state to the next.
+- ``export_model(model, path, fmt, example_inputs=None, runtime="factorized")``: the dispatcher;
   the traced formats need the example inputs from the caller (the task commands build them).
+
+Every export takes ``overwrite=False``: as ``mpolstm.save`` (``mpolstm.atomic``), an existing file or
+folder (but an empty folder) is refused unless ``overwrite``, which replaces it whole, and missing
+parent folders are created.
+
+int8 survives export: a model with int8 cores (``mpolstm.quantize``) exports to ONNX with its factors
+stored and multiplied in int8 (``int8.py``: onnxruntime's dynamic quantization of the int8 modules'
+products; the file's metadata records the int8 and float32 factor bytes and the output error,
+``int8_report``), and the formats that hold float32 (TorchScript, dense) or the dense runtime refuse it
+unless ``int8=False``. ``int8=True`` gives a float model int8 factors the same way.
 
 Runtimes of the traced formats (``RUNTIMES``):
 
@@ -32,7 +46,10 @@ Runtimes of the traced formats (``RUNTIMES``):
   formed, so the run-time weight memory is that of the factors, and a recurrent layer computes the
   input products of all time steps in one batched product, then loops over time (an ONNX ``Loop``,
   dynamic length) with the factorized W_hh. Convolutions keep their (small) rebuilt kernel, and
-  recurrent layers with ``proj_size`` or PackedSequence input need ``"dense"``.
+  recurrent layers with ``proj_size`` or PackedSequence input need ``"dense"``. A sparse part
+  (layout "lowrank+sparse") is the exception: the graph multiplies it as a dense matrix (ONNX has
+  no sparse product; onnxruntime runs that fastest), stored in an ONNX file as a sparse
+  initializer that onnxruntime makes dense when it loads it.
 - ``"dense"``: the graph holds the cores and rebuilds every dense weight from them on each call,
   then runs torch's fused kernels (ONNX's LSTM/GRU/RNN ops): the smallest file (the cores alone),
   dense weight memory and dense speed at run time. Better for long sequences at large batch with
@@ -46,8 +63,8 @@ checks that read tensor values (MPOEmbedding's index range) are not in the graph
 traced once (``torch.jit.trace``), checked against eager mode, and that trace is what each format
 writes.
 Every file or folder is written to a temporary name beside ``path`` and renamed into place, so a
-failure leaves no partial output. Bad arguments (unknown format, missing parent directory, a model
-that cannot be traced or exported) raise ValueError.
+failure leaves no partial output. Bad arguments (unknown format, an existing target without
+``overwrite``, a model that cannot be traced or exported) raise ValueError.
 
 The package, by concern:
 
@@ -65,6 +82,7 @@ The package, by concern:
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -73,29 +91,40 @@ from torch import Tensor, nn
 
 from .dense import densify, export_dense
 from .formats import RUNTIMES, WRITERS, export_traced
+from .int8 import int8_report
 from .onnx import export_onnx, onnx_weight_bytes
 from .step import export_step
 from .torchscript import export_torchscript
 from .trace import as_tuple
 
 __all__ = ["FORMATS", "RUNTIMES", "WRITERS", "densify", "export_dense", "export_model", "export_onnx",
-           "export_step", "export_torchscript", "onnx_weight_bytes"]
+           "export_step", "export_torchscript", "int8_report", "onnx_weight_bytes"]
 
 FORMATS = (*WRITERS, "dense")
 
 
-def export_model(model: nn.Module, fmt: str, path: str | os.PathLike,
-                 example_inputs: Tensor | Sequence[Tensor] | None = None, runtime: str = "factorized") -> Path:
-    """Export ``model`` in format ``fmt`` (one of :data:`FORMATS`) to ``path`` (a file for the traced
-    formats, a folder for dense); the traced formats need ``example_inputs`` (floating ones are cast
-    to the model's dtype) and take ``runtime`` (:data:`RUNTIMES`). Returns ``path``."""
+def export_model(model: nn.Module, path: str | os.PathLike, fmt: str,
+                 example_inputs: Tensor | Sequence[Tensor] | None = None, runtime: str = "factorized",
+                 overwrite: bool = False, int8: bool | None = None) -> Path:
+    """Export ``model`` to ``path`` (a file for the traced formats, a folder for dense) in format ``fmt``
+    (one of :data:`FORMATS`); the traced formats need ``example_inputs`` (floating ones are cast to the
+    model's dtype) and take ``runtime`` (:data:`RUNTIMES`). An existing ``path`` is refused unless
+    ``overwrite``, which replaces it whole. ``int8``: store the MPO factors in int8 (ONNX only; the
+    default: when the model has int8 cores, which the other formats then refuse unless
+    ``int8=False``; :mod:`mpolstm.export.int8`). Returns ``path``. (Arguments in the order of
+    :func:`export_step`; the older ``export_model(model, fmt, path, ...)`` still works, with a
+    DeprecationWarning.)"""
+    if isinstance(path, str) and path in FORMATS and not (isinstance(fmt, str) and fmt in FORMATS):
+        warnings.warn("export_model(model, fmt, path) is deprecated: call export_model(model, path, fmt), the "
+                      "order of export_step", DeprecationWarning, stacklevel=2)
+        path, fmt = fmt, path
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "dense":
-        return export_dense(model, path)
+        return export_dense(model, path, overwrite=overwrite, int8=int8)
     if example_inputs is None:
         raise ValueError(f"the {fmt} export traces the model: pass example_inputs (a tensor or a tuple of tensors)")
     first = next(model.parameters(), None)
     dtype = torch.float32 if first is None else first.dtype
     inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in as_tuple(example_inputs))
-    return export_traced(fmt, model, inputs, path, runtime=runtime)
+    return export_traced(fmt, model, inputs, path, runtime=runtime, overwrite=overwrite, int8=int8)

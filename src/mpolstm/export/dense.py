@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
-from ..atomic import make_temp_dir
+from ..atomic import check_target
 from ..io import save
 from ..nn.registry import is_mpo_module, layer_type_of_mpo, replace_module
 from ..nn.shared import SharedLayer
+from .trace import has_int8_cores
 
 __all__ = ["densify", "export_dense"]
 
@@ -55,28 +55,17 @@ def densify(model: nn.Module) -> nn.Module:
     return out
 
 
-def _check_folder_target(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise ValueError(f"{path}: the parent directory {path.parent} does not exist")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} exists and is not a directory; the dense export writes a model folder")
-
-
-def export_dense(model: nn.Module, path: str | os.PathLike, write: Callable[[nn.Module, Path], Any] = save) -> Path:
-    """Write ``densify(model)`` to the folder ``path`` (created, or its files replaced) with
-    ``write(dense_model, folder)`` (default :func:`mpolstm.io.save`). The folder is filled under
-    a temporary name beside ``path`` and its files are then renamed into place."""
+def export_dense(model: nn.Module, path: str | os.PathLike, write: Callable[..., Any] = save,
+                 overwrite: bool = False, int8: bool | None = None) -> Path:
+    """Write ``densify(model)`` to the folder ``path`` with ``write(dense_model, path, overwrite=overwrite)``
+    (default :func:`mpolstm.io.save`, which fills a folder beside ``path`` and swaps it in whole): an
+    existing folder (but an empty one) is refused unless ``overwrite``; missing parents are created.
+    The dense model is float32: a model with int8 cores is refused unless ``int8=False``."""
     path = Path(path)
-    _check_folder_target(path)
-    dense = densify(model)
-    tmp = make_temp_dir(path)
-    try:
-        write(dense, tmp)
-        if path.is_dir():
-            for name in sorted(p.name for p in tmp.iterdir()):
-                os.replace(tmp / name, path / name)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if int8 or (int8 is None and has_int8_cores(model)):
+        raise ValueError(f"{type(model).__name__} has int8 cores (mpolstm.quantize), but the dense format writes "
+                         "float32 weights: export to onnx for int8 factors, or pass int8=False for a float32 "
+                         "dense model")
+    check_target(path, overwrite)
+    write(densify(model), path, overwrite=overwrite)
     return path

@@ -2,7 +2,8 @@
 
 Adding a format is one writer module (see ``torchscript.py``: it receives the export copy, the
 example inputs and the graph's names in an :class:`~mpolstm.export.trace.ExportJob`) and one entry
-here; :func:`mpolstm.export.export_model`, :func:`mpolstm.export.export_step` and the CLI's
+here (a writer that can store int8 factors sets ``supports_int8 = True`` and honours ``job.int8``; any
+other refuses an int8 model, see ``trace.int8_factors``); :func:`mpolstm.export.export_model`, :func:`mpolstm.export.export_step` and the CLI's
 ``--format`` read this table.
 """
 
@@ -34,6 +35,8 @@ def writer(fmt: str) -> Writer:
 
 
 def export_traced(fmt: str, model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike,
-                  runtime: str = "factorized", opset: int = 17) -> Path:
-    """Export ``model`` on ``example_inputs`` in ``runtime`` to the file ``path`` as ``fmt``."""
-    return export_with(writer(fmt), model, example_inputs, path, runtime, opset)
+                  runtime: str = "factorized", opset: int = 17, overwrite: bool = False,
+                  int8: bool | None = None) -> Path:
+    """Export ``model`` on ``example_inputs`` in ``runtime`` to the file ``path`` as ``fmt`` (an existing
+    ``path`` refused unless ``overwrite``; ``int8`` as :func:`~.trace.int8_factors`)."""
+    return export_with(writer(fmt), model, example_inputs, path, runtime, opset, overwrite, int8)

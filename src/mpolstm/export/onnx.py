@@ -13,9 +13,10 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_write_bytes
 from ..nn.base import MPOWeights
+from .int8 import int8_onnx
 from .trace import ExportJob, export_with, first_line, quiet, trace
 
-__all__ = ["export_onnx", "onnx_weight_bytes", "write_onnx"]
+__all__ = ["constants_as_initializers", "export_onnx", "onnx_weight_bytes", "write_onnx"]
 
 
 def _dynamic_axes(inputs: Sequence[Tensor], outputs: Sequence[Tensor], input_names: Sequence[str],
@@ -33,8 +34,9 @@ def _dynamic_axes(inputs: Sequence[Tensor], outputs: Sequence[Tensor], input_nam
 
 def write_onnx(job: ExportJob, path: Path) -> Path:
     """Export the trace of ``job`` to the ONNX file ``path`` (names and dynamic axes as in the package
-    docstring). A rank-D product with a bias is traced as MatMul + Add, not a Gemm with a bias
-    (onnxruntime's int8 tools quantize MatMul)."""
+    docstring); with ``job.int8`` the factors are int8 (:func:`mpolstm.export.int8.int8_onnx`). A
+    rank-D product with a bias is traced as MatMul + Add, not a Gemm with a bias (onnxruntime's int8
+    tools quantize MatMul)."""
     for module in job.module.modules():
         if isinstance(module, MPOWeights):
             module.separate_bias = True
@@ -49,26 +51,44 @@ def write_onnx(job: ExportJob, path: Path) -> Path:
     except Exception as exc:
         raise ValueError(f"cannot export {type(job.module).__name__} to ONNX (opset {job.opset}): "
                          f"{first_line(exc)}") from exc
-    atomic_write_bytes(path, _constants_as_initializers(buffer.getvalue()))
+    data = _constants_as_initializers(buffer.getvalue())
+    if job.int8:
+        data = int8_onnx(data, job.module, job.inputs, input_names)
+    atomic_write_bytes(path, data)
     return path
 
 
+write_onnx.supports_int8 = True  # int8 factors: export.int8
+
+
 def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike,
-                opset: int = 17, runtime: str = "factorized") -> Path:
+                opset: int = 17, runtime: str = "factorized", overwrite: bool = False,
+                int8: bool | None = None) -> Path:
     """Export ``model`` (eval mode, ``runtime`` as in the package docstring) to the ONNX file ``path``
-    with the TorchScript exporter at ``opset``; names and dynamic axes as in the package docstring."""
-    return export_with(write_onnx, model, example_inputs, path, runtime, opset)
+    with the TorchScript exporter at ``opset``; names and dynamic axes as in the package docstring.
+    ``int8``: int8 factors (default: when the model has int8 cores; :func:`~.trace.int8_factors`)."""
+    return export_with(write_onnx, model, example_inputs, path, runtime, opset, overwrite, int8)
 
 
-def _constants_as_initializers(model_bytes: bytes, min_size: int = 16) -> bytes:
-    """The ONNX model with every top-level Constant tensor of at least ``min_size`` entries (the
-    factorized runtime's merged halves) turned into an initializer: the same graph, but weights where
-    tools look for them (``onnxruntime.quantization.quantize_dynamic`` quantizes initializers only)."""
+def _constants_as_initializers(model_bytes: bytes) -> bytes:
+    """The ONNX model with its mostly-zero matrices as sparse initializers (:func:`_sparse_constants`)
+    and its top-level large constants as initializers (:func:`constants_as_initializers`)."""
+    import onnx
+
+    model = onnx.load_from_string(model_bytes)
+    _sparse_constants(model.graph, model.graph)
+    constants_as_initializers(model.graph)
+    return model.SerializeToString()
+
+
+def constants_as_initializers(graph, min_size: int = 16) -> None:
+    """Turn every Constant tensor of at least ``min_size`` entries of ``graph`` (the factorized runtime's
+    merged halves) into an initializer, in place: the same graph, but weights where tools look for them
+    (``onnxruntime.quantization.quantize_dynamic`` quantizes initializers only)."""
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load_from_string(model_bytes)
-    graph, kept = model.graph, []
+    kept = []
     for node in graph.node:
         value = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
         if value is not None and value.type == onnx.AttributeProto.TENSOR and \
@@ -81,16 +101,44 @@ def _constants_as_initializers(model_bytes: bytes, min_size: int = 16) -> bytes:
             kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)
-    return model.SerializeToString()
+
+
+def _sparse_constants(graph, main) -> None:
+    """Move every Constant matrix of ``graph`` and its subgraphs (a Loop's body) that is mostly zeros
+    (a sparse part, layout "lowrank+sparse": values plus int64 positions are smaller) into ``main``'s
+    sparse initializers, which onnxruntime makes dense when it loads the file."""
+    import onnx
+    from onnx import numpy_helper
+
+    kept = []
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _sparse_constants(attr.g, main)
+        value = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        array = numpy_helper.to_array(value.t) if value is not None and value.type == value.TENSOR else None
+        nonzero = None if array is None or array.ndim != 2 or array.dtype.kind != "f" else array.reshape(-1).nonzero()[0]
+        if nonzero is None or nonzero.size * (array.itemsize + 8) >= array.nbytes:
+            kept.append(node)
+            continue
+        main.sparse_initializer.append(onnx.helper.make_sparse_tensor(
+            numpy_helper.from_array(array.reshape(-1)[nonzero], node.output[0]),
+            numpy_helper.from_array(nonzero.astype("int64"), node.output[0] + "_index"), array.shape))
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def onnx_weight_bytes(path: str | os.PathLike) -> int:
-    """Bytes of the initializers (the weights held at run time) of the ONNX file ``path``."""
+    """Bytes of the initializers (the weights held at run time) of the ONNX file ``path``; a sparse
+    initializer counts as the dense tensor onnxruntime makes of it."""
+    import math
+
     import onnx
     from onnx import numpy_helper
 
     graph = onnx.load(str(path)).graph
-    return sum(numpy_helper.to_array(t).nbytes for t in graph.initializer) + _constant_bytes(graph)
+    sparse = sum(math.prod(t.dims) * numpy_helper.to_array(t.values).itemsize for t in graph.sparse_initializer)
+    return sum(numpy_helper.to_array(t).nbytes for t in graph.initializer) + sparse + _constant_bytes(graph)
 
 
 def _constant_bytes(graph) -> int:

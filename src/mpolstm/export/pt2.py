@@ -113,6 +113,9 @@ def write_executorch(job: ExportJob, path: Path) -> Path:
     return path
 
 
+write_executorch.supports_int8 = True  # int8 factors: pt2e dynamic quantization (job.int8)
+
+
 def write_aoti(job: ExportJob, path: Path) -> Path:
     """Write ``job`` as the AOTInductor package ``path`` (compiled C++ for this machine's CPU),
     checked against eager mode after loading it back."""

@@ -25,7 +25,9 @@ def write_torchscript(job: ExportJob, path: Path) -> Path:
 
 
 def export_torchscript(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
-                       path: str | os.PathLike, runtime: str = "factorized") -> Path:
+                       path: str | os.PathLike, runtime: str = "factorized", overwrite: bool = False,
+                       int8: bool | None = None) -> Path:
     """Trace ``model`` (eval mode, ``runtime`` as in the package docstring) on ``example_inputs`` and
-    write the TorchScript file ``path``; ``torch.jit.load(path)(*inputs)`` equals ``model.eval()(*inputs)``."""
-    return export_with(write_torchscript, model, example_inputs, path, runtime)
+    write the TorchScript file ``path``; ``torch.jit.load(path)(*inputs)`` equals ``model.eval()(*inputs)``.
+    TorchScript holds float32 factors: a model with int8 cores is refused unless ``int8=False``."""
+    return export_with(write_torchscript, model, example_inputs, path, runtime, overwrite=overwrite, int8=int8)

@@ -20,10 +20,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..nn.base import set_factorized
+from ..atomic import check_target
+from ..nn.base import MPOWeights, set_factorized
 
 __all__ = ["RUNTIMES", "ExportJob", "Traced", "Writer", "as_tuple", "check_file_target", "export_copy",
-           "export_with", "first_line", "flatten", "quiet", "trace"]
+           "export_with", "first_line", "flatten", "has_int8_cores", "int8_factors", "quiet", "trace"]
 
 RUNTIMES = ("factorized", "dense")
 
@@ -36,14 +37,14 @@ _QUIET = ("`torch.jit.trace", "You are using the legacy TorchScript-based ONNX e
 class ExportJob:
     """What a format writer receives: ``module`` (an :func:`export_copy`), the example ``inputs``, the
     graph's input and output names (None: ``input0, ...`` / ``output0, ...``), the ONNX ``opset`` and
-    ``int8`` (ExecuTorch's int8 factors)."""
+    ``int8`` (:func:`int8_factors`: only writers with ``supports_int8`` accept it: ONNX, ExecuTorch)."""
 
     module: nn.Module
     inputs: tuple[Tensor, ...]
     input_names: Sequence[str] | None = None
     output_names: Sequence[str] | None = None
     opset: int = 17
-    int8: bool = False  # the executorch format: quantize the factors to int8 (pt2e, XNNPACK)
+    int8: bool = False  # store and multiply the MPO factors in int8 (int8_factors; onnx: export.int8, executorch: pt2e)
 
     def names(self, outputs: Sequence[Tensor]) -> tuple[list[str], list[str]]:
         """The input and output names, defaulted for ``outputs`` (the flattened outputs)."""
@@ -64,12 +65,11 @@ class Traced:
 Writer = Callable[[ExportJob, Path], Path]  # a traced format: writes the job's file at the path, returns it
 
 
-def check_file_target(path: str | os.PathLike) -> Path:
+def check_file_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``path`` as a Path, after the output rule (``mpolstm.atomic.check_target``): an existing file is
+    refused unless ``overwrite``, a folder always; missing parents are created when it is written."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise ValueError(f"{path}: the parent directory {path.parent} does not exist")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; this format writes a single file")
+    check_target(path, overwrite, folder=False)
     return path
 
 
@@ -130,14 +130,17 @@ def export_copy(model: nn.Module, runtime: str) -> nn.Module:
     """An eval-mode copy prepared for tracing (carried state dropped). "dense": the eval cache (which
     would bake the dense weights in as constants) is off, because the cores require grad and the
     trace records grad, so the graph rebuilds the weights. "factorized": the MPO modules run
-    factorized and the trace runs without grad, so each chain's merged halves are built once and
-    become constants of the graph."""
+    factorized and the trace runs without grad, so each chain's merged halves (and a sparse part,
+    dense) are built once and become constants of the graph."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"export expects an nn.Module, got {type(model).__name__}")
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
     out = _fresh(copy.deepcopy(model).eval())
     set_factorized(out, runtime == "factorized")
+    for module in out.modules():
+        if hasattr(module, "sparse_csr"):  # the graph holds sparse parts dense (nn/sparse.py says why)
+            module.sparse_csr = False
     for p in out.parameters():
         if p.is_floating_point():
             p.requires_grad_(runtime == "dense")
@@ -172,9 +175,36 @@ def trace(job: ExportJob) -> Traced:
     return Traced(traced, expected, with_grad)
 
 
+def has_int8_cores(model: nn.Module) -> bool:
+    """Whether any MPO module of ``model`` holds int8 cores (:func:`mpolstm.quantize`)."""
+    return any(isinstance(m, MPOWeights) and m.int8 for m in model.modules())
+
+
+def int8_factors(model: nn.Module, int8: bool | None, runtime: str, write: Callable) -> bool:
+    """Whether the file stores the MPO factors in int8: ``int8`` when given, else whether ``model`` has
+    int8 cores (an int8 model exports as int8). ValueError when the format cannot (a writer without
+    ``supports_int8``: TorchScript holds float32) or the runtime is "dense" (the graph rebuilds float
+    weights): the message says how to export instead."""
+    if not (has_int8_cores(model) if int8 is None else int8):
+        return False
+    name = getattr(write, "__name__", "this").removeprefix("write_")
+    what = f"{type(model).__name__} has int8 cores (mpolstm.quantize), but" if int8 is None else "int8=True, but"
+    if not getattr(write, "supports_int8", False):
+        raise ValueError(f"{what} the {name} format holds float32 factors (4x the bytes): export to onnx, which "
+                         "stores and multiplies the factors in int8, or pass int8=False for float32 factors")
+    if runtime != "factorized":
+        raise ValueError(f"{what} the {runtime!r} runtime rebuilds float32 weights: use the factorized runtime "
+                         "(the default) for int8 factors, or pass int8=False")
+    return True
+
+
 def export_with(write: Writer, model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike,
-                runtime: str = "factorized", opset: int = 17) -> Path:
+                runtime: str = "factorized", opset: int = 17, overwrite: bool = False,
+                int8: bool | None = None) -> Path:
     """Export ``model`` on ``example_inputs`` in ``runtime`` to the file ``path`` with the format writer
-    ``write`` (default input and output names)."""
-    path = check_file_target(path)
-    return write(ExportJob(export_copy(model, runtime), as_tuple(example_inputs), opset=opset), path)
+    ``write`` (default input and output names); an existing ``path`` is refused unless ``overwrite``;
+    ``int8`` as :func:`int8_factors`."""
+    path = check_file_target(path, overwrite)
+    job = ExportJob(export_copy(model, runtime), as_tuple(example_inputs), opset=opset,
+                    int8=int8_factors(model, int8, runtime, write))
+    return write(job, path)

@@ -35,6 +35,21 @@ Preset = Enum("Preset", [(name, name) for name in PRESETS], type=str)
 """The preset vocabulary every task uses (each task checks it has the one asked for)."""
 
 
+@app.callback()
+def _global_options(
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: one per core). On a "
+                                          "machine shared with other jobs, use the cores that are free (e.g. "
+                                          "--threads 1); OMP_WAIT_POLICY=PASSIVE is set unless you set it."),
+) -> None:
+    """Options for every command: mpolstm --threads N COMMAND ..."""
+    if threads is not None:
+        if threads < 1:
+            _fail(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _fail(message: str) -> None:
     """Print one clear line and exit with code 2 (bad usage or input)."""
     err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
@@ -120,8 +135,14 @@ def demo(
     resume: bool = typer.Option(False, help="Continue an interrupted run of the same command."),
 ) -> None:
     """MPO-LSTM vs pruning and the other baselines on sequential MNIST, end to end (quick preset, ~6 min on 2 cores)."""
+    import json
+
+    from .protocol.spread import spread_table
+
     built = _make_task(TaskName("seqcls"), Preset.quick, seed)
     _run_protocol(built, _parse_ratios(ratios), out, seed, False, None, resume)
+    if distributed.is_main():
+        console.print(spread_table(json.loads((out / "results.json").read_text())), highlight=False)
 
 
 @app.command()
@@ -228,9 +249,19 @@ def _load_model(path: Path):
         _fail(str(exc))
 
 
-def _fresh_output(path: Path) -> None:
-    if path.exists():
-        _fail(f"output {path} already exists; choose a new path")
+def _check_output(path: Path, overwrite: bool, what: str, folder: bool = True) -> None:
+    """The one rule for every output (``mpolstm.atomic``): an existing ``path`` (but an empty folder) is
+    refused unless --overwrite; ``what`` names it as the user typed it (e.g. "--out x", "OUT x")."""
+    from ..atomic import check_target
+
+    if (path.exists() or path.is_symlink()) and folder != path.is_dir():
+        _fail(f"{what} is {'a file' if folder else 'a folder'}; the output is {'a folder' if folder else 'one file'}: "
+              "choose another path")
+    try:
+        check_target(path, overwrite, folder)
+    except ValueError:
+        _fail(f"{what} already exists; choose a new path, or add --overwrite to replace it (the whole "
+              f"{'folder' if folder else 'file'})")
 
 
 @app.command()
@@ -267,23 +298,30 @@ def train(
         _fail(str(exc))
     if not distributed.is_main():
         return
-    save_model(model, built.architecture, out / "model")
+    save_model(model, built.architecture, out / "model", overwrite=True)  # the run folder's own (--resume)
     console.print(f"best val {built.metric.name} {result.best_metric:.4f} at epoch {result.best_epoch}; "
                   f"model saved to {out / 'model'}")
 
 
-def _source_model(model_in: Optional[Path], factory: Optional[str], weights: Optional[Path]):
-    """(model, task spec or None): a saved task-model folder, or a user's factory + weights."""
+def _source_model(model_in: Optional[Path], factory: Optional[str], weights: Optional[Path], random_init: bool):
+    """(model, task spec or None): a saved task-model folder, or a user's factory + weights (or, with
+    ``random_init``, the factory's own initialisation)."""
     from .usermodels import build_model
 
     if factory is None:
-        if weights is not None:
-            _fail("--weights needs --factory (the function that builds the dense architecture)")
+        if weights is not None or random_init:
+            _fail(f"{'--weights' if weights is not None else '--random-init'} needs --factory (the function that "
+                  "builds the dense architecture)")
         if model_in is None:
-            _fail("give a saved model folder, or --factory package.module:function [--weights FILE]")
+            _fail("give a saved model folder, or --factory package.module:function --weights FILE")
         return _load_model(model_in)
     if model_in is not None:
         _fail("give either a saved model folder or --factory/--weights, not both")
+    if weights is None and not random_init:
+        _fail(f"--factory {factory} without --weights would compress the model's random initialisation: pass "
+              "--weights FILE (its trained state dict), or --random-init if that is what you want")
+    if weights is not None and random_init:
+        _fail("--random-init and --weights contradict each other; give one")
     try:
         model, note = build_model(factory, weights)
     except ValueError as exc:
@@ -333,11 +371,18 @@ def _check_targets(model, config) -> None:
         _fail(f"{_said(exc, _COMPRESS_FLAGS)}; the model's modules: {shown}")
 
 
+def _stored_bytes(model, names: list[str]) -> int:
+    """Bytes of the named MPO modules' weights as stored (int8 ones as int8), as inspect reads them from the file."""
+    from ..storage import pack_weights, packed_bytes
+
+    return packed_bytes(pack_weights(model, names, int8_cores=True)[0])
+
+
 @app.command("compress")
 def compress_cmd(
     paths: list[Path] = typer.Argument(..., metavar="[IN] OUT", help="IN: a saved task-model folder (mpolstm "
                                        "train/reproduce), left out with --factory; OUT: the folder to write "
-                                       "(must not exist)."),
+                                       "(new or empty, or any with --overwrite; missing parents are created)."),
     max_bond: Optional[int] = typer.Option(None, help="Cap every bond of every compressed weight."),
     rel_tol: Optional[float] = typer.Option(None, help="Per-weight relative Frobenius error bound, in (0, 1)."),
     ratio: Optional[float] = typer.Option(None, help="Global budget: dense / MPO parameters of the selected weights."),
@@ -350,12 +395,16 @@ def compress_cmd(
                                           "up in the current directory first, as python -m does)."),
     weights: Optional[Path] = typer.Option(None, help="Its weights: safetensors or a state dict (.pt), also inside a "
                                            "checkpoint under \"model\" or \"state_dict\"."),
+    random_init: bool = typer.Option(False, "--random-init", help="With --factory and no --weights: compress the "
+                                     "factory's random initialisation (for trying the command; refused otherwise)."),
     calibrate: Optional[Path] = typer.Option(None, help="Safetensors file of model inputs (input0, input1, ...): "
                                              "minimise the output error on them, not the weight error."),
     distill_steps: int = typer.Option(0, help="Then distil from the original on the --calibrate inputs for N steps."),
     batch_size: int = typer.Option(32, help="Rows per distillation batch."),
-    int8: bool = typer.Option(False, "--int8", help="Then store the MPO cores as int8 with float32 scales "
-                              "(mpolstm.quantize: ~4x fewer bytes; the model computes in float32)."),
+    int8: bool = typer.Option(False, "--int8", help="Then store the MPO cores (and a hybrid's sparse values) as int8 "
+                              "with float32 scales (mpolstm.quantize: ~4x fewer bytes; the model computes in float32)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (the whole folder: nothing "
+                                   "of the old one is kept)."),
 ) -> None:
     """Compress the selected layers of a saved model (or of your own, with --factory) into MPOs and save it,
     with its report (compression.json, shown by inspect)."""
@@ -366,7 +415,7 @@ def compress_cmd(
     from ..io import save
     from ..quantization import quantize
     from .tasks import save_model
-    from .usermodels import read_inputs, write_compression_record, write_factory_note
+    from .usermodels import compression_files, read_inputs
 
     if paths[0].suffix.lower() == ".onnx":  # an ONNX model in, an ONNX model out (harness/onnxfiles.py)
         return _onnx_command("compress_onnx", paths, factory=factory, weights=weights, target=target,
@@ -380,13 +429,13 @@ def compress_cmd(
         _fail(f"--distill-steps must be >= 0 and --batch-size >= 1, got {distill_steps} and {batch_size}")
     if distill_steps and calibrate is None:
         _fail("--distill-steps needs --calibrate (the inputs to distil on)")
-    _fresh_output(model_out)
+    _check_output(model_out, overwrite, f"OUT {model_out}")
     config = _compression_config(target, max_bond, rel_tol, ratio, num_cores, layout, max_macs)
     try:
         inputs = read_inputs(calibrate, "--calibrate") if calibrate is not None else None
     except ValueError as exc:
         _fail(str(exc))
-    model, spec = _source_model(model_in, factory, weights)
+    model, spec = _source_model(model_in, factory, weights, random_init)
     _check_targets(model, config)
     teacher = copy.deepcopy(model) if distill_steps else None
     try:
@@ -403,28 +452,40 @@ def compress_cmd(
             quantize(model)
         except ValueError as exc:
             _fail(f"--int8: {exc}")
-    if spec is not None:
-        save_model(model, spec, model_out)
-    else:
-        save(model, model_out)
-        write_factory_note(model_out, factory)
-    write_compression_record(model_out, report, distill_steps)
-    console.print(f"saved {model_out}" + (" (MPO cores as int8 + float32 scales; `mpolstm inspect` shows the bytes)"
-                                          if int8 else ""))
+        stored = _stored_bytes(model, [m.name for m in report.modules])
+        console.print(f"int8: {report.stored_bytes:,} -> {stored:,} bytes as stored (the cores and sparse values as "
+                      "int8 with float32 scales)")
+    files = compression_files(report, distill_steps, factory if spec is None else None)
+    try:
+        if spec is not None:
+            save_model(model, spec, model_out, overwrite=overwrite, files=files)
+        else:
+            save(model, model_out, overwrite=overwrite, files=files)
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot write OUT {model_out}: {exc}")
+    console.print(f"saved {model_out}")
 
 
 @app.command()
 def inspect(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="A folder written by mpolstm.save (any model)."),
     plot: Optional[Path] = typer.Option(None, help="Also draw the entanglement entropy per bond to this PNG."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --plot file if it exists."),
 ) -> None:
     """Per-weight factors, bonds, parameters, errors and entanglement entropies of a saved model,
     read from its files alone, checked as load checks them (a damaged folder is refused)."""
-    from .usermodels import describe_folder, inspect_folder
+    from ..io import CONFIG_FILE
+    from .usermodels import STORED_WEIGHTS, describe_folder, describe_stored, inspect_folder
+
+    if plot is not None:
+        _check_output(plot, overwrite, f"--plot {plot}", folder=False)
 
     if model_path.suffix.lower() == ".onnx":
         return _onnx_command("inspect_onnx", model_path)
     try:
+        if not (model_path / CONFIG_FILE).exists() and (model_path / STORED_WEIGHTS).is_file():
+            console.print(describe_stored(model_path / STORED_WEIGHTS))  # a protocol row of torch's int8 model
+            return
         rows = describe_folder(model_path)
     except ValueError as exc:
         _fail(str(exc))
@@ -450,6 +511,8 @@ def _onnx_command(name: str, *args, **kwargs) -> None:
 def _plot_entropy(curves: dict[str, list[float]], plot: Path) -> None:
     import matplotlib
 
+    from ..atomic import atomic_open
+
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
@@ -460,7 +523,9 @@ def _plot_entropy(curves: dict[str, list[float]], plot: Path) -> None:
     ax.set_ylabel("entanglement entropy S_k")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(plot, dpi=120)
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(plot, "wb") as fh:
+        fig.savefig(fh, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -469,12 +534,14 @@ def enhance(
     noisy: Path = typer.Argument(..., help="Noisy WAV (converted to 16 kHz mono if needed)."),
     out: Path = typer.Argument(..., help="Enhanced WAV to write (16-bit PCM, 16 kHz)."),
     model_path: Path = typer.Option(..., "--model", help="A saved speech model (mpolstm reproduce --task speech)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Enhance a WAV frame by frame (streaming) and report the real-time factor and per-frame latency."""
     from .tasks.speech import enhance_file
 
     if not noisy.is_file():
         _fail(f"input {noisy} does not exist")
+    _check_output(out, overwrite, f"OUT {out}", folder=False)
     model, spec = _load_model(model_path)
     if spec.get("name") != "speech":
         _fail(f"model {model_path} is a {spec.get('name')!r} model; enhance needs a speech model")
@@ -499,7 +566,8 @@ def export_cmd(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="A saved model folder."),
     fmt: ExportFormat = typer.Option(..., "--format", help=f"{' or '.join(WRITERS)} (one file) or "
                                      "dense (a plain torch model folder)."),
-    out: Path = typer.Option(..., help="Output file (torchscript, onnx) or folder (dense)."),
+    out: Path = typer.Option(..., help="Output file (torchscript, onnx) or folder (dense); new (missing parents are "
+                             "created), or replaced with --overwrite."),
     runtime: Runtime = typer.Option(Runtime.factorized, help="torchscript/onnx: factorized (products through the "
                                     "factors, no dense weight at run time) or dense (the graph rebuilds the dense "
                                     "weights, torch's fused kernels)."),
@@ -507,39 +575,54 @@ def export_cmd(
                                           "building its dense architecture (default: the one compress recorded)."),
     inputs: Optional[Path] = typer.Option(None, help="For your own model's torchscript/onnx: a safetensors file "
                                           "of example inputs (input0, input1, ...)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists (the whole file or folder)."),
+    int8: Optional[bool] = typer.Option(None, "--int8/--float", help="onnx: store and multiply the MPO factors in "
+                                        "int8 (default for a model compressed with --int8, which the other formats "
+                                        "refuse unless --float), or write float32 factors."),
 ) -> None:
     """Export a saved model for serving: TorchScript, ONNX, or a dense model for MPO-unaware tools."""
     from .tasks import ARCHITECTURE_FILE, export_task_model
 
     if not model_path.exists():
         _fail(f"model {model_path} does not exist")
-    if not out.parent.is_dir():
-        _fail(f"--out {out}: the folder {out.parent} does not exist")
+    _check_output(out, overwrite, f"--out {out}", folder=fmt.value == "dense")
     if (model_path / ARCHITECTURE_FILE).is_file() and factory is None:
         model, spec = _load_model(model_path)
         try:
-            written = export_task_model(model, spec, fmt.value, out, runtime.value)
-        except ValueError as exc:
-            _fail(str(exc))
+            written = export_task_model(model, spec, fmt.value, out, runtime.value, overwrite=overwrite, int8=int8)
+        except (ValueError, OSError) as exc:
+            _fail(_export_error(exc))
     else:
-        written = _export_user_model(model_path, fmt.value, out, factory, inputs, runtime.value)
+        written = _export_user_model(model_path, fmt.value, out, factory, inputs, runtime.value, overwrite, int8)
     if fmt.value == "onnx":
-        from ..export import onnx_weight_bytes
+        from ..export import int8_report, onnx_weight_bytes
 
-        console.print(f"wrote {written} ({runtime.value} runtime, {onnx_weight_bytes(written):,} bytes of weights)")
+        report = int8_report(written)
+        int8_note = "" if report is None else (
+            f"; MPO factors int8 ({report['method']} quantization by onnxruntime): {report['factor_bytes']:,} bytes "
+            f"int8, {report['float_factor_bytes']:,} left float32; output within {report['relative_error']:.2%} "
+            "of the model on random inputs")
+        console.print(f"wrote {written} ({runtime.value} runtime, {onnx_weight_bytes(written):,} bytes of "
+                      f"weights{int8_note})")
     else:
         console.print(f"wrote {written}")
 
 
+def _export_error(exc: Exception) -> str:
+    """An export error in the CLI's terms (the Python call it suggests becomes the flag)."""
+    return (str(exc).replace("the dense runtime (set_factorized(model, False))", "--runtime dense")
+            .replace("pass int8=False", "add --float").replace("int8=True, but", "--int8, but"))
+
+
 def _export_user_model(folder: Path, fmt: str, out: Path, factory: Optional[str], inputs: Optional[Path],
-                       runtime: str) -> Path:
+                       runtime: str, overwrite: bool, int8: Optional[bool]) -> Path:
     import json
 
     from ..export import export_model
     from ..io import load
-    from .usermodels import build_model, read_inputs
+    from .usermodels import FACTORY_FILE, build_model, read_inputs
 
-    note = folder / "factory.json"
+    note = folder / FACTORY_FILE
     if factory is None and note.is_file():
         factory = json.loads(note.read_text()).get("factory")
     if factory is None:
@@ -548,9 +631,10 @@ def _export_user_model(folder: Path, fmt: str, out: Path, factory: Optional[str]
         _fail(f"--format {fmt} traces the model: pass --inputs FILE (safetensors with input0, input1, ...)")
     try:
         model = load(folder, build_model(factory, None)[0]).eval()
-        return export_model(model, fmt, out, None if inputs is None else read_inputs(inputs), runtime=runtime)
-    except ValueError as exc:
-        _fail(str(exc))
+        return export_model(model, out, fmt, None if inputs is None else read_inputs(inputs), runtime=runtime,
+                            overwrite=overwrite, int8=int8)
+    except (ValueError, OSError) as exc:
+        _fail(_export_error(exc))
 
 
 data_app = typer.Typer(help="Build the offline data sets.", no_args_is_help=True)

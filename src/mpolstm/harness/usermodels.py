@@ -27,14 +27,24 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..io import CONFIG_FILE, dequantize_cores, read_verified
+from ..io import CONFIG_FILE, WEIGHTS_FILE, dequantize_cores, read_verified
 from ..mpo import MPO
 from ..nn.registry import layer_type_of_mpo, mpo_class
+from ..nn.sparse import SUFFIX as SPARSE_SUFFIX
+from ..nn.sparse import index_parts, sparse_of
+from ..storage import file_data_bytes
 
-__all__ = ["load_factory", "build_model", "read_inputs", "describe_folder", "inspect_folder", "COMPRESSION_FILE"]
+__all__ = ["load_factory", "build_model", "read_inputs", "describe_folder", "describe_stored", "inspect_folder",
+           "compression_files", "COMPRESSION_FILE", "FACTORY_FILE", "STORED_WEIGHTS"]
 
 COMPRESSION_FILE = "compression.json"
 """Written by ``mpolstm compress`` beside the model: its report and the distillation steps run after it."""
+
+FACTORY_FILE = "factory.json"
+"""Written by ``mpolstm compress --factory`` beside the model: the factory of its dense architecture."""
+
+STORED_WEIGHTS = "recurrent-weights.safetensors"
+"""In every saved protocol row: its LSTM weights in their stored form (:func:`mpolstm.storage.pack_weights`)."""
 
 _WRAPPERS = ("model", "state_dict")
 
@@ -149,13 +159,30 @@ def _torch_shapes(probe: nn.Module) -> dict[str, tuple[int, ...]]:
     return {w: tuple(getattr(dense, w).shape) for w in probe.mpo_weights()}
 
 
+def _stored_keys(probe: nn.Module, name: str, weight: str) -> dict[str, list[str]]:
+    """The state_dict keys (under module ``name``) one MPO weight is stored in: "cores", "scales"
+    (int8 cores) and "sparse" (its sparse residual's values, scale and index parts)."""
+    prefix, int8 = f"{name}." if name else "", getattr(probe, "int8", False)
+    count = len(probe.mpo_weights()[weight])
+    keys = {"cores": [f"{prefix}{probe._cores_attr(weight)}.{k}" for k in range(count)],
+            "scales": [f"{prefix}{probe._scales_attr(weight)}.{k}" for k in range(count)] if int8 else [],
+            "sparse": []}
+    part = sparse_of(probe, weight)
+    if part is not None:
+        stored = [*index_parts(part.index_format, part.nnz, part.shape), "values", *(["scale"] if part.int8 else [])]
+        keys["sparse"] = [f"{prefix}{weight}{SPARSE_SUFFIX}.{key}" for key in stored]
+    return keys
+
+
 def describe_folder(folder: Path) -> list[dict[str, Any]]:
     """One entry per MPO weight of a folder written by ``mpolstm.save``, checked as ``load``
     checks it (:func:`mpolstm.io.read_verified`), from its files alone: name, torch's shape of
-    the weight, factors, bonds, params, ratio, entanglement entropy per bond, and the errors:
-    ``weight_error`` and ``output_error`` from ``mpolstm compress``'s report when the folder has
-    one, else ``recorded_error`` (what config.json recorded when the MPO was made); ``stored``
-    ("float32", or "int8" for cores with scales) and ``bytes`` (its cores and scales in the file)."""
+    the weight, factors, bonds, params (core entries plus the sparse residual's, layout
+    "lowrank+sparse"), ratio, entanglement entropy per bond, and the errors: ``weight_error`` and
+    ``output_error`` from ``mpolstm compress``'s report when the folder has one, else
+    ``recorded_error`` (what config.json recorded when the MPO was made); ``sparse`` (entries) and
+    ``index`` (their index format, or None); ``stored`` ("float32", or "int8" for cores with scales)
+    and ``bytes``: every tensor of the weight in the file (cores, scales, sparse values and index)."""
     folder = Path(folder)
     verified = read_verified(folder)
     tensors, record = verified.tensors(), _compression_record(folder)
@@ -168,47 +195,88 @@ def describe_folder(folder: Path) -> list[dict[str, Any]]:
             probe = cls.from_config(entry["config"])
             shapes = _torch_shapes(probe)
         prefix, int8 = f"{name}." if name else "", getattr(probe, "int8", False)  # shared layers have no cores
-        parts = {w: ([f"{prefix}{probe._cores_attr(w)}.{k}" for k in range(len(cores))],
-                     [f"{prefix}{probe._scales_attr(w)}.{k}" for k in range(len(cores))] if int8 else [])
-                 for w, cores in probe.mpo_weights().items()}
-        missing = [k for keys, scales in parts.values() for k in keys + scales if k not in tensors]
+        parts = {w: _stored_keys(probe, name, w) for w in probe.mpo_weights()}
+        missing = [k for keys in parts.values() for group in keys.values() for k in group if k not in tensors]
         if missing:
-            raise ValueError(f"{verified.weights_file}: missing cores or scales {missing[:3]} of module {name!r}")
+            raise ValueError(f"{verified.weights_file}: missing cores, scales or sparse parts {missing[:3]} of "
+                             f"module {name!r}")
         values = dequantize_cores(tensors, [(name, probe)], verified.weights_file) if int8 else tensors
-        for wname, (keys, scales) in parts.items():
-            mpo = MPO([values[k].double() for k in keys])
+        for wname, keys in parts.items():
+            mpo = MPO([values[k].double() for k in keys["cores"]])
+            part = sparse_of(probe, wname)
+            sparse = 0 if part is None else part.nnz
             weight = f"{prefix}{wname}"
             errors = record["errors"].get(weight, (None, None)) if record else None
             rows.append({
                 "weight": weight, "shape": shapes[wname], "in_factors": mpo.in_factors,
-                "out_factors": mpo.out_factors, "bonds": mpo.bond_dims, "params": mpo.num_params,
-                "ratio": math.prod(shapes[wname]) / mpo.num_params,
+                "out_factors": mpo.out_factors, "bonds": mpo.bond_dims, "params": mpo.num_params + sparse,
+                "ratio": math.prod(shapes[wname]) / (mpo.num_params + sparse),
                 **({"weight_error": errors[0], "output_error": errors[1]} if errors else
                    {"recorded_error": entry.get("errors", {}).get(wname)}),
                 "entropy": [float(e) for e in mpo.entanglement_entropy()],
                 "distill_steps": record["distill_steps"] if record else 0,
-                "stored": "int8" if int8 else str(tensors[keys[0]].dtype).removeprefix("torch."),
-                "bytes": sum(tensors[k].numel() * tensors[k].element_size() for k in keys + scales),
+                "sparse": sparse, "index": None if part is None else part.index_format,
+                "stored": "int8" if int8 else str(tensors[keys["cores"][0]].dtype).removeprefix("torch."),
+                "bytes": sum(_tensor_bytes(tensors[k]) for group in keys.values() for k in group),
             })
     return rows
+
+
+def _tensor_bytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _error(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _unlayered(folder: Path) -> str:
+    """What inspect says of a saved folder without MPO layers: dense, or pruned (its zeros counted; a
+    live torch.nn.utils.prune mask, ``<w>_orig`` and ``<w>_mask``, counts as ``orig * mask``)."""
+    tensors = read_verified(folder).tensors()
+    matrices = [tensors[k] * tensors[k.removesuffix("_orig") + "_mask"] if k.endswith("_orig") else tensors[k]
+                for k in tensors if "weight" in k and not k.endswith("_mask")]
+    matrices = [t for t in matrices if t.dim() >= 2 and t.is_floating_point()]
+    entries = sum(t.numel() for t in matrices)
+    nonzero = sum(int(torch.count_nonzero(t)) for t in matrices)
+    if entries and nonzero < entries:
+        return (f"{folder} has no MPO layers: a pruned model, its weight matrices {nonzero:,} non-zero of "
+                f"{entries:,} entries ({100 * nonzero / entries:.1f}%), stored dense in {WEIGHTS_FILE} "
+                f"({sum(map(_tensor_bytes, tensors.values())):,} bytes of tensors)")
+    return f"{folder} has no MPO layers (a dense model: {entries:,} weight entries)"
+
+
+def describe_stored(file: Path) -> str:
+    """A weights file of :func:`mpolstm.storage.save_packed` (a protocol row's stored LSTM weights): each
+    weight's format and bytes."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as fh:
+            formats = json.loads((fh.metadata() or {}).get("formats", "{}"))
+            sizes = {k: _tensor_bytes(fh.get_tensor(k)) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"{file}: not a stored-weights file ({exc})") from None
+    rows = [(w, fmt, sum(b for k, b in sizes.items() if k.startswith(w + "."))) for w, fmt in sorted(formats.items())]
+    width = max([len(w) for w, _, _ in rows] + [6])
+    lines = [f"{file.parent}: no model to load (no {CONFIG_FILE}); {file.name} holds a protocol row's weights in their "
+             f"stored form, {sum(sizes.values()):,} bytes (mpolstm.storage):"]
+    lines += [f"{w.ljust(width)}  {fmt.ljust(14)}  {b:,}" for w, fmt, b in rows]
+    return "\n".join(lines)
+
+
 def inspect_folder(folder: Path, rows: list[dict[str, Any]] | None = None) -> str:
     """``describe_folder`` (or its ``rows``) as a plain-text table (what ``mpolstm inspect`` prints)."""
     rows = describe_folder(folder) if rows is None else rows
     if not rows:
-        return f"{folder} has no MPO layers (a dense model)"
+        return _unlayered(Path(folder))
     reported = "weight_error" in rows[0]
     errors = ("weight error", "output error") if reported else ("error when made",)
-    header = ("weight", "shape", "in factors", "out factors", "bonds", "params", "ratio", *errors, "stored", "bytes",
-              "entropy per bond")
+    header = ("weight", "shape", "in factors", "out factors", "bonds", "sparse", "params", "ratio", *errors, "stored",
+              "bytes", "entropy per bond")
     table = [header] + [
         (r["weight"], "x".join(map(str, r["shape"])), str(r["in_factors"]), str(r["out_factors"]), str(r["bonds"]),
-         f"{r['params']:,}", f"{r['ratio']:.1f}x",
+         f"{r['sparse']:,} ({r['index']})" if r["sparse"] else "-", f"{r['params']:,}", f"{r['ratio']:.1f}x",
          *((_error(r["weight_error"]), _error(r["output_error"])) if reported else (_error(r["recorded_error"]),)),
          r["stored"], f"{r['bytes']:,}", " ".join(f"{e:.2f}" for e in r["entropy"]))
         for r in rows]
@@ -216,9 +284,12 @@ def inspect_folder(folder: Path, rows: list[dict[str, Any]] | None = None) -> st
     total = sum(r["params"] for r in rows)
     dense = sum(math.prod(r["shape"]) for r in rows)
     stored = sum(r["bytes"] for r in rows)
+    data = file_data_bytes(Path(folder) / WEIGHTS_FILE)
     lines = [f"{folder}: {len(rows)} MPO weights, {dense:,} -> {total:,} entries ({dense / total:.1f}x), "
              f"{stored:,} bytes as stored ({4 * dense / stored:.1f}x fewer than float32 dense); shapes as torch "
-             "holds the weights, in factors over their input side"]
+             "holds the weights, in factors over their input side",
+             f"{WEIGHTS_FILE}: {data:,} bytes of tensors: {stored:,} of these weights (cores, scales, sparse values "
+             f"and their index) and {data - stored:,} of the rest (biases, layers left dense)"]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
     if reported:
         lines.append("weight error: ||W - W'|| / ||W||; output error: the same on the --calibrate inputs (- without)")
@@ -231,16 +302,12 @@ def inspect_folder(folder: Path, rows: list[dict[str, Any]] | None = None) -> st
     return "\n".join(lines)
 
 
-def write_compression_record(folder: Path, report: Any, distill_steps: int) -> None:
-    """``compression.json``: what ``mpolstm compress`` did (its report, the distillation steps after it)."""
-    from ..atomic import atomic_write_bytes
-
+def compression_files(report: Any, distill_steps: int, factory: str | None) -> dict[str, bytes]:
+    """The files ``mpolstm compress`` writes beside the model: ``compression.json`` (its report, the
+    distillation steps after it) and, for a model from ``--factory``, ``factory.json`` (the factory its
+    dense architecture comes from)."""
     record = {"report": report.to_dict(), "distill_steps": distill_steps}
-    atomic_write_bytes(Path(folder) / COMPRESSION_FILE, json.dumps(record, indent=1, allow_nan=False).encode())
-
-
-def write_factory_note(folder: Path, factory: str) -> None:
-    """Record the factory a folder's dense architecture comes from (``factory.json``)."""
-    from ..atomic import atomic_write_bytes
-
-    atomic_write_bytes(Path(folder) / "factory.json", json.dumps({"factory": factory}).encode())
+    files = {COMPRESSION_FILE: json.dumps(record, indent=1, allow_nan=False).encode()}
+    if factory is not None:
+        files[FACTORY_FILE] = json.dumps({"factory": factory}).encode()
+    return files

@@ -69,6 +69,7 @@ class MPOWeights(Int8Cores, MPOModule):
 
     _weight_shapes: dict[str, tuple[int, int]]
     separate_bias = False  # a rank-D product adds its bias in its own op (set by the ONNX export)
+    sparse_csr = True  # eval-mode sparse parts multiply in CSR; False: dense (set by traced exports)
 
     # -- construction --------------------------------------------------------------------
     def _start_weights(self, num_cores: int) -> None:
@@ -170,13 +171,13 @@ class MPOWeights(Int8Cores, MPOModule):
 
     def _cores_config(self) -> dict[str, Any]:
         """The cores' part of the config: ``num_cores`` and, per weight, in_factors, out_factors,
-        bond_dims, and "sparse" (its sparse residual's entry count, layout "lowrank+sparse") when it
-        has one."""
+        bond_dims, and "sparse" (its sparse residual's entry count, layout "lowrank+sparse"; with
+        "sparse_index", its index format, and "sparse_int8" for int8 values) when it has one."""
         sparse = sparse_config(self)
         return {"num_cores": self.num_cores, "weights": {
             name: {"in_factors": list(in_f), "out_factors": list(out_f),
                    "bond_dims": list(mpo_math.bond_dims(self.mpo_weights()[name])),
-                   **({"sparse": sparse[name]} if name in sparse else {})}
+                   **sparse.get(name, {})}
             for name, (in_f, out_f) in self.factors.items()}}
 
     def _load_cores_config(self, config: Mapping[str, Any]) -> None:
@@ -187,7 +188,7 @@ class MPOWeights(Int8Cores, MPOModule):
             raise ValueError(f"config has weights {got}, expected {sorted(self._weight_shapes)}")
         for name, spec in weights.items():
             self._set_mpo(name, MPO(_config_cores(name, spec, self._init_stds[name])))
-        load_sparse_config(self, {"sparse": {n: spec["sparse"] for n, spec in weights.items() if "sparse" in spec}})
+        load_sparse_config(self, weights)
 
     # -- setting weights -----------------------------------------------------------------
     def _decompose_from(self, dense: Mapping[str, Tensor], max_bond, rel_tol,
@@ -317,12 +318,14 @@ class MPOWeights(Int8Cores, MPOModule):
                 return add_sparse_product(self, name, x, out)
             if bias is not None and prepared[3] == 1 and prepared[4] == 1:  # rank-D: (x A) B + b in two ops
                 if self.separate_bias:  # MatMul + Add (ONNX export): int8 tools quantize MatMul, not Gemm with a bias
-                    return torch.matmul(torch.matmul(x, prepared[0].t()), prepared[1]) + bias
-                return torch.addmm(bias, torch.mm(x, prepared[0].t()), prepared[1])
+                    out = torch.matmul(torch.matmul(x, prepared[0].t()), prepared[1]) + bias
+                else:
+                    out = torch.addmm(bias, torch.mm(x, prepared[0].t()), prepared[1])
+                return add_sparse_product(self, name, x, out, cache)
             out = mpo_math.halves_matmul(x, prepared)
         else:
             out = mpo_math.split_matmul(x, self._cores(name), plan[1])
-        out = add_sparse_product(self, name, x, out)
+        out = add_sparse_product(self, name, x, out, cache)
         return out if bias is None else out + bias
 
     def _halves(self, name: str, cache: dict[str, Any] | None) -> Halves:
@@ -442,5 +445,6 @@ class SingleWeightMPO(MPOWeights):
         return {self._factor_keys[0]: spec.pop("in_factors"), self._factor_keys[1]: spec.pop("out_factors"), **spec}
 
     def _load_cores_config(self, config: Mapping[str, Any]) -> None:
-        keys = dict(zip(("in_factors", "out_factors"), self._factor_keys), bond_dims="bond_dims", sparse="sparse")
+        keys = dict(zip(("in_factors", "out_factors"), self._factor_keys), bond_dims="bond_dims", sparse="sparse",
+                    sparse_index="sparse_index", sparse_int8="sparse_int8")
         super()._load_cores_config({"weights": {"weight": {k: config[c] for k, c in keys.items() if c in config}}})

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from ..mpo import Halves, halves_matmul
-from .sparse import sparse_parts
+from .sparse import sparse_operand
 
 __all__ = ["NUM_GATES", "cell_update", "loop_forward", "recurrence", "scan_recurrence"]
 
@@ -47,15 +47,18 @@ def cell_update(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor) -> Tupl
     return h_new, h_new
 
 
-def recurrence(mode: str, xproj: Tensor, h: Tensor, c: Tensor, hh: Halves, b_hh: Tensor
+def recurrence(mode: str, xproj: Tensor, h: Tensor, c: Tensor, hh: Halves, b_hh: Tensor, p_hh: List[Tensor]
                ) -> Tuple[Tensor, Tensor, Tensor]:
     """Run one layer and direction over time: ``xproj`` (T, N, G*H) the input products (bias
     included), h (N, H) and c (N, H) the initial state (c is only read by the LSTM: pass h for the
-    others), ``hh`` the merged halves of W_hh^T, ``b_hh`` (G*H) its bias (zeros for none). Returns
-    (outputs (T, N, H), h_T, c_T). No Optional types: they do not survive the ONNX export."""
+    others), ``hh`` the merged halves of W_hh^T, ``b_hh`` (G*H) its bias (zeros for none), ``p_hh``
+    W_hh's sparse part P (G*H, H) (``sparse.sparse_operand``) or nothing. Returns (outputs
+    (T, N, H), h_T, c_T). No Optional types: they do not survive the ONNX export."""
     outs: List[Tensor] = []
     for t in range(xproj.shape[0]):
         gh = halves_matmul(h, hh) + b_hh
+        for p in p_hh:
+            gh = gh + torch.mm(p, h.t()).t()
         h, c = cell_update(mode, xproj[t], gh, h, c)
         outs.append(h)
     return torch.stack(outs), h, c
@@ -97,24 +100,25 @@ def scan_recurrence(mode: str, xproj: Tensor, h: Tensor, c: Tensor, recurrent: P
 
 def _loop_product(rnn, name: str, cache: dict | None, bias: Tensor | None) -> Product:
     """h W^T (+ bias) inside the loop over time as (f, tensors), W prepared once before it: the
-    merged halves (factorized runtime) or the rebuilt weight."""
+    merged halves and a sparse part (factorized runtime) or the rebuilt weight."""
     extra = () if bias is None else (bias,)
     if rnn.factorized:
         left, right, *dims = rnn._halves(name, cache)
+        p = sparse_operand(rnn, name, cache)
+        sparse = () if p is None else (p,)
 
-        def through_halves(h: Tensor, left: Tensor, right: Tensor, *b: Tensor) -> Tensor:
+        def through_halves(h: Tensor, left: Tensor, right: Tensor, *rest: Tensor) -> Tensor:
             out = halves_matmul(h, (left, right, *dims))
-            return out + b[0] if b else out
+            if sparse:
+                out = out + torch.mm(rest[0], h.t()).t()
+            return out + rest[-1] if len(rest) > len(sparse) else out
 
-        return through_halves, (left, right, *extra)
+        return through_halves, (left, right, *sparse, *extra)
     return (lambda h, weight, *b: F.linear(h, weight, *b)), (rnn._dense(name, cache), *extra)
 
 
 def _check_loop_input(rnn, input) -> None:
     name = type(rnn).__name__
-    if rnn.factorized and sparse_parts(rnn):
-        raise ValueError(f"{name}: the factorized runtime does not run sparse residuals (layout "
-                         "'lowrank+sparse'); use the dense runtime (set_factorized(model, False))")
     if rnn.factorized and (isinstance(input, PackedSequence) or rnn.proj_size > 0):
         raise ValueError(f"{name}: the factorized runtime runs padded sequences without "
                          "proj_size; a PackedSequence or proj_size > 0 needs the dense runtime")
@@ -132,8 +136,8 @@ def loop_forward(rnn, input: Tensor, hx=None):
     Per layer and direction: the input products of all time steps as one batched product, then the
     loop over time with W_hh: ``recurrence`` compiled by TorchScript (a dynamic time axis survives
     tracing and ONNX export as a ``Loop``; torch.compile runs it outside its graph) or, under
-    torch.export, ``scan_recurrence``. Padded sequences only; the factorized runtime runs neither
-    proj_size nor sparse residuals."""
+    torch.export, ``scan_recurrence``. A sparse part (layout "lowrank+sparse") multiplies as
+    ``sparse.sparse_operand`` says. Padded sequences only; the factorized runtime does not run proj_size."""
     _check_loop_input(rnn, input)
     batched = input.dim() == 3
     x = input if batched else input.unsqueeze(0 if rnn.batch_first else 1)
@@ -189,7 +193,9 @@ def _run_direction(rnn, sfx: str, cache: dict | None, xproj: Tensor, h: Tensor, 
     if torch.compiler.is_exporting():
         projection = _loop_product(rnn, f"weight_hr{sfx}", cache, None) if rnn.proj_size > 0 else None
         return scan_recurrence(rnn.mode, xproj, h, c, _loop_product(rnn, f"weight_hh{sfx}", cache, b_hh), projection)
-    args = (rnn.mode, xproj, h, c, rnn._halves(f"weight_hh{sfx}", cache), xproj.new_zeros(()) if b_hh is None else b_hh)
+    p_hh = sparse_operand(rnn, f"weight_hh{sfx}", cache)
+    args = (rnn.mode, xproj, h, c, rnn._halves(f"weight_hh{sfx}", cache), xproj.new_zeros(()) if b_hh is None else b_hh,
+            [] if p_hh is None else [p_hh.to(xproj.dtype)])
     if torch.compiler.is_compiling():  # outside the graph, as torch's fused RNN kernels (Inductor fails on scan here)
         return torch.compiler.disable(_run_scripted, reason="the factorized runtime's TorchScript loop")(*args)
     return _run_scripted(*args)

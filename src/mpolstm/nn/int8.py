@@ -6,7 +6,8 @@ scale per slice along the core's larger bond, :func:`~mpolstm.mpo.core_scale_sha
 per weight, ``<weight>_scales.<k>`` (``scales.<k>``) beside ``<weight>_cores.<k>``, so they follow
 ``state_dict`` and deepcopy, and stay float32 under ``.to(dtype)``. The config of such a layer
 carries ``"int8": true`` and ``from_config`` creates placeholder scales (``nn.base``). Compute stays
-in float on the dequantized cores.
+in float on the dequantized cores. A sparse residual (layout "lowrank+sparse", ``nn.sparse``) is rounded
+too, with one float32 scale of its own (``<weight>_sparse.scale``), and io writes its values as int8.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ..mpo import core_scale_shape, dequantize_int8, quantize_core
+from .sparse import SUFFIX as SPARSE
+from .sparse import sparse_parts
 
 __all__ = ["Int8Cores", "Scales"]
 
@@ -76,11 +79,15 @@ class Int8Cores:
                 core.copy_(dequantize_int8(q, scale, core.dtype))
                 scales[name].append(scale)
         self._set_scales(scales)
+        for part in sparse_parts(self).values():  # a hybrid's sparse values: one scale each
+            part.quantize_()
 
     def _int8_keys(self) -> dict[str, str]:
-        """{state_dict key of each core: that of its scales} of an int8 module (io reads and writes these)."""
-        return {f"{self._cores_attr(n)}.{k}": f"{self._scales_attr(n)}.{k}"
+        """{state_dict key of each core (and of int8 sparse values): that of its scales} of an int8 module
+        (io reads and writes these)."""
+        keys = {f"{self._cores_attr(n)}.{k}": f"{self._scales_attr(n)}.{k}"
                 for n in self._weight_shapes for k in range(len(self._cores(n)))}
+        return keys | {f"{n}{SPARSE}.values": f"{n}{SPARSE}.scale" for n, p in sparse_parts(self).items() if p.int8}
 
     @torch.no_grad()
     def _int8_values(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -100,4 +107,10 @@ class Int8Cores:
                                      "int8 grid (trained or edited after quantize); call mpolstm.quantize(model) "
                                      "again")
                 out[f"{self._cores_attr(name)}.{k}"] = (q.cpu(), scale.cpu())
+        for name, part in sparse_parts(self).items():
+            if part.int8:
+                try:
+                    out[f"{name}{SPARSE}.values"] = part.int8_values()
+                except ValueError as exc:
+                    raise ValueError(f"{type(self).__name__}: {name}{SPARSE}: {exc}") from None
         return out

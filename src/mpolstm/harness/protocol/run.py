@@ -27,6 +27,7 @@ from ..distributed import barrier, is_main, setup
 from ..tasks import save_model
 from ..tasks.base import Task
 from ..training import Distillation, evaluate, fit, seed_everything
+from ..usermodels import STORED_WEIGHTS
 from .measure import compressed_params, dense_params, latencies, recurrent_weight_names
 from .report import markdown_table, plot_results
 from .paper import PAPER_BONDS, PAPER_ROWS, paper_lstm
@@ -107,8 +108,6 @@ def _train(task: Task, seed: int, runs: Path, resume: bool, log: Callable[[str],
     return sum(record["time_s"] for record in result.history)
 
 
-STORED_WEIGHTS = "recurrent-weights.safetensors"
-"""In every saved row model: the LSTM weights in their stored form (:func:`mpolstm.storage.pack_weights`)."""
 
 
 def _is_quantized(model: nn.Module) -> bool:
@@ -128,7 +127,7 @@ def _record(task: Task, out: Path, dense_count: int, log: Callable[[str], None],
     file_bytes = stored
     if is_main():
         if task.architecture and not _is_quantized(model):  # torch's quantized modules: stored weights only
-            save_model(model, trained.architecture or task.architecture, folder)
+            save_model(model, trained.architecture or task.architecture, folder, overwrite=True)  # a rerun row
         folder.mkdir(parents=True, exist_ok=True)
         file_bytes = file_data_bytes(save_packed(tensors, formats, folder / STORED_WEIGHTS))
     metric = evaluate(model, task.test_loader, task.metric, forward_fn=task.forward_fn)

@@ -36,14 +36,14 @@ def build_architecture(spec: Mapping[str, Any]) -> nn.Module:
     return _task_of(spec).build_model(spec["kwargs"])
 
 
-def save_model(model: nn.Module, spec: Mapping[str, Any], path: str | Path) -> Path:
-    """Save a (compressed or dense) task model with :func:`mpolstm.io.save` plus its architecture."""
-    from ...atomic import atomic_write_bytes
+def save_model(model: nn.Module, spec: Mapping[str, Any], path: str | Path, *, overwrite: bool = False,
+               files: Mapping[str, bytes] | None = None) -> Path:
+    """Save a (compressed or dense) task model with :func:`mpolstm.io.save` plus its architecture (and
+    ``files``), as one folder; ``overwrite`` as for :func:`mpolstm.io.save`."""
     from ...io import save
 
-    out = save(model, path)
-    atomic_write_bytes(out / ARCHITECTURE_FILE, json.dumps(dict(spec), indent=2).encode())
-    return out
+    architecture = {ARCHITECTURE_FILE: json.dumps(dict(spec), indent=2).encode()}
+    return save(model, path, overwrite=overwrite, files={**architecture, **(files or {})})
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -55,6 +55,12 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a saved model folder (expected a directory from mpolstm train/reproduce)")
     if not spec_file.is_file():
+        from ..usermodels import STORED_WEIGHTS
+
+        if (folder / STORED_WEIGHTS).is_file() and not (folder / "config.json").exists():
+            raise ValueError(f"{folder} holds only a protocol row's stored LSTM weights ({STORED_WEIGHTS}; torch's int8 "
+                             "model cannot be saved as a model): nothing to load. Compress the dense model of the same "
+                             "run (models/dense) instead, with --int8 for int8 cores")
         raise ValueError(f"{folder} has no {ARCHITECTURE_FILE}; it was not saved by mpolstm's task commands")
     try:
         spec = json.loads(spec_file.read_text())
@@ -73,16 +79,16 @@ def example_inputs(spec: Mapping[str, Any], batch: int = 2, steps: int = 5) -> t
 
 
 def export_task_model(model: nn.Module, spec: Mapping[str, Any], fmt: str, path: str | Path,
-                      runtime: str = "factorized") -> Path:
+                      runtime: str = "factorized", overwrite: bool = False, int8: bool | None = None) -> Path:
     """Export a task model: traced formats from :func:`example_inputs` of its ``spec`` in ``runtime``
     (mpolstm.export.RUNTIMES); the dense format as a task model folder (with ``architecture.json``)
-    that :func:`load_model` reads."""
+    that :func:`load_model` reads. ``overwrite`` and ``int8`` as for :func:`mpolstm.export.export_model`."""
     from ...export import export_dense, export_model
 
     if fmt != "dense":
-        return export_model(model, fmt, path, example_inputs(spec), runtime=runtime)
+        return export_model(model, path, fmt, example_inputs(spec), runtime=runtime, overwrite=overwrite, int8=int8)
 
-    def write(dense: nn.Module, folder: Path) -> None:
+    def write(dense: nn.Module, folder: Path, overwrite: bool) -> None:
         with torch.device("meta"):
             reference = build_architecture(spec)
         expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
@@ -91,6 +97,6 @@ def export_task_model(model: nn.Module, spec: Mapping[str, Any], fmt: str, path:
             diff = sorted(set(expected.items()) ^ set(got.items()))
             raise ValueError(f"the dense model does not match its architecture {dict(spec)}: "
                              f"parameters differ in {diff[:6]}")
-        save_model(dense, spec, folder)
+        save_model(dense, spec, folder, overwrite=overwrite)
 
-    return export_dense(model, path, write)
+    return export_dense(model, path, write, overwrite=overwrite, int8=int8)
