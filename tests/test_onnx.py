@@ -264,6 +264,20 @@ def test_save_refuses_foreign_layers_and_writes_nothing(tmp_path):
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()
 
 
+def test_save_refuses_an_existing_file_unless_overwrite(tmp_path):
+    export_tagger(tmp_path / "m.onnx", nn.GRU, bidirectional=False)
+    model = mo.load(tmp_path / "m.onnx")
+    (tmp_path / "out.onnx").write_bytes(b"old")
+    with pytest.raises(ValueError, match="already exists"):
+        mo.save(model, tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx").read_bytes() == b"old"
+    mo.save(model, tmp_path / "out.onnx", overwrite=True)
+    assert onnx.load(str(tmp_path / "out.onnx")).graph.node
+    with pytest.raises(ValueError, match="already exists"):
+        mo.compress_file(tmp_path / "m.onnx", tmp_path / "out.onnx", mpolstm.CompressionConfig(target_ratio=2))
+    assert mo.save(model, tmp_path / "new" / "out.onnx").is_file()  # missing parents are created
+
+
 def test_step_file_adds_the_states_a_graph_keeps_inside(tmp_path):
     """An LSTM whose initial states are not graph inputs: the step file makes them inputs (h and c)."""
     graph = recurrent_graph("LSTM", hidden=4)

@@ -100,5 +100,17 @@ def test_inspect_refuses_a_damaged_file_and_compress_an_existing_output(files, t
     assert result.exit_code == 2 and result.output.startswith("error: ")
     (tmp_path / "taken.onnx").write_bytes(b"keep")
     result = runner.invoke(app, ["compress", str(files / "m.onnx"), str(tmp_path / "taken.onnx"), "--ratio", "2"])
-    assert result.exit_code == 2 and "already exists" in result.output
+    assert result.exit_code == 2 and "already exists" in result.output and "--overwrite" in result.output
     assert (tmp_path / "taken.onnx").read_bytes() == b"keep"
+
+
+def test_overwrite_replaces_an_existing_output_and_parents_are_created(files, tmp_path):
+    """The rule of every mpolstm output (issue 27) holds for ONNX files too."""
+    (tmp_path / "taken.onnx").write_bytes(b"old")
+    result = runner.invoke(app, ["compress", str(files / "m.onnx"), str(tmp_path / "taken.onnx"), "--ratio", "2",
+                                 "--overwrite"])
+    assert result.exit_code == 0, result.output
+    onnx.checker.check_model(onnx.load(str(tmp_path / "taken.onnx")))
+    nested = tmp_path / "a" / "b" / "out.onnx"
+    result = runner.invoke(app, ["compress", str(files / "m.onnx"), str(nested), "--ratio", "2"])
+    assert result.exit_code == 0 and nested.is_file(), result.output

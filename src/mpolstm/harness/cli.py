@@ -421,7 +421,7 @@ def compress_cmd(
         return _onnx_command("compress_onnx", paths, factory=factory, weights=weights, target=target,
                              max_bond=max_bond, rel_tol=rel_tol, ratio=ratio, max_macs=max_macs, num_cores=num_cores,
                              layout=layout, calibrate=calibrate, distill_steps=distill_steps, batch_size=batch_size,
-                             int8=int8)
+                             int8=int8, overwrite=overwrite)
     if len(paths) not in (1, 2) or (len(paths) == 1) != (factory is not None):
         _fail("usage: mpolstm compress IN OUT, or mpolstm compress --factory MOD:FN [--weights FILE] OUT")
     model_in, model_out = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])

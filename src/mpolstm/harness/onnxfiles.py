@@ -17,7 +17,7 @@ __all__ = ["compress_onnx", "inspect_onnx"]
 def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optional[Path], target: str,
                   max_bond: Optional[int], rel_tol: Optional[float], ratio: Optional[float], max_macs: Optional[int],
                   num_cores: int, layout: str, calibrate: Optional[Path], distill_steps: int, batch_size: int,
-                  int8: bool) -> Iterator[str]:
+                  int8: bool, overwrite: bool) -> Iterator[str]:
     """Run ``mpolstm.onnx.compress_file`` for the compress command's flags; yields the lines to print.
     ``--target`` names layers (node names, non-identifier characters as _); its default ("lstm")
     means the graph's recurrent layers. Distillation uses the MSE of the outputs."""
@@ -34,8 +34,10 @@ def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optiona
         raise ValueError(f"model {source} does not exist")
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"output {out}: an ONNX model is written as an ONNX file (OUT.onnx)")
-    if out.exists():
-        raise ValueError(f"output {out} already exists; choose a new path")
+    if out.is_dir():
+        raise ValueError(f"OUT {out} is a folder; an ONNX model is written as one file (OUT.onnx)")
+    if out.exists() and not overwrite:
+        raise ValueError(f"OUT {out} already exists; choose a new path, or add --overwrite to replace it")
     if distill_steps and calibrate is None:
         raise ValueError("--distill-steps needs --calibrate (the inputs to distil on)")
     targets = [t.strip() for t in target.split(",") if t.strip()]
@@ -45,7 +47,7 @@ def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optiona
     inputs = read_inputs(calibrate, "--calibrate") if calibrate is not None else None
     report, _ = compress_file(source, out, config, calibration=None if inputs is None else [inputs],
                               distill_steps=distill_steps, batch_size=batch_size, int8=int8,
-                              progress=distill_steps > 0)
+                              progress=distill_steps > 0, overwrite=overwrite)
     yield str(report).rstrip()
     if distill_steps:
         yield f"distilled {distill_steps} steps on the --calibrate inputs (MSE of the outputs; the errors above " \

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, check_target
 from ..compression import CompressionConfig, CompressionReport, compress
 from ..distill import distill
 from ..errors import ConfigError, must_be
@@ -84,7 +84,7 @@ def _rows(model: OnnxModel, batches: list[tuple[Tensor, ...]], size: int) -> lis
 def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: CompressionConfig, *,
                   calibration: Any = None, distill_steps: int = 0, batch_size: int = 32, loss: str = "mse",
                   int8: bool = False, step: str | os.PathLike | None = None, progress: bool = False,
-                  ) -> tuple[CompressionReport, OnnxModel]:
+                  overwrite: bool = False) -> tuple[CompressionReport, OnnxModel]:
     """Compress the ONNX model ``source`` under ``config`` (its ``target_modules`` name the
     layers: node names with other characters than letters, digits and _ replaced by _; None
     selects the recurrent layers, or every layer of a graph without one) and write it to
@@ -93,7 +93,12 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
     (see :func:`as_batches`) for calibrated compression and distillation; ``distill_steps``:
     then distil from the original for that many steps (``loss`` on the outputs, batches of
     ``batch_size`` rows of the calibration inputs); ``int8``: int8 MatMul weights; ``step``: also
-    write the streaming step file there. Returns (the report, the compressed model)."""
+    write the streaming step file there. An existing ``target`` (or ``step``) is refused before any
+    work unless ``overwrite``; missing parents are created; nothing is written on failure.
+    Returns (the report, the compressed model)."""
+    outputs = [Path(target)] + ([] if step is None else [Path(step)])
+    for path in outputs:
+        check_target(path, overwrite, folder=False)
     model = load(source)
     if not model.layers:
         raise ValueError(f"{source}: no LSTM, GRU, MatMul / Gemm with a constant weight or Conv node to compress")
@@ -114,8 +119,6 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
     if step is not None:
         files[Path(step)] = to_bytes(model, step=True, int8=int8, record=record)
     for path, data in files.items():
-        if not path.parent.is_dir() or path.is_dir():
-            raise ValueError(f"{path}: expected a file path in an existing folder")
-    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data)
     return report, model

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, check_target
 from ..export import export_onnx, export_step
 from ..mpo import MPO
 from ..nn import is_mpo_module
@@ -334,12 +334,15 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
 
 
 def save(model: OnnxModel, path: str | os.PathLike, *, step: bool = False, int8: bool = False,
-         check: bool = True, record: dict[str, Any] | None = None) -> Path:
+         check: bool = True, record: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write ``model`` (from :func:`mpolstm.onnx.load`, then compressed, pruned or fine-tuned) as
     an ONNX file at ``path``; see the module docstring. ``record``: extra JSON-able facts stored in
-    the metadata beside the layer descriptions (``mpolstm compress`` stores its report). Returns ``path``."""
+    the metadata beside the layer descriptions (``mpolstm compress`` stores its report). As every
+    output of mpolstm: an existing file is refused unless ``overwrite``, missing parents are created,
+    the file is written atomically. Returns ``path``."""
     path = Path(path)
-    if not path.parent.is_dir() or path.is_dir():
-        raise ValueError(f"{path}: expected a file path in an existing folder")
-    atomic_write_bytes(path, to_bytes(model, step=step, int8=int8, check=check, record=record))
+    check_target(path, overwrite, folder=False)
+    data = to_bytes(model, step=step, int8=int8, check=check, record=record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
     return path
