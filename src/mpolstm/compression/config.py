@@ -180,10 +180,10 @@ class CompressionConfig:
         positions stay fixed.
     allocation: "error" (default): sizes by the per-matrix (output) errors; "output" (budget and
         calibration as a list of at least 2 batches needed): each weight's output sensitivity is
-        measured on the even-numbered batches and weights the allocator's objective; the model's
-        output error on the odd-numbered (held-out) ones keeps that allocation only when it is at
-        least 2% lower there than the per-matrix one's (compression/output_aware.py). The report
-        says which won and by how much.
+        measured on the even-numbered batches, and the model's output error on the odd-numbered
+        (held-out) ones decides between the per-matrix allocation, uniform ratios and the
+        sensitivity-weighted allocation; another than the per-matrix one only when it is at least
+        2% better there (compression/output_aware.py). The report says which won and by how much.
     refit: with calibration, refit every compressed weight (sizes kept) to the inputs the
         already-compressed upstream model feeds it, module by module (compression/refit.py).
     """

@@ -30,7 +30,7 @@ FLOOR_BOND = 2
 
 class Sizing:
     """The targets with their settings, and their layout candidates (exact spectra, computed
-    when first needed, then kept): ``allocate`` under budgets, ``bounded`` without."""
+    when first needed, then kept): ``allocate`` / ``uniform`` under a budget, ``bounded`` without."""
 
     def __init__(self, targets: Sequence[Target], settings: dict[str, ModuleSettings]) -> None:
         self.targets = list(targets)
@@ -95,6 +95,23 @@ class Sizing:
             for i, point in zip(rest, points):
                 fits[i] = self.fit_point(i, point)
         return fits  # type: ignore[return-value]
+
+    def uniform(self, budget: int) -> list[Fit] | None:
+        """Every weight at the same ratio (budget in proportion to its size), each in its best
+        layout at that size; None when some weight cannot be made that small."""
+        total, fits = sum(self.sizes), []
+        for i, size in enumerate(self.sizes):
+            share = int(budget * size / total)
+            if self.sized_by_params(i):
+                fits.append(self.fit_params(i, share))
+                continue
+            try:
+                point = allocate([[c.model for c in self.candidates(i)]], scales=[1.0], limits=[size], max_params=share,
+                                 floor=FLOOR_BOND)[0]
+            except ValueError:
+                return None
+            fits.append(self.fit_point(i, point))
+        return fits
 
     def bounded(self) -> list[Fit]:
         """One Fit per target under its max_bond / rel_tol: the layout with the fewest parameters."""
