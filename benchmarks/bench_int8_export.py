@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -39,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench_deploy import median_seconds  # this folder is on sys.path when the script runs
 from mpolstm import quantize
 from mpolstm.compression import CompressionConfig, compress
 from mpolstm.export import export_step, onnx_weight_bytes
@@ -115,16 +114,6 @@ def error_after_steps(module: nn.Module, sess) -> float:
             _, h, c = sess.run(None, {"frame": frame.numpy(), "state0": h, "state1": c})
     ref = state[0].numpy()
     return float(np.linalg.norm(h - ref) / np.linalg.norm(ref))
-
-
-def median_seconds(fn, min_time: float) -> float:
-    fn()
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < min_time or len(times) < 5:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def measure(hidden: int, ratio: float, latency: bool, rounds: int, min_time: float) -> list[dict]:

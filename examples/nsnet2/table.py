@@ -111,7 +111,8 @@ def load_data(rate: int, n_test: int, n_calib: int, crop: int, batch: int, corpu
     test = [corpus["test"][k] for k in range(min(n_test, len(corpus["test"])))]
     train = corpus["train"].noisy
     calib_crops = _crops(train[:n_calib], rate, calib_crop)
-    calib = _batches(calib_crops, min(16, len(calib_crops)), shuffle=False) if calib_crops else []
+    # 16 crops a batch, and at least 2 batches (allocation="output" holds every second one out)
+    calib = _batches(calib_crops, max(1, min(16, len(calib_crops) // 2)), shuffle=False) if calib_crops else []
     distill = _batches(_crops(train[:n_distill], rate, crop), batch, shuffle=True)
     return Data(rate, test, calib, distill)
 
