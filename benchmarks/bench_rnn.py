@@ -114,6 +114,9 @@ def compiled_training(hidden: int, rounds: int, ratio: float = 10.0, batch: int 
         def forward(self, x):
             return self.lstm(x)
 
+    # a fresh compiler per size, as in a user's process: after a first size Dynamo would recompile
+    # the same forward with dynamic shapes (measured 0.83 s against 0.42 s per 2x512 step)
+    torch._dynamo.reset()
     torch.manual_seed(0)
     dense = nn.LSTM(256, hidden, num_layers=2)
     mpo_host, _ = compress(Host(nn.LSTM(256, hidden, num_layers=2)), CompressionConfig(target_ratio=ratio))
