@@ -30,9 +30,7 @@ from torch.nn import functional as F
 
 from .. import mpo as mpo_math
 from ..mpo import MPO, Factors, Halves, TruncationReport, default_factors, random_cores, resolve_factors
-# moved to mpolstm.mpo (int8 grid, merged halves, factors); still importable from here
-from ..mpo import (core_scale_shape, dequantize_int8, halves_matmul, init_cores_, merged_halves,  # noqa: F401
-                   prepare_halves, quantize_core, quantize_int8)
+from ..mpo import halves_matmul, merged_halves, prepare_halves
 from .int8 import Int8Cores
 from .registry import MPOModule
 from .sparse import add_sparse_product, load_sparse_config, sparse_config, sparse_params, with_sparse
