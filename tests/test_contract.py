@@ -318,6 +318,16 @@ def test_torch_compile_traces_every_registered_type(torch_type):
                                    backend="aot_eager_decomp_partition")
 
 
+def _inductor_without_vector_isa() -> bool:
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return not pick_vec_isa()
+
+
+@pytest.mark.skipif(_inductor_without_vector_isa(), reason=(
+    "Inductor has no vector ISA here (ATEN_CPU_CAPABILITY=default, or a CPU without AVX2) and torch 2.13 then "
+    "emits a vectorized transpose it does not declare for the rebuild's small permutes (a C++ compile error in "
+    "torch; README, PyTorch 2); the aot_eager test above still checks the traced graphs"))
 @pytest.mark.parametrize("training", [True, False], ids=["train-backward", "eval-no-grad"])
 def test_torch_compile_with_inductor_runs_a_compressed_lstm(training):
     """torch.compile's defaults (Inductor) on a model holding an MPOLSTM (it failed there before:
