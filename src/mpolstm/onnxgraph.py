@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["check_outputs", "constants_as_initializers", "dynamic_int8", "graphs", "onnx_modules", "referenced",
+__all__ = ["check_outputs", "constants_as_initializers", "dedupe_tensors", "dynamic_int8", "graphs", "onnx_modules", "referenced",
            "relative_error", "run_onnxruntime", "subgraphs", "weight_bytes"]
 
 
@@ -135,3 +135,66 @@ def dynamic_int8(data: bytes, exclude: Sequence[str] = (), subgraphs: bool = Fal
             finally:
                 logging.disable(logging.NOTSET)
         return target.read_bytes()
+
+
+
+def _held(tree: list, min_size: int) -> list[tuple[int, str, np.ndarray]]:
+    """(graph index in ``tree``, name, values) of every initializer and Constant node tensor of at least
+    ``min_size`` entries in the graphs ``tree``."""
+    _, numpy_helper = onnx_modules()
+    out = []
+    for k, graph in enumerate(tree):
+        tensors = [(t.name, t) for t in graph.initializer]
+        tensors += [(n.output[0], n.attribute[0].t) for n in graph.node if n.op_type == "Constant" and
+                    len(n.attribute) == 1 and n.attribute[0].type == n.attribute[0].TENSOR]
+        out += [(k, name, numpy_helper.to_array(t)) for name, t in tensors if np.prod(t.dims) >= min_size]
+    return out
+
+
+def _drop(graph, names: set[str]) -> None:
+    """Delete the initializers and Constant nodes named ``names`` from ``graph``."""
+    kept = [t for t in graph.initializer if t.name not in names]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in names)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def dedupe_tensors(model, min_size: int = 16) -> int:
+    """Store every weight once, in place: initializers and Constant tensors (of at least ``min_size``
+    entries, in any graph, a Loop's body too) with the same dtype and values become one initializer of
+    the main graph that every reader reads (copies deleted, readers rewired; a copy of another shape
+    becomes a Reshape of it). Returns the bytes saved."""
+    onnx, numpy_helper = onnx_modules()
+    tree = graphs(model.graph)
+    interface = {v.name for g in tree for v in [*g.input, *g.output]}
+    groups: dict[tuple, list] = {}
+    for k, name, array in _held(tree, min_size):
+        if name not in interface:
+            groups.setdefault((array.dtype.str, array.tobytes()), []).append((k, name, array))
+    top = {t.name for t in model.graph.initializer}
+    drop: dict[int, set[str]] = {}
+    renames, hoisted, saved = {}, [], 0
+    for copies in (c for c in groups.values() if len(c) > 1):
+        keep = next((c for c in copies if c[0] == 0 and c[1] in top), copies[0])
+        if keep[0] != 0 or keep[1] not in top:  # the kept copy becomes an initializer of the main graph
+            drop.setdefault(keep[0], set()).add(keep[1])
+            hoisted.append(numpy_helper.from_array(keep[2], keep[1]))
+        for k, name, array in (c for c in copies if c is not keep):
+            drop.setdefault(k, set()).add(name)
+            saved += array.nbytes
+            if array.shape == keep[2].shape:
+                renames[name] = keep[1]
+                continue
+            shape = numpy_helper.from_array(np.asarray(array.shape, np.int64), f"{name}_shape")
+            tree[k].initializer.append(shape)
+            tree[k].node.insert(0, onnx.helper.make_node("Reshape", [keep[1], shape.name], [name]))
+    for k, names in drop.items():
+        _drop(tree[k], names)
+    model.graph.initializer.extend(hoisted)
+    for graph in tree:
+        for node in graph.node:
+            for slot, name in enumerate(node.input):
+                node.input[slot] = renames.get(name, name)
+    return saved

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_write_bytes
 from ..nn.base import MPOWeights
-from ..onnxgraph import constants_as_initializers, onnx_modules, subgraphs, weight_bytes
+from ..onnxgraph import constants_as_initializers, dedupe_tensors, onnx_modules, subgraphs, weight_bytes
 from .int8 import int8_onnx
 from .trace import ExportJob, export_with, first_line, quiet, trace
 
@@ -72,12 +72,14 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], pat
 
 
 def _constants_as_initializers(model_bytes: bytes) -> bytes:
-    """The ONNX model with its mostly-zero matrices as sparse initializers (:func:`_sparse_constants`)
-    and its top-level large constants as initializers (``onnxgraph.constants_as_initializers``)."""
+    """The ONNX model with its mostly-zero matrices as sparse initializers (:func:`_sparse_constants`),
+    its top-level large constants as initializers (``onnxgraph.constants_as_initializers``) and each
+    weight once (``onnxgraph.dedupe_tensors``: a step unrolled by the trace reads the same constants)."""
     onnx, _ = onnx_modules()
     model = onnx.load_from_string(model_bytes)
     _sparse_constants(model.graph, model.graph)
     constants_as_initializers(model.graph)
+    dedupe_tensors(model)
     return model.SerializeToString()
 
 

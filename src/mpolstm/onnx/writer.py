@@ -42,7 +42,7 @@ from ..export import export_onnx, export_step
 from ..mpo import MPO
 from ..nn import is_mpo_module
 from ..nn.sparse import sparse_parts
-from ..onnxgraph import check_outputs, dynamic_int8, onnx_modules, referenced, run_onnxruntime, subgraphs
+from ..onnxgraph import check_outputs, dedupe_tensors, dynamic_int8, onnx_modules, referenced, run_onnxruntime, subgraphs
 from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_tensors, linear_tensors, recurrent_tensors,
                      run_conv, run_recurrent, step_recurrent)
 from .model import OnnxModel, Step
@@ -275,6 +275,7 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
         values = work.values(*examples)
     _layers_into(proto.graph, work, values, opset, rewired)
     _prune(proto.graph)
+    dedupe_tensors(proto)  # layers exported one by one: a tied or shared weight, once
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = max(entry.version, opset)
