@@ -67,7 +67,8 @@ def _rebuilt_weights_in(arrays: list, model: nn.Module) -> list:
     dense = [w.detach().numpy() for n, w in densify(copy.deepcopy(model)).named_parameters() if w.dim() >= 2
              and "weight" in n]
     return [a.shape for a in arrays for w in dense if a.size == w.size and a.ndim >= 2 and
-            (np.allclose(a.reshape(w.shape), w, atol=1e-6) or np.allclose(a.reshape(-1, w.shape[0]).T, w.reshape(w.shape[0], -1), atol=1e-6))]
+            (np.allclose(a.reshape(w.shape), w, atol=1e-6) or
+             np.allclose(a.reshape(-1, w.shape[0]).T, w.reshape(w.shape[0], -1), atol=1e-6))]
 
 
 def _grid() -> list:
@@ -88,7 +89,8 @@ def test_each_file_holds_the_models_runtime_weights_once(tmp_path, layout, fmt):
     path = export_model(small, tmp_path / f"m.{fmt}", fmt, x, int8=int8)
     held, model_bytes = file_weight_bytes(path), runtime_weight_bytes(small)
     if (layout, fmt) == ("lowrank+sparse", "executorch"):  # the program also keeps the sparse parts' int64
-        model_bytes += sum(b.numel() * b.element_size() for n, b in small.named_buffers() if n.endswith("_sparse.index"))
+        model_bytes += sum(b.numel() * b.element_size() for n, b in small.named_buffers()
+                           if n.endswith("_sparse.index"))
     assert held <= 1.05 * model_bytes, (held, model_bytes)
     if layout == "int8" and int8 is None:  # int8 factors: well under the float model
         assert held < 0.8 * model_bytes
@@ -96,6 +98,8 @@ def test_each_file_holds_the_models_runtime_weights_once(tmp_path, layout, fmt):
         assert held >= 0.95 * model_bytes
     if fmt == "onnx":
         assert held == onnx_weight_bytes(path)
+        props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        assert int(props["mpolstm.weight_bytes"]) == held  # the metadata gives the file's bytes
         arrays = _onnx_arrays(path)
         digests = [hashlib.sha256(a.tobytes()).hexdigest() for a in arrays]
         assert len(set(digests)) == len(digests)  # no array twice
@@ -190,6 +194,8 @@ def test_compressing_an_onnx_file_writes_its_1x1_convolutions_factorized(tmp_pat
     arrays = _onnx_arrays(tmp_path / "out.onnx")
     assert not _rebuilt_weights_in(arrays, small)  # no dense kernel
     held = onnx_weight_bytes(tmp_path / "out.onnx")
+    assert {p.key: p.value for p in onnx.load(str(tmp_path / "out.onnx")).metadata_props}["mpolstm.weight_bytes"] == \
+        str(held)
     assert held <= 1.05 * runtime_weight_bytes(small) and held < 4 * (2 * 64 * 96) / 10
     got = ort.InferenceSession(str(tmp_path / "out.onnx")).run(None, {"x": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), small(x), atol=1e-4, rtol=1e-3)

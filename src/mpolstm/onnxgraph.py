@@ -13,8 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["check_outputs", "constants_as_initializers", "dedupe_tensors", "dynamic_int8", "graphs", "onnx_modules", "referenced",
-           "relative_error", "run_onnxruntime", "subgraphs", "weight_bytes"]
+__all__ = ["WEIGHT_BYTES_KEY", "check_outputs", "constants_as_initializers", "dedupe_tensors", "dynamic_int8",
+           "graphs", "onnx_modules", "record_weight_bytes", "referenced", "relative_error", "run_onnxruntime",
+           "subgraphs", "weight_bytes"]
 
 
 def onnx_modules(what: str = "ONNX files"):
@@ -85,6 +86,19 @@ def weight_bytes(model) -> int:
         total += sum(math.prod(t.dims) * numpy_helper.to_array(t.values).itemsize for t in graph.sparse_initializer)
         total += sum(numpy_helper.to_array(a.t).nbytes for n in graph.node for a in n.attribute if a.type == a.TENSOR)
     return total
+
+
+WEIGHT_BYTES_KEY = "mpolstm.weight_bytes"
+
+
+def record_weight_bytes(data: bytes) -> bytes:
+    """The ONNX file ``data`` with its weight bytes (:func:`weight_bytes`) in its metadata under
+    ``mpolstm.weight_bytes`` (replacing an earlier record)."""
+    onnx, _ = onnx_modules()
+    model = onnx.load_from_string(data)
+    props = {p.key: p.value for p in model.metadata_props if p.key != WEIGHT_BYTES_KEY}
+    onnx.helper.set_model_props(model, {**props, WEIGHT_BYTES_KEY: str(weight_bytes(model))})
+    return model.SerializeToString()
 
 
 def run_onnxruntime(data: bytes, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None

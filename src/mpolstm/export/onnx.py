@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_write_bytes
 from ..nn.base import MPOWeights
-from ..onnxgraph import constants_as_initializers, dedupe_tensors, onnx_modules, subgraphs, weight_bytes
+from ..onnxgraph import (constants_as_initializers, dedupe_tensors, onnx_modules, record_weight_bytes, subgraphs,
+                         weight_bytes)
 from .int8 import int8_onnx
 from .trace import ExportJob, export_with, first_line, quiet, trace
 
@@ -55,7 +56,7 @@ def write_onnx(job: ExportJob, path: Path) -> Path:
     data = _constants_as_initializers(buffer.getvalue())
     if job.int8:
         data = int8_onnx(data, job.module, job.inputs, input_names)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, record_weight_bytes(data))
     return path
 
 

@@ -42,7 +42,8 @@ from ..export import export_onnx, export_step
 from ..mpo import MPO
 from ..nn import is_mpo_module
 from ..nn.sparse import sparse_parts
-from ..onnxgraph import check_outputs, dedupe_tensors, dynamic_int8, onnx_modules, referenced, run_onnxruntime, subgraphs
+from ..onnxgraph import (check_outputs, dedupe_tensors, dynamic_int8, onnx_modules, record_weight_bytes, referenced,
+                         run_onnxruntime, subgraphs)
 from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_tensors, linear_tensors, recurrent_tensors,
                      run_conv, run_recurrent, step_recurrent)
 from .model import OnnxModel, Step
@@ -289,7 +290,7 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
     data = proto.SerializeToString()
     if check:
         _check(data, work, examples, _state_shapes(states, values))
-    return dynamic_int8(data) if int8 else data
+    return record_weight_bytes(dynamic_int8(data) if int8 else data)
 
 
 def save(model: OnnxModel, path: str | os.PathLike, *, step: bool = False, int8: bool = False,
