@@ -199,3 +199,33 @@ def test_compressing_an_onnx_file_writes_its_1x1_convolutions_factorized(tmp_pat
     assert held <= 1.05 * runtime_weight_bytes(small) and held < 4 * (2 * 64 * 96) / 10
     got = ort.InferenceSession(str(tmp_path / "out.onnx")).run(None, {"x": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), small(x), atol=1e-4, rtol=1e-3)
+
+
+def test_a_tied_output_layer_multiplies_by_its_owners_factors_once(tmp_path):
+    """An output layer tied to the input embedding: no rebuilt table and no second copy of the factors."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(64, 48)
+            self.rnn = nn.GRU(48, 48, batch_first=True)
+            self.out = nn.Linear(48, 64)
+            self.out.weight = self.embed.weight
+
+        def forward(self, tokens):
+            return self.out(self.rnn(self.embed(tokens))[0])
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 64, (3, 7))
+    small, _ = compress(Tied(), CompressionConfig(target_ratio=4, layout="lowrank"), calibration=[tokens])
+    small.eval()
+    assert small.out.owner is small.embed
+    for fmt in ("onnx", "torchscript"):
+        path = export_model(small, tmp_path / f"t.{fmt}", fmt, tokens)
+        assert file_weight_bytes(path) <= 1.05 * runtime_weight_bytes(small), fmt
+    assert not _rebuilt_weights_in(_onnx_arrays(tmp_path / "t.onnx"), small)
+    with torch.no_grad():
+        want = small(tokens)
+        set_factorized(small, True)
+        torch.testing.assert_close(small(tokens), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.jit.load(str(tmp_path / "t.torchscript"))(tokens), want, atol=1e-5, rtol=1e-4)

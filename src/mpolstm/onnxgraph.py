@@ -211,4 +211,40 @@ def dedupe_tensors(model, min_size: int = 16) -> int:
         for node in graph.node:
             for slot, name in enumerate(node.input):
                 node.input[slot] = renames.get(name, name)
+    return saved + _transposed_copies(model, min_size)
+
+
+def _transposed_copies(model, min_size: int) -> int:
+    """Replace every matrix that is another held tensor (a main-graph initializer, read as a matrix)
+    transposed, as a traced product reads a factor, by a Transpose of that one, in place; returns the
+    bytes saved."""
+    onnx, numpy_helper = onnx_modules()
+    tree = graphs(model.graph)
+    interface = {v.name for g in tree for v in [*g.input, *g.output]}
+    held = [(k, name, a) for k, name, a in _held(tree, min_size) if name not in interface]
+    top = {t.name for t in model.graph.initializer}
+    originals = {}
+    for k, name, a in held:
+        matrix = a.squeeze() if a.ndim > 2 else a
+        if k == 0 and name in top and matrix.ndim == 2:
+            originals[(a.dtype.str, matrix.shape, matrix.tobytes())] = (name, a.shape)
+    saved, drop, sources = 0, {}, set()
+    for k, name, array in held:
+        found = None if array.ndim != 2 else originals.get((array.dtype.str, array.shape[::-1], array.T.tobytes()))
+        if found is None or found[0] == name or name in sources or found[0] in drop.get(0, set()):
+            continue  # (a pair of mutual transposes keeps one of the two)
+        source, nodes = found[0], []
+        sources.add(source)
+        if len(found[1]) != 2:  # read the original as the matrix it holds
+            shape = numpy_helper.from_array(np.asarray(array.shape[::-1], np.int64), f"{name}_matrix_shape")
+            tree[k].initializer.append(shape)
+            nodes.append(onnx.helper.make_node("Reshape", [source, shape.name], [f"{name}_matrix"]))
+            source = f"{name}_matrix"
+        nodes.append(onnx.helper.make_node("Transpose", [source], [name], perm=[1, 0]))
+        for node in reversed(nodes):
+            tree[k].node.insert(0, node)
+        drop.setdefault(k, set()).add(name)
+        saved += array.nbytes
+    for k, names in drop.items():
+        _drop(tree[k], names)
     return saved

@@ -174,8 +174,9 @@ def _initial_state(rnn, hx, n: int, batched: bool) -> Tuple[Tensor, Tensor | Non
     shape = (rnn.num_layers * (2 if rnn.bidirectional else 1), n, rnn.hidden_size)
     h_shape = (*shape[:2], rnn.proj_size or rnn.hidden_size)
     first = rnn._cores("weight_ih_l0")[0]
-    if hx is None:
-        return first.new_zeros(h_shape), first.new_zeros(shape) if rnn.mode == "LSTM" else None
+    if hx is None:  # torch.zeros, not first.new_zeros: a trace would keep the core as a constant for it
+        like = {"dtype": first.dtype, "device": first.device}
+        return torch.zeros(h_shape, **like), torch.zeros(shape, **like) if rnn.mode == "LSTM" else None
     h, c = hx if rnn.mode == "LSTM" else (hx, None)
     if not batched:
         h, c = h.unsqueeze(1), None if c is None else c.unsqueeze(1)

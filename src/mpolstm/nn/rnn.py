@@ -242,9 +242,10 @@ class _MPORNNBase(MPOWeights):
         lstm = self.mode == "LSTM"
         out_size = self.proj_size or self.hidden_size
         first = self._cores("weight_ih_l0")[0]
-        if hx is None:
-            h = first.new_zeros(self.num_layers, n, out_size)
-            return h, first.new_zeros(self.num_layers, n, self.hidden_size) if lstm else None
+        if hx is None:  # torch.zeros, not first.new_zeros: a trace would keep the core as a constant for it
+            like = {"dtype": first.dtype, "device": first.device}
+            h = torch.zeros(self.num_layers, n, out_size, **like)
+            return h, torch.zeros(self.num_layers, n, self.hidden_size, **like) if lstm else None
         h, c = hx if lstm else (hx, None)
         self._check_step_state(h, (self.num_layers, n, out_size), batched, "hidden[0]" if lstm else "hidden")
         if lstm:

@@ -80,7 +80,27 @@ class SharedLinear(SharedLayer):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        factors = self._rank_factors()
+        if factors is None:
+            return F.linear(x, self.weight, self.bias)
+        left, right = factors
+        return F.linear(F.linear(x, right), left, self.bias)
+
+    def _rank_factors(self) -> tuple[Tensor, Tensor] | None:
+        """In the factorized runtime, an owner of rank D (two cores, no padding row or sparse part): the
+        weight (out, in) as left (out, D) @ right (D, in), views of the owner's cores (so a file holds
+        them once, beside the owner's own use); else None (the owner's rebuilt weight)."""
+        owner = self.owner
+        if not getattr(owner, "factorized", False) or getattr(owner, "padding_row", None) is not None or \
+                any(name.endswith("_sparse") for name, _ in owner.named_children()):
+            return None
+        (cores,) = owner.mpo_weights().values()
+        if len(cores) != 2 or cores[0].shape[2] != 1 or cores[1].shape[1] != 1:
+            return None
+        m_left, m_right = cores[0][0, :, 0, :], cores[1][:, 0, :, 0]  # the MPO's matrix M = m_left @ m_right
+        if hasattr(owner, "num_embeddings"):  # M is the (padded) table: the weight is its first rows
+            return m_left[:self.out_features], m_right
+        return m_right.t(), m_left.t()  # M = W^T of the owning linear layer
 
     def dense(self, weight: nn.Parameter) -> nn.Linear:
         """A plain nn.Linear using ``weight`` (the owner's dense parameter: tied again)."""
