@@ -15,7 +15,7 @@ from torch import nn
 
 from mpolstm import CompressionConfig, compress
 from mpolstm.export import export_model, export_step
-from mpolstm.export.trace import ExportJob, export_copy
+from mpolstm.export.trace import ExportJob, export_copy, flatten
 from mpolstm.export.verify import check_shapes, probe_axes, write_verified
 from mpolstm.nn import MPOLSTM
 from onnx_models import export_tagger
@@ -257,7 +257,7 @@ def _runner(fmt, path, torch_type=None):
         return lambda *xs: list(package(*xs))
     if fmt == "torchscript":
         module = torch.jit.load(str(path))
-        return lambda *xs: [module(*xs)] if not isinstance(module(*xs), tuple) else list(module(*xs))
+        return lambda *xs: flatten(module(*xs))
     from mpolstm import io
 
     dense = io.load(path, host(torch_type)).eval()
@@ -294,6 +294,10 @@ def _check_forward(torch_type, layout, fmt, tmp_path):
     x = _sample(torch_type, 2, None, 1)
     int8 = layout == "int8" and fmt in ("onnx", "executorch")
     kwargs = {} if int8 or layout != "int8" else {"int8": False}
+    if int8 and fmt == "onnx" and torch_type in (nn.Conv1d, nn.Conv2d):  # the file holds the rebuilt kernel
+        with pytest.raises(ValueError, match=r"no product of an int8 MPO module \(MPOConv.d\).*pass int8=False"):
+            export_model(model, tmp_path / "m.onnx", fmt, x)
+        return
     path = export_model(model, tmp_path / f"m{SUFFIX[fmt]}", fmt, None if fmt == "dense" else x, **kwargs)
     run, rtol = _runner(fmt, path, torch_type), 0.1 if int8 else 1e-4
     length = x.shape[AXES[torch_type][1]]

@@ -143,8 +143,9 @@ def int8_onnx(data: bytes, module: nn.Module, inputs: tuple[torch.Tensor, ...], 
     products = [n for g in _graphs(model.graph) for n in g.node if n.op_type in ("MatMul", "Gemm")]
     others = [n.name for n in products if not names & set(n.input)]  # layers the model keeps in float
     if len(others) == len(products):
-        raise ValueError("found no product of an int8 MPO module in the exported graph to quantize; pass int8=False "
-                         "for float32 factors")
+        kinds = sorted({type(m).__name__ for m in module.modules() if isinstance(m, MPOWeights) and m.int8})
+        raise ValueError(f"found no product of an int8 MPO module ({', '.join(kinds)}) in the exported graph to "
+                         "quantize (a convolution runs its rebuilt kernel); pass int8=False for float32 factors")
     with tempfile.TemporaryDirectory() as folder:
         source, target = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
         onnx.save(model, str(source))
