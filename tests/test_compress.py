@@ -101,7 +101,7 @@ def test_selection_errors():
     ({"rel_tol": 1.5}, r"rel_tol must be a number in \(0, 1\)"),
     ({"num_cores": 0}, "num_cores must be an integer >= 2"),
     ({"target_ratio": 10, "max_params": 100}, "at most one budget"),
-    ({"target_ratio": 0.5}, "target_ratio must be a finite number >= 1"),
+    ({"target_ratio": 0.5}, "target_ratio must be a finite number above 1"),
     ({"max_params": -3}, "max_params must be a positive integer"),
     ({"target_ratio": 5, "rel_tol": 0.1}, "rel_tol cannot be combined"),
     ({"target_modules": "("}, "regex"),

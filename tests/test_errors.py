@@ -29,8 +29,12 @@ def _raised(make) -> ConfigError:
     ("rel_tol", {"rel_tol": 0.1, "target_ratio": 4},
      "rel_tol cannot be combined with a budget (target_ratio/max_params/max_macs); choose one",
      "--rel-tol cannot be combined with --ratio; choose one"),
-    ("target_ratio", {"target_ratio": 0.5}, "target_ratio must be a finite number >= 1, got 0.5",
-     "--ratio must be a finite number >= 1, got 0.5"),
+    ("target_ratio", {"target_ratio": 0.5},
+     "target_ratio must be a finite number above 1 (1 compresses nothing), got 0.5",
+     "--ratio must be a finite number above 1 (1 compresses nothing), got 0.5"),
+    # issue 31: a budget that compresses nothing used to give a same-size model with 15-20% error per weight
+    ("target_ratio", {"target_ratio": 1}, "target_ratio must be a finite number above 1 (1 compresses nothing), got 1",
+     "--ratio must be a finite number above 1 (1 compresses nothing), got 1"),
 ])
 def test_config_errors_name_the_field_for_the_api_and_for_a_front_end(field, kwargs, api, flags):
     error = _raised(lambda: CompressionConfig(**kwargs))

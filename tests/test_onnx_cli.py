@@ -68,7 +68,7 @@ def test_int8_file_is_smaller_and_inspect_lists_what_an_original_can_compress(fi
     out = tmp_path / "q.onnx"
     result = runner.invoke(app, ["compress", str(files / "m.onnx"), str(out), "--ratio", "2", "--int8"])
     assert result.exit_code == 0, result.output
-    assert "MatMul weights as int8" in result.output
+    assert "the MPO factors as int8 (dense layers float32)" in result.output
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in onnx.load(out).graph.node)
     assert len(run_ort(out, feeds(onnx.load(out)))) == 2
     shown = runner.invoke(app, ["inspect", str(files / "m.onnx")])

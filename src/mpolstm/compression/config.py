@@ -81,8 +81,10 @@ def _check_budgets(config: "CompressionConfig") -> None:
                                                   f"{n('max_params')}, not both")
     ratio = config.target_ratio
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
-                              or not math.isfinite(ratio) or ratio < 1):
-        raise must_be("target_ratio", "a finite number >= 1", ratio)
+                              or not math.isfinite(ratio) or ratio <= 1):
+        # 1 compresses nothing, and no MPO both holds the dense weight's entries and equals it (full bond
+        # needs more): refused rather than a same-size model with an error in every weight
+        raise must_be("target_ratio", "a finite number above 1 (1 compresses nothing)", ratio)
     for name in ("max_params", "max_macs"):
         value = getattr(config, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -163,8 +165,8 @@ class CompressionConfig:
     overrides: regex -> partial config (keys max_bond, rel_tol, num_cores, layout); every
         pattern that fully matches a module's name applies, later ones winning.
     target_ratio / max_params: global budget over the selected weights' entries: dense
-        entries / MPO core entries >= target_ratio, or MPO core entries <= max_params
-        (biases not counted). ``max_bond`` then caps the bonds; ``rel_tol`` is not allowed.
+        entries / MPO core entries >= target_ratio (above 1: 1 compresses nothing and is refused),
+        or MPO core entries <= max_params (biases not counted). ``max_bond`` then caps the bonds; ``rel_tol`` is not allowed.
     max_macs: latency budget: most multiply-adds per time step at batch 1 over the selected
         weights, each weight's product with one row through its factors as deployed (the chain
         merged into two halves, ``mpo.step_macs``: a rank-r factor costs r (I + J), an interleaved

@@ -12,8 +12,8 @@ One function per format (``mpolstm export MODEL --format ... --out PATH`` calls 
   file (``torch.jit.load``; legacy), the model traced in eval mode. Outputs are checked against eager
   mode on the example inputs.
 - ``export_onnx(model, example_inputs, path, opset=17, runtime="factorized") -> Path``: one ONNX file
-  (TorchScript-based exporter). Every axis of an integer input and every axis but the last of
-  a float input is dynamic (batch, time); likewise every axis but the last of each output. Inputs
+  (TorchScript-based exporter). The axes eager mode runs at other sizes (batch, time) are dynamic,
+  the others fixed (``verify.py``); likewise the outputs' axes that vary with them. Inputs
   are named ``input0, input1, ...`` and the flattened outputs ``output0, output1, ...`` (for the
   speech MaskEstimator: mask, h_n, c_n). Needs the ``onnx`` package.
 - ``export_dense(model, path) -> Path``: the :func:`densify`'d model written by :func:`mpolstm.io.save`
@@ -37,7 +37,8 @@ int8 survives export: a model with int8 cores (``mpolstm.quantize``) exports to 
 stored and multiplied in int8 (``int8.py``: onnxruntime's dynamic quantization of the int8 modules'
 products; the file's metadata records the int8 and float32 factor bytes and the output error,
 ``int8_report``), and the formats that hold float32 (TorchScript, dense) or the dense runtime refuse it
-unless ``int8=False``. ``int8=True`` gives a float model int8 factors the same way.
+unless ``int8=False``. ``int8=True`` gives a float model int8 factors the same way (a copy quantized
+by :func:`mpolstm.quantize`, then exported: int8 always means the factors).
 
 Runtimes of the traced formats (``RUNTIMES``):
 
@@ -62,6 +63,9 @@ RNNs drop their cached weights, a model that carries state across calls drops it
 checks that read tensor values (MPOEmbedding's index range) are not in the graph. The model is
 traced once (``torch.jit.trace``), checked against eager mode, and that trace is what each format
 writes.
+Every traced file is run in its own runtime at every shape it declares before it is written
+(``verify.py``: batch 1 and 3+, lengths 1, the example's and a longer one; a fixed axis must refuse
+other sizes), and is not written when it differs from eager mode.
 Every file or folder is written to a temporary name beside ``path`` and renamed into place, so a
 failure leaves no partial output. Bad arguments (unknown format, an existing target without
 ``overwrite``, a model that cannot be traced or exported) raise ValueError.
@@ -77,6 +81,7 @@ The package, by concern:
   whole model through it. **A new format is one writer ``(job, path) -> path`` and one entry
   there**; :func:`export_model`, :func:`export_step` and the CLI's ``--format`` then offer it.
 - ``step.py``: :func:`export_step`, a model's one-frame ``step`` through any writer.
+- ``verify.py``: the dynamic axes a model allows, and the check of a written file at every shape.
 """
 
 from __future__ import annotations

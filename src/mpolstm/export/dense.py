@@ -63,9 +63,9 @@ def export_dense(model: nn.Module, path: str | os.PathLike, write: Callable[...,
     The dense model is float32: a model with int8 cores is refused unless ``int8=False``."""
     path = Path(path)
     if int8 or (int8 is None and has_int8_cores(model)):
-        raise ValueError(f"{type(model).__name__} has int8 cores (mpolstm.quantize), but the dense format writes "
-                         "float32 weights: export to onnx for int8 factors, or pass int8=False for a float32 "
-                         "dense model")
+        what = "int8=True" if int8 else f"{type(model).__name__} has int8 cores (mpolstm.quantize)"
+        raise ValueError(f"{what}, but the dense format writes float32 weights: export to onnx or executorch for "
+                         "int8 factors, or pass int8=False for a float32 dense model")
     check_target(path, overwrite)
     write(densify(model), path, overwrite=overwrite)
     return path

@@ -115,8 +115,10 @@ def int8_onnx(data: bytes, module: nn.Module, inputs: tuple[torch.Tensor, ...], 
     products = [n for g in graphs(model.graph) for n in g.node if n.op_type in ("MatMul", "Gemm")]
     others = [n.name for n in products if not names & set(n.input)]  # layers the model keeps in float
     if len(others) == len(products):
-        raise ValueError("found no product of an int8 MPO module in the exported graph to quantize; pass int8=False "
-                         "for float32 factors")
+        kinds = sorted({type(m).__name__ for m in module.modules() if isinstance(m, MPOWeights) and m.int8})
+        raise ValueError(f"found no product of an int8 MPO module ({', '.join(kinds)}) in the exported graph to "
+                         "quantize (onnxruntime quantizes MatMul products; a convolution's factors run as Conv "
+                         "nodes); pass int8=False for float32 factors")
     quantized = onnx.load_from_string(dynamic_int8(model.SerializeToString(), others, subgraphs=True))
     sizes = _factor_bytes(quantized, names)
     error = _relative_error(quantized.SerializeToString(), module, inputs, input_names)

@@ -11,37 +11,18 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..atomic import atomic_write_bytes
 from ..nn.base import MPOWeights
 from ..onnxgraph import (constants_as_initializers, dedupe_tensors, onnx_modules, record_weight_bytes, subgraphs,
                          weight_bytes)
 from .int8 import int8_onnx
 from .trace import ExportJob, export_with, first_line, quiet, trace
+from .verify import FLOAT_RTOL, INT8_RTOL, Axes, Runner, declared, write_verified
 
-__all__ = ["export_onnx", "onnx_weight_bytes", "write_onnx"]
-
-
-def _dynamic_axes(inputs: Sequence[Tensor], outputs: Sequence[Tensor], input_names: Sequence[str],
-                  output_names: Sequence[str]) -> dict[str, dict[int, str]]:
-    """Every axis of an integer input, every axis but the last of a float input or of an output."""
-    axes: dict[str, dict[int, str]] = {}
-    for kind, tensors, names in (("input", inputs, input_names), ("output", outputs, output_names)):
-        for name, t in zip(names, tensors):
-            fixed_last = t.is_floating_point() or kind == "output"
-            dims = range(t.dim() - 1 if fixed_last else t.dim())
-            if dims:
-                axes[name] = {d: f"{name}_dim{d}" for d in dims}
-    return axes
+__all__ = ["export_onnx", "onnx_runner", "onnx_weight_bytes", "write_onnx"]
 
 
-def write_onnx(job: ExportJob, path: Path) -> Path:
-    """Export the trace of ``job`` to the ONNX file ``path`` (names and dynamic axes as in the package
-    docstring); with ``job.int8`` the factors are int8 (:func:`mpolstm.export.int8.int8_onnx`). A
-    rank-D product with a bias is traced as MatMul + Add, not a Gemm with a bias (onnxruntime's int8
-    tools quantize MatMul)."""
-    for module in job.module.modules():
-        if isinstance(module, MPOWeights):
-            module.separate_bias = True
+def _build_onnx(job: ExportJob, axes: Axes) -> tuple[bytes, Axes]:
+    """The ONNX file of ``job``'s trace with ``axes`` declared dynamic (every other axis fixed)."""
     traced = trace(job)
     input_names, output_names = job.names(traced.outputs)
     buffer = io.BytesIO()
@@ -49,15 +30,36 @@ def write_onnx(job: ExportJob, path: Path) -> Path:
         with quiet(), (torch.enable_grad() if traced.with_grad else torch.no_grad()):
             torch.onnx.export(traced.module, job.inputs, buffer, dynamo=False, opset_version=job.opset,
                               input_names=input_names, output_names=output_names,
-                              dynamic_axes=_dynamic_axes(job.inputs, traced.outputs, input_names, output_names))
+                              dynamic_axes=declared(axes, input_names, output_names))
     except Exception as exc:
         raise ValueError(f"cannot export {type(job.module).__name__} to ONNX (opset {job.opset}): "
                          f"{first_line(exc)}") from exc
     data = _constants_as_initializers(buffer.getvalue())
     if job.int8:
         data = int8_onnx(data, job.module, job.inputs, input_names)
-    atomic_write_bytes(path, record_weight_bytes(data))
-    return path
+    return record_weight_bytes(data), axes
+
+
+def onnx_runner(data: bytes, job: ExportJob) -> Runner:
+    """The ONNX file ``data`` in onnxruntime, as a function of the job's inputs."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return lambda inputs: [torch.from_numpy(y) for y in session.run(None, {n: x.numpy() for n, x in
+                                                                              zip(names, inputs)})]
+
+
+def write_onnx(job: ExportJob, path: Path) -> Path:
+    """Export the trace of ``job`` to the ONNX file ``path`` (names as in the package docstring, the
+    dynamic axes of :mod:`~.verify`, checked in onnxruntime at every shape they allow); with
+    ``job.int8`` the factors are int8 (:func:`mpolstm.export.int8.int8_onnx`). A rank-D product
+    with a bias is traced as MatMul + Add, not a Gemm with a bias (onnxruntime's int8 tools quantize
+    MatMul)."""
+    for module in job.module.modules():
+        if isinstance(module, MPOWeights):
+            module.separate_bias = True
+    return write_verified(job, path, _build_onnx, onnx_runner, "ONNX", INT8_RTOL if job.int8 else FLOAT_RTOL)
 
 
 write_onnx.supports_int8 = True  # int8 factors: export.int8

@@ -10,8 +10,10 @@ the XNNPACK delegate on its portable kernels (XNNPACK takes a linear layer's wei
 constant), about 100x slower than eager (docs/benchmarks.md). A rank-D factor runs as two linear
 ops, which XNNPACK delegates and pt2e quantizes. ``int8=True``: torchao's pt2e flow with
 ExecuTorch's ``XNNPACKQuantizer`` (dynamic, symmetric, per-channel int8 weights; int8 matmuls on
-activations quantized per call). The program's outputs are checked against eager mode on the example
-inputs (relative 1e-4; 0.05 with int8 weights) before the file is written (atomically).
+activations quantized per call). Every file is checked in its runtime at every shape it accepts
+(:mod:`~.verify`) before it is written (atomically). ExecuTorch fixes every axis at the example's
+size (its runtime refuses others); AOTInductor makes batch and time dynamic where ``torch.export``
+can, and checks the fixed axes only when ``AOTI_RUNTIME_CHECK_INPUTS=1`` is set at run time.
 
 ExecuTorch needs the ``executorch`` package (``pip install 'mpolstm[pt2]'``); AOTInductor needs only
 torch and a C++ compiler at export time (it compiles the program: seconds to minutes).
@@ -19,24 +21,30 @@ torch and a C++ compiler at export time (it compiles the program: seconds to min
 
 from __future__ import annotations
 
-import shutil
+import inspect
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from ..atomic import atomic_write_bytes, make_temp_dir
 from .trace import ExportJob, first_line, flatten, quiet
+from .verify import FLOAT_RTOL, INT8_RTOL, Axes, Runner, _resized, write_verified
 
 __all__ = ["lower_executorch", "outside_delegate", "write_aoti", "write_executorch"]
 
+_AOTI_CHECKS = "AOTI_RUNTIME_CHECK_INPUTS"
 
-def _program(module: nn.Module, inputs: tuple) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``module`` on ``inputs`` without grad, the parameter-only subgraph folded."""
+
+def _program(module: nn.Module, inputs: tuple, dims: list | None = None) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``module`` on ``inputs`` without grad (``dims``: its ``dynamic_shapes``)."""
     try:
         with quiet(), torch.no_grad():
-            program = torch.export.export(module, inputs)
+            program = torch.export.export(module, inputs, dynamic_shapes=dims)
     except ValueError:
         raise
     except Exception as exc:
@@ -92,47 +100,84 @@ def lower_executorch(module: nn.Module, inputs: tuple, int8: bool = False) -> tu
         return edge.to_executorch().buffer, outside_delegate(edge)
 
 
-def _check(outputs: list, expected: list, rtol: float, what: str) -> None:
-    for i, (g, e) in enumerate(zip(outputs, expected, strict=True)):
-        if tuple(g.shape) != tuple(e.shape) or float((g - e).norm()) > rtol * float(e.norm()) + 1e-6:
-            raise ValueError(f"the {what} program does not reproduce eager output {i} on the example inputs")
+def _build_executorch(job: ExportJob, axes: Axes) -> tuple[bytes, Axes]:
+    """The ExecuTorch program of ``job``: every axis fixed (its runtime refuses other sizes)."""
+    return lower_executorch(job.module, job.inputs, job.int8)[0], axes.fixing(list(axes.groups))
+
+
+def _executorch_runner(data: bytes, job: ExportJob) -> Runner:
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(data)  # kept alive while its method runs
+    method = program.load_method("forward")
+    return lambda inputs: list(method.execute(list(inputs))) if program else []
 
 
 def write_executorch(job: ExportJob, path: Path) -> Path:
     """Write ``job`` as the ExecuTorch program ``path`` (XNNPACK; int8 factors with ``job.int8``),
-    checked in ExecuTorch's runtime against eager mode."""
-    from executorch.runtime import Runtime
-
-    buffer, _ = lower_executorch(job.module, job.inputs, job.int8)
-    with torch.no_grad():
-        expected = flatten(job.module(*job.inputs))
-    program = Runtime.get().load_program(buffer)  # kept alive while its method runs
-    outputs = list(program.load_method("forward").execute(list(job.inputs)))
-    _check(outputs, expected, 0.05 if job.int8 else 1e-4, "ExecuTorch")
-    atomic_write_bytes(path, buffer)
-    return path
+    checked in ExecuTorch's runtime against eager mode (it refuses other input sizes)."""
+    return write_verified(job, path, _build_executorch, _executorch_runner, "ExecuTorch",
+                          INT8_RTOL if job.int8 else FLOAT_RTOL)
 
 
 write_executorch.supports_int8 = True  # int8 factors: pt2e dynamic quantization (job.int8)
 
 
+def _distinct_sizes(inputs: tuple, axes: Axes) -> dict:
+    """A size for each group's axes, unlike any other axis of ``inputs`` and above 1: torch.export
+    fixes size-1 axes and takes axes of equal sizes for one (a batch of 2 beside 2 layers)."""
+    used = {n for x in inputs for n in x.shape}
+    free = (n for n in range(2, 1 << 16) if n not in used)
+    return {a: size for size, members in zip(free, axes.groups.values()) for a in members}
+
+
+def _as_signature(module: nn.Module, dims: list) -> list:
+    """``dims`` (one per input) shaped as ``module.forward``'s parameters: a ``*inputs`` takes a tuple."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    star = next((k for k, p in enumerate(params) if p.kind == p.VAR_POSITIONAL), None)
+    return dims if star is None else [*dims[:star], tuple(dims[star:])]
+
+
+def _build_aoti(job: ExportJob, axes: Axes) -> tuple[bytes, Axes]:
+    """The AOTInductor package of ``job``: the groups of ``axes`` that ``torch.export`` keeps
+    symbolic are dynamic (exported at :func:`_distinct_sizes`)."""
+    dims = _as_signature(job.module, [{d: Dim.AUTO for d in axes.of_input(i)} or None
+                                      for i in range(len(job.inputs))])
+    inputs = _resized(job.inputs, _distinct_sizes(job.inputs, axes))
+    program = _program(job.module, inputs, dims)
+    shapes = [n.meta["val"].shape for n in program.graph.nodes if n.op == "placeholder"][-len(job.inputs):]
+    fixed = [lead for lead, members in axes.groups.items()
+             if any(is_concrete_int(shapes[i][d]) for i, d in members)]
+    with tempfile.TemporaryDirectory() as tmp, quiet():
+        # no lower bound: a dynamic axis exported at 2 also runs at 1 (and checked there)
+        configs = {"freezing": True, "aot_inductor.check_lowerbound": False}
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "package.pt2"),
+                                                           inductor_configs=configs)
+        return Path(package).read_bytes(), axes.fixing(fixed)
+
+
+def _aoti_runner(data: bytes, job: ExportJob) -> Runner:
+    """The package ``data`` loaded, its input checks on (AOTInductor runs them only when
+    ``AOTI_RUNTIME_CHECK_INPUTS=1`` is set when the package first runs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "package.pt2").write_bytes(data)
+        model = torch._inductor.aoti_load_package(str(Path(tmp) / "package.pt2"))
+
+    def run(inputs: tuple) -> list:
+        before = os.environ.get(_AOTI_CHECKS)
+        os.environ[_AOTI_CHECKS] = "1"
+        try:
+            with torch.no_grad():
+                return flatten(model(*inputs))
+        finally:
+            if before is None:
+                os.environ.pop(_AOTI_CHECKS, None)
+            else:
+                os.environ[_AOTI_CHECKS] = before
+    return run
+
+
 def write_aoti(job: ExportJob, path: Path) -> Path:
-    """Write ``job`` as the AOTInductor package ``path`` (compiled C++ for this machine's CPU),
-    checked against eager mode after loading it back."""
-    if job.int8:
-        raise ValueError("int8=True is for the executorch format (AOTInductor compiles the float program)")
-    program = _program(job.module, job.inputs)
-    tmp = make_temp_dir(path)
-    try:
-        package = tmp / "package.pt2"
-        with quiet():
-            torch._inductor.aoti_compile_and_package(program, package_path=str(package),
-                                                     inductor_configs={"freezing": True})
-        with torch.no_grad():
-            expected = flatten(job.module(*job.inputs))
-            _check(flatten(torch._inductor.aoti_load_package(str(package))(*job.inputs)), expected, 1e-4,
-                   "AOTInductor")
-        atomic_write_bytes(path, package.read_bytes())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    """Write ``job`` as the AOTInductor package ``path`` (compiled C++ for this machine's CPU; batch and
+    time dynamic where the model allows), checked against eager mode after loading it back."""
+    return write_verified(job, path, _build_aoti, _aoti_runner, "AOTInductor")

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..nn.base import set_factorized
 from ..nn.registry import layer_type_of_mpo
 from .formats import WRITERS
-from .trace import ExportJob, check_file_target, export_copy, flatten, int8_factors
+from .trace import ExportJob, check_file_target, export_copy, flatten, int8_factors, int8_model
 
 # frames the step export is checked on (random, never zeros: a zero frame hides wrong input products)
 CHECK_FRAMES = 4
@@ -91,7 +91,7 @@ def export_step(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", fr
         raise ValueError(f"{type(model).__name__} has no step(frame, state) method to export")
     path = check_file_target(path, overwrite)
     quantized = int8_factors(model, int8, "factorized", WRITERS[fmt])
-    work = export_copy(model, "factorized")
+    work = export_copy(int8_model(model, int8), "factorized")
     if frame is None:
         if not isinstance(getattr(work, "input_size", None), int):
             raise ValueError(f"give an example frame: {type(model).__name__} has no input_size to make one")

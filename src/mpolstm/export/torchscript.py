@@ -1,4 +1,5 @@
-"""The TorchScript format: the checked trace, saved with ``torch.jit.save``."""
+"""The TorchScript format: the checked trace, saved with ``torch.jit.save``; every fixed axis that
+eager mode could vary (:mod:`~.verify`) guarded in the graph (a call at another size raises)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,62 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..atomic import atomic_write_bytes
-from .trace import ExportJob, export_with, trace
+from .trace import ExportJob, export_with, flatten, quiet, trace
+from .verify import Axes, Runner, write_verified
 
 __all__ = ["export_torchscript", "write_torchscript"]
 
 
-def write_torchscript(job: ExportJob, path: Path) -> Path:
-    """Write the trace of ``job`` to the TorchScript file ``path`` (``torch.jit.load`` reads it). The
-    factorized runtime's trace is frozen: it reads the merged halves as constants, so the cores it
-    never reads are dropped and each weight is stored once (not as a parameter and a constant)."""
+@torch.jit.script
+def _require(x: Tensor, axis: int, size: int, name: str) -> Tensor:
+    """``x``, or ValueError when its ``axis`` is not ``size`` long (scripted: kept in a trace)."""
+    if x.size(axis) != size:
+        raise ValueError(name + ": axis " + str(axis) + " is fixed at " + str(size) + " in this file, got "
+                         + str(x.size(axis)))
+    return x
+
+
+class _Guarded(nn.Module):
+    """The trace behind a check of every fixed axis ``free`` [(input, axis)] at the example's size."""
+
+    def __init__(self, inner: torch.jit.ScriptModule, inputs: tuple[Tensor, ...], free: list) -> None:
+        super().__init__()
+        self.inner, self.checks = inner, [(i, d, inputs[i].shape[d]) for i, d in free]
+
+    def forward(self, *inputs: Tensor):
+        inputs = list(inputs)
+        for i, d, size in self.checks:
+            inputs[i] = _require(inputs[i], d, size, f"input{i}")
+        return self.inner(*inputs)
+
+
+def _build_torchscript(job: ExportJob, axes: Axes) -> tuple[bytes, Axes]:
+    """The trace of ``job`` behind its guards. The factorized runtime's trace is frozen: it reads the
+    merged halves as constants, so the cores it never reads are dropped and each weight is stored once
+    (not as a parameter and a constant)."""
     traced = trace(job)
     module = traced.module if traced.with_grad else torch.jit.freeze(traced.module.eval(), optimize_numerics=False)
+    if axes.free:
+        with quiet(), torch.no_grad():
+            module = torch.jit.trace(_Guarded(module, job.inputs, axes.free), job.inputs, check_trace=False)
     buffer = io.BytesIO()
     torch.jit.save(module, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return buffer.getvalue(), axes
+
+
+def _torchscript_runner(data: bytes, job: ExportJob) -> Runner:
+    module = torch.jit.load(io.BytesIO(data))
+
+    def run(inputs: tuple[Tensor, ...]) -> list[Tensor]:
+        with torch.no_grad():
+            return flatten(module(*inputs))
+    return run
+
+
+def write_torchscript(job: ExportJob, path: Path) -> Path:
+    """Write the trace of ``job`` to the TorchScript file ``path`` (``torch.jit.load`` reads it),
+    checked at every shape it accepts."""
+    return write_verified(job, path, _build_torchscript, _torchscript_runner, "TorchScript")
 
 
 def export_torchscript(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],

@@ -22,9 +22,10 @@ from torch import Tensor, nn
 
 from ..atomic import check_target
 from ..nn.base import MPOWeights, set_factorized
+from ..quantization import quantize
 
 __all__ = ["RUNTIMES", "ExportJob", "Traced", "Writer", "as_tuple", "check_file_target", "export_copy",
-           "export_with", "first_line", "flatten", "has_int8_cores", "int8_factors", "quiet", "trace"]
+           "export_with", "first_line", "flatten", "has_int8_cores", "int8_factors", "int8_model", "quiet", "trace"]
 
 RUNTIMES = ("factorized", "dense")
 
@@ -180,6 +181,18 @@ def has_int8_cores(model: nn.Module) -> bool:
     return any(isinstance(m, MPOWeights) and m.int8 for m in model.modules())
 
 
+def int8_model(model: nn.Module, int8: bool | None) -> nn.Module:
+    """What ``int8`` means for ``model``: itself, or with ``int8=True`` and no int8 cores yet a quantized
+    copy (:func:`mpolstm.quantize`: its MPO cores, and a hybrid's sparse values, on their int8 grid).
+    ValueError, naming what works, for a model without an MPO module."""
+    if int8 is not True or has_int8_cores(model):
+        return model
+    if not any(isinstance(m, MPOWeights) for m in model.modules()):
+        raise ValueError(f"int8=True stores the MPO factors in int8, but {type(model).__name__} has no MPO module: "
+                         "compress it first (mpolstm.compress), or pass int8=False for float32 weights")
+    return quantize(copy.deepcopy(model))
+
+
 def int8_factors(model: nn.Module, int8: bool | None, runtime: str, write: Callable) -> bool:
     """Whether the file stores the MPO factors in int8: ``int8`` when given, else whether ``model`` has
     int8 cores (an int8 model exports as int8). ValueError when the format cannot (a writer without
@@ -190,8 +203,9 @@ def int8_factors(model: nn.Module, int8: bool | None, runtime: str, write: Calla
     name = getattr(write, "__name__", "this").removeprefix("write_")
     what = f"{type(model).__name__} has int8 cores (mpolstm.quantize), but" if int8 is None else "int8=True, but"
     if not getattr(write, "supports_int8", False):
-        raise ValueError(f"{what} the {name} format holds float32 factors (4x the bytes): export to onnx, which "
-                         "stores and multiplies the factors in int8, or pass int8=False for float32 factors")
+        raise ValueError(f"{what} the {name} format holds float32 factors (4x the bytes): export to onnx or "
+                         "executorch, which store and multiply the factors in int8, or pass int8=False for float32 "
+                         "factors")
     if runtime != "factorized":
         raise ValueError(f"{what} the {runtime!r} runtime rebuilds float32 weights: use the factorized runtime "
                          "(the default) for int8 factors, or pass int8=False")
@@ -205,6 +219,7 @@ def export_with(write: Writer, model: nn.Module, example_inputs: Tensor | Sequen
     ``write`` (default input and output names); an existing ``path`` is refused unless ``overwrite``;
     ``int8`` as :func:`int8_factors`."""
     path = check_file_target(path, overwrite)
-    job = ExportJob(export_copy(model, runtime), as_tuple(example_inputs), opset=opset,
-                    int8=int8_factors(model, int8, runtime, write))
+    quantized = int8_factors(model, int8, runtime, write)
+    job = ExportJob(export_copy(int8_model(model, int8), runtime), as_tuple(example_inputs), opset=opset,
+                    int8=quantized)
     return write(job, path)

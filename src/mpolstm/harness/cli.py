@@ -403,6 +403,8 @@ def compress_cmd(
     batch_size: int = typer.Option(32, help="Rows per distillation batch."),
     int8: bool = typer.Option(False, "--int8", help="Then store the MPO cores (and a hybrid's sparse values) as int8 "
                               "with float32 scales (mpolstm.quantize: ~4x fewer bytes; the model computes in float32)."),
+    int8_dense: bool = typer.Option(False, "--int8-dense", help="ONNX in and out: also store the weights of the "
+                                    "dense MatMuls (layers left uncompressed) as int8."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (the whole folder: nothing "
                                    "of the old one is kept)."),
 ) -> None:
@@ -421,7 +423,9 @@ def compress_cmd(
         return _onnx_command("compress_onnx", paths, factory=factory, weights=weights, target=target,
                              max_bond=max_bond, rel_tol=rel_tol, ratio=ratio, max_macs=max_macs, num_cores=num_cores,
                              layout=layout, calibrate=calibrate, distill_steps=distill_steps, batch_size=batch_size,
-                             int8=int8, overwrite=overwrite)
+                             int8=int8, int8_dense=int8_dense, overwrite=overwrite)
+    if int8_dense:
+        _fail("--int8-dense is for an ONNX model (mpolstm compress MODEL.onnx OUT.onnx --int8-dense)")
     if len(paths) not in (1, 2) or (len(paths) == 1) != (factory is not None):
         _fail("usage: mpolstm compress IN OUT, or mpolstm compress --factory MOD:FN [--weights FILE] OUT")
     model_in, model_out = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])

@@ -17,7 +17,7 @@ __all__ = ["compress_onnx", "inspect_onnx"]
 def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optional[Path], target: str,
                   max_bond: Optional[int], rel_tol: Optional[float], ratio: Optional[float], max_macs: Optional[int],
                   num_cores: int, layout: str, calibrate: Optional[Path], distill_steps: int, batch_size: int,
-                  int8: bool, overwrite: bool) -> Iterator[str]:
+                  int8: bool, overwrite: bool, int8_dense: bool = False) -> Iterator[str]:
     """Run ``mpolstm.onnx.compress_file`` for the compress command's flags; yields the lines to print.
     ``--target`` names layers (node names, non-identifier characters as _); its default ("lstm")
     means the graph's recurrent layers. Distillation uses the MSE of the outputs."""
@@ -47,13 +47,20 @@ def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optiona
     inputs = read_inputs(calibrate, "--calibrate") if calibrate is not None else None
     report, _ = compress_file(source, out, config, calibration=None if inputs is None else [inputs],
                               distill_steps=distill_steps, batch_size=batch_size, int8=int8,
-                              progress=distill_steps > 0, overwrite=overwrite)
+                              int8_dense=int8_dense, progress=distill_steps > 0, overwrite=overwrite)
     yield str(report).rstrip()
     if distill_steps:
         yield f"distilled {distill_steps} steps on the --calibrate inputs (MSE of the outputs; the errors above " \
               "were measured before distillation)"
     yield (f"wrote {out}: {onnx_weight_bytes(out):,} bytes of weights ({onnx_weight_bytes(source):,} in {source})"
-           + (", MatMul weights as int8" if int8 else "") + "; inputs and outputs as in the original")
+           + _int8_words(int8, int8_dense, ", ") + "; inputs and outputs as in the original")
+
+
+def _int8_words(int8: bool, int8_dense: bool, lead: str = "") -> str:
+    """What a file holds as int8, in words ("" for a float file)."""
+    if int8_dense:
+        return lead + "every MatMul weight as int8 (the MPO factors and the dense layers)"
+    return lead + "the MPO factors as int8 (dense layers float32)" if int8 else ""
 
 
 def _dims(value) -> str:
@@ -124,7 +131,7 @@ def inspect_onnx(path: Path) -> str:
                      " ".join(f"{e:.2f}" for e in r["entropy"])))
     facts = [f"written by mpolstm compress from {record.get('source', '?')}",
              "streaming step (one frame, states in and out)" if record.get("step") else "whole sequences",
-             "MatMul weights int8" if record.get("int8") else "float32 weights"]
+             _int8_words(record.get("int8"), record.get("int8_dense")) or "float32 weights"]
     if record.get("distill_steps"):
         facts.append(f"distilled {record['distill_steps']} steps after the errors below were measured")
     lines = [head, "; ".join(facts)] + (_table(rows) if layers else ["no MPO layer (every layer dense)"])

@@ -84,7 +84,7 @@ def _rows(model: OnnxModel, batches: list[tuple[Tensor, ...]], size: int) -> lis
 def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: CompressionConfig, *,
                   calibration: Any = None, distill_steps: int = 0, batch_size: int = 32, loss: str = "mse",
                   int8: bool = False, step: str | os.PathLike | None = None, progress: bool = False,
-                  overwrite: bool = False) -> tuple[CompressionReport, OnnxModel]:
+                  overwrite: bool = False, int8_dense: bool = False) -> tuple[CompressionReport, OnnxModel]:
     """Compress the ONNX model ``source`` under ``config`` (its ``target_modules`` name the
     layers: node names with other characters than letters, digits and _ replaced by _; None
     selects the recurrent layers, or every layer of a graph without one) and write it to
@@ -92,7 +92,8 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
     factorized). ``calibration``: inputs of the graph
     (see :func:`as_batches`) for calibrated compression and distillation; ``distill_steps``:
     then distil from the original for that many steps (``loss`` on the outputs, batches of
-    ``batch_size`` rows of the calibration inputs); ``int8``: int8 MatMul weights; ``step``: also
+    ``batch_size`` rows of the calibration inputs); ``int8``: int8 factors (``int8_dense``: every
+    MatMul weight int8); ``step``: also
     write the streaming step file there. An existing ``target`` (or ``step``) is refused before any
     work unless ``overwrite``; missing parents are created; nothing is written on failure.
     Returns (the report, the compressed model)."""
@@ -115,9 +116,9 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
         distill(model, teacher, _rows(model, batches, batch_size), steps=distill_steps, loss=loss, progress=progress)
         model.eval()
     record = {"source": Path(source).name, "report": report.to_dict(), "distill_steps": distill_steps}
-    files = {Path(target): to_bytes(model, int8=int8, record=record)}
+    files = {Path(target): to_bytes(model, int8=int8, record=record, int8_dense=int8_dense)}
     if step is not None:
-        files[Path(step)] = to_bytes(model, step=True, int8=int8, record=record)
+        files[Path(step)] = to_bytes(model, step=True, int8=int8, record=record, int8_dense=int8_dense)
     for path, data in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data)

@@ -17,9 +17,14 @@ graph input ``<node>.h0`` (``<node>.c0``) and its final state a graph output ``<
 outputs (found by running the model) are fixed to 1. Feed each frame with the states the last
 call returned (zeros at the start).
 
-The graph is checked by the ONNX checker and, when onnxruntime is installed, run on example
-inputs against the torch model (``check=True``). ``int8=True`` then stores the MatMul weights as
-int8 (``onnxruntime.quantization.quantize_dynamic``: int8 factors and int8 products at run time).
+The graph is checked by the ONNX checker and, when onnxruntime is installed, run against the torch
+model (``check=True``): the whole-sequence graph at batch 1, 3+ and every length its inputs declare
+dynamic (1, the example's, a longer one), the step graph on its example. ``int8=True`` means the
+factors, as in every export: the MPO cores quantized (``mpolstm.quantize``, unless they are int8
+already) and the compressed layers' MatMul weights stored as int8
+(``onnxruntime.quantization.quantize_dynamic``: int8 factors and int8 products at run time);
+``int8_dense=True`` stores every MatMul weight as int8, dense layers included (a model with no
+compressed layer can only take this one). The file's metadata records which.
 The file is written atomically; its metadata ``mpolstm`` (JSON) describes the MPO layers for
 ``mpolstm inspect``.
 """
@@ -39,11 +44,13 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_write_bytes, check_target
 from ..export import export_onnx, export_step
+from ..export.trace import int8_model
+from ..export.verify import INT8_RTOL, Axes, check_shapes
 from ..mpo import MPO
 from ..nn import is_mpo_module
 from ..nn.sparse import sparse_parts
-from ..onnxgraph import (check_outputs, dedupe_tensors, dynamic_int8, onnx_modules, record_weight_bytes, referenced,
-                         run_onnxruntime, subgraphs)
+from ..onnxgraph import dedupe_tensors, onnx_modules, record_weight_bytes, referenced, subgraphs
+from ..onnxgraph import dynamic_int8 as quantize_dynamic_int8
 from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_tensors, linear_tensors, recurrent_tensors,
                      run_conv, run_recurrent, step_recurrent)
 from .model import OnnxModel, Step
@@ -217,18 +224,45 @@ def _state_shapes(states: dict[str, Step], values: dict[str, Tensor]) -> dict[st
     return shapes
 
 
-def _check(data: bytes, model: OnnxModel, examples: tuple[Tensor, ...], states: dict[str, tuple]) -> None:
-    """Run the written graph in onnxruntime (when installed) against the torch model; ``states``:
-    the shapes of the state inputs (fed zeros, as the model starts)."""
-    feeds = {n: x.numpy() for n, x in zip(model.input_names, examples)}
-    feeds.update({n: np.zeros(shape, np.float32) for n, shape in states.items()})
+def _declared_axes(model: OnnxModel, examples: tuple[Tensor, ...]) -> Axes:
+    """The graph inputs' dynamic axes (a named dimension is one group across inputs, an unnamed one its own)."""
+    groups: dict = {}
+    for i, spec in enumerate(model.inputs):
+        for d, dim in enumerate(spec.dims[:examples[i].dim()]):
+            if not isinstance(dim, int):
+                groups.setdefault(dim if dim else (i, d), []).append((i, d))
+    return Axes({members[0]: members for members in groups.values()}, [], [])
+
+
+def _check(data: bytes, model: OnnxModel, examples: tuple[Tensor, ...], states: dict[str, tuple], axes: Axes,
+           rtol: float) -> None:
+    """Run the written graph in onnxruntime (when installed) against the torch model at every shape of
+    ``axes`` (:func:`~mpolstm.export.verify.check_shapes`; a step graph: none, its example only);
+    ``states``: the shapes of the state inputs the graph adds (fed zeros, as the model starts)."""
     try:
-        got = run_onnxruntime(data, feeds, model.output_names)
-    except ModuleNotFoundError:
+        import onnxruntime as ort
+    except ImportError:
         return
-    with torch.no_grad():
-        want = model(*examples)
-    check_outputs(got, [w.numpy() for w in (want if isinstance(want, tuple) else (want,))], model.output_names)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    zeros = {n: np.zeros(shape, np.float32) for n, shape in states.items()}
+
+    def run(inputs: tuple[Tensor, ...]) -> list[Tensor]:
+        feeds = {**{n: x.numpy() for n, x in zip(model.input_names, inputs)}, **zeros}
+        return [torch.from_numpy(y) for y in session.run(model.output_names, feeds)]
+
+    _, problems = check_shapes(run, model, examples, axes, rtol)
+    if problems:
+        raise ValueError(f"the written graph does not reproduce the model in onnxruntime: {problems[0]}")
+
+
+def dynamic_int8(data: bytes, weights: set[str] | None = None) -> bytes:
+    """The ONNX model ``data`` with the weights of its MatMuls as int8 (onnxruntime's dynamic
+    quantization: int8 weights, activations quantized per call, int8 products): those reading one of
+    ``weights`` (initializer names; None: every MatMul)."""
+    onnx, _ = onnx_modules()
+    graph = onnx.load_from_string(data).graph
+    skip = [] if weights is None else [n.name for n in graph.node if not weights & set(n.input)]
+    return quantize_dynamic_int8(data, skip)
 
 
 def _check_layers(model: OnnxModel) -> None:
@@ -240,9 +274,11 @@ def _check_layers(model: OnnxModel) -> None:
 
 
 def _layers_into(graph, work: OnnxModel, values: dict[str, Tensor], opset: int, rewired: dict[str, Step] | None
-                 ) -> None:
+                 ) -> set[str]:
     """Splice every MPO layer's graph in, write every dense layer's weights; ``rewired``: the
-    recurrent steps of a streaming graph (None for the whole-sequence graph)."""
+    recurrent steps of a streaming graph (None for the whole-sequence graph). Returns the names of
+    the MPO layers' initializers (their factors)."""
+    factors: set[str] = set()
     with tempfile.TemporaryDirectory() as tmp:
         for name, step in work.layers.items():
             step = (rewired or {}).get(name, step)
@@ -250,12 +286,26 @@ def _layers_into(graph, work: OnnxModel, values: dict[str, Tensor], opset: int, 
             if is_mpo_module(layer):
                 sub, inputs, outputs = _export_layer(layer, step, values, opset, rewired is not None, Path(tmp))
                 _splice(graph, step, sub, inputs, outputs)
+                factors |= {t.name for t in sub.graph.initializer}
             else:
                 _write_dense(graph, step, layer)
+    return factors
+
+
+def _int8_work(work: OnnxModel, int8: bool) -> OnnxModel:
+    """``work`` with int8 MPO cores when ``int8`` (:func:`mpolstm.quantize`, unless it has them already);
+    ValueError, naming what works, when no layer is compressed."""
+    if not int8:
+        return work
+    if not any(is_mpo_module(getattr(work, name)) for name in work.layers):
+        raise ValueError("int8=True stores the MPO factors in int8, but no layer of the model is compressed: "
+                         "compress it first, or pass int8_dense=True (--int8-dense) for int8 weights of its "
+                         "dense MatMuls")
+    return int8_model(work, True)
 
 
 def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check: bool = True,
-             record: dict[str, Any] | None = None) -> bytes:
+             record: dict[str, Any] | None = None, int8_dense: bool = False) -> bytes:
     """The ONNX file :func:`save` writes, as bytes."""
     if not isinstance(model, OnnxModel):
         raise ValueError(f"mpolstm.onnx writes a model read by mpolstm.onnx.load, got {type(model).__name__}")
@@ -263,7 +313,7 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
     onnx, _ = onnx_modules()
     with torch.no_grad():  # weights a forward pre-hook made with grad (pruning in training) cannot be copied
         model(*model.example_inputs())
-    work = copy.deepcopy(model).float().eval()
+    work = _int8_work(copy.deepcopy(model).float().eval(), int8)
     proto = onnx.load_from_string(work.source)
     for k, node in enumerate(proto.graph.node):  # the names load gave
         node.name = node.name or f"{node.op_type}_{k}"
@@ -274,27 +324,31 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
     examples = work.example_inputs(sizes)
     with torch.no_grad():
         values = work.values(*examples)
-    _layers_into(proto.graph, work, values, opset, rewired)
+    factors = _layers_into(proto.graph, work, values, opset, rewired)
     _prune(proto.graph)
     dedupe_tensors(proto)  # layers exported one by one: a tied or shared weight, once
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = max(entry.version, opset)
     proto.ir_version = max(proto.ir_version, 7)
-    facts = {"step": step, "int8": int8, "layers": _describe(work), **(record or {})}
+    facts = {"step": step, "int8": int8, "int8_dense": int8_dense, "layers": _describe(work), **(record or {})}
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(facts))
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ValueError(f"the written graph fails the ONNX checker ({str(exc).strip().splitlines()[0]})") from exc
     data = proto.SerializeToString()
+    if int8 or int8_dense:
+        data = dynamic_int8(data, None if int8_dense else factors)
     if check:
-        _check(data, work, examples, _state_shapes(states, values))
-    return record_weight_bytes(dynamic_int8(data) if int8 else data)
+        _check(data, work, examples, _state_shapes(states, values), Axes() if step else _declared_axes(work, examples),
+               INT8_RTOL if int8 or int8_dense else 1e-3)
+    return record_weight_bytes(data)
 
 
 def save(model: OnnxModel, path: str | os.PathLike, *, step: bool = False, int8: bool = False,
-         check: bool = True, record: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+         check: bool = True, record: dict[str, Any] | None = None, overwrite: bool = False,
+         int8_dense: bool = False) -> Path:
     """Write ``model`` (from :func:`mpolstm.onnx.load`, then compressed, pruned or fine-tuned) as
     an ONNX file at ``path``; see the module docstring. ``record``: extra JSON-able facts stored in
     the metadata beside the layer descriptions (``mpolstm compress`` stores its report). As every
@@ -302,7 +356,7 @@ def save(model: OnnxModel, path: str | os.PathLike, *, step: bool = False, int8:
     the file is written atomically. Returns ``path``."""
     path = Path(path)
     check_target(path, overwrite, folder=False)
-    data = to_bytes(model, step=step, int8=int8, check=check, record=record)
+    data = to_bytes(model, step=step, int8=int8, check=check, record=record, int8_dense=int8_dense)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, data)
     return path
