@@ -294,11 +294,13 @@ def _check_forward(torch_type, layout, fmt, tmp_path):
     x = _sample(torch_type, 2, None, 1)
     int8 = layout == "int8" and fmt in ("onnx", "executorch")
     kwargs = {} if int8 or layout != "int8" else {"int8": False}
-    if int8 and fmt == "onnx" and torch_type in (nn.Conv1d, nn.Conv2d):  # the file holds the rebuilt kernel
-        with pytest.raises(ValueError, match=r"no product of an int8 MPO module \(MPOConv.d\).*pass int8=False"):
-            export_model(model, tmp_path / "m.onnx", fmt, x)
+    try:
+        path = export_model(model, tmp_path / f"m{SUFFIX[fmt]}", fmt, None if fmt == "dense" else x, **kwargs)
+    except ValueError as exc:  # a rank-D convolution runs its factors as Conv nodes, which onnxruntime keeps float
+        if not (int8 and fmt == "onnx" and torch_type in (nn.Conv1d, nn.Conv2d)):
+            raise
+        assert re.search(r"no product of an int8 MPO module \(MPOConv.d\).*pass int8=False", str(exc)), exc
         return
-    path = export_model(model, tmp_path / f"m{SUFFIX[fmt]}", fmt, None if fmt == "dense" else x, **kwargs)
     run, rtol = _runner(fmt, path, torch_type), 0.1 if int8 else 1e-4
     length = x.shape[AXES[torch_type][1]]
     for k, (batch, size) in enumerate([(b, n) for b in (1, 3) for n in (1, length, length + 4)]):

@@ -138,9 +138,21 @@ def _as_signature(module: nn.Module, dims: list) -> list:
     return dims if star is None else [*dims[:star], tuple(dims[star:])]
 
 
+def _compile_aoti(program) -> bytes:
+    """The AOTInductor package of the exported ``program``, as bytes."""
+    with tempfile.TemporaryDirectory() as tmp, quiet():
+        # no lower bound: a dynamic axis exported at 2 also runs at 1 (and checked there)
+        configs = {"freezing": True, "aot_inductor.check_lowerbound": False}
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "package.pt2"),
+                                                           inductor_configs=configs)
+        return Path(package).read_bytes()
+
+
 def _build_aoti(job: ExportJob, axes: Axes) -> tuple[bytes, Axes]:
     """The AOTInductor package of ``job``: the groups of ``axes`` that ``torch.export`` keeps
-    symbolic are dynamic (exported at :func:`_distinct_sizes`)."""
+    symbolic are dynamic (exported at :func:`_distinct_sizes`). Where Inductor cannot compile the
+    symbolic program (torch 2.13 fails on a recurrent scan with a symbolic batch: ``KeyError: s77``),
+    every axis is fixed at the example's size instead."""
     dims = _as_signature(job.module, [{d: Dim.AUTO for d in axes.of_input(i)} or None
                                       for i in range(len(job.inputs))])
     inputs = _resized(job.inputs, _distinct_sizes(job.inputs, axes))
@@ -148,12 +160,13 @@ def _build_aoti(job: ExportJob, axes: Axes) -> tuple[bytes, Axes]:
     shapes = [n.meta["val"].shape for n in program.graph.nodes if n.op == "placeholder"][-len(job.inputs):]
     fixed = [lead for lead, members in axes.groups.items()
              if any(is_concrete_int(shapes[i][d]) for i, d in members)]
-    with tempfile.TemporaryDirectory() as tmp, quiet():
-        # no lower bound: a dynamic axis exported at 2 also runs at 1 (and checked there)
-        configs = {"freezing": True, "aot_inductor.check_lowerbound": False}
-        package = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "package.pt2"),
-                                                           inductor_configs=configs)
-        return Path(package).read_bytes(), axes.fixing(fixed)
+    try:
+        return _compile_aoti(program), axes.fixing(fixed)
+    except torch._inductor.exc.InductorError:
+        if len(fixed) == len(axes.groups):
+            raise
+    static = _program(job.module, job.inputs, _as_signature(job.module, [None] * len(job.inputs)))
+    return _compile_aoti(static), axes.fixing(list(axes.groups))
 
 
 def _aoti_runner(data: bytes, job: ExportJob) -> Runner:

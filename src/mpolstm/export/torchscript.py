@@ -45,10 +45,12 @@ def _build_torchscript(job: ExportJob, axes: Axes) -> tuple[bytes, Axes]:
     merged halves as constants, so the cores it never reads are dropped and each weight is stored once
     (not as a parameter and a constant)."""
     traced = trace(job)
-    module = traced.module if traced.with_grad else torch.jit.freeze(traced.module.eval(), optimize_numerics=False)
+    module = traced.module
     if axes.free:
         with quiet(), torch.no_grad():
             module = torch.jit.trace(_Guarded(module, job.inputs, axes.free), job.inputs, check_trace=False)
+    if not traced.with_grad:
+        module = torch.jit.freeze(module.eval(), optimize_numerics=False)
     buffer = io.BytesIO()
     torch.jit.save(module, buffer)
     return buffer.getvalue(), axes
