@@ -41,16 +41,13 @@ class _Guarded(nn.Module):
 
 
 def _build_torchscript(job: ExportJob, axes: Axes) -> tuple[bytes, Axes]:
-    """The trace of ``job`` behind its guards. The factorized runtime's trace is frozen: it reads the
-    merged halves as constants, so the cores it never reads are dropped and each weight is stored once
-    (not as a parameter and a constant)."""
-    traced = trace(job)
-    module = traced.module
+    """The trace of ``job`` behind its guards. Not frozen: ``torch.jit.freeze`` would drop the cores the
+    trace never reads, but it fixes a step file's batch; so a TorchScript file keeps the cores beside the
+    merged halves it multiplies (about twice the run-time bytes: docs/robustness.md)."""
+    module = trace(job).module
     if axes.free:
         with quiet(), torch.no_grad():
             module = torch.jit.trace(_Guarded(module, job.inputs, axes.free), job.inputs, check_trace=False)
-    if not traced.with_grad:
-        module = torch.jit.freeze(module.eval(), optimize_numerics=False)
     buffer = io.BytesIO()
     torch.jit.save(module, buffer)
     return buffer.getvalue(), axes
