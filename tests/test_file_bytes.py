@@ -73,12 +73,9 @@ def _rebuilt_weights_in(arrays: list, model: nn.Module) -> list:
 
 def _grid() -> list:
     """Every layout x format; AOTInductor (a C++ compile each, seconds) for one layout in the default suite."""
-    known = pytest.mark.xfail(raises=ValueError, strict=True, reason="the ExecuTorch program of an interleaved "
-                              "LSTM differs from eager, and the writer refuses it (not a bytes question)")
     torchscript = pytest.mark.xfail(raises=AssertionError, strict=True, reason="a TorchScript file keeps the cores "
                                     "beside the traced merged halves (freezing specializes the batch): open")
     return [pytest.param(layout, fmt, marks=([pytest.mark.slow] if fmt == "aoti" and layout != "lowrank" else []) +
-                         ([known] if (layout, fmt) == ("interleaved", "executorch") else []) +
                          ([torchscript] if fmt == "torchscript" else []))
             for layout in LAYOUTS for fmt in ("onnx", "torchscript", "executorch", "aoti")]
 
