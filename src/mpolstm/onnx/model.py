@@ -99,6 +99,9 @@ class OnnxModel(nn.Module):
                 results = self._run(step, args, ctx)
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 raise ValueError(f"node {step.name!r} ({step.op}): {str(exc).strip().splitlines()[0]}") from exc
+            missing = [n for n in step.outputs[len(results):] if n]
+            if missing:
+                raise ValueError(f"node {step.name!r} ({step.op}): output {missing[0]!r} is not supported")
             env.update((n, r) for n, r in zip(step.outputs, results) if n and r is not None)
         return env
 
@@ -144,7 +147,8 @@ def _dtype(elem_type: int) -> torch.dtype:
     from .reader import DTYPES
 
     if elem_type not in DTYPES:
-        raise ValueError(f"graph input element type {elem_type} is not supported")
+        raise ValueError(f"graph input element type {elem_type} is not supported (numbers and booleans that "
+                         "torch computes on: float, double, float16, bfloat16, int8-64, uint8, bool)")
     return DTYPES[elem_type]
 
 
@@ -269,6 +273,11 @@ def load(path: str | os.PathLike) -> OnnxModel:
         steps.append(step)
     read = {n for s in steps for n in s.inputs} | outputs
     kept = {name: t for name, t in consts.items() if name in read}
+    for i in graph_inputs(graph):
+        try:
+            _dtype(i.type.tensor_type.elem_type)
+        except ValueError as exc:
+            raise ValueError(f"{path}: input {i.name!r}: {exc}") from None
     specs = [InputSpec(i.name, i.type.tensor_type.elem_type,
                        tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                              for d in i.type.tensor_type.shape.dim)) for i in graph_inputs(graph)]

@@ -103,6 +103,8 @@ def _cast(ctx, xs, a):
 
 
 def _dropout(ctx, xs, a):
+    if len(xs) > 2 and xs[2] is not None and bool(xs[2]):
+        raise ValueError("training_mode=True (random dropout) is not supported (inference only)")
     return [xs[0], torch.ones_like(xs[0], dtype=torch.bool)]  # inference: the identity
 
 
@@ -125,8 +127,9 @@ def _layer_norm(ctx, xs, a):
     dims = tuple(range(axis, x.dim()))
     mean = x.mean(dims, keepdim=True)
     var = (x - mean).square().mean(dims, keepdim=True)
-    out = (x - mean) * torch.rsqrt(var + a.get("epsilon", 1e-5)) * xs[1]
-    return out if len(xs) < 3 or xs[2] is None else out + xs[2]
+    inv_std = torch.rsqrt(var + a.get("epsilon", 1e-5))
+    out = (x - mean) * inv_std * xs[1]
+    return [out if len(xs) < 3 or xs[2] is None else out + xs[2], mean, inv_std]
 
 
 def _instance_norm(ctx, xs, a):
@@ -149,16 +152,21 @@ def _pool(kind: str) -> Callable:
     def run(ctx, xs, a):
         x = xs[0]
         spatial = x.dim() - 2
-        if spatial not in (1, 2):
-            raise ValueError(f"{kind}Pool: only 1-D and 2-D pooling are supported")
+        if spatial not in (1, 2, 3):
+            raise ValueError(f"{kind}Pool: only 1-D, 2-D and 3-D pooling are supported")
         kernel = tuple(a["kernel_shape"])
         strides = tuple(a.get("strides", [1] * spatial))
+        dilations = tuple(a.get("dilations", [1] * spatial))
         pads = _symmetric_pads(a, spatial, f"{kind}Pool")
+        if any(2 * p > (k - 1) * d + 1 for p, k, d in zip(pads, kernel, dilations)):
+            raise ValueError(f"{kind}Pool: pads over half the kernel are not supported")
         ceil = bool(a.get("ceil_mode", 0))
         if kind == "Max":
-            fn = F.max_pool1d if spatial == 1 else F.max_pool2d
-            return fn(x, kernel, strides, pads, tuple(a.get("dilations", [1] * spatial)), ceil)
-        fn = F.avg_pool1d if spatial == 1 else F.avg_pool2d
+            fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[spatial - 1]
+            return fn(x, kernel, strides, pads, dilations, ceil)
+        if any(d != 1 for d in dilations):
+            raise ValueError("AveragePool with dilations is not supported")
+        fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[spatial - 1]
         return fn(x, kernel, strides, pads, ceil, bool(a.get("count_include_pad", 0)))
     return run
 
@@ -169,6 +177,37 @@ def _global_pool(reduce: str) -> Callable:
         dims = tuple(range(2, x.dim()))
         return x.mean(dims, keepdim=True) if reduce == "mean" else x.amax(dims, keepdim=True)
     return run
+
+
+def _conv_transpose(ctx, xs, a):
+    """ONNX ConvTranspose: torch's without padding, then output_padding appended, pads cropped, bias."""
+    x, w = xs[0], xs[1]
+    spatial = x.dim() - 2
+    if spatial not in (1, 2, 3):
+        raise ValueError("ConvTranspose: only 1-D, 2-D and 3-D convolutions are supported")
+    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[spatial - 1]
+    strides = list(a.get("strides", [1] * spatial))
+    out = fn(x, w, None, strides, 0, 0, a.get("group", 1), list(a.get("dilations", [1] * spatial)))
+    extra = list(a.get("output_padding", [0] * spatial))
+    out = F.pad(out, [p for e in reversed(extra) for p in (0, e)])
+    full, pads = list(out.shape[2:]), list(a.get("pads", [0] * 2 * spatial))
+    wanted, auto = a.get("output_shape"), a.get("auto_pad", "NOTSET")
+    if wanted is None and auto in ("SAME_UPPER", "SAME_LOWER"):
+        wanted = [n * s for n, s in zip(x.shape[2:], strides)]
+    if wanted is None:
+        begin, size = pads[:spatial], [f - pads[k] - pads[k + spatial] for k, f in enumerate(full)]
+    else:  # ONNX's reference: SAME_* centre the output in the full one, otherwise it starts at pads' begin
+        size, total = list(wanted[-spatial:]), [f - o for f, o in zip(full, wanted[-spatial:])]
+        begin = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total] \
+            if auto in ("SAME_UPPER", "SAME_LOWER") else pads[:spatial]
+    out = F.pad(out, [p for k in reversed(range(spatial)) for p in (0, max(0, begin[k] + size[k] - full[k]))])
+    for axis in range(spatial):
+        out = out.narrow(axis + 2, begin[axis], size[axis])
+    return out if len(xs) < 3 or xs[2] is None else out + xs[2].reshape(_channel_shape(out))
+
+
+def _einsum(ctx, xs, a):
+    return torch.einsum(a["equation"].replace(" ", ""), *xs)
 
 
 def _leaky_relu(ctx, xs, a):
@@ -246,6 +285,8 @@ register_ops({
     "Softmax": _softmax(log=False),
     "LogSoftmax": _softmax(log=True),
     "MatMul": lambda ctx, xs, a: torch.matmul(xs[0], xs[1]),
+    "Einsum": _einsum,
+    "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
     "Cast": _cast,
     "CastLike": lambda ctx, xs, a: xs[0].to(xs[1].dtype),
