@@ -21,10 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from . import shapes  # noqa: F401  (registers the shape operators)
+from .control import Subgraph, outer_names, subgraphs_of
 from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_layer, recurrent_layer, run_conv,
                      run_recurrent)
 from .ops import OPS, Ctx
-from .reader import attributes, graph_inputs, node_label, opset_of, read_model, to_tensor
+from .reader import attributes, graph_inputs, name_nodes, node_label, opset_of, read_model, to_tensor
 
 __all__ = ["InputSpec", "OnnxModel", "Step", "load"]
 
@@ -80,7 +81,7 @@ class OnnxModel(nn.Module):
     @property
     def layers(self) -> dict[str, Step]:
         """{attribute name of a torch layer: its step}."""
-        return {s.layer: s for s in self.steps if s.layer is not None}
+        return {s.layer: s for s in _all_steps(self.steps) if s.layer is not None}
 
     def float_dtype(self) -> torch.dtype:
         tensor = next((t for t in [*self.parameters(), *self.buffers()] if t.is_floating_point()), None)
@@ -92,7 +93,7 @@ class OnnxModel(nn.Module):
             raise ValueError(f"the model takes {len(self.inputs)} input(s) {self.input_names}, got {len(inputs)}")
         env: dict[str, Tensor] = {name: getattr(self.constants, f"c{k}") for k, name in enumerate(self.constant_names)}
         env.update(zip(self.input_names, inputs))
-        ctx = Ctx(self.opset, self.float_dtype())
+        ctx = Ctx(self.opset, self.float_dtype(), self._run, env)
         for step in self.steps:
             args = [env[n] if n else None for n in step.inputs]
             try:
@@ -141,6 +142,15 @@ class OnnxModel(nn.Module):
             out.append(torch.randn(dims, generator=gen, dtype=dtype) if dtype.is_floating_point
                        else torch.zeros(dims, dtype=dtype))
         return tuple(out)
+
+
+def _all_steps(steps: list[Step]):
+    """The steps and those of their subgraphs (control flow), depth first."""
+    for step in steps:
+        yield step
+        for value in step.attrs.values():
+            if isinstance(value, Subgraph):
+                yield from _all_steps(value.steps)
 
 
 def _dtype(elem_type: int) -> torch.dtype:
@@ -232,47 +242,83 @@ def _layer_step(node, attrs, consts, fused) -> tuple[nn.Module, Step] | None:
     return None
 
 
-def load(path: str | os.PathLike) -> OnnxModel:
-    """Read the ONNX file ``path`` into an :class:`OnnxModel` (see the module docstring). Raises
-    ValueError, one line naming the file and, where one is at fault, the node and its op: not ONNX,
-    truncated, an operator the interpreter does not have, an LSTM / GRU torch cannot compute."""
-    model = read_model(path)
-    graph, opset = model.graph, opset_of(model)
-    for k, node in enumerate(graph.node):  # every node needs a name: the writer and the layers use it
-        node.name = node.name or f"{node.op_type}_{k}"
-    if len({n.name for n in graph.node}) != len(graph.node):
-        raise ValueError(f"{path}: node names are not unique")
-    consts = {t.name: to_tensor(t) for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    steps, layers, skipped, taken = [], {}, set(), set()
+def _subgraphs(node, attrs: dict, opset: int, build: dict) -> tuple[str, ...]:
+    """Compile the node's graph attributes (in ``attrs``) into control.Subgraph; returns the outer
+    names they read, which the node's step takes after its own inputs (``attrs["outer"]``)."""
+    outer: list[str] = []
+    for key, value in list(attrs.items()):
+        if hasattr(value, "node") and hasattr(value, "output"):  # an onnx.GraphProto
+            sub = Subgraph(tuple(i.name for i in value.input), tuple(o.name for o in value.output),
+                           _compile(value, opset, build))
+            attrs[key] = sub
+            outer += [n for n in outer_names(sub) if n not in outer]
+    attrs["outer"] = tuple(outer)
+    return tuple(outer)
+
+
+def _node_step(graph, k: int, node, opset: int, build: dict) -> Step | None:
+    """The step of ``graph.node[k]``; None when it is a constant or computed from constants only
+    (folded into ``build["consts"]``: an LSTM's W computed by Slice / Concat of initializers)."""
+    consts, attrs = build["consts"], attributes(node)
+    outer = _subgraphs(node, attrs, opset, build) if subgraphs_of(node) else ()
+    if node.op_type == "Constant":
+        consts[node.output[0]] = OPS["Constant"](Ctx(opset), [], attrs)
+        return None
+    fused = _fused_bias(graph, k, node, consts, {o.name for o in graph.output}) if node.op_type == "MatMul" and \
+        node.input[1] in consts and consts[node.input[1]].dim() == 2 else None
+    found = _layer_step(node, attrs, consts, fused)
+    if found is not None:
+        layer, step = found
+        step = replace(step, layer=_attribute_name(node.name, build["taken"]))
+        build["layers"][step.layer] = layer
+        return step
+    if node.op_type not in OPS:
+        raise ValueError("no mapping for this operator (the interpreter knows "
+                         f"{len(OPS)} operators, LSTM, GRU and Conv; see mpolstm.onnx)")
+    if node.op_type == "Split":
+        attrs.setdefault("num_outputs", len(node.output))
+    inputs = tuple(node.input) + outer
+    if not outer and all(n in consts for n in inputs if n):
+        out = OPS[node.op_type](Ctx(opset), [consts[n] if n else None for n in inputs], attrs)
+        consts.update((n, r) for n, r in zip(node.output, out if isinstance(out, (list, tuple)) else [out]) if n)
+        return None
+    return Step(node.name, node.op_type, inputs, tuple(node.output), attrs)
+
+
+def _compile(graph, opset: int, build: dict) -> list[Step]:
+    """The steps of ``graph`` (the main graph or a subgraph); ``build`` holds what they share:
+    consts (initializers, subgraphs' included), layers, taken attribute names, the file, the
+    names the file gives the nodes."""
+    build["consts"].update((t.name, to_tensor(t)) for t in graph.initializer)
+    steps, skipped = [], set()
     for k, node in enumerate(graph.node):
         if k in skipped:
             continue
         try:
-            attrs = attributes(node)
-            if node.op_type == "Constant":
-                consts[node.output[0]] = OPS["Constant"](Ctx(opset), [], attrs)
-                continue
-            fused = _fused_bias(graph, k, node, consts, outputs) if node.op_type == "MatMul" and \
-                node.input[1] in consts and consts[node.input[1]].dim() == 2 else None
-            found = _layer_step(node, attrs, consts, fused)
-            if found is not None:
-                layer, step = found
-                step = replace(step, layer=_attribute_name(node.name, taken))
-                layers[step.layer] = layer
-                skipped.update(i for i, n in enumerate(graph.node) if n.name in step.nodes[1:])
-            elif node.op_type in OPS:
-                if node.op_type == "Split":
-                    attrs.setdefault("num_outputs", len(node.output))
-                step = Step(node.name, node.op_type, tuple(node.input), tuple(node.output), attrs)
-            else:
-                raise ValueError("no mapping for this operator (the interpreter knows "
-                                 f"{len(OPS)} operators, LSTM, GRU and Conv; see mpolstm.onnx)")
+            step = _node_step(graph, k, node, opset, build)
         except ValueError as exc:
-            raise ValueError(f"{path}: {node_label(node)}: {exc}") from None
-        steps.append(step)
+            if str(exc).startswith(f"{build['path']}: "):  # from a subgraph: already says where
+                raise
+            raise ValueError(f"{build['path']}: {node_label(node, build['originals'].get(node.name))}: {exc}") from None
+        if step is not None:
+            skipped.update(i for i, n in enumerate(graph.node) if n.name in step.nodes[1:])
+            steps.append(step)
+    return steps
+
+
+def load(path: str | os.PathLike) -> OnnxModel:
+    """Read the ONNX file ``path`` into an :class:`OnnxModel` (see the module docstring). Raises
+    ValueError, one line naming the file and, where one is at fault, the node and its op: not ONNX,
+    truncated, an operator the interpreter does not have, an LSTM / GRU torch cannot compute.
+    Nodes computed from constants alone (parameter-only subgraphs) are folded into constants."""
+    model = read_model(path)
+    graph, opset = model.graph, opset_of(model)
+    source = model.SerializeToString()
+    build = {"consts": {}, "layers": {}, "taken": set(), "path": path, "originals": name_nodes(graph)}
+    steps = _compile(graph, opset, build)
+    outputs = {o.name for o in graph.output}
     read = {n for s in steps for n in s.inputs} | outputs
-    kept = {name: t for name, t in consts.items() if name in read}
+    kept = {name: t for name, t in build["consts"].items() if name in read}
     for i in graph_inputs(graph):
         try:
             _dtype(i.type.tensor_type.elem_type)
@@ -281,5 +327,4 @@ def load(path: str | os.PathLike) -> OnnxModel:
     specs = [InputSpec(i.name, i.type.tensor_type.elem_type,
                        tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                              for d in i.type.tensor_type.shape.dim)) for i in graph_inputs(graph)]
-    return OnnxModel(steps, layers, kept, specs, [o.name for o in graph.output], opset,
-                     model.SerializeToString()).eval()
+    return OnnxModel(steps, build["layers"], kept, specs, [o.name for o in graph.output], opset, source).eval()

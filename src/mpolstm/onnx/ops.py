@@ -10,7 +10,7 @@ Every operator is differentiable where torch's is, so distillation runs through 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -23,11 +23,15 @@ __all__ = ["Ctx", "OPS", "dtype_of", "register_ops"]
 
 @dataclass(frozen=True)
 class Ctx:
-    """What an operator needs besides its inputs: the operator-set version and the float dtype
-    that ONNX FLOAT maps to (float32, or float64 after ``model.double()``)."""
+    """What an operator needs besides its inputs: the operator-set version, the float dtype
+    that ONNX FLOAT maps to (float32, or float64 after ``model.double()``) and, for control flow
+    (``control.py``), the model's ``run(step, inputs, ctx)`` and a dict that keeps the values its
+    subgraphs make (or None)."""
 
     opset: int
     float_dtype: torch.dtype = torch.float32
+    run: Callable[..., list] | None = None
+    record: dict[str, Any] | None = None
 
 
 OPS: dict[str, Callable] = {}

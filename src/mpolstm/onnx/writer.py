@@ -45,6 +45,7 @@ from ..nn.sparse import sparse_parts
 from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_tensors, linear_tensors, recurrent_tensors,
                      run_conv, run_recurrent, step_recurrent)
 from .model import OnnxModel, Step
+from .reader import name_nodes, walk_nodes
 from .streaming import make_streaming
 
 __all__ = ["METADATA_KEY", "dynamic_int8", "save", "to_bytes"]
@@ -287,12 +288,25 @@ def _layers_into(graph, work: OnnxModel, values: dict[str, Tensor], opset: int, 
     with tempfile.TemporaryDirectory() as tmp:
         for name, step in work.layers.items():
             step = (rewired or {}).get(name, step)
-            layer = getattr(work, name)
+            layer, owner = getattr(work, name), _owner(graph, step.nodes[0])
             if is_mpo_module(layer):
                 sub, inputs, outputs = _export_layer(layer, step, values, opset, rewired is not None, Path(tmp))
-                _splice(graph, step, sub, inputs, outputs)
+                _splice(owner, step, sub, inputs, outputs)
             else:
-                _write_dense(graph, step, layer)
+                _write_dense(owner, step, layer)
+
+
+def _owner(graph, name: str):
+    """The graph (``graph`` or one of its subgraphs) that holds the node ``name``."""
+    if any(n.name == name for n in graph.node):
+        return graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                found = _owner(sub, name)
+                if found is not None:
+                    return found
+    return None
 
 
 def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check: bool = True,
@@ -306,17 +320,22 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
         model(*model.example_inputs())
     work = copy.deepcopy(model).float().eval()
     proto = onnx.load_from_string(work.source)
-    for k, node in enumerate(proto.graph.node):  # the names load gave
-        node.name = node.name or f"{node.op_type}_{k}"
+    originals = name_nodes(proto.graph)  # the names load gave; the file's come back below
     opset = min(max(work.opset, EXPORT_OPSET[0]), EXPORT_OPSET[1])
     if work.opset < EXPORT_OPSET[0]:
         proto = onnx.version_converter.convert_version(proto, EXPORT_OPSET[0])
+    inner = [s.name for s in work.layers.values() if _owner(proto.graph, s.nodes[0]) is not proto.graph]
+    if step and inner:
+        raise ValueError(f"node {inner[0]!r} is inside a subgraph (If / Loop / Scan); the streaming step "
+                         "(step=True) takes the layers of the main graph only")
     rewired, states, sizes = make_streaming(proto.graph, work) if step else (None, {}, {})
     examples = work.example_inputs(sizes)
     with torch.no_grad():
         values = work.values(*examples)
     _layers_into(proto.graph, work, values, opset, rewired)
     _prune(proto.graph)
+    for node in walk_nodes(proto.graph):
+        node.name = originals.get(node.name, node.name)
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = max(entry.version, opset)
