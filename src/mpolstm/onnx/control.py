@@ -68,7 +68,13 @@ def _split(xs: list, a: dict) -> tuple[list, dict[str, Tensor]]:
 
 def _if(ctx, xs, a):
     (cond,), outer = _split(xs, a)
-    return run_graph(a["then_branch"] if bool(cond.reshape(-1)[0]) else a["else_branch"], ctx, outer, [])
+    taken = bool(cond.reshape(-1)[0])
+    if ctx.explore:
+        try:
+            run_graph(a["else_branch"] if taken else a["then_branch"], ctx, outer, [])
+        except ValueError:  # a branch need not run on values that choose the other one
+            pass
+    return run_graph(a["then_branch"] if taken else a["else_branch"], ctx, outer, [])
 
 
 def _stack(slices: list[list[Tensor]], count: int) -> list[Tensor]:

@@ -87,13 +87,14 @@ class OnnxModel(nn.Module):
         tensor = next((t for t in [*self.parameters(), *self.buffers()] if t.is_floating_point()), None)
         return torch.float32 if tensor is None else tensor.dtype
 
-    def values(self, *inputs: Tensor) -> dict[str, Tensor]:
-        """Every tensor of the graph, by name, on ``inputs``."""
+    def values(self, *inputs: Tensor, explore: bool = False) -> dict[str, Tensor]:
+        """Every tensor of the graph, by name, on ``inputs`` (``explore``: the branches an If does
+        not take run too, so that their values are there)."""
         if len(inputs) != len(self.inputs):
             raise ValueError(f"the model takes {len(self.inputs)} input(s) {self.input_names}, got {len(inputs)}")
         env: dict[str, Tensor] = {name: getattr(self.constants, f"c{k}") for k, name in enumerate(self.constant_names)}
         env.update(zip(self.input_names, inputs))
-        ctx = Ctx(self.opset, self.float_dtype(), self._run, env)
+        ctx = Ctx(self.opset, self.float_dtype(), self._run, env, explore)
         for step in self.steps:
             args = [env[n] if n else None for n in step.inputs]
             try:

@@ -25,13 +25,15 @@ __all__ = ["Ctx", "OPS", "dtype_of", "register_ops"]
 class Ctx:
     """What an operator needs besides its inputs: the operator-set version, the float dtype
     that ONNX FLOAT maps to (float32, or float64 after ``model.double()``) and, for control flow
-    (``control.py``), the model's ``run(step, inputs, ctx)`` and a dict that keeps the values its
-    subgraphs make (or None)."""
+    (``control.py``), the model's ``run(step, inputs, ctx)``, a dict that keeps the values its
+    subgraphs make (or None) and ``explore``: run the branch an ``If`` does not take as well
+    (to record its values: the writer exports the layers inside it)."""
 
     opset: int
     float_dtype: torch.dtype = torch.float32
     run: Callable[..., list] | None = None
     record: dict[str, Any] | None = None
+    explore: bool = False
 
 
 OPS: dict[str, Callable] = {}

@@ -185,7 +185,7 @@ def _pad_index(n: int, begin: int, end: int, mode: str) -> Tensor:
         return i % n
     period = 2 * (n - 1)  # reflect: mirror about the first and last positions
     if period == 0:
-        return torch.zeros_like(i)
+        raise ValueError("Pad: reflect needs an axis of at least 2 to mirror (as onnxruntime)")
     i = i.abs() % period
     return torch.where(i < n, i, period - i)
 

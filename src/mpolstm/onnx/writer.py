@@ -331,11 +331,9 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
     rewired, states, sizes = make_streaming(proto.graph, work) if step else (None, {}, {})
     examples = work.example_inputs(sizes)
     with torch.no_grad():
-        values = work.values(*examples)
+        values = work.values(*examples, explore=True)
     _layers_into(proto.graph, work, values, opset, rewired)
     _prune(proto.graph)
-    for node in walk_nodes(proto.graph):
-        node.name = originals.get(node.name, node.name)
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = max(entry.version, opset)
@@ -346,9 +344,11 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ValueError(f"the written graph fails the ONNX checker ({str(exc).strip().splitlines()[0]})") from exc
+    if check:  # with mpolstm's unique node names: onnxruntime refuses repeated ones, which ONNX allows
+        _check(proto.SerializeToString(), work, examples, _state_shapes(states, values))
+    for node in walk_nodes(proto.graph):
+        node.name = originals.get(node.name, node.name)
     data = proto.SerializeToString()
-    if check:
-        _check(data, work, examples, _state_shapes(states, values))
     return dynamic_int8(data) if int8 else data
 
 
