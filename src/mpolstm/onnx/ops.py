@@ -147,11 +147,15 @@ def _instance_norm(ctx, xs, a):
     return (x - mean) * torch.rsqrt(var + a.get("epsilon", 1e-5)) * scale.reshape(shape) + bias.reshape(shape)
 
 
-def _symmetric_pads(a: dict, spatial: int, op: str) -> tuple[int, ...]:
-    pads = a.get("pads", [0] * 2 * spatial)
-    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or list(pads[:spatial]) != list(pads[spatial:]):
-        raise ValueError(f"{op}: only symmetric explicit padding is supported (auto_pad NOTSET or VALID)")
-    return tuple(pads[:spatial]) if a.get("auto_pad", "NOTSET") == "NOTSET" else (0,) * spatial
+def _pool_pads(a: dict, x: Tensor, kernel, strides, dilations) -> list[int]:
+    """ONNX pads [begin..., end...] of a pool: explicit, VALID (none) or SAME_UPPER / SAME_LOWER."""
+    spatial, auto = x.dim() - 2, a.get("auto_pad", "NOTSET")
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
+        return [0] * 2 * spatial if auto == "VALID" else list(a.get("pads", [0] * 2 * spatial))
+    total = [max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+             for n, k, s, d in zip(x.shape[2:], kernel, strides, dilations)]
+    begin = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
+    return begin + [t - b for t, b in zip(total, begin)]
 
 
 def _pool(kind: str) -> Callable:
@@ -163,17 +167,23 @@ def _pool(kind: str) -> Callable:
         kernel = tuple(a["kernel_shape"])
         strides = tuple(a.get("strides", [1] * spatial))
         dilations = tuple(a.get("dilations", [1] * spatial))
-        pads = _symmetric_pads(a, spatial, f"{kind}Pool")
-        if any(2 * p > (k - 1) * d + 1 for p, k, d in zip(pads, kernel, dilations)):
-            raise ValueError(f"{kind}Pool: pads over half the kernel are not supported")
-        ceil = bool(a.get("ceil_mode", 0))
+        pads = _pool_pads(a, x, kernel, strides, dilations)
+        ceil, include = bool(a.get("ceil_mode", 0)), bool(a.get("count_include_pad", 0))
+        if kind == "Average" and any(d != 1 for d in dilations):
+            raise ValueError("AveragePool with dilations is not supported")
+        torch_pads = tuple(pads[:spatial])
+        if pads[:spatial] != pads[spatial:] or any(2 * p > k for p, k in zip(pads, kernel)):
+            # asymmetric, SAME or wide: pad first (-inf for max; for an average, divide by the cells counted)
+            widths = [p for k in reversed(range(spatial)) for p in (pads[k], pads[k + spatial])]
+            mask = F.pad(torch.ones_like(x[:1, :1]), widths) if kind == "Average" and not include else None
+            x, torch_pads = F.pad(x, widths, value=float("-inf") if kind == "Max" else 0.0), (0,) * spatial
         if kind == "Max":
             fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[spatial - 1]
-            return fn(x, kernel, strides, pads, dilations, ceil)
-        if any(d != 1 for d in dilations):
-            raise ValueError("AveragePool with dilations is not supported")
+            return fn(x, kernel, strides, torch_pads, dilations, ceil)
         fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[spatial - 1]
-        return fn(x, kernel, strides, pads, ceil, bool(a.get("count_include_pad", 0)))
+        if torch_pads == (0,) * spatial and any(pads) and not include:
+            return fn(x, kernel, strides, 0, ceil, True) / fn(mask, kernel, strides, 0, ceil, True)
+        return fn(x, kernel, strides, torch_pads, ceil, include)
     return run
 
 
