@@ -26,11 +26,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Result", "cases", "run", "run_case", "table"]
+__all__ = ["LIMITS", "Result", "cases", "claimed", "markdown", "run", "run_case", "table"]
 
 READ_OPSET = 22
 CONSTANT_WEIGHTS = {"LSTM", "GRU", "Conv"}  # the first input is data, the others weights
 FLOATS = (np.float32, np.float64)
+# a float case: float32 / float64 outputs, and inputs of those or integers / booleans (indices, shapes)
+FLOAT_CASE_INPUTS = {"float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"}
+LIMITS = {
+    "AveragePool": ["AveragePool with dilations is not supported"],
+    "BatchNormalization": ["training_mode=1 is not supported"],
+    "Dropout": ["training_mode=True (random dropout) is not supported"],
+    "GRU": ["linear_before_reset=0"],
+    "LSTM": ["sequence_lens is not supported"],
+    "Scan": ["Scan before operator set 9"],
+}
+"""The documented refusals a float case of a claimed operator may meet (operator -> message parts)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,14 @@ class Result:
     status: str  # "passed", "refused" or "failed"
     detail: str
     is_float: bool
+
+
+def claimed() -> list[str]:
+    """The operators mpolstm.onnx claims: the interpreter's and those that become torch layers."""
+    from ..onnx import model  # noqa: F401  (registers every operator)
+    from ..onnx.ops import OPS
+
+    return sorted(set(OPS) | CONSTANT_WEIGHTS)
 
 
 def cases(only: set[str] | None = None) -> list:
@@ -108,6 +127,15 @@ def _as_initializers(model, values: list) -> list:
     return values[:1]
 
 
+def _array(value):
+    """A case's value as numpy (some cases store TensorProtos or numpy scalars)."""
+    if hasattr(value, "data_type") and hasattr(value, "dims"):
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(value)
+    return np.asarray(value) if isinstance(value, np.generic) else value
+
+
 def _to_torch(x) -> torch.Tensor:
     x = np.array(x)
     if x.dtype.name == "bfloat16":  # numpy has no bfloat16 of its own (ml_dtypes'), torch reads its bits
@@ -153,13 +181,14 @@ def run_case(case, folder: Path) -> Result:
 
     from ..onnx import load
 
-    expected_all = [o for _, outs in case.data_sets for o in outs]
-    is_float = all(isinstance(o, np.ndarray) and o.dtype in FLOATS for o in expected_all)
+    data_sets = [([_array(x) for x in ins], [_array(o) for o in outs]) for ins, outs in case.data_sets]
+    is_float = all(isinstance(o, np.ndarray) and o.dtype in FLOATS for _, outs in data_sets for o in outs) and \
+        all(isinstance(x, np.ndarray) and x.dtype.name in FLOAT_CASE_INPUTS for ins, _ in data_sets for x in ins)
     model = _prepared(case)
     if model is None:
         return Result(case.name, case.op, "refused", "an operator changed meaning after opset 22", is_float)
     try:
-        for inputs, expected in case.data_sets:
+        for inputs, expected in data_sets:
             inputs = list(inputs)
             if case.op in CONSTANT_WEIGHTS:
                 inputs = _as_initializers(model, inputs)
@@ -185,32 +214,79 @@ def run(only: set[str] | None = None) -> list[Result]:
         return [run_case(case, Path(folder)) for case in cases(only)]
 
 
-def table(results: list[Result]) -> str:
-    """Markdown table: operator, cases passed / refused / failed (float cases passed of float cases)."""
-    rows = collections.defaultdict(collections.Counter)
+def _counts(results: list[Result]) -> dict[str, collections.Counter]:
+    rows: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for r in results:
         rows[r.op][r.status] += 1
         rows[r.op]["float"] += r.is_float
         rows[r.op]["float passed"] += r.is_float and r.status == "passed"
+    return rows
+
+
+def table(results: list[Result], ops: list[str] | None = None) -> str:
+    """Markdown table: operator, cases passed / refused / failed, float cases passed (``ops``: those rows)."""
+    rows = _counts(results)
     out = io.StringIO()
     out.write("| operator | passed | refused | failed | float cases passed |\n|---|---:|---:|---:|---:|\n")
-    for op in sorted(rows):
+    for op in sorted(rows) if ops is None else ops:
         c = rows[op]
         out.write(f"| {op} | {c['passed']} | {c['refused']} | {c['failed']} | {c['float passed']} / {c['float']} |\n")
-    total = collections.Counter(r.status for r in results)
+    picked = [r for r in results if ops is None or r.op in ops]
+    total = collections.Counter(r.status for r in picked)
     out.write(f"| **all** | {total['passed']} | {total['refused']} | {total['failed']} | "
-              f"{sum(r.is_float and r.status == 'passed' for r in results)} / {sum(r.is_float for r in results)} |\n")
+              f"{sum(r.is_float and r.status == 'passed' for r in picked)} / {sum(r.is_float for r in picked)} |\n")
     return out.getvalue()
+
+
+def markdown(results: list[Result]) -> str:
+    """docs/onnx.md: the claimed operators' table, their documented limits, the others."""
+    import onnx
+
+    ops = claimed()
+    tested = [op for op in ops if op in _counts(results)]
+    others = sorted(set(_counts(results)) - set(ops))
+    total = collections.Counter(r.status for r in results)
+    limits = "\n".join(f"- {op}: " + "; ".join(f"`{m}`" for m in LIMITS[op]) for op in sorted(LIMITS))
+    return f"""# ONNX operators mpolstm.onnx reads
+
+Written by `python -m mpolstm.harness.onnx_conformance --markdown docs/onnx.md` from ONNX's own backend
+node cases (onnx {onnx.__version__}: {len(results)} cases, run at operator set min(theirs, {READ_OPSET})
+when the operator's inputs and attributes are the same there). Passed: every output equal to the
+expected one (dtype, shape, values within the case's tolerance); refused: a one-line error naming
+the node and its operator; failed: anything else. All cases: {total['passed']} passed, {total['refused']}
+refused, {total['failed']} failed. `tests/test_onnx_conformance.py` asserts that nothing fails and that
+every float case (float32 / float64 outputs) of a claimed operator passes or meets a limit below.
+
+## Claimed operators ({len(ops)}; operator sets 7-22; LSTM, GRU, Conv, MatMul / Gemm with constant
+weights become torch layers)
+
+{table(results, tested)}
+Claimed operators without a case here: {", ".join(sorted(set(ops) - set(tested))) or "none"}.
+
+## Limits (refused in one line)
+
+{limits}
+- Every operator: element types torch has no tensor for (strings, uint16-64, float8, int4);
+  operator sets above {READ_OPSET} (an operator whose inputs or attributes changed); sequence and
+  optional values; domains other than the default one.
+
+## Other operators (every case refused in one line)
+
+{", ".join(others)}
+"""
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated operators (default: every case)")
     parser.add_argument("--failures", action="store_true", help="also print each failed case and why")
+    parser.add_argument("--markdown", type=Path, help="write the supported-operator page (docs/onnx.md) there")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results = run(set(args.only.split(",")) if args.only else None)
     print(table(results))
+    if args.markdown:
+        args.markdown.write_text(markdown(results))
     if args.failures:
         for r in results:
             if r.status == "failed":

@@ -169,10 +169,10 @@ def _reduce(kind: str, since: int) -> callable:
 
 def _arg(fn) -> callable:
     def run(ctx, xs, a):
-        x = xs[0]
-        if a.get("select_last_index", 0):
-            raise ValueError("select_last_index=1 is not supported")
-        return fn(x, dim=a.get("axis", 0), keepdim=bool(a.get("keepdims", 1)))
+        x, axis, keep = xs[0], a.get("axis", 0) % max(xs[0].dim(), 1), bool(a.get("keepdims", 1))
+        if a.get("select_last_index", 0):  # the last of equal values: the first in the flipped tensor
+            return x.shape[axis] - 1 - fn(x.flip(axis), dim=axis, keepdim=keep)
+        return fn(x, dim=axis, keepdim=keep)
     return run
 
 
