@@ -17,9 +17,13 @@ __all__ = ["export_torchscript", "write_torchscript"]
 
 
 def write_torchscript(job: ExportJob, path: Path) -> Path:
-    """Write the trace of ``job`` to the TorchScript file ``path`` (``torch.jit.load`` reads it)."""
+    """Write the trace of ``job`` to the TorchScript file ``path`` (``torch.jit.load`` reads it). The
+    factorized runtime's trace is frozen: it reads the merged halves as constants, so the cores it
+    never reads are dropped and each weight is stored once (not as a parameter and a constant)."""
+    traced = trace(job)
+    module = traced.module if traced.with_grad else torch.jit.freeze(traced.module.eval(), optimize_numerics=False)
     buffer = io.BytesIO()
-    torch.jit.save(trace(job).module, buffer)
+    torch.jit.save(module, buffer)
     atomic_write_bytes(path, buffer.getvalue())
     return path
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .ops import Ctx, register_ops
 
-__all__ = ["Subgraph", "outer_names", "run_graph", "subgraphs_of"]
+__all__ = ["Subgraph", "outer_names", "run_graph"]
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,6 @@ class Subgraph:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     steps: list[Any] = field(default_factory=list)
-
-
-def subgraphs_of(node) -> list:
-    """The GraphProtos of a node's graph attributes."""
-    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else list(a.graphs))]
 
 
 def outer_names(sub: Subgraph) -> list[str]:

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..onnxgraph import subgraphs
 from . import shapes  # noqa: F401  (registers the shape operators)
-from .control import Subgraph, outer_names, subgraphs_of
+from .control import Subgraph, outer_names
 from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_layer, recurrent_layer, run_conv,
                      run_recurrent)
 from .ops import OPS, Ctx
@@ -261,7 +262,7 @@ def _node_step(graph, k: int, node, opset: int, build: dict) -> Step | None:
     """The step of ``graph.node[k]``; None when it is a constant or computed from constants only
     (folded into ``build["consts"]``: an LSTM's W computed by Slice / Concat of initializers)."""
     consts, attrs = build["consts"], attributes(node)
-    outer = _subgraphs(node, attrs, opset, build) if subgraphs_of(node) else ()
+    outer = _subgraphs(node, attrs, opset, build) if subgraphs(node) else ()
     if node.op_type == "Constant":
         consts[node.output[0]] = OPS["Constant"](Ctx(opset), [], attrs)
         return None

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DTYPES", "FLOAT", "attributes", "graph_inputs", "node_label", "opset_of", "read_model", "to_tensor",
-           "name_nodes", "walk_nodes"]
+from ..onnxgraph import graphs, onnx_modules, subgraphs
+
+__all__ = ["DTYPES", "FLOAT", "attributes", "graph_inputs", "name_nodes", "node_label", "opset_of", "read_model",
+           "to_tensor", "walk_nodes"]
 
 FLOAT = 1  # onnx.TensorProto.FLOAT: follows the module's float dtype (float64 after model.double())
 DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
@@ -28,11 +30,7 @@ MIN_OPSET, MAX_OPSET = 7, 22
 
 
 def _onnx():
-    try:
-        import onnx
-    except ImportError as exc:
-        raise ImportError("mpolstm.onnx needs the onnx package: pip install 'mpolstm[export]'") from exc
-    return onnx
+    return onnx_modules("mpolstm.onnx's readers and writers")[0]
 
 
 def read_model(path: str | os.PathLike):
@@ -79,22 +77,17 @@ def _check_wiring(graph, path: Path, outer: frozenset = frozenset()) -> None:
         if missing:
             raise ValueError(f"{path}: {node_label(node)} reads {missing[0]!r}, which no input, initializer or "
                              "earlier node provides (truncated or unsorted graph)")
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                _check_wiring(sub, path, frozenset(known))
+        for sub in subgraphs(node):
+            _check_wiring(sub, path, frozenset(known))
         known.update(node.output)
     absent = [o.name for o in graph.output if o.name not in known]
     if absent:
         raise ValueError(f"{path}: graph output {absent[0]!r} is made by no node")
 
 
-def walk_nodes(graph):
-    """Every node of ``graph``: its own first, then its subgraphs' (depth first, in node order)."""
-    yield from graph.node
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                yield from walk_nodes(sub)
+def walk_nodes(graph) -> list:
+    """Every node of ``graph`` and its subgraphs (``onnxgraph.graphs``' order: parents first)."""
+    return [node for g in graphs(graph) for node in g.node]
 
 
 def name_nodes(graph) -> dict[str, str]:
@@ -102,7 +95,7 @@ def name_nodes(graph) -> dict[str, str]:
     messages, the writer), in place, and return {that name: the name in the file}. A node keeps
     its name when no other node has it; an empty or repeated name (ONNX allows both) becomes
     ``<name or op>_<k>`` (``k``: the node's place in ``walk_nodes``). Names restore the file's."""
-    nodes = list(walk_nodes(graph))
+    nodes = walk_nodes(graph)
     counts: dict[str, int] = {}
     for node in nodes:
         counts[node.name] = counts.get(node.name, 0) + 1

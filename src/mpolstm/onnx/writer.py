@@ -42,6 +42,8 @@ from ..export import export_onnx, export_step
 from ..mpo import MPO
 from ..nn import is_mpo_module
 from ..nn.sparse import sparse_parts
+from ..onnxgraph import (check_outputs, dedupe_tensors, dynamic_int8, graphs, onnx_modules, referenced, run_onnxruntime,
+                         subgraphs)
 from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_tensors, linear_tensors, recurrent_tensors,
                      run_conv, run_recurrent, step_recurrent)
 from .model import OnnxModel, Step
@@ -87,13 +89,6 @@ class _NodeStep(nn.Module):
         return step_recurrent(self.layer, self.spec, frame, state)
 
 
-def _onnx_modules():
-    import onnx
-    from onnx import numpy_helper
-
-    return onnx, numpy_helper
-
-
 def _rename(graph, rename, prefix: str) -> None:
     """Apply ``rename`` to every tensor name of ``graph`` and its subgraphs; prefix node names."""
     for node in graph.node:
@@ -104,9 +99,8 @@ def _rename(graph, rename, prefix: str) -> None:
         del node.output[:]
         node.output.extend(names)
         node.name = prefix + node.name
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                _rename(sub, rename, prefix)
+        for sub in subgraphs(node):
+            _rename(sub, rename, prefix)
     for item in [*graph.initializer, *graph.input, *graph.output, *graph.value_info]:
         item.name = rename(item.name)
 
@@ -127,7 +121,7 @@ def _splice(graph, step: Step, sub, inputs: dict[str, str], outputs: dict[str, s
 
 def _export_layer(layer: nn.Module, step: Step, values: dict[str, Tensor], opset: int, streaming: bool, folder: Path):
     """(the layer's graph, {its input name: outer}, {its output name: outer}) for a spliced node."""
-    onnx, _ = _onnx_modules()
+    onnx, _ = onnx_modules()
     path = folder / f"{len(list(folder.iterdir()))}.onnx"
     present = [n for n in step.inputs if n]
     if streaming and isinstance(step.spec, RecurrentSpec):
@@ -145,7 +139,7 @@ def _export_layer(layer: nn.Module, step: Step, values: dict[str, Tensor], opset
 
 def _initializer(graph, name: str, value: Tensor, like: str | None) -> str:
     """Add ``value`` as the initializer ``name`` (in the dtype of the initializer ``like``, else float32)."""
-    _, numpy_helper = _onnx_modules()
+    _, numpy_helper = onnx_modules()
     dtype = np.float32
     for t in graph.initializer:
         if t.name == like:
@@ -179,16 +173,6 @@ def _write_dense(graph, step: Step, layer: nn.Module) -> None:
         holder.input[slot] = _initializer(graph, prefix + "bias", bias, step.spec.bias_input)
 
 
-def _referenced(node) -> set[str]:
-    """Every name a node reads, its subgraphs' reads included."""
-    names = set(node.input)
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            for inner in sub.node:
-                names |= _referenced(inner)
-    return names
-
-
 def _prune(graph) -> None:
     """Drop the nodes whose outputs nobody reads, the initializers nobody reads and value_info."""
     needed = {o.name for o in graph.output}
@@ -196,7 +180,7 @@ def _prune(graph) -> None:
     for node in reversed(list(graph.node)):
         if any(o in needed for o in node.output):
             kept.append(node)
-            needed |= _referenced(node)
+            needed |= referenced(node)
     del graph.node[:]
     graph.node.extend(reversed(kept))
     inits = [t for t in graph.initializer if t.name in needed]
@@ -237,40 +221,15 @@ def _state_shapes(states: dict[str, Step], values: dict[str, Tensor]) -> dict[st
 def _check(data: bytes, model: OnnxModel, examples: tuple[Tensor, ...], states: dict[str, tuple]) -> None:
     """Run the written graph in onnxruntime (when installed) against the torch model; ``states``:
     the shapes of the state inputs (fed zeros, as the model starts)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     feeds = {n: x.numpy() for n, x in zip(model.input_names, examples)}
     feeds.update({n: np.zeros(shape, np.float32) for n, shape in states.items()})
-    got = session.run(model.output_names, feeds)
+    try:
+        got = run_onnxruntime(data, feeds, model.output_names)
+    except ModuleNotFoundError:
+        return
     with torch.no_grad():
         want = model(*examples)
-    for name, g, w in zip(model.output_names, got, want if isinstance(want, tuple) else (want,)):
-        w = w.numpy()
-        if g.shape != w.shape or not np.allclose(g, w, rtol=1e-3, atol=1e-4):
-            diff = float(np.abs(g - w).max()) if g.shape == w.shape else f"shape {g.shape} vs {w.shape}"
-            raise ValueError(f"the written graph does not reproduce the model's output {name!r} in onnxruntime "
-                             f"(max difference {diff})")
-
-
-def dynamic_int8(data: bytes) -> bytes:
-    """The ONNX model ``data`` with its MatMul weights as int8 (onnxruntime's dynamic quantization:
-    int8 weights, activations quantized per call, int8 products)."""
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with tempfile.TemporaryDirectory() as tmp:
-        source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
-        source.write_bytes(data)
-        logging.disable(logging.WARNING)  # onnxruntime logs a pre-processing hint per call
-        try:
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
-        finally:
-            logging.disable(logging.NOTSET)
-        return target.read_bytes()
+    check_outputs(got, [w.numpy() for w in (want if isinstance(want, tuple) else (want,))], model.output_names)
 
 
 def _check_layers(model: OnnxModel) -> None:
@@ -298,15 +257,7 @@ def _layers_into(graph, work: OnnxModel, values: dict[str, Tensor], opset: int, 
 
 def _owner(graph, name: str):
     """The graph (``graph`` or one of its subgraphs) that holds the node ``name``."""
-    if any(n.name == name for n in graph.node):
-        return graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                found = _owner(sub, name)
-                if found is not None:
-                    return found
-    return None
+    return next((g for g in graphs(graph) if any(n.name == name for n in g.node)), None)
 
 
 def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check: bool = True,
@@ -315,7 +266,7 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
     if not isinstance(model, OnnxModel):
         raise ValueError(f"mpolstm.onnx writes a model read by mpolstm.onnx.load, got {type(model).__name__}")
     _check_layers(model)
-    onnx, _ = _onnx_modules()
+    onnx, _ = onnx_modules()
     with torch.no_grad():  # weights a forward pre-hook made with grad (pruning in training) cannot be copied
         model(*model.example_inputs())
     work = copy.deepcopy(model).float().eval()
@@ -334,6 +285,7 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
         values = work.values(*examples, explore=True)
     _layers_into(proto.graph, work, values, opset, rewired)
     _prune(proto.graph)
+    dedupe_tensors(proto)  # layers exported one by one: a tied or shared weight, once
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = max(entry.version, opset)
