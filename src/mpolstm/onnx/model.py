@@ -312,8 +312,57 @@ def load(path: str | os.PathLike) -> OnnxModel:
     """Read the ONNX file ``path`` into an :class:`OnnxModel` (see the module docstring). Raises
     ValueError, one line naming the file and, where one is at fault, the node and its op: not ONNX,
     truncated, an operator the interpreter does not have, an LSTM / GRU torch cannot compute.
-    Nodes computed from constants alone (parameter-only subgraphs) are folded into constants."""
+    Nodes computed from constants alone (parameter-only subgraphs) are folded into constants; a
+    layer's weights computed from shapes as well (torch's exporter without its optimizer slices
+    them by ``Shape`` of a state) are folded by onnxscript's optimizer when it is installed (the
+    result checked against onnxruntime on the original file)."""
     model = read_model(path)
+    try:
+        return _load(model, path)
+    except ValueError as exc:
+        if "must be constant" not in str(exc):
+            raise
+        folded = _folded(model)
+        if folded is None:
+            raise ValueError(f"{exc} (they are computed in the graph: pip install onnxscript, and mpolstm.onnx "
+                             "folds them)") from None
+    loaded = _load(folded, path)
+    _check_folding(loaded, model.SerializeToString(), path)
+    return loaded
+
+
+def _folded(model):
+    """``model`` with its constant subexpressions folded by onnxscript's optimizer (None when
+    onnxscript is not installed); its input and output names must stay."""
+    try:
+        import onnx_ir
+        from onnxscript.optimizer import fold_constants
+    except ImportError:
+        return None
+    graph = onnx_ir.serde.deserialize_model(model)
+    fold_constants(graph)
+    folded = onnx_ir.serde.serialize_model(graph)
+    names = lambda m: ([i.name for i in graph_inputs(m.graph)], [o.name for o in m.graph.output])  # noqa: E731
+    return folded if names(folded) == names(model) else None
+
+
+def _check_folding(loaded: OnnxModel, original: bytes, path) -> None:
+    """ValueError unless ``loaded`` (the folded graph) equals onnxruntime on the original file."""
+    try:
+        from ..onnxgraph import run_onnxruntime
+        examples = loaded.example_inputs()
+        want = run_onnxruntime(original, {n: x.numpy() for n, x in zip(loaded.input_names, examples)})
+    except ModuleNotFoundError:  # no onnxruntime: nothing to check against
+        return
+    with torch.no_grad():
+        got = loaded(*examples)
+    for name, g, w in zip(loaded.output_names, got if isinstance(got, tuple) else (got,), want):
+        if tuple(g.shape) != w.shape or not torch.allclose(g, torch.from_numpy(w), rtol=1e-4, atol=1e-5):
+            raise ValueError(f"{path}: the graph with its constants folded by onnxscript differs from the "
+                             f"original in onnxruntime (output {name!r})")
+
+
+def _load(model, path) -> OnnxModel:
     graph, opset = model.graph, opset_of(model)
     source = model.SerializeToString()
     build = {"consts": {}, "layers": {}, "taken": set(), "path": path, "originals": name_nodes(graph)}
