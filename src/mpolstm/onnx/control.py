@@ -51,7 +51,7 @@ def run_graph(sub: Subgraph, ctx: Ctx, outer: dict[str, Tensor], args: list[Tens
             raise ValueError(f"node {step.name!r} ({step.op}): {str(exc).strip().splitlines()[0]}") from exc
         env.update((n, r) for n, r in zip(step.outputs, results) if n and r is not None)
     if ctx.record is not None:
-        ctx.record.update(env)
+        ctx.record.update((n, v) for n, v in env.items() if n not in outer)
     return [env[n] for n in sub.outputs]
 
 

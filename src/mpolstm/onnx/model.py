@@ -89,13 +89,13 @@ class OnnxModel(nn.Module):
         return torch.float32 if tensor is None else tensor.dtype
 
     def values(self, *inputs: Tensor, explore: bool = False) -> dict[str, Tensor]:
-        """Every tensor of the graph, by name, on ``inputs`` (``explore``: the branches an If does
-        not take run too, so that their values are there)."""
+        """Every tensor of the graph, by name, on ``inputs`` (``explore``: those of its subgraphs
+        too, the branches an If does not take included: the writer exports the layers inside them)."""
         if len(inputs) != len(self.inputs):
             raise ValueError(f"the model takes {len(self.inputs)} input(s) {self.input_names}, got {len(inputs)}")
         env: dict[str, Tensor] = {name: getattr(self.constants, f"c{k}") for k, name in enumerate(self.constant_names)}
         env.update(zip(self.input_names, inputs))
-        ctx = Ctx(self.opset, self.float_dtype(), self._run, env, explore)
+        ctx = Ctx(self.opset, self.float_dtype(), self._run, env if explore else None, explore)
         for step in self.steps:
             args = [env[n] if n else None for n in step.inputs]
             try:
