@@ -191,3 +191,33 @@ def test_the_cli_line_names_the_file_when_a_node_fails_at_the_first_run(tmp_path
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert lines[0].startswith(f"error: {tmp_path / 'm.onnx'}: ") and "node 'reshape' (Reshape)" in lines[0]
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_an_lstm_in_a_loop_body_is_compressed_and_written_back_inside_it(tmp_path):
+    hidden = 6
+    body = helper.make_graph(
+        [helper.make_node("LSTM", ["x", "W", "R", "B"], ["y", "h"], name="lstm", hidden_size=hidden),
+         helper.make_node("Squeeze", ["h", "zero"], ["h2"]), helper.make_node("Add", ["acc", "h2"], ["acc_out"]),
+         helper.make_node("Identity", ["cond"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc", TensorProto.FLOAT, [2, hidden])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [2, hidden])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "acc0"], ["out"], name="loop", body=body)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["time", 2, 4]),
+         helper.make_tensor_value_info("acc0", TensorProto.FLOAT, [2, hidden])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, hidden])],
+        [numpy_helper.from_array(np.array(3, np.int64), "trips"), numpy_helper.from_array(np.array([0], np.int64), "zero"),
+         _init("W", 1, 4 * hidden, 4), _init("R", 1, 4 * hidden, hidden), _init("B", 1, 8 * hidden)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "loop.onnx")
+    model = mo.load(tmp_path / "loop.onnx")
+    feeds = {"x": RNG.standard_normal((5, 2, 4)).astype(np.float32), "acc0": np.zeros((2, hidden), np.float32)}
+    assert mo.recurrent_layers(model) == ["lstm"]
+    assert np.abs(_ours(model, feeds) - run_ort(tmp_path / "loop.onnx", feeds)[0]).max() < 1e-5
+    mpolstm.compress(model, mpolstm.CompressionConfig(target_modules=["lstm"], max_bond=2))
+    mo.save(model, tmp_path / "small.onnx")
+    written = onnx.load(tmp_path / "small.onnx")
+    assert "LSTM" not in {n.op_type for n in written.graph.node[0].attribute[0].g.node}
+    assert np.abs(_ours(model, feeds) - run_ort(written, feeds)[0]).max() < 1e-5
