@@ -34,8 +34,6 @@ FLOATS = (np.float32, np.float64)
 # a float case: float32 / float64 outputs, and inputs of those or integers / booleans (indices, shapes)
 FLOAT_CASE_INPUTS = {"float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"}
 LIMITS = {
-    "AveragePool": ["AveragePool with dilations is not supported"],
-    "BatchNormalization": ["training_mode=1 is not supported"],
     "Dropout": ["training_mode=True (random dropout) is not supported"],
     "GRU": ["linear_before_reset=0"],
     "LSTM": ["sequence_lens is not supported"],

@@ -119,10 +119,15 @@ def _channel_shape(x: Tensor) -> tuple[int, ...]:
 
 
 def _batch_norm(ctx, xs, a):
-    if a.get("training_mode", 0):
-        raise ValueError("training_mode=1 is not supported (inference only)")
+    """Inference: the running statistics; training_mode=1: the batch's, and the updated running ones."""
     x, scale, bias, mean, var = xs[:5]
     shape = _channel_shape(x)
+    if a.get("training_mode", 0):
+        dims = [d for d in range(x.dim()) if d != 1]
+        batch_mean, batch_var = x.mean(dims), x.var(dims, unbiased=False)
+        momentum = a.get("momentum", 0.9)
+        y = _batch_norm(ctx, [x, scale, bias, batch_mean, batch_var], {"epsilon": a.get("epsilon", 1e-5)})
+        return [y, mean * momentum + batch_mean * (1 - momentum), var * momentum + batch_var * (1 - momentum)]
     inv = torch.rsqrt(var.reshape(shape) + a.get("epsilon", 1e-5))
     return (x - mean.reshape(shape)) * inv * scale.reshape(shape) + bias.reshape(shape)
 
@@ -158,6 +163,26 @@ def _pool_pads(a: dict, x: Tensor, kernel, strides, dilations) -> list[int]:
     return begin + [t - b for t, b in zip(total, begin)]
 
 
+def _dilated_average(x: Tensor, kernel, strides, dilations, pads: list[int], ceil: bool, include: bool) -> Tensor:
+    """AveragePool with dilations (torch's pools have none): sums by a grouped convolution of ones,
+    divided by the cells counted (the padded input, or only the input's with count_include_pad=0)."""
+    spatial = x.dim() - 2
+    widths = [p for k in reversed(range(spatial)) for p in (pads[k], pads[k + spatial])]
+    padded = F.pad(x, widths)
+    cells = torch.ones_like(padded[:1, :1]) if include else F.pad(torch.ones_like(x[:1, :1]), widths)
+    extra = []  # ceil_mode: a last, partial window
+    for n, k, s, d in zip(padded.shape[2:], kernel, strides, dilations):
+        span = (k - 1) * d + 1
+        out = (-(-(n - span) // s) if ceil else (n - span) // s) + 1
+        extra.append(max((out - 1) * s + span - n, 0))
+    grow = [p for k in reversed(range(spatial)) for p in (0, extra[k])]
+    padded, cells = F.pad(padded, grow), F.pad(cells, grow)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
+    ones = torch.ones((x.shape[1], 1, *kernel), dtype=x.dtype)
+    sums = conv(padded, ones, None, strides, 0, dilations, x.shape[1])
+    return sums / conv(cells, ones[:1], None, strides, 0, dilations)
+
+
 def _pool(kind: str) -> Callable:
     def run(ctx, xs, a):
         x = xs[0]
@@ -170,7 +195,7 @@ def _pool(kind: str) -> Callable:
         pads = _pool_pads(a, x, kernel, strides, dilations)
         ceil, include = bool(a.get("ceil_mode", 0)), bool(a.get("count_include_pad", 0))
         if kind == "Average" and any(d != 1 for d in dilations):
-            raise ValueError("AveragePool with dilations is not supported")
+            return _dilated_average(x, kernel, strides, dilations, pads, ceil, include)
         torch_pads = tuple(pads[:spatial])
         if pads[:spatial] != pads[spatial:] or any(2 * p > k for p, k in zip(pads, kernel)):
             # asymmetric, SAME or wide: pad first (-inf for max; for an average, divide by the cells counted)
