@@ -155,13 +155,13 @@ def test_computed_weights_fold_and_node_names_repeat_or_are_empty(tmp_path, name
 
 def test_a_refusal_names_the_file_the_node_and_its_name_in_the_file(tmp_path):
     proto = _computed_weights_model(["act", "act"])
-    proto.graph.node[5].op_type = "Hardmax"
+    proto.graph.node[5].op_type = "RandomUniformLike"
     onnx.save(proto, tmp_path / "m.onnx")
     with pytest.raises(ValueError) as info:
         mo.load(tmp_path / "m.onnx")
     message = str(info.value)
     assert "\n" not in message and str(tmp_path / "m.onnx") in message
-    assert "(Hardmax; 'act' in the file, not unique)" in message
+    assert "(RandomUniformLike; 'act' in the file, not unique)" in message
 
 
 @pytest.mark.parametrize("mode", ["constant", "reflect", "edge", "wrap"])

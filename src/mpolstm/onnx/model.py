@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..onnxgraph import subgraphs
-from . import shapes  # noqa: F401  (registers the shape operators)
+from . import indexing, shapes  # noqa: F401  (register their operators)
 from .control import Subgraph, outer_names
 from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_layer, recurrent_layer, run_conv,
                      run_recurrent)

@@ -251,6 +251,41 @@ def _einsum(ctx, xs, a):
     return torch.einsum(a["equation"].replace(" ", ""), *xs)
 
 
+def _mod(ctx, xs, a):
+    x, y = xs
+    return torch.fmod(x, y) if a.get("fmod", 0) else torch.remainder(x, y)
+
+
+def _is_inf(ctx, xs, a):
+    x = xs[0]
+    return (torch.isposinf(x) & bool(a.get("detect_positive", 1))) | (torch.isneginf(x) & bool(a.get("detect_negative", 1)))
+
+
+def _shrink(ctx, xs, a):
+    x, bias, lambd = xs[0], a.get("bias", 0.0), a.get("lambd", 0.5)
+    return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, torch.zeros_like(x)))
+
+
+def _hardmax(ctx, xs, a):
+    x = xs[0]
+    if ctx.opset < 13:  # before opset 13: over the flattened trailing axes
+        axis = a.get("axis", 1) % max(x.dim(), 1)
+        return _hardmax(Ctx(13), [x.reshape(*x.shape[:axis], -1)], {"axis": -1}).reshape(x.shape)
+    axis = a.get("axis", -1) % x.dim()
+    return torch.zeros_like(x).scatter(axis, x.argmax(axis, keepdim=True), 1)
+
+
+def _lp_normalization(ctx, xs, a):
+    x = xs[0]
+    norm = torch.linalg.vector_norm(x, a.get("p", 2), dim=a.get("axis", -1), keepdim=True)
+    return torch.where(norm == 0, torch.zeros_like(x), x / norm)
+
+
+def _bit_shift(ctx, xs, a):
+    x, y = xs
+    return torch.bitwise_left_shift(x, y) if a["direction"] == "LEFT" else torch.bitwise_right_shift(x, y)
+
+
 def _leaky_relu(ctx, xs, a):
     return F.leaky_relu(xs[0], a.get("alpha", 0.01))
 
@@ -312,6 +347,31 @@ register_ops({
     "Erf": _unary(torch.erf),
     "Sin": _unary(torch.sin),
     "Cos": _unary(torch.cos),
+    "Tan": _unary(torch.tan),
+    "Asin": _unary(torch.asin),
+    "Acos": _unary(torch.acos),
+    "Atan": _unary(torch.atan),
+    "Sinh": _unary(torch.sinh),
+    "Cosh": _unary(torch.cosh),
+    "Asinh": _unary(torch.asinh),
+    "Acosh": _unary(torch.acosh),
+    "Atanh": _unary(torch.atanh),
+    "IsNaN": _unary(torch.isnan),
+    "IsInf": _is_inf,
+    "Mod": _mod,
+    "Xor": lambda ctx, xs, a: torch.logical_xor(xs[0], xs[1]),
+    "BitwiseAnd": lambda ctx, xs, a: torch.bitwise_and(xs[0], xs[1]),
+    "BitwiseOr": lambda ctx, xs, a: torch.bitwise_or(xs[0], xs[1]),
+    "BitwiseXor": lambda ctx, xs, a: torch.bitwise_xor(xs[0], xs[1]),
+    "BitwiseNot": _unary(torch.bitwise_not),
+    "BitShift": _bit_shift,
+    "Celu": lambda ctx, xs, a: F.celu(xs[0], a.get("alpha", 1.0)),
+    "ThresholdedRelu": lambda ctx, xs, a: torch.where(xs[0] > a.get("alpha", 1.0), xs[0], torch.zeros_like(xs[0])),
+    "Mish": _unary(F.mish),
+    "Shrink": _shrink,
+    "Hardmax": _hardmax,
+    "LpNormalization": _lp_normalization,
+    "Det": _unary(torch.linalg.det),
     "Softplus": _unary(F.softplus),
     "Softsign": _unary(F.softsign),
     "HardSwish": _unary(F.hardswish),

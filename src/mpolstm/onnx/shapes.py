@@ -141,7 +141,28 @@ def _range(ctx, xs, a):
     return torch.arange(start, limit, delta, dtype=xs[0].dtype)
 
 
+def _prod(x: Tensor, dims: tuple[int, ...], keep: bool) -> Tensor:
+    for d in dims:
+        x = x.prod(d, keepdim=True)
+    return x if keep else x.squeeze(dims)
+
+
+REDUCERS = {
+    "sum": lambda x, d, k: x.sum(d, keepdim=k),
+    "mean": lambda x, d, k: x.mean(d, keepdim=k),
+    "max": lambda x, d, k: torch.amax(x, d, keepdim=k),
+    "min": lambda x, d, k: torch.amin(x, d, keepdim=k),
+    "prod": _prod,
+    "l1": lambda x, d, k: x.abs().sum(d, keepdim=k),
+    "l2": lambda x, d, k: x.square().sum(d, keepdim=k).sqrt(),
+    "sumsquare": lambda x, d, k: x.square().sum(d, keepdim=k),
+    "logsum": lambda x, d, k: x.sum(d, keepdim=k).log(),
+    "logsumexp": lambda x, d, k: torch.logsumexp(x, d, keepdim=k),
+}
+
+
 def _reduce(kind: str, since: int) -> callable:
+    """A Reduce* operator (axes an attribute before opset ``since``, then an input)."""
     def run(ctx, xs, a):
         x = xs[0]
         axes = _axes(ctx, xs, a, 1, since)
@@ -156,14 +177,8 @@ def _reduce(kind: str, since: int) -> callable:
                 [n for d, n in enumerate(x.shape) if d not in dims]
             fill = (kind == "min") if x.dtype == torch.bool else float("-inf" if kind == "max" else "inf")
             return torch.full(shape, fill, dtype=x.dtype)
-        if kind == "sum":
-            return x.sum(dims, keepdim=keep)
-        if kind == "mean":
-            return x.mean(dims, keepdim=keep)
-        if kind == "l2":
-            return x.square().sum(dims, keepdim=keep).sqrt()
-        fn = torch.amax if kind == "max" else torch.amin
-        return fn(x, dims, keepdim=keep)
+        out = REDUCERS[kind](x, dims, keep)
+        return out.to(x.dtype) if kind in ("sum", "prod", "l1", "sumsquare") else out
     return run
 
 
@@ -224,7 +239,6 @@ register_ops({
     "Unsqueeze": _unsqueeze,
     "Concat": _concat,
     "Split": _split,
-    "Split": _split,
     "Slice": _slice,
     "Gather": _gather,
     "Shape": _shape,
@@ -239,6 +253,11 @@ register_ops({
     "ReduceMax": _reduce("max", 18),
     "ReduceMin": _reduce("min", 18),
     "ReduceL2": _reduce("l2", 18),
+    "ReduceL1": _reduce("l1", 18),
+    "ReduceProd": _reduce("prod", 18),
+    "ReduceSumSquare": _reduce("sumsquare", 18),
+    "ReduceLogSum": _reduce("logsum", 18),
+    "ReduceLogSumExp": _reduce("logsumexp", 18),
     "ArgMax": _arg(torch.argmax),
     "ArgMin": _arg(torch.argmin),
     "Pad": _pad,
