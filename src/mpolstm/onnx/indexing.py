@@ -41,6 +41,40 @@ def _gather_elements(ctx, xs, a):
     return torch.gather(x, axis, _index(index, x.shape[axis]))
 
 
+def _gather_nd(ctx, xs, a):
+    """GatherND: slices of ``x`` at the index tuples in ``indices``' last axis, per batch entry."""
+    x, indices, b = xs[0], xs[1].long(), a.get("batch_dims", 0)
+    k = indices.shape[-1]
+    xs_b, idx_b = x.reshape(-1, *x.shape[b:]), indices.reshape(-1, *indices.shape[b:])
+    picked = []
+    for xi, ii in zip(xs_b, idx_b):
+        flat = ii.reshape(-1, k)
+        flat = torch.where(flat < 0, flat + torch.tensor(xi.shape[:k]), flat)
+        picked.append(xi[tuple(flat.T)].reshape(*ii.shape[:-1], *xi.shape[k:]))
+    out = torch.stack(picked)
+    return out.reshape(*x.shape[:b], *out.shape[1:])
+
+
+def _compress(ctx, xs, a):
+    x, keep = xs
+    if "axis" not in a:
+        x, axis = x.reshape(-1), 0
+    else:
+        axis = _axis(x, a["axis"])
+    return x.index_select(axis, torch.nonzero(keep.reshape(-1)).reshape(-1))
+
+
+def _reverse_sequence(ctx, xs, a):
+    """Each batch entry's first ``lengths[k]`` time steps reversed, the rest kept."""
+    x, lengths = xs
+    batch, time = a.get("batch_axis", 1), a.get("time_axis", 0)
+    steps, rows = torch.arange(x.shape[time]), []
+    for k, n in enumerate(lengths.tolist()):
+        order = torch.where(steps < n, n - 1 - steps, steps)
+        rows.append(x.select(batch, k).index_select(time - (time > batch), order))
+    return torch.stack(rows, batch)
+
+
 def _topk(ctx, xs, a):
     x, k = xs[0], int(xs[1].reshape(-1)[0])
     axis = _axis(x, a.get("axis", -1))
@@ -111,6 +145,9 @@ register_ops({
     "Trilu": _trilu,
     "GatherElements": _gather_elements,
     "TopK": _topk,
+    "GatherND": _gather_nd,
+    "Compress": _compress,
+    "ReverseSequence": _reverse_sequence,
     "OneHot": _one_hot,
     "NonZero": lambda ctx, xs, a: torch.nonzero(xs[0]).T.contiguous(),
     "ScatterElements": _scatter_elements,

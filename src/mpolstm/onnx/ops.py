@@ -132,6 +132,27 @@ def _batch_norm(ctx, xs, a):
     return (x - mean.reshape(shape)) * inv * scale.reshape(shape) + bias.reshape(shape)
 
 
+def _group_norm(ctx, xs, a):
+    """GroupNormalization: scale and bias per channel (opset 21), per group before."""
+    x, scale, bias, groups = xs[0], xs[1], xs[2], a["num_groups"]
+    if ctx.opset < 21:
+        scale, bias = (t.repeat_interleave(x.shape[1] // groups) for t in (scale, bias))
+    return F.group_norm(x, groups, scale, bias, a.get("epsilon", 1e-5))
+
+
+def _mean_variance_normalization(ctx, xs, a):
+    x, dims = xs[0], tuple(a.get("axes", [0, 2, 3]))
+    mean = x.mean(dims, keepdim=True)
+    return (x - mean) / (x.square().mean(dims, keepdim=True) - mean.square()).sqrt()
+
+
+def _eye_like(ctx, xs, a):
+    x = xs[0]
+    dtype = dtype_of(ctx, a["dtype"]) if "dtype" in a else x.dtype
+    rows, cols = x.shape
+    return (torch.arange(cols)[None, :] - torch.arange(rows)[:, None] == a.get("k", 0)).to(dtype)
+
+
 def _layer_norm(ctx, xs, a):
     x = xs[0]
     axis = a.get("axis", -1) % x.dim()
@@ -395,6 +416,9 @@ register_ops({
     "BatchNormalization": _batch_norm,
     "LayerNormalization": _layer_norm,
     "InstanceNormalization": _instance_norm,
+    "GroupNormalization": _group_norm,
+    "MeanVarianceNormalization": _mean_variance_normalization,
+    "EyeLike": _eye_like,
     "MaxPool": _pool("Max"),
     "AveragePool": _pool("Average"),
     "GlobalAveragePool": _global_pool("mean"),
