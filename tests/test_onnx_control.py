@@ -221,3 +221,24 @@ def test_an_lstm_in_a_loop_body_is_compressed_and_written_back_inside_it(tmp_pat
     written = onnx.load(tmp_path / "small.onnx")
     assert "LSTM" not in {n.op_type for n in written.graph.node[0].attribute[0].g.node}
     assert np.abs(_ours(model, feeds) - run_ort(written, feeds)[0]).max() < 1e-5
+
+
+def test_a_loop_on_constants_alone_runs_rather_than_folds(tmp_path):
+    body = helper.make_graph(
+        [helper.make_node("Mul", ["acc", "acc"], ["acc_out"]), helper.make_node("Identity", ["cond"], ["cond_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("acc", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [2])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "start"], ["squared"], body=body),
+         helper.make_node("Add", ["x", "squared"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.array(3, np.int64), "trips"),
+         numpy_helper.from_array(np.array([1.5, -0.5], np.float32), "start")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "loop.onnx")
+    feeds = {"x": np.array([1.0, 2.0], np.float32)}
+    got = _ours(mo.load(tmp_path / "loop.onnx"), feeds)
+    assert np.allclose(got, run_ort(tmp_path / "loop.onnx", feeds)[0]) and np.allclose(got, [1 + 1.5 ** 8, 2 + 0.5 ** 8])

@@ -280,7 +280,7 @@ def _node_step(graph, k: int, node, opset: int, build: dict) -> Step | None:
     if node.op_type == "Split":
         attrs.setdefault("num_outputs", len(node.output))
     inputs = tuple(node.input) + outer
-    if not outer and all(n in consts for n in inputs if n):
+    if "outer" not in attrs and all(n in consts for n in inputs if n):  # control flow runs, never folds
         out = OPS[node.op_type](Ctx(opset), [consts[n] if n else None for n in inputs], attrs)
         consts.update((n, r) for n, r in zip(node.output, out if isinstance(out, (list, tuple)) else [out]) if n)
         return None
