@@ -276,7 +276,7 @@ def _node_step(graph, k: int, node, opset: int, build: dict) -> Step | None:
         return step
     if node.op_type not in OPS:
         raise ValueError("no mapping for this operator (the interpreter knows "
-                         f"{len(OPS)} operators, LSTM, GRU and Conv; see mpolstm.onnx)")
+                         f"{len(OPS)} operators, LSTM, GRU and Conv: docs/onnx.md lists them)")
     if node.op_type == "Split":
         attrs.setdefault("num_outputs", len(node.output))
     inputs = tuple(node.input) + outer
