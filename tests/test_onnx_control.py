@@ -242,3 +242,15 @@ def test_a_loop_on_constants_alone_runs_rather_than_folds(tmp_path):
     feeds = {"x": np.array([1.0, 2.0], np.float32)}
     got = _ours(mo.load(tmp_path / "loop.onnx"), feeds)
     assert np.allclose(got, run_ort(tmp_path / "loop.onnx", feeds)[0]) and np.allclose(got, [1 + 1.5 ** 8, 2 + 0.5 ** 8])
+
+
+def test_a_node_on_constants_that_cannot_run_is_refused_in_one_line(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["w", "bad"], ["w2"], name="fold_me"), helper.make_node("Add", ["x", "w2"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6])],
+        [_init("w", 6), numpy_helper.from_array(np.array([4, -1, 5], np.int64), "bad")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    with pytest.raises(ValueError) as info:
+        mo.load(tmp_path / "m.onnx")
+    assert "\n" not in str(info.value) and "node 'fold_me' (Reshape)" in str(info.value)

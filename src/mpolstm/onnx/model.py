@@ -281,7 +281,10 @@ def _node_step(graph, k: int, node, opset: int, build: dict) -> Step | None:
         attrs.setdefault("num_outputs", len(node.output))
     inputs = tuple(node.input) + outer
     if "outer" not in attrs and all(n in consts for n in inputs if n):  # control flow runs, never folds
-        out = OPS[node.op_type](Ctx(opset), [consts[n] if n else None for n in inputs], attrs)
+        try:
+            out = OPS[node.op_type](Ctx(opset), [consts[n] if n else None for n in inputs], attrs)
+        except (RuntimeError, IndexError, TypeError) as exc:  # torch's words, on one line
+            raise ValueError(str(exc).strip().splitlines()[0]) from None
         consts.update((n, r) for n, r in zip(node.output, out if isinstance(out, (list, tuple)) else [out]) if n)
         return None
     return Step(node.name, node.op_type, inputs, tuple(node.output), attrs)
