@@ -45,9 +45,14 @@ def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optiona
                                rel_tol=rel_tol, target_ratio=ratio, num_cores=num_cores, layout=layout,
                                max_macs=max_macs)
     inputs = read_inputs(calibrate, "--calibrate") if calibrate is not None else None
-    report, _ = compress_file(source, out, config, calibration=None if inputs is None else [inputs],
-                              distill_steps=distill_steps, batch_size=batch_size, int8=int8,
-                              int8_dense=int8_dense, progress=distill_steps > 0, overwrite=overwrite)
+    try:
+        report, _ = compress_file(source, out, config, calibration=None if inputs is None else [inputs],
+                                  distill_steps=distill_steps, batch_size=batch_size, int8=int8,
+                                  int8_dense=int8_dense, progress=distill_steps > 0, overwrite=overwrite)
+    except ValueError as exc:  # a node that fails when the graph first runs: the line names the file too
+        if str(source) in str(exc):
+            raise
+        raise ValueError(f"{source}: {exc}") from exc
     yield str(report).rstrip()
     if distill_steps:
         yield f"distilled {distill_steps} steps on the --calibrate inputs (MSE of the outputs; the errors above " \

@@ -11,7 +11,8 @@ out.onnx``). ``onnx`` (and, to check and quantize what is written, ``onnxruntime
 inside the functions: ``pip install 'mpolstm[export]'``.
 
 Recurrent, linear and convolution nodes become torch layers (``layers.py``); every other node runs
-in a small interpreter written here (``ops.py``, ``shapes.py``) rather than through onnx2torch,
+in a small interpreter written here (``ops.py``, ``shapes.py``, ``indexing.py``; control flow in
+``control.py``; docs/onnx.md lists its operators with ONNX's conformance cases) rather than through onnx2torch,
 whose newest release (1.5.15) has no LSTM or GRU converter and imports torchvision, which does not
 install beside the torch this library supports; the writer changes only the layers' nodes of the
 original graph, so names, shapes and everything else stay as they were (docs/architecture.md).

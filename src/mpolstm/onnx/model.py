@@ -20,11 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import shapes  # noqa: F401  (registers the shape operators)
+from ..onnxgraph import subgraphs
+from . import indexing, shapes  # noqa: F401  (register their operators)
+from .control import Subgraph, outer_names
 from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_layer, recurrent_layer, run_conv,
                      run_recurrent)
 from .ops import OPS, Ctx
-from .reader import attributes, graph_inputs, node_label, opset_of, read_model, to_tensor
+from .reader import attributes, graph_inputs, name_nodes, node_label, opset_of, read_model, to_tensor
 
 __all__ = ["InputSpec", "OnnxModel", "Step", "load"]
 
@@ -80,25 +82,29 @@ class OnnxModel(nn.Module):
     @property
     def layers(self) -> dict[str, Step]:
         """{attribute name of a torch layer: its step}."""
-        return {s.layer: s for s in self.steps if s.layer is not None}
+        return {s.layer: s for s in _all_steps(self.steps) if s.layer is not None}
 
     def float_dtype(self) -> torch.dtype:
         tensor = next((t for t in [*self.parameters(), *self.buffers()] if t.is_floating_point()), None)
         return torch.float32 if tensor is None else tensor.dtype
 
-    def values(self, *inputs: Tensor) -> dict[str, Tensor]:
-        """Every tensor of the graph, by name, on ``inputs``."""
+    def values(self, *inputs: Tensor, explore: bool = False) -> dict[str, Tensor]:
+        """Every tensor of the graph, by name, on ``inputs`` (``explore``: those of its subgraphs
+        too, the branches an If does not take included: the writer exports the layers inside them)."""
         if len(inputs) != len(self.inputs):
             raise ValueError(f"the model takes {len(self.inputs)} input(s) {self.input_names}, got {len(inputs)}")
         env: dict[str, Tensor] = {name: getattr(self.constants, f"c{k}") for k, name in enumerate(self.constant_names)}
         env.update(zip(self.input_names, inputs))
-        ctx = Ctx(self.opset, self.float_dtype())
+        ctx = Ctx(self.opset, self.float_dtype(), self._run, env if explore else None, explore)
         for step in self.steps:
             args = [env[n] if n else None for n in step.inputs]
             try:
                 results = self._run(step, args, ctx)
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 raise ValueError(f"node {step.name!r} ({step.op}): {str(exc).strip().splitlines()[0]}") from exc
+            missing = [n for n in step.outputs[len(results):] if n]
+            if missing:
+                raise ValueError(f"node {step.name!r} ({step.op}): output {missing[0]!r} is not supported")
             env.update((n, r) for n, r in zip(step.outputs, results) if n and r is not None)
         return env
 
@@ -140,11 +146,21 @@ class OnnxModel(nn.Module):
         return tuple(out)
 
 
+def _all_steps(steps: list[Step]):
+    """The steps and those of their subgraphs (control flow), depth first."""
+    for step in steps:
+        yield step
+        for value in step.attrs.values():
+            if isinstance(value, Subgraph):
+                yield from _all_steps(value.steps)
+
+
 def _dtype(elem_type: int) -> torch.dtype:
     from .reader import DTYPES
 
     if elem_type not in DTYPES:
-        raise ValueError(f"graph input element type {elem_type} is not supported")
+        raise ValueError(f"graph input element type {elem_type} is not supported (numbers and booleans that "
+                         "torch computes on: float, double, float16, bfloat16, int8-64, uint8, bool)")
     return DTYPES[elem_type]
 
 
@@ -228,49 +244,141 @@ def _layer_step(node, attrs, consts, fused) -> tuple[nn.Module, Step] | None:
     return None
 
 
-def load(path: str | os.PathLike) -> OnnxModel:
-    """Read the ONNX file ``path`` into an :class:`OnnxModel` (see the module docstring). Raises
-    ValueError, one line naming the file and, where one is at fault, the node and its op: not ONNX,
-    truncated, an operator the interpreter does not have, an LSTM / GRU torch cannot compute."""
-    model = read_model(path)
-    graph, opset = model.graph, opset_of(model)
-    for k, node in enumerate(graph.node):  # every node needs a name: the writer and the layers use it
-        node.name = node.name or f"{node.op_type}_{k}"
-    if len({n.name for n in graph.node}) != len(graph.node):
-        raise ValueError(f"{path}: node names are not unique")
-    consts = {t.name: to_tensor(t) for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    steps, layers, skipped, taken = [], {}, set(), set()
+def _subgraphs(node, attrs: dict, opset: int, build: dict) -> tuple[str, ...]:
+    """Compile the node's graph attributes (in ``attrs``) into control.Subgraph; returns the outer
+    names they read, which the node's step takes after its own inputs (``attrs["outer"]``)."""
+    outer: list[str] = []
+    for key, value in list(attrs.items()):
+        if hasattr(value, "node") and hasattr(value, "output"):  # an onnx.GraphProto
+            sub = Subgraph(tuple(i.name for i in value.input), tuple(o.name for o in value.output),
+                           _compile(value, opset, build))
+            attrs[key] = sub
+            outer += [n for n in outer_names(sub) if n not in outer]
+    attrs["outer"] = tuple(outer)
+    return tuple(outer)
+
+
+def _node_step(graph, k: int, node, opset: int, build: dict) -> Step | None:
+    """The step of ``graph.node[k]``; None when it is a constant or computed from constants only
+    (folded into ``build["consts"]``: an LSTM's W computed by Slice / Concat of initializers)."""
+    consts, attrs = build["consts"], attributes(node)
+    outer = _subgraphs(node, attrs, opset, build) if subgraphs(node) else ()
+    if node.op_type == "Constant":
+        consts[node.output[0]] = OPS["Constant"](Ctx(opset), [], attrs)
+        return None
+    fused = _fused_bias(graph, k, node, consts, {o.name for o in graph.output}) if node.op_type == "MatMul" and \
+        node.input[1] in consts and consts[node.input[1]].dim() == 2 else None
+    found = _layer_step(node, attrs, consts, fused)
+    if found is not None:
+        layer, step = found
+        step = replace(step, layer=_attribute_name(node.name, build["taken"]))
+        build["layers"][step.layer] = layer
+        return step
+    if node.op_type not in OPS:
+        raise ValueError("no mapping for this operator (the interpreter knows "
+                         f"{len(OPS)} operators, LSTM, GRU and Conv: docs/onnx.md lists them)")
+    if node.op_type == "Split":
+        attrs.setdefault("num_outputs", len(node.output))
+    inputs = tuple(node.input) + outer
+    if "outer" not in attrs and all(n in consts for n in inputs if n):  # control flow runs, never folds
+        try:
+            out = OPS[node.op_type](Ctx(opset), [consts[n] if n else None for n in inputs], attrs)
+        except (RuntimeError, IndexError, TypeError) as exc:  # torch's words, on one line
+            raise ValueError(str(exc).strip().splitlines()[0]) from None
+        consts.update((n, r) for n, r in zip(node.output, out if isinstance(out, (list, tuple)) else [out]) if n)
+        return None
+    return Step(node.name, node.op_type, inputs, tuple(node.output), attrs)
+
+
+def _compile(graph, opset: int, build: dict) -> list[Step]:
+    """The steps of ``graph`` (the main graph or a subgraph); ``build`` holds what they share:
+    consts (initializers, subgraphs' included), layers, taken attribute names, the file, the
+    names the file gives the nodes."""
+    build["consts"].update((t.name, to_tensor(t)) for t in graph.initializer)
+    steps, skipped = [], set()
     for k, node in enumerate(graph.node):
         if k in skipped:
             continue
         try:
-            attrs = attributes(node)
-            if node.op_type == "Constant":
-                consts[node.output[0]] = OPS["Constant"](Ctx(opset), [], attrs)
-                continue
-            fused = _fused_bias(graph, k, node, consts, outputs) if node.op_type == "MatMul" and \
-                node.input[1] in consts and consts[node.input[1]].dim() == 2 else None
-            found = _layer_step(node, attrs, consts, fused)
-            if found is not None:
-                layer, step = found
-                step = replace(step, layer=_attribute_name(node.name, taken))
-                layers[step.layer] = layer
-                skipped.update(i for i, n in enumerate(graph.node) if n.name in step.nodes[1:])
-            elif node.op_type in OPS:
-                if node.op_type == "Split":
-                    attrs.setdefault("num_outputs", len(node.output))
-                step = Step(node.name, node.op_type, tuple(node.input), tuple(node.output), attrs)
-            else:
-                raise ValueError("no mapping for this operator (the interpreter knows "
-                                 f"{len(OPS)} operators, LSTM, GRU and Conv; see mpolstm.onnx)")
+            step = _node_step(graph, k, node, opset, build)
         except ValueError as exc:
-            raise ValueError(f"{path}: {node_label(node)}: {exc}") from None
-        steps.append(step)
+            if str(exc).startswith(f"{build['path']}: "):  # from a subgraph: already says where
+                raise
+            raise ValueError(f"{build['path']}: {node_label(node, build['originals'].get(node.name))}: {exc}") from None
+        if step is not None:
+            skipped.update(i for i, n in enumerate(graph.node) if n.name in step.nodes[1:])
+            steps.append(step)
+    return steps
+
+
+def load(path: str | os.PathLike) -> OnnxModel:
+    """Read the ONNX file ``path`` into an :class:`OnnxModel` (see the module docstring). Raises
+    ValueError, one line naming the file and, where one is at fault, the node and its op: not ONNX,
+    truncated, an operator the interpreter does not have, an LSTM / GRU torch cannot compute.
+    Nodes computed from constants alone (parameter-only subgraphs) are folded into constants; a
+    layer's weights computed from shapes as well (torch's exporter without its optimizer slices
+    them by ``Shape`` of a state) are folded by onnxscript's optimizer when it is installed (the
+    result checked against onnxruntime on the original file)."""
+    model = read_model(path)
+    try:
+        return _load(model, path)
+    except ValueError as exc:
+        if "must be constant" not in str(exc):
+            raise
+        folded = _folded(model)
+        if folded is None:
+            raise ValueError(f"{exc} (they are computed in the graph: pip install onnxscript, and mpolstm.onnx "
+                             "folds them)") from None
+    loaded = _load(folded, path)
+    _check_folding(loaded, model.SerializeToString(), path)
+    return loaded
+
+
+def _folded(model):
+    """``model`` with its constant subexpressions folded by onnxscript's optimizer (None when
+    onnxscript is not installed); its input and output names must stay."""
+    try:
+        import onnx_ir
+        from onnxscript.optimizer import fold_constants
+    except ImportError:
+        return None
+    graph = onnx_ir.serde.deserialize_model(model)
+    fold_constants(graph)
+    folded = onnx_ir.serde.serialize_model(graph)
+    names = lambda m: ([i.name for i in graph_inputs(m.graph)], [o.name for o in m.graph.output])  # noqa: E731
+    return folded if names(folded) == names(model) else None
+
+
+def _check_folding(loaded: OnnxModel, original: bytes, path) -> None:
+    """ValueError unless ``loaded`` (the folded graph) equals onnxruntime on the original file."""
+    try:
+        from ..onnxgraph import run_onnxruntime
+        examples = loaded.example_inputs()
+        want = run_onnxruntime(original, {n: x.numpy() for n, x in zip(loaded.input_names, examples)})
+    except ModuleNotFoundError:  # no onnxruntime: nothing to check against
+        return
+    with torch.no_grad():
+        got = loaded(*examples)
+    for name, g, w in zip(loaded.output_names, got if isinstance(got, tuple) else (got,), want):
+        if tuple(g.shape) != w.shape or not torch.allclose(g, torch.from_numpy(w), rtol=1e-4, atol=1e-5):
+            raise ValueError(f"{path}: the graph with its constants folded by onnxscript differs from the "
+                             f"original in onnxruntime (output {name!r})")
+
+
+def _load(model, path) -> OnnxModel:
+    graph, opset = model.graph, opset_of(model)
+    source = model.SerializeToString()
+    build = {"consts": {}, "layers": {}, "taken": set(), "path": path, "originals": name_nodes(graph)}
+    steps = _compile(graph, opset, build)
+    outputs = {o.name for o in graph.output}
     read = {n for s in steps for n in s.inputs} | outputs
-    kept = {name: t for name, t in consts.items() if name in read}
+    kept = {name: t for name, t in build["consts"].items() if name in read}
+    for i in graph_inputs(graph):
+        try:
+            _dtype(i.type.tensor_type.elem_type)
+        except ValueError as exc:
+            raise ValueError(f"{path}: input {i.name!r}: {exc}") from None
     specs = [InputSpec(i.name, i.type.tensor_type.elem_type,
                        tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                              for d in i.type.tensor_type.shape.dim)) for i in graph_inputs(graph)]
-    return OnnxModel(steps, layers, kept, specs, [o.name for o in graph.output], opset,
-                     model.SerializeToString()).eval()
+    return OnnxModel(steps, build["layers"], kept, specs, [o.name for o in graph.output], opset, source).eval()

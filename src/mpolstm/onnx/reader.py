@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..onnxgraph import onnx_modules
+from ..onnxgraph import graphs, onnx_modules, subgraphs
 
-__all__ = ["DTYPES", "FLOAT", "attributes", "graph_inputs", "node_label", "opset_of", "read_model", "to_tensor"]
+__all__ = ["DTYPES", "FLOAT", "attributes", "graph_inputs", "name_nodes", "node_label", "opset_of", "read_model",
+           "to_tensor", "walk_nodes"]
 
 FLOAT = 1  # onnx.TensorProto.FLOAT: follows the module's float dtype (float64 after model.double())
 DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
@@ -63,10 +64,11 @@ def opset_of(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def _check_wiring(graph, path: Path) -> None:
-    """Every node input is a graph input, an initializer or an earlier node's output (the checker
-    does not see truncated node lists); every graph output is made by someone; default domain only."""
-    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+def _check_wiring(graph, path: Path, outer: frozenset = frozenset()) -> None:
+    """Every node input is a graph input, an initializer, an earlier node's output or (in a
+    subgraph) an outer value (the checker does not see truncated node lists); every graph output
+    is made by someone; default domain only."""
+    known = set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     for node in graph.node:
         if node.domain not in ("", "ai.onnx"):
             raise ValueError(f"{path}: {node_label(node)}: operator domain {node.domain!r} is not supported "
@@ -75,15 +77,49 @@ def _check_wiring(graph, path: Path) -> None:
         if missing:
             raise ValueError(f"{path}: {node_label(node)} reads {missing[0]!r}, which no input, initializer or "
                              "earlier node provides (truncated or unsorted graph)")
+        for sub in subgraphs(node):
+            _check_wiring(sub, path, frozenset(known))
         known.update(node.output)
     absent = [o.name for o in graph.output if o.name not in known]
     if absent:
         raise ValueError(f"{path}: graph output {absent[0]!r} is made by no node")
 
 
-def node_label(node) -> str:
-    """How messages name a node: ``node 'GRU_14' (GRU)``."""
-    return f"node {node.name or '(unnamed)'!r} ({node.op_type})"
+def walk_nodes(graph) -> list:
+    """Every node of ``graph`` and its subgraphs (``onnxgraph.graphs``' order: parents first)."""
+    return [node for g in graphs(graph) for node in g.node]
+
+
+def name_nodes(graph) -> dict[str, str]:
+    """Give every node of ``graph`` and its subgraphs the name it goes by in mpolstm (layers,
+    messages, the writer), in place, and return {that name: the name in the file}. A node keeps
+    its name when no other node has it; an empty or repeated name (ONNX allows both) becomes
+    ``<name or op>_<k>`` (``k``: the node's place in ``walk_nodes``). Names restore the file's."""
+    nodes = walk_nodes(graph)
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[node.name] = counts.get(node.name, 0) + 1
+    taken = {n for n, c in counts.items() if n and c == 1}
+    originals = {}
+    for k, node in enumerate(nodes):
+        name = node.name
+        if not name or counts[name] > 1:
+            base = name = f"{node.name or node.op_type}_{k}"
+            while name in taken:
+                name = f"{base}_{len(taken)}"
+            taken.add(name)
+        originals[name] = node.name
+        node.name = name
+    return originals
+
+
+def node_label(node, original: str | None = None) -> str:
+    """How messages name a node: ``node 'GRU_14' (GRU)``; ``original``: its name in the file
+    when mpolstm named it otherwise (``node 'rnn_3' (LSTM; 'rnn' in the file, not unique)``)."""
+    if original is None or original == node.name:
+        return f"node {node.name or '(unnamed)'!r} ({node.op_type})"
+    where = f"{original!r} in the file, not unique" if original else "unnamed in the file"
+    return f"node {node.name!r} ({node.op_type}; {where})"
 
 
 def graph_inputs(graph) -> list:
@@ -103,15 +139,17 @@ def to_tensor(proto) -> Tensor:
 
 
 def attributes(node) -> dict[str, Any]:
-    """A node's attributes as Python values (tensors as torch tensors). Graph attributes (control
-    flow) are refused by the caller before this is reached."""
+    """A node's attributes as Python values (tensors as torch tensors; graph attributes, control
+    flow's, as the GraphProto: ``load`` compiles them)."""
     onnx = _onnx()
     out = {}
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.TENSOR:
             out[attr.name] = to_tensor(attr.t)
-        elif attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-            raise ValueError(f"{node_label(node)}: control flow (a graph attribute) is not supported")
+        elif attr.type == onnx.AttributeProto.GRAPH:
+            out[attr.name] = attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            raise ValueError(f"attribute {attr.name!r} holds several graphs (not supported)")
         else:
             value = onnx.helper.get_attribute_value(attr)
             out[attr.name] = value.decode() if isinstance(value, bytes) else \

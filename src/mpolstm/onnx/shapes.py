@@ -44,7 +44,8 @@ def _reshape(ctx, xs, a):
 
 def _flatten(ctx, xs, a):
     x = xs[0]
-    axis = a.get("axis", 1) % (x.dim() + 1) if x.dim() else 0
+    axis = a.get("axis", 1)
+    axis = axis + x.dim() if axis < 0 else axis
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
@@ -140,7 +141,28 @@ def _range(ctx, xs, a):
     return torch.arange(start, limit, delta, dtype=xs[0].dtype)
 
 
+def _prod(x: Tensor, dims: tuple[int, ...], keep: bool) -> Tensor:
+    for d in dims:
+        x = x.prod(d, keepdim=True)
+    return x if keep else x.squeeze(dims)
+
+
+REDUCERS = {
+    "sum": lambda x, d, k: x.sum(d, keepdim=k),
+    "mean": lambda x, d, k: x.mean(d, keepdim=k),
+    "max": lambda x, d, k: torch.amax(x, d, keepdim=k),
+    "min": lambda x, d, k: torch.amin(x, d, keepdim=k),
+    "prod": _prod,
+    "l1": lambda x, d, k: x.abs().sum(d, keepdim=k),
+    "l2": lambda x, d, k: x.square().sum(d, keepdim=k).sqrt(),
+    "sumsquare": lambda x, d, k: x.square().sum(d, keepdim=k),
+    "logsum": lambda x, d, k: x.sum(d, keepdim=k).log(),
+    "logsumexp": lambda x, d, k: torch.logsumexp(x, d, keepdim=k),
+}
+
+
 def _reduce(kind: str, since: int) -> callable:
+    """A Reduce* operator (axes an attribute before opset ``since``, then an input)."""
     def run(ctx, xs, a):
         x = xs[0]
         axes = _axes(ctx, xs, a, 1, since)
@@ -150,41 +172,63 @@ def _reduce(kind: str, since: int) -> callable:
                 return x
             axes = list(range(x.dim()))
         dims = tuple(ax % x.dim() for ax in axes)
-        if kind == "sum":
-            return x.sum(dims, keepdim=keep)
-        if kind == "mean":
-            return x.mean(dims, keepdim=keep)
-        if kind == "l2":
-            return x.square().sum(dims, keepdim=keep).sqrt()
-        fn = torch.amax if kind == "max" else torch.amin
-        return fn(x, dims, keepdim=keep)
+        if kind in ("max", "min") and x.numel() == 0:  # over an empty set: -inf / +inf, as ONNX says
+            shape = [1 if d in dims else n for d, n in enumerate(x.shape)] if keep else \
+                [n for d, n in enumerate(x.shape) if d not in dims]
+            fill = (kind == "min") if x.dtype == torch.bool else float("-inf" if kind == "max" else "inf")
+            return torch.full(shape, fill, dtype=x.dtype)
+        out = REDUCERS[kind](x, dims, keep)
+        return out.to(x.dtype) if kind in ("sum", "prod", "l1", "sumsquare") else out
     return run
 
 
 def _arg(fn) -> callable:
     def run(ctx, xs, a):
-        x = xs[0]
-        if a.get("select_last_index", 0):
-            raise ValueError("select_last_index=1 is not supported")
-        return fn(x, dim=a.get("axis", 0), keepdim=bool(a.get("keepdims", 1)))
+        x, axis, keep = xs[0], a.get("axis", 0) % max(xs[0].dim(), 1), bool(a.get("keepdims", 1))
+        if a.get("select_last_index", 0):  # the last of equal values: the first in the flipped tensor
+            return x.shape[axis] - 1 - fn(x.flip(axis), dim=axis, keepdim=keep)
+        return fn(x, dim=axis, keepdim=keep)
     return run
 
 
+def _pad_index(n: int, begin: int, end: int, mode: str) -> Tensor:
+    """Source positions along an axis of ``n`` padded by ``begin`` / ``end`` (negative: cropped)."""
+    i = torch.arange(-begin, n + end)
+    if mode == "edge":
+        return i.clamp(0, n - 1)
+    if mode == "wrap":
+        return i % n
+    period = 2 * (n - 1)  # reflect: mirror about the first and last positions
+    if period == 0:
+        raise ValueError("Pad: reflect needs an axis of at least 2 to mirror (as onnxruntime)")
+    i = i.abs() % period
+    return torch.where(i < n, i, period - i)
+
+
 def _pad(ctx, xs, a):
+    """Pad in every mode (constant, reflect, edge, wrap) along any axes of any rank."""
     x = xs[0]
     if ctx.opset < 11:
-        pads, value = a["pads"], a.get("value", 0.0)
+        pads, value, axes = a["pads"], a.get("value", 0.0), None
     else:
         pads = _ints(xs[1])
         value = xs[2].item() if len(xs) > 2 and xs[2] is not None and xs[2].numel() else 0.0
-        if len(xs) > 3 and xs[3] is not None:
-            raise ValueError("Pad with an axes input is not supported")
-    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(a.get("mode", "constant"))
-    if mode is None:
-        raise ValueError(f"Pad mode {a.get('mode')!r} is not supported")
-    rank = x.dim()
-    torch_pads = [p for axis in reversed(range(rank)) for p in (pads[axis], pads[axis + rank])]
-    return F.pad(x, torch_pads, mode=mode, value=value) if mode == "constant" else F.pad(x, torch_pads, mode=mode)
+        axes = _ints(xs[3]) if len(xs) > 3 and xs[3] is not None else None
+    rank, mode = x.dim(), a.get("mode", "constant")
+    axes = list(range(rank)) if axes is None else [ax % rank for ax in axes]
+    if mode not in ("constant", "reflect", "edge", "wrap") or len(pads) != 2 * len(axes):
+        raise ValueError(f"Pad: mode {mode!r} with {len(pads)} pads for axes {axes} (expected constant, "
+                         "reflect, edge or wrap, two pads an axis)")
+    if mode == "constant":
+        full = [0] * 2 * rank
+        for k, axis in enumerate(axes):
+            full[2 * (rank - 1 - axis)], full[2 * (rank - 1 - axis) + 1] = pads[k], pads[k + len(axes)]
+        return F.pad(x, full, value=value)
+    for k, axis in enumerate(axes):
+        begin, end = pads[k], pads[k + len(axes)]
+        if begin or end:
+            x = x.index_select(axis, _pad_index(x.shape[axis], begin, end, mode).to(x.device))
+    return x
 
 
 register_ops({
@@ -194,7 +238,6 @@ register_ops({
     "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze,
     "Concat": _concat,
-    "Split": _split,
     "Split": _split,
     "Slice": _slice,
     "Gather": _gather,
@@ -210,6 +253,11 @@ register_ops({
     "ReduceMax": _reduce("max", 18),
     "ReduceMin": _reduce("min", 18),
     "ReduceL2": _reduce("l2", 18),
+    "ReduceL1": _reduce("l1", 18),
+    "ReduceProd": _reduce("prod", 18),
+    "ReduceSumSquare": _reduce("sumsquare", 18),
+    "ReduceLogSum": _reduce("logsum", 18),
+    "ReduceLogSumExp": _reduce("logsumexp", 18),
     "ArgMax": _arg(torch.argmax),
     "ArgMin": _arg(torch.argmin),
     "Pad": _pad,

@@ -49,11 +49,12 @@ from ..export.verify import INT8_RTOL, Axes, check_shapes
 from ..mpo import MPO
 from ..nn import is_mpo_module
 from ..nn.sparse import sparse_parts
-from ..onnxgraph import dedupe_tensors, onnx_modules, record_weight_bytes, referenced, subgraphs
+from ..onnxgraph import dedupe_tensors, graphs, onnx_modules, record_weight_bytes, referenced, subgraphs
 from ..onnxgraph import dynamic_int8 as quantize_dynamic_int8
 from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_tensors, linear_tensors, recurrent_tensors,
                      run_conv, run_recurrent, step_recurrent)
 from .model import OnnxModel, Step
+from .reader import name_nodes, walk_nodes
 from .streaming import make_streaming
 
 __all__ = ["METADATA_KEY", "dynamic_int8", "save", "to_bytes"]
@@ -282,14 +283,19 @@ def _layers_into(graph, work: OnnxModel, values: dict[str, Tensor], opset: int, 
     with tempfile.TemporaryDirectory() as tmp:
         for name, step in work.layers.items():
             step = (rewired or {}).get(name, step)
-            layer = getattr(work, name)
+            layer, owner = getattr(work, name), _owner(graph, step.nodes[0])
             if is_mpo_module(layer):
                 sub, inputs, outputs = _export_layer(layer, step, values, opset, rewired is not None, Path(tmp))
-                _splice(graph, step, sub, inputs, outputs)
+                _splice(owner, step, sub, inputs, outputs)
                 factors |= {t.name for t in sub.graph.initializer}
             else:
-                _write_dense(graph, step, layer)
+                _write_dense(owner, step, layer)
     return factors
+
+
+def _owner(graph, name: str):
+    """The graph (``graph`` or one of its subgraphs) that holds the node ``name``."""
+    return next((g for g in graphs(graph) if any(n.name == name for n in g.node)), None)
 
 
 def _int8_work(work: OnnxModel, int8: bool) -> OnnxModel:
@@ -315,15 +321,18 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
         model(*model.example_inputs())
     work = _int8_work(copy.deepcopy(model).float().eval(), int8)
     proto = onnx.load_from_string(work.source)
-    for k, node in enumerate(proto.graph.node):  # the names load gave
-        node.name = node.name or f"{node.op_type}_{k}"
+    originals = name_nodes(proto.graph)  # the names load gave; the file's come back below
     opset = min(max(work.opset, EXPORT_OPSET[0]), EXPORT_OPSET[1])
     if work.opset < EXPORT_OPSET[0]:
         proto = onnx.version_converter.convert_version(proto, EXPORT_OPSET[0])
+    inner = [s.name for s in work.layers.values() if _owner(proto.graph, s.nodes[0]) is not proto.graph]
+    if step and inner:
+        raise ValueError(f"node {inner[0]!r} is inside a subgraph (If / Loop / Scan); the streaming step "
+                         "(step=True) takes the layers of the main graph only")
     rewired, states, sizes = make_streaming(proto.graph, work) if step else (None, {}, {})
     examples = work.example_inputs(sizes)
     with torch.no_grad():
-        values = work.values(*examples)
+        values = work.values(*examples, explore=True)
     factors = _layers_into(proto.graph, work, values, opset, rewired)
     _prune(proto.graph)
     dedupe_tensors(proto)  # layers exported one by one: a tied or shared weight, once
@@ -340,10 +349,13 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
     data = proto.SerializeToString()
     if int8 or int8_dense:
         data = dynamic_int8(data, None if int8_dense else factors)
-    if check:
+    if check:  # with mpolstm's unique node names: onnxruntime refuses repeated ones, which ONNX allows
         _check(data, work, examples, _state_shapes(states, values), Axes() if step else _declared_axes(work, examples),
                INT8_RTOL if int8 or int8_dense else 1e-3)
-    return record_weight_bytes(data)
+    proto = onnx.load_from_string(data)
+    for node in walk_nodes(proto.graph):
+        node.name = originals.get(node.name, node.name)
+    return record_weight_bytes(proto.SerializeToString())
 
 
 def save(model: OnnxModel, path: str | os.PathLike, *, step: bool = False, int8: bool = False,
