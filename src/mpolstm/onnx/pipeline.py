@@ -22,9 +22,9 @@ from ..compression import CompressionConfig, CompressionReport, compress
 from ..distill import distill
 from ..errors import ConfigError, must_be
 from .frames import FrameSequence, state_pairs
-from .layers import RecurrentSpec
 from .model import InputSpec, OnnxModel, load
 from .reader import FLOAT
+from .registry import LAYER_OPS
 from .writer import to_bytes
 
 __all__ = ["as_batches", "compress_file", "recurrent_layers"]
@@ -34,7 +34,7 @@ HELD_OUT = 5  # distillation holds out every 5th piece of the calibration data t
 
 def recurrent_layers(model: OnnxModel) -> list[str]:
     """The names of the model's recurrent (LSTM / GRU) layers, in graph order."""
-    return [name for name, step in model.layers.items() if isinstance(step.spec, RecurrentSpec)]
+    return [name for name, step in model.layers.items() if LAYER_OPS[step.op].recurrent]
 
 
 def _check_input(x: Any, k: int, spec: InputSpec, where: str, hint: str = "") -> None:

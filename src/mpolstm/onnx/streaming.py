@@ -15,12 +15,13 @@ import torch
 from .frames import state_pairs
 from .layers import RecurrentSpec
 from .model import OnnxModel, Step
+from .registry import LAYER_OPS
 
 __all__ = ["make_streaming", "time_axes"]
 
 
 def _recurrent(model: OnnxModel) -> dict[str, Step]:
-    steps = {name: s for name, s in model.layers.items() if isinstance(s.spec, RecurrentSpec)}
+    steps = {name: s for name, s in model.layers.items() if LAYER_OPS[s.op].recurrent}
     if not steps:
         raise ValueError("a streaming step needs a recurrent (LSTM or GRU) node; the graph has none")
     for step in steps.values():
