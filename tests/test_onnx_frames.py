@@ -158,3 +158,24 @@ def test_a_graph_without_a_recurrent_node_has_nothing_to_compress_unless_named(f
                                  mpolstm.CompressionConfig(target_ratio=2, target_modules=named),
                                  calibration=[(torch.randn(20, 1, 1, F),)])
     assert sorted(m.name for m in report.modules) == sorted(named)
+
+
+def test_cli_calibrates_and_distils_a_per_frame_graph_on_a_sequence_file(files, tmp_path):
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from mpolstm.harness.cli import app
+
+    folder, _, _ = files
+    save_file({"input0": torch.randn(40, 1, 1, F)}, tmp_path / "frames.safetensors")
+    out = tmp_path / "small.onnx"
+    result = CliRunner().invoke(app, ["compress", str(folder / "lstm.onnx"), str(out), "--ratio", "2", "--calibrate",
+                                      str(tmp_path / "frames.safetensors"), "--distill-steps", "2",
+                                      "--batch-size", "10"])
+    assert result.exit_code == 0, result.output
+    assert "held out 1 of 4 pieces: relative output error" in result.output and out.is_file()
+    save_file({"input0": torch.randn(40, 1, 1, F + 1)}, tmp_path / "wide.safetensors")
+    result = CliRunner().invoke(app, ["compress", str(folder / "lstm.onnx"), str(tmp_path / "no.onnx"), "--ratio",
+                                      "2", "--calibrate", str(tmp_path / "wide.safetensors")])
+    assert result.exit_code == 2 and "a sequence of frames ['T', 1, 1, 6]" in result.output, result.output
+    assert not (tmp_path / "no.onnx").exists()
