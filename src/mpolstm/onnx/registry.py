@@ -15,8 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .layers import (LinearSpec, conv_layer, conv_tensors, linear_tensors, recurrent_layer, recurrent_tensors,
-                     run_conv, run_recurrent)
+from .layers import (LinearSpec, conv_layer, conv_tensors, grouped_layer, grouped_tensors, linear_tensors,
+                     recurrent_layer, recurrent_tensors, run_conv, run_grouped, run_recurrent)
 
 __all__ = ["LAYER_OPS", "Built", "LayerOp", "Site", "register"]
 
@@ -151,6 +151,18 @@ def _write_conv(nodes: dict, step, layer: nn.Module, put: Put) -> None:
         node.input[2] = put("B", bias, node.input[2])
 
 
+def _build_grouped(node, attrs: dict, site: Site) -> Built | None:
+    """A grouped-linear Einsum with a constant weight as a grouped 1x1 convolution (None: the interpreter's)."""
+    weight = site.consts.get(node.input[1]) if len(node.input) == 2 and node.input[0] not in site.consts else None
+    found = None if weight is None else grouped_layer(attrs.get("equation", ""), weight)
+    return None if found is None else Built(found[0], found[1], (node.input[0],), (node.output[0],), (node.name,))
+
+
+def _write_grouped(nodes: dict, step, layer: nn.Module, put: Put) -> None:
+    node = nodes[step.nodes[0]]
+    node.input[1] = put("W", grouped_tensors(layer, step.spec), node.input[1])
+
+
 def _run_recurrent(layer, spec, args: list) -> list:
     return list(run_recurrent(layer, spec, *args))
 
@@ -161,3 +173,5 @@ for _op in ("MatMul", "Gemm"):
     register(LayerOp(_op, _build_linear, lambda layer, spec, args: [layer(args[0])], _write_linear, (nn.Linear,)))
 register(LayerOp("Conv", _build_conv, lambda layer, spec, args: [run_conv(layer, spec, args[0])], _write_conv,
                  (nn.Conv1d, nn.Conv2d)))
+register(LayerOp("Einsum", _build_grouped, lambda layer, spec, args: [run_grouped(layer, args[0])], _write_grouped,
+                 (nn.Conv1d,)))
