@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dtln"
 
