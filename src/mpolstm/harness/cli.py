@@ -398,9 +398,12 @@ def compress_cmd(
     random_init: bool = typer.Option(False, "--random-init", help="With --factory and no --weights: compress the "
                                      "factory's random initialisation (for trying the command; refused otherwise)."),
     calibrate: Optional[Path] = typer.Option(None, help="Safetensors file of model inputs (input0, input1, ...): "
-                                             "minimise the output error on them, not the weight error."),
+                                             "minimise the output error on them, not the weight error. For a per-frame ONNX graph "
+                                             "(states in and out) its non-state inputs with a leading time axis: a "
+                                             "sequence of frames, the states carried from zero."),
     distill_steps: int = typer.Option(0, help="Then distil from the original on the --calibrate inputs for N steps."),
-    batch_size: int = typer.Option(32, help="Rows per distillation batch."),
+    batch_size: int = typer.Option(32, help="Rows per distillation batch (frames per crop of a "
+                                  "sequence for a per-frame ONNX graph)."),
     int8: bool = typer.Option(False, "--int8", help="Then store the MPO cores (and a hybrid's sparse values) as int8 "
                               "with float32 scales (mpolstm.quantize: ~4x fewer bytes; the model computes in float32)."),
     int8_dense: bool = typer.Option(False, "--int8-dense", help="ONNX in and out: also store the weights of the "

@@ -12,6 +12,10 @@
   [N] or absent ``C`` -> ``nn.Linear``. Other MatMul / Gemm nodes stay in the interpreter.
 - ``Conv`` with constant weights, 1-D or 2-D -> ``nn.Conv1d`` / ``nn.Conv2d``; asymmetric and
   ``SAME_*`` padding are applied before the layer.
+- ``Einsum`` of the grouped-linear form ``...gi,gih->...gh`` (the weight's axes in any order, a
+  constant weight: one linear map per group, as around the GRUs of grouped-RNN noise suppressors)
+  -> a 1x1 ``nn.Conv1d`` with ``groups=G`` (compressible as any convolution). Other Einsums stay
+  in the interpreter.
 
 ``run_*`` compute a node's outputs with ONNX semantics from its torch layer; they are what the
 imported model runs and what the writer exports for a compressed layer. ``*_tensors`` give a dense
@@ -28,8 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["ConvSpec", "LinearSpec", "RecurrentSpec", "conv_layer", "conv_tensors", "linear_tensors",
-           "recurrent_layer", "recurrent_tensors", "run_conv", "run_recurrent", "step_recurrent"]
+__all__ = ["ConvSpec", "GroupedSpec", "LinearSpec", "RecurrentSpec", "conv_layer", "conv_tensors", "grouped_layer",
+           "grouped_tensors", "linear_tensors", "recurrent_layer", "recurrent_tensors", "run_conv", "run_grouped",
+           "run_recurrent", "step_recurrent"]
 
 GATE_ORDER = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2)}  # torch's gate k is ONNX's gate GATE_ORDER[k]
 ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"]}
@@ -232,3 +237,48 @@ def run_conv(layer: nn.Module, spec: ConvSpec, x: Tensor) -> Tensor:
 def conv_tensors(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
     """(W, B) of a dense torch convolution in ONNX's layout (the same as torch's)."""
     return _effective(layer, "weight"), None if layer.bias is None else layer.bias.detach()
+
+
+@dataclass(frozen=True)
+class GroupedSpec:
+    """An Einsum of the grouped-linear form ``...gi,<g i h in any order>->...gh`` (a constant weight
+    W: one (I, H) matrix per group g) run as a 1x1 grouped nn.Conv1d: ``order`` is the weight's
+    axes as positions of (g, i, h)."""
+
+    order: tuple[int, int, int]
+
+
+def grouped_layer(equation: str, weight: Tensor) -> tuple[nn.Conv1d, GroupedSpec] | None:
+    """The Conv1d(G I, G H, 1, groups=G) of a grouped-linear Einsum, or None for another equation."""
+    terms = equation.replace(" ", "").split("->")
+    inputs = terms[0].split(",") if len(terms) == 2 else []
+    if len(inputs) != 2 or "." in terms[0] or weight.dim() != 3 or not weight.is_floating_point():
+        return None
+    x, w, out = inputs[0], inputs[1], terms[1]
+    if len(x) < 2 or len(set(x)) != len(x) or sorted(w) != sorted(set(w)) or len(w) != 3:
+        return None
+    g, i = x[-2], x[-1]
+    h = next(iter(set(w) - {g, i}), None)
+    if h is None or set(w) != {g, i, h} or h in x or out != x[:-1] + h:
+        return None
+    order = tuple("gih".index(dict(zip((g, i, h), "gih"))[c]) for c in w)
+    canonical = weight.permute(*[order.index(k) for k in range(3)])  # (G, I, H)
+    groups, fan_in, fan_out = canonical.shape
+    layer = nn.Conv1d(groups * fan_in, groups * fan_out, 1, groups=groups, bias=False, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(canonical.transpose(1, 2).reshape(groups * fan_out, fan_in, 1))
+    return layer.eval(), GroupedSpec(order)
+
+
+def run_grouped(layer: nn.Module, x: Tensor) -> Tensor:
+    """The Einsum's output (..., G, H) from its grouped convolution; ``x`` (..., G, I)."""
+    lead = x.shape[:-2]
+    y = layer(x.reshape(-1, x.shape[-2] * x.shape[-1], 1))
+    return y.reshape(*lead, layer.groups, -1)
+
+
+def grouped_tensors(layer: nn.Module, spec: GroupedSpec) -> Tensor:
+    """The dense grouped convolution's weight in the Einsum's layout."""
+    kernel = _effective(layer, "weight")
+    canonical = kernel.reshape(layer.groups, -1, kernel.shape[1]).transpose(1, 2)  # (G, I, H)
+    return canonical.permute(*spec.order).contiguous()

@@ -1,5 +1,5 @@
 """``load(path) -> OnnxModel``: an ONNX graph as an nn.Module whose recurrent, linear and conv
-nodes are torch layers (``layers.py``) and whose other nodes run in a small interpreter
+nodes are torch layers (the table ``registry.LAYER_OPS``, the math in ``layers.py``) and whose other nodes run in a small interpreter
 (``ops.py``, ``shapes.py``).
 
 The layers are submodules named after their nodes (``model.GRU_14``: an nn.GRU), so
@@ -14,7 +14,7 @@ from __future__ import annotations
 import keyword
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,10 +23,9 @@ from torch import Tensor, nn
 from ..onnxgraph import subgraphs
 from . import indexing, shapes  # noqa: F401  (register their operators)
 from .control import Subgraph, outer_names
-from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_layer, recurrent_layer, run_conv,
-                     run_recurrent)
 from .ops import OPS, Ctx
 from .reader import attributes, graph_inputs, name_nodes, node_label, opset_of, read_model, to_tensor
+from .registry import LAYER_OPS, Site
 
 __all__ = ["InputSpec", "OnnxModel", "Step", "load"]
 
@@ -112,12 +111,7 @@ class OnnxModel(nn.Module):
         if step.layer is None:
             out = OPS[step.op](ctx, args, step.attrs)
             return list(out) if isinstance(out, (list, tuple)) else [out]
-        layer = getattr(self, step.layer)
-        if isinstance(step.spec, RecurrentSpec):
-            return list(run_recurrent(layer, step.spec, *args))
-        if isinstance(step.spec, ConvSpec):
-            return [run_conv(layer, step.spec, args[0])]
-        return [layer(args[0])]
+        return LAYER_OPS[step.op].run(getattr(self, step.layer), step.spec, args)
 
     def forward(self, *inputs: Tensor):
         env = self.values(*inputs)
@@ -176,74 +170,6 @@ def _attribute_name(node_name: str, taken: set[str]) -> str:
     return name
 
 
-def _fused_bias(graph, index: int, node, consts: dict[str, Tensor], outputs: set[str]) -> tuple[int, Any] | None:
-    """(index, Add node) when the MatMul at ``index`` feeds only an Add of a constant (N,) bias."""
-    name = node.output[0]
-    users = [(k, n) for k, n in enumerate(graph.node) if name in n.input]
-    if name in outputs or len(users) != 1 or users[0][1].op_type != "Add":
-        return None
-    k, add = users[0]
-    other = add.input[1] if add.input[0] == name else add.input[0]
-    n_out = consts[node.input[1]].shape[1]
-    bias = consts.get(other)
-    return (k, add) if bias is not None and tuple(bias.shape) == (n_out,) and k > index else None
-
-
-def _linear(node, attrs: dict, consts: dict[str, Tensor], fused) -> tuple[nn.Linear, LinearSpec] | None:
-    """The nn.Linear of a MatMul (+ fused Add) or Gemm node, or None when it is not one."""
-    weight = consts.get(node.input[1]) if len(node.input) > 1 else None
-    if weight is None or weight.dim() != 2 or node.input[0] in consts or not weight.is_floating_point():
-        return None
-    bias, bias_name, transposed = None, None, False
-    if node.op_type == "Gemm":
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-            return None
-        transposed = bool(attrs.get("transB", 0))
-        if len(node.input) > 2 and node.input[2]:
-            bias_name, bias = node.input[2], consts.get(node.input[2])
-            if bias is None or bias.numel() != (weight.shape[0] if transposed else weight.shape[1]) or bias.dim() > 2:
-                return None
-    elif fused is not None:
-        add = fused[1]
-        bias_name = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-        bias = consts[bias_name]
-    w = weight if transposed else weight.T
-    layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=w.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(w)
-        if bias is not None:
-            layer.bias.copy_(bias.reshape(-1))
-    spec = LinearSpec(node.input[1], transposed, bias_name, () if bias is None else tuple(bias.shape))
-    return layer.eval(), spec
-
-
-def _layer_step(node, attrs, consts, fused) -> tuple[nn.Module, Step] | None:
-    """The torch layer and its step (``layer`` still the node's name) for a node that becomes
-    one, None for an interpreted node."""
-    name = node.name
-    op, inputs, outputs = node.op_type, list(node.input), list(node.output)
-    if op in ("LSTM", "GRU"):
-        layer, spec = recurrent_layer(op, attrs, consts.get, inputs, outputs)
-        return layer, Step(node.name, op, tuple(n or "" for n in spec.inputs), tuple(n or "" for n in spec.outputs),
-                           layer=name, spec=spec, nodes=(node.name,))
-    if op == "Conv":
-        weight = consts.get(inputs[1])
-        bias = consts.get(inputs[2]) if len(inputs) > 2 and inputs[2] else None
-        if weight is None or (len(inputs) > 2 and inputs[2] and bias is None):
-            raise ValueError("a Conv runs as a torch layer and needs constant weights")
-        layer, spec = conv_layer(attrs, weight, bias)
-        return layer, Step(node.name, op, (inputs[0],), (outputs[0],), layer=name, spec=spec, nodes=(node.name,))
-    if op in ("MatMul", "Gemm"):
-        found = _linear(node, attrs, consts, fused if op == "MatMul" else None)
-        if found is None:
-            return None
-        layer, spec = found
-        last = fused[1] if op == "MatMul" and spec.bias_input is not None else node
-        nodes = (node.name,) + ((last.name,) if last is not node else ())
-        return layer, Step(node.name, op, (inputs[0],), (last.output[0],), layer=name, spec=spec, nodes=nodes)
-    return None
-
-
 def _subgraphs(node, attrs: dict, opset: int, build: dict) -> tuple[str, ...]:
     """Compile the node's graph attributes (in ``attrs``) into control.Subgraph; returns the outer
     names they read, which the node's step takes after its own inputs (``attrs["outer"]``)."""
@@ -266,17 +192,17 @@ def _node_step(graph, k: int, node, opset: int, build: dict) -> Step | None:
     if node.op_type == "Constant":
         consts[node.output[0]] = OPS["Constant"](Ctx(opset), [], attrs)
         return None
-    fused = _fused_bias(graph, k, node, consts, {o.name for o in graph.output}) if node.op_type == "MatMul" and \
-        node.input[1] in consts and consts[node.input[1]].dim() == 2 else None
-    found = _layer_step(node, attrs, consts, fused)
-    if found is not None:
-        layer, step = found
-        step = replace(step, layer=_attribute_name(node.name, build["taken"]))
-        build["layers"][step.layer] = layer
+    entry = LAYER_OPS.get(node.op_type)
+    site = Site(graph, k, consts, {o.name for o in graph.output})
+    built = entry.build(node, attrs, site) if entry is not None else None
+    if built is not None:
+        step = Step(node.name, node.op_type, built.inputs, built.outputs, layer=_attribute_name(node.name, build["taken"]),
+                    spec=built.spec, nodes=built.nodes)
+        build["layers"][step.layer] = built.layer
         return step
     if node.op_type not in OPS:
-        raise ValueError("no mapping for this operator (the interpreter knows "
-                         f"{len(OPS)} operators, LSTM, GRU and Conv: docs/onnx.md lists them)")
+        raise ValueError(f"no mapping for this operator (the interpreter knows {len(OPS)} operators, "
+                         f"{', '.join(LAYER_OPS)} become layers: docs/onnx.md lists them)")
     if node.op_type == "Split":
         attrs.setdefault("num_outputs", len(node.output))
     inputs = tuple(node.input) + outer

@@ -9,58 +9,83 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..atomic import atomic_write_bytes, check_target
 from ..compression import CompressionConfig, CompressionReport, compress
 from ..distill import distill
 from ..errors import ConfigError, must_be
-from .layers import RecurrentSpec
-from .model import OnnxModel, load
+from .frames import FrameSequence, state_pairs
+from .model import InputSpec, OnnxModel, load
 from .reader import FLOAT
+from .registry import LAYER_OPS
 from .writer import to_bytes
 
 __all__ = ["as_batches", "compress_file", "recurrent_layers"]
 
+HELD_OUT = 5  # distillation holds out every 5th piece of the calibration data to check on
+
 
 def recurrent_layers(model: OnnxModel) -> list[str]:
     """The names of the model's recurrent (LSTM / GRU) layers, in graph order."""
-    return [name for name, step in model.layers.items() if isinstance(step.spec, RecurrentSpec)]
+    return [name for name, step in model.layers.items() if LAYER_OPS[step.op].recurrent]
 
 
-def _check_batch(model: OnnxModel, batch: tuple[Tensor, ...], where: str) -> None:
-    """``where`` names the batch after the field: "" (one batch) or " batch <k>"."""
+def _check_input(x: Any, k: int, spec: InputSpec, where: str, hint: str = "") -> None:
+    """``x`` against the graph input ``k``'s declared rank, fixed sizes and kind."""
+    dims = ["?" if d is None else d for d in spec.dims]
+    fixed_ok = isinstance(x, Tensor) and all(not isinstance(d, int) or d == s for d, s in zip(spec.dims, x.shape))
+    if not fixed_ok or x.dim() != len(spec.dims) or x.is_floating_point() != (spec.elem_type in (FLOAT, 10, 11, 16)):
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        kind = str(x.dtype).removeprefix("torch.") if isinstance(x, Tensor) else ""
+        expected = "float" if spec.elem_type == FLOAT else f"element type {spec.elem_type}"
+        raise ConfigError("calibration", lambda n: f"{n('calibration')}{where}: input{k} ({spec.name!r}) is "
+                                                   f"{shape} {kind}; the graph expects {dims} ({expected}){hint}")
+
+
+def _check_batch(model: OnnxModel, batch: tuple[Tensor, ...], where: str, pairs: list[tuple[int, int]]
+                 ) -> tuple[Tensor, ...] | FrameSequence:
+    """The batch checked: the graph's inputs, or for a per-frame graph (``pairs``) also a sequence
+    of frames (its non-state inputs with a leading time axis). ``where`` names the batch: "" or " batch <k>"."""
+    states = {i for i, _ in pairs}
+    data = [k for k in range(len(model.inputs)) if k not in states]
+    shapes = ", ".join(str(["T", *("?" if d is None else d for d in model.inputs[k].dims)]) for k in data)
+    hint = f", or a sequence of frames {shapes} (states from zero)" if pairs else ""
+    if pairs and batch and isinstance(batch[0], Tensor) and batch[0].dim() == len(model.inputs[data[0]].dims) + 1:
+        if len(batch) != len(data) or len({x.shape[0] if isinstance(x, Tensor) else -1 for x in batch}) != 1:
+            raise ConfigError("calibration", lambda n: f"{n('calibration')}{where}: a sequence of frames gives the "
+                                                       f"graph's non-state inputs {shapes} with one length T")
+        for k, x in zip(data, batch):
+            _check_input(x[0], k, model.inputs[k], where, hint)
+        return FrameSequence(tuple(batch), pairs)
     if len(batch) != len(model.inputs):
         raise ConfigError("calibration", lambda n: f"{n('calibration')}{where} has {len(batch)} tensor(s); the graph "
-                                                   f"takes {len(model.inputs)} input(s) {model.input_names}")
+                                                   f"takes {len(model.inputs)} input(s) {model.input_names}{hint}")
     for k, (x, spec) in enumerate(zip(batch, model.inputs)):
-        dims = ["?" if d is None else d for d in spec.dims]
-        fixed_ok = all(not isinstance(d, int) or d == s for d, s in zip(spec.dims, x.shape))
-        if not isinstance(x, Tensor) or x.dim() != len(spec.dims) or not fixed_ok or \
-                x.is_floating_point() != (spec.elem_type in (FLOAT, 10, 11, 16)):
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            kind = str(x.dtype).removeprefix("torch.") if isinstance(x, Tensor) else ""
-            expected = "float" if spec.elem_type == FLOAT else f"element type {spec.elem_type}"
-            raise ConfigError("calibration", lambda n: f"{n('calibration')}{where}: input{k} ({spec.name!r}) is "
-                                                       f"{shape} {kind}; the graph expects {dims} ({expected})")
+        _check_input(x, k, spec, where, hint)
+    return batch
 
 
-def as_batches(model: OnnxModel, calibration: Any) -> list[tuple[Tensor, ...]]:
+def as_batches(model: OnnxModel, calibration: Any) -> list[tuple[Tensor, ...] | FrameSequence]:
     """``calibration`` (a tensor or tuple of the graph's inputs, or a list of them) as a list of
-    input tuples, each checked against the graph's declared inputs (count, rank, fixed sizes, kind)."""
+    input tuples, each checked against the graph's declared inputs (count, rank, fixed sizes, kind).
+    For a per-frame graph (``mpolstm.onnx.frames``) a batch may be a sequence of frames: its non-state
+    inputs, each with a leading time axis; it becomes a :class:`FrameSequence` (states carried from zero)."""
     if isinstance(calibration, Tensor) or (isinstance(calibration, tuple) and calibration and
                                            all(isinstance(x, Tensor) for x in calibration)):
         calibration = [calibration]
     if not isinstance(calibration, (list, tuple)) or not calibration:
         raise must_be("calibration", "a non-empty list of batches (each a tuple of the graph's inputs)", calibration)
     batches = [(b,) if isinstance(b, Tensor) else tuple(b) for b in calibration]
-    for k, batch in enumerate(batches):
-        _check_batch(model, batch, f" batch {k}" if len(batches) > 1 else "")
-    return batches
+    pairs = state_pairs(model)
+    return [_check_batch(model, batch, f" batch {k}" if len(batches) > 1 else "", pairs)
+            for k, batch in enumerate(batches)]
 
 
 def _batch_axes(model: OnnxModel) -> list[int | None]:
@@ -81,22 +106,66 @@ def _rows(model: OnnxModel, batches: list[tuple[Tensor, ...]], size: int) -> lis
             for batch in batches for i in range(0, batch[0].shape[0], size)]
 
 
+def _outputs(model: OnnxModel, batch: tuple[Tensor, ...] | FrameSequence) -> Tensor:
+    """What distillation matches: a sequence's outputs through time, else the first output."""
+    if isinstance(batch, FrameSequence):
+        return batch.run(model)
+    out = model(*batch)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def _held_out_error(model: OnnxModel, teacher: OnnxModel, batches: list) -> float:
+    """Relative squared error of the student's outputs against the teacher's over ``batches``."""
+    pairs = [(_outputs(model, b), _outputs(teacher, b)) for b in batches]
+    return float(sum((s - t).pow(2).sum() for s, t in pairs) / sum(t.pow(2).sum() for _, t in pairs).clamp_min(1e-30))
+
+
+def _distill(model: OnnxModel, teacher: OnnxModel, batches: list, steps: int, batch_size: int, loss: str,
+             progress: bool) -> dict[str, Any]:
+    """Distil from ``teacher`` on the calibration batches cut into pieces (``batch_size`` rows, or
+    frames of a sequence); every HELD_OUT-th piece is held out and its output error reported
+    before and after ({"held_out": pieces, "before": error, "after": error}, errors None without one)."""
+    pieces = [piece for b in batches for piece in (b.crops(batch_size) if isinstance(b, FrameSequence)
+                                                   else _rows(model, [b], batch_size))]
+    held = pieces[HELD_OUT - 1::HELD_OUT] if len(pieces) >= HELD_OUT else pieces[-1:] if len(pieces) > 1 else []
+    train = [p for k, p in enumerate(pieces) if not any(p is h for h in held)]
+    before = _held_out_error(model, teacher, held) if held else None
+    distill(model, teacher, train, steps=steps, loss=loss, progress=progress, forward=_outputs)
+    model.eval()
+    after = _held_out_error(model, teacher, held) if held else None
+    if progress and held:
+        print(f"held out {len(held)} of {len(pieces)} pieces: relative output error {before:.4g} before "
+              f"distillation, {after:.4g} after", file=sys.stderr)
+    return {"held_out": len(held), "before": before, "after": after}
+
+
+def _default_targets(model: OnnxModel, source) -> list[str]:
+    """The recurrent layers; a graph without one has nothing to compress unless layers are named."""
+    names = recurrent_layers(model)
+    if not names:
+        raise ValueError(f"{source}: nothing to compress: no LSTM or GRU node (an exporter may have unrolled them); "
+                         f"name the layers to compress with --target / target_modules ({', '.join(model.layers)})")
+    return names
+
+
 def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: CompressionConfig, *,
                   calibration: Any = None, distill_steps: int = 0, batch_size: int = 32, loss: str = "mse",
                   int8: bool = False, step: str | os.PathLike | None = None, progress: bool = False,
                   overwrite: bool = False, int8_dense: bool = False) -> tuple[CompressionReport, OnnxModel]:
     """Compress the ONNX model ``source`` under ``config`` (its ``target_modules`` name the
     layers: node names with other characters than letters, digits and _ replaced by _; None
-    selects the recurrent layers, or every layer of a graph without one) and write it to
-    ``target`` (``mpolstm.onnx.save``: the original's inputs and outputs, the compressed layers
-    factorized). ``calibration``: inputs of the graph
-    (see :func:`as_batches`) for calibrated compression and distillation; ``distill_steps``:
-    then distil from the original for that many steps (``loss`` on the outputs, batches of
-    ``batch_size`` rows of the calibration inputs); ``int8``: int8 factors (``int8_dense``: every
-    MatMul weight int8); ``step``: also
-    write the streaming step file there. An existing ``target`` (or ``step``) is refused before any
-    work unless ``overwrite``; missing parents are created; nothing is written on failure.
-    Returns (the report, the compressed model)."""
+    selects the recurrent layers: a graph without one has nothing to compress unless they are named)
+    and write it to ``target`` (``mpolstm.onnx.save``: the original's inputs and outputs, the
+    compressed layers factorized). ``calibration``: inputs of the graph (see :func:`as_batches`;
+    sequences of frames for a per-frame graph) for calibrated compression and distillation;
+    ``distill_steps``: then distil from the original for that many steps (``loss`` on the outputs,
+    batches of ``batch_size`` rows of the calibration inputs, or crops of ``batch_size`` frames of a
+    sequence; every HELD_OUT-th batch held out, its error before and after stored in the file's
+    record); ``int8``: int8 factors (``int8_dense``: every MatMul
+    weight int8); ``step``: also write the streaming step file there. An
+    existing ``target`` (or ``step``) is refused before any work unless ``overwrite``; missing parents
+    are created; nothing is written on failure. Returns (the report, the compressed model)."""
     outputs = [Path(target)] + ([] if step is None else [Path(step)])
     for path in outputs:
         check_target(path, overwrite, folder=False)
@@ -106,16 +175,15 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
     if distill_steps < 0 or batch_size < 1:
         raise ValueError(f"distill_steps must be >= 0 and batch_size >= 1, got {distill_steps} and {batch_size}")
     if config.target_modules is None:
-        config = replace(config, target_modules=recurrent_layers(model) or None)
+        config = replace(config, target_modules=_default_targets(model, source))
     batches = None if calibration is None else as_batches(model, calibration)
     if distill_steps and batches is None:
         raise ValueError("distill_steps needs calibration inputs to distil on")
     teacher = copy.deepcopy(model) if distill_steps else None
     model, report = compress(model, config, calibration=batches)
-    if teacher is not None:
-        distill(model, teacher, _rows(model, batches, batch_size), steps=distill_steps, loss=loss, progress=progress)
-        model.eval()
     record = {"source": Path(source).name, "report": report.to_dict(), "distill_steps": distill_steps}
+    if teacher is not None:
+        record["distill_check"] = _distill(model, teacher, batches, distill_steps, batch_size, loss, progress)
     files = {Path(target): to_bytes(model, int8=int8, record=record, int8_dense=int8_dense)}
     if step is not None:
         files[Path(step)] = to_bytes(model, step=True, int8=int8, record=record, int8_dense=int8_dense)

@@ -12,14 +12,16 @@ from dataclasses import replace
 
 import torch
 
+from .frames import state_pairs
 from .layers import RecurrentSpec
 from .model import OnnxModel, Step
+from .registry import LAYER_OPS
 
 __all__ = ["make_streaming", "time_axes"]
 
 
 def _recurrent(model: OnnxModel) -> dict[str, Step]:
-    steps = {name: s for name, s in model.layers.items() if isinstance(s.spec, RecurrentSpec)}
+    steps = {name: s for name, s in model.layers.items() if LAYER_OPS[s.op].recurrent}
     if not steps:
         raise ValueError("a streaming step needs a recurrent (LSTM or GRU) node; the graph has none")
     for step in steps.values():
@@ -112,8 +114,16 @@ def make_streaming(graph, model: OnnxModel) -> tuple[dict[str, Step], dict[str, 
     """Rewire ``graph`` (the model's original graph) for streaming in place. Returns ({layer:
     its step with the new state names}, {new state input: its step}, sizes {time axis key: 1} for
     ``model.example_inputs``)."""
-    steps = _recurrent(model)
-    axes, keys = time_axes(model)
+    try:
+        steps = _recurrent(model)
+        axes, keys = time_axes(model)
+    except ValueError:
+        pairs = state_pairs(model)  # a per-frame graph: no time axis to fix, the states already in and out
+        if pairs:
+            carried = ", ".join(f"{model.input_names[i]} -> {model.output_names[j]}" for i, j in pairs)
+            raise ValueError(f"the graph already is a one-frame step (states carried: {carried}); write it "
+                             "without step=True") from None
+        raise
     _fix_dims(graph.input, axes, set())
     _fix_dims(graph.output, None, {k for k in keys if ":" not in k})
     nodes = {n.name: n for n in graph.node}

@@ -51,17 +51,16 @@ from ..nn import is_mpo_module
 from ..nn.sparse import sparse_parts
 from ..onnxgraph import dedupe_tensors, graphs, onnx_modules, record_weight_bytes, referenced, subgraphs
 from ..onnxgraph import dynamic_int8 as quantize_dynamic_int8
-from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_tensors, linear_tensors, recurrent_tensors,
-                     run_conv, run_recurrent, step_recurrent)
+from .layers import step_recurrent
 from .model import OnnxModel, Step
 from .reader import name_nodes, walk_nodes
+from .registry import LAYER_OPS
 from .streaming import make_streaming
 
 __all__ = ["METADATA_KEY", "dynamic_int8", "save", "to_bytes"]
 
 METADATA_KEY = "mpolstm"
 EXPORT_OPSET = (11, 20)  # the factorized graphs need Loop with scan outputs (11); torch writes up to 20
-_TORCH_TYPES = {RecurrentSpec: (nn.LSTM, nn.GRU), LinearSpec: (nn.Linear,), ConvSpec: (nn.Conv1d, nn.Conv2d)}
 
 
 class _NodeForward(nn.Module):
@@ -69,20 +68,16 @@ class _NodeForward(nn.Module):
 
     def __init__(self, layer: nn.Module, step: Step) -> None:
         super().__init__()
-        self.layer, self.spec = layer, step.spec
-        self.slots = [k for k, n in enumerate(step.inputs) if n]
+        self.layer, self.spec, self.run = layer, step.spec, LAYER_OPS[step.op].run
+        self.slots, self.count = [k for k, n in enumerate(step.inputs) if n], len(step.inputs)
         self.wanted = [k for k, n in enumerate(step.outputs) if n]
 
     def forward(self, *xs: Tensor):
-        if isinstance(self.spec, RecurrentSpec):
-            args: list[Tensor | None] = [None, None, None]
-            for slot, x in zip(self.slots, xs):
-                args[slot] = x
-            outs = run_recurrent(self.layer, self.spec, *args)
-            return tuple(outs[k] for k in self.wanted)
-        if isinstance(self.spec, ConvSpec):
-            return run_conv(self.layer, self.spec, xs[0])
-        return self.layer(xs[0])
+        args: list[Tensor | None] = [None] * self.count
+        for slot, x in zip(self.slots, xs):
+            args[slot] = x
+        outs = self.run(self.layer, self.spec, args)
+        return outs[0] if self.wanted == [0] else tuple(outs[k] for k in self.wanted)
 
 
 class _NodeStep(nn.Module):
@@ -131,7 +126,7 @@ def _export_layer(layer: nn.Module, step: Step, values: dict[str, Tensor], opset
     onnx, _ = onnx_modules()
     path = folder / f"{len(list(folder.iterdir()))}.onnx"
     present = [n for n in step.inputs if n]
-    if streaming and isinstance(step.spec, RecurrentSpec):
+    if streaming and LAYER_OPS[step.op].recurrent:
         states = [n for n in step.inputs[1:] if n]
         export_step(_NodeStep(layer, step), path, frame=values[step.inputs[0]], opset=opset)
         inputs = {"frame": step.inputs[0], **{f"state{k}": n for k, n in enumerate(states)}}
@@ -158,26 +153,8 @@ def _initializer(graph, name: str, value: Tensor, like: str | None) -> str:
 def _write_dense(graph, step: Step, layer: nn.Module) -> None:
     """Point the step's nodes at the dense layer's current weights (new initializers)."""
     nodes = {n.name: n for n in graph.node if n.name in step.nodes}
-    node = nodes[step.nodes[0]]
-    prefix = f"{step.name}/"
-    if isinstance(step.spec, RecurrentSpec):
-        tensors = recurrent_tensors(layer, step.spec)
-        for slot, (key, value) in enumerate(zip("WRB", tensors), start=1):
-            if value is not None:
-                node.input[slot] = _initializer(graph, prefix + key, value, node.input[slot])
-        return
-    if isinstance(step.spec, ConvSpec):
-        weight, bias = conv_tensors(layer)
-        node.input[1] = _initializer(graph, prefix + "W", weight, node.input[1])
-        if bias is not None:
-            node.input[2] = _initializer(graph, prefix + "B", bias, node.input[2])
-        return
-    weight, bias = linear_tensors(layer, step.spec)
-    node.input[1] = _initializer(graph, prefix + "W", weight, node.input[1])
-    if bias is not None:
-        holder = nodes[step.nodes[-1]]
-        slot = list(holder.input).index(step.spec.bias_input)
-        holder.input[slot] = _initializer(graph, prefix + "bias", bias, step.spec.bias_input)
+    LAYER_OPS[step.op].write(nodes, step, layer, lambda key, value, like: _initializer(graph, f"{step.name}/{key}",
+                                                                                    value, like))
 
 
 def _prune(graph) -> None:
@@ -269,7 +246,7 @@ def dynamic_int8(data: bytes, weights: set[str] | None = None) -> bytes:
 def _check_layers(model: OnnxModel) -> None:
     for name, step in model.layers.items():
         layer = getattr(model, name)
-        if not is_mpo_module(layer) and not isinstance(layer, _TORCH_TYPES[type(step.spec)]):
+        if not is_mpo_module(layer) and not isinstance(layer, LAYER_OPS[step.op].torch_types):
             raise ValueError(f"layer {name!r} (node {step.name!r}) is a {type(layer).__name__}; ONNX writing "
                              "takes MPO layers and torch layers of the node's own type")
 
