@@ -57,13 +57,16 @@ class CompressionReport:
     (name, reason: not compressible, or left dense because its MPO would not be smaller) and
     the budgets used (max MPO core entries, max multiply-adds per step; None when not given), and
     with ``allocation="output"`` which allocation won on the held-out calibration batches' output
-    error and each candidate's error there."""
+    error and each candidate's error there; ``output_check``: the compressed model's output error
+    against the original (``checks.OutputCheck``: on held-out or validation batches, or a
+    synthetic-input estimate without calibration)."""
 
     modules: list[ModuleReport]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     budget: int | None = None
-    allocation: Any = None  # output_aware.AllocationChoice with allocation="output", else None
+    allocation: Any = None  # output_aware.AllocationChoice when calibrated with a budget, else None
     max_macs: int | None = None
+    output_check: Any = None  # checks.OutputCheck, None when it could not be measured
 
     @property
     def dense_params(self) -> int:
@@ -100,7 +103,9 @@ class CompressionReport:
             "budget": self.budget,
             "allocation": None if self.allocation is None else {
                 "chosen": self.allocation.chosen, "errors": dict(self.allocation.errors),
-                "fit_batches": self.allocation.fit_batches, "held_out_batches": self.allocation.held_out_batches},
+                "fit_batches": self.allocation.fit_batches, "held_out_batches": self.allocation.held_out_batches,
+                "note": self.allocation.note},
+            "output_check": None if self.output_check is None else self.output_check.to_dict(),
             "max_macs": self.max_macs,
             "dense_params": self.dense_params,
             "mpo_params": self.mpo_params,
@@ -127,6 +132,12 @@ class CompressionReport:
         ]
 
     @property
+    def unmeasured(self) -> bool:
+        """Compressed 3x or more without calibration: nothing was measured on the user's inputs."""
+        weights = [w for m in self.modules for w in m.weights.values()]
+        return bool(weights) and all(w.output_error is None for w in weights) and self.ratio >= WARN_RATIO
+
+    @property
     def title(self) -> str:
         """What was compressed, which layouts were chosen and why (two lines)."""
         weights = [w for m in self.modules for w in m.weights.values()]
@@ -149,12 +160,20 @@ class CompressionReport:
         lines = [self.title]
         for r in rows:
             lines.append("  ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))))
+        if self.output_check is not None:
+            lines.append(str(self.output_check))
         if self.allocation is not None:
             lines.append(str(self.allocation))
+        if self.unmeasured:
+            lines.append(UNMEASURED.format(ratio=self.ratio))
         if self.skipped:
             lines.append("skipped: " + "; ".join(f"{name} ({reason})" for name, reason in self.skipped))
         return "\n".join(lines) + "\n"
 
+
+WARN_RATIO = 3.0
+UNMEASURED = ("warning: compressed {ratio:.1f}x without calibration: not measured on your inputs; the weight errors "
+              "above do not say how far the model's outputs moved (give calibration batches)")
 
 REPORT_COLUMNS = ("module", "weight", "shape", "layout", "bonds", "params", "ratio", "MACs/step", "weight error",
                   "output error", "max entropy")
