@@ -9,7 +9,11 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["CompressionReport", "ModuleReport", "WeightReport", "REPORT_COLUMNS", "print_trainable_parameters"]
+from .checks import OutputCheck
+from .output_aware import AllocationChoice
+
+__all__ = ["CompressionReport", "ModuleReport", "WeightReport", "REPORT_COLUMNS", "measured_lines",
+           "print_trainable_parameters"]
 
 
 @dataclass
@@ -132,12 +136,6 @@ class CompressionReport:
         ]
 
     @property
-    def unmeasured(self) -> bool:
-        """Compressed 3x or more without calibration: nothing was measured on the user's inputs."""
-        weights = [w for m in self.modules for w in m.weights.values()]
-        return bool(weights) and all(w.output_error is None for w in weights) and self.ratio >= WARN_RATIO
-
-    @property
     def title(self) -> str:
         """What was compressed, which layouts were chosen and why (two lines)."""
         weights = [w for m in self.modules for w in m.weights.values()]
@@ -160,12 +158,7 @@ class CompressionReport:
         lines = [self.title]
         for r in rows:
             lines.append("  ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))))
-        if self.output_check is not None:
-            lines.append(str(self.output_check))
-        if self.allocation is not None:
-            lines.append(str(self.allocation))
-        if self.unmeasured:
-            lines.append(UNMEASURED.format(ratio=self.ratio))
+        lines += measured_lines(self.to_dict())
         if self.skipped:
             lines.append("skipped: " + "; ".join(f"{name} ({reason})" for name, reason in self.skipped))
         return "\n".join(lines) + "\n"
@@ -177,6 +170,23 @@ UNMEASURED = ("warning: compressed {ratio:.1f}x without calibration: not measure
 
 REPORT_COLUMNS = ("module", "weight", "shape", "layout", "bonds", "params", "ratio", "MACs/step", "weight error",
                   "output error", "max entropy")
+
+
+def measured_lines(report: dict[str, Any]) -> list[str]:
+    """The model output error, the allocation kept and the warning of an unmeasured compression, from a
+    report as ``CompressionReport.to_dict`` gives it (the report's text; inspect reads the stored one)."""
+    lines = []
+    check, choice = report.get("output_check"), report.get("allocation")
+    if check:
+        lines.append(str(OutputCheck(check["error"], check["batches"], check["source"])))
+    if choice:
+        lines.append(str(AllocationChoice(choice["chosen"], choice["errors"], choice.get("fit_batches", 0),
+                                          choice.get("held_out_batches", 0), choice.get("note", ""))))
+    weights = [w for m in report.get("modules", []) for w in m["weights"].values()]
+    ratio = report.get("ratio") or 0.0
+    if weights and all(w.get("output_error") is None for w in weights) and ratio >= WARN_RATIO:
+        lines.append(UNMEASURED.format(ratio=ratio))
+    return lines
 
 
 def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:

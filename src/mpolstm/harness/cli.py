@@ -337,9 +337,15 @@ def _batches(inputs: tuple, size: int) -> list[tuple]:
     return [tuple(x[i:i + size] for x in inputs) for i in range(0, rows, size)]
 
 
+def _slices(inputs: tuple, count: int = 8) -> list[tuple]:
+    """The --calibrate inputs as ``count`` batches along the first axis (fewer when it has fewer rows): compress
+    holds every second one out to measure the model's output error and decide the allocation on."""
+    return _batches(inputs, -(-inputs[0].shape[0] // count))
+
+
 _COMPRESS_FLAGS = {"target_ratio": "--ratio", "max_bond": "--max-bond", "rel_tol": "--rel-tol", "num_cores": "--num-cores",
                    "layout": "--layout", "target_modules": "--target", "max_macs": "--max-macs",
-                   "calibration": "--calibrate"}
+                   "calibration": "--calibrate", "validation": "--validate"}
 
 
 def _compression_config(target: str, max_bond: Optional[int], rel_tol: Optional[float], ratio: Optional[float],
@@ -399,6 +405,9 @@ def compress_cmd(
                                      "factory's random initialisation (for trying the command; refused otherwise)."),
     calibrate: Optional[Path] = typer.Option(None, help="Safetensors file of model inputs (input0, input1, ...): "
                                              "minimise the output error on them, not the weight error."),
+    validate: Optional[Path] = typer.Option(None, help="Safetensors file of held-out model inputs (as --calibrate): the "
+                                            "model's output error is measured, and the allocation decided, on them "
+                                            "(default: every second of 8 slices of the --calibrate inputs)."),
     distill_steps: int = typer.Option(0, help="Then distil from the original on the --calibrate inputs for N steps."),
     batch_size: int = typer.Option(32, help="Rows per distillation batch."),
     int8: bool = typer.Option(False, "--int8", help="Then store the MPO cores (and a hybrid's sparse values) as int8 "
@@ -421,7 +430,7 @@ def compress_cmd(
         return _onnx_command("compress_onnx", paths, factory=factory, weights=weights, target=target,
                              max_bond=max_bond, rel_tol=rel_tol, ratio=ratio, max_macs=max_macs, num_cores=num_cores,
                              layout=layout, calibrate=calibrate, distill_steps=distill_steps, batch_size=batch_size,
-                             int8=int8, overwrite=overwrite)
+                             int8=int8, overwrite=overwrite, validate=validate)
     if len(paths) not in (1, 2) or (len(paths) == 1) != (factory is not None):
         _fail("usage: mpolstm compress IN OUT, or mpolstm compress --factory MOD:FN [--weights FILE] OUT")
     model_in, model_out = (paths[0], paths[1]) if len(paths) == 2 else (None, paths[0])
@@ -433,13 +442,15 @@ def compress_cmd(
     config = _compression_config(target, max_bond, rel_tol, ratio, num_cores, layout, max_macs)
     try:
         inputs = read_inputs(calibrate, "--calibrate") if calibrate is not None else None
+        held_out = read_inputs(validate, "--validate") if validate is not None else None
     except ValueError as exc:
         _fail(str(exc))
     model, spec = _source_model(model_in, factory, weights, random_init)
     _check_targets(model, config)
     teacher = copy.deepcopy(model) if distill_steps else None
     try:
-        model, report = compress(model, config, calibration=None if inputs is None else [inputs])
+        model, report = compress(model, config, calibration=None if inputs is None else _slices(inputs),
+                                 validation=None if held_out is None else [held_out])
         console.print(str(report))
         if teacher is not None:
             result = distill(model, teacher, _batches(inputs, batch_size), steps=distill_steps, progress=True)

@@ -84,7 +84,7 @@ def _rows(model: OnnxModel, batches: list[tuple[Tensor, ...]], size: int) -> lis
 def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: CompressionConfig, *,
                   calibration: Any = None, distill_steps: int = 0, batch_size: int = 32, loss: str = "mse",
                   int8: bool = False, step: str | os.PathLike | None = None, progress: bool = False,
-                  overwrite: bool = False) -> tuple[CompressionReport, OnnxModel]:
+                  overwrite: bool = False, validation: Any = None) -> tuple[CompressionReport, OnnxModel]:
     """Compress the ONNX model ``source`` under ``config`` (its ``target_modules`` name the
     layers: node names with other characters than letters, digits and _ replaced by _; None
     selects the recurrent layers, or every layer of a graph without one) and write it to
@@ -93,8 +93,11 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
     (see :func:`as_batches`) for calibrated compression and distillation; ``distill_steps``:
     then distil from the original for that many steps (``loss`` on the outputs, batches of
     ``batch_size`` rows of the calibration inputs); ``int8``: int8 MatMul weights; ``step``: also
-    write the streaming step file there. An existing ``target`` (or ``step``) is refused before any
-    work unless ``overwrite``; missing parents are created; nothing is written on failure.
+    write the streaming step file there; ``validation``: held-out inputs (as ``calibration``) the model's
+    output error is measured and the allocation decided on (default: one batch of calibration inputs is
+    sliced along a dynamic batch axis into 8, every second held out). An existing ``target`` (or ``step``)
+    is refused before any work unless ``overwrite``; missing parents are created; nothing is written on
+    failure.
     Returns (the report, the compressed model)."""
     outputs = [Path(target)] + ([] if step is None else [Path(step)])
     for path in outputs:
@@ -110,7 +113,12 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
     if distill_steps and batches is None:
         raise ValueError("distill_steps needs calibration inputs to distil on")
     teacher = copy.deepcopy(model) if distill_steps else None
-    model, report = compress(model, config, calibration=batches)
+    held_out = None if validation is None else as_batches(model, validation)
+    sliced = batches
+    if batches is not None and len(batches) == 1 and held_out is None and model.inputs[0].dims \
+            and isinstance(model.inputs[0].dims[0], str):
+        sliced = _rows(model, batches, -(-batches[0][0].shape[0] // 8))
+    model, report = compress(model, config, calibration=sliced, validation=held_out)
     if teacher is not None:
         distill(model, teacher, _rows(model, batches, batch_size), steps=distill_steps, loss=loss, progress=progress)
         model.eval()
