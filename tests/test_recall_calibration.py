@@ -33,7 +33,7 @@ def recall() -> nn.Module:
     torch.manual_seed(0)
     gen, model = torch.Generator().manual_seed(0), Recall()
     opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(300):
+    for _ in range(600):
         x, y = _data(gen, 32)
         loss = nn.functional.cross_entropy(model(x)[:, 3:].reshape(-1, 32), y[:, 3:].reshape(-1))
         opt.zero_grad()

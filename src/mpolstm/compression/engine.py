@@ -19,7 +19,7 @@ The report's errors are measured exactly on the rebuilt torch weights.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ from .output_aware import DEFAULT, AllocationChoice, choose_allocation, sensitiv
 from .refit import sequential_refit
 from .report import CompressionReport, ModuleReport, WeightReport
 from .sizing import Sizing
+from .tolerance import smallest_within
 
 __all__ = ["compress", "freeze_central"]
 
@@ -195,8 +196,9 @@ def _allocated(model: nn.Module, config: CompressionConfig, sizing: Sizing, budg
     return choose_allocation(model, sizing.targets, candidates, held_out, reference, len(fit_half))
 
 
-def compress(model: nn.Module, config: CompressionConfig | None = None, *,
-             calibration: Calibration | None = None, validation: Any = None) -> tuple[nn.Module, CompressionReport]:
+def compress(model: nn.Module, config: CompressionConfig | None = None, *, calibration: Calibration | None = None,
+             validation: Any = None, evaluate: Callable[[nn.Module], float] | None = None,
+             max_drop: float | None = None) -> tuple[nn.Module, CompressionReport]:
     """Replace the selected layers of ``model`` (in place) by MPO layers.
 
     ``calibration``: an iterable of batches (each a tensor or a tuple of the model's positional
@@ -206,12 +208,20 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *,
     calibration batches, or ``validation``: batches of the same forms) between the simpler ones
     (compression/output_aware.py). The report gives the compressed model's output error on
     those batches (without calibration: a synthetic-input estimate). Returns the same model and
-    a CompressionReport. See CompressionConfig."""
+    a CompressionReport. See CompressionConfig.
+
+    Tolerance mode (``config.max_output_error``, or ``evaluate``: model -> a metric, higher better,
+    with ``max_drop``: the drop allowed from the original's): the largest ratio within it, found by
+    measuring candidates (compression/tolerance.py); the model passed is then left unchanged and a
+    compressed copy returned."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"compress expects an nn.Module, got {type(model).__name__}")
     config = CompressionConfig() if config is None else config
     if not isinstance(config, CompressionConfig):
         raise ValueError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    if config.max_output_error is not None or evaluate is not None or max_drop is not None:
+        _check_tolerance_mode(config, evaluate, max_drop)
+        return smallest_within(compress, model, config, calibration, validation, evaluate, max_drop)
     chosen = select_modules(model, config)
     _check_sized(config, chosen)
     followers = _ties(model, chosen)
@@ -243,6 +253,20 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *,
     check = OutputCheck(total_error(errors), len(errors), batches[2], tuple(total_error([e]) for e in errors)) \
         if errors else None
     return model, CompressionReport(reports, skipped, budget, choice, max_macs=config.max_macs, output_check=check)
+
+
+def _check_tolerance_mode(config: CompressionConfig, evaluate: Any, max_drop: Any) -> None:
+    if (evaluate is None) != (max_drop is None):
+        raise ValueError("evaluate= (model -> metric, higher better) and max_drop= (the drop allowed) go together")
+    if evaluate is not None and not callable(evaluate):
+        raise ValueError(f"evaluate must be a callable taking the model and returning a number, got "
+                         f"{type(evaluate).__name__}")
+    if max_drop is not None and (isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or max_drop < 0):
+        raise ValueError(f"max_drop must be a number >= 0 (the metric drop allowed), got {max_drop!r}")
+    if evaluate is not None and config.max_output_error is not None:
+        raise ValueError("give max_output_error or evaluate= with max_drop=, not both")
+    if config.target_ratio is not None or config.max_params is not None or config.max_macs is not None:
+        raise ValueError("tolerance mode finds the budget itself: drop target_ratio / max_params / max_macs")
 
 
 def _all_targets(config: CompressionConfig, chosen: list[tuple[str, nn.Module, bool]], moments: dict

@@ -71,6 +71,8 @@ class CompressionReport:
     allocation: Any = None  # output_aware.AllocationChoice when calibrated with a budget, else None
     max_macs: int | None = None
     output_check: Any = None  # checks.OutputCheck, None when it could not be measured
+    curve: list[tuple[float, float]] = field(default_factory=list)  # tolerance mode: (ratio, error or metric)
+    tolerance: str = ""  # tolerance mode: what was kept and why
 
     @property
     def dense_params(self) -> int:
@@ -110,6 +112,8 @@ class CompressionReport:
                 "fit_batches": self.allocation.fit_batches, "held_out_batches": self.allocation.held_out_batches,
                 "note": self.allocation.note},
             "output_check": None if self.output_check is None else self.output_check.to_dict(),
+            "curve": [list(p) for p in self.curve],
+            "tolerance": self.tolerance,
             "max_macs": self.max_macs,
             "dense_params": self.dense_params,
             "mpo_params": self.mpo_params,
@@ -179,6 +183,8 @@ def measured_lines(report: dict[str, Any]) -> list[str]:
     check, choice = report.get("output_check"), report.get("allocation")
     if check:
         lines.append(str(OutputCheck(check["error"], check["batches"], check["source"])))
+    if report.get("tolerance"):
+        lines.append("tolerance: " + report["tolerance"])
     if choice:
         lines.append(str(AllocationChoice(choice["chosen"], choice["errors"], choice.get("fit_batches", 0),
                                           choice.get("held_out_batches", 0), choice.get("note", ""))))
