@@ -59,8 +59,8 @@ def smallest_within(compress_once: Callable, model: nn.Module, config: Any, cali
     tried = ", ".join(f"{r:.3g}x {v:.4g}" for r, v in sorted(curve))
     if best is None:
         what = f"output error {config.max_output_error}" if evaluate is None else f"metric drop {max_drop}"
-        raise ValueError(f"no ratio tried keeps the {what} (tried: {tried}); allow more, or compress less than "
-                         f"{min(r for r, _ in curve):.3g}x with target_ratio")
+        raise ValueError(f"no ratio tried keeps the {what} (tried: {tried}): even barely compressed, every "
+                         "factorized weight loses rank; allow more, or leave more modules dense (exclude_modules)")
     small, report = best
     report.curve = sorted(curve)
     report.tolerance = (f"kept {low:.3g}x, the largest ratio tried within "
