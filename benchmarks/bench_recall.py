@@ -21,7 +21,8 @@ from mpolstm import CompressionConfig, compress
 class Recall(nn.Module):
     def __init__(self):
         super().__init__()
-        self.embed, self.lstm, self.head = nn.Embedding(32, 64), nn.LSTM(64, 256, 2, batch_first=True), nn.Linear(256, 32)
+        self.embed, self.lstm = nn.Embedding(32, 64), nn.LSTM(64, 256, 2, batch_first=True)
+        self.head = nn.Linear(256, 32)
 
     def forward(self, x):
         return self.head(self.lstm(self.embed(x))[0])

@@ -33,7 +33,7 @@ from ..storage import mpo_stored, packed_bytes
 from .config import CompressionConfig, ModuleSettings, select_modules
 from .fit import Fit, mpo_module
 from .layouts import LAYOUTS, Target
-from .checks import SYNTHETIC, OutputCheck, batch_errors, batch_outputs, synthetic_batches, total_error
+from .checks import MIN_DECIDE, SYNTHETIC, OutputCheck, batch_errors, batch_outputs, synthetic_batches, total_error
 from .output_aware import DEFAULT, AllocationChoice, choose_allocation, sensitivity_allocation, split_calibration
 from .refit import sequential_refit
 from .report import CompressionReport, ModuleReport, WeightReport
@@ -183,13 +183,15 @@ def _allocated(model: nn.Module, config: CompressionConfig, sizing: Sizing, budg
     if not calibrated or config.allocation == "per-matrix":
         return fits, None
     fit_half, held_out, source = batches
-    if "not held out" in source:
-        return fits, AllocationChoice(DEFAULT, note="not decided on held-out data: give calibration as 6 or more "
-                                                    "batches (every second one is held out) or validation= batches")
+    if "not held out" in source or len(held_out) < MIN_DECIDE:
+        return fits, AllocationChoice(DEFAULT, {}, len(fit_half), len(held_out) if "not held out" not in source else 0,
+                                      note=f"not decided: too little held-out data (at least {MIN_DECIDE} held-out "
+                                           f"batches decide: {2 * MIN_DECIDE} or more calibration batches, every "
+                                           "second held out, or validation= batches)")
     plain = [replace(t, whitening=None) for t in sizing.targets]
+    settings = dict(zip((t.module for t in plain), sizing.settings))
     candidates = {"uniform": None if config.max_macs is not None else sizing.uniform(budget),
-                  "uncalibrated": None if config.refit else
-                  Sizing(plain, dict(zip((t.module for t in plain), sizing.settings))).allocate(budget, config.max_macs),
+                  "uncalibrated": None if config.refit else Sizing(plain, settings).allocate(budget, config.max_macs),
                   DEFAULT: fits}
     if config.allocation == "output":
         candidates["output sensitivity"] = sensitivity_allocation(model, sizing, fits, budget, fit_half)

@@ -410,8 +410,8 @@ def compress_cmd(
                                               "inputs is at most this (e.g. 0.05), each candidate measured."),
     plot: Optional[Path] = typer.Option(None, help="With --max-error: draw the curve ratio -> output error to this "
                                         "PNG."),
-    validate: Optional[Path] = typer.Option(None, help="Safetensors file of held-out model inputs (as --calibrate): the "
-                                            "model's output error is measured, and the allocation decided, on them "
+    validate: Optional[Path] = typer.Option(None, help="Safetensors file of held-out model inputs (as --calibrate): "
+                                            "the model's output error is measured, and the allocation decided, on them "
                                             "(default: every second of 8 slices of the --calibrate inputs)."),
     distill_steps: int = typer.Option(0, help="Then distil from the original on the --calibrate inputs for N steps."),
     batch_size: int = typer.Option(32, help="Rows per distillation batch."),
