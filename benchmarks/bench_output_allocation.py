@@ -148,12 +148,13 @@ def ocr_setup() -> dict:
 
 def measure(setup: dict, ratio: float, allocation: str, profile: int = 0) -> dict:
     model = copy.deepcopy(setup["model"])
-    config = CompressionConfig(target_modules=setup["modules"], target_ratio=ratio, allocation=allocation)
+    config = CompressionConfig(target_modules=setup["modules"], target_ratio=ratio,
+                               allocation="error" if allocation == "none" else allocation)
     profiler = cProfile.Profile() if profile else None
     start, cpu = time.perf_counter(), time.process_time()
     if profiler:
         profiler.enable()
-    small, report = compress(model, config, calibration=setup["calib"])
+    small, report = compress(model, config, calibration=None if allocation == "none" else setup["calib"])
     if profiler:
         profiler.disable()
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -161,7 +162,9 @@ def measure(setup: dict, ratio: float, allocation: str, profile: int = 0) -> dic
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(profile)
     reference = setup["reference"]
     return {"ratio": ratio, "allocation": allocation, "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
-            "chosen": report.allocation.chosen if report.allocation else "per-matrix error",
+            "chosen": report.allocation.chosen if report.allocation else "-",
+            "reported_error": report.output_check.error if report.output_check else None,
+            "reported_on": report.output_check.source if report.output_check else None,
             "decision": str(report.allocation) if report.allocation else "",
             "held_out_error": relative_output_error(small, setup["held"], reference),
             "agreement": setup["agreement"](small, setup["held"], reference),
@@ -176,6 +179,9 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each row (the fastest is kept)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--allocations", nargs="+", default=["error", "output"],
+                        help="compared allocations, the first the time base ('none': uncalibrated; 'per-matrix': "
+                             "the default before issue 32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
@@ -186,15 +192,16 @@ def main() -> None:
     for ratio in args.ratios:
         pair = []
         for repeat in range(args.repeats):  # interleaved, the fastest of each kept: a load spike hits both
-            for k, allocation in enumerate(("error", "output")):
+            for k, allocation in enumerate(args.allocations):
                 profile = args.profile if allocation == "output" and not rows and not repeat else 0
                 row = measure(setup, ratio, allocation, profile)
                 if repeat == 0:
                     pair.append(row)
                 for key in ("seconds", "cpu_seconds"):
                     pair[k][key] = min(pair[k][key], row[key])
-        pair[1]["time_ratio"] = round(pair[1]["seconds"] / pair[0]["seconds"], 2)
-        pair[1]["cpu_ratio"] = round(pair[1]["cpu_seconds"] / pair[0]["cpu_seconds"], 2)
+        for row in pair[1:]:
+            row["time_ratio"] = round(row["seconds"] / pair[0]["seconds"], 2)
+            row["cpu_ratio"] = round(row["cpu_seconds"] / pair[0]["cpu_seconds"], 2)
         rows += pair
         for row in pair:
             print(json.dumps(row), flush=True)

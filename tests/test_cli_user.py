@@ -266,3 +266,21 @@ def test_protocol_shows_each_epoch_and_writes_unwrapped_tables_to_a_pipe(tmp_pat
     assert len(written) > 8
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == (0o750 if path.is_dir() else 0o640), path
+
+
+def test_max_error_finds_a_ratio_within_it_and_inspect_shows_the_measured_output_error(user_dir):
+    proc = mpolstm("compress", "tol", "--factory", "mymodels:build", "--weights", "w.pt", "--target",
+                   "rnn,proj", "--max-error", "0.2", "--calibrate", "inputs.safetensors", "--plot", "curve.png",
+                   cwd=user_dir, check_rc=0)
+    assert "tolerance: kept" in proc.stdout and "model output error: " in proc.stdout
+    assert "held-out calibration batches" in proc.stdout and (user_dir / "curve.png").stat().st_size > 0
+    record = json.loads((user_dir / "tol" / "compression.json").read_text())
+    assert record["report"]["output_check"]["error"] <= 0.2 and len(record["report"]["curve"]) >= 2
+    shown = mpolstm("inspect", "tol", cwd=user_dir, check_rc=0).stdout
+    assert f"model output error: {record['report']['output_check']['error']:.4f}" in shown
+    line = one_error_line(mpolstm("compress", "x", "--factory", "mymodels:build", "--weights", "w.pt",
+                                  "--plot", "c.png", "--ratio", "2", cwd=user_dir))
+    assert "--plot draws the curve of the --max-error search" in line
+    line = one_error_line(mpolstm("compress", "x", "--factory", "mymodels:build", "--weights", "w.pt",
+                                  "--max-error", "0.1", "--ratio", "2", cwd=user_dir))
+    assert "--max-error finds the budget itself" in line

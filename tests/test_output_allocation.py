@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from mpolstm import CompressionConfig, compress
-from mpolstm.compression.output_aware import MARGIN, calibration_outputs, relative_output_error
+from mpolstm.compression.checks import paired_advantage
+from mpolstm.compression.output_aware import _decide, calibration_outputs, relative_output_error
 
 
 class Tagger(nn.Module):
@@ -30,25 +31,45 @@ def _trained_like(model: nn.Module) -> nn.Module:
     return model
 
 
-def test_output_allocation_is_never_worse_than_uniform_or_per_matrix_on_held_out_calibration_data():
+def test_output_allocation_is_never_beaten_beyond_noise_on_held_out_calibration_data():
     torch.manual_seed(0)
     model = _trained_like(Tagger())
-    batches = [torch.randn(8, 10, 12) for _ in range(3)]
+    batches = [torch.randn(8, 10, 12) for _ in range(8)]
     held_out = batches[1::2]  # the odd-numbered batches decide; the even ones measure the sensitivities
     reference = calibration_outputs(model, held_out)
     small, report = compress(copy.deepcopy(model), CompressionConfig(target_ratio=4, allocation="output"),
                              calibration=batches)
     choice = report.allocation
-    assert set(choice.errors) == {"per-matrix error", "uniform", "output sensitivity"}
-    assert (choice.fit_batches, choice.held_out_batches) == (2, 1)
-    assert choice.errors[choice.chosen] <= choice.errors["per-matrix error"]
-    if choice.chosen != "per-matrix error":
-        assert choice.errors[choice.chosen] == min(choice.errors.values())
-        assert choice.errors[choice.chosen] < (1 - MARGIN) * choice.errors["per-matrix error"]
+    assert list(choice.errors) == ["uniform", "uncalibrated", "per-matrix error", "output sensitivity"]
+    assert (choice.fit_batches, choice.held_out_batches) == (4, 4)
+    best = min(choice.errors, key=choice.errors.get)
+    assert choice.chosen == best or choice.errors[best] < choice.errors[choice.chosen]
     assert report.mpo_params <= report.dense_params / 4
-    measured = relative_output_error(small, held_out, reference)  # the compressed model, as returned
+    measured = relative_output_error(small, held_out, reference) ** 0.5  # the compressed model, as returned
     assert measured == pytest.approx(choice.errors[choice.chosen], rel=1e-3, abs=1e-6)
+    assert report.output_check.error == pytest.approx(measured, rel=1e-9)
+    assert report.output_check.source == "held-out calibration batches" and report.output_check.batches == 4
     assert "allocation: " + choice.chosen in str(report) and report.to_dict()["allocation"]["chosen"] == choice.chosen
+    assert f"model output error: {measured:.4f}" in str(report)
+
+
+def test_the_paired_test_decides_on_consistent_gains_and_not_on_noise():
+    """Per-batch (squared error, squared norm) pairs: a 10% gain on every batch decides with 3 batches; a
+    larger mean gain that flips sign between batches does not, and says how many batches would."""
+    base = [(1.0, 1.0), (2.0, 1.0), (0.5, 1.0)]
+    steady = [(n * 0.81, d) for n, d in base]  # 10% lower relative error on every batch
+    assert paired_advantage(base, steady) == (True, None)
+    noisy = [(n * f, d) for (n, d), f in zip(base, (0.2, 1.5, 0.6))]
+    better, need = paired_advantage(base, noisy)
+    assert not better and need > 3
+    assert paired_advantage(base[:2], steady[:2]) == (False, 3)  # two batches never decide
+    assert paired_advantage(steady, base) == (False, None)  # worse: nothing would decide for it
+    assert _decide({"uniform": base, "per-matrix error": steady}, 3) == ("per-matrix error", "")
+    chosen, note = _decide({"uniform": base, "uncalibrated": noisy, "per-matrix error": steady}, 3)
+    assert chosen == "uncalibrated" and "per-matrix error was" in note and "within the noise of 3" in note
+    assert _decide({"uniform": base, "per-matrix error": noisy}, 3)[0] == "uniform"
+    chosen, note = _decide({"uniform": steady[:2], "per-matrix error": base[:2]}, 2)
+    assert chosen == "per-matrix error" and "too little held-out data to decide (2 batches" in note
 
 
 class TwoBranches(nn.Module):
@@ -76,7 +97,7 @@ def test_output_allocation_moves_the_budget_to_the_weight_the_output_depends_on_
     batches = [torch.randn(64, 32) for _ in range(6)]
     fresh = [torch.randn(64, 32) for _ in range(4)]  # never seen by compress
     reference = calibration_outputs(model, fresh)
-    config = CompressionConfig(target_ratio=4, layout="lowrank")
+    config = CompressionConfig(target_ratio=4, layout="lowrank", allocation="per-matrix")
     default, _ = compress(copy.deepcopy(model), config, calibration=batches)
     config.allocation = "output"
     small, report = compress(copy.deepcopy(model), config, calibration=batches)
@@ -86,19 +107,16 @@ def test_output_allocation_moves_the_budget_to_the_weight_the_output_depends_on_
     assert relative_output_error(small, fresh, reference) < 0.7 * relative_output_error(default, fresh, reference)
 
 
-def test_output_allocation_keeps_the_default_unless_held_out_data_prefer_another_by_the_margin(monkeypatch):
-    """The choice is made on the held-out half only: when it cannot tell the candidates apart the
-    per-matrix allocation (the default's result) is returned unchanged."""
-    from mpolstm.compression import output_aware
-
+def test_with_too_few_held_out_batches_the_per_matrix_allocation_is_kept_and_the_report_says_so():
     model = _two_branches()
-    batches = [torch.randn(64, 32) for _ in range(4)]
-    default, _ = compress(copy.deepcopy(model), CompressionConfig(target_ratio=4, layout="lowrank"), calibration=batches)
-    monkeypatch.setattr(output_aware, "MARGIN", 1.0)  # nothing can be 100% better
+    batches = [torch.randn(64, 32) for _ in range(4)]  # two held out: too few to decide
+    default, _ = compress(copy.deepcopy(model), CompressionConfig(target_ratio=4, layout="lowrank",
+                                                                  allocation="per-matrix"), calibration=batches)
     small, report = compress(copy.deepcopy(model), CompressionConfig(target_ratio=4, layout="lowrank",
                                                                      allocation="output"), calibration=batches)
-    assert report.allocation.chosen == "per-matrix error"
-    assert report.allocation.errors["output sensitivity"] < report.allocation.errors["per-matrix error"]
+    assert report.allocation.chosen == "per-matrix error" and report.allocation.errors == {}
+    assert "not decided: too little held-out data (at least 3 held-out batches" in str(report)
+    assert report.allocation.held_out_batches == 2 and report.output_check.batches == 2
     for name in ("a", "b"):
         for p, q in zip(small.get_submodule(name).parameters(), default.get_submodule(name).parameters()):
             assert torch.equal(p, q)

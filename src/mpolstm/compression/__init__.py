@@ -14,7 +14,9 @@ fit           Fit: one weight as compressed, in any layout (MPO + optional spars
 layouts       the layout table, Target, candidates and their (whitened) decomposition
 hybrid        the "lowrank+sparse" fitter
 sizing        fits under budgets (allocation) or bounds
-output_aware  allocation="output": decided on held-out calibration batches
+output_aware  the held-out decision between allocations (paired test on held-out calibration batches)
+checks        the model's output error against the original (OutputCheck), synthetic inputs
+tolerance     max_output_error / evaluate + max_drop: the smallest model within a tolerance
 refit         refit=True: each fit refitted to the compressed upstream's inputs
 engine        compress() and freeze_central()
 report        CompressionReport

@@ -95,6 +95,18 @@ def _check_budgets(config: "CompressionConfig") -> None:
             "a budget (target_ratio/max_params/max_macs)" if n.api else one_of([n(b) for b in given])) + "; choose one")
 
 
+def _check_tolerance(config: "CompressionConfig") -> None:
+    value = config.max_output_error
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise must_be("max_output_error", "a positive number (the model's relative output error allowed)", value)
+    given = [b for b in _BUDGETS if getattr(config, b) is not None]
+    if given:
+        raise ConfigError("max_output_error", lambda n: f"{n('max_output_error')} finds the budget itself: drop "
+                                                        f"{one_of([n(b) for b in given])}")
+
+
 def _check_allocation(config: "CompressionConfig") -> None:
     if config.allocation not in ALLOCATIONS:
         raise must_be("allocation", f"one of {list(ALLOCATIONS)}", config.allocation)
@@ -180,12 +192,19 @@ class CompressionConfig:
         Sparse entries count one stored number each, like pruning's (their index is counted
         in bytes by ``mpolstm.storage``); during distillation their values train, the
         positions stay fixed.
-    allocation: "error" (default): sizes by the per-matrix (output) errors; "output" (budget and
-        calibration as a list of at least 2 batches needed): each weight's output sensitivity is
-        measured on the even-numbered batches, and the model's output error on the odd-numbered
-        (held-out) ones decides between the per-matrix allocation, uniform ratios and the
-        sensitivity-weighted allocation; another than the per-matrix one only when it is at least
-        2% better there (compression/output_aware.py). The report says which won and by how much.
+    allocation: with a budget and calibration as batches, which allocation is kept is decided on
+        held-out batches (the odd-numbered ones, or ``validation=``): "error" (default) compares
+        uniform ratios, the uncalibrated (weight-error) allocation and the per-matrix calibrated
+        one; "output" adds the sensitivity-weighted allocation (one model run per weight on the
+        even-numbered batches); a more elaborate candidate is kept only when its output error
+        beats every simpler one beyond the batches' noise (a paired t-test; with fewer than 3
+        held-out batches the per-matrix allocation is kept and the report says so).
+        "per-matrix": the per-matrix allocation without the decision (compression/output_aware.py).
+    max_output_error: tolerance mode (instead of target_ratio / max_params): the largest ratio whose
+        model output error ||y' - y|| / ||y|| on held-out (or ``validation=``) batches is at most
+        this, found by compressing and measuring candidates (compression/tolerance.py); the
+        report gives the curve ratio -> error. ``compress(..., evaluate=fn, max_drop=d)`` does the
+        same with your metric.
     refit: with calibration, refit every compressed weight (sizes kept) to the inputs the
         already-compressed upstream model feeds it, module by module (compression/refit.py).
     """
@@ -203,6 +222,7 @@ class CompressionConfig:
     sparse_share: float | None = None
     allocation: str = "error"
     refit: bool = False
+    max_output_error: float | None = None
 
     def __post_init__(self) -> None:
         """Every field checked; a bad one is a :class:`~mpolstm.errors.ConfigError` naming it."""
@@ -219,11 +239,13 @@ class CompressionConfig:
             raise must_be("refit", "True or False", self.refit)
         _check_allocation(self)
         _check_budgets(self)
+        _check_tolerance(self)
         _check_overrides(self)
 
     @property
     def budget_mode(self) -> bool:
-        return self.target_ratio is not None or self.max_params is not None or self.max_macs is not None
+        return (self.target_ratio is not None or self.max_params is not None or self.max_macs is not None
+                or self.max_output_error is not None)
 
     def check_sized(self, names: Sequence[str]) -> None:
         """Every module called one of ``names`` gets a size: a budget, or max_bond / rel_tol (its

@@ -18,6 +18,9 @@ The report's errors are measured exactly on the rebuilt torch weights.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any, Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -30,10 +33,12 @@ from ..storage import mpo_stored, packed_bytes
 from .config import CompressionConfig, ModuleSettings, select_modules
 from .fit import Fit, mpo_module
 from .layouts import LAYOUTS, Target
-from .output_aware import choose_allocation
+from .checks import MIN_DECIDE, SYNTHETIC, OutputCheck, batch_errors, batch_outputs, synthetic_batches, total_error
+from .output_aware import DEFAULT, AllocationChoice, choose_allocation, sensitivity_allocation, split_calibration
 from .refit import sequential_refit
 from .report import CompressionReport, ModuleReport, WeightReport
 from .sizing import Sizing
+from .tolerance import smallest_within
 
 __all__ = ["compress", "freeze_central"]
 
@@ -144,25 +149,131 @@ def _check_sized(config: CompressionConfig, chosen: list[tuple[str, nn.Module, b
     config.check_sized([name for name, _, _ in chosen])
 
 
-def compress(model: nn.Module, config: CompressionConfig | None = None, *,
-             calibration: Calibration | None = None) -> tuple[nn.Module, CompressionReport]:
+def _check_batches(model: nn.Module, config: CompressionConfig, calibration: Calibration | None,
+                   validation: Any) -> tuple[list, list, str]:
+    """(the fit half, the batches the model's output error is measured and decided on, what they are)."""
+    if config.allocation == "output":
+        _check_calibrated(calibration, "allocation='output'")
+        fit_half, held_out = split_calibration(calibration)
+        if validation is None:
+            return fit_half, held_out, "held-out calibration batches"
+    if validation is not None:
+        batches = [validation] if isinstance(validation, Tensor) else list(validation)
+        if not batches:
+            raise ValueError("validation= must hold at least one batch (a tensor, a tuple of inputs or a callable)")
+        whole = [] if calibration is None else [calibration] if callable(calibration) and \
+            not isinstance(calibration, Tensor) else list(calibration)
+        return whole, batches, "validation batches"
+    if calibration is None:
+        return [], synthetic_batches(model), SYNTHETIC
+    if callable(calibration) and not isinstance(calibration, (Tensor, nn.Module)):
+        return [], [calibration], "calibration inputs (not held out: a callable calibration cannot be split)"
+    batches = [calibration] if isinstance(calibration, Tensor) else list(calibration)
+    if len(batches) < 2:
+        return batches, batches, "calibration batch (not held out: give 2 or more batches, or validation=)"
+    return batches[0::2], batches[1::2], "held-out calibration batches"
+
+
+def _allocated(model: nn.Module, config: CompressionConfig, sizing: Sizing, budget: int | None,
+               calibrated: bool, batches: tuple[list, list, str], reference: list
+               ) -> tuple[list[Fit], AllocationChoice | None]:
+    """The budget's fits and, when calibrated, the held-out decision among the allocations
+    (compression/output_aware.py)."""
+    fits = sizing.allocate(budget, config.max_macs)
+    if not calibrated or config.allocation == "per-matrix":
+        return fits, None
+    fit_half, held_out, source = batches
+    if "not held out" in source or len(held_out) < MIN_DECIDE:
+        return fits, AllocationChoice(DEFAULT, {}, len(fit_half), len(held_out) if "not held out" not in source else 0,
+                                      note=f"not decided: too little held-out data (at least {MIN_DECIDE} held-out "
+                                           f"batches decide: {2 * MIN_DECIDE} or more calibration batches, every "
+                                           "second held out, or validation= batches)")
+    plain = [replace(t, whitening=None) for t in sizing.targets]
+    settings = dict(zip((t.module for t in plain), sizing.settings))
+    candidates = {"uniform": None if config.max_macs is not None else sizing.uniform(budget),
+                  "uncalibrated": None if config.refit else Sizing(plain, settings).allocate(budget, config.max_macs),
+                  DEFAULT: fits}
+    if config.allocation == "output":
+        candidates["output sensitivity"] = sensitivity_allocation(model, sizing, fits, budget, fit_half)
+    return choose_allocation(model, sizing.targets, candidates, held_out, reference, len(fit_half))
+
+
+def compress(model: nn.Module, config: CompressionConfig | None = None, *, calibration: Calibration | None = None,
+             validation: Any = None, evaluate: Callable[[nn.Module], float] | None = None,
+             max_drop: float | None = None) -> tuple[nn.Module, CompressionReport]:
     """Replace the selected layers of ``model`` (in place) by MPO layers.
 
     ``calibration``: an iterable of batches (each a tensor or a tuple of the model's positional
     inputs) or a callable that runs the model; the layers' inputs are recorded with hooks
     (mpolstm.calibration) and the output error on them is minimised instead of the weight
-    error. Returns the same model and a CompressionReport. See CompressionConfig."""
+    error. With a budget, the allocation is then chosen on held-out batches (the odd-numbered
+    calibration batches, or ``validation``: batches of the same forms) between the simpler ones
+    (compression/output_aware.py). The report gives the compressed model's output error on
+    those batches (without calibration: a synthetic-input estimate). Returns the same model and
+    a CompressionReport. See CompressionConfig.
+
+    Tolerance mode (``config.max_output_error``, or ``evaluate``: model -> a metric, higher better,
+    with ``max_drop``: the drop allowed from the original's): the largest ratio within it, found by
+    measuring candidates (compression/tolerance.py); the model passed is then left unchanged and a
+    compressed copy returned."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"compress expects an nn.Module, got {type(model).__name__}")
     config = CompressionConfig() if config is None else config
     if not isinstance(config, CompressionConfig):
         raise ValueError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    if config.max_output_error is not None or evaluate is not None or max_drop is not None:
+        _check_tolerance_mode(config, evaluate, max_drop)
+        return smallest_within(compress, model, config, calibration, validation, evaluate, max_drop)
     chosen = select_modules(model, config)
     _check_sized(config, chosen)
     followers = _ties(model, chosen)
     chosen = [c for c in chosen if c[0] not in followers]
+    if config.refit:
+        _check_calibrated(calibration, "refit=True")
     moments = collect_moments(model, {n: m for n, m, _ in chosen}, calibration) if calibration is not None else {}
+    targets, modules, skipped = _all_targets(config, chosen, moments)
+    if not targets and config.budget_mode:
+        raise ValueError("the budget applies to no weight: no selected module could be compressed")
 
+    batches = _check_batches(model, config, calibration, validation)
+    reference = batch_outputs(model, batches[1])
+    sizing = Sizing(targets, {name: config.settings_for(name) for name in modules})
+    budget, choice = None, None
+    with torch.no_grad():
+        if config.budget_mode:
+            dense = sum(t.dense_params for t in targets)
+            budget = config.max_params if config.max_params is not None else \
+                int(dense / config.target_ratio) if config.target_ratio is not None else None
+            fits, choice = _allocated(model, config, sizing, budget, calibration is not None, batches, reference)
+        else:
+            fits = sizing.bounded()
+        if config.refit:
+            fits = sequential_refit(model, targets, fits, calibration, passes=REFIT_PASSES)
+    reports = _replace(model, modules, targets, fits, skipped)
+    _tie_followers(model, followers, modules, reports)
+    errors = batch_errors(model, batches[1], reference) if batches[1] else []
+    check = OutputCheck(total_error(errors), len(errors), batches[2], tuple(total_error([e]) for e in errors)) \
+        if errors else None
+    return model, CompressionReport(reports, skipped, budget, choice, max_macs=config.max_macs, output_check=check)
+
+
+def _check_tolerance_mode(config: CompressionConfig, evaluate: Any, max_drop: Any) -> None:
+    if (evaluate is None) != (max_drop is None):
+        raise ValueError("evaluate= (model -> metric, higher better) and max_drop= (the drop allowed) go together")
+    if evaluate is not None and not callable(evaluate):
+        raise ValueError(f"evaluate must be a callable taking the model and returning a number, got "
+                         f"{type(evaluate).__name__}")
+    if max_drop is not None and (isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or max_drop < 0):
+        raise ValueError(f"max_drop must be a number >= 0 (the metric drop allowed), got {max_drop!r}")
+    if evaluate is not None and config.max_output_error is not None:
+        raise ValueError("give max_output_error or evaluate= with max_drop=, not both")
+    if config.target_ratio is not None or config.max_params is not None or config.max_macs is not None:
+        raise ValueError("tolerance mode finds the budget itself: drop target_ratio / max_params / max_macs")
+
+
+def _all_targets(config: CompressionConfig, chosen: list[tuple[str, nn.Module, bool]], moments: dict
+                 ) -> tuple[list[Target], dict[str, nn.Module], list[tuple[str, str]]]:
+    """(every weight as a Target, the modules they belong to, the modules skipped with why)."""
     targets, modules, skipped = [], {}, []
     for name, module, explicit in chosen:
         try:
@@ -175,28 +286,7 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *,
             continue
         targets += found
         modules[name] = module
-    if not targets and config.budget_mode:
-        raise ValueError("the budget applies to no weight: no selected module could be compressed")
-
-    sizing = Sizing(targets, {name: config.settings_for(name) for name in modules})
-    budget, choice = None, None
-    with torch.no_grad():
-        if config.budget_mode:
-            dense = sum(t.dense_params for t in targets)
-            budget = config.max_params if config.max_params is not None else \
-                int(dense / config.target_ratio) if config.target_ratio is not None else None
-            fits = sizing.allocate(budget, config.max_macs)
-            if config.allocation == "output":
-                _check_calibrated(calibration, "allocation='output'")
-                fits, choice = choose_allocation(model, sizing, fits, budget, calibration)
-        else:
-            fits = sizing.bounded()
-        if config.refit:
-            _check_calibrated(calibration, "refit=True")
-            fits = sequential_refit(model, targets, fits, calibration, passes=REFIT_PASSES)
-    reports = _replace(model, modules, targets, fits, skipped)
-    _tie_followers(model, followers, modules, reports)
-    return model, CompressionReport(reports, skipped, budget, choice, max_macs=config.max_macs)
+    return targets, modules, skipped
 
 
 def _replace(model: nn.Module, modules: dict[str, nn.Module], targets: list[Target], fits: list[Fit],

@@ -9,7 +9,11 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["CompressionReport", "ModuleReport", "WeightReport", "REPORT_COLUMNS", "print_trainable_parameters"]
+from .checks import OutputCheck
+from .output_aware import AllocationChoice
+
+__all__ = ["CompressionReport", "ModuleReport", "WeightReport", "REPORT_COLUMNS", "measured_lines",
+           "print_trainable_parameters"]
 
 
 @dataclass
@@ -57,13 +61,18 @@ class CompressionReport:
     (name, reason: not compressible, or left dense because its MPO would not be smaller) and
     the budgets used (max MPO core entries, max multiply-adds per step; None when not given), and
     with ``allocation="output"`` which allocation won on the held-out calibration batches' output
-    error and each candidate's error there."""
+    error and each candidate's error there; ``output_check``: the compressed model's output error
+    against the original (``checks.OutputCheck``: on held-out or validation batches, or a
+    synthetic-input estimate without calibration)."""
 
     modules: list[ModuleReport]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     budget: int | None = None
-    allocation: Any = None  # output_aware.AllocationChoice with allocation="output", else None
+    allocation: Any = None  # output_aware.AllocationChoice when calibrated with a budget, else None
     max_macs: int | None = None
+    output_check: Any = None  # checks.OutputCheck, None when it could not be measured
+    curve: list[tuple[float, float]] = field(default_factory=list)  # tolerance mode: (ratio, error or metric)
+    tolerance: str = ""  # tolerance mode: what was kept and why
 
     @property
     def dense_params(self) -> int:
@@ -100,7 +109,11 @@ class CompressionReport:
             "budget": self.budget,
             "allocation": None if self.allocation is None else {
                 "chosen": self.allocation.chosen, "errors": dict(self.allocation.errors),
-                "fit_batches": self.allocation.fit_batches, "held_out_batches": self.allocation.held_out_batches},
+                "fit_batches": self.allocation.fit_batches, "held_out_batches": self.allocation.held_out_batches,
+                "note": self.allocation.note},
+            "output_check": None if self.output_check is None else self.output_check.to_dict(),
+            "curve": [list(p) for p in self.curve],
+            "tolerance": self.tolerance,
             "max_macs": self.max_macs,
             "dense_params": self.dense_params,
             "mpo_params": self.mpo_params,
@@ -149,15 +162,37 @@ class CompressionReport:
         lines = [self.title]
         for r in rows:
             lines.append("  ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))))
-        if self.allocation is not None:
-            lines.append(str(self.allocation))
+        lines += measured_lines(self.to_dict())
         if self.skipped:
             lines.append("skipped: " + "; ".join(f"{name} ({reason})" for name, reason in self.skipped))
         return "\n".join(lines) + "\n"
 
 
+WARN_RATIO = 3.0
+UNMEASURED = ("warning: compressed {ratio:.1f}x without calibration: not measured on your inputs; the weight errors "
+              "above do not say how far the model's outputs moved (give calibration batches)")
+
 REPORT_COLUMNS = ("module", "weight", "shape", "layout", "bonds", "params", "ratio", "MACs/step", "weight error",
                   "output error", "max entropy")
+
+
+def measured_lines(report: dict[str, Any]) -> list[str]:
+    """The model output error, the allocation kept and the warning of an unmeasured compression, from a
+    report as ``CompressionReport.to_dict`` gives it (the report's text; inspect reads the stored one)."""
+    lines = []
+    check, choice = report.get("output_check"), report.get("allocation")
+    if check:
+        lines.append(str(OutputCheck(check["error"], check["batches"], check["source"])))
+    if report.get("tolerance"):
+        lines.append("tolerance: " + report["tolerance"])
+    if choice:
+        lines.append(str(AllocationChoice(choice["chosen"], choice["errors"], choice.get("fit_batches", 0),
+                                          choice.get("held_out_batches", 0), choice.get("note", ""))))
+    weights = [w for m in report.get("modules", []) for w in m["weights"].values()]
+    ratio = report.get("ratio") or 0.0
+    if weights and all(w.get("output_error") is None for w in weights) and ratio >= WARN_RATIO:
+        lines.append(UNMEASURED.format(ratio=ratio))
+    return lines
 
 
 def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:

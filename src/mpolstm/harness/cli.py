@@ -337,13 +337,19 @@ def _batches(inputs: tuple, size: int) -> list[tuple]:
     return [tuple(x[i:i + size] for x in inputs) for i in range(0, rows, size)]
 
 
+def _slices(inputs: tuple, count: int = 8) -> list[tuple]:
+    """The --calibrate inputs as ``count`` batches along the first axis (fewer when it has fewer rows): compress
+    holds every second one out to measure the model's output error and decide the allocation on."""
+    return _batches(inputs, -(-inputs[0].shape[0] // count))
+
+
 _COMPRESS_FLAGS = {"target_ratio": "--ratio", "max_bond": "--max-bond", "rel_tol": "--rel-tol", "num_cores": "--num-cores",
                    "layout": "--layout", "target_modules": "--target", "max_macs": "--max-macs",
-                   "calibration": "--calibrate"}
+                   "calibration": "--calibrate", "validation": "--validate", "max_output_error": "--max-error"}
 
 
 def _compression_config(target: str, max_bond: Optional[int], rel_tol: Optional[float], ratio: Optional[float],
-                        num_cores: int, layout: str, max_macs: Optional[int] = None):
+                        num_cores: int, layout: str, max_macs: Optional[int] = None, max_error: Optional[float] = None):
     """The CompressionConfig of compress's flags; a bad value or combination is one error line naming
     the flags (the config's own rules, said with the flags' names)."""
     from ..compression import CompressionConfig
@@ -354,7 +360,7 @@ def _compression_config(target: str, max_bond: Optional[int], rel_tol: Optional[
     try:
         return CompressionConfig(target_modules=targets if len(targets) > 1 else targets[0], max_bond=max_bond,
                                  rel_tol=rel_tol, target_ratio=ratio, num_cores=num_cores, layout=layout,
-                                 max_macs=max_macs)
+                                 max_macs=max_macs, max_output_error=max_error)
     except ValueError as exc:
         _fail(_said(exc, _COMPRESS_FLAGS))
 
@@ -401,6 +407,14 @@ def compress_cmd(
                                              "minimise the output error on them, not the weight error. For a per-frame ONNX graph "
                                              "(states in and out) its non-state inputs with a leading time axis: a "
                                              "sequence of frames, the states carried from zero."),
+    max_error: Optional[float] = typer.Option(None, "--max-error", help="Tolerance mode (instead of --ratio): the "
+                                              "largest ratio whose model output error on held-out --calibrate "
+                                              "inputs is at most this (e.g. 0.05), each candidate measured."),
+    plot: Optional[Path] = typer.Option(None, help="With --max-error: draw the curve ratio -> output error to this "
+                                        "PNG."),
+    validate: Optional[Path] = typer.Option(None, help="Safetensors file of held-out model inputs (as --calibrate): "
+                                            "the model's output error is measured, and the allocation decided, on them "
+                                            "(default: every second of 8 slices of the --calibrate inputs)."),
     distill_steps: int = typer.Option(0, help="Then distil from the original on the --calibrate inputs for N steps."),
     batch_size: int = typer.Option(32, help="Rows per distillation batch (frames per crop of a "
                                   "sequence for a per-frame ONNX graph)."),
@@ -422,11 +436,14 @@ def compress_cmd(
     from .tasks import save_model
     from .usermodels import compression_files, read_inputs
 
+    if plot is not None and max_error is None:
+        _fail("--plot draws the curve of the --max-error search: give --max-error")
     if paths[0].suffix.lower() == ".onnx":  # an ONNX model in, an ONNX model out (harness/onnxfiles.py)
         return _onnx_command("compress_onnx", paths, factory=factory, weights=weights, target=target,
                              max_bond=max_bond, rel_tol=rel_tol, ratio=ratio, max_macs=max_macs, num_cores=num_cores,
                              layout=layout, calibrate=calibrate, distill_steps=distill_steps, batch_size=batch_size,
-                             int8=int8, int8_dense=int8_dense, overwrite=overwrite)
+                             int8=int8, int8_dense=int8_dense, overwrite=overwrite, validate=validate,
+                             max_error=max_error, plot=plot)
     if int8_dense:
         _fail("--int8-dense is for an ONNX model (mpolstm compress MODEL.onnx OUT.onnx --int8-dense)")
     if len(paths) not in (1, 2) or (len(paths) == 1) != (factory is not None):
@@ -437,16 +454,20 @@ def compress_cmd(
     if distill_steps and calibrate is None:
         _fail("--distill-steps needs --calibrate (the inputs to distil on)")
     _check_output(model_out, overwrite, f"OUT {model_out}")
-    config = _compression_config(target, max_bond, rel_tol, ratio, num_cores, layout, max_macs)
+    config = _compression_config(target, max_bond, rel_tol, ratio, num_cores, layout, max_macs, max_error)
+    if plot is not None:
+        _check_output(plot, overwrite, f"--plot {plot}", folder=False)
     try:
         inputs = read_inputs(calibrate, "--calibrate") if calibrate is not None else None
+        held_out = read_inputs(validate, "--validate") if validate is not None else None
     except ValueError as exc:
         _fail(str(exc))
     model, spec = _source_model(model_in, factory, weights, random_init)
     _check_targets(model, config)
     teacher = copy.deepcopy(model) if distill_steps else None
     try:
-        model, report = compress(model, config, calibration=None if inputs is None else [inputs])
+        model, report = compress(model, config, calibration=None if inputs is None else _slices(inputs),
+                                 validation=None if held_out is None else [held_out])
         console.print(str(report))
         if teacher is not None:
             result = distill(model, teacher, _batches(inputs, batch_size), steps=distill_steps, progress=True)
@@ -471,6 +492,9 @@ def compress_cmd(
     except (OSError, ValueError) as exc:
         _fail(f"cannot write OUT {model_out}: {exc}")
     console.print(f"saved {model_out}")
+    if plot is not None:
+        plot_curve(report.curve, plot)
+        console.print(f"wrote {plot}")
 
 
 @app.command()
@@ -513,6 +537,27 @@ def _onnx_command(name: str, *args, **kwargs) -> None:
             console.print(line)
     except ValueError as exc:
         _fail(_said(exc, _COMPRESS_FLAGS))
+
+
+def plot_curve(curve: list, plot: Path) -> None:
+    """The tolerance search's curve (ratio -> model output error) as a PNG."""
+    import matplotlib
+
+    from ..atomic import atomic_open
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot([r for r, _ in curve], [e for _, e in curve], marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio")
+    ax.set_ylabel("model output error (held out)")
+    fig.tight_layout()
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(plot, "wb") as fh:
+        fig.savefig(fh, dpi=120, format="png")
+    plt.close(fig)
 
 
 def _plot_entropy(curves: dict[str, list[float]], plot: Path) -> None:

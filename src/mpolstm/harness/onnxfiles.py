@@ -17,7 +17,8 @@ __all__ = ["compress_onnx", "inspect_onnx"]
 def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optional[Path], target: str,
                   max_bond: Optional[int], rel_tol: Optional[float], ratio: Optional[float], max_macs: Optional[int],
                   num_cores: int, layout: str, calibrate: Optional[Path], distill_steps: int, batch_size: int,
-                  int8: bool, overwrite: bool, int8_dense: bool = False) -> Iterator[str]:
+                  int8: bool, overwrite: bool, int8_dense: bool = False, validate: Optional[Path] = None,
+                  max_error: Optional[float] = None, plot: Optional[Path] = None) -> Iterator[str]:
     """Run ``mpolstm.onnx.compress_file`` for the compress command's flags; yields the lines to print.
     ``--target`` names layers (node names, non-identifier characters as _); its default ("lstm")
     means the graph's recurrent layers. Distillation uses the MSE of the outputs."""
@@ -43,10 +44,12 @@ def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optiona
     targets = [t.strip() for t in target.split(",") if t.strip()]
     config = CompressionConfig(target_modules=None if targets == ["lstm"] else targets, max_bond=max_bond,
                                rel_tol=rel_tol, target_ratio=ratio, num_cores=num_cores, layout=layout,
-                               max_macs=max_macs)
+                               max_macs=max_macs, max_output_error=max_error)
     inputs = read_inputs(calibrate, "--calibrate") if calibrate is not None else None
+    held_out = read_inputs(validate, "--validate") if validate is not None else None
     try:
         report, _ = compress_file(source, out, config, calibration=None if inputs is None else [inputs],
+                                  validation=None if held_out is None else [held_out],
                                   distill_steps=distill_steps, batch_size=batch_size, int8=int8,
                                   int8_dense=int8_dense, progress=distill_steps > 0, overwrite=overwrite)
     except ValueError as exc:  # a node that fails when the graph first runs: the line names the file too
@@ -57,6 +60,11 @@ def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optiona
     if distill_steps:
         yield f"distilled {distill_steps} steps on the --calibrate inputs (MSE of the outputs; the errors above " \
               "were measured before distillation)"
+    if plot is not None:
+        from .cli import plot_curve
+
+        plot_curve(report.curve, plot)
+        yield f"wrote {plot}"
     yield (f"wrote {out}: {onnx_weight_bytes(out):,} bytes of weights ({onnx_weight_bytes(source):,} in {source})"
            + _int8_words(int8, int8_dense, ", ") + "; inputs and outputs as in the original")
 
@@ -108,6 +116,7 @@ def inspect_onnx(path: Path) -> str:
     """The text ``mpolstm inspect FILE.onnx`` prints: the file's inputs, outputs and weight bytes and,
     for a file ``mpolstm compress`` wrote, its MPO layers (factors, bonds, sizes, errors, entropy)."""
     from ..export import onnx_weight_bytes
+    from ..compression.report import measured_lines
     from ..onnx.reader import opset_of, read_model
     from ..onnx.writer import METADATA_KEY
 
@@ -140,4 +149,5 @@ def inspect_onnx(path: Path) -> str:
     if record.get("distill_steps"):
         facts.append(f"distilled {record['distill_steps']} steps after the errors below were measured")
     lines = [head, "; ".join(facts)] + (_table(rows) if layers else ["no MPO layer (every layer dense)"])
+    lines += measured_lines(record.get("report") or {})
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..compression.report import measured_lines
 from ..io import CONFIG_FILE, WEIGHTS_FILE, dequantize_cores, read_verified
 from ..mpo import MPO
 from ..nn.registry import layer_type_of_mpo, mpo_class
@@ -144,7 +145,8 @@ def _compression_record(folder: Path) -> dict[str, Any] | None:
         record = json.loads(file.read_text(encoding="utf-8"))
         errors = {f"{m['name']}.{w}" if m["name"] else w: (r["rel_error"], r["output_error"])
                   for m in record["report"]["modules"] for w, r in m["weights"].items()}
-        return {"errors": errors, "distill_steps": int(record.get("distill_steps", 0))}
+        return {"errors": errors, "distill_steps": int(record.get("distill_steps", 0)),
+                "measured": measured_lines(record["report"])}
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{file}: not a report written by mpolstm compress ({exc})") from None
 
@@ -215,6 +217,7 @@ def describe_folder(folder: Path) -> list[dict[str, Any]]:
                    {"recorded_error": entry.get("errors", {}).get(wname)}),
                 "entropy": [float(e) for e in mpo.entanglement_entropy()],
                 "distill_steps": record["distill_steps"] if record else 0,
+                "measured": record["measured"] if record else [],
                 "sparse": sparse, "index": None if part is None else part.index_format,
                 "stored": "int8" if int8 else str(tensors[keys["cores"][0]].dtype).removeprefix("torch."),
                 "bytes": sum(_tensor_bytes(tensors[k]) for group in keys.values() for k in group),
@@ -296,6 +299,7 @@ def inspect_folder(folder: Path, rows: list[dict[str, Any]] | None = None) -> st
     else:
         lines.append("error when made: as config.json recorded it when the MPO was made, before any fine-tuning (the "
                      "output error if it was compressed with calibration, else the weight error)")
+    lines += rows[0].get("measured", [])
     if rows[0]["distill_steps"]:
         lines.append(f"note: distilled for {rows[0]['distill_steps']} steps after these errors were measured; "
                      "the weights have changed since")

@@ -34,6 +34,11 @@ from .contract import step_macs
 
 __all__ = ["Budget", "ErrorModel", "CurvePoint", "tradeoff_curve", "allocate"]
 
+# Kept energy fractions are rounded to this many decimals: spectra that differ only by float rounding (another
+# thread count or CPU capability sums in another order) give the same error models, hence the same allocation;
+# exact ties are then broken by order (the first weight, layout and bond).
+KEPT_DECIMALS = 12
+
 
 @dataclass(frozen=True)
 class ErrorModel:
@@ -55,7 +60,8 @@ class ErrorModel:
         for s in spectra:
             energy = (s.double() ** 2).cumsum(0)
             total = float(energy[-1]) if energy.numel() else 0.0
-            kept.append((0.0, *(energy / total).tolist()) if total > 0 else (1.0,) * (s.numel() + 1))
+            kept.append((0.0, *(round(x, KEPT_DECIMALS) for x in (energy / total).tolist())) if total > 0
+                        else (1.0,) * (s.numel() + 1))
         pair = None if factors is None else (tuple(factors[0]), tuple(factors[1]))
         return cls(tuple(sizes), tuple(caps), tuple(kept), pair, lookup)
 

@@ -152,7 +152,8 @@ def _default_targets(model: OnnxModel, source) -> list[str]:
 def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: CompressionConfig, *,
                   calibration: Any = None, distill_steps: int = 0, batch_size: int = 32, loss: str = "mse",
                   int8: bool = False, step: str | os.PathLike | None = None, progress: bool = False,
-                  overwrite: bool = False, int8_dense: bool = False) -> tuple[CompressionReport, OnnxModel]:
+                  overwrite: bool = False, int8_dense: bool = False,
+                  validation: Any = None) -> tuple[CompressionReport, OnnxModel]:
     """Compress the ONNX model ``source`` under ``config`` (its ``target_modules`` name the
     layers: node names with other characters than letters, digits and _ replaced by _; None
     selects the recurrent layers: a graph without one has nothing to compress unless they are named)
@@ -163,7 +164,9 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
     batches of ``batch_size`` rows of the calibration inputs, or crops of ``batch_size`` frames of a
     sequence; every HELD_OUT-th batch held out, its error before and after stored in the file's
     record); ``int8``: int8 factors (``int8_dense``: every MatMul
-    weight int8); ``step``: also write the streaming step file there. An
+    weight int8); ``step``: also write the streaming step file there; ``validation``: held-out inputs (as
+    ``calibration``) the model's output error is measured and the allocation decided on (default: one
+    batch of calibration inputs is sliced along a dynamic batch axis into 8, every second held out). An
     existing ``target`` (or ``step``) is refused before any work unless ``overwrite``; missing parents
     are created; nothing is written on failure. Returns (the report, the compressed model)."""
     outputs = [Path(target)] + ([] if step is None else [Path(step)])
@@ -180,7 +183,12 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
     if distill_steps and batches is None:
         raise ValueError("distill_steps needs calibration inputs to distil on")
     teacher = copy.deepcopy(model) if distill_steps else None
-    model, report = compress(model, config, calibration=batches)
+    held_out = None if validation is None else as_batches(model, validation)
+    sliced = batches
+    if batches is not None and len(batches) == 1 and held_out is None and not isinstance(batches[0], FrameSequence) \
+            and model.inputs[0].dims and isinstance(model.inputs[0].dims[0], str):
+        sliced = _rows(model, batches, -(-batches[0][0].shape[0] // 8))
+    model, report = compress(model, config, calibration=sliced, validation=held_out)
     record = {"source": Path(source).name, "report": report.to_dict(), "distill_steps": distill_steps}
     if teacher is not None:
         record["distill_check"] = _distill(model, teacher, batches, distill_steps, batch_size, loss, progress)

@@ -1,0 +1,69 @@
+"""Tolerance mode: the smallest model whose measured output error (or metric drop) is within a tolerance.
+
+``CompressionConfig(max_output_error=e)`` (or ``compress(..., evaluate=fn, max_drop=d)``) searches the
+parameter budget: ratios 2, 4, 8, ... are compressed and measured (the report's held-out output error, or
+``fn(model)`` against ``fn`` of the original) until one fails, then ``BISECTIONS`` geometric bisections
+between the last ratio that held and the first that failed. Every candidate is a full compress of a copy
+(with its own held-out decision); the largest ratio that held is returned, with the curve
+ratio -> error (or metric) of every candidate tried in its report.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+from typing import Any, Callable
+
+from torch import nn
+
+__all__ = ["BISECTIONS", "MAX_RATIO", "smallest_within"]
+
+BISECTIONS = 4
+MAX_RATIO = 256.0
+
+
+def smallest_within(compress_once: Callable, model: nn.Module, config: Any, calibration: Any, validation: Any,
+                    evaluate: Callable[[nn.Module], float] | None, max_drop: float | None) -> tuple[nn.Module, Any]:
+    """(model compressed at the largest ratio within the tolerance, its report with ``curve``); the
+    model passed is left unchanged. ValueError when even the smallest ratio tried misses it."""
+    if evaluate is None and calibration is None and validation is None:
+        raise ValueError("max_output_error is measured on your data: give calibration= batches (every second is "
+                         "held out) or validation= batches")
+    base = None if evaluate is None else float(evaluate(model))
+    trial_config = replace(config, max_output_error=None)
+    curve: list[tuple[float, float]] = []
+
+    def trial(ratio: float) -> tuple[bool, nn.Module, Any]:
+        small, report = compress_once(copy.deepcopy(model), replace(trial_config, target_ratio=ratio),
+                                      calibration=calibration, validation=validation)
+        value = report.output_check.error if evaluate is None else float(evaluate(small))
+        curve.append((ratio, value))
+        held = value <= config.max_output_error if evaluate is None else base - value <= max_drop
+        return held, small, report
+
+    best, low, high, ratio = None, 1.0, None, 2.0
+    while ratio <= MAX_RATIO:
+        held, small, report = trial(ratio)
+        if not held:
+            high = ratio
+            break
+        best, low, ratio = (small, report), ratio, ratio * 2
+    for _ in range(BISECTIONS if high is not None else 0):
+        mid = math.sqrt(low * high)
+        held, small, report = trial(mid)
+        if held:
+            best, low = (small, report), mid
+        else:
+            high = mid
+    tried = ", ".join(f"{r:.3g}x {v:.4g}" for r, v in sorted(curve))
+    if best is None:
+        what = f"output error {config.max_output_error}" if evaluate is None else f"metric drop {max_drop}"
+        raise ValueError(f"no ratio tried keeps the {what} (tried: {tried}): even barely compressed, every "
+                         "factorized weight loses rank; allow more, or leave more modules dense (exclude_modules)")
+    small, report = best
+    report.curve = sorted(curve)
+    report.tolerance = (f"kept {low:.3g}x, the largest ratio tried within "
+                        + (f"output error {config.max_output_error}" if evaluate is None else
+                           f"a metric drop of {max_drop} (original {base:.4g})") + f"; tried: {tried}")
+    return small, report
