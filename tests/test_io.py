@@ -113,7 +113,7 @@ def test_corrupt_truncated_and_foreign_files(tmp_path):
     # a truncated file whose hash was recorded anyway: the safetensors layout check catches it
     for cut in (5, len(weights) - 4):
         (path / io.WEIGHTS_FILE).write_bytes(weights[:cut])
-        rewrite_config(path, lambda c: c.update(weights_sha256=hashlib.sha256(weights[:cut]).hexdigest()))
+        rewrite_config(path, lambda c, cut=cut: c.update(weights_sha256=hashlib.sha256(weights[:cut]).hexdigest()))
         with pytest.raises(ValueError, match=r"model\.safetensors: .*truncated"):
             io.load(path)
 

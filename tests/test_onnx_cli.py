@@ -114,3 +114,20 @@ def test_overwrite_replaces_an_existing_output_and_parents_are_created(files, tm
     nested = tmp_path / "a" / "b" / "out.onnx"
     result = runner.invoke(app, ["compress", str(files / "m.onnx"), str(nested), "--ratio", "2"])
     assert result.exit_code == 0 and nested.is_file(), result.output
+
+
+def test_export_of_an_onnx_file_says_that_compress_takes_it(files, tmp_path):
+    """export takes a saved folder; an ONNX file is pointed to compress, not asked for --factory."""
+    result = runner.invoke(app, ["export", str(files / "m.onnx"), "--format", "onnx", "--out", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "mpolstm compress" in lines[0] and "--factory" not in lines[0], result.output
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_export_help_lists_every_format_it_accepts():
+    output = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "300"}).output
+    text = " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())  # rich's box drawn away
+    assert "Output file (torchscript, onnx, executorch, aoti) or folder (dense)" in text, text
+    assert "onnx, executorch: store and multiply the MPO factors in int8" in text, text
+    assert "ONNX, ExecuTorch, AOTInductor, TorchScript" in text, text

@@ -133,7 +133,7 @@ def test_inspect_calls_a_pruned_model_pruned(tmp_path):
     io.save(dense, tmp_path / "pruned")
     text = inspect_folder(tmp_path / "pruned")
     assert "a pruned model" in text and "dense model" not in text
-    assert f"1,000 non-zero" not in text  # the Linear is dense: counted with the LSTM's kept 1,000
+    assert "1,000 non-zero" not in text  # the Linear is dense: counted with the LSTM's kept 1,000
     assert f"{1000 + 4 * 32:,} non-zero of {4 * 32 * 48 + 4 * 32:,} entries" in text
     io.save(Net(), tmp_path / "dense")
     assert "(a dense model" in inspect_folder(tmp_path / "dense")

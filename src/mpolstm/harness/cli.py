@@ -185,7 +185,7 @@ def reproduce(
 
 @app.command("paper-grid")
 def paper_grid(
-    task: TaskName = typer.Option(TaskName("seqcls"), help="seqcls (sequential MNIST, or --dataset imdb) or speech."),
+    task: TaskName = typer.Option(TaskName["seqcls"], help="seqcls (sequential MNIST, or --dataset imdb) or speech."),
     preset: Preset = typer.Option(Preset.quick, help="Data and epochs of the task's preset; the LSTM is always "
                                   "the paper's (one layer, hidden 256)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default results/paper-grid-<task>-<preset>)."),
@@ -559,32 +559,38 @@ def enhance(
 ExportFormat = Enum("ExportFormat", [(name, name) for name in EXPORT_FORMATS], type=str)
 """mpolstm.export.FORMATS: the traced formats of its WRITERS table, and dense."""
 Runtime = Enum("Runtime", [(name, name) for name in RUNTIMES], type=str)
+_TRACED = ", ".join(WRITERS)  # the one-file formats, as the help names them
 
 
 @app.command("export")
 def export_cmd(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="A saved model folder."),
-    fmt: ExportFormat = typer.Option(..., "--format", help=f"{' or '.join(WRITERS)} (one file) or "
-                                     "dense (a plain torch model folder)."),
-    out: Path = typer.Option(..., help="Output file (torchscript, onnx) or folder (dense); new (missing parents are "
+    fmt: ExportFormat = typer.Option(..., "--format", help=f"{_TRACED} (one file) or dense (a plain "
+                                     "torch model folder)."),
+    out: Path = typer.Option(..., help=f"Output file ({_TRACED}) or folder (dense); new (missing parents are "
                              "created), or replaced with --overwrite."),
-    runtime: Runtime = typer.Option(Runtime.factorized, help="torchscript/onnx: factorized (products through the "
+    runtime: Runtime = typer.Option(Runtime.factorized, help=f"{_TRACED}: factorized (products through the "
                                     "factors, no dense weight at run time) or dense (the graph rebuilds the dense "
                                     "weights, torch's fused kernels)."),
     factory: Optional[str] = typer.Option(None, help="For a folder of your own model: package.module:function "
                                           "building its dense architecture (default: the one compress recorded)."),
-    inputs: Optional[Path] = typer.Option(None, help="For your own model's torchscript/onnx: a safetensors file "
+    inputs: Optional[Path] = typer.Option(None, help=f"For your own model's {_TRACED}: a safetensors file "
                                           "of example inputs (input0, input1, ...)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists (the whole file or folder)."),
-    int8: Optional[bool] = typer.Option(None, "--int8/--float", help="onnx: store and multiply the MPO factors in "
-                                        "int8 (default for a model compressed with --int8, which the other formats "
+    int8: Optional[bool] = typer.Option(None, "--int8/--float", help="onnx, executorch: store and multiply the MPO "
+                                        "factors in int8 (default for a model compressed with --int8, which the other formats "
                                         "refuse unless --float), or write float32 factors."),
 ) -> None:
-    """Export a saved model for serving: TorchScript, ONNX, or a dense model for MPO-unaware tools."""
+    """Export a saved model folder for serving: ONNX, ExecuTorch, AOTInductor, TorchScript, or a dense model for
+    MPO-unaware tools (an ONNX file goes through `mpolstm compress`)."""
     from .tasks import ARCHITECTURE_FILE, export_task_model
 
     if not model_path.exists():
         _fail(f"model {model_path} does not exist")
+    if not model_path.is_dir():
+        hint = ("an ONNX file is compressed and written as ONNX by `mpolstm compress FILE.onnx OUT.onnx`"
+                if model_path.suffix == ".onnx" else "save one with mpolstm compress or mpolstm.save")
+        _fail(f"model {model_path} is a file; export takes a saved model folder ({hint})")
     _check_output(out, overwrite, f"--out {out}", folder=fmt.value == "dense")
     if (model_path / ARCHITECTURE_FILE).is_file() and factory is None:
         model, spec = _load_model(model_path)

@@ -21,7 +21,7 @@ from ..distill import distill
 from ..errors import ConfigError, must_be
 from .layers import RecurrentSpec
 from .model import OnnxModel, load
-from .reader import FLOAT
+from .reader import DTYPES, FLOAT
 from .writer import to_bytes
 
 __all__ = ["as_batches", "compress_file", "recurrent_layers"]
@@ -44,9 +44,11 @@ def _check_batch(model: OnnxModel, batch: tuple[Tensor, ...], where: str) -> Non
                 x.is_floating_point() != (spec.elem_type in (FLOAT, 10, 11, 16)):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             kind = str(x.dtype).removeprefix("torch.") if isinstance(x, Tensor) else ""
-            expected = "float" if spec.elem_type == FLOAT else f"element type {spec.elem_type}"
-            raise ConfigError("calibration", lambda n: f"{n('calibration')}{where}: input{k} ({spec.name!r}) is "
-                                                       f"{shape} {kind}; the graph expects {dims} ({expected})")
+            elem = DTYPES.get(spec.elem_type)
+            expected = "float" if spec.elem_type == FLOAT else \
+                str(elem).removeprefix("torch.") if elem else f"ONNX element type {spec.elem_type}"
+            got = f"input{k} ({spec.name!r}) is {shape} {kind}; the graph expects {dims} ({expected})"
+            raise ConfigError("calibration", lambda n, got=got: f"{n('calibration')}{where}: {got}")
 
 
 def as_batches(model: OnnxModel, calibration: Any) -> list[tuple[Tensor, ...]]:

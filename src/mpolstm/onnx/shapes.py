@@ -195,7 +195,6 @@ register_ops({
     "Unsqueeze": _unsqueeze,
     "Concat": _concat,
     "Split": _split,
-    "Split": _split,
     "Slice": _slice,
     "Gather": _gather,
     "Shape": _shape,
