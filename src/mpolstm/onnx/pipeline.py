@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,22 @@ from .model import OnnxModel, load
 from .reader import DTYPES, FLOAT
 from .writer import to_bytes
 
-__all__ = ["as_batches", "compress_file", "recurrent_layers"]
+__all__ = ["as_batches", "compress_file", "layer_names", "recurrent_layers"]
 
 
 def recurrent_layers(model: OnnxModel) -> list[str]:
     """The names of the model's recurrent (LSTM / GRU) layers, in graph order."""
     return [name for name, step in model.layers.items() if isinstance(step.spec, RecurrentSpec)]
+
+
+def layer_names(model: OnnxModel, names: list[str] | tuple[str, ...]) -> list[str]:
+    """``names`` as the model's layer attributes: each given as the attribute (``rnn_LSTM``), as its
+    ONNX node name (``/rnn/LSTM``) or as the node name with every character other than a letter, a
+    digit or _ written as _ (``_rnn_LSTM``); a name that is none of these is kept (compress says so)."""
+    aliases = {}
+    for attribute, step in model.layers.items():
+        aliases.update({step.name: attribute, re.sub(r"\W", "_", step.name): attribute})
+    return [name if name in model.layers else aliases.get(name, name) for name in names]
 
 
 def _check_batch(model: OnnxModel, batch: tuple[Tensor, ...], where: str) -> None:
@@ -88,7 +99,7 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
                   int8: bool = False, step: str | os.PathLike | None = None, progress: bool = False,
                   overwrite: bool = False) -> tuple[CompressionReport, OnnxModel]:
     """Compress the ONNX model ``source`` under ``config`` (its ``target_modules`` name the
-    layers: node names with other characters than letters, digits and _ replaced by _; None
+    layers, see :func:`layer_names`, or are a regex over the layer attributes; None
     selects the recurrent layers, or every layer of a graph without one) and write it to
     ``target`` (``mpolstm.onnx.save``: the original's inputs and outputs, the compressed layers
     factorized). ``calibration``: inputs of the graph
@@ -108,6 +119,8 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
         raise ValueError(f"distill_steps must be >= 0 and batch_size >= 1, got {distill_steps} and {batch_size}")
     if config.target_modules is None:
         config = replace(config, target_modules=recurrent_layers(model) or None)
+    elif isinstance(config.target_modules, (list, tuple)):
+        config = replace(config, target_modules=layer_names(model, config.target_modules))
     batches = None if calibration is None else as_batches(model, calibration)
     if distill_steps and batches is None:
         raise ValueError("distill_steps needs calibration inputs to distil on")

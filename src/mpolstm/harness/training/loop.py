@@ -100,7 +100,8 @@ def fit(model: nn.Module, train_loader: Iterable[Batch], val_loader: Iterable[Ba
         forward_fn: ``forward_fn(model, batch) -> (outputs, targets)``, batch already on device
             (default: ``batch = (x, y)``, outputs ``model(x)``); distill: a :class:`Distillation` from a teacher.
         restore_best: load the best weights into ``model`` at the end (if any epoch was eligible).
-        progress: rich progress bar; None = only when stderr is a TTY and $CI is unset.
+        progress: rich progress bar; None = when stderr is a TTY and $CI is unset, else a plain line per
+            epoch on stderr (a log file); False: nothing.
 
     The history has one record per epoch: ``epoch`` (1-based), ``train_loss`` (mean over batches),
     ``val_<metric name>``, ``lr``, ``time_s``, ``eligible`` and anything callbacks add."""
