@@ -359,8 +359,9 @@ def _compression_config(target: str, max_bond: Optional[int], rel_tol: Optional[
         _fail(_said(exc, _COMPRESS_FLAGS))
 
 
-def _check_targets(model, config) -> None:
-    """``--target`` must select modules compress can replace; if not, the error lists the model's modules."""
+def _check_targets(model, config, default: bool) -> None:
+    """``--target`` (``default``: not given, so "lstm") must select modules compress can replace; if not,
+    the error lists the model's modules."""
     from ..compression.config import select_modules
 
     try:
@@ -368,7 +369,10 @@ def _check_targets(model, config) -> None:
     except ValueError as exc:
         modules = [f"{name} ({type(module).__name__})" for name, module in model.named_modules() if name]
         shown = ", ".join(modules[:30]) + (f", ... ({len(modules) - 30} more)" if len(modules) > 30 else "")
-        _fail(f"{_said(exc, _COMPRESS_FLAGS)}; the model's modules: {shown}")
+        said = (f"without --target, the module named {config.target_modules!r} is compressed, and this model has "
+                "none of a supported type: name the modules with --target" if default and "selects no module" in str(exc)
+                else _said(exc, _COMPRESS_FLAGS))
+        _fail(f"{said}; the model's modules: {shown}")
 
 
 def _stored_bytes(model, names: list[str]) -> int:
@@ -388,7 +392,8 @@ def compress_cmd(
     ratio: Optional[float] = typer.Option(None, help="Global budget: dense / MPO parameters of the selected weights."),
     max_macs: Optional[int] = typer.Option(None, help="Latency budget: most multiply-adds per time step at batch 1 "
                                            "over the selected weights (alone or with --ratio)."),
-    target: str = typer.Option("lstm", help="Comma-separated module names (or one regex) to compress."),
+    target: Optional[str] = typer.Option(None, help="Comma-separated module names (or one regex) to compress "
+                                         "[default: lstm; an ONNX model: its LSTM / GRU layers]."),
     num_cores: int = typer.Option(4, help="Cores of the paper's interleaved layout."),
     layout: str = typer.Option("auto", help="auto (search per weight) or one of: " + describe_layouts() + "."),
     factory: Optional[str] = typer.Option(None, help="package.module:function building your dense model (looked "
@@ -418,7 +423,7 @@ def compress_cmd(
     from .usermodels import compression_files, read_inputs
 
     if paths[0].suffix.lower() == ".onnx":  # an ONNX model in, an ONNX model out (harness/onnxfiles.py)
-        return _onnx_command("compress_onnx", paths, factory=factory, weights=weights, target=target,
+        return _onnx_command("compress_onnx", paths, factory=factory, weights=weights, target=target or "lstm",
                              max_bond=max_bond, rel_tol=rel_tol, ratio=ratio, max_macs=max_macs, num_cores=num_cores,
                              layout=layout, calibrate=calibrate, distill_steps=distill_steps, batch_size=batch_size,
                              int8=int8, overwrite=overwrite)
@@ -430,13 +435,13 @@ def compress_cmd(
     if distill_steps and calibrate is None:
         _fail("--distill-steps needs --calibrate (the inputs to distil on)")
     _check_output(model_out, overwrite, f"OUT {model_out}")
-    config = _compression_config(target, max_bond, rel_tol, ratio, num_cores, layout, max_macs)
+    config = _compression_config(target or "lstm", max_bond, rel_tol, ratio, num_cores, layout, max_macs)
     try:
         inputs = read_inputs(calibrate, "--calibrate") if calibrate is not None else None
     except ValueError as exc:
         _fail(str(exc))
     model, spec = _source_model(model_in, factory, weights, random_init)
-    _check_targets(model, config)
+    _check_targets(model, config, default=target is None)
     teacher = copy.deepcopy(model) if distill_steps else None
     try:
         model, report = compress(model, config, calibration=None if inputs is None else [inputs])
