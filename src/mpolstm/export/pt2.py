@@ -19,9 +19,13 @@ torch and a C++ compiler at export time (it compiles the program: seconds to min
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import sys
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -98,16 +102,39 @@ def _check(outputs: list, expected: list, rtol: float, what: str) -> None:
             raise ValueError(f"the {what} program does not reproduce eager output {i} on the example inputs")
 
 
+@contextlib.contextmanager
+def _silenced() -> Iterator[None]:
+    """Nothing printed: ExecuTorch, torchao and ExecuTorch's C++ runtime write notes while they import,
+    lower and load a program (torchao's kernels not built for this machine, deprecations, CPU probing:
+    27 lines around one export), to Python's streams and to file descriptors 1 and 2. Errors still
+    arrive as exceptions."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        for fd, copy in ((1, saved[0]), (2, saved[1])):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
 def write_executorch(job: ExportJob, path: Path) -> Path:
     """Write ``job`` as the ExecuTorch program ``path`` (XNNPACK; int8 factors with ``job.int8``),
-    checked in ExecuTorch's runtime against eager mode."""
-    from executorch.runtime import Runtime
+    checked in ExecuTorch's runtime against eager mode; silently (:func:`_silenced`)."""
+    with _silenced():
+        from executorch.runtime import Runtime
 
-    buffer, _ = lower_executorch(job.module, job.inputs, job.int8)
-    with torch.no_grad():
-        expected = flatten(job.module(*job.inputs))
-    program = Runtime.get().load_program(buffer)  # kept alive while its method runs
-    outputs = list(program.load_method("forward").execute(list(job.inputs)))
+        buffer, _ = lower_executorch(job.module, job.inputs, job.int8)
+        with torch.no_grad():
+            expected = flatten(job.module(*job.inputs))
+        program = Runtime.get().load_program(buffer)  # kept alive while its method runs
+        outputs = list(program.load_method("forward").execute(list(job.inputs)))
     _check(outputs, expected, 0.05 if job.int8 else 1e-4, "ExecuTorch")
     atomic_write_bytes(path, buffer)
     return path
