@@ -13,10 +13,10 @@ from ..errors import ConfigError, must_be, one_of
 from ..nn.registry import is_mpo_module, supported_torch_types
 from .hybrid import HYBRID
 from .layouts import LAYOUTS, describe_layouts
-from .output_aware import ALLOCATIONS
 
 __all__ = ["CompressionConfig", "ConfigError", "ModuleSettings", "select_modules"]
 
+ALLOCATIONS = ("error", "output")  # allocation: per-matrix error, or the better on held-out outputs (output_aware)
 _OVERRIDE_KEYS = ("max_bond", "rel_tol", "num_cores", "layout", "sparse_share")
 _BUDGETS = ("target_ratio", "max_params", "max_macs")
 _SIZES = (*_BUDGETS, "max_bond", "rel_tol")  # the fields that size a compression

@@ -42,10 +42,9 @@ from .fit import Fit
 from .layouts import Target
 from .sizing import Sizing
 
-__all__ = ["ALLOCATIONS", "MARGIN", "AllocationChoice", "calibration_outputs", "choose_allocation",
+__all__ = ["MARGIN", "AllocationChoice", "calibration_outputs", "choose_allocation",
            "relative_output_error", "split_calibration"]
 
-ALLOCATIONS = ("error", "output")
 DEFAULT = "per-matrix error"
 # A candidate replaces the per-matrix allocation only when its held-out output error is lower by this share.
 MARGIN = 0.02

@@ -29,7 +29,7 @@ from torch import nn
 from ..nn.base import MPOWeights
 from .trace import flatten
 
-__all__ = ["int8_onnx", "int8_report"]
+__all__ = ["constants_as_initializers", "int8_onnx", "int8_report"]
 
 _META = "mpolstm.int8"
 
@@ -119,6 +119,28 @@ def _relative_error(data: bytes, module: nn.Module, inputs: tuple[torch.Tensor, 
     return (diff / norm) ** 0.5 if norm > 0 else diff ** 0.5
 
 
+def constants_as_initializers(graph, min_size: int = 16) -> None:
+    """Turn every Constant tensor of at least ``min_size`` entries of ``graph`` (the factorized runtime's
+    merged halves) into an initializer, in place: the same graph, but weights where tools look for them
+    (``onnxruntime.quantization.quantize_dynamic`` quantizes initializers only)."""
+    import onnx
+    from onnx import numpy_helper
+
+    kept = []
+    for node in graph.node:
+        value = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if value is not None and value.type == onnx.AttributeProto.TENSOR and \
+                numpy_helper.to_array(value.t).size >= min_size:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def int8_onnx(data: bytes, module: nn.Module, inputs: tuple[torch.Tensor, ...], input_names: list[str]) -> bytes:
     """The ONNX file ``data`` (exported from ``module``, the export copy, on ``inputs``) with the factors
     of its int8 MPO modules stored and multiplied in int8 (module docstring), and its metadata
@@ -129,8 +151,6 @@ def int8_onnx(data: bytes, module: nn.Module, inputs: tuple[torch.Tensor, ...], 
     except ModuleNotFoundError as exc:
         raise ValueError(f"the int8 ONNX export needs {exc.name}: pip install 'mpolstm[export]' (or pass "
                          "int8=False for float32 factors)") from None
-    from .onnx import constants_as_initializers
-
     from onnx import numpy_helper
 
     model = onnx.load_from_string(data)

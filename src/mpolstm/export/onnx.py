@@ -13,10 +13,10 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_write_bytes
 from ..nn.base import MPOWeights
-from .int8 import int8_onnx
+from .int8 import constants_as_initializers, int8_onnx
 from .trace import ExportJob, export_with, first_line, quiet, trace
 
-__all__ = ["constants_as_initializers", "export_onnx", "onnx_weight_bytes", "write_onnx"]
+__all__ = ["export_onnx", "onnx_weight_bytes", "write_onnx"]
 
 
 def _dynamic_axes(inputs: Sequence[Tensor], outputs: Sequence[Tensor], input_names: Sequence[str],
@@ -79,28 +79,6 @@ def _constants_as_initializers(model_bytes: bytes) -> bytes:
     _sparse_constants(model.graph, model.graph)
     constants_as_initializers(model.graph)
     return model.SerializeToString()
-
-
-def constants_as_initializers(graph, min_size: int = 16) -> None:
-    """Turn every Constant tensor of at least ``min_size`` entries of ``graph`` (the factorized runtime's
-    merged halves) into an initializer, in place: the same graph, but weights where tools look for them
-    (``onnxruntime.quantization.quantize_dynamic`` quantizes initializers only)."""
-    import onnx
-    from onnx import numpy_helper
-
-    kept = []
-    for node in graph.node:
-        value = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
-        if value is not None and value.type == onnx.AttributeProto.TENSOR and \
-                numpy_helper.to_array(value.t).size >= min_size:
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(value.t)
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
-        else:
-            kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
 
 
 def _sparse_constants(graph, main) -> None:
