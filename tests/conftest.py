@@ -5,6 +5,7 @@ import tempfile
 import pytest
 import torch
 from hypothesis import settings
+from torch import nn
 
 # The data cache of this test session: a fresh folder, never the user's ~/.cache/mpolstm (subprocesses
 # inherit it); removed when the session ends.
@@ -69,3 +70,24 @@ def param_grads_match():
                 for core, want in zip(cores, expected, strict=True):
                     assert torch.allclose(core.grad, want, atol=1e-10), name
     return check
+
+
+class LSTMTagger(nn.Module):
+    """The small model most tests compress: a batch-first LSTM ``lstm`` and a Linear ``head`` on its
+    outputs at every step, or at the last one only (``last``)."""
+
+    def __init__(self, inputs: int = 8, hidden: int = 16, outputs: int = 4, last: bool = False) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(inputs, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, outputs)
+        self.last = last
+
+    def forward(self, x):
+        out = self.lstm(x)[0]
+        return self.head(out[:, -1] if self.last else out)
+
+
+@pytest.fixture
+def lstm_tagger():
+    """:class:`LSTMTagger`, the class: ``lstm_tagger(inputs, hidden, outputs, last=...)`` builds one."""
+    return LSTMTagger

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -75,6 +76,7 @@ def test_train_compress_inspect_round_trip(tmp_path, monkeypatch):
     result = runner.invoke(app, ["train", "--task", "seqcls", "--out", str(run), "--epochs", "1"])
     assert result.exit_code == 0, result.output
     assert (run / "checkpoint.safetensors").is_file() and (run / "model" / "architecture.json").is_file()
+    assert re.search(r"^epoch 1/1  loss \d+\.\d{4}  val accuracy", result.output, re.M), result.output  # not a TTY: lines
 
     small = tmp_path / "small"
     result = runner.invoke(app, ["compress", str(run / "model"), str(small), "--ratio", "8"])

@@ -171,7 +171,7 @@ def test_weights_that_do_not_fit_keep_torchs_details(user_dir):
 def test_a_target_that_matches_nothing_lists_the_models_modules(user_dir):
     line = one_error_line(mpolstm("compress", "x", "--factory", "mymodels:build", "--weights", "w.pt", "--ratio", "4",
                                   cwd=user_dir))
-    assert "--target 'lstm'" in line
+    assert "without --target, the module named 'lstm' is compressed" in line and "--target 'lstm'" not in line
     assert "the model's modules: front (Conv1d), rnn (LSTM), proj (Linear), out (Linear)" in line
 
 

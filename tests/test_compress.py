@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import mpolstm.nn as mpo_nn
 from mpolstm import mpo as M
 from mpolstm.compression import (
     CompressionConfig,
@@ -148,11 +147,12 @@ def test_budget_respects_max_params_and_target_ratio():
     assert cores == report.mpo_params <= 3000
     assert report.budget == 3000 and report.mpo_params > 2500  # the budget is used, not wasted
     net = Net()
+    dense = {n: m.weight.detach().clone() for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     _, report = compress(net, CompressionConfig(target_ratio=8))
     assert report.ratio >= 8
     for m in report.modules:  # the reported error is the real one
         w = m.weights["weight"]
-        assert 0 <= w.rel_error < 1
+        assert w.rel_error == pytest.approx(weight_error(net.get_submodule(m.name), dense[m.name]), rel=1e-4)
         assert len(w.entropy) == len(w.bond_dims)
         assert all(s <= torch.log(torch.tensor(float(d))) + 1e-6 for s, d in zip(w.entropy, w.bond_dims))
     with pytest.raises(ValueError, match="below the smallest possible"):
@@ -276,9 +276,6 @@ def test_truncated_mpo_report_is_exact():
     assert report.modules[1].weights["weight"].rel_error == pytest.approx(weight_error(net[1], w), rel=1e-6)
 
 
-needs_rnn = pytest.mark.skipif(not hasattr(mpo_nn, "MPOLSTM"), reason="mpolstm.nn.MPOLSTM (nn/rnn.py) is not available")
-
-
 class Tagger(nn.Module):
     """Embedding + LSTM + GRU + Linear, the shape of the paper's models."""
 
@@ -295,7 +292,6 @@ class Tagger(nn.Module):
         return self.head(out)
 
 
-@needs_rnn
 def test_recurrent_layers_exact_at_full_bond_and_frozen_in_place():
     torch.manual_seed(5)
     net = Tagger().double()
@@ -312,7 +308,6 @@ def test_recurrent_layers_exact_at_full_bond_and_frozen_in_place():
     assert any(not c.requires_grad for c in net.lstm.mpo_weights()["weight_hh_l1"])
 
 
-@needs_rnn
 def test_budget_on_embedding_lstm_linear_model():
     torch.manual_seed(6)
     net = Tagger()

@@ -6,41 +6,30 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from mpolstm import CompressionConfig, compress
 from mpolstm.distill import distill, distillation_loss
 
 
-class Classifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lstm = nn.LSTM(8, 32, batch_first=True)
-        self.head = nn.Linear(32, 6)
-
-    def forward(self, x):
-        return self.head(self.lstm(x)[0][:, -1])
-
-
-def _setup():
+def _setup(model_class):
     torch.manual_seed(0)
-    teacher = Classifier()
+    teacher = model_class(8, 32, 6, last=True)
     student, _ = compress(copy.deepcopy(teacher), CompressionConfig(target_modules=["lstm"], target_ratio=8))
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(16, 10, 8, generator=gen) for _ in range(4)]
     return teacher, student, batches
 
 
-def test_distill_lowers_the_loss():
-    teacher, student, batches = _setup()
+def test_distill_lowers_the_loss(lstm_tagger):
+    teacher, student, batches = _setup(lstm_tagger)
     result = distill(student, teacher, batches, steps=60, lr=3e-3)
     assert result.steps == 60 and len(result.losses) == 60
     assert sum(result.losses[-8:]) / 8 < 0.5 * sum(result.losses[:4]) / 4
     assert teacher.training and student.training  # modes restored
 
 
-def test_interrupted_distillation_resumes_to_the_same_weights(tmp_path):
-    teacher, student, batches = _setup()
+def test_interrupted_distillation_resumes_to_the_same_weights(tmp_path, lstm_tagger):
+    teacher, student, batches = _setup(lstm_tagger)
     straight = copy.deepcopy(student)
     full = distill(straight, teacher, batches, steps=12, checkpoint=tmp_path / "a.safetensors", checkpoint_every=5)
     first = distill(student, teacher, batches, steps=7, checkpoint=tmp_path / "b.safetensors", checkpoint_every=5)
@@ -55,8 +44,8 @@ def test_interrupted_distillation_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_mse_loss_and_bad_input():
-    teacher, student, batches = _setup()
+def test_mse_loss_and_bad_input(lstm_tagger):
+    teacher, student, batches = _setup(lstm_tagger)
     assert distill(student, teacher, batches, steps=3, loss="mse").losses[0] > 0
     x, y = torch.randn(4, 6), torch.randn(4, 6)
     assert float(distillation_loss(x, x)) == pytest.approx(0.0, abs=1e-6)

@@ -39,6 +39,7 @@ def test_the_demo_table_is_the_demos():
                for name in (a, b) if name}
     assert documented <= expected and expected - documented == missing
     assert len(table) - 1 == len(documented)  # no row twice
+    assert re.search(rf"\b{len(documented)} rows\. ", section)  # and the text counts them as the table has them
     for line in table[1:]:
         assert re.fullmatch(r"\| [a-z0-9-]+ \| (-|\d+x) \| 0\.\d{4} \| [\d,]+ \| .*", line), line
 

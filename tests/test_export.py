@@ -342,4 +342,5 @@ def test_onnxruntime_dynamic_int8_quantizes_every_factor_of_the_factorized_step(
     out = session.run(None, {"frame": frame.numpy(), "state0": h.numpy(), "state1": c.numpy()})[0]
     with torch.no_grad():
         expected = lstm.step(frame, (h, c))[0]
-    assert (torch.from_numpy(out) - expected).abs().max() < 0.05
+    error = float((torch.from_numpy(out) - expected).norm() / expected.norm())
+    assert 0 < error < 0.02  # int8 factors move the output by rounding only (0.5% measured), not by a wrong state

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-import mpolstm.nn as mpo_nn
 from mpolstm import io
 from mpolstm.compression import CompressionConfig, compress
 from mpolstm.nn import MPOEmbedding, MPOLinear
@@ -113,7 +112,7 @@ def test_corrupt_truncated_and_foreign_files(tmp_path):
     # a truncated file whose hash was recorded anyway: the safetensors layout check catches it
     for cut in (5, len(weights) - 4):
         (path / io.WEIGHTS_FILE).write_bytes(weights[:cut])
-        rewrite_config(path, lambda c: c.update(weights_sha256=hashlib.sha256(weights[:cut]).hexdigest()))
+        rewrite_config(path, lambda c, cut=cut: c.update(weights_sha256=hashlib.sha256(weights[:cut]).hexdigest()))
         with pytest.raises(ValueError, match=r"model\.safetensors: .*truncated"):
             io.load(path)
 
@@ -184,9 +183,6 @@ def test_save_refuses_a_file_path(tmp_path):
         io.save(MPOLinear(8, 8, bond_dim=2, num_cores=2), target)
 
 
-needs_rnn = pytest.mark.skipif(not hasattr(mpo_nn, "MPOLSTM"), reason="mpolstm.nn.MPOLSTM (nn/rnn.py) is not available")
-
-
 class RNNNet(nn.Module):
     def __init__(self, hidden=12):
         super().__init__()
@@ -197,7 +193,6 @@ class RNNNet(nn.Module):
         return self.lstm(x)[0].sum() + self.gru(x)[0].sum()
 
 
-@needs_rnn
 def test_recurrent_round_trips(tmp_path):
     torch.manual_seed(7)
     net = RNNNet().double()

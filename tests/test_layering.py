@@ -73,3 +73,62 @@ def test_import_scan_sees_relative_imports():
     assert "mpolstm.harness.tasks" in _imports(PACKAGE / "harness" / "cli.py") or any(
         n.startswith("mpolstm.harness.tasks") for n in _imports(PACKAGE / "harness" / "cli.py"))
     assert "mpolstm.nn.registry" in _imports(PACKAGE / "compression" / "engine.py")
+
+
+def _module_name(path: pathlib.Path) -> str:
+    return ".".join(("mpolstm", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def _import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def _library_graph() -> dict[str, set[str]]:
+    """Library module -> the library modules it imports (anywhere in it: lazy imports count too)."""
+    modules = {_module_name(p): p for p in LIBRARY}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in _imports(path):
+            while imported and imported not in modules:  # mpolstm.mpo.core.MPO -> mpolstm.mpo.core
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def test_no_import_cycles_among_library_modules():
+    """docs/architecture.md: no module imports one above it; the one exception, core -> sweep inside two
+    MPO methods, is the only cycle."""
+    assert _import_cycles(_library_graph()) == [["mpolstm.mpo.core", "mpolstm.mpo.sweep"]]
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert _import_cycles(graph) == [["a", "b", "c"]]
+    assert "mpolstm.compression.config" in _library_graph()["mpolstm.compression.engine"]

@@ -301,3 +301,19 @@ def test_step_file_adds_the_states_a_graph_keeps_inside(tmp_path):
         frames.append(y)
         state = {"rnn.h0": h, "rnn.c0": c}
     _assert_close([np.concatenate(frames), h, c], whole)
+
+
+def test_calibration_of_the_wrong_kind_names_the_dtypes(tmp_path):
+    """A graph of int64 token ids given float calibration inputs: the error names int64, not ONNX's
+    element-type number."""
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["ids"], ["f"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["f", "w"], ["y"])],
+        "ids", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], initializer=[w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "ids.onnx")
+    model = mo.load(tmp_path / "ids.onnx")
+    with pytest.raises(ValueError, match=r"input0 \('ids'\) is \(2, 4\) float32; the graph expects \['N', 4\] "
+                                         r"\(int64\)"):
+        mo.as_batches(model, torch.zeros(2, 4))
+    assert mo.as_batches(model, torch.zeros(2, 4, dtype=torch.int64))[0][0].dtype == torch.int64

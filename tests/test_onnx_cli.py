@@ -114,3 +114,44 @@ def test_overwrite_replaces_an_existing_output_and_parents_are_created(files, tm
     nested = tmp_path / "a" / "b" / "out.onnx"
     result = runner.invoke(app, ["compress", str(files / "m.onnx"), str(nested), "--ratio", "2"])
     assert result.exit_code == 0 and nested.is_file(), result.output
+
+
+def test_export_of_an_onnx_file_says_that_compress_takes_it(files, tmp_path):
+    """export takes a saved folder; an ONNX file is pointed to compress, not asked for --factory."""
+    result = runner.invoke(app, ["export", str(files / "m.onnx"), "--format", "onnx", "--out", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "mpolstm compress" in lines[0] and "--factory" not in lines[0], result.output
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_export_help_lists_every_format_it_accepts():
+    output = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "300"}).output
+    text = " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())  # rich's box drawn away
+    assert "Output file (torchscript, onnx, executorch, aoti) or folder (dense)" in text, text
+    assert "onnx, executorch: store and multiply the MPO factors in int8" in text, text
+    assert "ONNX, ExecuTorch, AOTInductor, TorchScript" in text, text
+
+
+def test_inspect_of_a_file_from_onnx_save_names_its_source(files, tmp_path):
+    import mpolstm
+    import mpolstm.onnx as mo
+
+    model = mo.load(files / "m.onnx")
+    mpolstm.compress(model, mpolstm.CompressionConfig(target_modules=mo.recurrent_layers(model), max_bond=2))
+    mo.save(model, tmp_path / "s.onnx")
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "s.onnx")])
+    assert shown.exit_code == 0, shown.output
+    assert "written by mpolstm.onnx.save from m.onnx" in shown.output and "from ?" not in shown.output, shown.output
+
+
+@pytest.mark.parametrize("target", ["/rnn/GRU_1", "_rnn_GRU_1", "rnn_GRU_1"])
+def test_target_takes_the_node_name_as_readme_writes_it_and_the_layer_name(files, tmp_path, target):
+    """README: --target names a layer by its node name (/rnn/GRU_1, or _rnn_GRU_1) or its layer name."""
+    import mpolstm.onnx as mo
+
+    assert {k: s.name for k, s in mo.load(files / "m.onnx").layers.items()}["rnn_GRU_1"] == "/rnn/GRU_1"
+    out = tmp_path / "t.onnx"
+    result = runner.invoke(app, ["compress", str(files / "m.onnx"), str(out), "--ratio", "2", "--target", target])
+    assert result.exit_code == 0, result.output
+    assert "rnn_GRU_1 (MPOGRU)" in result.output and "rnn_GRU (MPOGRU)" not in result.output and out.is_file()

@@ -11,16 +11,6 @@ from mpolstm.compression.checks import paired_advantage
 from mpolstm.compression.output_aware import _decide, calibration_outputs, relative_output_error
 
 
-class Tagger(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lstm = nn.LSTM(12, 24, batch_first=True)
-        self.head = nn.Linear(24, 6)
-
-    def forward(self, x):
-        return self.head(self.lstm(x)[0])
-
-
 def _trained_like(model: nn.Module) -> nn.Module:
     """Give the weights decaying spectra, as trained weights have (random ones are flat)."""
     with torch.no_grad():
@@ -31,9 +21,9 @@ def _trained_like(model: nn.Module) -> nn.Module:
     return model
 
 
-def test_output_allocation_is_never_beaten_beyond_noise_on_held_out_calibration_data():
+def test_output_allocation_is_never_beaten_beyond_noise_on_held_out_calibration_data(lstm_tagger):
     torch.manual_seed(0)
-    model = _trained_like(Tagger())
+    model = _trained_like(lstm_tagger(12, 24, 6))
     batches = [torch.randn(8, 10, 12) for _ in range(8)]
     held_out = batches[1::2]  # the odd-numbered batches decide; the even ones measure the sensitivities
     reference = calibration_outputs(model, held_out)
@@ -151,14 +141,14 @@ def test_refit_lowers_the_output_error_of_the_last_layer():
     assert errors[True] < errors[False]
 
 
-def test_bad_allocation_input_is_refused():
+def test_bad_allocation_input_is_refused(lstm_tagger):
     with pytest.raises(ValueError, match="allocation must be one of"):
         CompressionConfig(target_ratio=4, allocation="sensitivity")
     with pytest.raises(ValueError, match="give target_ratio or max_params"):
         CompressionConfig(max_bond=4, allocation="output")
     with pytest.raises(ValueError, match="refit must be True or False"):
         CompressionConfig(max_bond=4, refit="yes")
-    model = Tagger()
+    model = lstm_tagger(12, 24, 6)
     with pytest.raises(ValueError, match="give calibration="):
         compress(model, CompressionConfig(target_ratio=4, allocation="output"))
     with pytest.raises(ValueError, match="give at least 2 batches"):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from mpolstm import io
 from mpolstm.atomic import atomic_write_bytes
@@ -17,24 +16,14 @@ from mpolstm.compression import CompressionConfig, compress
 from mpolstm.export import export_model
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lstm = nn.LSTM(8, 16, batch_first=True)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.head(self.lstm(x)[0][:, -1])
-
-
 def _modes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in sorted(root.rglob("*"))}
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])
-def test_saves_exports_checkpoints_and_atomic_writes_honour_the_umask(tmp_path, mask):
+def test_saves_exports_checkpoints_and_atomic_writes_honour_the_umask(tmp_path, mask, lstm_tagger):
     torch.manual_seed(0)
-    model, _ = compress(Net(), CompressionConfig(target_modules=["lstm"], max_bond=4))
+    model, _ = compress(lstm_tagger(8, 16, 3, last=True), CompressionConfig(target_modules=["lstm"], max_bond=4))
     x = torch.randn(2, 5, 8)
     out = tmp_path / "out"
     out.mkdir()

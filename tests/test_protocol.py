@@ -58,7 +58,7 @@ def test_protocol_writes_all_rows_at_equal_parameter_counts(tmp_path):
         assert rows[name]["bytes"] == 4 * rows[name]["params"] and rows[name]["storage"] == "float32"
     assert rows["int8"]["target_ratio"] is None and rows["int8"]["params"] == dense
     assert rows["int8"]["bytes"] == dense + 8 * 2 and rows["int8"]["storage"] == "int8-affine"
-    assert rows["mpo-int8"]["storage"] == "int8" and 0 <= rows["mpo-int8"]["before_int8"] <= 1
+    assert rows["mpo-int8"]["storage"] == "int8"
     assert 2 * budget < rows["mpo-int8"]["params"] < rows["mpo-int8"]["bytes"] <= 4 * budget
     assert rows["prune-oneshot"]["storage"] in ("csr", "bitmask", "bitmask+csr")
     assert rows["prune-oneshot"]["bytes"] > 4 * budget  # values plus an index
@@ -66,9 +66,12 @@ def test_protocol_writes_all_rows_at_equal_parameter_counts(tmp_path):
     # int8 values: ~2-4x prune-bytes' non-zeros in the same bytes, each matrix in its smallest int8 format
     assert set(rows["prune-int8"]["storage"].split("+")) <= {"int8", "csr-int8", "bitmask-int8"}
     assert 2 * rows["prune-bytes"]["params"] < rows["prune-int8"]["params"] and rows["prune-int8"]["bytes"] <= 4 * budget
-    assert 0 <= rows["prune-int8"]["before_int8"] <= 1
+    for name in ("mpo-int8", "prune-int8"):  # int8 rounding after training moves a few of the 96 answers
+        assert abs(rows[name]["accuracy"] - rows[name]["before_int8"]) <= 0.1, rows[name]
     for r in doc["rows"]:
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["batched_ms"] > 0 and r["step_ms"] > 0
+        for value in (r["accuracy"], r.get("before_int8", 0.0)):  # a share of the 96 test sequences
+            assert value * 96 == pytest.approx(round(value * 96), abs=0.01), r
+        assert r["batched_ms"] > 0 and r["step_ms"] > 0
         run = r["row"] if r["target_ratio"] is None else f"{r['row']}-{r['target_ratio']:g}x"
         assert r["file_bytes"] == r["bytes"] == file_data_bytes(tmp_path / "models" / run / STORED_WEIGHTS), run
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -114,17 +114,21 @@ def run_steps(step, lstm, frames):
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
-def test_executorch_step_file_runs_every_product_in_xnnpack_and_equals_eager(int8, tmp_path):
+def test_executorch_step_file_runs_every_product_in_xnnpack_and_equals_eager(int8, tmp_path, capfd):
     pytest.importorskip("executorch", reason="executorch is not installed (pip install 'mpolstm[pt2]')")
+    from mpolstm.export import export_step
+
+    lstm = streaming_lstm()
+    capfd.readouterr()
+    path = export_step(lstm, tmp_path / "step.pte", fmt="executorch", int8=int8)
+    assert capfd.readouterr() == ("", "")  # executorch's, torchao's and the C++ runtime's notes silenced
+
     from executorch.runtime import Runtime
 
-    from mpolstm.export import export_step
     from mpolstm.export.pt2 import lower_executorch
     from mpolstm.export.step import _Step
     from mpolstm.export.trace import export_copy
 
-    lstm = streaming_lstm()
-    path = export_step(lstm, tmp_path / "step.pte", fmt="executorch", int8=int8)
     program = Runtime.get().load_program(path.read_bytes())
     method = program.load_method("forward")
     frames = torch.randn(5, 1, 16, generator=torch.Generator().manual_seed(2))

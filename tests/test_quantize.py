@@ -158,3 +158,19 @@ def test_tied_weights_quantize_save_load_and_inspect(tmp_path):
     assert set(rows) == {"encoder.weight", *(f"rnn.{w}" for w in model.rnn.mpo_weights())}
     assert {r["stored"] for r in rows.values()} == {"int8"}
     assert rows["encoder.weight"]["bytes"] == sum(c.numel() + 4 * max(c.shape[0], c.shape[3]) for c in model.encoder.cores)
+
+
+def test_load_quantize_save_keeps_the_errors_recorded_when_the_mpos_were_made(tmp_path):
+    """README's block: compress -> save -> load -> quantize -> save; inspect's "error when made" survives."""
+    torch.manual_seed(0)
+    net, _ = mpolstm.compress(Net(), mpolstm.CompressionConfig(target_modules=["fc", "lstm"], max_bond=4))
+    made = {name: {w: r.rel_error for w, r in m.reports.items()} for name, m in (("fc", net.fc), ("lstm", net.lstm))}
+    assert all(0 < e < 1 for errors in made.values() for e in errors.values()) and len(made["lstm"]) == 4
+    io.save(net, tmp_path / "a")
+    loaded = mpolstm.quantize(io.load(tmp_path / "a", base_model=Net()))
+    io.save(loaded, tmp_path / "b")
+    recorded = json.loads((tmp_path / "b" / io.CONFIG_FILE).read_text())["modules"]
+    assert {name: recorded[name]["errors"] for name in made} == made
+    standalone = MPOLinear.from_linear(nn.Linear(12, 24), max_bond=2)
+    io.save(standalone, tmp_path / "c")
+    assert io.load(tmp_path / "c").reports["weight"].rel_error == standalone.reports["weight"].rel_error > 0

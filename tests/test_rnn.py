@@ -208,7 +208,7 @@ def test_truncated_from_lstm_reports_error_per_weight():
         assert 0 < report.rel_error < 1
     assert m.compression_ratio > 3
     tol = MPOLSTM.from_lstm(ref, rel_tol=0.3)
-    for name, report in tol.reports.items():
+    for name in tol.reports:
         assert rel_err(getattr(tol, name).detach(), getattr(ref, name).detach()) <= 0.3 * (1 + 1e-5)
 
 

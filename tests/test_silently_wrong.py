@@ -77,6 +77,17 @@ def test_factory_without_weights_is_refused_unless_random_init(user):
     assert ok.exit_code == 0, ok.output
 
 
+def test_without_target_the_message_says_the_default_was_used(user):
+    """The user passed no --target: the error says which default was used, not a flag they did not type."""
+    line = one_line(runner.invoke(app, ["compress", "small", "--factory", "silentnet:build", "--random-init",
+                                        "--ratio", "4"]))
+    assert "without --target, the module named 'lstm' is compressed" in line and "rnn (LSTM)" in line, line
+    assert "--target 'lstm'" not in line and not (user / "small").exists()
+    line = one_line(runner.invoke(app, ["compress", "small", "--factory", "silentnet:build", "--random-init",
+                                        "--ratio", "4", "--target", "lstm"]))
+    assert "--target 'lstm' selects no module" in line  # typed: said with the flag
+
+
 def test_num_cores_1_is_refused(user):
     with pytest.raises(ValueError, match="num_cores must be an integer >= 2"):
         CompressionConfig(target_ratio=4, num_cores=1)
@@ -133,7 +144,7 @@ def test_inspect_calls_a_pruned_model_pruned(tmp_path):
     io.save(dense, tmp_path / "pruned")
     text = inspect_folder(tmp_path / "pruned")
     assert "a pruned model" in text and "dense model" not in text
-    assert f"1,000 non-zero" not in text  # the Linear is dense: counted with the LSTM's kept 1,000
+    assert "1,000 non-zero" not in text  # the Linear is dense: counted with the LSTM's kept 1,000
     assert f"{1000 + 4 * 32:,} non-zero of {4 * 32 * 48 + 4 * 32:,} entries" in text
     io.save(Net(), tmp_path / "dense")
     assert "(a dense model" in inspect_folder(tmp_path / "dense")

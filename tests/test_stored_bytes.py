@@ -8,23 +8,12 @@ import copy
 import pytest
 import torch
 from safetensors import safe_open
-from torch import nn
 
 from mpolstm import CompressionConfig, compress, quantize
 from mpolstm.harness.usermodels import describe_folder, inspect_folder
 from mpolstm.io import WEIGHTS_FILE, load, save
 from mpolstm.nn.sparse import INDEX_FORMATS, SparseResidual, index_bytes, sparse_parts
 from mpolstm.storage import file_data_bytes, pack_weights, packed_bytes
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.LSTM(32, 64, batch_first=True)
-        self.out = nn.Linear(64, 10)
-
-    def forward(self, x):
-        return self.out(self.rnn(x)[0])
 
 
 LAYOUTS = ["auto", "lowrank", "interleaved", "lowrank+sparse"]
@@ -37,18 +26,18 @@ def _weight_keys(key: str) -> bool:
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_report_storage_inspect_and_file_agree(tmp_path, layout, int8):
+def test_report_storage_inspect_and_file_agree(tmp_path, layout, int8, lstm_tagger):
     torch.manual_seed(0)
-    model = Net()
+    model = lstm_tagger(32, 64, 10)
     x = torch.randn(8, 6, 32)
     calibration = None if layout == "interleaved" else [x]  # the paper's layout cannot be whitened
-    small, report = compress(copy.deepcopy(model), CompressionConfig(target_modules=["rnn"], target_ratio=10,
+    small, report = compress(copy.deepcopy(model), CompressionConfig(target_modules=["lstm"], target_ratio=10,
                                                                     layout=layout), calibration=calibration)
-    stored = packed_bytes(pack_weights(small, ["rnn"])[0])
+    stored = packed_bytes(pack_weights(small, ["lstm"])[0])
     assert report.stored_bytes == stored
     if int8:
         quantize(small)
-        stored = packed_bytes(pack_weights(small, ["rnn"], int8_cores=True)[0])
+        stored = packed_bytes(pack_weights(small, ["lstm"], int8_cores=True)[0])
     folder = save(small, tmp_path / "m")
     rows = describe_folder(folder)
     assert sum(r["params"] for r in rows) == report.mpo_params
@@ -63,7 +52,7 @@ def test_report_storage_inspect_and_file_agree(tmp_path, layout, int8):
         assert all(r["sparse"] > 0 for r in rows)
         assert all(t.dtype == (torch.int8 if int8 else torch.float32)
                    for k, t in in_file.items() if k.endswith("_sparse.values"))
-    loaded = load(folder, Net())
+    loaded = load(folder, lstm_tagger(32, 64, 10))
     torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
 
 
@@ -86,11 +75,11 @@ def test_the_sparse_index_is_the_smallest_format_and_type(shape, count):
         assert part.positions.dtype == (torch.int16 if shape[0] * shape[1] <= 2**15 else torch.int32)
 
 
-def test_int8_hybrid_rounds_the_sparse_values_and_refuses_them_off_grid(tmp_path):
+def test_int8_hybrid_rounds_the_sparse_values_and_refuses_them_off_grid(tmp_path, lstm_tagger):
     torch.manual_seed(0)
-    small, _ = compress(Net(), CompressionConfig(target_modules=["rnn"], target_ratio=10, layout="lowrank+sparse"))
+    small, _ = compress(lstm_tagger(32, 64, 10), CompressionConfig(target_modules=["lstm"], target_ratio=10, layout="lowrank+sparse"))
     quantize(small)
-    parts = sparse_parts(small.rnn)
+    parts = sparse_parts(small.lstm)
     assert parts and all(p.int8 and p.scale.dtype == torch.float32 for p in parts.values())
     for part in parts.values():
         q, scale = part.int8_values()

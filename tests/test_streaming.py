@@ -68,7 +68,7 @@ def test_step_stream_and_exported_step_equal_the_full_forward(torch_type, layout
             set_factorized(layer, factorized)
             state = [None]
 
-            def step(frame):
+            def step(frame, state=state):
                 out, state[0] = layer.step(frame, state[0])
                 return out
 

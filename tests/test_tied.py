@@ -40,6 +40,11 @@ def test_compress_keeps_the_tie_and_counts_it_once():
     assert report.dense_params == 200 * 32  # the one table, not twice
     assert report.ratio == pytest.approx(report.dense_params / report.mpo_params) and report.ratio >= 4
     torch.testing.assert_close(model.decoder.weight, model.encoder.weight)
+    # the tied output layer multiplies by the owner's rebuilt (200, 32) table: counted in both figures
+    lookup = report.modules[0].weights["weight"]
+    assert (lookup.dense_macs, report.modules[-1].name) == (0, "decoder")
+    assert (report.dense_macs, report.macs) == (200 * 32, lookup.macs + 200 * 32)
+    assert "multiply-adds per step at batch 1: 6,400 ->" in str(report)
     # training updates both uses through the one MPO
     tokens = torch.randint(0, 200, (6, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)

@@ -64,12 +64,15 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
 
 
-if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .compression import CompressionConfig, CompressionReport, compress, freeze_central, print_trainable_parameters
-    from .distill import distill
-    from .errors import ConfigError
-    from .io import load, save
-    from .mpo import MPO, decompose, factorize, mpo_matmul
-    from .nn import (MPOGRU, MPOLSTM, MPORNN, MPOConv1d, MPOConv2d, MPOEmbedding, MPOGRUCell, MPOLinear, MPOLSTMCell,
-                     MPORNNCell)
-    from .quantization import quantize
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly (`x as x`: re-exported)
+    from .compression import CompressionConfig as CompressionConfig, CompressionReport as CompressionReport
+    from .compression import compress as compress, freeze_central as freeze_central
+    from .compression import print_trainable_parameters as print_trainable_parameters
+    from .distill import distill as distill
+    from .errors import ConfigError as ConfigError
+    from .io import load as load, save as save
+    from .mpo import MPO as MPO, decompose as decompose, factorize as factorize, mpo_matmul as mpo_matmul
+    from .nn import MPOGRU as MPOGRU, MPOLSTM as MPOLSTM, MPORNN as MPORNN, MPOConv1d as MPOConv1d
+    from .nn import MPOConv2d as MPOConv2d, MPOEmbedding as MPOEmbedding, MPOGRUCell as MPOGRUCell
+    from .nn import MPOLinear as MPOLinear, MPOLSTMCell as MPOLSTMCell, MPORNNCell as MPORNNCell
+    from .quantization import quantize as quantize

@@ -80,13 +80,13 @@ def _run(model: nn.Module, calibration: Calibration) -> int:
             continue
         inputs = batch if isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence) else (batch,)
         if not inputs or not all(isinstance(x, (Tensor, PackedSequence)) for x in inputs):
-            raise ConfigError("calibration", lambda n: f"each {n('calibration')} batch must be a tensor, a tuple/list "
+            raise ConfigError("calibration", lambda n, batch=batch: f"each {n('calibration')} batch must be a tensor, a tuple/list "
                                                        f"of tensors (the model's positional inputs) or a callable that "
                                                        f"runs the model, got {type(batch).__name__}")
         try:
             model(*inputs)
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            raise ConfigError("calibration", lambda n, exc=exc: f"{n('calibration')} batch {count} failed in the "
+            raise ConfigError("calibration", lambda n, exc=exc, count=count: f"{n('calibration')} batch {count} failed in the "
                                                                 f"model: {exc}") from exc
         count += 1
     return count

@@ -177,7 +177,7 @@ def _matched(hooks: tuple[_Hidden, _Hidden], record: list[float]) -> Tensor:
     return matched
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer, params: list[Tensor], value: Tensor, lr: float,
+def _optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], value: Tensor, lr: float,
                     clip: float | None) -> None:
     """Backpropagate ``value`` and take one step at learning rate ``lr``, the gradients' global norm
     clipped to ``clip`` (None: not clipped)."""

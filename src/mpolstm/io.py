@@ -39,7 +39,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .atomic import atomic_folder, atomic_write_bytes, check_target
-from .mpo import dequantize_int8
+from .mpo import TruncationReport, dequantize_int8
 from .nn.base import MPOWeights
 from .nn.registry import is_mpo_module, layer_type_of_mpo, mpo_class, registered_mpo_names, replace_module
 from .nn.shared import SharedLayer
@@ -301,7 +301,17 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
                 raise ValueError(f"{config_file}: a shared layer's owner {module.owner_name!r} is not in the "
                                  "model") from None
     base_model.load_state_dict(_restore(saved.data, saved.weights_file, built), strict=True)
+    for name, module in built:
+        _restore_errors(module, config["modules"][name])
     return base_model
+
+
+def _restore_errors(module: nn.Module, entry: Mapping[str, Any]) -> None:
+    """The errors recorded when the MPOs were made, back in ``module.reports`` (so that a model loaded,
+    quantized and saved again keeps them)."""
+    for weight, error in (entry.get("errors") or {}).items():
+        if isinstance(error, (int, float)) and weight in module.mpo_weights():
+            module.reports[weight] = TruncationReport(float(error), None, None)
 
 
 def _load_standalone(saved: Verified, config_file: Path) -> nn.Module:
@@ -313,6 +323,7 @@ def _load_standalone(saved: Verified, config_file: Path) -> nn.Module:
     _check_dtypes(_floating("", probe), _int8_keys("", probe), saved.header, saved.weights_file)
     module = _build(cls, entry["config"], config_file, "", "cpu").to(_DTYPES[entry["dtype"]])
     module.load_state_dict(_restore(saved.data, saved.weights_file, [("", module)]), strict=True)
+    _restore_errors(module, entry)
     return module
 
 

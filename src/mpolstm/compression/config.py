@@ -13,10 +13,13 @@ from ..errors import ConfigError, must_be, one_of
 from ..nn.registry import is_mpo_module, supported_torch_types
 from .hybrid import HYBRID
 from .layouts import LAYOUTS, describe_layouts
-from .output_aware import ALLOCATIONS
 
 __all__ = ["CompressionConfig", "ConfigError", "ModuleSettings", "select_modules"]
 
+# allocation (compression/output_aware.py): "error": the held-out decision among uniform / uncalibrated /
+# per-matrix (when calibrated with batches); "output": also the sensitivity-weighted allocation;
+# "per-matrix": the per-matrix allocation, no decision.
+ALLOCATIONS = ("error", "output", "per-matrix")
 _OVERRIDE_KEYS = ("max_bond", "rel_tol", "num_cores", "layout", "sparse_share")
 _BUDGETS = ("target_ratio", "max_params", "max_macs")
 _SIZES = (*_BUDGETS, "max_bond", "rel_tol")  # the fields that size a compression
@@ -124,12 +127,12 @@ def _check_overrides(config: "CompressionConfig") -> None:
         raise must_be("overrides", "a dict of regex -> partial config", type(config.overrides).__name__)
     for pattern, partial in config.overrides.items():
         if not isinstance(pattern, str) or not isinstance(partial, Mapping):
-            raise ConfigError("overrides", lambda n: f"{n('overrides')} must map regex strings to dicts, got "
-                                                     f"{pattern!r}: {partial!r}")
+            raise ConfigError("overrides", lambda n, p=pattern, v=partial: f"{n('overrides')} must map regex "
+                                                                           f"strings to dicts, got {p!r}: {v!r}")
         unknown = sorted(set(partial) - set(_OVERRIDE_KEYS))
         if unknown:
-            raise ConfigError("overrides", lambda n: f"{n('overrides')}[{pattern!r}] has unknown keys {unknown}; "
-                                                     f"allowed: {list(_OVERRIDE_KEYS)}")
+            raise ConfigError("overrides", lambda n, p=pattern, u=unknown: f"{n('overrides')}[{p!r}] has unknown "
+                                                                           f"keys {u}; allowed: {list(_OVERRIDE_KEYS)}")
         try:
             _check_selector(pattern, "overrides key")
             _check_max_bond(partial.get("max_bond"))
@@ -141,10 +144,10 @@ def _check_overrides(config: "CompressionConfig") -> None:
             _check_share(partial.get("sparse_share"))
             _check_share_layout(partial.get("sparse_share"), partial.get("layout", config.layout))
         except ConfigError as exc:
-            raise ConfigError("overrides", lambda n, exc=exc: f"{n('overrides')}[{pattern!r}]: {exc}") from None
+            raise ConfigError("overrides", lambda n, p=pattern, exc=exc: f"{n('overrides')}[{p!r}]: {exc}") from None
         if config.budget_mode and partial.get("rel_tol") is not None:
-            raise ConfigError("overrides", lambda n: f"{n('overrides')}[{pattern!r}]: rel_tol cannot be combined "
-                                                     "with a budget (target_ratio/max_params/max_macs)")
+            raise ConfigError("overrides", lambda n, p=pattern: f"{n('overrides')}[{p!r}]: rel_tol cannot be "
+                                                                "combined with a budget (target_ratio/max_params/max_macs)")
 
 
 def _matches(selector: str | Sequence[str], name: str) -> bool:
@@ -255,7 +258,7 @@ class CompressionConfig:
         for name in names:
             settings = self.settings_for(name)
             if settings.max_bond is None and settings.rel_tol is None:
-                raise ConfigError("target_ratio", lambda n: (
+                raise ConfigError("target_ratio", lambda n, name=name: (
                     f"compress needs a size for module {name!r}: give target_ratio, max_params, max_bond or rel_tol "
                     "(an exact MPO is larger than the dense layer; for an exact drop-in use "
                     "mpolstm.nn.MPO<Layer>.from_<torch>())" if n.api else
@@ -306,8 +309,9 @@ def select_modules(model: nn.Module, config: CompressionConfig) -> list[tuple[st
         for t in target:
             if not any(_matches([t], n) for n, _ in named):
                 shown = [n for n, _ in named][:5]
-                raise ConfigError("target_modules", lambda n: f"{n('target_modules')} entry {t!r} matches no module "
-                                                              f"of the model (names look like {shown})")
+                raise ConfigError("target_modules", lambda n, t=t, shown=shown: f"{n('target_modules')} entry {t!r} "
+                                                                              f"matches no module of the model "
+                                                                              f"(names look like {shown})")
     chosen = []
     for name, module in named:
         if is_mpo_module(module) or any(name.startswith(c + ".") for c, _, _ in chosen):
@@ -319,9 +323,9 @@ def select_modules(model: nn.Module, config: CompressionConfig) -> list[tuple[st
             continue
         if not isinstance(module, supported):
             if explicit:
-                raise ConfigError("target_modules", lambda n: f"target module {name!r} is of type "
-                                                              f"{type(module).__name__}; compress handles "
-                                                              f"{_supported_names()}")
+                kind = type(module).__name__
+                raise ConfigError("target_modules", lambda n, name=name, kind=kind: (
+                    f"target module {name!r} is of type {kind}; compress handles {_supported_names()}"))
             continue
         chosen.append((name, module, explicit))
     if target is not None and not chosen:

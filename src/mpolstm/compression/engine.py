@@ -125,9 +125,11 @@ def _tie_followers(model: nn.Module, followers: dict[str, str], modules: dict[st
         old = model.get_submodule(name)
         new = shared_for(old).tie(old, model.get_submodule(owner), owner)
         new.train(old.training)
+        macs = old.weight.numel() if isinstance(old, nn.Linear) else 0  # a lookup multiplies nothing
         reports.append(ModuleReport(name=name, old_class=type(old).__name__, new_class=type(new).__name__,
                                     params_before=sum(p.numel() for p in old.parameters()),
-                                    params_after=sum(p.numel() for p in new.parameters()), weights={}))
+                                    params_after=sum(p.numel() for p in new.parameters()), weights={},
+                                    dense_macs=macs, macs=macs))
         replace_module(model, name, new)
 
 

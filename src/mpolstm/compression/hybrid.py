@@ -107,7 +107,7 @@ def fit_target(target, params: int, share: float | None, iterations: int = ITERA
     error kept."""
     shares = SHARES if share is None else (share,)
     fits = [fit_hybrid(target.matrix, target.whitening, params, s, iterations) for s in shares]
-    return min(fits, key=lambda f: f.error)
+    return min(fits, key=lambda f: math.inf if f.error is None else f.error)
 
 
 def bound_params(shape: tuple[int, int], max_bond: int | None, share: float | None) -> int:

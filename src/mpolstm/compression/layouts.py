@@ -146,7 +146,8 @@ class Target:
         return float(diff.norm()) / norm if norm > 0 else 0.0
 
     def candidates(self, pinned: str) -> dict[str, Factors]:
-        options = candidate_factors(tuple(self.matrix.shape), self.interleaved, self.whitening is not None)
+        rows, cols = self.matrix.shape
+        options = candidate_factors((rows, cols), self.interleaved, self.whitening is not None)
         if pinned == "auto":
             return options
         if pinned not in options:

@@ -46,12 +46,9 @@ from .fit import Fit
 from .layouts import Target
 from .sizing import Sizing
 
-__all__ = ["ALLOCATIONS", "AllocationChoice", "calibration_outputs", "choose_allocation", "relative_output_error",
+__all__ = ["AllocationChoice", "calibration_outputs", "choose_allocation", "relative_output_error",
            "sensitivity_allocation", "spaced", "split_calibration"]
 
-# "error": the held-out decision among uniform / uncalibrated / per-matrix (when calibrated with batches);
-# "output": also the sensitivity-weighted allocation; "per-matrix": the per-matrix allocation, no decision.
-ALLOCATIONS = ("error", "output", "per-matrix")
 DEFAULT = "per-matrix error"
 # Sensitivities are measured on at most this many fit batches (evenly spaced): one run per weight each.
 SENSITIVITY_BATCHES = 8

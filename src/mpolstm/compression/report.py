@@ -45,7 +45,9 @@ class WeightReport:
 
 @dataclass
 class ModuleReport:
-    """One replaced module; params count every parameter (cores and biases)."""
+    """One replaced module; params count every parameter (cores and biases). dense_macs / macs: those
+    of a layer with no weight of its own (a tied layer, ``Shared*``: its product through the owner's
+    rebuilt weight, the same before and after), beside its weights'."""
 
     name: str
     old_class: str
@@ -53,6 +55,8 @@ class ModuleReport:
     params_before: int
     params_after: int
     weights: dict[str, WeightReport]
+    dense_macs: int = 0
+    macs: int = 0
 
 
 @dataclass
@@ -89,13 +93,13 @@ class CompressionReport:
 
     @property
     def dense_macs(self) -> int:
-        """Multiply-adds per step at batch 1 of the compressed weights when dense."""
-        return sum(w.dense_macs for m in self.modules for w in m.weights.values())
+        """Multiply-adds per step at batch 1 of the compressed weights (and tied layers) when dense."""
+        return sum(m.dense_macs + sum(w.dense_macs for w in m.weights.values()) for m in self.modules)
 
     @property
     def macs(self) -> int:
-        """Multiply-adds per step at batch 1 of their MPOs as deployed."""
-        return sum(w.macs for m in self.modules for w in m.weights.values())
+        """Multiply-adds per step at batch 1 of their MPOs (and tied layers) as deployed."""
+        return sum(m.macs + sum(w.macs for w in m.weights.values()) for m in self.modules)
 
     @property
     def ratio(self) -> float:

@@ -116,9 +116,9 @@ def export_model(model: nn.Module, path: str | os.PathLike, fmt: str,
     """Export ``model`` to ``path`` (a file for the traced formats, a folder for dense) in format ``fmt``
     (one of :data:`FORMATS`); the traced formats need ``example_inputs`` (floating ones are cast to the
     model's dtype) and take ``runtime`` (:data:`RUNTIMES`). An existing ``path`` is refused unless
-    ``overwrite``, which replaces it whole. ``int8``: store the MPO factors in int8 (ONNX only; the
-    default: when the model has int8 cores, which the other formats then refuse unless
-    ``int8=False``; :mod:`mpolstm.export.int8`). Returns ``path``. (Arguments in the order of
+    ``overwrite``, which replaces it whole. ``int8``: store the MPO factors in int8 (ONNX: :mod:`mpolstm.export.int8`;
+    ExecuTorch: pt2e, ``pt2.py``; the default: when the model has int8 cores, which the other formats
+    then refuse unless ``int8=False``). Returns ``path``. (Arguments in the order of
     :func:`export_step`; the older ``export_model(model, fmt, path, ...)`` still works, with a
     DeprecationWarning.)"""
     if isinstance(path, str) and path in FORMATS and not (isinstance(fmt, str) and fmt in FORMATS):

@@ -28,7 +28,7 @@ from ..onnxgraph import (constants_as_initializers, dynamic_int8, graphs, onnx_m
                          run_onnxruntime)
 from .trace import flatten
 
-__all__ = ["int8_onnx", "int8_report"]
+__all__ = ["constants_as_initializers", "int8_onnx", "int8_report"]
 
 _META = "mpolstm.int8"
 

@@ -21,11 +21,15 @@ torch and a C++ compiler at export time (it compiles the program: seconds to min
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+import shutil
+import sys
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -113,11 +117,34 @@ def _executorch_runner(data: bytes, job: ExportJob) -> Runner:
     return lambda inputs: list(method.execute(list(inputs))) if program else []
 
 
+@contextlib.contextmanager
+def _silenced() -> Iterator[None]:
+    """Nothing printed: ExecuTorch, torchao and ExecuTorch's C++ runtime write notes while they import,
+    lower and load a program (torchao's kernels not built for this machine, deprecations, CPU probing:
+    27 lines around one export), to Python's streams and to file descriptors 1 and 2. Errors still
+    arrive as exceptions."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        for fd, copy in ((1, saved[0]), (2, saved[1])):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
 def write_executorch(job: ExportJob, path: Path) -> Path:
     """Write ``job`` as the ExecuTorch program ``path`` (XNNPACK; int8 factors with ``job.int8``),
-    checked in ExecuTorch's runtime against eager mode (it refuses other input sizes)."""
-    return write_verified(job, path, _build_executorch, _executorch_runner, "ExecuTorch",
-                          INT8_RTOL if job.int8 else FLOAT_RTOL)
+    checked in ExecuTorch's runtime against eager mode (it refuses other input sizes); silently (:func:`_silenced`)."""
+    with _silenced():
+        return write_verified(job, path, _build_executorch, _executorch_runner, "ExecuTorch",
+                              INT8_RTOL if job.int8 else FLOAT_RTOL)
 
 
 write_executorch.supports_int8 = True  # int8 factors: pt2e dynamic quantization (job.int8)

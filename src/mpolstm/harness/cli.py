@@ -185,7 +185,7 @@ def reproduce(
 
 @app.command("paper-grid")
 def paper_grid(
-    task: TaskName = typer.Option(TaskName("seqcls"), help="seqcls (sequential MNIST, or --dataset imdb) or speech."),
+    task: TaskName = typer.Option(TaskName["seqcls"], help="seqcls (sequential MNIST, or --dataset imdb) or speech."),
     preset: Preset = typer.Option(Preset.quick, help="Data and epochs of the task's preset; the LSTM is always "
                                   "the paper's (one layer, hidden 256)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default results/paper-grid-<task>-<preset>)."),
@@ -365,8 +365,9 @@ def _compression_config(target: str, max_bond: Optional[int], rel_tol: Optional[
         _fail(_said(exc, _COMPRESS_FLAGS))
 
 
-def _check_targets(model, config) -> None:
-    """``--target`` must select modules compress can replace; if not, the error lists the model's modules."""
+def _check_targets(model, config, default: bool) -> None:
+    """``--target`` (``default``: not given, so "lstm") must select modules compress can replace; if not,
+    the error lists the model's modules."""
     from ..compression.config import select_modules
 
     try:
@@ -374,7 +375,10 @@ def _check_targets(model, config) -> None:
     except ValueError as exc:
         modules = [f"{name} ({type(module).__name__})" for name, module in model.named_modules() if name]
         shown = ", ".join(modules[:30]) + (f", ... ({len(modules) - 30} more)" if len(modules) > 30 else "")
-        _fail(f"{_said(exc, _COMPRESS_FLAGS)}; the model's modules: {shown}")
+        said = (f"without --target, the module named {config.target_modules!r} is compressed, and this model has "
+                "none of a supported type: name the modules with --target" if default and "selects no module" in str(exc)
+                else _said(exc, _COMPRESS_FLAGS))
+        _fail(f"{said}; the model's modules: {shown}")
 
 
 def _stored_bytes(model, names: list[str]) -> int:
@@ -394,7 +398,8 @@ def compress_cmd(
     ratio: Optional[float] = typer.Option(None, help="Global budget: dense / MPO parameters of the selected weights."),
     max_macs: Optional[int] = typer.Option(None, help="Latency budget: most multiply-adds per time step at batch 1 "
                                            "over the selected weights (alone or with --ratio)."),
-    target: str = typer.Option("lstm", help="Comma-separated module names (or one regex) to compress."),
+    target: Optional[str] = typer.Option(None, help="Comma-separated module names (or one regex) to compress "
+                                         "[default: lstm; an ONNX model: its LSTM / GRU layers]."),
     num_cores: int = typer.Option(4, help="Cores of the paper's interleaved layout."),
     layout: str = typer.Option("auto", help="auto (search per weight) or one of: " + describe_layouts() + "."),
     factory: Optional[str] = typer.Option(None, help="package.module:function building your dense model (looked "
@@ -439,7 +444,7 @@ def compress_cmd(
     if plot is not None and max_error is None:
         _fail("--plot draws the curve of the --max-error search: give --max-error")
     if paths[0].suffix.lower() == ".onnx":  # an ONNX model in, an ONNX model out (harness/onnxfiles.py)
-        return _onnx_command("compress_onnx", paths, factory=factory, weights=weights, target=target,
+        return _onnx_command("compress_onnx", paths, factory=factory, weights=weights, target=target or "lstm",
                              max_bond=max_bond, rel_tol=rel_tol, ratio=ratio, max_macs=max_macs, num_cores=num_cores,
                              layout=layout, calibrate=calibrate, distill_steps=distill_steps, batch_size=batch_size,
                              int8=int8, int8_dense=int8_dense, overwrite=overwrite, validate=validate,
@@ -454,7 +459,7 @@ def compress_cmd(
     if distill_steps and calibrate is None:
         _fail("--distill-steps needs --calibrate (the inputs to distil on)")
     _check_output(model_out, overwrite, f"OUT {model_out}")
-    config = _compression_config(target, max_bond, rel_tol, ratio, num_cores, layout, max_macs, max_error)
+    config = _compression_config(target or "lstm", max_bond, rel_tol, ratio, num_cores, layout, max_macs, max_error)
     if plot is not None:
         _check_output(plot, overwrite, f"--plot {plot}", folder=False)
     try:
@@ -463,7 +468,7 @@ def compress_cmd(
     except ValueError as exc:
         _fail(str(exc))
     model, spec = _source_model(model_in, factory, weights, random_init)
-    _check_targets(model, config)
+    _check_targets(model, config, default=target is None)
     teacher = copy.deepcopy(model) if distill_steps else None
     try:
         model, report = compress(model, config, calibration=None if inputs is None else _slices(inputs),
@@ -611,32 +616,38 @@ def enhance(
 ExportFormat = Enum("ExportFormat", [(name, name) for name in EXPORT_FORMATS], type=str)
 """mpolstm.export.FORMATS: the traced formats of its WRITERS table, and dense."""
 Runtime = Enum("Runtime", [(name, name) for name in RUNTIMES], type=str)
+_TRACED = ", ".join(WRITERS)  # the one-file formats, as the help names them
 
 
 @app.command("export")
 def export_cmd(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="A saved model folder."),
-    fmt: ExportFormat = typer.Option(..., "--format", help=f"{' or '.join(WRITERS)} (one file) or "
-                                     "dense (a plain torch model folder)."),
-    out: Path = typer.Option(..., help="Output file (torchscript, onnx) or folder (dense); new (missing parents are "
+    fmt: ExportFormat = typer.Option(..., "--format", help=f"{_TRACED} (one file) or dense (a plain "
+                                     "torch model folder)."),
+    out: Path = typer.Option(..., help=f"Output file ({_TRACED}) or folder (dense); new (missing parents are "
                              "created), or replaced with --overwrite."),
-    runtime: Runtime = typer.Option(Runtime.factorized, help="torchscript/onnx: factorized (products through the "
+    runtime: Runtime = typer.Option(Runtime.factorized, help=f"{_TRACED}: factorized (products through the "
                                     "factors, no dense weight at run time) or dense (the graph rebuilds the dense "
                                     "weights, torch's fused kernels)."),
     factory: Optional[str] = typer.Option(None, help="For a folder of your own model: package.module:function "
                                           "building its dense architecture (default: the one compress recorded)."),
-    inputs: Optional[Path] = typer.Option(None, help="For your own model's torchscript/onnx: a safetensors file "
+    inputs: Optional[Path] = typer.Option(None, help=f"For your own model's {_TRACED}: a safetensors file "
                                           "of example inputs (input0, input1, ...)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists (the whole file or folder)."),
-    int8: Optional[bool] = typer.Option(None, "--int8/--float", help="onnx: store and multiply the MPO factors in "
-                                        "int8 (default for a model compressed with --int8, which the other formats "
+    int8: Optional[bool] = typer.Option(None, "--int8/--float", help="onnx, executorch: store and multiply the MPO "
+                                        "factors in int8 (default for a model compressed with --int8, which the other formats "
                                         "refuse unless --float), or write float32 factors."),
 ) -> None:
-    """Export a saved model for serving: TorchScript, ONNX, or a dense model for MPO-unaware tools."""
+    """Export a saved model folder for serving: ONNX, ExecuTorch, AOTInductor, TorchScript, or a dense model for
+    MPO-unaware tools (an ONNX file goes through `mpolstm compress`)."""
     from .tasks import ARCHITECTURE_FILE, export_task_model
 
     if not model_path.exists():
         _fail(f"model {model_path} does not exist")
+    if not model_path.is_dir():
+        hint = ("an ONNX file is compressed and written as ONNX by `mpolstm compress FILE.onnx OUT.onnx`"
+                if model_path.suffix == ".onnx" else "save one with mpolstm compress or mpolstm.save")
+        _fail(f"model {model_path} is a file; export takes a saved model folder ({hint})")
     _check_output(out, overwrite, f"--out {out}", folder=fmt.value == "dense")
     if (model_path / ARCHITECTURE_FILE).is_file() and factory is None:
         model, spec = _load_model(model_path)

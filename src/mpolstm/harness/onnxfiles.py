@@ -20,7 +20,7 @@ def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optiona
                   int8: bool, overwrite: bool, int8_dense: bool = False, validate: Optional[Path] = None,
                   max_error: Optional[float] = None, plot: Optional[Path] = None) -> Iterator[str]:
     """Run ``mpolstm.onnx.compress_file`` for the compress command's flags; yields the lines to print.
-    ``--target`` names layers (node names, non-identifier characters as _); its default ("lstm")
+    ``--target`` names layers (``mpolstm.onnx.pipeline.layer_names``: a node name or the layer's name); its default ("lstm")
     means the graph's recurrent layers. Distillation uses the MSE of the outputs."""
     from ..compression import CompressionConfig
     from ..export import onnx_weight_bytes
@@ -143,7 +143,8 @@ def inspect_onnx(path: Path) -> str:
                      f"{r['params']:,}" + (f" +{r['sparse']:,} sparse" if r["sparse"] else ""),
                      f"{shape[0] * shape[1] / (r['params'] + r['sparse']):.1f}x", _fmt(weight_err), _fmt(output_err),
                      " ".join(f"{e:.2f}" for e in r["entropy"])))
-    facts = [f"written by mpolstm compress from {record.get('source', '?')}",
+    maker = "mpolstm compress" if "report" in record else "mpolstm.onnx.save"
+    facts = [f"written by {maker}" + (f" from {record['source']}" if record.get("source") else ""),
              "streaming step (one frame, states in and out)" if record.get("step") else "whole sequences",
              _int8_words(record.get("int8"), record.get("int8_dense")) or "float32 weights"]
     if record.get("distill_steps"):

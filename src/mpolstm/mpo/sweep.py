@@ -164,7 +164,7 @@ def _caps(num_cores: int, max_bond: int | Sequence[int] | None) -> list[int | No
     if max_bond is None or isinstance(max_bond, str) or not isinstance(max_bond, Sequence):
         check_truncation_args(max_bond, None)
         return [max_bond] * (num_cores - 1)
-    caps = list(max_bond)
+    caps: list[int | None] = list(max_bond)
     if len(caps) != num_cores - 1:
         raise ValueError(f"max_bond has {len(caps)} entries, expected one per internal bond ({num_cores - 1})")
     for cap in caps:

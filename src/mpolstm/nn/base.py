@@ -30,7 +30,6 @@ from torch.nn import functional as F
 
 from .. import mpo as mpo_math
 from ..mpo import MPO, Factors, Halves, TruncationReport, default_factors, random_cores, resolve_factors
-from ..mpo import halves_matmul, merged_halves, prepare_halves
 from .int8 import Int8Cores
 from .registry import MPOModule
 from .sparse import add_sparse_product, load_sparse_config, sparse_config, sparse_params, with_sparse

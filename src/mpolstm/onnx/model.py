@@ -67,6 +67,7 @@ class OnnxModel(nn.Module):
         super().__init__()
         self.steps, self.inputs, self.output_names, self.opset = steps, inputs, output_names, opset
         self.source = source  # the original file's bytes: the writer starts from them
+        self.source_name: str | None = None  # the file's name (load sets it; the writer records it)
         for name, layer in layers.items():
             self.add_module(name, layer)
         self.constants = nn.Module()
@@ -307,4 +308,6 @@ def _load(model, path) -> OnnxModel:
     specs = [InputSpec(i.name, i.type.tensor_type.elem_type,
                        tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                              for d in i.type.tensor_type.shape.dim)) for i in graph_inputs(graph)]
-    return OnnxModel(steps, build["layers"], kept, specs, [o.name for o in graph.output], opset, source).eval()
+    loaded = OnnxModel(steps, build["layers"], kept, specs, [o.name for o in graph.output], opset, source)
+    loaded.source_name = os.path.basename(os.fspath(path))
+    return loaded.eval()

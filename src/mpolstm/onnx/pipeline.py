@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -23,11 +24,11 @@ from ..distill import distill
 from ..errors import ConfigError, must_be
 from .frames import FrameSequence, state_pairs
 from .model import InputSpec, OnnxModel, load
-from .reader import FLOAT
+from .reader import DTYPES, FLOAT
 from .registry import LAYER_OPS
 from .writer import to_bytes
 
-__all__ = ["as_batches", "compress_file", "recurrent_layers"]
+__all__ = ["as_batches", "compress_file", "layer_names", "recurrent_layers"]
 
 HELD_OUT = 5  # distillation holds out every 5th piece of the calibration data to check on
 
@@ -37,6 +38,16 @@ def recurrent_layers(model: OnnxModel) -> list[str]:
     return [name for name, step in model.layers.items() if LAYER_OPS[step.op].recurrent]
 
 
+def layer_names(model: OnnxModel, names: list[str] | tuple[str, ...]) -> list[str]:
+    """``names`` as the model's layer attributes: each given as the attribute (``rnn_LSTM``), as its
+    ONNX node name (``/rnn/LSTM``) or as the node name with every character other than a letter, a
+    digit or _ written as _ (``_rnn_LSTM``); a name that is none of these is kept (compress says so)."""
+    aliases = {}
+    for attribute, step in model.layers.items():
+        aliases.update({step.name: attribute, re.sub(r"\W", "_", step.name): attribute})
+    return [name if name in model.layers else aliases.get(name, name) for name in names]
+
+
 def _check_input(x: Any, k: int, spec: InputSpec, where: str, hint: str = "") -> None:
     """``x`` against the graph input ``k``'s declared rank, fixed sizes and kind."""
     dims = ["?" if d is None else d for d in spec.dims]
@@ -44,9 +55,11 @@ def _check_input(x: Any, k: int, spec: InputSpec, where: str, hint: str = "") ->
     if not fixed_ok or x.dim() != len(spec.dims) or x.is_floating_point() != (spec.elem_type in (FLOAT, 10, 11, 16)):
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         kind = str(x.dtype).removeprefix("torch.") if isinstance(x, Tensor) else ""
-        expected = "float" if spec.elem_type == FLOAT else f"element type {spec.elem_type}"
-        raise ConfigError("calibration", lambda n: f"{n('calibration')}{where}: input{k} ({spec.name!r}) is "
-                                                   f"{shape} {kind}; the graph expects {dims} ({expected}){hint}")
+        elem = DTYPES.get(spec.elem_type)
+        expected = "float" if spec.elem_type == FLOAT else \
+            str(elem).removeprefix("torch.") if elem else f"ONNX element type {spec.elem_type}"
+        got = f"input{k} ({spec.name!r}) is {shape} {kind}; the graph expects {dims} ({expected}){hint}"
+        raise ConfigError("calibration", lambda n, got=got: f"{n('calibration')}{where}: {got}")
 
 
 def _check_batch(model: OnnxModel, batch: tuple[Tensor, ...], where: str, pairs: list[tuple[int, int]]

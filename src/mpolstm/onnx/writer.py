@@ -317,7 +317,8 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
         if entry.domain in ("", "ai.onnx"):
             entry.version = max(entry.version, opset)
     proto.ir_version = max(proto.ir_version, 7)
-    facts = {"step": step, "int8": int8, "int8_dense": int8_dense, "layers": _describe(work), **(record or {})}
+    facts = {"step": step, "int8": int8, "int8_dense": int8_dense, "layers": _describe(work),
+             "source": model.source_name, **(record or {})}
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(facts))
     try:
         onnx.checker.check_model(proto)

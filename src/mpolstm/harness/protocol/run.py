@@ -73,7 +73,7 @@ class ProtocolConfig:
         for name in ("dense_epochs", "finetune_epochs"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(name, lambda n: f"{n(name)} must be >= 1, got {value}")
+                raise ConfigError(name, lambda n, name=name, value=value: f"{n(name)} must be >= 1, got {value}")
         if not self.ratios or any(not (isinstance(r, (int, float)) and r > 1) for r in self.ratios):
             raise must_be("ratios", "numbers > 1", list(self.ratios))
 

@@ -127,10 +127,12 @@ class Distillation:
 
 
 class ProgressBar:
-    """fit's rich progress bar, one task reset every epoch; every method is a no-op when disabled
-    (``enabled=None``: only when stderr is a TTY and $CI is unset)."""
+    """fit's rich progress bar, one task reset every epoch (``enabled=None``: when stderr is a TTY and
+    $CI is unset; else, as in a log file, a plain line on stderr per finished epoch); ``enabled=False``:
+    silent."""
 
     def __init__(self, enabled: bool | None) -> None:
+        self._lines = enabled is None  # the epoch lines where the bar is not shown
         if enabled is None:
             enabled = sys.stderr.isatty() and not os.environ.get("CI")
         self._bar, self._task = None, None
@@ -160,5 +162,8 @@ class ProgressBar:
             self._bar.update(self._task, advance=1, info=f"loss {mean_loss:.4f}")
 
     def end_epoch(self, epoch: int, epochs: int, train_loss: float, metric: Metric, value: float) -> None:
+        line = f"epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  val {metric.name} {value:.4f}"
         if self._bar is not None:
-            self._bar.console.print(f"epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  val {metric.name} {value:.4f}")
+            self._bar.console.print(line)
+        elif self._lines:
+            print(line, file=sys.stderr, flush=True)

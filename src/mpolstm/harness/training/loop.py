@@ -100,7 +100,8 @@ def fit(model: nn.Module, train_loader: Iterable[Batch], val_loader: Iterable[Ba
         forward_fn: ``forward_fn(model, batch) -> (outputs, targets)``, batch already on device
             (default: ``batch = (x, y)``, outputs ``model(x)``); distill: a :class:`Distillation` from a teacher.
         restore_best: load the best weights into ``model`` at the end (if any epoch was eligible).
-        progress: rich progress bar; None = only when stderr is a TTY and $CI is unset.
+        progress: rich progress bar; None = when stderr is a TTY and $CI is unset, else a plain line per
+            epoch on stderr (a log file); False: nothing.
 
     The history has one record per epoch: ``epoch`` (1-based), ``train_loss`` (mean over batches),
     ``val_<metric name>``, ``lr``, ``time_s``, ``eligible`` and anything callbacks add."""
@@ -140,25 +141,35 @@ def fit(model: nn.Module, train_loader: Iterable[Batch], val_loader: Iterable[Ba
             value = trainer.validate(val_loader, metric)
             state.record.update({"epoch": epoch + 1, "train_loss": train_loss, f"val_{metric.name}": value,
                                  "lr": trainer.lr})
-            call_hooks(callbacks, "on_epoch_end", state)
-            eligible = all_ready(callbacks, state)
-            improved = track_best(state, metric, value, eligible=eligible, min_delta=min_delta, patience=patience)
-            if improved:
-                best_state = cpu_copy(model.state_dict())
-            if ddp:
-                state.stop = distributed.any_rank(state.stop)
-            state.record.update({"eligible": eligible, "best": state.best_metric,
-                                 "time_s": round(time.perf_counter() - t0, 4)})
-            state.history.append(dict(state.record))
-            state.epoch = epoch + 1
-            if out is not None:  # best weights only when they improved
-                distributed.run_on_main(functools.partial(rundir.write_epoch, out, state, train_loader, callbacks,
-                                                          metric, best_state if improved else None))
+            best_state = _end_epoch(state, metric, value, callbacks, best_state, t0, min_delta=min_delta,
+                                    patience=patience, ddp=ddp, out=out, train_loader=train_loader)
             bar.end_epoch(epoch, epochs, train_loss, metric, value)
     if restore_best and best_state is not None:
         model.load_state_dict(best_state)
     return FitResult(history=state.history, best_metric=state.best_metric, best_epoch=state.best_epoch,
                      epochs_completed=len(state.history), stopped_early=state.stop, out_dir=out)
+
+
+def _end_epoch(state: TrainState, metric: Metric, value: float, callbacks: Sequence[Any], best_state: Any,
+               started: float, *, min_delta: float, patience: int | None, ddp: bool, out: Path | None,
+               train_loader: Iterable[Batch]) -> Any:
+    """After validation: the callbacks' ``on_epoch_end``, best tracking and early stopping, the epoch's
+    record in the history and the run folder's files. Returns the best weights so far."""
+    call_hooks(callbacks, "on_epoch_end", state)
+    eligible = all_ready(callbacks, state)
+    improved = track_best(state, metric, value, eligible=eligible, min_delta=min_delta, patience=patience)
+    if improved:
+        best_state = cpu_copy(state.model.state_dict())
+    if ddp:
+        state.stop = distributed.any_rank(state.stop)
+    state.record.update({"eligible": eligible, "best": state.best_metric,
+                         "time_s": round(time.perf_counter() - started, 4)})
+    state.history.append(dict(state.record))
+    state.epoch += 1
+    if out is not None:  # best weights only when they improved
+        distributed.run_on_main(functools.partial(rundir.write_epoch, out, state, train_loader, callbacks,
+                                                  metric, best_state if improved else None))
+    return best_state
 
 
 def _check_arguments(*, epochs: Any, lr: Any, patience: Any, grad_clip: Any, optimizer: str, resume: bool,
