@@ -129,8 +129,13 @@ def test_export_command_formats_and_errors(tmp_path, monkeypatch):
     model.eval()
 
     ts = tmp_path / "m.pt"
-    assert runner.invoke(app, ["export", str(tmp_path / "m"), "--format", "torchscript", "--out", str(ts)]).exit_code == 0
+    result = runner.invoke(app, ["export", str(tmp_path / "m"), "--format", "torchscript", "--out", str(ts)])
+    assert result.exit_code == 0
     assert torch.allclose(torch.jit.load(str(ts))(x), model(x), atol=1e-5)
+    from mpolstm.export import file_weight_bytes, runtime_weight_bytes  # the summary gives the file's bytes
+
+    assert f"{file_weight_bytes(ts):,} bytes of weights" in " ".join(result.output.split())
+    assert file_weight_bytes(ts) <= 1.05 * runtime_weight_bytes(model)
 
     dense_dir = tmp_path / "dense"
     assert runner.invoke(app, ["export", str(tmp_path / "m"), "--format", "dense", "--out", str(dense_dir)]).exit_code == 0

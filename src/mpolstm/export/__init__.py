@@ -98,12 +98,14 @@ from .dense import densify, export_dense
 from .formats import RUNTIMES, WRITERS, export_traced
 from .int8 import int8_report
 from .onnx import export_onnx, onnx_weight_bytes
+from .sizes import file_weight_bytes, runtime_weight_bytes
 from .step import export_step
 from .torchscript import export_torchscript
 from .trace import as_tuple
 
 __all__ = ["FORMATS", "RUNTIMES", "WRITERS", "densify", "export_dense", "export_model", "export_onnx",
-           "export_step", "export_torchscript", "int8_report", "onnx_weight_bytes"]
+           "export_step", "export_torchscript", "file_weight_bytes", "int8_report", "onnx_weight_bytes",
+           "runtime_weight_bytes"]
 
 FORMATS = (*WRITERS, "dense")
 

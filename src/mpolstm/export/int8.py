@@ -17,9 +17,6 @@ outputs against the model on random inputs (``||y_onnx - y|| / ||y||``). The ste
 
 from __future__ import annotations
 
-import logging
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,8 @@ import torch
 from torch import nn
 
 from ..nn.base import MPOWeights
+from ..onnxgraph import (constants_as_initializers, dynamic_int8, graphs, onnx_modules, relative_error,
+                         run_onnxruntime)
 from .trace import flatten
 
 __all__ = ["int8_onnx", "int8_report"]
@@ -51,16 +50,6 @@ def _is_factor(array, factors: list) -> bool:
 
     return any((array.shape == f.shape and np.array_equal(array, f)) or
                (array.ndim == 2 and array.shape == f.T.shape and np.array_equal(array, f.T)) for f in factors)
-
-
-def _graphs(graph) -> list:
-    """``graph`` and every subgraph in it (a Loop's body), depth first."""
-    out = [graph]
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == attr.GRAPH:
-                out += _graphs(attr.g)
-    return out
 
 
 def _gemms_as_matmuls(graph, names: set[str]) -> None:
@@ -89,7 +78,7 @@ def _factor_bytes(model, names: set[str]) -> dict[str, int]:
     from onnx import numpy_helper
 
     counts = {"int8": 0, "float32": 0}
-    for graph in _graphs(model.graph):
+    for graph in graphs(model.graph):
         tensors = [*graph.initializer, *(a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute
                                          if a.type == a.TENSOR and n.output[0] in names)]
         for tensor in tensors:
@@ -104,60 +93,32 @@ def _factor_bytes(model, names: set[str]) -> dict[str, int]:
 
 def _relative_error(data: bytes, module: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str]) -> float:
     """||y_onnx - y|| / ||y|| over every output, on random inputs shaped as ``inputs`` (float ones)."""
-    import numpy as np
-    import onnxruntime as ort
-
     gen = torch.Generator().manual_seed(0)
     probe = tuple(torch.randn(x.shape, generator=gen, dtype=x.dtype) if x.is_floating_point() else x for x in inputs)
     with torch.no_grad():
-        expected = module(*probe)
-    expected = flatten(expected)
-    got = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(
-        None, dict(zip(names, (x.numpy() for x in probe))))
-    diff = sum(float(np.sum((g - e.numpy()) ** 2)) for g, e in zip(got, expected))
-    norm = sum(float(np.sum(e.numpy() ** 2)) for e in expected)
-    return (diff / norm) ** 0.5 if norm > 0 else diff ** 0.5
+        expected = [e.numpy() for e in flatten(module(*probe))]
+    return relative_error(run_onnxruntime(data, dict(zip(names, (x.numpy() for x in probe)))), expected)
 
 
 def int8_onnx(data: bytes, module: nn.Module, inputs: tuple[torch.Tensor, ...], input_names: list[str]) -> bytes:
     """The ONNX file ``data`` (exported from ``module``, the export copy, on ``inputs``) with the factors
     of its int8 MPO modules stored and multiplied in int8 (module docstring), and its metadata
     recording the bytes and the error (:func:`int8_report`)."""
-    try:
-        import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ModuleNotFoundError as exc:
-        raise ValueError(f"the int8 ONNX export needs {exc.name}: pip install 'mpolstm[export]' (or pass "
-                         "int8=False for float32 factors)") from None
-    from .onnx import constants_as_initializers
-
-    from onnx import numpy_helper
-
+    onnx, numpy_helper = onnx_modules("int8 ONNX exports")
     model = onnx.load_from_string(data)
-    for graph in reversed(_graphs(model.graph)):  # subgraphs first: lifting a graph rewrites its nodes
+    for graph in reversed(graphs(model.graph)):  # subgraphs first: lifting a graph rewrites its nodes
         constants_as_initializers(graph)
     factors = _factors(module)
-    names = {t.name for g in _graphs(model.graph) for t in g.initializer if _is_factor(numpy_helper.to_array(t), factors)}
-    for graph in _graphs(model.graph):
+    names = {t.name for g in graphs(model.graph) for t in g.initializer if _is_factor(numpy_helper.to_array(t), factors)}
+    for graph in graphs(model.graph):
         _gemms_as_matmuls(graph, names)
-    products = [n for g in _graphs(model.graph) for n in g.node if n.op_type in ("MatMul", "Gemm")]
+    products = [n for g in graphs(model.graph) for n in g.node if n.op_type in ("MatMul", "Gemm")]
     others = [n.name for n in products if not names & set(n.input)]  # layers the model keeps in float
     if len(others) == len(products):
         kinds = sorted({type(m).__name__ for m in module.modules() if isinstance(m, MPOWeights) and m.int8})
         raise ValueError(f"found no product of an int8 MPO module ({', '.join(kinds)}) in the exported graph to "
                          "quantize (a convolution runs its rebuilt kernel); pass int8=False for float32 factors")
-    with tempfile.TemporaryDirectory() as folder:
-        source, target = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
-        onnx.save(model, str(source))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            logging.disable(logging.WARNING)  # onnxruntime logs a pre-processing hint per call
-            try:
-                quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, nodes_to_exclude=others,
-                                 extra_options={"EnableSubgraph": True})
-            finally:
-                logging.disable(logging.NOTSET)
-        quantized = onnx.load(str(target))
+    quantized = onnx.load_from_string(dynamic_int8(model.SerializeToString(), others, subgraphs=True))
     sizes = _factor_bytes(quantized, names)
     error = _relative_error(quantized.SerializeToString(), module, inputs, input_names)
     onnx.helper.set_model_props(quantized, {_META: "dynamic", f"{_META}.factor_bytes": str(sizes["int8"]),
@@ -169,8 +130,7 @@ def int8_onnx(data: bytes, module: nn.Module, inputs: tuple[torch.Tensor, ...], 
 def int8_report(path: str | Path) -> dict[str, Any] | None:
     """What :func:`int8_onnx` recorded in the ONNX file ``path``: {"method", "factor_bytes" (int8),
     "float_factor_bytes" (factors onnxruntime left float32), "relative_error"}; None for a float file."""
-    import onnx
-
+    onnx, _ = onnx_modules()
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     if _META not in props:
         return None

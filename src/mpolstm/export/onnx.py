@@ -12,11 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.base import MPOWeights
+from ..onnxgraph import (constants_as_initializers, dedupe_tensors, onnx_modules, record_weight_bytes, subgraphs,
+                         weight_bytes)
 from .int8 import int8_onnx
 from .trace import ExportJob, export_with, first_line, quiet, trace
 from .verify import FLOAT_RTOL, INT8_RTOL, Axes, Runner, declared, write_verified
 
-__all__ = ["constants_as_initializers", "export_onnx", "onnx_runner", "onnx_weight_bytes", "write_onnx"]
+__all__ = ["export_onnx", "onnx_runner", "onnx_weight_bytes", "write_onnx"]
 
 
 def _build_onnx(job: ExportJob, axes: Axes) -> tuple[bytes, Axes]:
@@ -35,7 +37,7 @@ def _build_onnx(job: ExportJob, axes: Axes) -> tuple[bytes, Axes]:
     data = _constants_as_initializers(buffer.getvalue())
     if job.int8:
         data = int8_onnx(data, job.module, job.inputs, input_names)
-    return data, axes
+    return record_weight_bytes(data), axes
 
 
 def onnx_runner(data: bytes, job: ExportJob) -> Runner:
@@ -73,50 +75,26 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], pat
 
 
 def _constants_as_initializers(model_bytes: bytes) -> bytes:
-    """The ONNX model with its mostly-zero matrices as sparse initializers (:func:`_sparse_constants`)
-    and its top-level large constants as initializers (:func:`constants_as_initializers`)."""
-    import onnx
-
+    """The ONNX model with its mostly-zero matrices as sparse initializers (:func:`_sparse_constants`),
+    its top-level large constants as initializers (``onnxgraph.constants_as_initializers``) and each
+    weight once (``onnxgraph.dedupe_tensors``: a step unrolled by the trace reads the same constants)."""
+    onnx, _ = onnx_modules()
     model = onnx.load_from_string(model_bytes)
     _sparse_constants(model.graph, model.graph)
     constants_as_initializers(model.graph)
+    dedupe_tensors(model)
     return model.SerializeToString()
-
-
-def constants_as_initializers(graph, min_size: int = 16) -> None:
-    """Turn every Constant tensor of at least ``min_size`` entries of ``graph`` (the factorized runtime's
-    merged halves) into an initializer, in place: the same graph, but weights where tools look for them
-    (``onnxruntime.quantization.quantize_dynamic`` quantizes initializers only)."""
-    import onnx
-    from onnx import numpy_helper
-
-    kept = []
-    for node in graph.node:
-        value = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
-        if value is not None and value.type == onnx.AttributeProto.TENSOR and \
-                numpy_helper.to_array(value.t).size >= min_size:
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(value.t)
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
-        else:
-            kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
 
 
 def _sparse_constants(graph, main) -> None:
     """Move every Constant matrix of ``graph`` and its subgraphs (a Loop's body) that is mostly zeros
     (a sparse part, layout "lowrank+sparse": values plus int64 positions are smaller) into ``main``'s
     sparse initializers, which onnxruntime makes dense when it loads the file."""
-    import onnx
-    from onnx import numpy_helper
-
+    onnx, numpy_helper = onnx_modules()
     kept = []
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _sparse_constants(attr.g, main)
+        for sub in subgraphs(node):
+            _sparse_constants(sub, main)
         value = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
         array = numpy_helper.to_array(value.t) if value is not None and value.type == value.TENSOR else None
         nonzero = None if array is None or array.ndim != 2 or array.dtype.kind != "f" else array.reshape(-1).nonzero()[0]
@@ -131,27 +109,7 @@ def _sparse_constants(graph, main) -> None:
 
 
 def onnx_weight_bytes(path: str | os.PathLike) -> int:
-    """Bytes of the initializers (the weights held at run time) of the ONNX file ``path``; a sparse
-    initializer counts as the dense tensor onnxruntime makes of it."""
-    import math
-
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(str(path)).graph
-    sparse = sum(math.prod(t.dims) * numpy_helper.to_array(t.values).itemsize for t in graph.sparse_initializer)
-    return sum(numpy_helper.to_array(t).nbytes for t in graph.initializer) + sparse + _constant_bytes(graph)
-
-
-def _constant_bytes(graph) -> int:
-    """Bytes of the tensors held by Constant nodes, in ``graph`` and its subgraphs (a Loop's body)."""
-    from onnx import numpy_helper
-
-    total = 0
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == attr.TENSOR:
-                total += numpy_helper.to_array(attr.t).nbytes
-            elif attr.type == attr.GRAPH:
-                total += sum(numpy_helper.to_array(t).nbytes for t in attr.g.initializer) + _constant_bytes(attr.g)
-    return total
+    """Bytes of the weights (initializers and constants, subgraphs' too: what is held at run time) of the
+    ONNX file ``path``; a sparse initializer counts as the dense tensor onnxruntime makes of it."""
+    onnx, _ = onnx_modules()
+    return weight_bytes(onnx.load(str(path)))

@@ -608,6 +608,10 @@ def export_cmd(
             "of the model on random inputs")
         console.print(f"wrote {written} ({runtime.value} runtime, {onnx_weight_bytes(written):,} bytes of "
                       f"weights{int8_note})")
+    elif fmt.value != "dense":
+        from ..export import file_weight_bytes
+
+        console.print(f"wrote {written} ({runtime.value} runtime, {file_weight_bytes(written):,} bytes of weights)")
     else:
         console.print(f"wrote {written}")
 

@@ -11,8 +11,11 @@ Execution: ``forward`` rebuilds the kernel once per call (``mpo.cores_to_matrix`
 reshape) and runs torch's own convolution (``nn.Conv1d/2d._conv_forward``: F.conv1d/conv2d, with
 F.pad for non-zero ``padding_mode``), so stride, padding (ints or 'same' / 'valid'), dilation,
 groups, unbatched input and the error messages are torch's. In eval mode the rebuilt kernel is
-cached (nn/base.py). Every argument is validated by building torch's
-own module on the meta device.
+cached (nn/base.py). In the factorized runtime (exports, ``set_factorized``) no kernel is formed:
+a rank-D chain (layout lowrank) runs as a convolution to D channels with its first factor as the
+kernel, then a 1 x 1 convolution by its second; any other chain (or groups > 1, a sparse part)
+multiplies the input's patches (``F.unfold``) by its factors, each group keeping its own block of
+outputs. Every argument is validated by building torch's own module on the meta device.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch.nn import functional as F
 from ..mpo import MPO, default_factors
 from .base import MPOWeights
 from .registry import LayerType, register
+from .sparse import sparse_parts
 
 __all__ = ["MPOConv1d", "MPOConv2d", "conv_inputs"]
 
@@ -151,7 +155,37 @@ class _MPOConvNd(MPOWeights):
         return self._dense("weight", self._eval_cache()).reshape(self._kernel_shape)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.kernel(), self.bias)
+        if not self.factorized:
+            return self._conv_forward(input, self.kernel(), self.bias)
+        cache = self._eval_cache()
+        lt, r, il, ir, jl, _, rank = self._halves("weight", cache)
+        if ir == 1 and jl == 1 and self.groups == 1 and not sparse_parts(self):
+            # rank D: a convolution to D channels with L's kernel, then a 1 x 1 convolution by R
+            hidden = self._conv_forward(input, lt.reshape(rank, *self._kernel_shape[1:]), None)
+            return self._conv_forward_1x1(hidden, r.t().reshape(self.out_channels, rank, *[1] * len(self.kernel_size)))
+        return self._patch_forward(input, cache)
+
+    def _conv_forward_1x1(self, x: Tensor, kernel: Tensor) -> Tensor:
+        conv = F.conv1d if len(self.kernel_size) == 1 else F.conv2d
+        return conv(x, kernel, self.bias)
+
+    def _patch_forward(self, input: Tensor, cache) -> Tensor:
+        """The factorized runtime's convolution of any layout: the input's patches (:func:`conv_patches`)
+        times the MPO (``_project``: its factors, never the kernel), each group its own block of outputs."""
+        dims, groups = len(self.kernel_size), self.groups
+        x = input.unsqueeze(0) if input.dim() == dims + 1 else input
+        padded = [x.shape[2 + a] + self._reversed_padding_repeated_twice[2 * (dims - 1 - a)] +
+                  self._reversed_padding_repeated_twice[2 * (dims - 1 - a) + 1] for a in range(dims)]
+        spatial = [(size - self.dilation[a] * (self.kernel_size[a] - 1) - 1) // self.stride[a] + 1
+                   for a, size in enumerate(padded)]
+        out = self._project(conv_patches(self, x), "weight", cache)  # (N * groups * positions, out)
+        n, per = x.shape[0], self.out_channels // groups
+        out = out.reshape(n, groups, -1, groups, per)
+        out = torch.stack([out[:, g, :, g] for g in range(groups)], 1)  # (N, groups, positions, per)
+        out = out.permute(0, 1, 3, 2).reshape(n, self.out_channels, *spatial)
+        if self.bias is not None:
+            out = out + self.bias.reshape(-1, *[1] * dims)
+        return out if input.dim() > dims + 1 else out.squeeze(0)
 
     def extra_repr(self) -> str:
         return f"{nn.modules.conv._ConvNd.extra_repr(self)}, {self._mpo_repr()}"

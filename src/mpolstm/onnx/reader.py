@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..onnxgraph import onnx_modules
+
 __all__ = ["DTYPES", "FLOAT", "attributes", "graph_inputs", "node_label", "opset_of", "read_model", "to_tensor"]
 
 FLOAT = 1  # onnx.TensorProto.FLOAT: follows the module's float dtype (float64 after model.double())
@@ -27,11 +29,7 @@ MIN_OPSET, MAX_OPSET = 7, 22
 
 
 def _onnx():
-    try:
-        import onnx
-    except ImportError as exc:
-        raise ImportError("mpolstm.onnx needs the onnx package: pip install 'mpolstm[export]'") from exc
-    return onnx
+    return onnx_modules("mpolstm.onnx's readers and writers")[0]
 
 
 def read_model(path: str | os.PathLike):

@@ -49,6 +49,7 @@ from ..export.verify import INT8_RTOL, Axes, check_shapes
 from ..mpo import MPO
 from ..nn import is_mpo_module
 from ..nn.sparse import sparse_parts
+from ..onnxgraph import dedupe_tensors, dynamic_int8, onnx_modules, record_weight_bytes, referenced, subgraphs
 from .layers import (ConvSpec, LinearSpec, RecurrentSpec, conv_tensors, linear_tensors, recurrent_tensors,
                      run_conv, run_recurrent, step_recurrent)
 from .model import OnnxModel, Step
@@ -93,13 +94,6 @@ class _NodeStep(nn.Module):
         return step_recurrent(self.layer, self.spec, frame, state)
 
 
-def _onnx_modules():
-    import onnx
-    from onnx import numpy_helper
-
-    return onnx, numpy_helper
-
-
 def _rename(graph, rename, prefix: str) -> None:
     """Apply ``rename`` to every tensor name of ``graph`` and its subgraphs; prefix node names."""
     for node in graph.node:
@@ -110,9 +104,8 @@ def _rename(graph, rename, prefix: str) -> None:
         del node.output[:]
         node.output.extend(names)
         node.name = prefix + node.name
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                _rename(sub, rename, prefix)
+        for sub in subgraphs(node):
+            _rename(sub, rename, prefix)
     for item in [*graph.initializer, *graph.input, *graph.output, *graph.value_info]:
         item.name = rename(item.name)
 
@@ -133,7 +126,7 @@ def _splice(graph, step: Step, sub, inputs: dict[str, str], outputs: dict[str, s
 
 def _export_layer(layer: nn.Module, step: Step, values: dict[str, Tensor], opset: int, streaming: bool, folder: Path):
     """(the layer's graph, {its input name: outer}, {its output name: outer}) for a spliced node."""
-    onnx, _ = _onnx_modules()
+    onnx, _ = onnx_modules()
     path = folder / f"{len(list(folder.iterdir()))}.onnx"
     present = [n for n in step.inputs if n]
     if streaming and isinstance(step.spec, RecurrentSpec):
@@ -151,7 +144,7 @@ def _export_layer(layer: nn.Module, step: Step, values: dict[str, Tensor], opset
 
 def _initializer(graph, name: str, value: Tensor, like: str | None) -> str:
     """Add ``value`` as the initializer ``name`` (in the dtype of the initializer ``like``, else float32)."""
-    _, numpy_helper = _onnx_modules()
+    _, numpy_helper = onnx_modules()
     dtype = np.float32
     for t in graph.initializer:
         if t.name == like:
@@ -185,16 +178,6 @@ def _write_dense(graph, step: Step, layer: nn.Module) -> None:
         holder.input[slot] = _initializer(graph, prefix + "bias", bias, step.spec.bias_input)
 
 
-def _referenced(node) -> set[str]:
-    """Every name a node reads, its subgraphs' reads included."""
-    names = set(node.input)
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            for inner in sub.node:
-                names |= _referenced(inner)
-    return names
-
-
 def _prune(graph) -> None:
     """Drop the nodes whose outputs nobody reads, the initializers nobody reads and value_info."""
     needed = {o.name for o in graph.output}
@@ -202,7 +185,7 @@ def _prune(graph) -> None:
     for node in reversed(list(graph.node)):
         if any(o in needed for o in node.output):
             kept.append(node)
-            needed |= _referenced(node)
+            needed |= referenced(node)
     del graph.node[:]
     graph.node.extend(reversed(kept))
     inits = [t for t in graph.initializer if t.name in needed]
@@ -271,28 +254,6 @@ def _check(data: bytes, model: OnnxModel, examples: tuple[Tensor, ...], states: 
         raise ValueError(f"the written graph does not reproduce the model in onnxruntime: {problems[0]}")
 
 
-def dynamic_int8(data: bytes, weights: set[str] | None = None) -> bytes:
-    """The ONNX model ``data`` with the weights of its MatMuls as int8 (onnxruntime's dynamic
-    quantization: int8 weights, activations quantized per call, int8 products): those reading one of
-    ``weights`` (initializer names; None: every MatMul)."""
-    import logging
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    graph = onnx.load_from_string(data).graph
-    skip = [] if weights is None else [n.name for n in graph.node if not weights & set(n.input)]
-    with tempfile.TemporaryDirectory() as tmp:
-        source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
-        source.write_bytes(data)
-        logging.disable(logging.WARNING)  # onnxruntime logs a pre-processing hint per call
-        try:
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, nodes_to_exclude=skip)
-        finally:
-            logging.disable(logging.NOTSET)
-        return target.read_bytes()
-
-
 def _check_layers(model: OnnxModel) -> None:
     for name, step in model.layers.items():
         layer = getattr(model, name)
@@ -320,6 +281,11 @@ def _layers_into(graph, work: OnnxModel, values: dict[str, Tensor], opset: int, 
     return factors
 
 
+def _not_reading(graph, weights: set[str]) -> list[str]:
+    """The names of the nodes of ``graph`` that read none of ``weights`` (left float by ``int8=True``)."""
+    return [n.name for n in graph.node if not weights & set(n.input)]
+
+
 def _int8_work(work: OnnxModel, int8: bool) -> OnnxModel:
     """``work`` with int8 MPO cores when ``int8`` (:func:`mpolstm.quantize`, unless it has them already);
     ValueError, naming what works, when no layer is compressed."""
@@ -338,7 +304,7 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
     if not isinstance(model, OnnxModel):
         raise ValueError(f"mpolstm.onnx writes a model read by mpolstm.onnx.load, got {type(model).__name__}")
     _check_layers(model)
-    onnx, _ = _onnx_modules()
+    onnx, _ = onnx_modules()
     with torch.no_grad():  # weights a forward pre-hook made with grad (pruning in training) cannot be copied
         model(*model.example_inputs())
     work = _int8_work(copy.deepcopy(model).float().eval(), int8)
@@ -354,6 +320,7 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
         values = work.values(*examples)
     factors = _layers_into(proto.graph, work, values, opset, rewired)
     _prune(proto.graph)
+    dedupe_tensors(proto)  # layers exported one by one: a tied or shared weight, once
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = max(entry.version, opset)
@@ -366,11 +333,11 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
         raise ValueError(f"the written graph fails the ONNX checker ({str(exc).strip().splitlines()[0]})") from exc
     data = proto.SerializeToString()
     if int8 or int8_dense:
-        data = dynamic_int8(data, None if int8_dense else factors)
+        data = dynamic_int8(data, [] if int8_dense else _not_reading(proto.graph, factors))
     if check:
         _check(data, work, examples, _state_shapes(states, values), Axes() if step else _declared_axes(work, examples),
                INT8_RTOL if int8 or int8_dense else 1e-3)
-    return data
+    return record_weight_bytes(data)
 
 
 def save(model: OnnxModel, path: str | os.PathLike, *, step: bool = False, int8: bool = False,
