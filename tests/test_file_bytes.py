@@ -73,10 +73,7 @@ def _rebuilt_weights_in(arrays: list, model: nn.Module) -> list:
 
 def _grid() -> list:
     """Every layout x format; AOTInductor (a C++ compile each, seconds) for one layout in the default suite."""
-    torchscript = pytest.mark.xfail(raises=AssertionError, strict=True, reason="a TorchScript file keeps the cores "
-                                    "beside the traced merged halves (freezing specializes the batch): open")
-    return [pytest.param(layout, fmt, marks=([pytest.mark.slow] if fmt == "aoti" and layout != "lowrank" else []) +
-                         ([torchscript] if fmt == "torchscript" else []))
+    return [pytest.param(layout, fmt, marks=([pytest.mark.slow] if fmt == "aoti" and layout != "lowrank" else []))
             for layout in LAYOUTS for fmt in ("onnx", "torchscript", "executorch", "aoti")]
 
 
@@ -141,7 +138,6 @@ def test_a_step_unrolled_by_the_trace_holds_its_factors_once(tmp_path):
     torch.testing.assert_close(torch.from_numpy(got), small(x), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True, reason="TorchScript keeps the cores beside the constants: open")
 def test_torchscript_step_file_stores_each_factor_once(tmp_path):
     torch.manual_seed(0)
     small, _ = compress(nn.Sequential(nn.LSTM(16, 64, 2)), CompressionConfig(target_ratio=4))

@@ -117,8 +117,8 @@ def int8_onnx(data: bytes, module: nn.Module, inputs: tuple[torch.Tensor, ...], 
     if len(others) == len(products):
         kinds = sorted({type(m).__name__ for m in module.modules() if isinstance(m, MPOWeights) and m.int8})
         raise ValueError(f"found no product of an int8 MPO module ({', '.join(kinds)}) in the exported graph to "
-                         "quantize (onnxruntime quantizes MatMul products; a convolution's factors run as Conv "
-                         "nodes); pass int8=False for float32 factors")
+                         "quantize (a convolution's factors run as Conv nodes, which stay float32); pass "
+                         "int8=False for float32 factors, or export to executorch for int8 ones")
     quantized = onnx.load_from_string(dynamic_int8(model.SerializeToString(), others, subgraphs=True))
     sizes = _factor_bytes(quantized, names)
     error = _relative_error(quantized.SerializeToString(), module, inputs, input_names)

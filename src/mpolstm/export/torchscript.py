@@ -40,14 +40,29 @@ class _Guarded(nn.Module):
         return self.inner(*inputs)
 
 
+def _frozen(module: torch.jit.ScriptModule, inputs: tuple[Tensor, ...], expected: list[Tensor]):
+    """``module`` frozen, unless the frozen module does not reproduce ``expected`` on ``inputs`` (seen:
+    torch.jit.freeze mixing up the constants of a cell unrolled by the trace); then as it is."""
+    frozen = torch.jit.freeze(module.eval(), optimize_numerics=False)
+    try:
+        with torch.no_grad():
+            got = flatten(frozen(*inputs))
+    except Exception:
+        return module
+    same = all(g.shape == e.shape and torch.allclose(g, e, rtol=1e-4, atol=1e-5) for g, e in zip(got, expected))
+    return frozen if same else module
+
+
 def _build_torchscript(job: ExportJob, axes: Axes) -> tuple[bytes, Axes]:
-    """The trace of ``job`` behind its guards. Not frozen: ``torch.jit.freeze`` would drop the cores the
-    trace never reads, but it fixes a step file's batch; so a TorchScript file keeps the cores beside the
-    merged halves it multiplies (about twice the run-time bytes: docs/robustness.md)."""
-    module = trace(job).module
+    """The trace of ``job`` behind its guards; the factorized runtime's frozen (it reads the merged halves
+    as constants, so the cores it never reads are dropped and each weight is stored once)."""
+    traced = trace(job)
+    module = traced.module
     if axes.free:
         with quiet(), torch.no_grad():
             module = torch.jit.trace(_Guarded(module, job.inputs, axes.free), job.inputs, check_trace=False)
+    if not traced.with_grad:
+        module = _frozen(module, job.inputs, traced.outputs)
     buffer = io.BytesIO()
     torch.jit.save(module, buffer)
     return buffer.getvalue(), axes

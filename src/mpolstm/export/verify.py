@@ -133,12 +133,12 @@ def _describe(inputs: tuple[Tensor, ...]) -> str:
 
 
 def _grid(inputs: tuple[Tensor, ...], axes: Axes) -> list[tuple[Axis | None, dict[Axis, int]]]:
-    """(group or None for all, sizes): each group at 1, the example's and a longer size (3 at least)
-    alone, then every group longer at once."""
+    """(group or None for all, sizes): the example's shapes (random values), each group at 1, the
+    example's and a longer size (3 at least) alone, then every group longer at once."""
     def size(lead: Axis) -> int:
         return inputs[lead[0]].shape[lead[1]]
 
-    points = [(lead, {a: n for a in members}) for lead, members in axes.groups.items()
+    points = [(None, {})] + [(lead, {a: n for a in members}) for lead, members in axes.groups.items()
               for n in sorted({1, size(lead), max(3, size(lead) + 3)})]
     if len(axes.groups) > 1:
         points.append((None, {a: max(3, size(lead) + 3) for lead, members in axes.groups.items() for a in members}))
