@@ -135,8 +135,8 @@ def test_budget_floor_keeps_bonds_above_one_when_affordable():
 
 
 def test_whitened_factors_are_balanced_and_represent_the_same_weight():
-    from mpolstm.compression.layouts import Target, decompose_target
     from mpolstm.calibration import whitening
+    from mpolstm.compression.layouts import Target, decompose_target
 
     torch.manual_seed(4)
     m = torch.randn(48, 20, dtype=torch.float64)

@@ -267,9 +267,8 @@ def test_reproduce_seeds_writes_a_summary_with_error_bars(tmp_path, monkeypatch)
 
 
 def test_paper_grid_on_a_tiny_imdb_folder(tmp_path, monkeypatch):
-    from test_data import write_imdb
-
     from mpolstm.harness.tasks import seqcls
+    from test_data import write_imdb
 
     monkeypatch.setenv("MPOLSTM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(seqcls.SIZES, "quick", seqcls.SeqClsSize(128, None, 10, 1, 1, 1e-2))

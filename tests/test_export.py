@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 import shutil
 
 import pytest
@@ -11,12 +10,12 @@ import torch
 from torch import nn
 
 from mpolstm.compression import CompressionConfig, compress, is_mpo_module
-from mpolstm.export import onnx_weight_bytes, densify, export_model, export_onnx, export_torchscript
-from mpolstm.nn import MPOGRU, MPOLSTM
+from mpolstm.export import densify, export_model, export_onnx, export_torchscript, onnx_weight_bytes
 from mpolstm.harness.tasks import example_inputs, export_task_model, load_model
 from mpolstm.harness.tasks.ptb import WordLM
 from mpolstm.harness.tasks.seqcls import SeqClassifier
 from mpolstm.harness.tasks.speech import MaskEstimator
+from mpolstm.nn import MPOGRU, MPOLSTM
 
 SEQCLS = {"name": "seqcls", "kwargs": {"num_classes": 3, "hidden_size": 32, "input_size": 12}}
 PTB = {"name": "ptb", "kwargs": {"vocab_size": 60, "hidden_size": 32}}
@@ -236,8 +235,7 @@ def test_every_registered_task_rebuilds_from_its_spec_and_traces_its_example_inp
 
 
 def test_task_registry_errors_name_what_is_known():
-    from mpolstm.harness.tasks import TaskType, build_architecture, get_task, register_task
-    from mpolstm.harness.tasks import ptb, seqcls
+    from mpolstm.harness.tasks import TaskType, build_architecture, get_task, ptb, register_task, seqcls
 
     with pytest.raises(ValueError, match=r"unknown task 'nonsense'; expected one of \['seqcls', 'ptb', 'speech'\]"):
         get_task("nonsense")

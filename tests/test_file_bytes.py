@@ -15,8 +15,14 @@ import torch
 from torch import nn
 
 from mpolstm import CompressionConfig, compress, quantize
-from mpolstm.export import (densify, export_model, export_step, file_weight_bytes, onnx_weight_bytes,
-                            runtime_weight_bytes)
+from mpolstm.export import (
+    densify,
+    export_model,
+    export_step,
+    file_weight_bytes,
+    onnx_weight_bytes,
+    runtime_weight_bytes,
+)
 from mpolstm.nn import MPOConv1d, MPOConv2d
 from mpolstm.nn.base import set_factorized
 

@@ -299,6 +299,7 @@ def _check_forward(torch_type, layout, fmt, tmp_path):
                                              "executorch"):
             export_model(model, tmp_path / "m.onnx", fmt, x)
         return
+    path = export_model(model, tmp_path / f"m{SUFFIX[fmt]}", fmt, None if fmt == "dense" else x, **kwargs)
     run, rtol = _runner(fmt, path, torch_type), 0.1 if int8 else 1e-4
     length = x.shape[AXES[torch_type][1]]
     for k, (batch, size) in enumerate([(b, n) for b in (1, 3) for n in (1, length, length + 4)]):

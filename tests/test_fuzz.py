@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from mpolstm.checkpoint import write_file
-from mpolstm.mpo import decompose
 from mpolstm.harness.training import ACCURACY, BEST_FORMAT, CHECKPOINT_FORMAT, fit, load_checkpoint
+from mpolstm.mpo import decompose
 
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from mpolstm import CompressionConfig, compress, distill
+from mpolstm.calibration import whitening
 from mpolstm.compression.hybrid import SHARES, fit_hybrid, fit_target, hybrid_sizes
 from mpolstm.compression.layouts import Target
-from mpolstm.calibration import whitening
 from mpolstm.io import load, save
 from mpolstm.nn.registry import layer_type_of_mpo
 from mpolstm.nn.sparse import INDEX_FORMATS, index_bytes, sparse_of

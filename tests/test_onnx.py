@@ -16,12 +16,12 @@ pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-from onnx_models import Tagger, export_tagger, feeds, recurrent_graph, run_ort  # noqa: E402
 
 import mpolstm  # noqa: E402
 import mpolstm.onnx as mo  # noqa: E402
 from mpolstm.nn import layer_type, replace_module  # noqa: E402
 from mpolstm.prune import num_weights, prunable_weights, prune_global  # noqa: E402
+from onnx_models import Tagger, export_tagger, feeds, recurrent_graph, run_ort  # noqa: E402
 
 CELLS = [nn.LSTM, nn.GRU]
 

@@ -14,10 +14,10 @@ pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
-from onnx_models import export_tagger, feeds, run_ort  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from mpolstm.harness.cli import app  # noqa: E402
+from onnx_models import export_tagger, feeds, run_ort  # noqa: E402
 
 runner = CliRunner()
 

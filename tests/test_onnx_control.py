@@ -13,12 +13,12 @@ pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-from onnx_models import run_ort  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 import mpolstm  # noqa: E402
 import mpolstm.onnx as mo  # noqa: E402
 from mpolstm.harness.cli import app  # noqa: E402
+from onnx_models import run_ort  # noqa: E402
 
 RNG = np.random.default_rng(0)
 

@@ -18,10 +18,10 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import onnx  # noqa: E402
-from onnx_models import run_ort  # noqa: E402
 
 import mpolstm  # noqa: E402
 import mpolstm.onnx as mo  # noqa: E402
+from onnx_models import run_ort  # noqa: E402
 
 
 class Tagger(nn.Module):

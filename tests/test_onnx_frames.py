@@ -15,10 +15,11 @@ from torch import nn
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from tests.onnx_models import run_ort  # noqa: E402
+
 import mpolstm  # noqa: E402
 import mpolstm.onnx as mo  # noqa: E402
 from mpolstm.onnx.frames import FrameSequence, state_pairs  # noqa: E402
-from tests.onnx_models import run_ort  # noqa: E402
 
 F, H = 6, 8
 

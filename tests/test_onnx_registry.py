@@ -10,9 +10,10 @@ import torch
 
 pytest.importorskip("onnx")
 
+from tests.onnx_models import recurrent_graph  # noqa: E402
+
 import mpolstm.onnx as mo  # noqa: E402
 from mpolstm.onnx.registry import LAYER_OPS, register  # noqa: E402
-from tests.onnx_models import recurrent_graph  # noqa: E402
 
 
 def test_registering_a_name_twice_is_an_error():
@@ -52,9 +53,9 @@ def test_grouped_linear_einsum_is_a_compressible_layer_written_back(tmp_path, eq
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+    from tests.onnx_models import run_ort
 
     import mpolstm
-    from tests.onnx_models import run_ort
 
     lead = ["batch", "time"][:len(equation.split(",")[0]) - 2]
     weight = np.random.default_rng(0).standard_normal(weight_shape).astype(np.float32)

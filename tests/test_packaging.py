@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+
 import tomllib
 
 PYPROJECT = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"

@@ -6,14 +6,14 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from mpolstm.compression import CompressionConfig, compress
-from mpolstm.nn import MPOLSTM
-from mpolstm.harness.tasks.base import Task
 from mpolstm.harness.protocol import ROWS, BondSchedule, ProtocolConfig, largest_hidden, mpo_bonds, run_protocol
 from mpolstm.harness.protocol.paper import PAPER_BONDS, paper_factors, paper_formula_entries, paper_lstm
 from mpolstm.harness.protocol.run import STORED_WEIGHTS
-from mpolstm.storage import file_data_bytes
+from mpolstm.harness.tasks.base import Task
 from mpolstm.harness.tasks.seqcls import SeqClassifier
 from mpolstm.harness.training import ACCURACY, TrainState
+from mpolstm.nn import MPOLSTM
+from mpolstm.storage import file_data_bytes
 
 
 def tiny_task():

@@ -4,6 +4,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from mpolstm.harness.training import ACCURACY, fit
 from mpolstm.prune import (
     AGPPruner,
     agp_nonzeros,
@@ -16,7 +17,6 @@ from mpolstm.prune import (
     prune_layerwise,
     sparsity_report,
 )
-from mpolstm.harness.training import ACCURACY, fit
 
 
 class Net(nn.Module):

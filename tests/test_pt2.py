@@ -4,12 +4,12 @@ Every registered type on its own: tests/test_contract.py."""
 
 import pytest
 import torch
-from test_contract import assert_close_relative, assert_compiles_like_eager
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from mpolstm import quantize
 from mpolstm.compression import CompressionConfig, compress
+from test_contract import assert_close_relative, assert_compiles_like_eager
 
 LAYOUTS = ["auto", "lowrank", "interleaved", "lowrank+sparse", "int8"]
 

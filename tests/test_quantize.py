@@ -13,8 +13,8 @@ from torch import nn
 
 import mpolstm
 from mpolstm import io
-from mpolstm.nn import MPOLinear
 from mpolstm.mpo import core_scale_shape, dequantize_int8
+from mpolstm.nn import MPOLinear
 
 
 class Net(nn.Module):
@@ -140,9 +140,8 @@ def test_int8_and_float_tensors_in_the_wrong_place_are_refused(tmp_path):
 
 def test_tied_weights_quantize_save_load_and_inspect(tmp_path):
     """A decoder tied to the embedding (a SharedLinear) uses the owner's int8 cores, in memory and after load."""
-    from test_tied import TiedLM
-
     from mpolstm.harness.usermodels import describe_folder
+    from test_tied import TiedLM
 
     torch.manual_seed(0)
     model, _ = mpolstm.compress(TiedLM(), mpolstm.CompressionConfig(target_modules=["encoder", "decoder", "rnn"],

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from mpolstm import CompressionConfig, compress, distill, io
 from mpolstm.harness.cli import app
-from mpolstm.harness.usermodels import STORED_WEIGHTS, COMPRESSION_FILE, describe_stored, inspect_folder
+from mpolstm.harness.usermodels import COMPRESSION_FILE, STORED_WEIGHTS, describe_stored, inspect_folder
 from mpolstm.prune import make_permanent, prune_layerwise
 from mpolstm.storage import pack_weights, save_packed
 

@@ -6,12 +6,21 @@ import torch
 from torch import nn
 
 import mpolstm
-
 from mpolstm.compression import CompressionConfig, compress
 from mpolstm.harness.protocol import summarize, verdict
 from mpolstm.harness.protocol.rows import quantize_dynamic_int8
-from mpolstm.storage import (dequantize_int8, file_data_bytes, pack_matrix, pack_weights, packed_bytes, quantize_int8,
-                             round_to_int8_, save_packed, sparse_bytes, unpack_matrix)
+from mpolstm.storage import (
+    dequantize_int8,
+    file_data_bytes,
+    pack_matrix,
+    pack_weights,
+    packed_bytes,
+    quantize_int8,
+    round_to_int8_,
+    save_packed,
+    sparse_bytes,
+    unpack_matrix,
+)
 
 
 def sparse(rows, cols, density, seed=0):

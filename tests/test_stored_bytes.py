@@ -15,7 +15,6 @@ from mpolstm.io import WEIGHTS_FILE, load, save
 from mpolstm.nn.sparse import INDEX_FORMATS, SparseResidual, index_bytes, sparse_parts
 from mpolstm.storage import file_data_bytes, pack_weights, packed_bytes
 
-
 LAYOUTS = ["auto", "lowrank", "interleaved", "lowrank+sparse"]
 
 

@@ -13,8 +13,8 @@ from torch import nn
 from mpolstm import quantize
 from mpolstm.compression import CompressionConfig, compress
 from mpolstm.export import export_step
-from mpolstm.nn.base import set_factorized
 from mpolstm.nn import MPOLSTM
+from mpolstm.nn.base import set_factorized
 from mpolstm.nn.registry import layer_type, mpo_class, registered_mpo_names
 from mpolstm.nn.sparse import sparse_parts
 

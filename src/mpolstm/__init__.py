@@ -65,14 +65,27 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly (`x as x`: re-exported)
-    from .compression import CompressionConfig as CompressionConfig, CompressionReport as CompressionReport
-    from .compression import compress as compress, freeze_central as freeze_central
+    from .compression import CompressionConfig as CompressionConfig
+    from .compression import CompressionReport as CompressionReport
+    from .compression import compress as compress
+    from .compression import freeze_central as freeze_central
     from .compression import print_trainable_parameters as print_trainable_parameters
     from .distill import distill as distill
     from .errors import ConfigError as ConfigError
-    from .io import load as load, save as save
-    from .mpo import MPO as MPO, decompose as decompose, factorize as factorize, mpo_matmul as mpo_matmul
-    from .nn import MPOGRU as MPOGRU, MPOLSTM as MPOLSTM, MPORNN as MPORNN, MPOConv1d as MPOConv1d
-    from .nn import MPOConv2d as MPOConv2d, MPOEmbedding as MPOEmbedding, MPOGRUCell as MPOGRUCell
-    from .nn import MPOLinear as MPOLinear, MPOLSTMCell as MPOLSTMCell, MPORNNCell as MPORNNCell
+    from .io import load as load
+    from .io import save as save
+    from .mpo import MPO as MPO
+    from .mpo import decompose as decompose
+    from .mpo import factorize as factorize
+    from .mpo import mpo_matmul as mpo_matmul
+    from .nn import MPOGRU as MPOGRU
+    from .nn import MPOLSTM as MPOLSTM
+    from .nn import MPORNN as MPORNN
+    from .nn import MPOConv1d as MPOConv1d
+    from .nn import MPOConv2d as MPOConv2d
+    from .nn import MPOEmbedding as MPOEmbedding
+    from .nn import MPOGRUCell as MPOGRUCell
+    from .nn import MPOLinear as MPOLinear
+    from .nn import MPOLSTMCell as MPOLSTMCell
+    from .nn import MPORNNCell as MPORNNCell
     from .quantization import quantize as quantize

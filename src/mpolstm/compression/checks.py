@@ -64,7 +64,7 @@ def batch_outputs(model: nn.Module, batches: Sequence[Any]) -> list[list[Tensor]
     result = []
     for batch in batches:
         seen: list[Tensor] = []
-        run_hooked(model, [batch], [(model, lambda m, a, out: seen.append(_first(out)))])
+        run_hooked(model, [batch], [(model, lambda m, a, out, seen=seen: seen.append(_first(out)))])
         seen = [s for s in seen if s is not None]
         if not seen:
             raise ValueError("the model returned no tensor on a calibration batch: its output error cannot be measured")

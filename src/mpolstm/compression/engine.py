@@ -30,10 +30,10 @@ from ..nn.registry import is_mpo_module, layer_type, replace_module
 from ..nn.shared import shared_for
 from ..nn.sparse import sparse_of
 from ..storage import mpo_stored, packed_bytes
+from .checks import MIN_DECIDE, SYNTHETIC, OutputCheck, batch_errors, batch_outputs, synthetic_batches, total_error
 from .config import CompressionConfig, ModuleSettings, select_modules
 from .fit import Fit, mpo_module
 from .layouts import LAYOUTS, Target
-from .checks import MIN_DECIDE, SYNTHETIC, OutputCheck, batch_errors, batch_outputs, synthetic_batches, total_error
 from .output_aware import DEFAULT, AllocationChoice, choose_allocation, sensitivity_allocation, split_calibration
 from .refit import sequential_refit
 from .report import CompressionReport, ModuleReport, WeightReport

@@ -10,7 +10,6 @@ layout's name (how to fit another matrix the same way: ``layouts.fit_like``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from typing import Mapping
 
 import torch

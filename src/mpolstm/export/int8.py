@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from ..nn.base import MPOWeights
-from ..onnxgraph import (constants_as_initializers, dynamic_int8, graphs, onnx_modules, relative_error,
-                         run_onnxruntime)
+from ..onnxgraph import constants_as_initializers, dynamic_int8, graphs, onnx_modules, relative_error, run_onnxruntime
 from .trace import flatten
 
 __all__ = ["constants_as_initializers", "int8_onnx", "int8_report"]

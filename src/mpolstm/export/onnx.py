@@ -12,8 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.base import MPOWeights
-from ..onnxgraph import (constants_as_initializers, dedupe_tensors, onnx_modules, record_weight_bytes, subgraphs,
-                         weight_bytes)
+from ..onnxgraph import (
+    constants_as_initializers,
+    dedupe_tensors,
+    onnx_modules,
+    record_weight_bytes,
+    subgraphs,
+    weight_bytes,
+)
 from .int8 import int8_onnx
 from .trace import ExportJob, export_with, first_line, quiet, trace
 from .verify import FLOAT_RTOL, INT8_RTOL, Axes, Runner, declared, write_verified

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import shutil
 import sys
 import tempfile
 import warnings
@@ -67,8 +66,10 @@ def _fold_constants(program: torch.export.ExportedProgram) -> torch.export.Expor
 
 def _quantized(module: nn.Module, inputs: tuple) -> nn.Module:
     """The pt2e-quantized module: every linear's weight int8 per channel, activations dynamic."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                          get_symmetric_quantization_config)
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))

@@ -36,7 +36,7 @@ def runtime_weight_bytes(model: nn.Module) -> int:
     for module in model.modules():
         if not isinstance(module, MPOWeights):
             continue
-        for weight, cores in module.mpo_weights().items():
+        for cores in module.mpo_weights().values():
             with torch.no_grad():
                 halves = prepare_halves(list(cores))
             total += sum(t.numel() * t.element_size() for t in halves[:2])

@@ -115,8 +115,8 @@ def _uncompressed(path: Path, head: str) -> str:
 def inspect_onnx(path: Path) -> str:
     """The text ``mpolstm inspect FILE.onnx`` prints: the file's inputs, outputs and weight bytes and,
     for a file ``mpolstm compress`` wrote, its MPO layers (factors, bonds, sizes, errors, entropy)."""
-    from ..export import onnx_weight_bytes
     from ..compression.report import measured_lines
+    from ..export import onnx_weight_bytes
     from ..onnx.reader import opset_of, read_model
     from ..onnx.writer import METADATA_KEY
 

@@ -8,19 +8,31 @@ factors    a layer weight's (in, out) factors and freshly initialised cores
 int8       the int8 grid: symmetric int8 values with float32 scales, per core slice
 """
 
-from .contract import (Halves, Strategy, best_split, check_cores, cores_to_matrix, halves_matmul, matmul_cost,
-                       merged_halves, mpo_matmul, prepare_halves, split_matmul, step_macs)
+from .contract import (
+                       Halves,
+                       Strategy,
+                       best_split,
+                       check_cores,
+                       cores_to_matrix,
+                       halves_matmul,
+                       matmul_cost,
+                       merged_halves,
+                       mpo_matmul,
+                       prepare_halves,
+                       split_matmul,
+                       step_macs,
+)
 from .core import (
-    MPO,
-    TruncationReport,
-    bond_dims,
-    canonicalize,
-    capped_bond_dims,
-    central_core,
-    check_factors,
-    entropy,
-    factorize,
-    max_bond_dims,
+                       MPO,
+                       TruncationReport,
+                       bond_dims,
+                       canonicalize,
+                       capped_bond_dims,
+                       central_core,
+                       check_factors,
+                       entropy,
+                       factorize,
+                       max_bond_dims,
 )
 from .factors import Factors, default_factors, init_cores_, random_cores, resolve_factors
 from .int8 import core_scale_shape, dequantize_int8, quantize_core, quantize_int8

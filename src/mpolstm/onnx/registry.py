@@ -15,8 +15,19 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .layers import (LinearSpec, conv_layer, conv_tensors, grouped_layer, grouped_tensors, linear_tensors,
-                     recurrent_layer, recurrent_tensors, run_conv, run_grouped, run_recurrent)
+from .layers import (
+    LinearSpec,
+    conv_layer,
+    conv_tensors,
+    grouped_layer,
+    grouped_tensors,
+    linear_tensors,
+    recurrent_layer,
+    recurrent_tensors,
+    run_conv,
+    run_grouped,
+    run_recurrent,
+)
 
 __all__ = ["LAYER_OPS", "Built", "LayerOp", "Site", "register"]
 

@@ -29,8 +29,8 @@ from ..tasks.base import Task
 from ..training import Distillation, evaluate, fit, seed_everything
 from ..usermodels import STORED_WEIGHTS
 from .measure import compressed_params, dense_params, latencies, recurrent_weight_names
-from .report import markdown_table, plot_results
 from .paper import PAPER_BONDS, PAPER_ROWS, paper_lstm
+from .report import markdown_table, plot_results
 from .rows import LAYOUT, ROWS, Infeasible, RowContext, Trained, TrainFn
 from .schedule import BondSchedule, mpo_bonds
 

@@ -3,8 +3,17 @@ what fit keeps in ``out_dir`` (:mod:`.rundir`; checkpoint format: :mod:`mpolstm.
 
 from ...checkpoint import BEST_FORMAT, CHECKPOINT_FORMAT
 from .callbacks import Callback, Distillation, ProgressBar, TrainState, track_best
-from .loop import (OPTIMIZERS, FitResult, ForwardFn, count_parameters, default_forward, evaluate, fit, make_optimizer,
-                   seed_everything)
+from .loop import (
+                   OPTIMIZERS,
+                   FitResult,
+                   ForwardFn,
+                   count_parameters,
+                   default_forward,
+                   evaluate,
+                   fit,
+                   make_optimizer,
+                   seed_everything,
+)
 from .metrics import ACCURACY, PERPLEXITY, Metric
 from .rundir import load_checkpoint
 
