@@ -228,7 +228,9 @@ def _transposed_copies(model, min_size: int) -> int:
         matrix = a.squeeze() if a.ndim > 2 else a
         if k == 0 and name in top and matrix.ndim == 2:
             originals[(a.dtype.str, matrix.shape, matrix.tobytes())] = (name, a.shape)
-    saved, drop, sources = 0, {}, set()
+    saved: int = 0
+    drop: dict[int, set[str]] = {}
+    sources: set[str] = set()
     for k, name, array in held:
         found = None if array.ndim != 2 else originals.get((array.dtype.str, array.shape[::-1], array.T.tobytes()))
         if found is None or found[0] == name or name in sources or found[0] in drop.get(0, set()):

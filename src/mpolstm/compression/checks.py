@@ -13,6 +13,7 @@ their per-batch error ratio, a one-sided paired t-test at 95%.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -126,7 +127,11 @@ def _guesses(model: nn.Module, gen: torch.Generator) -> list[Callable[[], Tensor
         shapes = [(4, first.in_channels, 64)]
     elif isinstance(first, nn.Conv2d):
         shapes = [(4, first.in_channels, 32, 32)]
-    return [lambda shape=shape: torch.randn(*shape, generator=gen) for shape in shapes]
+    return [functools.partial(_randn, shape, gen) for shape in shapes]
+
+
+def _randn(shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+    return torch.randn(*shape, generator=gen)
 
 
 @torch.no_grad()

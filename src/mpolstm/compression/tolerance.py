@@ -39,7 +39,11 @@ def smallest_within(compress_once: Callable, model: nn.Module, config: Any, cali
                                       calibration=calibration, validation=validation)
         value = report.output_check.error if evaluate is None else float(evaluate(small))
         curve.append((ratio, value))
-        held = value <= config.max_output_error if evaluate is None else base - value <= max_drop
+        if evaluate is None:
+            held = value <= config.max_output_error
+        else:
+            assert base is not None and max_drop is not None
+            held = base - value <= max_drop
         return held, small, report
 
     best, low, high, ratio = None, 1.0, None, 2.0
@@ -50,6 +54,7 @@ def smallest_within(compress_once: Callable, model: nn.Module, config: Any, cali
             break
         best, low, ratio = (small, report), ratio, ratio * 2
     for _ in range(BISECTIONS if high is not None else 0):
+        assert high is not None
         mid = math.sqrt(low * high)
         held, small, report = trial(mid)
         if held:

@@ -34,10 +34,10 @@ class _Guarded(nn.Module):
         self.inner, self.checks = inner, [(i, d, inputs[i].shape[d]) for i, d in free]
 
     def forward(self, *inputs: Tensor):
-        inputs = list(inputs)
+        checked = list(inputs)
         for i, d, size in self.checks:
-            inputs[i] = _require(inputs[i], d, size, f"input{i}")
-        return self.inner(*inputs)
+            checked[i] = _require(checked[i], d, size, f"input{i}")
+        return self.inner(*checked)
 
 
 def _frozen(module: torch.jit.ScriptModule, inputs: tuple[Tensor, ...], expected: list[Tensor]):

@@ -96,7 +96,7 @@ def _groupings(inputs: tuple[Tensor, ...], lead: Axis, taken: set[Axis]) -> list
 
 def probe_axes(module: nn.Module, inputs: tuple[Tensor, ...]) -> Axes:
     """Which axes of ``inputs`` eager mode runs ``module`` at another size of (module docstring)."""
-    axes, taken = Axes(), set()
+    axes, taken = Axes(), set[Axis]()
     for lead in [(i, d) for i, x in enumerate(inputs) for d in range(x.dim())]:
         if lead in taken:
             continue
@@ -138,7 +138,7 @@ def _grid(inputs: tuple[Tensor, ...], axes: Axes) -> list[tuple[Axis | None, dic
     def size(lead: Axis) -> int:
         return inputs[lead[0]].shape[lead[1]]
 
-    points = [(None, {})] + [(lead, {a: n for a in members}) for lead, members in axes.groups.items()
+    points: list[tuple[Axis | None, dict[Axis, int]]] = [(None, {})] + [(lead, {a: n for a in members}) for lead, members in axes.groups.items()
               for n in sorted({1, size(lead), max(3, size(lead) + 3)})]
     if len(axes.groups) > 1:
         points.append((None, {a: max(3, size(lead) + 3) for lead, members in axes.groups.items() for a in members}))
@@ -158,7 +158,7 @@ def check_shapes(run: Runner, module: nn.Module, inputs: tuple[Tensor, ...], axe
         try:
             got = run(probe)
         except Exception as exc:
-            problem = f"it fails on inputs {_describe(probe)}: {str(exc).strip().splitlines()[-1][:200]}"
+            problem: str | None = f"it fails on inputs {_describe(probe)}: {str(exc).strip().splitlines()[-1][:200]}"
         else:
             problem = _differs(got, want, rtol)
         if problem:

@@ -73,9 +73,10 @@ def cases(only: set[str] | None = None) -> list:
     out = []
     for case in found:
         base = by_name.get(case.name.split("_expanded")[0], case)
+        assert base.model is not None
         op = base.model.graph.node[0].op_type
         if only is None or op in only:
-            case.op = op
+            case.op = op  # type: ignore[attr-defined]  # the operator, beside onnx's own fields
             out.append(case)
     return out
 

@@ -44,6 +44,7 @@ def run_graph(sub: Subgraph, ctx: Ctx, outer: dict[str, Tensor], args: list[Tens
     """The subgraph's outputs on ``args`` (its inputs, in order) with ``outer`` values visible."""
     env = dict(outer)
     env.update((n, a) for n, a in zip(sub.inputs, args) if a is not None)
+    assert ctx.run is not None, "control flow runs inside a model (ctx.run)"
     for step in sub.steps:
         try:
             results = ctx.run(step, [env[n] if n else None for n in step.inputs], ctx)

@@ -135,6 +135,7 @@ def _build_linear(node, attrs: dict, site: Site) -> Built | None:
 
 
 def _write_linear(nodes: dict, step, layer: nn.Module, put: Put) -> None:
+    assert isinstance(layer, nn.Linear)
     weight, bias = linear_tensors(layer, step.spec)
     node = nodes[step.nodes[0]]
     node.input[1] = put("W", weight, node.input[1])
