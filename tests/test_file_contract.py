@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mpolstm import CompressionConfig, compress
-from mpolstm.export import export_model, export_step
+from mpolstm.export import export_model, export_step, file_weight_bytes, runtime_weight_bytes
 from mpolstm.export.trace import ExportJob, export_copy, flatten
 from mpolstm.export.verify import check_shapes, probe_axes, write_verified
 from mpolstm.nn import MPOLSTM
@@ -94,8 +94,9 @@ def test_aoti_step_runs_at_any_batch(tmp_path):
     returned (2, 256) and states off by 0.76, without an error."""
     torch.manual_seed(0)
     lstm = MPOLSTM(64, 256, num_layers=2, bond_dim=8).eval()
-    package = torch._inductor.aoti_load_package(str(export_step(lstm, tmp_path / "s.pt2", "aoti",
-                                                                frame=torch.zeros(2, 64))))
+    path = export_step(lstm, tmp_path / "s.pt2", "aoti", frame=torch.zeros(2, 64))
+    assert file_weight_bytes(path) <= 1.05 * runtime_weight_bytes(lstm)  # each weight once (issue 31, bytes)
+    package = torch._inductor.aoti_load_package(str(path))
     for batch in (5, 1):
         frame, h, c = torch.randn(batch, 64), torch.randn(2, batch, 256), torch.randn(2, batch, 256)
         out, (h2, c2) = lstm.step(frame, (h, c))

@@ -174,6 +174,10 @@ def test_whole_model_in_the_pt2_formats_equals_eager(fmt, tmp_path):
     from mpolstm.export import export_model
 
     model = compressed_tagger("lowrank").eval()
+    if fmt == "aoti":  # torch.export fixes the scan's length; the package would not check it: refused
+        with pytest.raises(ValueError, match="AOTI_RUNTIME_CHECK_INPUTS=1"):
+            export_model(model, fmt, tmp_path / f"tagger.{fmt}", (tokens(),))
+        return
     path = export_model(model, fmt, tmp_path / f"tagger.{fmt}", (tokens(),))
     with torch.no_grad():
         expected = model(tokens())

@@ -189,12 +189,25 @@ def _build_aoti(job: ExportJob, axes: Axes) -> tuple[bytes, Axes]:
     fixed = [lead for lead, members in axes.groups.items()
              if any(is_concrete_int(shapes[i][d]) for i, d in members)]
     try:
+        _refuse_fixed(job, axes.fixing(fixed))
         return _compile_aoti(program), axes.fixing(fixed)
     except torch._inductor.exc.InductorError:
         if len(fixed) == len(axes.groups):
             raise
+    _refuse_fixed(job, axes.fixing(list(axes.groups)))
     static = _program(job.module, job.inputs, _as_signature(job.module, [None] * len(job.inputs)))
     return _compile_aoti(static), axes.fixing(list(axes.groups))
+
+
+def _refuse_fixed(job: ExportJob, axes: Axes) -> None:
+    """ValueError when the package would fix an axis eager mode varies: AOTInductor checks input sizes
+    only where ``AOTI_RUNTIME_CHECK_INPUTS=1`` is set, so a call at another size would run silently wrong."""
+    if axes.free:
+        i, d = axes.free[0]
+        raise ValueError(f"the AOTInductor package of {type(job.module).__name__} would fix axis {d} of input {i} "
+                         f"at {job.inputs[i].shape[d]} (eager mode runs other sizes), and AOTInductor checks input "
+                         "sizes only where AOTI_RUNTIME_CHECK_INPUTS=1 is set: export to onnx or executorch, which "
+                         "refuse other sizes, or export a step (export_step), whose batch stays dynamic")
 
 
 def _aoti_runner(data: bytes, job: ExportJob) -> Runner:
