@@ -155,7 +155,8 @@ class CompressionReport:
         budgets = " and ".join(b for b, v in (("parameter", self.budget), ("multiply-add", self.max_macs))
                                if v is not None)
         why = f"per weight, the least {error} within the {budgets} budget" if budgets else "bonds set by max_bond / rel_tol"
-        macs = f"{self.dense_macs / self.macs:.1f}x fewer" if self.macs else "none"
+        ratio = self.dense_macs / self.macs if self.macs else 0.0
+        macs = "none" if not self.macs else f"{ratio:.1f}x fewer" if ratio >= 1 else f"{1 / ratio:.1f}x more"
         return (f"compression: {self.dense_params:,} -> {self.mpo_params:,} weight entries ({self.ratio:.1f}x), "
                 f"{self.stored_bytes:,} bytes as stored in float32; multiply-adds per step at batch 1: {self.dense_macs:,} -> {self.macs:,} ({macs})\n"
                 f"layouts chosen: {chosen or 'none'} ({why})")

@@ -153,6 +153,18 @@ def _distill(model: OnnxModel, teacher: OnnxModel, batches: list, steps: int, ba
     return {"held_out": len(held), "before": before, "after": after}
 
 
+def _sliced(model: OnnxModel, batches: list, pieces: int) -> list:
+    """One batch cut into ``pieces`` so that held-out batches can decide: a sequence of frames into
+    consecutive crops (each from zero states), else along a dynamic batch axis; several batches as given."""
+    if len(batches) != 1:
+        return batches
+    if isinstance(batches[0], FrameSequence):
+        return batches[0].crops(-(-len(batches[0]) // pieces)) if len(batches[0]) >= 2 * pieces else batches
+    if model.inputs[0].dims and isinstance(model.inputs[0].dims[0], str):
+        return _rows(model, batches, -(-batches[0][0].shape[0] // pieces))
+    return batches
+
+
 def _default_targets(model: OnnxModel, source) -> list[str]:
     """The recurrent layers; a graph without one has nothing to compress unless layers are named."""
     names = recurrent_layers(model)
@@ -179,7 +191,8 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
     record); ``int8``: int8 factors (``int8_dense``: every MatMul
     weight int8); ``step``: also write the streaming step file there; ``validation``: held-out inputs (as
     ``calibration``) the model's output error is measured and the allocation decided on (default: one
-    batch of calibration inputs is sliced along a dynamic batch axis into 8, every second held out). An
+    batch of calibration inputs is cut into 8, every second held out: along a dynamic batch axis, or a
+    sequence of frames into consecutive crops; one validation batch is cut into 4 alike). An
     existing ``target`` (or ``step``) is refused before any work unless ``overwrite``; missing parents
     are created; nothing is written on failure. Returns (the report, the compressed model)."""
     outputs = [Path(target)] + ([] if step is None else [Path(step)])
@@ -196,11 +209,8 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
     if distill_steps and batches is None:
         raise ValueError("distill_steps needs calibration inputs to distil on")
     teacher = copy.deepcopy(model) if distill_steps else None
-    held_out = None if validation is None else as_batches(model, validation)
-    sliced = batches
-    if batches is not None and len(batches) == 1 and held_out is None and not isinstance(batches[0], FrameSequence) \
-            and model.inputs[0].dims and isinstance(model.inputs[0].dims[0], str):
-        sliced = _rows(model, batches, -(-batches[0][0].shape[0] // 8))
+    held_out = None if validation is None else _sliced(model, as_batches(model, validation), 4)
+    sliced = batches if batches is None or held_out is not None else _sliced(model, batches, 8)
     model, report = compress(model, config, calibration=sliced, validation=held_out)
     record = {"source": Path(source).name, "report": report.to_dict(), "distill_steps": distill_steps}
     if teacher is not None:
