@@ -79,7 +79,10 @@ def _rebuilt_weights_in(arrays: list, model: nn.Module) -> list:
 
 def _grid() -> list:
     """Every layout x format; AOTInductor (a C++ compile each, seconds) for one layout in the default suite."""
-    return [pytest.param(layout, fmt, marks=([pytest.mark.slow] if fmt == "aoti" and layout != "lowrank" else []))
+    known = pytest.mark.xfail(raises=ValueError, strict=True, reason="the ExecuTorch program of an interleaved "
+                              "LSTM differs from eager (0.04 relative), and the writer refuses it (not a bytes question)")
+    return [pytest.param(layout, fmt, marks=([pytest.mark.slow] if fmt == "aoti" and layout != "lowrank" else []) +
+                         ([known] if (layout, fmt) == ("interleaved", "executorch") else []))
             for layout in LAYOUTS for fmt in ("onnx", "torchscript", "executorch", "aoti")]
 
 
@@ -196,8 +199,8 @@ def test_compressing_an_onnx_file_writes_its_1x1_convolutions_factorized(tmp_pat
     net = nn.Sequential(nn.Conv1d(64, 96, 1), nn.ReLU(), nn.Conv1d(96, 64, 1)).eval()
     x = torch.randn(2, 64, 10)
     torch.onnx.export(net, (x,), str(tmp_path / "in.onnx"), dynamo=False, input_names=["x"])
-    _, small = compress_file(tmp_path / "in.onnx", tmp_path / "out.onnx", CompressionConfig(target_ratio=30),
-                             calibration=[(x,)])
+    config = CompressionConfig(target_ratio=30, target_modules=["n_0_Conv", "n_2_Conv"])  # no LSTM: named
+    _, small = compress_file(tmp_path / "in.onnx", tmp_path / "out.onnx", config, calibration=[(x,)])
     arrays = _onnx_arrays(tmp_path / "out.onnx")
     assert not _rebuilt_weights_in(arrays, small)  # no dense kernel
     held = onnx_weight_bytes(tmp_path / "out.onnx")

@@ -205,6 +205,8 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
         raise ValueError(f"distill_steps must be >= 0 and batch_size >= 1, got {distill_steps} and {batch_size}")
     if config.target_modules is None:
         config = replace(config, target_modules=_default_targets(model, source))
+    elif isinstance(config.target_modules, (list, tuple)):
+        config = replace(config, target_modules=layer_names(model, config.target_modules))
     batches = None if calibration is None else as_batches(model, calibration)
     if distill_steps and batches is None:
         raise ValueError("distill_steps needs calibration inputs to distil on")
