@@ -6,7 +6,7 @@ import inspect
 import pathlib
 import re
 
-from mpolstm.harness import cli
+from mpolstm.harness.cli import experiments
 from mpolstm.harness.protocol import ROWS
 from mpolstm.harness.protocol.report import markdown_table
 
@@ -30,7 +30,7 @@ def test_the_demo_table_is_the_demos():
     printed = next(line for line in markdown_table(document).splitlines() if line.startswith("| row "))
     assert table[0] == "|".join(printed.split("|")[:11]) + "|"  # the demo's columns up to `total`, in order
 
-    ratios = [float(r) for r in inspect.signature(cli.demo).parameters["ratios"].default.default.split(",")]
+    ratios = [float(r) for r in inspect.signature(experiments.demo).parameters["ratios"].default.default.split(",")]
     expected = {("dense", "-")} | {(name, "-" if spec.once else f"{ratio:g}x") for name, spec in ROWS.items()
                                    if spec.recipe is not None for ratio in ratios}
     documented = {tuple(cell.strip() for cell in line.split("|")[1:3]) for line in table[1:]}

@@ -235,7 +235,7 @@ def test_a_hybrid_exports_with_the_dense_runtime_correctly_and_smaller_than_dens
 
 
 def test_the_demo_prints_each_row_against_the_documented_seed_spread(tmp_path, monkeypatch):
-    from mpolstm.harness import cli
+    from mpolstm.harness.cli import experiments
     from mpolstm.harness.protocol.spread import SEQCLS_QUICK
 
     def fake_run(task, ratios, out, seed, distill, rows, resume=False):
@@ -244,8 +244,8 @@ def test_the_demo_prints_each_row_against_the_documented_seed_spread(tmp_path, m
                 {"row": "mpo-scratch", "target_ratio": 30.0, "accuracy": 0.5}]
         (out / "results.json").write_text(json.dumps({"metric": "accuracy", "rows": rows}))
 
-    monkeypatch.setattr(cli, "_run_protocol", fake_run)
-    monkeypatch.setattr(cli, "_make_task", lambda *args, **kwargs: None)
+    monkeypatch.setattr(experiments, "_run_protocol", fake_run)
+    monkeypatch.setattr(experiments, "_make_task", lambda *args, **kwargs: None)
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     assert "Against the documented seed spread" in result.output
