@@ -28,6 +28,8 @@ __all__ = ["SharedLayer", "SharedLinear", "SharedEmbedding", "SHARED_TYPES", "sh
 class SharedLayer(MPOModule):
     """The part shared by both kinds: the owner reference and the MPO-module protocol."""
 
+    torch_type: type[nn.Module]  # the torch layer it stands in for (set by each kind)
+
     def __init__(self, owner_name: str) -> None:
         super().__init__()
         self.owner_name = owner_name
