@@ -18,13 +18,13 @@ touched. ``whitening(C)`` gives the damped square root used by ``compress(calibr
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .errors import ConfigError, must_be
+from .errors import ConfigError, FieldNames, must_be
 from .nn.registry import layer_type
 
 __all__ = ["Calibration", "apply_whitening", "collect_moments", "damping", "run_hooked", "whitening"]
@@ -55,6 +55,7 @@ class _Moments:
         self.count += int(counts.sum())
 
     def mean(self) -> Tensor:
+        assert self.sum is not None, "no inputs were added"
         return self.sum / max(self.count, 1)
 
 
@@ -80,16 +81,22 @@ def _run(model: nn.Module, calibration: Calibration) -> int:
             continue
         inputs = batch if isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence) else (batch,)
         if not inputs or not all(isinstance(x, (Tensor, PackedSequence)) for x in inputs):
-            raise ConfigError("calibration", lambda n, batch=batch: f"each {n('calibration')} batch must be a tensor, a tuple/list "
-                                                       f"of tensors (the model's positional inputs) or a callable that "
-                                                       f"runs the model, got {type(batch).__name__}")
+            raise ConfigError("calibration", _not_a_batch(type(batch).__name__))
         try:
             model(*inputs)
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            raise ConfigError("calibration", lambda n, exc=exc, count=count: f"{n('calibration')} batch {count} failed in the "
-                                                                f"model: {exc}") from exc
+            raise ConfigError("calibration", _failed_batch(count, exc)) from exc
         count += 1
     return count
+
+
+def _not_a_batch(kind: str) -> Callable[[FieldNames], str]:
+    return lambda n: (f"each {n('calibration')} batch must be a tensor, a tuple/list of tensors (the model's "
+                      f"positional inputs) or a callable that runs the model, got {kind}")
+
+
+def _failed_batch(count: int, exc: Exception) -> Callable[[FieldNames], str]:
+    return lambda n: f"{n('calibration')} batch {count} failed in the model: {exc}"
 
 
 def run_hooked(model: nn.Module, calibration: Calibration, hooks: Sequence[tuple[nn.Module, Callable]],
@@ -119,7 +126,9 @@ def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibrat
     moments: dict[str, dict[str, _Moments]] = {name: {} for name in targets}
 
     def hook_for(name: str, module: nn.Module):
-        inputs = layer_type(module).inputs
+        entry = layer_type(module)
+        assert entry is not None, f"{type(module).__name__} is not a registered type"  # targets are registered
+        inputs = entry.inputs
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             slots = moments[name]
@@ -128,7 +137,7 @@ def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibrat
             for weight, seen in inputs(mod, args):
                 slot = slots.setdefault(weight, _Moments())
                 if seen.dim() == 1:  # row indices of a table lookup (one-hot inputs)
-                    slot.add_counts(torch.bincount(seen.cpu(), minlength=mod.weight.shape[0]))
+                    slot.add_counts(torch.bincount(seen.cpu(), minlength=cast(Tensor, mod.weight).shape[0]))
                 else:
                     slot.add(seen)
         return hook

@@ -378,6 +378,7 @@ def capture_rng(loader: Any = None) -> dict[str, Any]:
     """The states of Python's, NumPy's and torch's (CPU, CUDA) global RNGs and of ``loader``'s
     generators, as a JSON-serialisable dict."""
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy MT19937 state of the global RandomState
     py_state = random.getstate()
     return {
         "torch": _b64(torch.get_rng_state()),

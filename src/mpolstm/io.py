@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence, cast
 
 import torch
 from safetensors.torch import save as st_save
@@ -41,7 +41,7 @@ from torch import nn
 from .atomic import atomic_folder, atomic_write_bytes, check_target
 from .mpo import TruncationReport, dequantize_int8
 from .nn.base import MPOWeights
-from .nn.registry import is_mpo_module, layer_type_of_mpo, mpo_class, registered_mpo_names, replace_module
+from .nn.registry import MPOModule, is_mpo_module, layer_type_of_mpo, mpo_class, registered_mpo_names, replace_module
 from .nn.shared import SharedLayer
 from .tensorfile import read_header, read_tensors
 from .version import __version__
@@ -97,7 +97,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False,
 def _serialise(model: nn.Module) -> tuple[bytes, str]:
     """The weights file's bytes (int8 cores as int8) and config.json's text of ``model``."""
     standalone = is_mpo_module(model)
-    named = [("", model)] if standalone else [(n, m) for n, m in model.named_modules() if n and is_mpo_module(m)]
+    named = ([("", cast(MPOModule, model))] if standalone  # (is_mpo_module: an MPOModule's protocol)
+             else [(n, cast(MPOModule, m)) for n, m in model.named_modules() if n and is_mpo_module(m)])
     int8 = {}
     for name, m in named:
         if isinstance(m, MPOWeights) and m.int8:
@@ -183,17 +184,18 @@ def _mpo_class(name: Any, file: Path, module: str) -> type[nn.Module]:
     return cls
 
 
-def _build(cls: type[nn.Module], config: Mapping[str, Any], file: Path, name: str, device: str | torch.device):
+def _build(cls: type[nn.Module], config: Mapping[str, Any], file: Path, name: str, device: str | torch.device
+           ) -> MPOModule:
     try:
         with torch.device(device):
-            return cls.from_config(config)
+            return cast(type[MPOModule], cls).from_config(config)  # a registered MPO class
     except (ValueError, TypeError, KeyError, RuntimeError, OverflowError) as exc:
         raise ValueError(f"{file}: module {name!r}: invalid {cls.__name__} config: {exc}") from None
 
 
-def _check_base_module(base: nn.Module, probe: nn.Module, name: str, file: Path) -> None:
+def _check_base_module(base: nn.Module, probe: MPOModule, name: str, file: Path) -> None:
     entry = layer_type_of_mpo(probe)
-    torch_type = entry.torch_type if entry is not None else probe.torch_type  # a Shared* layer
+    torch_type = entry.torch_type if entry is not None else cast(SharedLayer, probe).torch_type  # a Shared* layer
     if not isinstance(base, (type(probe), torch_type)):
         raise ValueError(f"{file}: module {name!r} was saved as {type(probe).__name__}, but base_model has a "
                          f"{type(base).__name__} there (expected {torch_type.__name__})")
@@ -293,12 +295,12 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
         module.train(base.training)
         replace_module(base_model, name, module)
         built.append((name, module))
-    for module in base_model.modules():  # layers using another layer's MPO (tied weights)
-        if isinstance(module, SharedLayer):
+    for layer in base_model.modules():  # layers using another layer's MPO (tied weights)
+        if isinstance(layer, SharedLayer):
             try:
-                module.bind(base_model)
+                layer.bind(base_model)
             except AttributeError:
-                raise ValueError(f"{config_file}: a shared layer's owner {module.owner_name!r} is not in the "
+                raise ValueError(f"{config_file}: a shared layer's owner {layer.owner_name!r} is not in the "
                                  "model") from None
     base_model.load_state_dict(_restore(saved.data, saved.weights_file, built), strict=True)
     for name, module in built:
@@ -306,7 +308,7 @@ def load(path: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Mod
     return base_model
 
 
-def _restore_errors(module: nn.Module, entry: Mapping[str, Any]) -> None:
+def _restore_errors(module: MPOModule, entry: Mapping[str, Any]) -> None:
     """The errors recorded when the MPOs were made, back in ``module.reports`` (so that a model loaded,
     quantized and saved again keeps them)."""
     for weight, error in (entry.get("errors") or {}).items():
@@ -378,12 +380,12 @@ def _check_dtypes(floating: set[str], int8: Mapping[str, str], header: Mapping[s
                              "config does not mark it int8)")
 
 
-def _restore(data: bytes, file: Path, modules: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+def _restore(data: bytes, file: Path, modules: Sequence[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
     """The file's tensors with every int8 core of ``modules`` dequantized (:func:`dequantize_cores`)."""
     return dequantize_cores(read_tensors(data, file), modules, file)
 
 
-def dequantize_cores(tensors: Mapping[str, torch.Tensor], modules: list[tuple[str, nn.Module]],
+def dequantize_cores(tensors: Mapping[str, torch.Tensor], modules: Sequence[tuple[str, nn.Module]],
                      file: Path) -> dict[str, torch.Tensor]:
     """A copy of a saved file's ``tensors`` with the int8 cores of the named ``modules`` (built from
     the file's config) dequantized, in the dtype of each module's core, by their scales; a scale

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, cast
 
 import torch
 from safetensors.torch import save as safetensors_save
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .atomic import atomic_write_bytes
 from .mpo import dequantize_int8, quantize_core, quantize_int8
 from .nn.base import MPOWeights
-from .nn.registry import is_mpo_module
+from .nn.registry import MPOModule, is_mpo_module
 from .nn.sparse import SparseResidual, decode_index, encode_index, index_bytes, index_parts, sparse_parts
 from .tensorfile import read_header
 
@@ -87,7 +87,8 @@ def pack_matrix(matrix: Tensor, int8: bool = False) -> tuple[str, dict[str, Tens
     if fmt == "float32":
         return fmt, {"values": m.contiguous()}
     flat = m.reshape(-1).nonzero().reshape(-1)
-    return fmt, {"values": m.reshape(-1)[flat], **encode_index(flat, tuple(m.shape), fmt.removesuffix("-int8")),
+    rows, cols = m.shape  # 2-D (checked above)
+    return fmt, {"values": m.reshape(-1)[flat], **encode_index(flat, (rows, cols), fmt.removesuffix("-int8")),
                  **extra}
 
 
@@ -121,7 +122,8 @@ def _int8_cores(module: nn.Module) -> dict[str, list[tuple[Tensor, Tensor]]]:
         stored = module._int8_values()
         return {w: [stored[f"{module._cores_attr(w)}.{k}"] for k in range(len(cores))]
                 for w, cores in module.mpo_weights().items()}
-    return {w: [quantize_core(core) for core in cores] for w, cores in module.mpo_weights().items()}
+    mpo = cast(MPOModule, module)  # an MPO module (nn.Module.__getattr__ types mpo_weights as Tensor | Module)
+    return {w: [quantize_core(core) for core in cores] for w, cores in mpo.mpo_weights().items()}
 
 
 def mpo_stored(module: nn.Module, int8: bool = False) -> dict[str, tuple[dict[str, str], dict[str, Tensor]]]:
@@ -130,7 +132,7 @@ def mpo_stored(module: nn.Module, int8: bool = False) -> dict[str, tuple[dict[st
     ``core<k>.scale`` (``int8``: the module's own grid, or rounded as :func:`mpolstm.quantize` would),
     and ``sparse.<part>`` for a sparse residual (:func:`pack_weights`)."""
     out = {}
-    for weight, cores in (_int8_cores(module) if int8 else module.mpo_weights()).items():
+    for weight, cores in (_int8_cores(module) if int8 else cast(MPOModule, module).mpo_weights()).items():
         tensors: dict[str, Tensor] = {}
         for k, core in enumerate(cores):
             if int8:

@@ -78,8 +78,10 @@ def mpo_module(module: nn.Module, fits: Mapping[str, Fit]) -> nn.Module:
     """The MPO module of the torch ``module`` with each weight set from its Fit (cores cast to the
     module's dtype and device, the sparse parts attached), in the module's train/eval mode."""
     like = next(iter(module.parameters()))
+    entry = layer_type(module)
+    assert entry is not None, f"{type(module).__name__} has no MPO layer type"
     with torch.no_grad():
-        new = layer_type(module).from_torch(module, mpos={
+        new = entry.from_torch(module, mpos={
             name: MPO([c.to(device=like.device, dtype=like.dtype) for c in fit.mpo.cores], fit.mpo.report)
             for name, fit in fits.items()})
         for name, fit in fits.items():

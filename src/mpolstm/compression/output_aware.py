@@ -35,7 +35,7 @@ import math
 import statistics
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -81,7 +81,8 @@ def split_calibration(calibration: Calibration) -> tuple[list[Any], list[Any]]:
         raise ValueError("allocation='output' holds out half of the calibration batches to decide on: give "
                          "calibration as a list of batches (tensors, tuples of inputs, or callables that each run "
                          "the model on one batch), not one callable")
-    batches = [calibration] if isinstance(calibration, Tensor) else list(calibration)
+    # past the check a callable is a Module, iterated as a container (nn.Sequential, nn.ModuleList)
+    batches = [calibration] if isinstance(calibration, Tensor) else list(cast(Iterable[Any], calibration))
     if len(batches) < 2:
         raise ValueError(f"allocation='output' holds out every second calibration batch to decide on: give at least "
                          f"2 batches (got {len(batches)}; split a large batch into several)")

@@ -19,6 +19,7 @@ compressed weight also corrects the error that reaches it; every layout is refit
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ def _inputs(model: nn.Module, name: str, calibration: Calibration) -> dict[str, 
     """What every weight of module ``name`` multiplies, call by call, while the calibration runs."""
     module = model.get_submodule(name)
     entry = layer_type(module) or layer_type_of_mpo(module)  # torch, or already refitted
+    assert entry is not None, f"refit: {type(module).__name__} has no MPO layer type"
     seen: dict[str, list[Tensor]] = {}
 
     def hook(mod: nn.Module, args: tuple, output: Any) -> None:
@@ -60,7 +62,9 @@ def paired_moments(original: nn.Module, current: nn.Module, name: str, calibrati
             raise ValueError(f"refit: module {name!r} saw different inputs in the original and the compressed "
                              "model; the calibration must run both the same way")
         count = max(sum(x.shape[0] for x in xs_c), 1)
-        out[weight] = (sum(c.T @ c for c in xs_c) / count, sum(c.T @ o for c, o in zip(xs_c, xs_o)) / count)
+        gram = functools.reduce(torch.add, (c.T @ c for c in xs_c))  # xs_c is not empty (xs_o has one per call)
+        cross = functools.reduce(torch.add, (c.T @ o for c, o in zip(xs_c, xs_o)))
+        out[weight] = (gram / count, cross / count)
     return out
 
 

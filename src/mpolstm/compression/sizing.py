@@ -48,18 +48,23 @@ class Sizing:
         return kind is not None and kind.sized is not None
 
     def candidates(self, i: int) -> list[Candidate]:
-        if self._candidates[i] is None:
+        candidates = self._candidates[i]
+        if candidates is None:
             target, settings, kind = self.targets[i], self.settings[i], self.kind(i)
             if kind is not None and kind.sized is not None:  # its low-rank part's curve
-                options = {kind.name: kind.factors(*target.matrix.shape, target.interleaved)}
+                rows, cols = target.matrix.shape
+                options = {kind.name: kind.factors(rows, cols, target.interleaved)}
             else:
                 options = target.candidates(settings.layout)
-            self._candidates[i] = [Candidate.of(target, name, f, settings.max_bond) for name, f in options.items()]
-        return self._candidates[i]
+            candidates = [Candidate.of(target, name, f, settings.max_bond) for name, f in options.items()]
+            self._candidates[i] = candidates
+        return candidates
 
     def fit_params(self, i: int, params: int) -> Fit:
         """Target ``i`` (pinned to a layout sized by parameters) fitted within ``params`` stored numbers."""
-        return self.kind(i).sized.fit(self.targets[i], params, self.settings[i].sparse_share)
+        kind = self.kind(i)
+        assert kind is not None and kind.sized is not None  # sized_by_params(i)
+        return kind.sized.fit(self.targets[i], params, self.settings[i].sparse_share)
 
     def fit_point(self, i: int, point: CurvePoint) -> Fit:
         """Target ``i`` fitted at an allocator point of its candidates (each point fitted once:
@@ -79,8 +84,10 @@ class Sizing:
         if scales is None:
             total = sum(self.sizes)
             for i in filter(self.sized_by_params, range(len(self.targets))):
+                kind = self.kind(i)
+                assert kind is not None  # sized_by_params(i)
                 if budget is None:
-                    raise ValueError(f"layout {self.kind(i).name!r} needs a parameter budget (target_ratio or "
+                    raise ValueError(f"layout {kind.name!r} needs a parameter budget (target_ratio or "
                                      "max_params)")
                 fits[i] = self.fit_params(i, int(budget * self.sizes[i] / total))
             spent = sum(f.params for f in fits if f is not None)  # a sparse entry costs one multiply-add
@@ -120,7 +127,8 @@ class Sizing:
     def _bounded(self, i: int) -> Fit:
         target, settings, kind = self.targets[i], self.settings[i], self.kind(i)
         if kind is not None and kind.sized is not None:
-            params = kind.sized.params_for_bond(tuple(target.matrix.shape), settings.max_bond, settings.sparse_share)
+            rows, cols = target.matrix.shape
+            params = kind.sized.params_for_bond((rows, cols), settings.max_bond, settings.sparse_share)
             return self.fit_params(i, params)
         layout = settings.layout
         if layout == "auto" and settings.rel_tol is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from torch import nn
 
@@ -42,7 +42,7 @@ def densify(model: nn.Module) -> nn.Module:
     if root is not None:
         return root
     out = copy.deepcopy(model)
-    shared = []
+    shared: list[tuple[str, SharedLayer]] = []
     for name, module in list(out.named_modules()):
         if isinstance(module, SharedLayer):  # uses another layer's MPO: tied again below
             shared.append((name, module))
@@ -50,8 +50,9 @@ def densify(model: nn.Module) -> nn.Module:
         dense = _dense_module(module) if name else None
         if dense is not None:
             replace_module(out, name, dense)
-    for name, module in shared:
-        replace_module(out, name, module.dense(out.get_submodule(module.owner_name).weight))
+    for name, layer in shared:
+        weight = cast(nn.Parameter, out.get_submodule(layer.owner_name).weight)  # the owner's, dense by now
+        replace_module(out, name, layer.dense(weight))
     return out
 
 

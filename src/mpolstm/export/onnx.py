@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,7 @@ def _build_onnx(job: ExportJob, axes: Axes) -> tuple[bytes, Axes]:
     buffer = io.BytesIO()
     try:
         with quiet(), (torch.enable_grad() if traced.with_grad else torch.no_grad()):
-            torch.onnx.export(traced.module, job.inputs, buffer, dynamo=False, opset_version=job.opset,
+            torch.onnx.export(traced.module, job.inputs, cast(Any, buffer), dynamo=False, opset_version=job.opset,
                               input_names=input_names, output_names=output_names,
                               dynamic_axes=declared(axes, input_names, output_names))
     except Exception as exc:
@@ -68,7 +68,7 @@ def write_onnx(job: ExportJob, path: Path) -> Path:
     return write_verified(job, path, _build_onnx, onnx_runner, "ONNX", INT8_RTOL if job.int8 else FLOAT_RTOL)
 
 
-write_onnx.supports_int8 = True  # int8 factors: export.int8
+write_onnx.supports_int8 = True  # type: ignore[attr-defined]  # int8 factors: export.int8 (mypy#2087)
 
 
 def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike,
@@ -104,7 +104,7 @@ def _sparse_constants(graph, main) -> None:
         value = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
         array = numpy_helper.to_array(value.t) if value is not None and value.type == value.TENSOR else None
         nonzero = None if array is None or array.ndim != 2 or array.dtype.kind != "f" else array.reshape(-1).nonzero()[0]
-        if nonzero is None or nonzero.size * (array.itemsize + 8) >= array.nbytes:
+        if array is None or nonzero is None or nonzero.size * (array.itemsize + 8) >= array.nbytes:
             kept.append(node)
             continue
         main.sparse_initializer.append(onnx.helper.make_sparse_tensor(

@@ -148,7 +148,7 @@ def write_executorch(job: ExportJob, path: Path) -> Path:
                               INT8_RTOL if job.int8 else FLOAT_RTOL)
 
 
-write_executorch.supports_int8 = True  # int8 factors: pt2e dynamic quantization (job.int8)
+write_executorch.supports_int8 = True  # type: ignore[attr-defined]  # (mypy#2087) int8 factors: pt2e dynamic quantization (job.int8)
 
 
 def _distinct_sizes(inputs: tuple, axes: Axes) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable, cast
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,11 @@ CHECK_FRAMES = 4
 __all__ = ["export_step"]
 
 
+def _step(model: nn.Module) -> Callable[[Tensor, Any], tuple[Tensor, Any]]:
+    """``model.step``: (frame, state) -> (output, new state) (nn.Module.__getattr__ types it Tensor | Module)."""
+    return cast(Callable[[Tensor, Any], tuple[Tensor, Any]], model.step)
+
+
 class _Step(nn.Module):
     """``forward(frame, *state) -> (output, *new_state)``: a model's ``step`` with flat tensors."""
 
@@ -28,7 +34,7 @@ class _Step(nn.Module):
         self.model, self.single_state = model, single_state
 
     def forward(self, frame: Tensor, *state: Tensor):
-        output, new = self.model.step(frame, state[0] if self.single_state else tuple(state))
+        output, new = _step(self.model)(frame, state[0] if self.single_state else tuple(state))
         return (output, *flatten(new, "new state"))
 
 
@@ -46,7 +52,7 @@ def _random_step_inputs(work: nn.Module, frame: Tensor) -> tuple[Tensor, object]
     state, outputs = None, []
     with torch.no_grad():
         for x in frames[:-1]:
-            out, state = work.step(x, state)
+            out, state = _step(work)(x, state)
             outputs.append(out)
         entry = layer_type_of_mpo(work)
         if entry is not None and entry.kind == "rnn":
@@ -93,9 +99,10 @@ def export_step(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", fr
     quantized = int8_factors(model, int8, "factorized", WRITERS[fmt])
     work = export_copy(int8_model(model, int8), "factorized")
     if frame is None:
-        if not isinstance(getattr(work, "input_size", None), int):
+        input_size = getattr(work, "input_size", None)
+        if not isinstance(input_size, int):
             raise ValueError(f"give an example frame: {type(model).__name__} has no input_size to make one")
-        frame = next(work.parameters()).new_zeros(1, work.input_size)
+        frame = next(work.parameters()).new_zeros(1, input_size)
     frame, state = _random_step_inputs(work, frame)
     states = flatten(state, "state")
     names = [f"state{i}" for i in range(len(states))]

@@ -140,7 +140,7 @@ def export_copy(model: nn.Module, runtime: str) -> nn.Module:
     out = _fresh(copy.deepcopy(model).eval())
     set_factorized(out, runtime == "factorized")
     for module in out.modules():
-        if hasattr(module, "sparse_csr"):  # the graph holds sparse parts dense (nn/sparse.py says why)
+        if isinstance(module, MPOWeights):  # the graph holds sparse parts dense (nn/sparse.py says why)
             module.sparse_csr = False
     for p in out.parameters():
         if p.is_floating_point():

@@ -32,7 +32,7 @@ from __future__ import annotations
 import atexit
 import os
 from datetime import timedelta
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sized, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -89,6 +89,7 @@ def setup(timeout_s: float = 1800.0) -> bool:
     if not launched():
         return False
     size, rank_ = _env_int("WORLD_SIZE"), _env_int("RANK")
+    assert size is not None  # launched()
     if rank_ is None or rank_ >= size:
         raise ValueError(f"RANK must be set to an integer in [0, {size}) when WORLD_SIZE={size}, "
                          f"got {os.environ.get('RANK')!r}")
@@ -305,7 +306,8 @@ def shard_loader(loader: Any, seed: int = 0, *, allow_empty: bool = False, rank_
             if order_generator is None and isinstance(batches, BatchSampler):
                 # the global RNG may drift apart between ranks; the order must not
                 order_generator = torch.Generator().manual_seed(seed)
-                sampler = RandomSampler(loader.dataset, replacement=loader.sampler.replacement,
+                dataset = cast(Sized, loader.dataset)  # a RandomSampler's: sized (torch types it Dataset)
+                sampler = RandomSampler(dataset, replacement=loader.sampler.replacement,
                                         num_samples=loader.sampler._num_samples, generator=order_generator)
                 batches = BatchSampler(sampler, batches.batch_size, batches.drop_last)
         return DataLoader(loader.dataset, batch_sampler=_RankBatches(batches, rank_, size, order_generator, allow_empty),

@@ -22,7 +22,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from ..compression.report import measured_lines
 from ..io import CONFIG_FILE, WEIGHTS_FILE, dequantize_cores, read_verified
 from ..mpo import MPO
-from ..nn.registry import layer_type_of_mpo, mpo_class
+from ..nn.base import MPOWeights
+from ..nn.registry import MPOModule, layer_type_of_mpo, mpo_class
 from ..nn.sparse import SUFFIX as SPARSE_SUFFIX
 from ..nn.sparse import index_parts, sparse_of
 from ..storage import file_data_bytes
@@ -151,7 +152,7 @@ def _compression_record(folder: Path) -> dict[str, Any] | None:
         raise ValueError(f"{file}: not a report written by mpolstm compress ({exc})") from None
 
 
-def _torch_shapes(probe: nn.Module) -> dict[str, tuple[int, ...]]:
+def _torch_shapes(probe: MPOModule) -> dict[str, tuple[int, ...]]:
     """Each MPO weight's shape as torch holds it (e.g. (out, in) for nn.Linear, (out, in, k) for
     nn.Conv1d), from a meta-device module; empty for a module without MPO weights."""
     entry = layer_type_of_mpo(probe)
@@ -161,7 +162,7 @@ def _torch_shapes(probe: nn.Module) -> dict[str, tuple[int, ...]]:
     return {w: tuple(getattr(dense, w).shape) for w in probe.mpo_weights()}
 
 
-def _stored_keys(probe: nn.Module, name: str, weight: str) -> dict[str, list[str]]:
+def _stored_keys(probe: MPOWeights, name: str, weight: str) -> dict[str, list[str]]:
     """The state_dict keys (under module ``name``) one MPO weight is stored in: "cores", "scales"
     (int8 cores) and "sparse" (its sparse residual's values, scale and index parts)."""
     prefix, int8 = f"{name}." if name else "", getattr(probe, "int8", False)
@@ -194,10 +195,10 @@ def describe_folder(folder: Path) -> list[dict[str, Any]]:
         if cls is None:
             raise ValueError(f"{folder / CONFIG_FILE}: module {name!r} has unknown class {entry['config'].get('class')!r}")
         with torch.device("meta"):
-            probe = cls.from_config(entry["config"])
+            probe = cast(type[MPOModule], cls).from_config(entry["config"])  # registered: an MPO module
             shapes = _torch_shapes(probe)
         prefix, int8 = f"{name}." if name else "", getattr(probe, "int8", False)  # shared layers have no cores
-        parts = {w: _stored_keys(probe, name, w) for w in probe.mpo_weights()}
+        parts = {w: _stored_keys(cast(MPOWeights, probe), name, w) for w in probe.mpo_weights()}  # (weights: MPOWeights)
         missing = [k for keys in parts.values() for group in keys.values() for k in group if k not in tensors]
         if missing:
             raise ValueError(f"{verified.weights_file}: missing cores, scales or sparse parts {missing[:3]} of "

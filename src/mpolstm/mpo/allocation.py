@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from torch import Tensor
 
@@ -145,6 +145,7 @@ def tradeoff_curve(model: ErrorModel, option: int = 0, budget: Budget | None = N
             rate = (trial.error - here.error) / max(saved, 1e-12)
             if best is None or rate < best[0]:
                 best = (rate, trial)
+        assert best is not None  # some bond is above 1
         bonds = list(best[1].bonds)
         points.append(best[1])
     return points
@@ -204,7 +205,7 @@ def allocate(
     return _spend(curves, chosen, scales, spend)
 
 
-def _refuse(curves: list[list[CurvePoint]], spend: Budget) -> None:
+def _refuse(curves: list[list[CurvePoint]], spend: Budget) -> NoReturn:
     """The ValueError of budgets that cannot be met, naming the smallest possible totals."""
     params = sum(min(p.params for p in c) for c in curves)
     macs = sum(min(p.macs for p in c) for c in curves)

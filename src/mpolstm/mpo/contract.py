@@ -89,7 +89,7 @@ def cores_to_matrix(cores: Sequence[Tensor], transpose: bool = False) -> Tensor:
     return out.permute(0, 2, 1, 3).reshape(il * ir, jl * jr)
 
 
-def _split_cost(shapes: Sequence[tuple[int, int, int, int]], split: int, rows: int) -> tuple[float, float]:
+def _split_cost(shapes: Sequence[tuple[int, ...]], split: int, rows: int) -> tuple[float, float]:
     """(FLOPs, elements of the intermediate) of ``split_matmul`` cutting the chain at ``split``:
     merging each half, then x with the left half, then with the right half."""
     il = jl = 1
@@ -152,8 +152,8 @@ def prepare_halves(cores: Sequence[Tensor]) -> Halves:
     if len(cores) == 1:
         _, i, j, _ = cores[0].shape
         return cores[0][0, :, :, 0].T.contiguous(), cores[0].new_ones(1, 1), i, 1, j, 1, 1
-    lt, r, *sizes = _as_operands(*_halves(cores, len(cores) // 2))
-    return (lt.contiguous(), r.contiguous(), *sizes)
+    lt, r, il, ir, jl, jr, d = _as_operands(*_halves(cores, len(cores) // 2))
+    return lt.contiguous(), r.contiguous(), il, ir, jl, jr, d
 
 
 def halves_matmul(x: Tensor, prepared: Halves) -> Tensor:

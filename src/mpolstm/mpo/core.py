@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .contract import check_cores, cores_to_matrix
 
@@ -133,7 +133,7 @@ def capped_bond_dims(
     return tuple(min(max_bond, cap) for cap in max_bond_dims(in_factors, out_factors))
 
 
-def bond_dims(cores: Sequence[Tensor]) -> tuple[int, ...]:
+def bond_dims(cores: Sequence[Tensor] | nn.ParameterList) -> tuple[int, ...]:
     """The n-1 internal bond dimensions D_1..D_{n-1} of a chain of cores."""
     return tuple(c.shape[3] for c in cores[:-1])
 

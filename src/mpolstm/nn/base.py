@@ -22,7 +22,7 @@ factors and bonds, sparse residuals and int8 scales (``nn.int8``) are the base's
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -112,7 +112,7 @@ class MPOWeights(Int8Cores, MPOModule):
     # -- MPO-module protocol -------------------------------------------------------------
     def mpo_weights(self) -> dict[str, nn.ParameterList]:
         """torch weight name -> its cores (the MPO of W^T: input side i, output side j)."""
-        return {name: self._modules[self._cores_attr(name)] for name in self._weight_shapes}
+        return {name: cast(nn.ParameterList, self._modules[self._cores_attr(name)]) for name in self._weight_shapes}
 
     @property
     def reports(self) -> dict[str, TruncationReport]:
@@ -227,7 +227,8 @@ class MPOWeights(Int8Cores, MPOModule):
 
     # -- weights -------------------------------------------------------------------------
     def _cores(self, name: str) -> list[Tensor]:
-        return list(self._modules[self._cores_attr(name)]._parameters.values())  # the ParameterList, fast
+        cores = cast(nn.ParameterList, self._modules[self._cores_attr(name)])
+        return list(cast("dict[str, Tensor]", cores._parameters).values())  # the ParameterList's, fast
 
     def _core_params(self) -> list[Tensor]:
         return [p for name in self._weight_shapes for p in self._cores(name)]
@@ -274,7 +275,7 @@ class MPOWeights(Int8Cores, MPOModule):
         ("halves",) (eval cache only) or ("dense",)."""
         cores = self._cores(name)
         cost = mpo_math.matmul_cost(rows, cores, weight_cached=cached)
-        options = {("cores", mpo_math.best_split(cores, rows)): cost["cores"]}
+        options: dict[tuple, float] = {("cores", mpo_math.best_split(cores, rows)): cost["cores"]}
         if not self.factorized:
             options[("dense",)] = cost["rebuild"]
         if cached and len(cores) > 1:  # prepared once: no per-call merging (for two cores: contiguous copies)

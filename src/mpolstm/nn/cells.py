@@ -14,7 +14,7 @@ are nn/gates.py's, as torch's CPU kernels compute them. The forward contract is 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence, cast
 
 import torch
 from torch import _VF, Tensor, nn
@@ -59,7 +59,7 @@ class _MPOCellBase(MPOWeights):
             self.register_parameter("bias_hh", None)
 
     # -- conversion -----------------------------------------------------------------------
-    _arg_names = ("input_size", "hidden_size", "bias")  # torch's constructor arguments (RNNCell: + nonlinearity)
+    _arg_names: tuple[str, ...] = ("input_size", "hidden_size", "bias")  # torch's constructor arguments (RNNCell: + nonlinearity)
 
     @classmethod
     def _args_of(cls, cell: nn.Module) -> dict[str, Any]:
@@ -117,7 +117,7 @@ class _MPOCellBase(MPOWeights):
         return {k: config[k] for k in cls._arg_names}
 
     def extra_repr(self) -> str:
-        return f"{nn.RNNCellBase.extra_repr(self)}, {self._mpo_repr()}"
+        return f"{nn.RNNCellBase.extra_repr(cast(Any, self))}, {self._mpo_repr()}"  # torch's, of the same attributes
 
     # -- forward ------------------------------------------------------------------------------
     def _prepare(self, input: Tensor, hx) -> tuple[Tensor, list[Tensor] | None, bool]:

@@ -283,7 +283,7 @@ class MPOEmbedding(SingleWeightMPO):
         suffix, suffix_inv = _distinct(flat % right_rows)
         left = _left_chain(cores[:half], _digits(prefix, self.row_factors[:half]))  # (P, J_L, D)
         right = _right_chain(cores[half:], _digits(suffix, self.row_factors[half:]))  # (S, D, J_R)
-        if prefix_inv is not None:
+        if prefix_inv is not None and suffix_inv is not None:  # both or neither (_distinct)
             left, right = left.index_select(0, prefix_inv), right.index_select(0, suffix_inv)
         return torch.bmm(left, right).reshape(flat.shape[0], self.embedding_dim)
 

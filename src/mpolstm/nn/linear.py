@@ -85,6 +85,7 @@ class MPOLinear(SingleWeightMPO):
                     bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
         layer._set_mpo("weight", decomposed)
         if linear.bias is not None:
+            assert layer.bias is not None  # made with bias=True
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
         return layer.train(linear.training)

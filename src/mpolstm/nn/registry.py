@@ -42,7 +42,7 @@ class LayerType:
     torch_type: type[nn.Module]
     mpo_type: type[nn.Module]
     from_torch: Callable[..., nn.Module]
-    to_torch: Callable[[nn.Module], nn.Module]
+    to_torch: Callable[..., nn.Module]  # (its mpo_type module) -> nn.Module
     matrices: Callable[..., dict]
     inputs: Callable[[nn.Module, tuple], Iterable[tuple[str, Tensor]]]
     size_attrs: tuple[str, ...]

@@ -51,7 +51,8 @@ def recurrent_inputs(rnn: nn.RNNBase, args: tuple) -> Iterator[tuple[str, Tensor
             seq = layer_input.flip(1) if d else layer_input
             k = layer * directions + d
             h0 = None if h0_all is None else h0_all[k : k + 1]
-            state = h0 if h0 is None or not lstm else (h0, c0_all[k : k + 1])
+            c0 = None if c0_all is None else c0_all[k : k + 1]  # set with h0 for an LSTM
+            state = h0 if h0 is None or not lstm else (h0, c0)
             if d and mask is not None:  # reverse each sequence within its own length
                 seq = torch.stack([torch.cat([s[:n].flip(0), s[n:]]) for s, n in
                                    zip(layer_input, mask.sum(1))])

@@ -14,7 +14,7 @@ place in the model): ``owner_name`` is its dotted name, and ``bind(model)`` re-r
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,8 @@ __all__ = ["SharedLayer", "SharedLinear", "SharedEmbedding", "SHARED_TYPES", "sh
 
 class SharedLayer(MPOModule):
     """The part shared by both kinds: the owner reference and the MPO-module protocol."""
+
+    torch_type: type[nn.Module]  # the torch layer it stands in for (set by each kind)
 
     def __init__(self, owner_name: str) -> None:
         super().__init__()
@@ -47,7 +49,7 @@ class SharedLayer(MPOModule):
     @property
     def weight(self) -> Tensor:
         """The owner's rebuilt weight, in this layer's torch shape."""
-        return self.owner.weight
+        return cast(Tensor, self.owner.weight)  # nn.Module.__getattr__ types it Tensor | Module
 
     def mpo_weights(self) -> dict[str, nn.ParameterList]:
         return {}
@@ -55,6 +57,10 @@ class SharedLayer(MPOModule):
     @property
     def reports(self) -> dict:
         return {}
+
+    def dense(self, weight: nn.Parameter) -> nn.Module:
+        """The plain torch layer using ``weight`` (the owner's dense parameter: tied again)."""
+        raise NotImplementedError
 
 
 @register_auxiliary
@@ -74,6 +80,7 @@ class SharedLinear(SharedLayer):
         layer = cls(owner_name, linear.in_features, linear.out_features, linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype)
         if linear.bias is not None:
+            assert layer.bias is not None  # made with bias=True
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
         layer._owner = (owner,)
@@ -94,7 +101,7 @@ class SharedLinear(SharedLayer):
         if not getattr(owner, "factorized", False) or getattr(owner, "padding_row", None) is not None or \
                 any(name.endswith("_sparse") for name, _ in owner.named_children()):
             return None
-        (cores,) = owner.mpo_weights().values()
+        (cores,) = cast(MPOModule, owner).mpo_weights().values()  # factorized: an MPO module
         if len(cores) != 2 or cores[0].shape[2] != 1 or cores[1].shape[1] != 1:
             return None
         m_left, m_right = cores[0][0, :, 0, :], cores[1][:, 0, :, 0]  # the MPO's matrix M = m_left @ m_right

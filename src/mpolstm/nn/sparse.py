@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -110,6 +110,9 @@ class SparseResidual(nn.Module):
     when the module is made and after every ``load_state_dict``, so compiled and exported graphs see a
     plain tensor."""
 
+    index: Tensor  # buffers (typed here: nn.Module.__getattr__ types them Tensor | Module)
+    scale: Tensor  # once quantized
+
     def __init__(self, shape: tuple[int, int], index: Tensor, values: Tensor, index_format: str | None = None) -> None:
         super().__init__()
         rows, cols = (int(s) for s in shape)
@@ -134,7 +137,7 @@ class SparseResidual(nn.Module):
 
     def _decode(self) -> None:
         """Set ``index`` from the index buffers (a shape-only module keeps its placeholder)."""
-        parts = {name: self._buffers[name] for name in index_parts(self.index_format, 0, self.shape)}
+        parts = {name: cast(Tensor, self._buffers[name]) for name in index_parts(self.index_format, 0, self.shape)}
         if not self.values.is_meta:
             self._buffers["index"] = decode_index(parts, self.shape, self.index_format).to(self.values.device)
 
@@ -193,7 +196,7 @@ def _decode_after_load(module: SparseResidual, incompatible_keys: Any) -> None:
 
 def sparse_of(module: nn.Module, name: str) -> SparseResidual | None:
     """The sparse residual of weight ``name`` of ``module``, or None."""
-    return module._modules.get(name + SUFFIX)
+    return cast("SparseResidual | None", module._modules.get(name + SUFFIX))
 
 
 def sparse_parts(module: nn.Module) -> dict[str, SparseResidual]:
@@ -216,7 +219,7 @@ def attach_sparse(module: nn.Module, name: str, index: Tensor, values: Tensor,
     part = SparseResidual(shape, index, values.to(_dtype_of(module)), index_format)
     module.add_module(name + SUFFIX, part)
     if hasattr(module, "_cache"):
-        module._cache = None
+        cast(Any, module)._cache = None  # an MPO module's product cache (nn.Module types attributes Tensor | Module)
     return part
 
 
@@ -227,7 +230,7 @@ def _shape_of(module: nn.Module, name: str) -> tuple[int, int]:
             raise ValueError(f"{type(module).__name__} has no MPO weight {name!r}; its weights are {list(shapes)}")
         return tuple(shapes[name])
     if hasattr(module, "in_features") and name == "weight":
-        return (module.out_features, module.in_features)
+        return (cast(int, module.out_features), cast(int, module.in_features))
     raise ValueError(f"a sparse residual applies to the MPO weights of recurrent layers, cells, convolutions "
                      f"and MPOLinear; {type(module).__name__}.{name} is not one")
 

@@ -222,7 +222,8 @@ def _compile(graph, opset: int, build: dict) -> list[Step]:
     consts (initializers, subgraphs' included), layers, taken attribute names, the file, the
     names the file gives the nodes."""
     build["consts"].update((t.name, to_tensor(t)) for t in graph.initializer)
-    steps, skipped = [], set()
+    steps: list[Step] = []
+    skipped: set[int] = set()
     for k, node in enumerate(graph.node):
         if k in skipped:
             continue

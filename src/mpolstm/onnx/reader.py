@@ -142,7 +142,7 @@ def attributes(node) -> dict[str, Any]:
     """A node's attributes as Python values (tensors as torch tensors; graph attributes, control
     flow's, as the GraphProto: ``load`` compiles them)."""
     onnx = _onnx()
-    out = {}
+    out: dict[str, Any] = {}
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.TENSOR:
             out[attr.name] = to_tensor(attr.t)

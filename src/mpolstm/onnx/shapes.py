@@ -9,6 +9,7 @@ reductions) read whichever form the model's operator set uses.
 from __future__ import annotations
 
 import math
+from typing import Callable, overload
 
 import torch
 from torch import Tensor
@@ -19,6 +20,10 @@ from .ops import register_ops
 __all__: list[str] = []
 
 
+@overload
+def _ints(x: Tensor) -> list[int]: ...
+@overload
+def _ints(x: None) -> None: ...
 def _ints(x: Tensor | None) -> list[int] | None:
     return None if x is None else [int(v) for v in x.reshape(-1).tolist()]
 
@@ -161,7 +166,7 @@ REDUCERS = {
 }
 
 
-def _reduce(kind: str, since: int) -> callable:
+def _reduce(kind: str, since: int) -> Callable:
     """A Reduce* operator (axes an attribute before opset ``since``, then an input)."""
     def run(ctx, xs, a):
         x = xs[0]
@@ -182,7 +187,7 @@ def _reduce(kind: str, since: int) -> callable:
     return run
 
 
-def _arg(fn) -> callable:
+def _arg(fn) -> Callable:
     def run(ctx, xs, a):
         x, axis, keep = xs[0], a.get("axis", 0) % max(xs[0].dim(), 1), bool(a.get("keepdims", 1))
         if a.get("select_last_index", 0):  # the last of equal values: the first in the flipped tensor

@@ -88,7 +88,8 @@ def _state_io(graph, node, slot_in: int, slot_out: int, key: str, spec: Recurren
     whether the input is a new graph input)."""
     from onnx import TensorProto, helper
 
-    shape = [spec.directions, batch, spec.hidden] if spec.layout == 0 else [batch, spec.directions, spec.hidden]
+    shape: list[str | int] = ([spec.directions, batch, spec.hidden] if spec.layout == 0
+                             else [batch, spec.directions, spec.hidden])
     inputs, outputs = _flows(graph)
     while len(node.input) <= slot_in:
         node.input.append("")

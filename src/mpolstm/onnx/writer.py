@@ -284,7 +284,9 @@ def _int8_work(work: OnnxModel, int8: bool) -> OnnxModel:
         raise ValueError("int8=True stores the MPO factors in int8, but no layer of the model is compressed: "
                          "compress it first, or pass int8_dense=True (--int8-dense) for int8 weights of its "
                          "dense MatMuls")
-    return int8_model(work, True)
+    quantized = int8_model(work, True)
+    assert isinstance(quantized, OnnxModel)  # a quantized copy keeps its type
+    return quantized
 
 
 def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check: bool = True,

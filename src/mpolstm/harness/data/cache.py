@@ -12,7 +12,7 @@ import io
 import os
 import zipfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -39,7 +39,8 @@ def save_arrays(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) 
         if np.asarray(arr).dtype == object:
             raise ValueError(f"array {name!r} has dtype object; only numeric/string arrays can be cached")
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    named: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}  # (savez's stub also types allow_pickle)
+    np.savez(buf, **named)
     atomic_write_bytes(path, buf.getvalue())
 
 

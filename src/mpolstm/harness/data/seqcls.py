@@ -87,7 +87,7 @@ class SeqClsData:
         """A copy keeping only the first ``n`` examples of each split (None keeps the split whole).
 
         Splits are ordered round-robin over classes, so these subsets stay class-balanced."""
-        splits = {}
+        splits: dict[str, TensorDataset] = {}
         for split, n in (("train", train), ("val", val), ("test", test)):
             ds: TensorDataset = getattr(self, split)
             if n is None:
@@ -97,7 +97,8 @@ class SeqClsData:
                 raise ValueError(f"head({split}=...) must be a positive int, got {n!r}")
             splits[split] = TensorDataset(*(t[:n] for t in ds.tensors))
         sizes = {k: len(v) for k, v in splits.items()}
-        return replace(self, **splits, meta={**self.meta, "sizes": sizes, "head": sizes})
+        return replace(self, train=splits["train"], val=splits["val"], test=splits["test"],
+                       meta={**self.meta, "sizes": sizes, "head": sizes})
 
 
 def stratified_split(labels: np.ndarray, sizes: list[int], seed: int) -> list[np.ndarray]:
@@ -130,8 +131,9 @@ def _check_fraction(name: str, value: float) -> None:
 def _make(name, x, y, parts, *, num_classes, seq_len, input_size=None, vocab_size=None, meta) -> SeqClsData:
     dsets = [TensorDataset(torch.as_tensor(x[p]), torch.as_tensor(y[p], dtype=torch.int64)) for p in parts]
     sizes = dict(zip(("train", "val", "test"), (len(d) for d in dsets)))
+    train, val, test = dsets  # parts: the three splits' indices
     return SeqClsData(
-        name, *dsets, num_classes=num_classes, seq_len=seq_len, input_size=input_size, vocab_size=vocab_size,
+        name, train, val, test, num_classes=num_classes, seq_len=seq_len, input_size=input_size, vocab_size=vocab_size,
         meta={**meta, "sizes": sizes},
     )
 

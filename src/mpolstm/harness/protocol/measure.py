@@ -3,7 +3,7 @@ latency, and the hidden size of a dense model that fits a budget."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from torch import nn
@@ -39,7 +39,8 @@ def compressed_params(model: nn.Module, names: Sequence[str]) -> int:
         elif quantized is not None:
             total += sum(q.numel() for q in quantized.values())
         else:
-            total += count_nonzero(model, [f"{n}.{w}" for w in module._flat_weights_names if w.startswith("weight")])
+            total += count_nonzero(model, [f"{n}.{w}" for w in cast(nn.RNNBase, module)._flat_weights_names
+                                          if w.startswith("weight")])
     return total
 
 
@@ -54,16 +55,18 @@ def latencies(model: nn.Module, task: Task) -> dict[str, float]:
     model.eval()
     batch = task.example_batch
     batched = _median_seconds(lambda: model(batch))
-    lstm = model.get_submodule(task.recurrent[0])
+    lstm: Any = model.get_submodule(task.recurrent[0])  # an LSTM of any kind (torch, MPO, quantized): duck-typed
     frame = torch.zeros(1, lstm.input_size)  # one frame of whatever the model feeds its LSTM
+    step_fn: Callable[..., Any]
     if hasattr(lstm, "step"):
         step_fn = lstm.step
     elif type(lstm) is nn.LSTM:
         step_fn = lambda x, s=None: lstm_cell_step(lstm, x, s)  # noqa: E731
     else:  # e.g. torch's dynamically quantized LSTM: a length-1 sequence
-        def step_fn(x, s=None):
+        def sequence_step(x, s=None):
             out, s = lstm(x.unsqueeze(1 if lstm.batch_first else 0), s)
             return out.squeeze(1 if lstm.batch_first else 0), s
+        step_fn = sequence_step
     state = step_fn(frame)[1]
     step = _median_seconds(lambda: step_fn(frame, state))
     return {"batched_ms": 1e3 * batched, "step_ms": 1e3 * step}

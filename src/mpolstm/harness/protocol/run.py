@@ -13,14 +13,14 @@ import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from torch import nn
 
 from ...atomic import atomic_write_bytes
 from ...compression import CompressionConfig, compress
-from ...errors import ConfigError, must_be
+from ...errors import ConfigError, FieldNames, must_be
 from ...nn import replace_module
 from ...storage import file_data_bytes, pack_weights, packed_bytes, save_packed
 from ..distributed import barrier, is_main, setup
@@ -73,9 +73,13 @@ class ProtocolConfig:
         for name in ("dense_epochs", "finetune_epochs"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(name, lambda n, name=name, value=value: f"{n(name)} must be >= 1, got {value}")
+                raise ConfigError(name, _at_least_one(name, value))
         if not self.ratios or any(not (isinstance(r, (int, float)) and r > 1) for r in self.ratios):
             raise must_be("ratios", "numbers > 1", list(self.ratios))
+
+
+def _at_least_one(name: str, value: Any) -> Callable[[FieldNames], str]:
+    return lambda n: f"{n(name)} must be >= 1, got {value}"
 
 
 @dataclass
@@ -152,11 +156,12 @@ def _ratio_context(task: Task, config: ProtocolConfig, ratio: float, dense: nn.M
     names = list(task.recurrent)
     if config.layout == "paper":
         decomposed = copy.deepcopy(dense)
-        replace_module(decomposed, names[0], paper_lstm(dense.get_submodule(names[0]), int(ratio)))
+        replace_module(decomposed, names[0], paper_lstm(cast(nn.LSTM, dense.get_submodule(names[0])), int(ratio)))
     else:
         config_at_ratio = CompressionConfig(target_modules=names, target_ratio=ratio, layout=LAYOUT)
         decomposed, _ = compress(copy.deepcopy(dense), config_at_ratio)
     ft_epochs = config.finetune_epochs
+    assert ft_epochs is not None  # run_protocol sets it
     return RowContext(
         task=task, config=config, ratio=ratio, names=names, weights=recurrent_weight_names(dense, names),
         dense=dense, decomposed=decomposed, target=mpo_bonds(decomposed, names),
@@ -177,14 +182,14 @@ def run_protocol(task: Task, config: ProtocolConfig, out_dir: str | Path,
     times, so they survive a resume."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = replace(
-        config, dense_epochs=config.dense_epochs if config.dense_epochs is not None else task.dense_epochs,
-        finetune_epochs=config.finetune_epochs if config.finetune_epochs is not None else task.finetune_epochs)
+    dense_epochs = config.dense_epochs if config.dense_epochs is not None else task.dense_epochs
+    config = replace(config, dense_epochs=dense_epochs,
+                     finetune_epochs=config.finetune_epochs if config.finetune_epochs is not None else task.finetune_epochs)
     train = partial(_train, task, config.seed, out / "runs", resume, log)
 
     seed_everything(config.seed)
     dense = task.build_model()
-    seconds = train(dense, config.dense_epochs, "dense")
+    seconds = train(dense, dense_epochs, "dense")
     dense_count = dense_params(dense, list(task.recurrent))
     record = partial(_record, task, out, dense_count, log)
     rows = [record("dense", None, Trained(dense, seconds))]

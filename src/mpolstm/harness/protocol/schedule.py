@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence, cast
 
 import torch
 from torch import nn
 
 from ...mpo import MPO, bond_dims
+from ...nn.registry import MPOModule
 from ..training import Callback, TrainState
 
 __all__ = ["Bonds", "mpo_bonds", "mpo_entries", "truncate_bonds", "BondSchedule"]
@@ -17,24 +18,29 @@ Bonds = dict[str, dict[str, tuple[int, ...]]]
 """{module name: {weight name: internal bond dims}}."""
 
 
+def _mpo(model: nn.Module, name: str) -> MPOModule:
+    """The named MPO module (nn.Module.get_submodule types it a plain Module)."""
+    return cast(MPOModule, model.get_submodule(name))
+
+
 def mpo_bonds(model: nn.Module, names: Sequence[str]) -> Bonds:
     """{module name: {weight name: internal bond dims}} of the named MPO modules."""
     return {
-        n: {w: bond_dims(cores) for w, cores in model.get_submodule(n).mpo_weights().items()}
+        n: {w: bond_dims(cores) for w, cores in _mpo(model, n).mpo_weights().items()}
         for n in names
     }
 
 
 def mpo_entries(model: nn.Module, names: Sequence[str]) -> int:
     """Entries of every MPO core of the named MPO modules."""
-    return sum(c.numel() for n in names for cores in model.get_submodule(n).mpo_weights().values() for c in cores)
+    return sum(c.numel() for n in names for cores in _mpo(model, n).mpo_weights().values() for c in cores)
 
 
 @torch.no_grad()
-def truncate_bonds(model: nn.Module, bonds: dict[str, dict[str, Sequence[int]]]) -> None:
+def truncate_bonds(model: nn.Module, bonds: Mapping[str, Mapping[str, Sequence[int]]]) -> None:
     """TT-round each named MPO weight (in place) to at most the given internal bonds."""
     for name, weights in bonds.items():
-        cores_by_weight = model.get_submodule(name).mpo_weights()
+        cores_by_weight = _mpo(model, name).mpo_weights()
         for wname, caps in weights.items():
             cores = cores_by_weight[wname]
             current = bond_dims(cores)
@@ -62,8 +68,10 @@ class BondSchedule(Callback):
 
     def bonds_at(self, epoch: int) -> Bonds:
         remaining = 0.0 if epoch >= self.end else (1.0 - epoch / self.end) ** 3
+        initial = self.initial
+        assert initial is not None  # read in on_fit_start
         return {
-            n: {w: tuple(t + math.ceil((max(i, t) - t) * remaining) for i, t in zip(self.initial[n][w], tgt))
+            n: {w: tuple(t + math.ceil((max(i, t) - t) * remaining) for i, t in zip(initial[n][w], tgt))
                 for w, tgt in weights.items()}
             for n, weights in self.target.items()
         }

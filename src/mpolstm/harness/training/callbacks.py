@@ -8,13 +8,16 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Sized
 
 import torch
 from torch import Tensor, nn
 
 from ...distill import distillation_loss
 from .metrics import Metric
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 __all__ = ["TrainState", "Callback", "Distillation", "call_hooks", "all_ready", "track_best", "ProgressBar"]
 
@@ -135,7 +138,8 @@ class ProgressBar:
         self._lines = enabled is None  # the epoch lines where the bar is not shown
         if enabled is None:
             enabled = sys.stderr.isatty() and not os.environ.get("CI")
-        self._bar, self._task = None, None
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None  # set in __enter__
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -154,11 +158,13 @@ class ProgressBar:
 
     def start_epoch(self, epoch: int, epochs: int, loader: Iterable[Any]) -> None:
         if self._bar is not None:
-            total = len(loader) if hasattr(loader, "__len__") else None
+            assert self._task is not None
+            total = len(loader) if isinstance(loader, Sized) else None
             self._bar.reset(self._task, total=total, description=f"epoch {epoch + 1}/{epochs}", info="")
 
     def advance(self, mean_loss: float) -> None:
         if self._bar is not None:
+            assert self._task is not None
             self._bar.update(self._task, advance=1, info=f"loss {mean_loss:.4f}")
 
     def end_epoch(self, epoch: int, epochs: int, train_loss: float, metric: Metric, value: float) -> None:

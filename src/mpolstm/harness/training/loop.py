@@ -111,7 +111,7 @@ def fit(model: nn.Module, train_loader: Iterable[Batch], val_loader: Iterable[Ba
     dev = _training_device(model, device, ddp, amp)
     out = _prepare_out_dir(out_dir)
     train_loader, val_loader = _place(model, distill, dev, ddp, seed, train_loader, val_loader)
-    saved = rundir.find_checkpoint(out, optimizer, ddp) if resume else None
+    saved = rundir.find_checkpoint(out, optimizer, ddp) if resume and out is not None else None  # (resume needs out_dir)
     if saved is None:
         seed_everything(seed)
 
@@ -242,7 +242,9 @@ class _Trainer:
     def __init__(self, model: nn.Module, state: TrainState, new_optimizer: Callable[..., torch.optim.Optimizer], *,
                  ddp: bool, device: torch.device, forward: ForwardFn, loss_fn: Callable[[Tensor, Tensor], Tensor],
                  distill: Distillation | None, amp: bool, grad_clip: float | None) -> None:
-        self.model, self.state, self.new_optimizer, self.optimizer = model, state, new_optimizer, state.optimizer
+        optimizer = state.optimizer
+        assert optimizer is not None  # fit builds it before the trainer
+        self.model, self.state, self.new_optimizer, self.optimizer = model, state, new_optimizer, optimizer
         self.ddp, self.device, self.forward, self.loss_fn = ddp, device, forward, loss_fn
         self.distill, self.amp, self.grad_clip = distill, amp, grad_clip
         self.teacher_forward = torch.no_grad()(forward)
@@ -302,6 +304,7 @@ class _Trainer:
 
     def validate(self, loader: Iterable[Batch], metric: Metric) -> float:
         """The metric over ``loader`` (sums and counts reduced over ranks)."""
+        count: float  # an int, a float once summed over ranks
         total, count = _metric_sums(self.model, loader, metric, self.forward, self.device, self.amp)
         if self.ddp:
             total, count = distributed.all_reduce_sum([total, count])

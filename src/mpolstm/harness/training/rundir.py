@@ -83,6 +83,7 @@ def write_epoch(out: Path, state: TrainState, loader: Any, callbacks: Sequence[A
         "history": state.history,
         "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else {} for cb in callbacks],
     }
+    assert state.optimizer is not None  # built before the first epoch
     checkpoint.save_checkpoint(out / CHECKPOINT_NAME, state.model, state.optimizer, fit_state, loader)
     if best is not None:
         checkpoint.save_weights(out / BEST_NAME, best, {"epoch": state.best_epoch, "metric": state.best_metric},
@@ -120,6 +121,7 @@ def resume(saved: tuple[dict[str, Tensor], dict[str, Any]], state: TrainState, l
     """Restore the model, optimizer, RNGs, fit's counters and history and the callbacks' states
     from ``saved`` (read from ``state.out_dir``); returns the best weights (None before any eligible epoch)."""
     tensors, meta = saved
+    assert state.out_dir is not None  # saved was read from it
     path = state.out_dir / CHECKPOINT_NAME
     checkpoint.restore(path, tensors, meta, state.model, state.optimizer, loader=loader)
     state.step, state.history = int(meta["step"]), list(meta["history"])
