@@ -58,6 +58,7 @@ def _said(exc: ValueError, flags: dict[str, str]) -> str:
 def _log(line: str) -> None:
     console.print(line)
 
+
 def _load_model(path: Path):
     from ..tasks import load_model
 

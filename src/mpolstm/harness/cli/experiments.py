@@ -183,32 +183,6 @@ def _make_task(task: TaskName, preset: Preset, seed: int, **options):
         _fail(_said(exc, _PROTOCOL_FLAGS))
 
 
-def _load_model(path: Path):
-    from ..tasks import load_model
-
-    if not path.exists():
-        _fail(f"model {path} does not exist")
-    try:
-        return load_model(path)
-    except ValueError as exc:
-        _fail(str(exc))
-
-
-def _check_output(path: Path, overwrite: bool, what: str, folder: bool = True) -> None:
-    """The one rule for every output (``mpolstm.atomic``): an existing ``path`` (but an empty folder) is
-    refused unless --overwrite; ``what`` names it as the user typed it (e.g. "--out x", "OUT x")."""
-    from ...atomic import check_target
-
-    if (path.exists() or path.is_symlink()) and folder != path.is_dir():
-        _fail(f"{what} is {'a file' if folder else 'a folder'}; the output is {'a folder' if folder else 'one file'}: "
-              "choose another path")
-    try:
-        check_target(path, overwrite, folder)
-    except ValueError:
-        _fail(f"{what} already exists; choose a new path, or add --overwrite to replace it (the whole "
-              f"{'folder' if folder else 'file'})")
-
-
 @app.command()
 def train(
     task: TaskName = typer.Option(..., help="The task (see docs/architecture.md for adding one)."),
