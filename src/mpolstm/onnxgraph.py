@@ -175,6 +175,13 @@ def _drop(graph, names: set[str]) -> None:
     graph.node.extend(nodes)
 
 
+def _drop_all(model, drop: dict[int, set[str]]) -> None:
+    """:func:`_drop` ``drop[k]`` from the k-th graph of ``graphs(model.graph)``, the graphs looked up
+    afresh each time: rewriting a graph's nodes copies them, so a subgraph found before is stale after."""
+    for k, names in drop.items():
+        _drop(graphs(model.graph)[k], names)
+
+
 def dedupe_tensors(model, min_size: int = 16) -> int:
     """Store every weight once, in place: initializers and Constant tensors (of at least ``min_size``
     entries, in any graph, a Loop's body too) with the same dtype and values become one initializer of
@@ -184,8 +191,10 @@ def dedupe_tensors(model, min_size: int = 16) -> int:
     tree = graphs(model.graph)
     interface = {v.name for g in tree for v in [*g.input, *g.output]}
     groups: dict[tuple, list] = {}
+    seen: set[tuple[int, str]] = set()
     for k, name, array in _held(tree, min_size):
-        if name not in interface:
+        if name not in interface and (k, name) not in seen:  # a name held twice in one graph: one entry
+            seen.add((k, name))
             groups.setdefault((array.dtype.str, array.tobytes()), []).append((k, name, array))
     top = {t.name for t in model.graph.initializer}
     drop: dict[int, set[str]] = {}
@@ -204,10 +213,9 @@ def dedupe_tensors(model, min_size: int = 16) -> int:
             shape = numpy_helper.from_array(np.asarray(array.shape, np.int64), f"{name}_shape")
             tree[k].initializer.append(shape)
             tree[k].node.insert(0, onnx.helper.make_node("Reshape", [keep[1], shape.name], [name]))
-    for k, names in drop.items():
-        _drop(tree[k], names)
+    _drop_all(model, drop)
     model.graph.initializer.extend(hoisted)
-    for graph in tree:
+    for graph in graphs(model.graph):
         for node in graph.node:
             for slot, name in enumerate(node.input):
                 node.input[slot] = renames.get(name, name)
@@ -247,6 +255,5 @@ def _transposed_copies(model, min_size: int) -> int:
             tree[k].node.insert(0, node)
         drop.setdefault(k, set()).add(name)
         saved += array.nbytes
-    for k, names in drop.items():
-        _drop(tree[k], names)
+    _drop_all(model, drop)
     return saved
