@@ -14,7 +14,7 @@ place in the model): ``owner_name`` is its dotted name, and ``bind(model)`` re-r
 
 from __future__ import annotations
 
-from typing import Any, Mapping, cast
+from typing import Any, Callable, Mapping, cast
 
 import torch
 from torch import Tensor, nn
@@ -58,9 +58,9 @@ class SharedLayer(MPOModule):
     def reports(self) -> dict:
         return {}
 
-    def dense(self, weight: nn.Parameter) -> nn.Module:
-        """The plain torch layer using ``weight`` (the owner's dense parameter: tied again)."""
-        raise NotImplementedError
+    # dense(weight): the plain torch layer using ``weight`` (the owner's dense parameter: tied again),
+    # defined by each subclass
+    dense: Callable[[nn.Parameter], nn.Module]
 
 
 @register_auxiliary
