@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..calibration import Calibration, collect_moments, whitening
+from ..calibration import Calibration, check_calibration, collect_moments, whitening
 from ..mpo import MPO, canonicalize, central_core, step_macs
 from ..nn.registry import is_mpo_module, layer_type, replace_module
 from ..nn.shared import shared_for
@@ -159,6 +159,8 @@ def _check_sized(config: CompressionConfig, chosen: list[tuple[str, nn.Module, b
 def _check_batches(model: nn.Module, config: CompressionConfig, calibration: Calibration | None,
                    validation: Any) -> tuple[list, list, str]:
     """(the fit half, the batches the model's output error is measured and decided on, what they are)."""
+    if calibration is not None:
+        check_calibration(calibration)
     if config.allocation == "output":
         _check_calibrated(calibration, "allocation='output'")
         fit_half, held_out = split_calibration(calibration)
