@@ -27,7 +27,8 @@ from torch.nn.utils.rnn import PackedSequence
 from .errors import ConfigError, FieldNames, must_be
 from .nn.registry import layer_type
 
-__all__ = ["Calibration", "apply_whitening", "check_calibration", "collect_moments", "damping", "run_hooked", "whitening"]
+__all__ = ["Calibration", "Moments", "apply_whitening", "check_calibration", "collect_moments", "collect_moments_split",
+           "damping", "run_hooked", "whitening"]
 
 Calibration = Iterable[Any] | Callable[[nn.Module], Any]
 
@@ -57,6 +58,12 @@ class _Moments:
     def mean(self) -> Tensor:
         assert self.sum is not None, "no inputs were added"
         return self.sum / max(self.count, 1)
+
+    def merged(self, other: "_Moments") -> "_Moments":
+        both = _Moments()
+        both.sum = self.sum if other.sum is None else other.sum if self.sum is None else self.sum + other.sum
+        both.count = self.count + other.count
+        return both
 
 
 def check_calibration(calibration: Any) -> None:
@@ -124,13 +131,32 @@ def run_hooked(model: nn.Module, calibration: Calibration, hooks: Sequence[tuple
             module.train(mode)
 
 
-@torch.no_grad()
-def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibration: Calibration
-                    ) -> dict[str, dict[str, Tensor]]:
+Moments = dict[str, dict[str, Tensor]]
+
+
+def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibration: Calibration) -> Moments:
     """{module name: {weight name: C (features, features), or its diagonal (features,) for a
     table, float64}} for the ``targets`` (registered types; each type's ``inputs`` hook says
     what every weight multiplies) while ``calibration`` runs ``model`` in eval mode. Raises
     ValueError for bad calibration input or when a target saw no data."""
+    return _means(_sums(model, targets, calibration))
+
+
+def collect_moments_split(model: nn.Module, targets: Mapping[str, nn.Module], first: Calibration,
+                          second: Calibration) -> tuple[Moments, Moments]:
+    """(the moments of ``first``, those of ``first`` and ``second`` together): each batch run once."""
+    a, b = _sums(model, targets, first), _sums(model, targets, second)
+    both = {name: {w: m.merged(b[name].get(w, _Moments())) for w, m in slots.items()} for name, slots in a.items()}
+    return _means(a), _means(both)
+
+
+def _means(sums: dict[str, dict[str, _Moments]]) -> Moments:
+    return {name: {w: s.mean() for w, s in slots.items()} for name, slots in sums.items()}
+
+
+@torch.no_grad()
+def _sums(model: nn.Module, targets: Mapping[str, nn.Module], calibration: Calibration
+          ) -> dict[str, dict[str, _Moments]]:
     moments: dict[str, dict[str, _Moments]] = {name: {} for name in targets}
 
     def hook_for(name: str, module: nn.Module):
@@ -157,7 +183,7 @@ def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibrat
         modules = empty or list(targets)
         raise ConfigError("calibration", lambda n: f"{n('calibration')} ran no data through module(s) {modules}; "
                                                    "give batches that reach them")
-    return {name: {w: s.mean() for w, s in slots.items()} for name, slots in moments.items()}
+    return moments
 
 
 def damping(eigenvalues: Tensor) -> float:
