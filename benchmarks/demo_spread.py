@@ -13,7 +13,8 @@ same run, not a second draw. The documented three-seed summary
 a mean) joins as a group of its own, with the one per-run parameter count known for it: its seed 0, the
 `make demo` table of docs/results.md. Per row the groups are pooled exactly from their n, mean and
 sample std (spread.pool); the parameter range is over the runs whose count is known. Prints the pooled
-Markdown table and writes JSON: per group its rows (n, mean, std, parameter counts), and the pooled rows.
+Markdown table and writes JSON: per group its rows (n, mean, std, parameter counts; for the run
+folders each run's metric too), and the pooled rows.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def run_group(name: str, folders: list[Path]) -> dict[str, Any]:
             "rows": [{"row": row, "target_ratio": target, "runs": len(entries),
                       "mean": statistics.fmean(e[metric] for e in entries),
                       "std": statistics.stdev(e[metric] for e in entries) if len(entries) > 1 else 0.0,
-                      "params": [round(e["params"]) for e in entries]}
+                      "params": [round(e["params"]) for e in entries], metric: [e[metric] for e in entries]}
                      for (row, target), entries in rows.items()]}
 
 

@@ -73,6 +73,9 @@ def test_the_demos_spread_check_reads_the_documented_pooled_table():
     """`make demo` prints each row against docs/results.md's "The demo's spread": the reference in the
     package must be that table, row for row, and the table must pool the runs its JSON holds."""
     import json
+    import statistics
+
+    import pytest
 
     from mpolstm.harness.protocol.spread import SEQCLS_QUICK, Spread, pool
 
@@ -88,6 +91,9 @@ def test_the_demos_spread_check_reads_the_documented_pooled_table():
     assert [g["seeds"] for g in doc["groups"]] == [[0, 1, 2], [0, 1, 2, 0, 1, 2]]  # documented; 1 and 2 threads
     for key, ref in SEQCLS_QUICK.items():
         entries = [e for g in doc["groups"] for e in g["rows"] if (e["row"], e["target_ratio"]) == key]
+        for e in entries[1:]:  # the run folders' groups keep each run's accuracy: their n, mean, std are those
+            assert (e["runs"], e["mean"], e["std"]) == pytest.approx(
+                (len(e["accuracy"]), statistics.fmean(e["accuracy"]), statistics.stdev(e["accuracy"])))
         n, mean, std = pool((e["runs"], e["mean"], e["std"]) for e in entries)
         counts = [p for e in entries for p in e["params"]]
         assert (n, round(mean, 4), round(std, 4), min(counts), max(counts)) == \
