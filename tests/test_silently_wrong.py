@@ -238,17 +238,19 @@ def test_the_demo_prints_each_row_against_the_documented_seed_spread(tmp_path, m
     from mpolstm.harness.cli import experiments
     from mpolstm.harness.protocol.spread import SEQCLS_QUICK
 
+    dense, ref = SEQCLS_QUICK[("dense", None)], SEQCLS_QUICK[("mpo-scratch", 30.0)]
+
     def fake_run(task, ratios, out, seed, distill, rows, resume=False):
         out.mkdir(parents=True)
-        rows = [{"row": "dense", "target_ratio": None, "accuracy": SEQCLS_QUICK[("dense", None)][0]},
-                {"row": "mpo-scratch", "target_ratio": 30.0, "accuracy": 0.5}]
+        rows = [{"row": "dense", "target_ratio": None, "accuracy": dense.mean, "params": dense.params_min},
+                {"row": "mpo-scratch", "target_ratio": 30.0, "accuracy": 0.5, "params": ref.params_min}]
         (out / "results.json").write_text(json.dumps({"metric": "accuracy", "rows": rows}))
 
     monkeypatch.setattr(experiments, "_run_protocol", fake_run)
     monkeypatch.setattr(experiments, "_make_task", lambda *args, **kwargs: None)
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
-    assert "Against the documented seed spread" in result.output
-    mean, std = SEQCLS_QUICK[("mpo-scratch", 30.0)]
+    assert "Against the documented spread" in result.output
     assert "| dense | - |" in result.output and "1 of 2 rows within" in result.output
-    assert f"| mpo-scratch | 30x | 0.5000 | {mean:.4f} ± {std:.4f} | no: {0.5 - mean:+.4f} |" in result.output
+    assert f"| mpo-scratch | 30x | 0.5000 | {ref.mean:.4f} ± {ref.std:.4f} | {ref.params_min:,} |" in result.output
+    assert f"| no: accuracy {0.5 - ref.mean:+.4f} |" in result.output
