@@ -3,11 +3,12 @@ compress (held-out decision) against the old default (allocation="per-matrix") a
 unseen output error and SI-SDR; tolerance mode against a dense sweep; the CLI once.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_speech_decision.py --model nsnet2 [--parts table1 tolerance sweep drop cli]
-    OMP_NUM_THREADS=1 python benchmarks/bench_speech_decision.py --model dtln --sweep-points 10
+    OMP_NUM_THREADS=1 python benchmarks/bench_speech_decision.py --model dtln --sweep-points 8
 
 Data: the quick speech corpus. Calibration: 8 batches (compress holds every second one out). NSNet2: 200-frame
 crops of train utterances 0-63, 8 a batch (the first 8 batches); DTLN: each model's inputs along the original
-pipeline of train utterances 0-7, one whole utterance a batch (a sequence of frames, states from zero). Unseen
+pipeline of train utterances 0-63, the ``--crop`` (32) frames in the middle of each (run from zero states), 8
+utterances a batch (8 whole utterances, one a batch, held out 4 utterances without white noise: too few to decide on). Unseen
 (disjoint, same distribution): train utterances 64-159 (NSNet2: their 200-frame crops for the error, the whole
 utterances for SI-SDR) / 64-111 (DTLN: whole utterances). Errors ||y' - y|| / ||y|| of each model's first output
 (NSNet2's gain, DTLN's mask / output frames) over every unit (crop or utterance); noise: per-unit paired
@@ -125,7 +126,7 @@ class DTLN:
 
     name, labels = "dtln", ("model_1 mask", "model_2 frames")
 
-    def __init__(self) -> None:
+    def __init__(self, crop: int) -> None:
         _example("dtln")
         from dtln import model_file
         from table import _sequences, lstm_layers
@@ -135,7 +136,8 @@ class DTLN:
         self.files = [model_file(f"model_{k}.onnx") for k in (1, 2)]
         self.originals = [mo.load(f) for f in self.files]
         self.targets = [lstm_layers(m) for m in self.originals]
-        self.calib = [list(c) for c in _sequences(train.noisy[:8], None)]
+        whole = _sequences(train.noisy[:64], None)
+        self.calib = [[Crops([mid(s, crop) for s in seqs[j:j + 8]]) for j in range(0, 64, 8)] for seqs in whole]
         sessions = self.sessions(self.originals)
         self.audio = [self._record(sessions, *train[k]) for k in range(64, 112)]
         self.held = [self._record(sessions, *corpus[s][k]) for s in ("val", "test") for k in range(len(corpus[s]))]
@@ -203,14 +205,32 @@ class DTLN:
         return self.clean_base["unseen"] - self._clean_sdr(k, model, self.audio)
 
     def cli_inputs(self, folder: Path) -> list[Path]:
-        """Per model one sequence of frames (T, 1, 1, features): the calibration utterances' inputs end to end."""
+        """Per model one sequence of frames (T, 1, 1, features): the calibration crops end to end."""
         from safetensors.torch import save_file
 
         paths = []
         for k, sequences in enumerate(self.calib):
             paths.append(folder / f"calib_{k + 1}.safetensors")
-            save_file({"input0": torch.cat([s.inputs[0] for s in sequences]).contiguous()}, str(paths[-1]))
+            frames = [s.inputs[0] for batch in sequences for s in batch.sequences]
+            save_file({"input0": torch.cat(frames).contiguous()}, str(paths[-1]))
         return paths
+
+
+def mid(sequence, crop: int):
+    """The ``crop`` frames in the middle of an utterance's sequence (run from zero states)."""
+    start = max(0, len(sequence) // 2 - crop // 2)
+    return type(sequence)(tuple(x[start:start + crop] for x in sequence.inputs), sequence.pairs)
+
+
+class Crops:
+    """A calibration batch of several frame sequences, each run from zero states."""
+
+    def __init__(self, sequences: list) -> None:
+        self.sequences = sequences
+
+    def __call__(self, model) -> None:
+        for sequence in self.sequences:
+            sequence.run(model)
 
 
 def compress(bench, k: int, ratio: float | None, allocation: str = "error", calibrated: bool = True, **extra):
@@ -225,6 +245,8 @@ def compress(bench, k: int, ratio: float | None, allocation: str = "error", cali
 
 def _check(report) -> dict:
     check = report.output_check
+    if check is None:
+        return {"error": None, "on": "none", "per_batch": []}
     return {"error": check.error, "on": "synthetic" if check.source.startswith("synthetic") else
             f"{check.batches} held out", "per_batch": list(check.per_batch)}
 
@@ -249,7 +271,7 @@ def table1(bench, ratios) -> list[dict]:
 
 
 def _print_row1(bench, r: dict) -> None:
-    reported = " / ".join(f"{c['error']:.4f}" for c in r["reported"])
+    reported = " / ".join("-" if c["error"] is None else f"{c['error']:.4f}" for c in r["reported"])
     unseen = " / ".join(f"{e:.4f}" for e in r["errors"])
     print(f"| {r['ratio']:g}x | {r['method']} | {' / '.join(r['kept'])} | {reported} ({r['reported'][0]['on']}) | "
           f"{unseen} | {np.mean(r['sdr']):.2f} | {r['seconds']:.1f} |", flush=True)
@@ -312,11 +334,12 @@ def tolerance(bench, tolerances) -> list[dict]:
     return rows
 
 
-def drop(bench, max_drop: float) -> list[dict]:
+def drop(bench, max_drops: list[float]) -> list[dict]:
     rows = []
     for k in range(len(bench.originals)):
-        rows.append(_tolerance_row(bench, k, max_drop, evaluate=bench.metric(k), max_drop=max_drop))
-        rows[-1]["held_base"] = bench.clean_base["held"]
+        for max_drop in max_drops:
+            rows.append(_tolerance_row(bench, k, max_drop, evaluate=bench.metric(k), max_drop=max_drop))
+            rows[-1]["held_base"] = bench.clean_base["held"]
     return rows
 
 
@@ -406,13 +429,15 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["table1", "sweep", "tolerance", "drop", "cli"])
     parser.add_argument("--ratios", type=float, nargs="+", default=[2, 5, 10, 30])
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.01, 0.05, 0.2])
-    parser.add_argument("--max-drop", type=float, default=0.1, help="dB of SI-SDR against clean speech")
+    parser.add_argument("--max-drop", type=float, nargs="+", default=[0.1, 0.5],
+                        help="dB of SI-SDR against clean speech")
+    parser.add_argument("--crop", type=int, default=32, help="DTLN: frames per calibration utterance")
     parser.add_argument("--sweep-points", type=int, default=18)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    bench = NSNet2() if args.model == "nsnet2" else DTLN()
+    bench = NSNet2() if args.model == "nsnet2" else DTLN(args.crop)
     out = args.out or ROOT / "benchmarks" / "results" / f"issue32_{bench.name}.json"
     doc = json.loads(out.read_text()) if out.exists() else {}
     print(f"data in {time.perf_counter() - start:.0f} s; calibration batches {[len(c) for c in bench.calib]}; "
