@@ -402,7 +402,7 @@ def cli(bench) -> list[dict]:
         folder = Path(tmp)
         calibs = bench.cli_inputs(folder)
         for calibrated in (False, True):
-            models, row = [], {"calibrated": calibrated, "printed": [], "warned": []}
+            models, row = [], {"calibrated": calibrated, "printed": [], "warned": [], "inspect": []}
             for k, source in enumerate(bench.files):
                 out = folder / f"out_{k}_{calibrated}.onnx"
                 cmd = [exe, "compress", str(source), str(out), "--ratio", "10"]
@@ -415,11 +415,13 @@ def cli(bench) -> list[dict]:
                 found = re.search(r"model output error: ([0-9.]+)", text)
                 row["printed"].append(float(found.group(1)) if found else None)
                 row["warned"].append([line for line in text.splitlines() if "warn" in line.lower()])
+                shown = subprocess.run([exe, "inspect", str(out)], capture_output=True, text=True, check=True).stdout
+                row["inspect"].append([line for line in shown.splitlines() if "model output error" in line])
                 models.append(mo.load(out))
             row.update(bench.unseen(models))
             rows.append(row)
             print(f"cli calibrated={calibrated}: printed {row['printed']}, unseen {row['errors']}, SI-SDR "
-                  f"{np.mean(row['sdr']):.2f} dB, warnings {row['warned']}", flush=True)
+                  f"{np.mean(row['sdr']):.2f} dB, warnings {row['warned']}, inspect {row['inspect']}", flush=True)
     return rows
 
 
