@@ -137,6 +137,7 @@ class DTLN:
         self.files = [model_file(f"model_{k}.onnx") for k in (1, 2)]
         self.originals = [mo.load(f) for f in self.files]
         self.targets = [lstm_layers(m) for m in self.originals]
+        self.crop, self.crop_refs = crop, {}
         whole = _sequences(train.noisy[:64], None)
         self.calib = [[Crops([mid(s, crop) for s in seqs[j:j + 8]]) for j in range(0, 64, 8)] for seqs in whole]
         sessions = self.sessions(self.originals)
@@ -192,7 +193,21 @@ class DTLN:
         sessions = self.sessions(models)
         errors = [self.error(k, None, sessions[k]) for k in (0, 1)]
         sdr = [si_sdr(self._enhanced(u, sessions), u["enhanced"]) for u in self.audio]
-        return {"errors": [e[0] for e in errors], "units": [e[1] for e in errors], "sdr": sdr}
+        return {"errors": [e[0] for e in errors], "units": [e[1] for e in errors], "sdr": sdr,
+                "crop_errors": [self.crop_error(k, sessions[k]) for k in (0, 1)]}
+
+    def _crop(self, u: dict, k: int) -> np.ndarray:
+        frames = u["inputs"][k]
+        start = max(0, len(frames) // 2 - self.crop // 2)
+        return frames[start:start + self.crop]
+
+    def crop_error(self, k: int, session) -> float:
+        """The error on the unseen utterances' middle crops run from zero states, like the calibration's."""
+        if k not in self.crop_refs:
+            ref = self.sessions(self.originals)[k]
+            self.crop_refs[k] = [torch.from_numpy(self.frames(ref, self._crop(u, k))) for u in self.audio]
+        outs = [torch.from_numpy(self.frames(session, self._crop(u, k))) for u in self.audio]
+        return rel_errors(outs, self.crop_refs[k])[0]
 
     def _clean_sdr(self, k: int, model, units) -> float:
         """Mean SI-SDR against clean speech with model ``k`` replaced by ``model`` (the other the original)."""
@@ -277,6 +292,8 @@ def table1(bench, ratios) -> list[dict]:
 def _print_row1(bench, r: dict) -> None:
     reported = " / ".join("-" if c["error"] is None else f"{c['error']:.4f}" for c in r["reported"])
     unseen = " / ".join(f"{e:.4f}" for e in r["errors"])
+    if "crop_errors" in r:
+        unseen += " (crops " + " / ".join(f"{e:.4f}" for e in r["crop_errors"]) + ")"
     print(f"| {r['ratio']:g}x | {r['method']} | {' / '.join(r['kept'])} | {reported} ({r['reported'][0]['on']}) | "
           f"{unseen} | {np.mean(r['sdr']):.2f} | {r['seconds']:.1f} |", flush=True)
 
