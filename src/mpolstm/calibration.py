@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .errors import ConfigError, FieldNames, must_be
 from .nn.registry import layer_type
 
-__all__ = ["Calibration", "apply_whitening", "collect_moments", "damping", "run_hooked", "whitening"]
+__all__ = ["Calibration", "apply_whitening", "check_calibration", "collect_moments", "damping", "run_hooked", "whitening"]
 
 Calibration = Iterable[Any] | Callable[[nn.Module], Any]
 
@@ -59,11 +59,11 @@ class _Moments:
         return self.sum / max(self.count, 1)
 
 
-def _run(model: nn.Module, calibration: Calibration) -> int:
-    """Run the calibration data through ``model``; returns the number of batches run."""
+def check_calibration(calibration: Any) -> None:
+    """ValueError unless ``calibration`` is a callable or an iterable of batches (not one tensor, a
+    string or a mapping)."""
     if callable(calibration) and not isinstance(calibration, (Tensor, nn.Module)):
-        calibration(model)
-        return 1
+        return
     if isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
         raise must_be("calibration", "an iterable of batches (a tensor, a tuple of model inputs or a callable that "
                       "runs the model, each) or a callable that runs the model", type(calibration).__name__)
@@ -72,7 +72,15 @@ def _run(model: nn.Module, calibration: Calibration) -> int:
         raise ConfigError("calibration", lambda n: f"{n('calibration')} is one tensor {shape}: pass a list of batches"
                           f"{', e.g. [x] for one batch' if n.api else ' (a file of inputs holds one batch)'} (a bare "
                           "tensor would be ambiguous: one batch, or batches along dim 0)")
-    batches = calibration
+
+
+def _run(model: nn.Module, calibration: Calibration) -> int:
+    """Run the calibration data through ``model``; returns the number of batches run."""
+    if callable(calibration) and not isinstance(calibration, (Tensor, nn.Module)):
+        calibration(model)
+        return 1
+    check_calibration(calibration)
+    batches = cast(Iterable[Any], calibration)
     count = 0
     for batch in batches:
         if callable(batch) and not isinstance(batch, (Tensor, nn.Module)):  # runs the model on its batch
