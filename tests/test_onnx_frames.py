@@ -182,3 +182,19 @@ def test_cli_calibrates_and_distils_a_per_frame_graph_on_a_sequence_file(files, 
                                       "2", "--calibrate", str(tmp_path / "wide.safetensors")])
     assert result.exit_code == 2 and "a sequence of frames ['T', 1, 1, 6]" in result.output, result.output
     assert not (tmp_path / "no.onnx").exists()
+
+
+def test_without_data_a_per_frame_graph_gets_a_synthetic_estimate_over_sequences(files):
+    folder, lstm, _ = files
+    model = mo.load(folder / "lstm.onnx")
+    frames = [torch.randn(32, 1, 1, F) for _ in range(8)]
+    with torch.no_grad():
+        reference = [_reference(lstm, x) for x in frames]
+    small, report = mpolstm.compress(model, mpolstm.CompressionConfig(target_ratio=4))
+    check = report.output_check  # was None: the first layer's shape guess does not run a graph with states in
+    assert check is not None and check.source == "synthetic-input estimate" and check.batches == 4
+    sequences = [FrameSequence((x,), [(1, 1)]) for x in frames]
+    with torch.no_grad():
+        num = sum(float((s.run(small) - r).pow(2).sum()) for s, r in zip(sequences, reference))
+        den = sum(float(r.pow(2).sum()) for r in reference)
+    assert check.error > 0.01 and check.error == pytest.approx((num / den) ** 0.5, rel=0.3)

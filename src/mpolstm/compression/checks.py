@@ -128,10 +128,14 @@ def paired_advantage(simple: Sequence[tuple[float, float]], other: Sequence[tupl
 
 
 def _guesses(model: nn.Module, gen: torch.Generator) -> list[Callable[[], Tensor]]:
-    """Makers of random inputs shaped like those of the model's first layer with weights (a few shapes to try)."""
+    """Makers of random inputs shaped like those of the model's first layer with weights (a few shapes to
+    try), then the model's own ``synthetic_batch(gen)`` where it has one (an imported ONNX graph's
+    declared inputs, e.g. a per-frame graph with states in and out)."""
     first = next((m for m in model.modules() if not list(m.children()) and any(True for _ in m.parameters())), None)
+    own = getattr(model, "synthetic_batch", None)
+    fallback = [functools.partial(own, gen)] if callable(own) else []
     if isinstance(first, nn.Embedding):
-        return [lambda: torch.randint(0, first.num_embeddings, (4, 32), generator=gen)]
+        return [lambda: torch.randint(0, first.num_embeddings, (4, 32), generator=gen), *fallback]
     shapes: list[tuple[int, ...]] = []
     if isinstance(first, nn.RNNBase):
         shapes = [(4, 32, first.input_size) if first.batch_first else (32, 4, first.input_size)]
@@ -141,7 +145,7 @@ def _guesses(model: nn.Module, gen: torch.Generator) -> list[Callable[[], Tensor
         shapes = [(4, first.in_channels, 64)]
     elif isinstance(first, nn.Conv2d):
         shapes = [(4, first.in_channels, 32, 32)]
-    return [functools.partial(_randn, shape, gen) for shape in shapes]
+    return [*(functools.partial(_randn, shape, gen) for shape in shapes), *fallback]
 
 
 def _randn(shape: tuple[int, ...], gen: torch.Generator) -> Tensor:

@@ -13,11 +13,13 @@ and ``FrameSequence.run`` is the ``forward`` of ``distill`` through time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .model import OnnxModel
+# the models here are mpolstm.onnx.model.OnnxModel, typed Any: model.py imports this module (synthetic_batch)
+OnnxModel = Any
 
 __all__ = ["FrameSequence", "state_pairs"]
 

@@ -140,6 +140,21 @@ class OnnxModel(nn.Module):
                        else torch.zeros(dims, dtype=dtype))
         return tuple(out)
 
+    def synthetic_batch(self, gen: torch.Generator, frames: int = 32) -> Any:
+        """Random inputs for the output-error estimate without the user's data (compression.checks):
+        ``example_inputs``, or for a per-frame graph a FrameSequence of ``frames`` random frames, the
+        states carried from zero (one frame with random states says little about a recurrence)."""
+        from .frames import FrameSequence, state_pairs  # frames imports this module
+
+        seed = int(torch.randint(0, 2 ** 31 - frames, (1,), generator=gen))
+        pairs = state_pairs(self)
+        if not pairs:
+            return self.example_inputs(seed=seed)
+        steps = [self.example_inputs(seed=seed + t) for t in range(frames)]
+        states = {i for i, _ in pairs}
+        data = [k for k in range(len(self.inputs)) if k not in states]
+        return FrameSequence(tuple(torch.stack([step[k] for step in steps]) for k in data), pairs)
+
 
 def _all_steps(steps: list[Step]):
     """The steps and those of their subgraphs (control flow), depth first."""
