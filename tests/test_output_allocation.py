@@ -30,7 +30,7 @@ def test_output_allocation_is_never_beaten_beyond_noise_on_held_out_calibration_
     small, report = compress(copy.deepcopy(model), CompressionConfig(target_ratio=4, allocation="output"),
                              calibration=batches)
     choice = report.allocation
-    assert list(choice.errors) == ["uniform", "uncalibrated", "per-matrix error", "output sensitivity"]
+    assert list(choice.errors) == ["uniform", "weight error", "per-matrix error", "output sensitivity"]
     assert (choice.fit_batches, choice.held_out_batches) == (4, 4)
     best = min(choice.errors, key=choice.errors.get)
     assert choice.chosen == best or choice.errors[best] < choice.errors[choice.chosen]
@@ -55,8 +55,8 @@ def test_the_paired_test_decides_on_consistent_gains_and_not_on_noise():
     assert paired_advantage(base[:2], steady[:2]) == (False, 3)  # two batches never decide
     assert paired_advantage(steady, base) == (False, None)  # worse: nothing would decide for it
     assert _decide({"uniform": base, "per-matrix error": steady}, 3) == ("per-matrix error", "")
-    chosen, note = _decide({"uniform": base, "uncalibrated": noisy, "per-matrix error": steady}, 3)
-    assert chosen == "uncalibrated" and "per-matrix error was" in note and "within the noise of 3" in note
+    chosen, note = _decide({"uniform": base, "weight error": noisy, "per-matrix error": steady}, 3)
+    assert chosen == "weight error" and "per-matrix error was" in note and "within the noise of 3" in note
     assert _decide({"uniform": base, "per-matrix error": noisy}, 3)[0] == "uniform"
     chosen, note = _decide({"uniform": steady[:2], "per-matrix error": base[:2]}, 2)
     assert chosen == "per-matrix error" and "too little held-out data to decide (2 batches" in note

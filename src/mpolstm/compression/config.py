@@ -16,7 +16,7 @@ from .layouts import LAYOUTS, describe_layouts
 
 __all__ = ["CompressionConfig", "ConfigError", "ModuleSettings", "select_modules"]
 
-# allocation (compression/output_aware.py): "error": the held-out decision among uniform / uncalibrated /
+# allocation (compression/output_aware.py): "error": the held-out decision among uniform / weight error /
 # per-matrix (when calibrated with batches); "output": also the sensitivity-weighted allocation;
 # "per-matrix": the per-matrix allocation, no decision.
 ALLOCATIONS = ("error", "output", "per-matrix")
@@ -197,8 +197,10 @@ class CompressionConfig:
         positions stay fixed.
     allocation: with a budget and calibration as batches, which allocation is kept is decided on
         held-out batches (the odd-numbered ones, or ``validation=``): "error" (default) compares
-        uniform ratios, the uncalibrated (weight-error) allocation and the per-matrix calibrated
-        one; "output" adds the sensitivity-weighted allocation (one model run per weight on the
+        uniform ratios, the weight-error allocation (what compress does without
+        calibration) and the per-matrix calibrated one; the whitening is
+        then fitted on the even-numbered batches only, so the reported error is measured on inputs
+        the fit never saw; "output" adds the sensitivity-weighted allocation (one model run per weight on the
         even-numbered batches); a more elaborate candidate is kept only when its output error
         beats every simpler one beyond the batches' noise (a paired t-test; with fewer than 3
         held-out batches the per-matrix allocation is kept and the report says so).

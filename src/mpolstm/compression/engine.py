@@ -42,6 +42,7 @@ from .tolerance import smallest_within
 
 __all__ = ["compress", "freeze_central"]
 
+HELD_OUT = "held-out calibration batches"
 # Refit passes per module: the second refits a recurrent module on its own refitted states
 # (g2p-en at 10x, uniform rank 19, 1,000 words: agreement 0.093 without refit, 0.087 / 0.109 / 0.101
 # with 1 / 2 / 3 passes).
@@ -158,7 +159,7 @@ def _check_batches(model: nn.Module, config: CompressionConfig, calibration: Cal
         _check_calibrated(calibration, "allocation='output'")
         fit_half, held_out = split_calibration(calibration)
         if validation is None:
-            return fit_half, held_out, "held-out calibration batches"
+            return fit_half, held_out, HELD_OUT
     if validation is not None:
         batches = [validation] if isinstance(validation, Tensor) else list(validation)
         if not batches:
@@ -173,7 +174,7 @@ def _check_batches(model: nn.Module, config: CompressionConfig, calibration: Cal
     batches = [calibration] if isinstance(calibration, Tensor) else list(calibration)
     if len(batches) < 2:
         return batches, batches, "calibration batch (not held out: give 2 or more batches, or validation=)"
-    return batches[0::2], batches[1::2], "held-out calibration batches"
+    return batches[0::2], batches[1::2], HELD_OUT
 
 
 def _allocated(model: nn.Module, config: CompressionConfig, sizing: Sizing, budget: int | None,
@@ -193,7 +194,7 @@ def _allocated(model: nn.Module, config: CompressionConfig, sizing: Sizing, budg
     plain = [replace(t, whitening=None) for t in sizing.targets]
     settings = dict(zip((t.module for t in plain), sizing.settings))
     candidates = {"uniform": None if config.max_macs is not None else sizing.uniform(budget),
-                  "uncalibrated": None if config.refit else Sizing(plain, settings).allocate(budget, config.max_macs),
+                  "weight error": None if config.refit else Sizing(plain, settings).allocate(budget, config.max_macs),
                   DEFAULT: fits}
     if config.allocation == "output":
         candidates["output sensitivity"] = sensitivity_allocation(model, sizing, fits, budget, fit_half)
@@ -211,7 +212,9 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *, calib
     error. With a budget, the allocation is then chosen on held-out batches (the odd-numbered
     calibration batches, or ``validation``: batches of the same forms) between the simpler ones
     (compression/output_aware.py). The report gives the compressed model's output error on
-    those batches (without calibration: a synthetic-input estimate). Returns the same model and
+    those batches (without calibration: a synthetic-input estimate); held-out calibration
+    batches shape nothing (the whitening is fitted on the even-numbered ones), so the figure is
+    not fitted to the data it is measured on. Returns the same model and
     a CompressionReport. See CompressionConfig.
 
     Tolerance mode (``config.max_output_error``, or ``evaluate``: model -> a metric, higher better,
@@ -232,12 +235,15 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *, calib
     chosen = [c for c in chosen if c[0] not in followers]
     if config.refit:
         _check_calibrated(calibration, "refit=True")
-    moments = collect_moments(model, {n: m for n, m, _ in chosen}, calibration) if calibration is not None else {}
+    batches = _check_batches(model, config, calibration, validation)
+    # the batches the report measures on never shape the fit: with held-out calibration batches, only
+    # the fit half is whitened on (and refitted on)
+    fit_on = batches[0] if batches[2] == HELD_OUT else calibration
+    moments = collect_moments(model, {n: m for n, m, _ in chosen}, fit_on) if fit_on is not None else {}
     targets, modules, skipped = _all_targets(config, chosen, moments)
     if not targets and config.budget_mode:
         raise ValueError("the budget applies to no weight: no selected module could be compressed")
 
-    batches = _check_batches(model, config, calibration, validation)
     reference = batch_outputs(model, batches[1])
     sizing = Sizing(targets, {name: config.settings_for(name) for name in modules})
     budget, choice = None, None
@@ -250,7 +256,7 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *, calib
         else:
             fits = sizing.bounded()
         if config.refit:
-            fits = sequential_refit(model, targets, fits, calibration, passes=REFIT_PASSES)
+            fits = sequential_refit(model, targets, fits, fit_on, passes=REFIT_PASSES)
     reports = _replace(model, modules, targets, fits, skipped)
     _tie_followers(model, followers, modules, reports)
     errors = batch_errors(model, batches[1], reference) if batches[1] else []

@@ -8,7 +8,7 @@ inputs have little energy but carry the information (an embedding's rows) is cut
 calibrated compress with a budget builds complete candidates, in order of simplicity:
 
 1. "uniform": every weight at the same ratio (whitened fits), without ``max_macs``;
-2. "uncalibrated": the allocation by weight error (the result without calibration);
+2. "weight error": the allocation by weight error (what compress does without calibration);
 3. "per-matrix error": the allocation by each weight's output error (the calibrated default's);
 4. with ``allocation="output"``, "output sensitivity": the allocator rerun with the objective
    sum_W beta_W err_W^2, beta_W measured on the fit half (the even-numbered batches, at most
@@ -26,7 +26,7 @@ place and restoring them afterwards; identical candidates are run once.
 
 Evidence (docs/results.md): on the recall model (Embedding(32, 64) -> 2-layer LSTM 256 -> Linear)
 the per-matrix allocation cuts the embedding-fed W_ih to rank 2 at 10x; the decision keeps the
-uncalibrated allocation there.
+weight-error allocation there.
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ path: the chain merged into two halves at its middle bond.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn, Sequence
 
 from torch import Tensor
@@ -124,31 +125,36 @@ class Budget:
                 and (self.max_macs is None or sum(p.macs for p in points) <= self.max_macs))
 
 
-def tradeoff_curve(model: ErrorModel, option: int = 0, budget: Budget | None = None) -> list[CurvePoint]:
+@functools.lru_cache(maxsize=128)
+def tradeoff_curve(model: ErrorModel, option: int = 0, budget: Budget | None = None) -> tuple[CurvePoint, ...]:
     """Points from the largest bonds down to all ones, by greedy single-bond shrinking (the step
-    adding the least error per unit of ``budget.cost`` saved; default: per parameter)."""
+    adding the least error per unit of ``budget.cost`` saved; default: per parameter). Cached: the
+    allocations of one compress (and its candidates) share the curves of a weight."""
     budget = budget or Budget(1)
+    counts_macs = budget.max_macs is not None
 
     def point(bonds: list[int]) -> CurvePoint:
-        return CurvePoint(model.params(bonds), model.error(bonds), option, tuple(bonds), model.macs(bonds))
+        return CurvePoint(model.params(bonds), model.error(bonds), option, tuple(bonds),
+                          model.macs(bonds) if counts_macs else 0)
 
     bonds = model.feasible(model.caps)
     points = [point(bonds)]
     while any(d > 1 for d in bonds):
-        here = points[-1]
-        best = None
+        here = budget.cost(points[-1])
+        best: tuple[float, CurvePoint] | None = None
         for b, d in enumerate(bonds):
             if d <= 1:
                 continue
             trial = point(model.feasible(bonds[:b] + [d - 1] + bonds[b + 1:]))
-            saved = budget.cost(here) - budget.cost(trial)
-            rate = (trial.error - here.error) / max(saved, 1e-12)
+            rate = (trial.error - points[-1].error) / max(here - budget.cost(trial), 1e-12)
             if best is None or rate < best[0]:
                 best = (rate, trial)
         assert best is not None  # some bond is above 1
         bonds = list(best[1].bonds)
         points.append(best[1])
-    return points
+    if not counts_macs:  # the MACs of the points kept, for the report and the MAC budget's check
+        points = [replace(p, macs=model.macs(p.bonds)) for p in points]
+    return tuple(points)
 
 
 def _lower_hull(points: Sequence[CurvePoint], budget: Budget) -> list[CurvePoint]:
@@ -190,7 +196,8 @@ def allocate(
         raise ValueError("allocate needs a parameter budget, a MAC budget, or both")
     curves = []
     for w, models in enumerate(options):
-        points = [p for k, model in enumerate(models) for p in tradeoff_curve(model, k, spend)]
+        # a parameter budget's size does not change the curve's order: one curve serves every size
+        points = [p for k, model in enumerate(models) for p in tradeoff_curve(model, k, spend if max_macs else None)]
         fitting = [p for p in points if p.params <= limits[w]] or [min(points, key=lambda p: p.params)]
         curves.append(fitting)
     floored = []
