@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from mpolstm import CompressionConfig, compress
-from mpolstm.compression.checks import paired_advantage
+from mpolstm.compression.checks import batch_errors, batch_outputs, paired_advantage
+from mpolstm.compression.engine import _output_errors
 from mpolstm.compression.output_aware import _decide, calibration_outputs, relative_output_error
 
 
@@ -37,7 +38,8 @@ def test_output_allocation_is_never_beaten_beyond_noise_on_held_out_calibration_
     assert report.mpo_params <= report.dense_params / 4
     measured = relative_output_error(small, held_out, reference) ** 0.5  # the compressed model, as returned
     assert measured == pytest.approx(choice.errors[choice.chosen], rel=1e-3, abs=1e-6)
-    assert report.output_check.error == pytest.approx(measured, rel=1e-9)
+    # the batches the decision measured are reused once the first agrees: equal to float rounding
+    assert report.output_check.error == pytest.approx(measured, rel=1e-5)
     assert report.output_check.source == "held-out calibration batches" and report.output_check.batches == 4
     assert "allocation: " + choice.chosen in str(report) and report.to_dict()["allocation"]["chosen"] == choice.chosen
     assert f"model output error: {measured:.4f}" in str(report)
@@ -156,3 +158,18 @@ def test_bad_allocation_input_is_refused(lstm_tagger):
     with pytest.raises(ValueError, match="not one callable"):
         compress(model, CompressionConfig(target_ratio=4, allocation="output"), calibration=lambda m: m(
             torch.randn(2, 5, 12)))
+
+
+def test_the_output_check_reuses_the_decisions_measurements_only_when_the_first_batch_agrees(lstm_tagger):
+    torch.manual_seed(1)
+    model = lstm_tagger(12, 24, 6)
+    batches = [torch.randn(4, 7, 12) for _ in range(4)]
+    reference = batch_outputs(model, batches)
+    with torch.no_grad():
+        model.head.weight.mul_(0.9)  # the "compressed" model
+    true = batch_errors(model, batches, reference)
+    marked = {0: true[0], 2: (123.0, 1.0)}  # batch 2 as the decision measured it (a marker value)
+    assert _output_errors(model, batches, reference, marked) == [true[0], true[1], (123.0, 1.0), true[3]]
+    wrong = {0: (true[0][0] * 1.1, true[0][1]), 2: (123.0, 1.0)}  # the first batch disagrees: all run again
+    assert _output_errors(model, batches, reference, wrong) == true
+    assert _output_errors(model, batches, reference, {}) == true

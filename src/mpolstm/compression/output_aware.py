@@ -175,8 +175,9 @@ def sensitivity_allocation(model: nn.Module, sizing: Sizing, per_matrix: list[Fi
 
 def choose_allocation(model: nn.Module, targets: Sequence[Target], candidates: dict[str, list[Fit] | None],
                       held_out: list, reference: list[list[Tensor]], fit_batches: int = 0
-                      ) -> tuple[list[Fit], AllocationChoice]:
-    """The fits of the candidate the held-out rule keeps (module docstring) and the AllocationChoice.
+                      ) -> tuple[list[Fit], AllocationChoice, dict[int, tuple[float, float]]]:
+    """The fits of the candidate the held-out rule keeps (module docstring), the AllocationChoice, and
+    the kept candidate's (||y' - y||^2, ||y||^2) per held-out batch index it was measured on.
     ``candidates`` in order of simplicity (None: not available); ``reference``: the original model's
     outputs per held-out batch (``checks.batch_outputs``)."""
     live = {name: fits for name, fits in candidates.items() if fits is not None}
@@ -194,7 +195,8 @@ def choose_allocation(model: nn.Module, targets: Sequence[Target], candidates: d
             per[name] = batch_errors(model, batches, refs)
     chosen, note = _decide(per, len(batches))
     errors = {name: total_error(e) for name, e in per.items()}
-    return live[chosen], AllocationChoice(chosen, errors, fit_batches, len(batches), note)
+    measured = dict(zip(keep, per[chosen]))
+    return live[chosen], AllocationChoice(chosen, errors, fit_batches, len(batches), note), measured
 
 
 def _decide(per: dict[str, list[tuple[float, float]]], batches: int) -> tuple[str, str]:
