@@ -35,14 +35,16 @@ def test_max_output_error_keeps_the_largest_ratio_tried_within_it():
     before = [p.clone() for p in model.parameters()]
     small, report = compress(model, CompressionConfig(max_output_error=0.1), calibration=batches)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # a copy is returned
-    assert report.output_check.error <= 0.1
-    kept = report.ratio
+    check = report.output_check
+    assert check.error <= check.upper_bound() <= 0.1  # the 90% upper bound over the held-out batches holds
     errors = dict(report.curve)
     assert len(errors) >= 3 and any(e > 0.1 for e in errors.values())  # the search went past the tolerance
-    held = [r for r, e in errors.items() if e <= 0.1]
-    assert errors[max(held)] == pytest.approx(report.output_check.error, rel=1e-6)  # the largest that held is kept
-    assert kept >= max(held) * 0.98
-    assert "tolerance: kept" in str(report) and report.to_dict()["curve"]
+    kept = next(r for r, e in errors.items() if e == pytest.approx(check.error, rel=1e-9))
+    assert report.ratio >= kept * 0.98
+    for ratio in (r for r in errors if r > kept):  # every larger ratio tried misses the bound
+        _, larger = compress(copy.deepcopy(model), CompressionConfig(target_ratio=ratio), calibration=batches)
+        assert larger.output_check.upper_bound() > 0.1
+    assert "tolerance: kept" in str(report) and "90% upper bound" in report.tolerance and report.to_dict()["curve"]
 
 
 def test_evaluate_with_max_drop_uses_the_users_metric():
@@ -88,3 +90,13 @@ def test_without_data_the_report_gives_a_synthetic_estimate_and_warns_from_3x():
     assert "synthetic-input estimate" in text and "warning: compressed" in text
     _, mild = compress(copy.deepcopy(model), CompressionConfig(target_ratio=2))
     assert "warning" not in str(mild) and mild.output_check is not None
+
+
+def test_the_upper_bound_grows_with_the_spread_of_the_batches():
+    from mpolstm.compression.checks import OutputCheck
+
+    steady = OutputCheck(0.1, 4, "held-out calibration batches", (0.1, 0.1, 0.1, 0.1))
+    spread = OutputCheck(0.1, 4, "held-out calibration batches", (0.05, 0.15, 0.08, 0.12))
+    assert steady.upper_bound() == pytest.approx(0.1)
+    assert spread.upper_bound() > 0.1 * 1.1  # t(3) = 1.638 times the log errors' standard error
+    assert OutputCheck(0.1, 1, "calibration batch", (0.1,)).upper_bound() == 0.1  # nothing to spread

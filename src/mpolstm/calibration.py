@@ -27,7 +27,8 @@ from torch.nn.utils.rnn import PackedSequence
 from .errors import ConfigError, FieldNames, must_be
 from .nn.registry import layer_type
 
-__all__ = ["Calibration", "apply_whitening", "collect_moments", "damping", "run_hooked", "whitening"]
+__all__ = ["Calibration", "Moments", "apply_whitening", "check_calibration", "collect_moments", "collect_moments_split",
+           "damping", "run_hooked", "whitening"]
 
 Calibration = Iterable[Any] | Callable[[nn.Module], Any]
 
@@ -58,12 +59,18 @@ class _Moments:
         assert self.sum is not None, "no inputs were added"
         return self.sum / max(self.count, 1)
 
+    def merged(self, other: "_Moments") -> "_Moments":
+        both = _Moments()
+        both.sum = self.sum if other.sum is None else other.sum if self.sum is None else self.sum + other.sum
+        both.count = self.count + other.count
+        return both
 
-def _run(model: nn.Module, calibration: Calibration) -> int:
-    """Run the calibration data through ``model``; returns the number of batches run."""
+
+def check_calibration(calibration: Any) -> None:
+    """ValueError unless ``calibration`` is a callable or an iterable of batches (not one tensor, a
+    string or a mapping)."""
     if callable(calibration) and not isinstance(calibration, (Tensor, nn.Module)):
-        calibration(model)
-        return 1
+        return
     if isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
         raise must_be("calibration", "an iterable of batches (a tensor, a tuple of model inputs or a callable that "
                       "runs the model, each) or a callable that runs the model", type(calibration).__name__)
@@ -72,7 +79,15 @@ def _run(model: nn.Module, calibration: Calibration) -> int:
         raise ConfigError("calibration", lambda n: f"{n('calibration')} is one tensor {shape}: pass a list of batches"
                           f"{', e.g. [x] for one batch' if n.api else ' (a file of inputs holds one batch)'} (a bare "
                           "tensor would be ambiguous: one batch, or batches along dim 0)")
-    batches = calibration
+
+
+def _run(model: nn.Module, calibration: Calibration) -> int:
+    """Run the calibration data through ``model``; returns the number of batches run."""
+    if callable(calibration) and not isinstance(calibration, (Tensor, nn.Module)):
+        calibration(model)
+        return 1
+    check_calibration(calibration)
+    batches = cast(Iterable[Any], calibration)
     count = 0
     for batch in batches:
         if callable(batch) and not isinstance(batch, (Tensor, nn.Module)):  # runs the model on its batch
@@ -116,13 +131,32 @@ def run_hooked(model: nn.Module, calibration: Calibration, hooks: Sequence[tuple
             module.train(mode)
 
 
-@torch.no_grad()
-def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibration: Calibration
-                    ) -> dict[str, dict[str, Tensor]]:
+Moments = dict[str, dict[str, Tensor]]
+
+
+def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibration: Calibration) -> Moments:
     """{module name: {weight name: C (features, features), or its diagonal (features,) for a
     table, float64}} for the ``targets`` (registered types; each type's ``inputs`` hook says
     what every weight multiplies) while ``calibration`` runs ``model`` in eval mode. Raises
     ValueError for bad calibration input or when a target saw no data."""
+    return _means(_sums(model, targets, calibration))
+
+
+def collect_moments_split(model: nn.Module, targets: Mapping[str, nn.Module], first: Calibration,
+                          second: Calibration) -> tuple[Moments, Moments]:
+    """(the moments of ``first``, those of ``first`` and ``second`` together): each batch run once."""
+    a, b = _sums(model, targets, first), _sums(model, targets, second)
+    both = {name: {w: m.merged(b[name].get(w, _Moments())) for w, m in slots.items()} for name, slots in a.items()}
+    return _means(a), _means(both)
+
+
+def _means(sums: dict[str, dict[str, _Moments]]) -> Moments:
+    return {name: {w: s.mean() for w, s in slots.items()} for name, slots in sums.items()}
+
+
+@torch.no_grad()
+def _sums(model: nn.Module, targets: Mapping[str, nn.Module], calibration: Calibration
+          ) -> dict[str, dict[str, _Moments]]:
     moments: dict[str, dict[str, _Moments]] = {name: {} for name in targets}
 
     def hook_for(name: str, module: nn.Module):
@@ -149,7 +183,7 @@ def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibrat
         modules = empty or list(targets)
         raise ConfigError("calibration", lambda n: f"{n('calibration')} ran no data through module(s) {modules}; "
                                                    "give batches that reach them")
-    return {name: {w: s.mean() for w, s in slots.items()} for name, slots in moments.items()}
+    return moments
 
 
 def damping(eigenvalues: Tensor) -> float:

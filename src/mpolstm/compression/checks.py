@@ -31,6 +31,8 @@ MIN_DECIDE = 3
 # One-sided 95% quantiles of Student's t for 1..20 degrees of freedom; above, 1.645 + 1.6 / df (within 0.002).
 _T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761, 1.753,
         1.746, 1.740, 1.734, 1.729, 1.725)
+# One-sided 90% quantiles of Student's t for 1..10 degrees of freedom; above, 1.282 + 1.3 / df (within 0.01).
+_T90 = (3.078, 1.886, 1.638, 1.533, 1.476, 1.440, 1.415, 1.397, 1.383, 1.372)
 SYNTHETIC = "synthetic-input estimate"
 
 
@@ -52,6 +54,18 @@ class OutputCheck:
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": self.error, "batches": self.batches, "source": self.source, "per_batch": list(self.per_batch)}
+
+    def upper_bound(self) -> float:
+        """A one-sided 90% upper confidence bound on the error, from the spread of the per-batch log
+        errors (Student's t); the error itself with fewer than 2 batches (nothing to spread)."""
+        logs = [math.log(max(e, 1e-300)) for e in self.per_batch]
+        n = len(logs)
+        if n < 2:
+            return self.error
+        mean = sum(logs) / n
+        sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
+        t = _T90[n - 2] if n - 1 <= len(_T90) else 1.282 + 1.3 / (n - 1)
+        return self.error * math.exp(t * sd / math.sqrt(n))
 
 
 def _first(output: Any) -> Tensor | None:

@@ -198,16 +198,16 @@ class CompressionConfig:
     allocation: with a budget and calibration as batches, which allocation is kept is decided on
         held-out batches (the odd-numbered ones, or ``validation=``): "error" (default) compares
         uniform ratios, the weight-error allocation (what compress does without
-        calibration) and the per-matrix calibrated one; the whitening is
-        then fitted on the even-numbered batches only, so the reported error is measured on inputs
-        the fit never saw; "output" adds the sensitivity-weighted allocation (one model run per weight on the
-        even-numbered batches); a more elaborate candidate is kept only when its output error
-        beats every simpler one beyond the batches' noise (a paired t-test; with fewer than 3
+        calibration) and the per-matrix calibrated one, fitted on the
+        even-numbered batches only (so the reported error is measured on inputs that fit never saw),
+        and the kept one is then redone on every batch at the same sizes; "output" adds the sensitivity-weighted allocation (one model run per weight on the
+        even-numbered batches); the per-matrix allocation is kept unless another's output error
+        beats it beyond the batches' noise (a paired t-test; with fewer than 3
         held-out batches the per-matrix allocation is kept and the report says so).
         "per-matrix": the per-matrix allocation without the decision (compression/output_aware.py).
     max_output_error: tolerance mode (instead of target_ratio / max_params): the largest ratio whose
         model output error ||y' - y|| / ||y|| on held-out (or ``validation=``) batches is at most
-        this, found by compressing and measuring candidates (compression/tolerance.py); the
+        this with 90% confidence (its upper bound over the batches, ``OutputCheck.upper_bound``), found by compressing and measuring candidates (compression/tolerance.py); the
         report gives the curve ratio -> error. ``compress(..., evaluate=fn, max_drop=d)`` does the
         same with your metric.
     refit: with calibration, refit every compressed weight (sizes kept) to the inputs the

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..calibration import Calibration, collect_moments, whitening
+from ..calibration import Calibration, check_calibration, collect_moments, collect_moments_split, whitening
 from ..mpo import MPO, canonicalize, central_core, step_macs
 from ..nn.registry import is_mpo_module, layer_type, replace_module
 from ..nn.shared import shared_for
@@ -34,8 +34,15 @@ from ..storage import mpo_stored, packed_bytes
 from .checks import MIN_DECIDE, SYNTHETIC, OutputCheck, batch_errors, batch_outputs, synthetic_batches, total_error
 from .config import CompressionConfig, ModuleSettings, select_modules
 from .fit import Fit, mpo_module
-from .layouts import LAYOUTS, Target
-from .output_aware import DEFAULT, AllocationChoice, choose_allocation, sensitivity_allocation, split_calibration
+from .layouts import LAYOUTS, Target, fit_like
+from .output_aware import (
+    DEFAULT,
+    AllocationChoice,
+    choose_allocation,
+    sensitivity_allocation,
+    split_calibration,
+    substituted,
+)
 from .refit import sequential_refit
 from .report import CompressionReport, ModuleReport, WeightReport
 from .sizing import Sizing
@@ -159,6 +166,8 @@ def _check_sized(config: CompressionConfig, chosen: list[tuple[str, nn.Module, b
 def _check_batches(model: nn.Module, config: CompressionConfig, calibration: Calibration | None,
                    validation: Any) -> tuple[list, list, str]:
     """(the fit half, the batches the model's output error is measured and decided on, what they are)."""
+    if calibration is not None:
+        check_calibration(calibration)
     if config.allocation == "output":
         _check_calibrated(calibration, "allocation='output'")
         fit_half, held_out = split_calibration(calibration)
@@ -216,9 +225,10 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *, calib
     error. With a budget, the allocation is then chosen on held-out batches (the odd-numbered
     calibration batches, or ``validation``: batches of the same forms) between the simpler ones
     (compression/output_aware.py). The report gives the compressed model's output error on
-    those batches (without calibration: a synthetic-input estimate); held-out calibration
-    batches shape nothing (the whitening is fitted on the even-numbered ones), so the figure is
-    not fitted to the data it is measured on. Returns the same model and
+    those batches (without calibration: a synthetic-input estimate). With held-out calibration
+    batches the fits are sized, decided and measured whitened on the even-numbered batches only
+    (the figure is then an out-of-sample one), and the model written is that fit redone on every
+    batch at the same layouts and sizes (as cross-validation estimates, then refits on all data). Returns the same model and
     a CompressionReport. See CompressionConfig.
 
     Tolerance mode (``config.max_output_error``, or ``evaluate``: model -> a metric, higher better,
@@ -240,10 +250,15 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *, calib
     if config.refit:
         _check_calibrated(calibration, "refit=True")
     batches = _check_batches(model, config, calibration, validation)
-    # the batches the report measures on never shape the fit: with held-out calibration batches, only
-    # the fit half is whitened on (and refitted on)
+    # the batches the report measures on never shape the fit it measures: with held-out calibration
+    # batches the fits are sized, decided and measured on the fit half, then redone on every batch
     fit_on = batches[0] if batches[2] == HELD_OUT else calibration
-    moments = collect_moments(model, {n: m for n, m, _ in chosen}, fit_on) if fit_on is not None else {}
+    redo = batches[2] == HELD_OUT
+    selected = {n: m for n, m, _ in chosen}
+    if redo:
+        moments, everything = collect_moments_split(model, selected, batches[0], batches[1])
+    else:
+        moments = collect_moments(model, selected, fit_on) if fit_on is not None else {}
     targets, modules, skipped = _all_targets(config, chosen, moments)
     if not targets and config.budget_mode:
         raise ValueError("the budget applies to no weight: no selected module could be compressed")
@@ -262,12 +277,49 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *, calib
             fits = sizing.bounded()
         if config.refit:
             fits, measured = sequential_refit(model, targets, fits, fit_on, passes=REFIT_PASSES), {}
+        source, errors = batches[2], []
+        if redo:  # measured, then redone on every batch
+            errors = _fit_half_errors(model, targets, fits, batches[1], reference, measured)
+            targets, fits, source = _redone(model, config, [c for c in chosen if c[0] in modules], everything,
+                                            (targets, fits, choice), batches)
     reports = _replace(model, modules, targets, fits, skipped)
     _tie_followers(model, followers, modules, reports)
-    errors = _output_errors(model, batches[1], reference, measured if len(reports) == len(modules) else {})
-    check = OutputCheck(total_error(errors), len(errors), batches[2], tuple(total_error([e]) for e in errors)) \
+    if not redo:
+        errors = _output_errors(model, batches[1], reference, measured if len(reports) == len(modules) else {})
+    check = OutputCheck(total_error(errors), len(errors), source, tuple(total_error([e]) for e in errors)) \
         if errors else None
     return model, CompressionReport(reports, skipped, budget, choice, max_macs=config.max_macs, output_check=check)
+
+
+def _fit_half_errors(model: nn.Module, targets: list[Target], fits: list[Fit], held_out: list, reference: list,
+                     measured: dict[int, tuple[float, float]]) -> list[tuple[float, float]]:
+    """Per held-out batch (||y' - y||^2, ||y||^2) of the model with ``fits`` written into its weights
+    (the batches the decision already measured are not run again)."""
+    rest = [i for i in range(len(held_out)) if i not in measured]
+    if rest:
+        with substituted(model, targets, fits):
+            measured = {**measured, **dict(zip(rest, batch_errors(model, [held_out[i] for i in rest],
+                                                                  [reference[i] for i in rest])))}
+    return [measured[i] for i in range(len(held_out))]
+
+
+def _redone(model: nn.Module, config: CompressionConfig, chosen: list[tuple[str, nn.Module, bool]], moments: dict,
+            kept: tuple[list[Target], list[Fit], AllocationChoice | None], batches: tuple[list, list, str]
+            ) -> tuple[list[Target], list[Fit], str]:
+    """The targets whitened on every calibration batch, the fits redone on them in the same layouts and
+    sizes (and refitted, with ``config.refit``), and what the output check then describes. The
+    weight-error allocation, fitted without whitening, is kept as it is."""
+    targets, fits, choice = kept
+    full, _, _ = _all_targets(config, chosen, moments)
+    assert [(t.module, t.weight) for t in full] == [(t.module, t.weight) for t in targets]  # the same weights
+    if choice is not None and choice.chosen == "weight error":
+        return full, fits, HELD_OUT
+    fits = [fit_like(t, f) for t, f in zip(full, fits)]
+    every = batches[0] + batches[1]
+    if config.refit:
+        fits = sequential_refit(model, full, fits, every, passes=REFIT_PASSES)
+    return full, fits, (f"{HELD_OUT} (by the fit on the other {len(batches[0])}; the model written is that fit "
+                        f"redone on all {len(every)}, same sizes)")
 
 
 def _output_errors(model: nn.Module, held_out: list, reference: list, measured: dict[int, tuple[float, float]]

@@ -17,11 +17,13 @@ calibrated compress with a budget builds complete candidates, in order of simpli
 
 Each candidate's output error is measured per held-out batch (the odd-numbered calibration batches,
 or the ``validation=`` batches; at most ``FORWARD_BUDGET`` model runs in all, evenly spaced batches).
-The candidate with the lowest error is kept only where its advantage over every simpler one exceeds
-the batches' noise (``checks.paired_advantage``: a one-sided paired t-test at 95% on per-batch log
-error ratios); otherwise the simplest it does not beat. With fewer than ``checks.MIN_DECIDE``
-held-out batches nothing is decided: the per-matrix allocation is kept and the report says how many
-batches would decide. Candidates are evaluated by writing their matrices into the model's weights in
+The per-matrix allocation (the calibrated result before the decision existed) is the incumbent: the
+candidate with the lowest error replaces it only where its advantage exceeds the batches' noise
+(``checks.paired_advantage``: a one-sided paired t-test at 95% on per-batch log error ratios). Not the
+simplest candidate: on the repository's models, uniform ratios kept over a per-matrix allocation that
+was lower within the noise were worse on unseen data in 4 of 4 cases (docs/results.md, issue 32). With
+fewer than ``checks.MIN_DECIDE`` held-out batches nothing is decided: the per-matrix allocation is kept
+and the report says how many batches would decide. Candidates are evaluated by writing their matrices into the model's weights in
 place and restoring them afterwards; identical candidates are run once.
 
 Evidence (docs/results.md): on the recall model (Embedding(32, 64) -> 2-layer LSTM 256 -> Linear)
@@ -47,7 +49,7 @@ from .layouts import Target
 from .sizing import Sizing
 
 __all__ = ["AllocationChoice", "calibration_outputs", "choose_allocation", "relative_output_error",
-           "sensitivity_allocation", "spaced", "split_calibration"]
+           "sensitivity_allocation", "spaced", "split_calibration", "substituted"]
 
 DEFAULT = "per-matrix error"
 # Sensitivities are measured on at most this many fit batches (evenly spaced): one run per weight each.
@@ -124,7 +126,7 @@ def _torch_form(module: nn.Module, target: Target, matrix: Tensor) -> Tensor:
 
 
 @contextmanager
-def _substituted(model: nn.Module, targets: Sequence[Target], fits: Sequence[Fit | None]) -> Iterator[None]:
+def substituted(model: nn.Module, targets: Sequence[Target], fits: Sequence[Fit | None]) -> Iterator[None]:
     """Temporarily write the fits' matrices into the model's weights (None: keep the weight)."""
     saved = []
     with torch.no_grad():
@@ -153,7 +155,7 @@ def _sensitivities(model: nn.Module, targets: Sequence[Target], fits: Sequence[F
         if own <= 1e-12:
             betas.append(None)
             continue
-        with _substituted(model, targets, [fit if k == i else None for k in range(len(fits))]):
+        with substituted(model, targets, [fit if k == i else None for k in range(len(fits))]):
             betas.append(relative_output_error(model, batches, reference) / own)
     per_entry = [b / t.dense_params for b, t in zip(betas, targets) if b is not None]
     fill = statistics.median(per_entry) if per_entry else 1.0
@@ -191,7 +193,7 @@ def choose_allocation(model: nn.Module, targets: Sequence[Target], candidates: d
         if same is not None:
             per[name] = per[same]
             continue
-        with _substituted(model, targets, fits):
+        with substituted(model, targets, fits):
             per[name] = batch_errors(model, batches, refs)
     chosen, note = _decide(per, len(batches))
     errors = {name: total_error(e) for name, e in per.items()}
@@ -200,21 +202,21 @@ def choose_allocation(model: nn.Module, targets: Sequence[Target], candidates: d
 
 
 def _decide(per: dict[str, list[tuple[float, float]]], batches: int) -> tuple[str, str]:
-    """(the candidate kept, why when not the best): the simplest the best does not beat beyond noise."""
+    """(the candidate kept, why when not the best): the best where it beats the per-matrix allocation
+    beyond noise, else the per-matrix allocation."""
     totals = {name: total_error(e) for name, e in per.items()}
     best = min(per, key=lambda name: (totals[name], list(per).index(name)))
+    if best == DEFAULT:
+        return DEFAULT, ""
     if batches < MIN_DECIDE:
         return DEFAULT, (f"too little held-out data to decide ({batches} batch{'es' if batches != 1 else ''}; "
                          f"at least {MIN_DECIDE} held-out batches, {2 * MIN_DECIDE} calibration batches, decide): "
-                         f"kept {DEFAULT}" if best != DEFAULT else "")
-    for name in per:  # simplest first
-        if name == best or totals[name] <= totals[best]:
-            return name, ""
-        better, need = paired_advantage(per[name], per[best])
-        if not better:
-            return name, (f"{best} was {1 - totals[best] / totals[name]:.1%} lower but within the noise of "
-                          f"{batches} held-out batches" + (f"; about {need} would decide" if need else ""))
-    return best, ""
+                         f"kept {DEFAULT}")
+    better, need = paired_advantage(per[DEFAULT], per[best])
+    if better:
+        return best, ""
+    return DEFAULT, (f"{best} was {1 - totals[best] / totals[DEFAULT]:.1%} lower but within the noise of "
+                     f"{batches} held-out batches" + (f"; about {need} would decide" if need else ""))
 
 
 def _same(a: list[Fit], b: list[Fit]) -> bool:

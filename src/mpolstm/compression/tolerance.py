@@ -1,9 +1,11 @@
 """Tolerance mode: the smallest model whose measured output error (or metric drop) is within a tolerance.
 
 ``CompressionConfig(max_output_error=e)`` (or ``compress(..., evaluate=fn, max_drop=d)``) searches the
-parameter budget: ratios 2, 4, 8, ... are compressed and measured (the report's held-out output error, or
-``fn(model)`` against ``fn`` of the original) until one fails, then ``BISECTIONS`` geometric bisections
-between the last ratio that held and the first that failed. Every candidate is a full compress of a copy
+parameter budget: ratios 2, 4, 8, ... are compressed and measured (``fn(model)`` against ``fn`` of the
+original, or the report's held-out output error: a ratio holds when the error's 90% upper confidence
+bound over the held-out batches, ``OutputCheck.upper_bound``, is within ``e``, so that unseen data of the
+same kind stays within it) until one fails, then ``BISECTIONS`` geometric bisections between the last
+ratio that held (1x at first) and the first that failed. Every candidate is a full compress of a copy
 (with its own held-out decision); the largest ratio that held is returned, with the curve
 ratio -> error (or metric) of every candidate tried in its report.
 """
@@ -40,7 +42,7 @@ def smallest_within(compress_once: Callable, model: nn.Module, config: Any, cali
         value = report.output_check.error if evaluate is None else float(evaluate(small))
         curve.append((ratio, value))
         if evaluate is None:
-            held = value <= config.max_output_error
+            held = report.output_check.upper_bound() <= config.max_output_error
         else:
             assert base is not None and max_drop is not None
             held = base - value <= max_drop
@@ -69,6 +71,7 @@ def smallest_within(compress_once: Callable, model: nn.Module, config: Any, cali
     small, report = best
     report.curve = sorted(curve)
     report.tolerance = (f"kept {low:.3g}x, the largest ratio tried within "
-                        + (f"output error {config.max_output_error}" if evaluate is None else
+                        + (f"output error {config.max_output_error} (its 90% upper bound over the held-out "
+                           f"batches: {report.output_check.upper_bound():.4g})" if evaluate is None else
                            f"a metric drop of {max_drop} (original {base:.4g})") + f"; tried: {tried}")
     return small, report

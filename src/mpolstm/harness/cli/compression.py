@@ -122,7 +122,8 @@ def compress_cmd(
                                              "sequence of frames, the states carried from zero."),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="Tolerance mode (instead of --ratio): the "
                                               "largest ratio whose model output error on held-out --calibrate "
-                                              "inputs is at most this (e.g. 0.05), each candidate measured."),
+                                              "inputs is at most this (e.g. 0.05) with 90% confidence, each "
+                                              "candidate measured."),
     plot: Optional[Path] = typer.Option(None, help="With --max-error: draw the curve ratio -> output error to this "
                                         "PNG."),
     validate: Optional[Path] = typer.Option(None, help="Safetensors file of held-out model inputs (as --calibrate): "
