@@ -1,21 +1,20 @@
 """The recall model of issue 32: default calibrated compress (held-out decision) against uncalibrated and the old
-default (allocation="per-matrix"), reported against unseen output error; then tolerance mode.
+default (allocation="per-matrix"), reported against unseen output error; then tolerance mode against a dense sweep.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_recall.py [--steps 600] [--tolerance]
+    OMP_NUM_THREADS=1 python benchmarks/bench_recall.py [--steps 600] [bench_honest.py's options: --ratios, --sweep,
+        --tolerances, --max-drop, --out]
 
 Embedding(32, 64) -> 2-layer nn.LSTM 256 -> Linear, trained (seed 0, Adam 3e-3, batches of 32 sequences of 24
-tokens) to output the token seen 3 steps earlier; 8 calibration batches of 32 sequences (seed 1); 512 unseen
-sequences (seed 99). Prints Markdown tables (docs/results.md).
+tokens) to output the token seen 3 steps earlier; 8 calibration batches of 32 sequences (seed 1); 16 unseen
+batches of 32 sequences (same generator, after them); 256 held-out sequences (seed 7) for max_drop. The tables are
+benchmarks/bench_honest.py's (``run``); prints Markdown (docs/results.md), writes benchmarks/results/honest_recall.json.
 """
 
 import argparse
-import copy
-import time
 
 import torch
+from bench_honest import Setup, arguments, run
 from torch import nn
-
-from mpolstm import CompressionConfig, compress
 
 
 class Recall(nn.Module):
@@ -51,46 +50,26 @@ def trained(steps):
     return model.eval()
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--tolerance", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    model = trained(args.steps)
+def setup(steps: int) -> Setup:
+    model = trained(steps)
     gen = torch.Generator().manual_seed(1)
     calibration = [data(gen, 32)[0] for _ in range(8)]
-    x, y = data(torch.Generator().manual_seed(99), 512)
-    with torch.no_grad():
-        reference = model(x)
-    print(f"dense unseen accuracy {accuracy(model, x, y):.3f}")
-    print("| ratio | method | kept | reported error (on) | unseen error | unseen accuracy | time s |")
-    print("|---:|---|---|---:|---:|---:|---:|")
-    for ratio in (2, 5, 10, 30):
-        for name, allocation, cal in (("uncalibrated", "error", None), ("old default", "per-matrix", calibration),
-                                      ("default", "error", calibration)):
-            start = time.perf_counter()
-            small, report = compress(copy.deepcopy(model), CompressionConfig(target_ratio=ratio, allocation=allocation),
-                                     calibration=cal)
-            took = time.perf_counter() - start
-            with torch.no_grad():
-                unseen = float((small(x) - reference).norm() / reference.norm())
-            check = report.output_check
-            where = "synthetic" if check.source.startswith("synthetic") else f"{check.batches} held out"
-            kept = report.allocation.chosen if report.allocation else "-"
-            print(f"| {ratio}x | {name} | {kept} | {check.error:.3f} ({where}) | {unseen:.3f} | "
-                  f"{accuracy(small, x, y):.3f} | {took:.1f} |", flush=True)
-    if args.tolerance:
-        print("| max error | kept ratio | reported error | unseen error | unseen accuracy | candidates | time s |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
-        for tol in (0.3, 0.7):
-            start = time.perf_counter()
-            small, report = compress(model, CompressionConfig(max_output_error=tol), calibration=calibration)
-            took = time.perf_counter() - start
-            with torch.no_grad():
-                unseen = float((small(x) - reference).norm() / reference.norm())
-            print(f"| {tol} | {report.ratio:.2f}x | {report.output_check.error:.3f} | {unseen:.3f} | "
-                  f"{accuracy(small, x, y):.3f} | {len(report.curve)} | {took:.0f} |", flush=True)
+    unseen = [data(gen, 32) for _ in range(16)]
+    held = data(torch.Generator().manual_seed(7), 256)
+    return Setup("recall", model, None, calibration, [x for x, _ in unseen],
+                 lambda small: [accuracy(small, x, y) for x, y in unseen], "accuracy",
+                 lambda small: accuracy(small, *held),
+                 f"Embedding(32, 64) -> 2-layer nn.LSTM 256 -> Linear, trained {steps} steps to output the token "
+                 "seen 3 steps earlier; default target modules; 8 calibration batches of 32 sequences; unseen: "
+                 "16 batches of 32; metric: accuracy (steps 3-23); max_drop on 256 other sequences")
+
+
+def main():
+    parser = arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--steps", type=int, default=600)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    run(setup(args.steps), args)
 
 
 if __name__ == "__main__":
