@@ -284,3 +284,30 @@ def test_max_error_finds_a_ratio_within_it_and_inspect_shows_the_measured_output
     line = one_error_line(mpolstm("compress", "x", "--factory", "mymodels:build", "--weights", "w.pt",
                                   "--max-error", "0.1", "--ratio", "2", cwd=user_dir))
     assert "--max-error finds the budget itself" in line
+
+
+def test_calibrate_inputs_are_sliced_along_the_batch_axis_the_model_has():
+    """A time-first GRU's --calibrate tensor is (T, B, F): slicing axis 0 would cut time into stretches run
+    from zero states (the held-out report then describes a few steps, not the model); axis 1 is the batch."""
+    import torch
+    from torch import nn
+
+    from mpolstm.harness.cli.compression import _batch_axis, _slices
+
+    class TimeFirst(nn.Module):
+        def __init__(self, batch_first: bool):
+            super().__init__()
+            self.rnn = nn.GRU(6, 12, batch_first=batch_first)
+            self.out = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0])
+
+    torch.manual_seed(0)
+    time_first, batch_first = TimeFirst(False), TimeFirst(True)
+    assert _batch_axis(time_first, (torch.randn(20, 16, 6),)) == 1
+    assert _batch_axis(batch_first, (torch.randn(16, 20, 6),)) == 0
+    assert _batch_axis(nn.Linear(6, 3), (torch.randn(16, 6),)) == 0
+    assert time_first.training  # the probe leaves the mode as it found it
+    slices = _slices((torch.randn(20, 16, 6),), 1)
+    assert len(slices) == 8 and all(s[0].shape == (20, 2, 6) for s in slices)

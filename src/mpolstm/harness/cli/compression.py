@@ -39,16 +39,48 @@ def _source_model(model_in: Optional[Path], factory: Optional[str], weights: Opt
     return model, None
 
 
-def _batches(inputs: tuple, size: int) -> list[tuple]:
-    """Split one batch of inputs (first axis) into batches of ``size`` rows."""
-    rows = inputs[0].shape[0]
-    return [tuple(x[i:i + size] for x in inputs) for i in range(0, rows, size)]
+def _batches(inputs: tuple, size: int, axis: int = 0) -> list[tuple]:
+    """Split one batch of inputs along its batch ``axis`` into batches of ``size`` samples."""
+    rows = inputs[0].shape[axis]
+    return [tuple(x.narrow(axis, i, min(size, rows - i)) for x in inputs) for i in range(0, rows, size)]
 
 
-def _slices(inputs: tuple, count: int = 8) -> list[tuple]:
-    """The --calibrate inputs as ``count`` batches along the first axis (fewer when it has fewer rows): compress
-    holds every second one out to measure the model's output error and decide the allocation on."""
-    return _batches(inputs, -(-inputs[0].shape[0] // count))
+def _slices(inputs: tuple, axis: int, count: int = 8) -> list[tuple]:
+    """The --calibrate inputs as ``count`` batches along the batch ``axis`` (fewer when it has fewer samples):
+    compress holds every second one out to measure the model's output error and decide the allocation on."""
+    return _batches(inputs, -(-inputs[0].shape[axis] // count), axis)
+
+
+def _batch_axis(model, inputs: tuple) -> int:
+    """The axis of the --calibrate inputs that indexes independent samples: 1 where the model run on the
+    second half along axis 1 gives the whole run's outputs for it and along axis 0 does not (a time-first
+    recurrent model: axis 0 is time, and a later stretch run from zero states differs), else 0."""
+    import torch
+
+    def first(out):
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def separable(axis: int) -> bool:
+        n = inputs[0].shape[axis] if inputs[0].dim() > axis else 0
+        if n < 2 or any(x.dim() <= axis or x.shape[axis] != n for x in inputs):
+            return False
+        try:
+            with torch.no_grad():
+                whole = first(model(*inputs))
+                half = first(model(*(x.narrow(axis, n // 2, n - n // 2) for x in inputs)))
+        except (RuntimeError, ValueError, IndexError, TypeError):  # not an axis the model takes halves of
+            return False
+        if not isinstance(whole, torch.Tensor) or not isinstance(half, torch.Tensor):
+            return False
+        parts = [whole.narrow(e, n // 2, n - n // 2) for e in range(whole.dim()) if whole.shape[e] == n]
+        return any(p.shape == half.shape and torch.allclose(half, p, rtol=1e-4, atol=1e-5) for p in parts)
+
+    training = model.training
+    model.eval()
+    try:
+        return 1 if not separable(0) and separable(1) else 0
+    finally:
+        model.train(training)
 
 
 _COMPRESS_FLAGS = {"target_ratio": "--ratio", "max_bond": "--max-bond", "rel_tol": "--rel-tol", "num_cores": "--num-cores",
@@ -203,11 +235,12 @@ def _compress_model(model, config, inputs: Optional[tuple], held_out: Optional[t
 
     teacher = copy.deepcopy(model) if distill_steps else None
     try:
-        model, report = compress(model, config, calibration=None if inputs is None else _slices(inputs),
+        axis = 0 if inputs is None else _batch_axis(model, inputs)
+        model, report = compress(model, config, calibration=None if inputs is None else _slices(inputs, axis),
                                  validation=None if held_out is None else [held_out])
         console.print(str(report))
         if teacher is not None:
-            result = distill(model, teacher, _batches(inputs, batch_size), steps=distill_steps, progress=True)
+            result = distill(model, teacher, _batches(inputs, batch_size, axis), steps=distill_steps, progress=True)
             console.print(f"distilled {distill_steps} steps on the --calibrate inputs: loss {result.losses[0]:.4f} -> "
                           f"{result.losses[-1]:.4f} (the errors above were measured before distillation)")
     except ValueError as exc:
