@@ -438,8 +438,7 @@ def cli(bench) -> list[dict]:
                 row["warned"].append([line for line in text.splitlines() if "warn" in line.lower()])
                 shown = subprocess.run([exe, "inspect", str(out)], capture_output=True, text=True, check=True).stdout
                 row["inspect"].append([line for line in shown.splitlines() if "model output error" in line])
-                # DTLN's written files run in onnxruntime from the file: mpolstm.onnx cannot read them back (the
-                # compressed LSTM's Loop body has SplitToSequence, which its interpreter does not know)
+                # DTLN's written files run in onnxruntime from the file, as the package runs them
                 models.append(out if isinstance(bench, DTLN) else mo.load(out))
             row.update(bench.unseen(models))
             rows.append(row)

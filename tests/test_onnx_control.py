@@ -254,3 +254,57 @@ def test_a_node_on_constants_that_cannot_run_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError) as info:
         mo.load(tmp_path / "m.onnx")
     assert "\n" not in str(info.value) and "node 'fold_me' (Reshape)" in str(info.value)
+
+
+def _sequence_model() -> onnx.ModelProto:
+    """x [6, 4] through every sequence operator to tensor outputs."""
+    ints = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    node = helper.make_node
+    graph = helper.make_graph(
+        [node("SplitToSequence", ["x", "four"], ["rows"]),  # pieces of 4 rows: [4, 4], [2, 4]
+         node("SequenceAt", ["rows", "minus_one"], ["last"]),
+         node("ConcatFromSequence", ["rows"], ["joined"], axis=0),
+         node("SplitToSequence", ["x"], ["columns"], axis=1, keepdims=0),  # 4 tensors [6]
+         node("Gather", ["x", "zero"], ["first_row"], axis=1),
+         node("SequenceInsert", ["columns", "first_row", "one"], ["inserted"]),
+         node("SequenceErase", ["inserted", "minus_one"], ["erased"]),
+         node("SequenceLength", ["erased"], ["length"]),
+         node("ConcatFromSequence", ["erased"], ["stacked"], axis=-1, new_axis=1),
+         node("SplitToSequence", ["x", "sizes"], ["pieces"]),
+         node("SequenceAt", ["pieces", "one"], ["second"]),
+         node("SequenceEmpty", [], ["empty"]),
+         node("SequenceInsert", ["empty", "second"], ["one_piece"]),
+         node("SequenceConstruct", ["last", "last"], ["pair"]),
+         node("SequenceInsert", ["pair", "last", "zero"], ["three"]),
+         node("ConcatFromSequence", ["three"], ["tripled"], axis=0),
+         node("SequenceAt", ["one_piece", "zero"], ["again"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in
+         (("last", [2, 4]), ("joined", [6, 4]), ("stacked", [6, 4]), ("again", [5, 4]), ("tripled", [6, 4]))]
+        + [helper.make_tensor_value_info("length", TensorProto.INT64, [])],
+        [ints("four", 4), ints("minus_one", -1), ints("zero", 0), ints("one", 1), ints("sizes", [1, 5])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_sequence_operators_inside_a_graph_equal_onnxruntime(tmp_path):
+    onnx.save(_sequence_model(), tmp_path / "seq.onnx")
+    model = mo.load(tmp_path / "seq.onnx")
+    feeds = {"x": RNG.standard_normal((6, 4)).astype(np.float32)}
+    with torch.no_grad():
+        ours = model(torch.from_numpy(feeds["x"]))
+    want = run_ort(tmp_path / "seq.onnx", feeds)
+    assert [tuple(g.shape) for g in ours] == [w.shape for w in want] == [(2, 4), (6, 4), (6, 4), (5, 4), (6, 4), ()]
+    for got, expected in zip(ours, want):
+        assert np.array_equal(got.numpy(), expected)
+
+
+def test_a_sequence_in_or_out_of_the_graph_is_refused_in_one_line(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("SplitToSequence", ["x"], ["parts"], axis=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2])],
+        [helper.make_value_info("parts", helper.make_sequence_type_proto(
+            helper.make_tensor_type_proto(TensorProto.FLOAT, [None, 2])))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "out.onnx")
+    with pytest.raises(ValueError, match=r"output 'parts' is a sequence, not a tensor") as info:
+        mo.load(tmp_path / "out.onnx")
+    assert "\n" not in str(info.value) and "out.onnx" in str(info.value)

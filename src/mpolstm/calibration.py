@@ -143,9 +143,10 @@ def collect_moments(model: nn.Module, targets: Mapping[str, nn.Module], calibrat
 
 
 def collect_moments_split(model: nn.Module, targets: Mapping[str, nn.Module], first: Calibration,
-                          second: Calibration) -> tuple[Moments, Moments]:
-    """(the moments of ``first``, those of ``first`` and ``second`` together): each batch run once."""
-    a, b = _sums(model, targets, first), _sums(model, targets, second)
+                          second: Calibration, watch: Callable | None = None) -> tuple[Moments, Moments]:
+    """(the moments of ``first``, those of ``first`` and ``second`` together): each batch run once;
+    ``watch``: a forward hook (with kwargs) on ``model`` itself while ``second`` runs."""
+    a, b = _sums(model, targets, first), _sums(model, targets, second, [(model, watch)] if watch else [])
     both = {name: {w: m.merged(b[name].get(w, _Moments())) for w, m in slots.items()} for name, slots in a.items()}
     return _means(a), _means(both)
 
@@ -155,8 +156,8 @@ def _means(sums: dict[str, dict[str, _Moments]]) -> Moments:
 
 
 @torch.no_grad()
-def _sums(model: nn.Module, targets: Mapping[str, nn.Module], calibration: Calibration
-          ) -> dict[str, dict[str, _Moments]]:
+def _sums(model: nn.Module, targets: Mapping[str, nn.Module], calibration: Calibration,
+          extra: Sequence[tuple[nn.Module, Callable]] = ()) -> dict[str, dict[str, _Moments]]:
     moments: dict[str, dict[str, _Moments]] = {name: {} for name in targets}
 
     def hook_for(name: str, module: nn.Module):
@@ -176,8 +177,8 @@ def _sums(model: nn.Module, targets: Mapping[str, nn.Module], calibration: Calib
                     slot.add(seen)
         return hook
 
-    batches = run_hooked(model, calibration, [(module, hook_for(name, module)) for name, module in targets.items()],
-                         with_kwargs=True)
+    batches = run_hooked(model, calibration, [*((module, hook_for(name, module)) for name, module in targets.items()),
+                                              *extra], with_kwargs=True)
     empty = [name for name, slots in moments.items() if not slots or all(s.count == 0 for s in slots.values())]
     if batches == 0 or empty:
         modules = empty or list(targets)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..calibration import run_hooked
 
-__all__ = ["MIN_DECIDE", "OutputCheck", "batch_errors", "batch_outputs", "paired_advantage", "synthetic_batches",
+__all__ = ["MIN_DECIDE", "OutputCheck", "OutputRecorder", "batch_errors", "batch_outputs", "paired_advantage", "synthetic_batches",
            "total_error"]
 
 # Fewest held-out batches a paired test decides on (t at 2 degrees of freedom: 2.92).
@@ -73,18 +73,35 @@ def _first(output: Any) -> Tensor | None:
     return first.detach().double() if isinstance(first, Tensor) else None
 
 
+class OutputRecorder:
+    """Keeps, per batch, the first output tensor of every call of the model: ``hook`` on the model
+    (a forward hook with kwargs) while ``batches(...)`` feeds it; ``outputs()`` afterwards."""
+
+    def __init__(self) -> None:
+        self._seen: list[list[Tensor]] = []
+
+    def batches(self, batches: Iterable[Any]) -> Iterator[Any]:
+        for batch in batches:
+            self._seen.append([])
+            yield batch
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        first = _first(output)
+        if first is not None:
+            self._seen[-1].append(first)
+
+    def outputs(self) -> list[list[Tensor]]:
+        if not all(self._seen):
+            raise ValueError("the model returned no tensor on a calibration batch: its output error cannot be measured")
+        return self._seen
+
+
 @torch.no_grad()
 def batch_outputs(model: nn.Module, batches: Sequence[Any]) -> list[list[Tensor]]:
     """Per batch, the first output tensor of every call of ``model`` while it runs (eval mode)."""
-    result = []
-    for batch in batches:
-        seen: list[Tensor] = []
-        run_hooked(model, [batch], [(model, lambda m, a, out, seen=seen: seen.append(_first(out)))])
-        seen = [s for s in seen if s is not None]
-        if not seen:
-            raise ValueError("the model returned no tensor on a calibration batch: its output error cannot be measured")
-        result.append(seen)
-    return result
+    recorder = OutputRecorder()
+    run_hooked(model, recorder.batches(batches), [(model, recorder.hook)], with_kwargs=True)
+    return recorder.outputs()
 
 
 def batch_errors(model: nn.Module, batches: Sequence[Any], reference: list[list[Tensor]]) -> list[tuple[float, float]]:

@@ -31,7 +31,16 @@ from ..nn.registry import is_mpo_module, layer_type, replace_module
 from ..nn.shared import shared_for
 from ..nn.sparse import sparse_of
 from ..storage import mpo_stored, packed_bytes
-from .checks import MIN_DECIDE, SYNTHETIC, OutputCheck, batch_errors, batch_outputs, synthetic_batches, total_error
+from .checks import (
+    MIN_DECIDE,
+    SYNTHETIC,
+    OutputCheck,
+    OutputRecorder,
+    batch_errors,
+    batch_outputs,
+    synthetic_batches,
+    total_error,
+)
 from .config import CompressionConfig, ModuleSettings, select_modules
 from .fit import Fit, mpo_module
 from .layouts import LAYOUTS, Target, fit_like
@@ -255,15 +264,18 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *, calib
     fit_on = batches[0] if batches[2] == HELD_OUT else calibration
     redo = batches[2] == HELD_OUT
     selected = {n: m for n, m, _ in chosen}
-    if redo:
-        moments, everything = collect_moments_split(model, selected, batches[0], batches[1])
+    if redo:  # the original's outputs on the held-out batches recorded as they run for the moments
+        recorder = OutputRecorder()
+        moments, everything = collect_moments_split(model, selected, batches[0], recorder.batches(batches[1]),
+                                                    watch=recorder.hook)
+        reference = recorder.outputs()
     else:
         moments = collect_moments(model, selected, fit_on) if fit_on is not None else {}
+        reference = batch_outputs(model, batches[1])
     targets, modules, skipped = _all_targets(config, chosen, moments)
     if not targets and config.budget_mode:
         raise ValueError("the budget applies to no weight: no selected module could be compressed")
 
-    reference = batch_outputs(model, batches[1])
     sizing = Sizing(targets, {name: config.settings_for(name) for name in modules})
     budget, choice, measured = None, None, {}
     with torch.no_grad():

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..onnxgraph import subgraphs
-from . import indexing, shapes  # noqa: F401  (register their operators)
+from . import indexing, sequences, shapes  # noqa: F401  (register their operators)
 from .control import Subgraph, outer_names
 from .ops import OPS, Ctx
 from .reader import attributes, graph_inputs, name_nodes, node_label, opset_of, read_model, to_tensor
@@ -227,8 +227,10 @@ def _node_step(graph, k: int, node, opset: int, build: dict) -> Step | None:
             out = OPS[node.op_type](Ctx(opset), [consts[n] if n else None for n in inputs], attrs)
         except (RuntimeError, IndexError, TypeError) as exc:  # torch's words, on one line
             raise ValueError(str(exc).strip().splitlines()[0]) from None
-        consts.update((n, r) for n, r in zip(node.output, out if isinstance(out, (list, tuple)) else [out]) if n)
-        return None
+        results = out if isinstance(out, (list, tuple)) else [out]
+        if not any(isinstance(r, list) for r in results):  # a sequence is no buffer: made when the model runs
+            consts.update((n, r) for n, r in zip(node.output, results) if n)
+            return None
     return Step(node.name, node.op_type, inputs, tuple(node.output), attrs)
 
 
@@ -316,6 +318,11 @@ def _load(model, path) -> OnnxModel:
     outputs = {o.name for o in graph.output}
     read = {n for s in steps for n in s.inputs} | outputs
     kept = {name: t for name, t in build["consts"].items() if name in read}
+    for kind, values in (("input", graph_inputs(graph)), ("output", graph.output)):
+        for value in values:
+            if not value.type.HasField("tensor_type"):
+                raise ValueError(f"{path}: {kind} {value.name!r} is a {value.type.WhichOneof('value').removesuffix('_type')}, not a "
+                                 "tensor (sequences and optional values are supported inside a graph only)")
     for i in graph_inputs(graph):
         try:
             _dtype(i.type.tensor_type.elem_type)
