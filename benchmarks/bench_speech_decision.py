@@ -340,7 +340,7 @@ def sweep(bench, points: int) -> list[list[dict]]:
         for ratio in grid:
             model, report, took = compress(bench, k, ratio)
             rows.append({"ratio": ratio, "reported": report.output_check.error, "unseen": bench.error(k, model)[0],
-                         "mpo_params": report.mpo_params, "seconds": took})
+                         "mpo_params": report.mpo_params, "seconds": took, **_crops(bench, k, model)})
             print(f"sweep {bench.labels[k]} {ratio:.2f}x: reported {rows[-1]['reported']:.4f}, unseen "
                   f"{rows[-1]['unseen']:.4f}, {report.mpo_params:,} params, {took:.1f} s", flush=True)
         result.append(rows)
@@ -364,6 +364,11 @@ def drop(bench, max_drops: list[float]) -> list[dict]:
     return rows
 
 
+def _crops(bench, k: int, model) -> dict:
+    """DTLN: the unseen error on the calibration's kind of data (the unseen utterances' middle crops)."""
+    return {"unseen_crops": bench.crop_error(k, bench.sessions([model])[0])} if isinstance(bench, DTLN) else {}
+
+
 def _tolerance_row(bench, k: int, tol: float, **extra) -> dict:
     row = {"model": bench.labels[k], "tolerance": tol, "kind": "drop" if "evaluate" in extra else "error"}
     start = time.perf_counter()
@@ -375,12 +380,14 @@ def _tolerance_row(bench, k: int, tol: float, **extra) -> dict:
         return row
     row.update(seconds=time.perf_counter() - start, kept_ratio=report.ratio, mpo_params=report.mpo_params,
                reported=report.output_check.error, curve=[list(p) for p in report.curve],
-               unseen=bench.error(k, model)[0])
+               unseen=bench.error(k, model)[0], **_crops(bench, k, model))
     if row["kind"] == "drop":
         row["unseen_drop"] = bench.unseen_drop(k, model)
         row["within"] = row["unseen_drop"] <= tol
     else:
         row["within"] = row["unseen"] <= tol
+        if "unseen_crops" in row:
+            row["within_on_crops"] = row["unseen_crops"] <= tol
     print(f"tolerance {json.dumps({key: v for key, v in row.items() if key != 'curve'})}", flush=True)
     return row
 
@@ -396,6 +403,9 @@ def summarize_tolerance(rows, sweeps, labels) -> None:
         row["sweep_best"] = None if best is None else {"ratio": best["ratio"], "mpo_params": best["mpo_params"]}
         if best is not None and "mpo_params" in row:
             row["size_x_best"] = row["mpo_params"] / best["mpo_params"]
+        on_crops = [s for s in curve if s.get("unseen_crops", math.inf) <= row["tolerance"]]
+        if on_crops and "mpo_params" in row:  # DTLN: the same against the sweep's error on crops
+            row["size_x_best_crops"] = row["mpo_params"] / min(s["mpo_params"] for s in on_crops)
 
 
 def print_tolerance(rows) -> None:

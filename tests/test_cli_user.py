@@ -292,7 +292,8 @@ def test_calibrate_inputs_are_sliced_along_the_batch_axis_the_model_has():
     import torch
     from torch import nn
 
-    from mpolstm.harness.cli.compression import _batch_axis, _slices
+    from mpolstm.calibration import batch_axis
+    from mpolstm.harness.cli.compression import _slices
 
     class TimeFirst(nn.Module):
         def __init__(self, batch_first: bool):
@@ -305,9 +306,9 @@ def test_calibrate_inputs_are_sliced_along_the_batch_axis_the_model_has():
 
     torch.manual_seed(0)
     time_first, batch_first = TimeFirst(False), TimeFirst(True)
-    assert _batch_axis(time_first, (torch.randn(20, 16, 6),)) == 1
-    assert _batch_axis(batch_first, (torch.randn(16, 20, 6),)) == 0
-    assert _batch_axis(nn.Linear(6, 3), (torch.randn(16, 6),)) == 0
+    assert batch_axis(time_first, (torch.randn(20, 16, 6),)) == 1
+    assert batch_axis(batch_first, (torch.randn(16, 20, 6),)) == 0
+    assert batch_axis(nn.Linear(6, 3), (torch.randn(16, 6),)) == 0
     assert time_first.training  # the probe leaves the mode as it found it
     slices = _slices((torch.randn(20, 16, 6),), 1)
     assert len(slices) == 8 and all(s[0].shape == (20, 2, 6) for s in slices)

@@ -174,7 +174,7 @@ def test_cli_calibrates_and_distils_a_per_frame_graph_on_a_sequence_file(files, 
                                       str(tmp_path / "frames.safetensors"), "--distill-steps", "2",
                                       "--batch-size", "10"])
     assert result.exit_code == 0, result.output
-    assert "held out 1 of 4 pieces: relative output error" in result.output and out.is_file()
+    assert "on 1 of 4 pieces held out of distillation" in result.output and out.is_file()
     # the one sequence is cut into 8 crops of 5 frames: the model's output error measured on 4 held out
     assert "on 4 held-out calibration batches" in result.output, result.output
     save_file({"input0": torch.randn(40, 1, 1, F + 1)}, tmp_path / "wide.safetensors")

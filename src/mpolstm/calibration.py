@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .errors import ConfigError, FieldNames, must_be
 from .nn.registry import layer_type
 
-__all__ = ["Calibration", "Moments", "apply_whitening", "check_calibration", "collect_moments", "collect_moments_split",
+__all__ = ["Calibration", "Moments", "apply_whitening", "batch_axis", "check_calibration", "collect_moments", "collect_moments_split",
            "damping", "run_hooked", "whitening"]
 
 Calibration = Iterable[Any] | Callable[[nn.Module], Any]
@@ -129,6 +129,38 @@ def run_hooked(model: nn.Module, calibration: Calibration, hooks: Sequence[tuple
             handle.remove()
         for module, mode in modes.items():
             module.train(mode)
+
+
+def batch_axis(model: nn.Module, inputs: tuple[Tensor, ...]) -> int:
+    """The axis of one batch of ``inputs`` (the model's positional inputs) that indexes independent
+    samples: 1 where the model run on the second half along axis 1 gives the whole run's outputs for
+    it and along axis 0 does not (a time-first recurrent model: axis 0 is time, and a later stretch
+    run from zero states differs), else 0. Runs the model (eval mode, no grad) up to four times."""
+
+    def first(out: Any) -> Any:
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def separable(axis: int) -> bool:
+        n = inputs[0].shape[axis] if inputs[0].dim() > axis else 0
+        if n < 2 or any(x.dim() <= axis or x.shape[axis] != n for x in inputs):
+            return False
+        try:
+            with torch.no_grad():
+                whole = first(model(*inputs))
+                half = first(model(*(x.narrow(axis, n // 2, n - n // 2) for x in inputs)))
+        except (RuntimeError, ValueError, IndexError, TypeError):  # not an axis the model takes halves of
+            return False
+        if not isinstance(whole, Tensor) or not isinstance(half, Tensor):
+            return False
+        parts = [whole.narrow(e, n // 2, n - n // 2) for e in range(whole.dim()) if whole.shape[e] == n]
+        return any(p.shape == half.shape and torch.allclose(half, p, rtol=1e-4, atol=1e-5) for p in parts)
+
+    training = model.training
+    model.eval()
+    try:
+        return 1 if not separable(0) and separable(1) else 0
+    finally:
+        model.train(training)
 
 
 Moments = dict[str, dict[str, Tensor]]

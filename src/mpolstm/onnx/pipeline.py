@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_write_bytes, check_target
+from ..calibration import batch_axis
 from ..compression import CompressionConfig, CompressionReport, compress
 from ..distill import distill
 from ..errors import ConfigError, must_be
@@ -101,22 +102,25 @@ def as_batches(model: OnnxModel, calibration: Any) -> list[tuple[Tensor, ...] | 
             for k, batch in enumerate(batches)]
 
 
-def _batch_axes(model: OnnxModel) -> list[int | None]:
-    """Per graph input, its batch axis: the first input's axis 0, and in the others the axis of the
-    same name (None: not split, e.g. an input without that axis)."""
-    name = model.inputs[0].dims[0] if model.inputs[0].dims else None
-    axes: list[int | None] = [0]
+def _batch_axes(model: OnnxModel, batch: tuple[Tensor, ...]) -> list[int | None]:
+    """Per graph input, its batch axis: the first input's (``calibration.batch_axis``: axis 1 of a
+    time-first graph, found by running it on ``batch``), and in the others the axis of the same name
+    (None: not split, e.g. an input without that axis)."""
+    first = batch_axis(model, batch)
+    dims = model.inputs[0].dims
+    name = dims[first] if len(dims) > first else None
+    axes: list[int | None] = [first]
     for spec in model.inputs[1:]:
         axes.append(spec.dims.index(name) if isinstance(name, str) and name in spec.dims else None)
     return axes
 
 
-def _rows(model: OnnxModel, batches: list[tuple[Tensor, ...]], size: int) -> list[tuple[Tensor, ...]]:
-    """The batches split along their batch axes into batches of ``size`` rows."""
-    axes = _batch_axes(model)
+def _rows(batches: list[tuple[Tensor, ...]], axes: list[int | None], size: int) -> list[tuple[Tensor, ...]]:
+    """The batches split along their batch ``axes`` (``_batch_axes``) into batches of ``size`` rows."""
+    count = lambda batch: batch[0].shape[axes[0]]  # noqa: E731
     return [tuple(x if axis is None else x.narrow(axis, i, min(size, x.shape[axis] - i))
                   for x, axis in zip(batch, axes))
-            for batch in batches for i in range(0, batch[0].shape[0], size)]
+            for batch in batches for i in range(0, count(batch), size)]
 
 
 def _outputs(model: OnnxModel, batch: tuple[Tensor, ...] | FrameSequence) -> Tensor:
@@ -129,9 +133,10 @@ def _outputs(model: OnnxModel, batch: tuple[Tensor, ...] | FrameSequence) -> Ten
 
 @torch.no_grad()
 def _held_out_error(model: OnnxModel, teacher: OnnxModel, batches: list) -> float:
-    """Relative squared error of the student's outputs against the teacher's over ``batches``."""
+    """The model output error ||y' - y|| / ||y|| (the report's) of the student against the teacher over ``batches``."""
     pairs = [(_outputs(model, b), _outputs(teacher, b)) for b in batches]
-    return float(sum((s - t).pow(2).sum() for s, t in pairs) / sum(t.pow(2).sum() for _, t in pairs).clamp_min(1e-30))
+    return float(sum((s - t).pow(2).sum() for s, t in pairs) / sum(t.pow(2).sum() for _, t in pairs).clamp_min(1e-30)
+                 ) ** 0.5
 
 
 def _distill(model: OnnxModel, teacher: OnnxModel, batches: list, steps: int, batch_size: int, loss: str,
@@ -139,8 +144,10 @@ def _distill(model: OnnxModel, teacher: OnnxModel, batches: list, steps: int, ba
     """Distil from ``teacher`` on the calibration batches cut into pieces (``batch_size`` rows, or
     frames of a sequence); every HELD_OUT-th piece is held out and its output error reported
     before and after ({"held_out": pieces, "before": error, "after": error}, errors None without one)."""
+    tensors = next((b for b in batches if not isinstance(b, FrameSequence)), None)
+    axes = _batch_axes(model, tensors) if tensors is not None else []
     pieces = [piece for b in batches for piece in (b.crops(batch_size) if isinstance(b, FrameSequence)
-                                                   else _rows(model, [b], batch_size))]
+                                                   else _rows([b], axes, batch_size))]
     held = pieces[HELD_OUT - 1::HELD_OUT] if len(pieces) >= HELD_OUT else pieces[-1:] if len(pieces) > 1 else []
     train = [p for k, p in enumerate(pieces) if not any(p is h for h in held)]
     before = _held_out_error(model, teacher, held) if held else None
@@ -148,20 +155,23 @@ def _distill(model: OnnxModel, teacher: OnnxModel, batches: list, steps: int, ba
     model.eval()
     after = _held_out_error(model, teacher, held) if held else None
     if progress and held:
-        print(f"held out {len(held)} of {len(pieces)} pieces: relative output error {before:.4g} before "
-              f"distillation, {after:.4g} after", file=sys.stderr)
+        print(f"model output error ||y' - y|| / ||y|| on {len(held)} of {len(pieces)} pieces held out of "
+              f"distillation: {before:.4g} before distillation, {after:.4g} after", file=sys.stderr)
     return {"held_out": len(held), "before": before, "after": after}
 
 
 def _sliced(model: OnnxModel, batches: list, pieces: int) -> list:
     """One batch cut into ``pieces`` so that held-out batches can decide: a sequence of frames into
-    consecutive crops (each from zero states), else along a dynamic batch axis; several batches as given."""
+    consecutive crops (each from zero states), else along a dynamic batch axis (axis 1 of a time-first
+    graph); several batches as given."""
     if len(batches) != 1:
         return batches
     if isinstance(batches[0], FrameSequence):
         return batches[0].crops(-(-len(batches[0]) // pieces)) if len(batches[0]) >= 2 * pieces else batches
-    if model.inputs[0].dims and isinstance(model.inputs[0].dims[0], str):
-        return _rows(model, batches, -(-batches[0][0].shape[0] // pieces))
+    axes = _batch_axes(model, batches[0])
+    dims = model.inputs[0].dims
+    if axes[0] is not None and len(dims) > axes[0] and isinstance(dims[axes[0]], str):
+        return _rows(batches, axes, -(-batches[0][0].shape[axes[0]] // pieces))
     return batches
 
 

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ...calibration import batch_axis
 from ...compression.layouts import describe_layouts
 from .common import _check_output, _fail, _load_model, _said, app, console
 
@@ -49,38 +50,6 @@ def _slices(inputs: tuple, axis: int, count: int = 8) -> list[tuple]:
     """The --calibrate inputs as ``count`` batches along the batch ``axis`` (fewer when it has fewer samples):
     compress holds every second one out to measure the model's output error and decide the allocation on."""
     return _batches(inputs, -(-inputs[0].shape[axis] // count), axis)
-
-
-def _batch_axis(model, inputs: tuple) -> int:
-    """The axis of the --calibrate inputs that indexes independent samples: 1 where the model run on the
-    second half along axis 1 gives the whole run's outputs for it and along axis 0 does not (a time-first
-    recurrent model: axis 0 is time, and a later stretch run from zero states differs), else 0."""
-    import torch
-
-    def first(out):
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-    def separable(axis: int) -> bool:
-        n = inputs[0].shape[axis] if inputs[0].dim() > axis else 0
-        if n < 2 or any(x.dim() <= axis or x.shape[axis] != n for x in inputs):
-            return False
-        try:
-            with torch.no_grad():
-                whole = first(model(*inputs))
-                half = first(model(*(x.narrow(axis, n // 2, n - n // 2) for x in inputs)))
-        except (RuntimeError, ValueError, IndexError, TypeError):  # not an axis the model takes halves of
-            return False
-        if not isinstance(whole, torch.Tensor) or not isinstance(half, torch.Tensor):
-            return False
-        parts = [whole.narrow(e, n // 2, n - n // 2) for e in range(whole.dim()) if whole.shape[e] == n]
-        return any(p.shape == half.shape and torch.allclose(half, p, rtol=1e-4, atol=1e-5) for p in parts)
-
-    training = model.training
-    model.eval()
-    try:
-        return 1 if not separable(0) and separable(1) else 0
-    finally:
-        model.train(training)
 
 
 _COMPRESS_FLAGS = {"target_ratio": "--ratio", "max_bond": "--max-bond", "rel_tol": "--rel-tol", "num_cores": "--num-cores",
@@ -235,7 +204,7 @@ def _compress_model(model, config, inputs: Optional[tuple], held_out: Optional[t
 
     teacher = copy.deepcopy(model) if distill_steps else None
     try:
-        axis = 0 if inputs is None else _batch_axis(model, inputs)
+        axis = 0 if inputs is None else batch_axis(model, inputs)
         model, report = compress(model, config, calibration=None if inputs is None else _slices(inputs, axis),
                                  validation=None if held_out is None else [held_out])
         console.print(str(report))
@@ -258,7 +227,7 @@ def _quantize(model, report) -> None:
         _fail(f"--int8: {exc}")
     stored = _stored_bytes(model, [m.name for m in report.modules])
     console.print(f"int8: {report.stored_bytes:,} -> {stored:,} bytes as stored (the cores and sparse values as "
-                  "int8 with float32 scales)")
+                  "int8 with float32 scales; the errors above are the float model's, the int8 model's were not measured)")
 
 
 def _write_model(model, spec: Optional[dict], model_out: Path, overwrite: bool, report, distill_steps: int,
