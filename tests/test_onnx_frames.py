@@ -198,3 +198,44 @@ def test_without_data_a_per_frame_graph_gets_a_synthetic_estimate_over_sequences
         num = sum(float((s.run(small) - r).pow(2).sum()) for s, r in zip(sequences, reference))
         den = sum(float(r.pow(2).sum()) for r in reference)
     assert check.error > 0.01 and check.error == pytest.approx((num / den) ** 0.5, rel=0.3)
+
+
+class Stepper(nn.Module):
+    """A frame of N streams (N, 1, F) and two state pairs of different sizes, N a named axis everywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.gru, self.out = nn.LSTM(F, H, batch_first=True), nn.GRU(H, 5, batch_first=True), nn.Linear(5, 2)
+
+    def forward(self, x, h, c, g):
+        y, (h, c) = self.lstm(x, (h, c))
+        z, g = self.gru(y, g)
+        return self.out(z), h, c, g
+
+
+def test_a_graph_of_n_streams_starts_its_states_at_the_frames_batch_and_is_estimated_without_data(tmp_path):
+    torch.manual_seed(0)
+    module = Stepper().eval()
+    names = ["x", "h", "c", "g"]
+    axes = {"x": {0: "N"}, "h": {1: "N"}, "c": {1: "N"}, "g": {1: "N"}, "y": {0: "N"}, "h_out": {1: "N"},
+            "c_out": {1: "N"}, "g_out": {1: "N"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.randn(2, 1, F), torch.zeros(1, 2, H), torch.zeros(1, 2, H),
+                                   torch.zeros(1, 2, 5)), str(tmp_path / "s.onnx"), dynamo=False, opset_version=14,
+                          input_names=names, output_names=["y", "h_out", "c_out", "g_out"], dynamic_axes=axes)
+    model = mo.load(tmp_path / "s.onnx")
+    assert state_pairs(model) == [(1, 1), (2, 2), (3, 3)]
+    frames = torch.randn(7, 3, 1, F)  # 7 frames of 3 streams
+    with torch.no_grad():
+        got = FrameSequence((frames,), state_pairs(model)).run(model)
+        want, states = [], (torch.zeros(1, 3, H), torch.zeros(1, 3, H), torch.zeros(1, 3, 5))
+        for x in frames:
+            y, *states = module(x, *states)
+            want.append(y.reshape(-1))
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-5)
+    report, _ = mo.compress_file(tmp_path / "s.onnx", tmp_path / "a.onnx", mpolstm.CompressionConfig(target_ratio=2))
+    assert report.output_check is not None and report.output_check.source == "synthetic-input estimate"
+    report, _ = mo.compress_file(tmp_path / "s.onnx", tmp_path / "b.onnx", mpolstm.CompressionConfig(target_ratio=2),
+                                 calibration=[(torch.randn(64, 3, 1, F),)])
+    assert report.output_check.batches == 4 and report.output_check.error > 0

@@ -24,10 +24,6 @@ OnnxModel = Any
 __all__ = ["FrameSequence", "state_pairs"]
 
 
-def _fixed(dims) -> tuple[int, ...]:
-    return tuple(d if isinstance(d, int) else 1 for d in dims)
-
-
 def _fits(a: tuple, b: tuple) -> bool:
     """Declared shapes that can be equal: the same rank, equal where both sizes are fixed."""
     return len(a) == len(b) and all(x == y or not isinstance(x, int) or not isinstance(y, int) for x, y in zip(a, b))
@@ -94,9 +90,13 @@ class FrameSequence:
                 for t in range(0, len(self), length)]
 
     def run(self, model: OnnxModel) -> Tensor:
-        """The non-state outputs of every frame, each flattened and concatenated: (T, features)."""
-        states = {i: torch.zeros(_fixed(model.inputs[i].dims), dtype=model.float_dtype()) for i, _ in self.pairs}
-        data = [k for k in range(len(model.inputs)) if k not in states]
+        """The non-state outputs of every frame, each flattened and concatenated: (T, features). The
+        states start at zero, their named axes (a batch N) as large as the frames' axes of that name."""
+        data = [k for k in range(len(model.inputs)) if k not in {i for i, _ in self.pairs}]
+        sizes = {d: n for k, x in zip(data, self.inputs) for d, n in zip(model.inputs[k].dims, x.shape[1:])
+                 if isinstance(d, str)}
+        states = {i: torch.zeros(tuple(sizes.get(d, 1) if not isinstance(d, int) else d for d in model.inputs[i].dims),
+                                 dtype=model.float_dtype()) for i, _ in self.pairs}
         kept = [k for k in range(len(model.output_names)) if k not in {j for _, j in self.pairs}]
         rows = []
         for t in range(len(self)):
