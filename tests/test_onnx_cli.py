@@ -64,13 +64,27 @@ def test_compress_writes_a_drop_in_file_that_inspect_reads(files, tmp_path):
     assert shown.output.count("weight_hh_l0") == 2 and "lowrank" in shown.output
 
 
-def test_int8_file_is_smaller_and_inspect_lists_what_an_original_can_compress(files, tmp_path):
+def test_int8_file_is_smaller_measured_read_back_and_inspect_lists_what_an_original_can_compress(files, tmp_path):
+    import re
+
+    import mpolstm.onnx as mo
+
     out = tmp_path / "q.onnx"
     result = runner.invoke(app, ["compress", str(files / "m.onnx"), str(out), "--ratio", "2", "--int8"])
     assert result.exit_code == 0, result.output
     assert "the MPO factors as int8 (dense layers float32)" in result.output
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in onnx.load(out).graph.node)
-    assert len(run_ort(out, feeds(onnx.load(out)))) == 2
+    inputs = feeds(onnx.load(out))
+    want = run_ort(out, inputs)
+    assert len(want) == 2
+    # the int8 file's own error is measured (on the report's batches) and stored; the file reads back
+    line = next(x for x in result.output.splitlines() if x.startswith("int8 weights:"))
+    int8, floats = (float(v) for v in re.findall(r"\d\.\d{4}", line)[:2])
+    assert int8 > 0 and floats > 0 and line in runner.invoke(app, ["inspect", str(out)]).output
+    back = mo.load(out)
+    with torch.no_grad():
+        got = back(*[torch.from_numpy(inputs[n]) for n in back.input_names])
+    assert all(np.abs(g.numpy() - w).max() < 1e-4 for g, w in zip(got, want))
     shown = runner.invoke(app, ["inspect", str(files / "m.onnx")])
     assert shown.exit_code == 0 and "not written by mpolstm compress" in shown.output and "rnn_GRU_1" in shown.output
 

@@ -67,7 +67,9 @@ class CompressionReport:
     with ``allocation="output"`` which allocation won on the held-out calibration batches' output
     error and each candidate's error there; ``output_check``: the compressed model's output error
     against the original (``checks.OutputCheck``: on held-out or validation batches, or a
-    synthetic-input estimate without calibration)."""
+    synthetic-input estimate without calibration); ``int8_check``: the same for the file written
+    with int8 weights and the float model's on the same batches ({"error", "float_error", "batches"};
+    ``mpolstm compress --int8`` of an ONNX file fills it in)."""
 
     modules: list[ModuleReport]
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -77,6 +79,7 @@ class CompressionReport:
     output_check: Any = None  # checks.OutputCheck, None when it could not be measured
     curve: list[tuple[float, float]] = field(default_factory=list)  # tolerance mode: (ratio, error or metric)
     tolerance: str = ""  # tolerance mode: what was kept and why
+    int8_check: dict[str, Any] | None = None
 
     @property
     def dense_params(self) -> int:
@@ -118,6 +121,7 @@ class CompressionReport:
             "output_check": None if self.output_check is None else self.output_check.to_dict(),
             "curve": [list(p) for p in self.curve],
             "tolerance": self.tolerance,
+            "int8_check": self.int8_check,
             "max_macs": self.max_macs,
             "dense_params": self.dense_params,
             "mpo_params": self.mpo_params,
@@ -188,6 +192,11 @@ def measured_lines(report: dict[str, Any]) -> list[str]:
     check, choice = report.get("output_check"), report.get("allocation")
     if check:
         lines.append(str(OutputCheck(check["error"], check["batches"], check["source"])))
+    int8 = report.get("int8_check")
+    if int8:
+        lines.append(f"int8 weights: the written file's output error {int8['error']:.4f} on the same {int8['batches']} "
+                     f"batches, the model's with float weights {int8['float_error']:.4f} (int8 adds "
+                     f"{int8['error'] - int8['float_error']:+.4f})")
     if report.get("tolerance"):
         lines.append("tolerance: " + report["tolerance"])
     if choice:

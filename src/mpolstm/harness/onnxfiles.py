@@ -57,8 +57,6 @@ def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optiona
             raise
         raise ValueError(f"{source}: {exc}") from exc
     yield str(report).rstrip()
-    if int8 or int8_dense:
-        yield "int8: the errors above are the float model's; the int8 file's were not measured"
     if distill_steps:
         yield f"distilled {distill_steps} steps on the --calibrate inputs (MSE of the outputs; the errors above " \
               "were measured before distillation)"
@@ -151,8 +149,7 @@ def inspect_onnx(path: Path) -> str:
              _int8_words(record.get("int8"), record.get("int8_dense")) or "float32 weights"]
     if record.get("distill_steps"):
         facts.append(f"distilled {record['distill_steps']} steps after the errors below were measured")
-    if record.get("int8") or record.get("int8_dense"):
-        facts.append("the errors below are the float model's (the int8 weights' were not measured)")
+
     lines = [head, "; ".join(facts)] + (_table(rows) if layers else ["no MPO layer (every layer dense)"])
     lines += measured_lines(record.get("report") or {})
     return "\n".join(lines)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..onnxgraph import subgraphs
-from . import indexing, sequences, shapes  # noqa: F401  (register their operators)
+from . import indexing, quantized, sequences, shapes  # noqa: F401  (register their operators)
 from .control import Subgraph, outer_names
 from .ops import OPS, Ctx
 from .reader import attributes, graph_inputs, name_nodes, node_label, opset_of, read_model, to_tensor

@@ -11,6 +11,7 @@ import copy
 import os
 import re
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,14 @@ from torch import Tensor
 from ..atomic import atomic_write_bytes, check_target
 from ..calibration import batch_axis
 from ..compression import CompressionConfig, CompressionReport, compress
+from ..compression.checks import batch_errors, batch_outputs, synthetic_batches, total_error
 from ..distill import distill
 from ..errors import ConfigError, must_be
 from .frames import FrameSequence, state_pairs
 from .model import InputSpec, OnnxModel, load
 from .reader import DTYPES, FLOAT
 from .registry import LAYER_OPS
-from .writer import to_bytes
+from .writer import to_bytes, with_record
 
 __all__ = ["as_batches", "compress_file", "layer_names", "recurrent_layers"]
 
@@ -160,6 +162,22 @@ def _distill(model: OnnxModel, teacher: OnnxModel, batches: list, steps: int, ba
     return {"held_out": len(held), "before": before, "after": after}
 
 
+@torch.no_grad()
+def _file_check(data: bytes, compressed: OnnxModel, original: OnnxModel, batches: list) -> dict[str, Any] | None:
+    """{"error", "float_error", "batches"}: the output error of the written file ``data`` (read back by
+    mpolstm.onnx.load: its int8 weights) and of ``compressed`` (float weights) against ``original`` on
+    ``batches``."""
+    if not batches:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "written.onnx"
+        path.write_bytes(data)
+        written = load(path)
+    reference = batch_outputs(original, batches)
+    return {"error": total_error(batch_errors(written, batches, reference)),
+            "float_error": total_error(batch_errors(compressed.eval(), batches, reference)), "batches": len(batches)}
+
+
 def _sliced(model: OnnxModel, batches: list, pieces: int) -> list:
     """One batch cut into ``pieces`` so that held-out batches can decide: a sequence of frames into
     consecutive crops (each from zero states), else along a dynamic batch axis (axis 1 of a time-first
@@ -228,6 +246,12 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
     if teacher is not None:
         record["distill_check"] = _distill(model, teacher, batches, distill_steps, batch_size, loss, progress)
     files = {Path(target): to_bytes(model, int8=int8, record=record, int8_dense=int8_dense)}
+    if int8 or int8_dense:  # the file's own error, int8 weights and all, on the batches the report measured on
+        measured_on = held_out or (sliced[1::2] if sliced and len(sliced) > 1 else sliced) or \
+            synthetic_batches(load(source))
+        report.int8_check = _file_check(files[Path(target)], model, load(source), measured_on)
+        record["report"] = report.to_dict()
+        files[Path(target)] = with_record(files[Path(target)], {"report": record["report"]})
     if step is not None:
         files[Path(step)] = to_bytes(model, step=True, int8=int8, record=record, int8_dense=int8_dense)
     for path, data in files.items():

@@ -338,6 +338,15 @@ def to_bytes(model: OnnxModel, *, step: bool = False, int8: bool = False, check:
     return record_weight_bytes(proto.SerializeToString())
 
 
+def with_record(data: bytes, facts: dict[str, Any]) -> bytes:
+    """The ONNX file ``data`` (from :func:`to_bytes`) with ``facts`` added to its mpolstm metadata."""
+    onnx, _ = onnx_modules()
+    proto = onnx.load_from_string(data)
+    entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    entry.value = json.dumps({**json.loads(entry.value), **facts})
+    return proto.SerializeToString()
+
+
 def save(model: OnnxModel, path: str | os.PathLike, *, step: bool = False, int8: bool = False,
          check: bool = True, record: dict[str, Any] | None = None, overwrite: bool = False,
          int8_dense: bool = False) -> Path:
