@@ -319,11 +319,14 @@ def test_compress_int8_and_inspect_bytes_through_the_console_script(tmp_path):
     for name, flags in (("float", []), ("int8", ["--int8"])):
         proc = mpolstm_cli("compress", tmp_path / "dense", tmp_path / name, "--ratio", "4", *flags)
         assert proc.returncode == 0, proc.stderr
+        int8_line = [line for line in proc.stdout.splitlines() if line.startswith("int8 weights:")]
+        assert len(int8_line) == (name == "int8"), proc.stdout  # the int8 model measured beside the float one
         model, _ = load_model(tmp_path / name)
         assert model.lstm.int8 == (name == "int8")
         tensors, formats = pack_weights(model, ["lstm"], int8_cores=True)
         proc = mpolstm_cli("inspect", tmp_path / name)
         assert proc.returncode == 0, proc.stderr
+        assert all(line in proc.stdout for line in int8_line)
         rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith("lstm.")}
         assert set(rows) == set(formats)
         for weight, row in rows.items():

@@ -69,7 +69,7 @@ class CompressionReport:
     against the original (``checks.OutputCheck``: on held-out or validation batches, or a
     synthetic-input estimate without calibration); ``int8_check``: the same for the file written
     with int8 weights and the float model's on the same batches ({"error", "float_error", "batches"};
-    ``mpolstm compress --int8`` of an ONNX file fills it in)."""
+    ``mpolstm compress --int8`` fills it in)."""
 
     modules: list[ModuleReport]
     skipped: list[tuple[str, str]] = field(default_factory=list)

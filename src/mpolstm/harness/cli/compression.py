@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Optional
 
@@ -158,9 +159,10 @@ def compress_cmd(
     inputs, held_out = _read_inputs(calibrate, validate)
     model, spec = _source_model(model_in, factory, weights, random_init)
     _check_targets(model, config, default=target is None)
+    original = copy.deepcopy(model) if int8 else None
     model, report = _compress_model(model, config, inputs, held_out, distill_steps, batch_size)
-    if int8:
-        _quantize(model, report)
+    if original is not None:
+        _quantize(model, report, original, _measured_on(original, inputs, held_out))
     _write_model(model, spec, model_out, overwrite, report, distill_steps, factory)
     if plot is not None:
         plot_curve(report.curve, plot)
@@ -197,8 +199,6 @@ def _compress_model(model, config, inputs: Optional[tuple], held_out: Optional[t
                     batch_size: int):
     """(compressed model, report), printing the report; then ``distill_steps`` of distillation from the
     original on the --calibrate inputs."""
-    import copy
-
     from ...compression import compress
     from ...distill import distill
 
@@ -217,17 +217,43 @@ def _compress_model(model, config, inputs: Optional[tuple], held_out: Optional[t
     return model, report
 
 
-def _quantize(model, report) -> None:
-    """--int8: the MPO cores (and sparse values) stored as int8; prints the bytes before and after."""
+def _measured_on(original, inputs: Optional[tuple], held_out: Optional[tuple]) -> list:
+    """The batches the report's output error was measured on: --validate, the held-out --calibrate slices,
+    or without calibration the synthetic inputs."""
+    from ...compression.checks import synthetic_batches
+
+    if held_out is not None:
+        return [held_out]
+    if inputs is None:
+        return synthetic_batches(original)
+    slices = _slices(inputs, batch_axis(original, inputs))
+    return slices[1::2] if len(slices) > 1 else slices
+
+
+def _quantize(model, report, original, batches: list) -> None:
+    """--int8: the MPO cores (and sparse values) stored as int8; prints the bytes before and after and the
+    int8 model's output error on ``batches`` beside the float model's (``report.int8_check``)."""
+    import torch
+
+    from ...compression.checks import batch_errors, batch_outputs, total_error
+    from ...compression.report import measured_lines
     from ...quantization import quantize
 
+    with torch.no_grad():
+        reference = batch_outputs(original, batches) if batches else []
+        floats = total_error(batch_errors(model.eval(), batches, reference)) if batches else None
     try:
         quantize(model)
     except ValueError as exc:
         _fail(f"--int8: {exc}")
     stored = _stored_bytes(model, [m.name for m in report.modules])
     console.print(f"int8: {report.stored_bytes:,} -> {stored:,} bytes as stored (the cores and sparse values as "
-                  "int8 with float32 scales; the errors above are the float model's, the int8 model's were not measured)")
+                  "int8 with float32 scales)")
+    if batches:
+        with torch.no_grad():
+            report.int8_check = {"error": total_error(batch_errors(model.eval(), batches, reference)),
+                                 "float_error": floats, "batches": len(batches)}
+        console.print(measured_lines({"int8_check": report.int8_check})[0])
 
 
 def _write_model(model, spec: Optional[dict], model_out: Path, overwrite: bool, report, distill_steps: int,
