@@ -98,11 +98,14 @@ def test_int8_file_is_smaller_measured_read_back_and_inspect_lists_what_an_origi
     ("m.onnx", ["--calibrate", "wide.safetensors"], "input0 ('x') is (8, 12, 5)"),
     ("m.onnx", ["--distill-steps", "3"], "--distill-steps needs --calibrate"),
     ("m.onnx", ["--target", "nothing_here"], "nothing_here"),
+    ("m.onnx", ["--ratio", "100000"], "m.onnx: the budget of"),  # the library's fields named by the flags
+    ("m.onnx", ["--max-error", "0.05"], "--max-error is measured on your data: give --calibrate inputs"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(files, tmp_path, model, extra, message):
     out = tmp_path / "out.onnx"
     extra = [str(files / e) if e.endswith(".safetensors") else e for e in extra]
-    result = runner.invoke(app, ["compress", str(files / model), str(out), "--ratio", "2", *extra])
+    size = [] if "--max-error" in extra else ["--ratio", "2"]
+    result = runner.invoke(app, ["compress", str(files / model), str(out), *size, *extra])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output

@@ -57,6 +57,10 @@ class ConfigError(ValueError):
         """The message with the fields named by a front end (``names``: field -> its name)."""
         return self._describe(FieldNames(names))
 
+    def prefixed(self, prefix: str) -> "ConfigError":
+        """The same error with ``prefix`` before its message (e.g. the file it is about)."""
+        return ConfigError(self.field, lambda n: prefix + self._describe(n))
+
     def __reduce__(self):  # a copy or a pickle keeps the message (the describe function may not pickle)
         return ValueError, (str(self),)
 

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = ["BISECTIONS", "MAX_RATIO", "smallest_within"]
 
 BISECTIONS = 4
@@ -30,8 +32,10 @@ def smallest_within(compress_once: Callable, model: nn.Module, config: Any, cali
     """(model compressed at the largest ratio within the tolerance, its report with ``curve``); the
     model passed is left unchanged. ValueError when even the smallest ratio tried misses it."""
     if evaluate is None and calibration is None and validation is None:
-        raise ValueError("max_output_error is measured on your data: give calibration= batches (every second is "
-                         "held out) or validation= batches")
+        raise ConfigError("calibration", lambda n: (
+            "max_output_error is measured on your data: give calibration= batches (every second is held out) or "
+            "validation= batches" if n.api else f"{n('max_output_error')} is measured on your data: give "
+            f"{n('calibration')} inputs (every second slice is held out) or {n('validation')} inputs"))
     base = None if evaluate is None else float(evaluate(model))
     trial_config = replace(config, max_output_error=None)
     curve: list[tuple[float, float]] = []

@@ -23,6 +23,7 @@ def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optiona
     ``--target`` names layers (``mpolstm.onnx.pipeline.layer_names``: a node name or the layer's name); its default ("lstm")
     means the graph's recurrent layers. Distillation uses the MSE of the outputs."""
     from ..compression import CompressionConfig
+    from ..errors import ConfigError
     from ..export import onnx_weight_bytes
     from ..onnx import compress_file
     from .usermodels import read_inputs
@@ -55,6 +56,8 @@ def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optiona
     except ValueError as exc:  # a node that fails when the graph first runs: the line names the file too
         if str(source) in str(exc):
             raise
+        if isinstance(exc, ConfigError):  # its fields still named by the flags
+            raise exc.prefixed(f"{source}: ") from exc
         raise ValueError(f"{source}: {exc}") from exc
     yield str(report).rstrip()
     if distill_steps:
