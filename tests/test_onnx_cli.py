@@ -172,3 +172,13 @@ def test_target_takes_the_node_name_as_readme_writes_it_and_the_layer_name(files
     result = runner.invoke(app, ["compress", str(files / "m.onnx"), str(out), "--ratio", "2", "--target", target])
     assert result.exit_code == 0, result.output
     assert "rnn_GRU_1 (MPOGRU)" in result.output and "rnn_GRU (MPOGRU)" not in result.output and out.is_file()
+
+
+def test_a_float64_calibration_file_is_computed_as_the_graph_declares(files, tmp_path):
+    torch.manual_seed(1)
+    save_file({"input0": torch.randn(8, 12, 6, dtype=torch.float64), "input1": torch.zeros(2, 8, 8, dtype=torch.float64)},
+              tmp_path / "cal64.safetensors")
+    result = runner.invoke(app, ["compress", str(files / "m.onnx"), str(tmp_path / "out.onnx"), "--ratio", "2",
+                                 "--calibrate", str(tmp_path / "cal64.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert "model output error" in result.output and "held-out calibration batches" in result.output

@@ -79,13 +79,22 @@ def _check_batch(model: OnnxModel, batch: tuple[Tensor, ...], where: str, pairs:
                                                        f"graph's non-state inputs {shapes} with one length T")
         for k, x in zip(data, batch):
             _check_input(x[0], k, model.inputs[k], where, hint)
-        return FrameSequence(tuple(batch), pairs)
+        return FrameSequence(tuple(_declared_float(model, k, x) for k, x in zip(data, batch)), pairs)
     if len(batch) != len(model.inputs):
         raise ConfigError("calibration", lambda n: f"{n('calibration')}{where} has {len(batch)} tensor(s); the graph "
                                                    f"takes {len(model.inputs)} input(s) {model.input_names}{hint}")
     for k, (x, spec) in enumerate(zip(batch, model.inputs)):
         _check_input(x, k, spec, where, hint)
-    return batch
+    return tuple(_declared_float(model, k, x) for k, x in enumerate(batch))
+
+
+def _declared_float(model: OnnxModel, k: int, x: Tensor) -> Tensor:
+    """A float tensor for graph input ``k`` in the float type the graph computes it in (a float64
+    calibration file for a float32 input is converted, not refused)."""
+    elem = model.inputs[k].elem_type
+    if not x.is_floating_point():
+        return x
+    return x.to(model.float_dtype() if elem == FLOAT else DTYPES[elem])
 
 
 def as_batches(model: OnnxModel, calibration: Any) -> list[tuple[Tensor, ...] | FrameSequence]:
