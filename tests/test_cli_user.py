@@ -286,6 +286,12 @@ def test_max_error_finds_a_ratio_within_it_and_inspect_shows_the_measured_output
     assert "--max-error finds the budget itself" in line
 
 
+def test_a_validate_file_is_four_batches_measured_on_the_users_data_without_the_unmeasured_warning(user_dir):
+    proc = mpolstm("compress", "val", "--factory", "mymodels:build", "--weights", "w.pt", "--target", "rnn,proj",
+                   "--ratio", "5", "--validate", "inputs.safetensors", cwd=user_dir, check_rc=0)
+    assert "on 4 validation batches" in proc.stdout and "warning" not in proc.stdout, proc.stdout
+
+
 def test_calibrate_inputs_are_sliced_along_the_batch_axis_the_model_has():
     """A time-first GRU's --calibrate tensor is (T, B, F): slicing axis 0 would cut time into stretches run
     from zero states (the held-out report then describes a few steps, not the model); axis 1 is the batch."""

@@ -100,6 +100,8 @@ def test_int8_file_is_smaller_measured_read_back_and_inspect_lists_what_an_origi
     ("m.onnx", ["--target", "nothing_here"], "nothing_here"),
     ("m.onnx", ["--ratio", "100000"], "m.onnx: the budget of"),  # the library's fields named by the flags
     ("m.onnx", ["--max-error", "0.05"], "--max-error is measured on your data: give --calibrate inputs"),
+    ("m.onnx", ["--calibrate", "cal.safetensors", "--validate", "wide.safetensors"], "--validate: input0 ('x')"),
+    ("m.onnx", ["--calibrate", "cal.safetensors", "--distill-steps", "3", "--batch-size", "0"], "--batch-size >= 1"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(files, tmp_path, model, extra, message):
     out = tmp_path / "out.onnx"
@@ -182,3 +184,12 @@ def test_a_float64_calibration_file_is_computed_as_the_graph_declares(files, tmp
                                  "--calibrate", str(tmp_path / "cal64.safetensors")])
     assert result.exit_code == 0, result.output
     assert "model output error" in result.output and "held-out calibration batches" in result.output
+
+
+def test_an_existing_plot_is_refused_before_any_work_unless_overwrite(files, tmp_path):
+    (tmp_path / "curve.png").write_bytes(b"mine")
+    args = ["compress", str(files / "m.onnx"), str(tmp_path / "out.onnx"), "--max-error", "0.5", "--calibrate",
+            str(files / "cal.safetensors"), "--plot", str(tmp_path / "curve.png")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--plot" in result.output and "already exists" in result.output
+    assert (tmp_path / "curve.png").read_bytes() == b"mine" and not (tmp_path / "out.onnx").exists()

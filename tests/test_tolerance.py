@@ -74,6 +74,22 @@ def test_tolerance_mode_refuses_what_it_cannot_measure():
         compress(model, CompressionConfig(), calibration=[torch.randn(2, 5, 12)], evaluate=lambda m: 1.0)
 
 
+def test_a_tolerance_no_ratio_misses_keeps_the_smallest_model_rather_than_refusing():
+    """max_output_error above the error of every bond 1: the ratios past the smallest model are not tried
+    as failures of the user's size (before: "raise max_params or lower target_ratio", neither given)."""
+    model, batches = _model(), [torch.randn(8, 10, 12) for _ in range(8)]
+    small, report = compress(model, CompressionConfig(max_output_error=5.0), calibration=batches)
+    assert "larger ratios ask for less than the smallest model" in report.tolerance
+    assert report.ratio > 16 and report.output_check.upper_bound() <= 5.0
+
+
+def test_validation_without_calibration_is_measured_on_the_users_data_and_not_warned_about():
+    model = _model()
+    _, report = compress(copy.deepcopy(model), CompressionConfig(target_ratio=8),
+                         validation=[torch.randn(4, 10, 12) for _ in range(4)])
+    assert report.output_check.source == "validation batches" and "warning" not in str(report)
+
+
 def test_without_data_the_report_gives_a_synthetic_estimate_and_warns_from_3x():
     model = _model()
     data = [torch.randn(4, 32, 12) for _ in range(4)]

@@ -72,8 +72,8 @@ class AllocationChoice:
 
     def __str__(self) -> str:
         parts = ", ".join(f"{name} {err:.4g}" for name, err in self.errors.items())
-        return (f"allocation: {self.chosen} (output error on {self.held_out_batches} held-out batches: {parts})"
-                + (f"; {self.note}" if self.note else ""))
+        measured = f" (output error on {self.held_out_batches} held-out batches: {parts})" if parts else ""
+        return f"allocation: {self.chosen}{measured}" + (f"; {self.note}" if self.note else "")
 
 
 def split_calibration(calibration: Calibration) -> tuple[list[Any], list[Any]]:

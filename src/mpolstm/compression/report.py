@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .checks import OutputCheck
+from .checks import SYNTHETIC, OutputCheck
 from .output_aware import AllocationChoice
 
 __all__ = ["CompressionReport", "ModuleReport", "WeightReport", "REPORT_COLUMNS", "measured_lines",
@@ -204,7 +204,8 @@ def measured_lines(report: dict[str, Any]) -> list[str]:
                                           choice.get("held_out_batches", 0), choice.get("note", ""))))
     weights = [w for m in report.get("modules", []) for w in m["weights"].values()]
     ratio = report.get("ratio") or 0.0
-    if weights and all(w.get("output_error") is None for w in weights) and ratio >= WARN_RATIO:
+    measured = check and check.get("source") != SYNTHETIC  # on the user's inputs (validation= without calibration)
+    if weights and all(w.get("output_error") is None for w in weights) and ratio >= WARN_RATIO and not measured:
         lines.append(UNMEASURED.format(ratio=ratio))
     return lines
 

@@ -40,9 +40,15 @@ def smallest_within(compress_once: Callable, model: nn.Module, config: Any, cali
     trial_config = replace(config, max_output_error=None)
     curve: list[tuple[float, float]] = []
 
-    def trial(ratio: float) -> tuple[bool, nn.Module, Any]:
-        small, report = compress_once(copy.deepcopy(model), replace(trial_config, target_ratio=ratio),
-                                      calibration=calibration, validation=validation)
+    def trial(ratio: float) -> tuple[bool, nn.Module, Any] | None:
+        """(held, model, report); None when the ratio asks for less than the smallest model (every bond 1)."""
+        try:
+            small, report = compress_once(copy.deepcopy(model), replace(trial_config, target_ratio=ratio),
+                                          calibration=calibration, validation=validation)
+        except ConfigError as exc:
+            if exc.field != "max_params":
+                raise
+            return None
         value = report.output_check.error if evaluate is None else float(evaluate(small))
         curve.append((ratio, value))
         if evaluate is None:
@@ -52,30 +58,32 @@ def smallest_within(compress_once: Callable, model: nn.Module, config: Any, cali
             held = base - value <= max_drop
         return held, small, report
 
-    best, low, high, ratio = None, 1.0, None, 2.0
+    best, low, high, ratio, beyond = None, 1.0, None, 2.0, False
     while ratio <= MAX_RATIO:
-        held, small, report = trial(ratio)
-        if not held:
-            high = ratio
+        result = trial(ratio)
+        if result is None or not result[0]:
+            high, beyond = ratio, result is None
             break
-        best, low, ratio = (small, report), ratio, ratio * 2
+        best, low, ratio = result[1:], ratio, ratio * 2
     for _ in range(BISECTIONS if high is not None else 0):
         assert high is not None
         mid = math.sqrt(low * high)
-        held, small, report = trial(mid)
-        if held:
-            best, low = (small, report), mid
+        result = trial(mid)
+        if result is not None and result[0]:
+            best, low = result[1:], mid
         else:
-            high = mid
+            high, beyond = mid, result is None
     tried = ", ".join(f"{r:.3g}x {v:.4g}" for r, v in sorted(curve))
     if best is None:
         what = f"output error {config.max_output_error}" if evaluate is None else f"metric drop {max_drop}"
-        raise ValueError(f"no ratio tried keeps the {what} (tried: {tried}): even barely compressed, every "
-                         "factorized weight loses rank; allow more, or leave more modules dense (exclude_modules)")
+        raise ConfigError("max_output_error", lambda n: (
+            f"no ratio tried keeps the {what} (tried: {tried}): even barely compressed, every factorized weight "
+            f"loses rank; allow more, or leave more modules dense ({'exclude_modules' if n.api else 'fewer --target'})"))
     small, report = best
     report.curve = sorted(curve)
     report.tolerance = (f"kept {low:.3g}x, the largest ratio tried within "
                         + (f"output error {config.max_output_error} (its 90% upper bound over the held-out "
                            f"batches: {report.output_check.upper_bound():.4g})" if evaluate is None else
-                           f"a metric drop of {max_drop} (original {base:.4g})") + f"; tried: {tried}")
+                           f"a metric drop of {max_drop} (original {base:.4g})") + f"; tried: {tried}"
+                        + ("; larger ratios ask for less than the smallest model (every bond 1)" if beyond else ""))
     return small, report

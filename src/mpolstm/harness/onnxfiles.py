@@ -40,6 +40,10 @@ def compress_onnx(paths: list[Path], *, factory: Optional[str], weights: Optiona
         raise ValueError(f"OUT {out} is a folder; an ONNX model is written as one file (OUT.onnx)")
     if out.exists() and not overwrite:
         raise ValueError(f"OUT {out} already exists; choose a new path, or add --overwrite to replace it")
+    if plot is not None and plot.exists() and not overwrite:
+        raise ValueError(f"--plot {plot} already exists; choose a new path, or add --overwrite to replace it")
+    if distill_steps < 0 or batch_size < 1:
+        raise ValueError(f"--distill-steps must be >= 0 and --batch-size >= 1, got {distill_steps} and {batch_size}")
     if distill_steps and calibrate is None:
         raise ValueError("--distill-steps needs --calibrate (the inputs to distil on)")
     targets = [t.strip() for t in target.split(",") if t.strip()]

@@ -51,8 +51,8 @@ def layer_names(model: OnnxModel, names: list[str] | tuple[str, ...]) -> list[st
     return [name if name in model.layers else aliases.get(name, name) for name in names]
 
 
-def _check_input(x: Any, k: int, spec: InputSpec, where: str, hint: str = "") -> None:
-    """``x`` against the graph input ``k``'s declared rank, fixed sizes and kind."""
+def _check_input(x: Any, k: int, spec: InputSpec, where: str, hint: str = "", field: str = "calibration") -> None:
+    """``x`` against the graph input ``k``'s declared rank, fixed sizes and kind (``field``: what gave it)."""
     dims = ["?" if d is None else d for d in spec.dims]
     fixed_ok = isinstance(x, Tensor) and all(not isinstance(d, int) or d == s for d, s in zip(spec.dims, x.shape))
     if not fixed_ok or x.dim() != len(spec.dims) or x.is_floating_point() != (spec.elem_type in (FLOAT, 10, 11, 16)):
@@ -62,11 +62,11 @@ def _check_input(x: Any, k: int, spec: InputSpec, where: str, hint: str = "") ->
         expected = "float" if spec.elem_type == FLOAT else \
             str(elem).removeprefix("torch.") if elem else f"ONNX element type {spec.elem_type}"
         got = f"input{k} ({spec.name!r}) is {shape} {kind}; the graph expects {dims} ({expected}){hint}"
-        raise ConfigError("calibration", lambda n, got=got: f"{n('calibration')}{where}: {got}")
+        raise ConfigError(field, lambda n, got=got: f"{n(field)}{where}: {got}")
 
 
-def _check_batch(model: OnnxModel, batch: tuple[Tensor, ...], where: str, pairs: list[tuple[int, int]]
-                 ) -> tuple[Tensor, ...] | FrameSequence:
+def _check_batch(model: OnnxModel, batch: tuple[Tensor, ...], where: str, pairs: list[tuple[int, int]],
+                 field: str = "calibration") -> tuple[Tensor, ...] | FrameSequence:
     """The batch checked: the graph's inputs, or for a per-frame graph (``pairs``) also a sequence
     of frames (its non-state inputs with a leading time axis). ``where`` names the batch: "" or " batch <k>"."""
     states = {i for i, _ in pairs}
@@ -75,16 +75,16 @@ def _check_batch(model: OnnxModel, batch: tuple[Tensor, ...], where: str, pairs:
     hint = f", or a sequence of frames {shapes} (states from zero)" if pairs else ""
     if pairs and batch and isinstance(batch[0], Tensor) and batch[0].dim() == len(model.inputs[data[0]].dims) + 1:
         if len(batch) != len(data) or len({x.shape[0] if isinstance(x, Tensor) else -1 for x in batch}) != 1:
-            raise ConfigError("calibration", lambda n: f"{n('calibration')}{where}: a sequence of frames gives the "
-                                                       f"graph's non-state inputs {shapes} with one length T")
+            raise ConfigError(field, lambda n: f"{n(field)}{where}: a sequence of frames gives the "
+                                               f"graph's non-state inputs {shapes} with one length T")
         for k, x in zip(data, batch):
-            _check_input(x[0], k, model.inputs[k], where, hint)
+            _check_input(x[0], k, model.inputs[k], where, hint, field)
         return FrameSequence(tuple(_declared_float(model, k, x) for k, x in zip(data, batch)), pairs)
     if len(batch) != len(model.inputs):
-        raise ConfigError("calibration", lambda n: f"{n('calibration')}{where} has {len(batch)} tensor(s); the graph "
-                                                   f"takes {len(model.inputs)} input(s) {model.input_names}{hint}")
+        raise ConfigError(field, lambda n: f"{n(field)}{where} has {len(batch)} tensor(s); the graph "
+                                           f"takes {len(model.inputs)} input(s) {model.input_names}{hint}")
     for k, (x, spec) in enumerate(zip(batch, model.inputs)):
-        _check_input(x, k, spec, where, hint)
+        _check_input(x, k, spec, where, hint, field)
     return tuple(_declared_float(model, k, x) for k, x in enumerate(batch))
 
 
@@ -97,19 +97,21 @@ def _declared_float(model: OnnxModel, k: int, x: Tensor) -> Tensor:
     return x.to(model.float_dtype() if elem == FLOAT else DTYPES[elem])
 
 
-def as_batches(model: OnnxModel, calibration: Any) -> list[tuple[Tensor, ...] | FrameSequence]:
+def as_batches(model: OnnxModel, calibration: Any, field: str = "calibration"
+               ) -> list[tuple[Tensor, ...] | FrameSequence]:
     """``calibration`` (a tensor or tuple of the graph's inputs, or a list of them) as a list of
     input tuples, each checked against the graph's declared inputs (count, rank, fixed sizes, kind).
     For a per-frame graph (``mpolstm.onnx.frames``) a batch may be a sequence of frames: its non-state
-    inputs, each with a leading time axis; it becomes a :class:`FrameSequence` (states carried from zero)."""
+    inputs, each with a leading time axis; it becomes a :class:`FrameSequence` (states carried from zero).
+    ``field``: the argument that gave the batches ("calibration" or "validation"), named in errors."""
     if isinstance(calibration, Tensor) or (isinstance(calibration, tuple) and calibration and
                                            all(isinstance(x, Tensor) for x in calibration)):
         calibration = [calibration]
     if not isinstance(calibration, (list, tuple)) or not calibration:
-        raise must_be("calibration", "a non-empty list of batches (each a tuple of the graph's inputs)", calibration)
+        raise must_be(field, "a non-empty list of batches (each a tuple of the graph's inputs)", calibration)
     batches = [(b,) if isinstance(b, Tensor) else tuple(b) for b in calibration]
     pairs = state_pairs(model)
-    return [_check_batch(model, batch, f" batch {k}" if len(batches) > 1 else "", pairs)
+    return [_check_batch(model, batch, f" batch {k}" if len(batches) > 1 else "", pairs, field)
             for k, batch in enumerate(batches)]
 
 
@@ -248,7 +250,7 @@ def compress_file(source: str | os.PathLike, target: str | os.PathLike, config: 
     if distill_steps and batches is None:
         raise ValueError("distill_steps needs calibration inputs to distil on")
     teacher = copy.deepcopy(model) if distill_steps else None
-    held_out = None if validation is None else _sliced(model, as_batches(model, validation), 4)
+    held_out = None if validation is None else _sliced(model, as_batches(model, validation, "validation"), 4)
     sliced = batches if batches is None or held_out is not None else _sliced(model, batches, 8)
     model, report = compress(model, config, calibration=sliced, validation=held_out)
     record = {"source": Path(source).name, "report": report.to_dict(), "distill_steps": distill_steps}

@@ -206,7 +206,8 @@ def _compress_model(model, config, inputs: Optional[tuple], held_out: Optional[t
     try:
         axis = 0 if inputs is None else batch_axis(model, inputs)
         model, report = compress(model, config, calibration=None if inputs is None else _slices(inputs, axis),
-                                 validation=None if held_out is None else [held_out])
+                                 validation=None if held_out is None else _slices(held_out,
+                                                                                  batch_axis(model, held_out), 4))
         console.print(str(report))
         if teacher is not None:
             result = distill(model, teacher, _batches(inputs, batch_size, axis), steps=distill_steps, progress=True)
@@ -223,7 +224,7 @@ def _measured_on(original, inputs: Optional[tuple], held_out: Optional[tuple]) -
     from ...compression.checks import synthetic_batches
 
     if held_out is not None:
-        return [held_out]
+        return _slices(held_out, batch_axis(original, held_out), 4)
     if inputs is None:
         return synthetic_batches(original)
     slices = _slices(inputs, batch_axis(original, inputs))
