@@ -81,7 +81,7 @@ def smallest_within(compress_once: Callable, model: nn.Module, config: Any, cali
             f"loses rank; allow more, or leave more modules dense ({'exclude_modules' if n.api else 'fewer --target'})"))
     small, report = best
     report.curve = sorted(curve)
-    report.tolerance = (f"kept {low:.3g}x, the largest ratio tried within "
+    report.tolerance = (f"kept {low:.3g}x ({report.ratio:.3g}x as compressed), the largest ratio tried within "
                         + (f"output error {config.max_output_error} (its 90% upper bound over the held-out "
                            f"batches: {report.output_check.upper_bound():.4g})" if evaluate is None else
                            f"a metric drop of {max_drop} (original {base:.4g})") + f"; tried: {tried}"
