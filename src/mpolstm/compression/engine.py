@@ -263,32 +263,14 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *, calib
     # batches the fits are sized, decided and measured on the fit half, then redone on every batch
     fit_on = batches[0] if batches[2] == HELD_OUT else calibration
     redo = batches[2] == HELD_OUT
-    selected = {n: m for n, m, _ in chosen}
-    if redo:  # the original's outputs on the held-out batches recorded as they run for the moments
-        recorder = OutputRecorder()
-        moments, everything = collect_moments_split(model, selected, batches[0], recorder.batches(batches[1]),
-                                                    watch=recorder.hook)
-        reference = recorder.outputs()
-    else:
-        moments = collect_moments(model, selected, fit_on) if fit_on is not None else {}
-        reference = batch_outputs(model, batches[1])
+    moments, everything, reference = _moments(model, {n: m for n, m, _ in chosen}, batches, fit_on)
     targets, modules, skipped = _all_targets(config, chosen, moments)
     if not targets and config.budget_mode:
         raise ValueError("the budget applies to no weight: no selected module could be compressed")
 
-    sizing = Sizing(targets, {name: config.settings_for(name) for name in modules})
-    budget, choice, measured = None, None, {}
     with torch.no_grad():
-        if config.budget_mode:
-            dense = sum(t.dense_params for t in targets)
-            budget = config.max_params if config.max_params is not None else \
-                int(dense / config.target_ratio) if config.target_ratio is not None else None
-            fits, choice, measured = _allocated(model, config, sizing, budget, calibration is not None, batches,
-                                                reference)
-        else:
-            fits = sizing.bounded()
-        if config.refit:
-            fits, measured = sequential_refit(model, targets, fits, fit_on, passes=REFIT_PASSES), {}
+        fits, budget, choice, measured = _fits(model, config, targets, modules, batches, calibration, fit_on,
+                                               reference)
         source, errors = batches[2], []
         if redo:  # measured, then redone on every batch
             errors = _fit_half_errors(model, targets, fits, batches[1], reference, measured)
@@ -301,6 +283,46 @@ def compress(model: nn.Module, config: CompressionConfig | None = None, *, calib
     check = OutputCheck(total_error(errors), len(errors), source, tuple(total_error([e]) for e in errors)) \
         if errors else None
     return model, CompressionReport(reports, skipped, budget, choice, max_macs=config.max_macs, output_check=check)
+
+
+def _fits(model: nn.Module, config: CompressionConfig, targets: list[Target], modules: dict[str, nn.Module],
+          batches: tuple[list, list, str], calibration: Any, fit_on: Any, reference: list
+          ) -> tuple[list[Fit], int | None, AllocationChoice | None, dict[int, tuple[float, float]]]:
+    """(the fits, the parameter budget, the held-out decision, the kept fits' errors per held-out batch
+    it measured): sized by the budget (and decided, when calibrated) or by the bonds / tolerances, then
+    refitted with ``config.refit``."""
+    sizing = Sizing(targets, {name: config.settings_for(name) for name in modules})
+    budget, choice, measured = None, None, {}
+    if config.budget_mode:
+        budget = _budget(config, targets)
+        fits, choice, measured = _allocated(model, config, sizing, budget, calibration is not None, batches, reference)
+    else:
+        fits = sizing.bounded()
+    if config.refit:
+        fits, measured = sequential_refit(model, targets, fits, fit_on, passes=REFIT_PASSES), {}
+    return fits, budget, choice, measured
+
+
+def _moments(model: nn.Module, selected: dict[str, nn.Module], batches: tuple[list, list, str], fit_on: Any
+             ) -> tuple[dict, dict, list]:
+    """(the moments the fits are sized and decided on, those of every calibration batch: the same unless
+    batches are held out, the original's outputs on the batches the report measures on). With held-out
+    calibration batches the original's outputs are recorded as those batches run for the moments."""
+    if batches[2] == HELD_OUT:
+        recorder = OutputRecorder()
+        moments, everything = collect_moments_split(model, selected, batches[0], recorder.batches(batches[1]),
+                                                    watch=recorder.hook)
+        return moments, everything, recorder.outputs()
+    moments = collect_moments(model, selected, fit_on) if fit_on is not None else {}
+    return moments, moments, batch_outputs(model, batches[1])
+
+
+def _budget(config: CompressionConfig, targets: list[Target]) -> int | None:
+    """The parameter budget: ``max_params``, or the targets' dense entries / ``target_ratio``."""
+    if config.max_params is not None:
+        return config.max_params
+    dense = sum(t.dense_params for t in targets)
+    return int(dense / config.target_ratio) if config.target_ratio is not None else None
 
 
 def _fit_half_errors(model: nn.Module, targets: list[Target], fits: list[Fit], held_out: list, reference: list,
